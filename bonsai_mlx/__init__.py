@@ -1,0 +1,6 @@
+"""bonsai-mlx: FLUX.2 [klein] with binary and ternary weights, in MLX."""
+
+from .config import KLEIN_4B, KLEIN_9B, TransformerConfig
+from .errors import BonsaiError, ConfigError, WeightsError
+
+__version__ = "0.1.0"
