@@ -2,5 +2,7 @@
 
 from .config import KLEIN_4B, KLEIN_9B, TransformerConfig
 from .errors import BonsaiError, ConfigError, WeightsError
+from .loading import load_transformer
+from .transformer import Flux2Transformer
 
 __version__ = "0.1.0"

@@ -1,0 +1,320 @@
+"""FLUX.2 [klein] diffusion transformer in MLX.
+
+Mirrors diffusers' `Flux2Transformer2DModel`: same parameter names (so checkpoints load
+by name), same call signature and the same numerics where they matter (timestep cast,
+float64 RoPE tables, float32 RoPE application, fp16 clipping).
+
+Shapes: B batch, L_txt / L_img tokens, D = heads * head_dim, F = MLP hidden.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .config import TransformerConfig
+
+FP16_MAX = 65504.0
+
+
+def timestep_embedding(t: mx.array, dim: int, max_period: float = 10000.0) -> mx.array:
+    """Sinusoidal embedding [B, dim] of t [B], cos half first (diffusers flip_sin_to_cos)."""
+    half = dim // 2
+    freqs = mx.exp(-math.log(max_period) * mx.arange(half, dtype=mx.float32) / half)
+    args = t.astype(mx.float32)[:, None] * freqs[None]
+    return mx.concatenate([mx.cos(args), mx.sin(args)], axis=-1)
+
+
+def rope_tables(ids: mx.array, axes_dims: tuple[int, ...], theta: float) -> tuple[mx.array, mx.array]:
+    """cos, sin tables [L, head_dim/2] for position ids [L, n_axes].
+
+    Computed in float64 with numpy, as the reference does on the CPU, then rounded to
+    float32: positions up to a few thousand times high frequencies need the precision.
+    """
+    pos = np.asarray(ids.astype(mx.float32), dtype=np.float32).astype(np.float64)
+    angles = []
+    for i, d in enumerate(axes_dims):
+        inv_freq = 1.0 / (theta ** (np.arange(0, d, 2, dtype=np.float64) / d))  # [d/2]
+        angles.append(np.outer(pos[:, i], inv_freq))  # [L, d/2]
+    ang = np.concatenate(angles, axis=-1)
+    return mx.array(np.cos(ang).astype(np.float32)), mx.array(np.sin(ang).astype(np.float32))
+
+
+def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    """Rotate interleaved pairs (x[2j], x[2j+1]) of x [B, L, H, Dh] in float32."""
+    B, L, H, Dh = x.shape
+    xp = x.astype(mx.float32).reshape(B, L, H, Dh // 2, 2)
+    x0, x1 = xp[..., 0], xp[..., 1]
+    c = cos[None, :, None, :]
+    s = sin[None, :, None, :]
+    out = mx.stack([x0 * c - x1 * s, x1 * c + x0 * s], axis=-1)
+    return out.reshape(B, L, H, Dh).astype(x.dtype)
+
+
+def layer_norm(x: mx.array, eps: float) -> mx.array:
+    return mx.fast.layer_norm(x, None, None, eps)
+
+
+def modulate(x: mx.array, shift: mx.array, scale: mx.array, eps: float) -> mx.array:
+    return (1 + scale) * layer_norm(x, eps) + shift
+
+
+def swiglu(x: mx.array) -> mx.array:
+    a, b = mx.split(x, 2, axis=-1)
+    return nn.silu(a) * b
+
+
+def clip_fp16(x: mx.array) -> mx.array:
+    return mx.clip(x, -FP16_MAX, FP16_MAX) if x.dtype == mx.float16 else x
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
+    """q, k, v [B, L, H, Dh] -> [B, L, H*Dh], full (unmasked) attention."""
+    B, L, H, Dh = q.shape
+    o = mx.fast.scaled_dot_product_attention(
+        q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), scale=Dh**-0.5
+    )
+    return o.transpose(0, 2, 1, 3).reshape(B, L, H * Dh)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, in_channels: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_channels, dim, bias=False)
+        self.linear_2 = nn.Linear(dim, dim, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.linear_2(nn.silu(self.linear_1(x)))
+
+
+class TimeGuidanceEmbed(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.channels = cfg.timestep_guidance_channels
+        self.timestep_embedder = TimestepEmbedder(self.channels, cfg.inner_dim)
+        if cfg.guidance_embeds:
+            self.guidance_embedder = TimestepEmbedder(self.channels, cfg.inner_dim)
+
+    def __call__(self, t: mx.array, guidance: mx.array | None, dtype) -> mx.array:
+        temb = self.timestep_embedder(timestep_embedding(t, self.channels).astype(dtype))
+        if guidance is not None and "guidance_embedder" in self:
+            temb = temb + self.guidance_embedder(timestep_embedding(guidance, self.channels).astype(dtype))
+        return temb
+
+
+class Modulation(nn.Module):
+    """SiLU -> Linear(D -> 3*sets*D); computed once per forward, shared by all blocks of a kind."""
+
+    def __init__(self, dim: int, sets: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, 3 * sets * dim, bias=False)
+
+    def __call__(self, temb: mx.array) -> list[mx.array]:
+        mod = self.linear(nn.silu(temb))[:, None, :]  # [B, 1, 3*sets*D]
+        return mx.split(mod, mod.shape[-1] // temb.shape[-1], axis=-1)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.linear_in = nn.Linear(dim, 2 * hidden, bias=False)
+        self.linear_out = nn.Linear(hidden, dim, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.linear_out(swiglu(self.linear_in(x)))
+
+
+class JointAttention(nn.Module):
+    """Attention of the double-stream block: separate projections per stream, one softmax."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        D, Dh = cfg.inner_dim, cfg.attention_head_dim
+        self.heads, self.eps = cfg.num_attention_heads, cfg.eps
+        self.to_q = nn.Linear(D, D, bias=False)
+        self.to_k = nn.Linear(D, D, bias=False)
+        self.to_v = nn.Linear(D, D, bias=False)
+        self.to_out = [nn.Linear(D, D, bias=False)]
+        self.add_q_proj = nn.Linear(D, D, bias=False)
+        self.add_k_proj = nn.Linear(D, D, bias=False)
+        self.add_v_proj = nn.Linear(D, D, bias=False)
+        self.to_add_out = nn.Linear(D, D, bias=False)
+        self.norm_q = nn.RMSNorm(Dh, eps=cfg.eps)
+        self.norm_k = nn.RMSNorm(Dh, eps=cfg.eps)
+        self.norm_added_q = nn.RMSNorm(Dh, eps=cfg.eps)
+        self.norm_added_k = nn.RMSNorm(Dh, eps=cfg.eps)
+
+    def _heads(self, x: mx.array) -> mx.array:
+        B, L, _ = x.shape
+        return x.reshape(B, L, self.heads, -1)
+
+    def __call__(self, img: mx.array, txt: mx.array, rope: tuple[mx.array, mx.array]):
+        L_txt = txt.shape[1]
+        q = mx.concatenate([self.norm_added_q(self._heads(self.add_q_proj(txt))),
+                            self.norm_q(self._heads(self.to_q(img)))], axis=1)
+        k = mx.concatenate([self.norm_added_k(self._heads(self.add_k_proj(txt))),
+                            self.norm_k(self._heads(self.to_k(img)))], axis=1)
+        v = mx.concatenate([self._heads(self.add_v_proj(txt)), self._heads(self.to_v(img))], axis=1)
+        o = attention(apply_rope(q, *rope), apply_rope(k, *rope), v)  # [B, L_txt + L_img, D]
+        return self.to_out[0](o[:, L_txt:]), self.to_add_out(o[:, :L_txt])
+
+
+class DoubleStreamBlock(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.eps = cfg.eps
+        self.attn = JointAttention(cfg)
+        self.ff = FeedForward(cfg.inner_dim, cfg.mlp_hidden_dim)
+        self.ff_context = FeedForward(cfg.inner_dim, cfg.mlp_hidden_dim)
+
+    def __call__(self, img, txt, mod_img, mod_txt, rope):
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod_img
+        c_shift_a, c_scale_a, c_gate_a, c_shift_m, c_scale_m, c_gate_m = mod_txt
+        attn_img, attn_txt = self.attn(
+            modulate(img, shift_a, scale_a, self.eps), modulate(txt, c_shift_a, c_scale_a, self.eps), rope
+        )
+        img = img + gate_a * attn_img
+        img = img + gate_m * self.ff(modulate(img, shift_m, scale_m, self.eps))
+        txt = txt + c_gate_a * attn_txt
+        txt = txt + c_gate_m * self.ff_context(modulate(txt, c_shift_m, c_scale_m, self.eps))
+        return img, clip_fp16(txt)
+
+
+class ParallelAttention(nn.Module):
+    """Single-stream block body: one fused projection feeds attention and the MLP in parallel."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        D, F = cfg.inner_dim, cfg.mlp_hidden_dim
+        self.heads, self.dim = cfg.num_attention_heads, D
+        self.to_qkv_mlp_proj = nn.Linear(D, 3 * D + 2 * F, bias=False)
+        self.to_out = nn.Linear(D + F, D, bias=False)
+        self.norm_q = nn.RMSNorm(cfg.attention_head_dim, eps=cfg.eps)
+        self.norm_k = nn.RMSNorm(cfg.attention_head_dim, eps=cfg.eps)
+
+    def __call__(self, x: mx.array, rope: tuple[mx.array, mx.array]) -> mx.array:
+        B, L, _ = x.shape
+        h = self.to_qkv_mlp_proj(x)  # [B, L, 3D + 2F]
+        D = self.dim
+        q, k, v = (h[..., i * D:(i + 1) * D].reshape(B, L, self.heads, -1) for i in range(3))
+        q = apply_rope(self.norm_q(q), *rope)
+        k = apply_rope(self.norm_k(k), *rope)
+        o = attention(q, k, v)
+        return self.to_out(mx.concatenate([o, swiglu(h[..., 3 * D:])], axis=-1))
+
+
+class SingleStreamBlock(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.eps = cfg.eps
+        self.attn = ParallelAttention(cfg)
+
+    def __call__(self, x, mod, rope):
+        shift, scale, gate = mod
+        x = x + gate * self.attn(modulate(x, shift, scale, self.eps), rope)
+        return clip_fp16(x)
+
+
+class NormOut(nn.Module):
+    """AdaLayerNormContinuous: the projection's first half is SCALE, the second SHIFT."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.linear = nn.Linear(dim, 2 * dim, bias=False)
+
+    def __call__(self, x: mx.array, temb: mx.array) -> mx.array:
+        scale, shift = mx.split(self.linear(nn.silu(temb)), 2, axis=-1)
+        return layer_norm(x, self.eps) * (1 + scale[:, None]) + shift[:, None]
+
+
+class Flux2Transformer(nn.Module):
+    """`model(hidden_states, encoder_hidden_states, timestep, img_ids, txt_ids) -> [B, L_img, C_out]`."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.config = cfg
+        D = cfg.inner_dim
+        self.time_guidance_embed = TimeGuidanceEmbed(cfg)
+        self.double_stream_modulation_img = Modulation(D, 2)
+        self.double_stream_modulation_txt = Modulation(D, 2)
+        self.single_stream_modulation = Modulation(D, 1)
+        self.x_embedder = nn.Linear(cfg.in_channels, D, bias=False)
+        self.context_embedder = nn.Linear(cfg.joint_attention_dim, D, bias=False)
+        self.transformer_blocks = [DoubleStreamBlock(cfg) for _ in range(cfg.num_layers)]
+        self.single_transformer_blocks = [SingleStreamBlock(cfg) for _ in range(cfg.num_single_layers)]
+        self.norm_out = NormOut(D, cfg.eps)
+        self.proj_out = nn.Linear(D, cfg.out_dim, bias=False)
+
+    @property
+    def dtype(self):
+        return self.x_embedder.weight.dtype
+
+    def __call__(
+        self,
+        hidden_states: mx.array,  # [B, L_img, C_in]
+        encoder_hidden_states: mx.array,  # [B, L_txt, C_txt]
+        timestep: mx.array,  # [B] sigma in [0, 1]
+        img_ids: mx.array,  # [L_img, 4] or [B, L_img, 4]
+        txt_ids: mx.array,  # [L_txt, 4] or [B, L_txt, 4]
+        guidance: mx.array | None = None,
+    ) -> mx.array:
+        check_inputs(self.config, hidden_states, encoder_hidden_states, timestep, img_ids, txt_ids)
+        dtype = hidden_states.dtype
+        timestep = mx.broadcast_to(mx.array(timestep).reshape(-1), (hidden_states.shape[0],))
+        # The reference rounds sigma to the activation dtype before scaling by 1000.
+        temb = self.time_guidance_embed(
+            timestep.astype(dtype) * 1000,
+            None if guidance is None else mx.array(guidance).reshape(-1).astype(dtype) * 1000,
+            dtype,
+        )
+        mod_img = self.double_stream_modulation_img(temb)
+        mod_txt = self.double_stream_modulation_txt(temb)
+        mod_single = self.single_stream_modulation(temb)
+
+        img = self.x_embedder(hidden_states)
+        txt = self.context_embedder(encoder_hidden_states)
+
+        # Batched ids are assumed equal across the batch, as in the reference.
+        img_ids = img_ids[0] if img_ids.ndim == 3 else img_ids
+        txt_ids = txt_ids[0] if txt_ids.ndim == 3 else txt_ids
+        rope = rope_tables(mx.concatenate([txt_ids, img_ids], axis=0),
+                           self.config.axes_dims_rope, self.config.rope_theta)
+
+        for block in self.transformer_blocks:
+            img, txt = block(img, txt, mod_img, mod_txt, rope)
+
+        L_txt = txt.shape[1]
+        x = mx.concatenate([txt, img], axis=1)
+        for block in self.single_transformer_blocks:
+            x = block(x, mod_single, rope)
+
+        return self.proj_out(self.norm_out(x[:, L_txt:], temb))
+
+
+def check_inputs(cfg: TransformerConfig, hidden_states, encoder_hidden_states, timestep, img_ids, txt_ids):
+    """Shape checks with messages that name the argument, before any work starts."""
+
+    def fail(msg):
+        raise ValueError(f"Flux2Transformer: {msg}")
+
+    if hidden_states.ndim != 3 or hidden_states.shape[-1] != cfg.in_channels:
+        fail(f"hidden_states must be [B, L_img, {cfg.in_channels}], got {list(hidden_states.shape)}")
+    if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[-1] != cfg.joint_attention_dim:
+        fail(f"encoder_hidden_states must be [B, L_txt, {cfg.joint_attention_dim}], "
+             f"got {list(encoder_hidden_states.shape)}")
+    B, L_img, _ = hidden_states.shape
+    if encoder_hidden_states.shape[0] != B:
+        fail(f"batch sizes differ: hidden_states has {B}, encoder_hidden_states has {encoder_hidden_states.shape[0]}")
+    n_axes = len(cfg.axes_dims_rope)
+    for name, ids, L in (("img_ids", img_ids, L_img), ("txt_ids", txt_ids, encoder_hidden_states.shape[1])):
+        if ids.ndim not in (2, 3) or ids.shape[-2] != L or ids.shape[-1] != n_axes:
+            fail(f"{name} must be [{L}, {n_axes}] or [B, {L}, {n_axes}], got {list(ids.shape)}")
+    t = mx.array(timestep)
+    if t.size not in (1, B):
+        fail(f"timestep must be a scalar or have one value per batch element ({B}), got shape {list(t.shape)}")
+    if not mx.issubdtype(hidden_states.dtype, mx.floating):
+        fail(f"hidden_states must be floating point, got {hidden_states.dtype}")

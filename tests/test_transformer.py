@@ -1,0 +1,224 @@
+"""The MLX transformer against diffusers' Flux2Transformer2DModel on random weights."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+
+from bonsai_mlx import KLEIN_4B, KLEIN_9B, TransformerConfig, load_transformer
+from bonsai_mlx.errors import ConfigError, WeightsError
+from bonsai_mlx.transformer import Flux2Transformer
+from fixtures import make_flux2 as fx
+
+# Relative L2 bounds: ||out - ref|| / ||ref||.
+BOUNDS = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 2e-2}
+MX = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def rel_err(out, ref):
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    return np.linalg.norm(out - ref) / np.linalg.norm(ref)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """name -> (diffusers model, diffusers dir, BFL file) for every tiny config."""
+    root = tmp_path_factory.mktemp("flux2")
+    out = {}
+    for i, name in enumerate(fx.CONFIGS):
+        model = fx.build_model(name, seed=i)
+        # tiny_a is saved in shards with an index, the others as one file.
+        fx.save_diffusers(model, root / name, max_shard_size="20KB" if name == "tiny_a" else None)
+        out[name] = (model, root / name, fx.save_bfl(model, root / f"{name}-bfl.safetensors"))
+    return out
+
+
+def run(model, inputs, dtype, batched_ids=False):
+    a = lambda x: mx.array(x).astype(dtype)
+    img_ids, txt_ids = mx.array(inputs["img_ids"]), mx.array(inputs["txt_ids"])
+    if batched_ids:
+        B = inputs["hidden_states"].shape[0]
+        img_ids = mx.broadcast_to(img_ids[None], (B, *img_ids.shape))
+        txt_ids = mx.broadcast_to(txt_ids[None], (B, *txt_ids.shape))
+    out = model(
+        a(inputs["hidden_states"]), a(inputs["encoder_hidden_states"]), mx.array(inputs["timestep"]),
+        img_ids, txt_ids, guidance=None if inputs["guidance"] is None else mx.array(inputs["guidance"]),
+    )
+    return np.array(out.astype(mx.float32))
+
+
+@pytest.mark.parametrize("name", list(fx.CONFIGS))
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_matches_diffusers(saved, name, dtype):
+    ref_model, directory, _ = saved[name]
+    inputs = fx.make_inputs(name, batch=2, grid=(3, 5), txt_len=7)
+    ref = fx.reference_forward(ref_model, inputs, TORCH[dtype])
+    model = load_transformer(directory, dtype=MX[dtype])
+    out = run(model, inputs, MX[dtype])
+    cfg = fx.CONFIGS[name]
+    assert out.shape == (2, 15, cfg.get("out_channels") or cfg["in_channels"])
+    err = rel_err(out, ref)
+    assert err <= BOUNDS[dtype], f"{name} {dtype}: relative error {err:.2e} > {BOUNDS[dtype]}"
+    if dtype != "float32":
+        # Random weights make both implementations drift from float32 in low precision
+        # (diffusers itself: 0.4-31%). Ours must drift no more than the reference does.
+        ref32 = fx.reference_forward(ref_model, inputs, torch.float32)
+        assert rel_err(out, ref32) <= 1.25 * rel_err(ref, ref32) + 1e-3
+
+
+def test_batched_ids_and_other_lengths(saved):
+    ref_model, directory, _ = saved["tiny_b"]
+    inputs = fx.make_inputs("tiny_b", batch=2, grid=(4, 2), txt_len=11, seed=5)
+    ref = fx.reference_forward(ref_model, inputs)
+    model = load_transformer(directory, dtype=mx.float32)
+    assert rel_err(run(model, inputs, mx.float32, batched_ids=True), ref) <= BOUNDS["float32"]
+
+
+def test_bfl_checkpoint_gives_same_output(saved):
+    ref_model, directory, bfl_file = saved["tiny_c"]
+    inputs = fx.make_inputs("tiny_c")
+    cfg = TransformerConfig.from_json(directory / "config.json")
+    from_bfl = run(load_transformer(bfl_file, dtype=mx.float32, config=cfg), inputs, mx.float32)
+    from_diffusers = run(load_transformer(directory, dtype=mx.float32), inputs, mx.float32)
+    np.testing.assert_array_equal(from_bfl, from_diffusers)
+    assert rel_err(from_bfl, fx.reference_forward(ref_model, inputs)) <= BOUNDS["float32"]
+
+
+def test_bfl_checkpoint_infers_klein_shapes(tmp_path):
+    """A BFL file with 128-dim heads needs no config: everything is read off its shapes."""
+    cfg = dict(fx.CONFIGS["tiny_a"], attention_head_dim=128, num_attention_heads=1,
+               axes_dims_rope=(32, 32, 32, 32), mlp_ratio=3.0)
+    from diffusers import Flux2Transformer2DModel
+    torch.manual_seed(0)
+    ref = Flux2Transformer2DModel(**cfg).eval()
+    fx.save_bfl(ref, tmp_path / "klein-like.safetensors")
+    model = load_transformer(tmp_path / "klein-like.safetensors", dtype=mx.float32)
+    got = model.config
+    assert (got.num_attention_heads, got.attention_head_dim, got.num_layers, got.num_single_layers) == (1, 128, 2, 2)
+    assert (got.in_channels, got.joint_attention_dim, got.mlp_ratio, got.rope_theta) == (16, 40, 3.0, 2000)
+
+
+def count(model):
+    from mlx.utils import tree_flatten
+    return sum(v.size for _, v in tree_flatten(model.parameters()))
+
+
+@pytest.mark.parametrize("cfg", [KLEIN_4B, KLEIN_9B], ids=["klein-4b", "klein-9b"])
+def test_full_size_parameter_count_matches_diffusers(cfg):
+    """Built lazily from random init: nothing is evaluated, so this costs no memory."""
+    d = cfg.to_dict()
+    d.pop("_class_name")
+    assert count(Flux2Transformer(cfg)) == fx.count_parameters(d)
+
+
+def test_klein_4b_config_matches_published_architecture():
+    c = KLEIN_4B
+    assert (c.inner_dim, c.num_layers, c.num_single_layers, c.mlp_hidden_dim, c.joint_attention_dim) == (
+        3072, 5, 20, 9216, 7680)
+    assert 3.8e9 < count(Flux2Transformer(c)) < 3.95e9
+
+
+def test_config_from_diffusers_json(saved):
+    _, directory, _ = saved["tiny_b"]
+    cfg = TransformerConfig.from_json(directory / "config.json")
+    assert (cfg.num_attention_heads, cfg.attention_head_dim, cfg.mlp_ratio, cfg.out_channels) == (5, 8, 2.5, 8)
+    assert cfg.axes_dims_rope == (2, 2, 2, 2) and cfg.rope_theta == 10000
+
+
+def test_loading_peak_memory_under_1_15x_weight_bytes(tmp_path):
+    """Loading must not hold a checkpoint twice: peak <= 1.15 x the weight bytes, for a
+    same-dtype load and for a bf16 -> fp16 cast on the way in."""
+    from diffusers import Flux2Transformer2DModel
+    cfg = dict(fx.CONFIGS["tiny_a"], attention_head_dim=64, num_attention_heads=6, joint_attention_dim=512,
+               axes_dims_rope=(16, 16, 16, 16), num_layers=2, num_single_layers=4)
+    torch.manual_seed(0)
+    for src, dst in ((torch.float16, mx.float16), (torch.bfloat16, mx.float16)):
+        ref = Flux2Transformer2DModel(**cfg).to(src)
+        ref.save_pretrained(tmp_path / str(src), safe_serialization=True)
+        weight_bytes = sum(p.numel() for p in ref.parameters()) * 2
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        model = load_transformer(tmp_path / str(src), dtype=dst)
+        peak = mx.get_peak_memory() - base
+        assert weight_bytes > 20e6
+        assert peak <= 1.15 * weight_bytes, f"{src}: peak {peak / 1e6:.1f} MB vs weights {weight_bytes / 1e6:.1f} MB"
+        del model
+
+
+# ---- errors: each names what is wrong and how to fix it ----
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(WeightsError, match="does not exist"):
+        load_transformer(tmp_path / "nope")
+
+
+def test_directory_without_config_or_weights(tmp_path):
+    (tmp_path / "a").mkdir()
+    with pytest.raises(WeightsError, match="no config.json"):
+        load_transformer(tmp_path / "a")
+    (tmp_path / "a" / "config.json").write_text(json.dumps(fx.CONFIGS["tiny_a"]))
+    with pytest.raises(WeightsError, match="no \\*.safetensors"):
+        load_transformer(tmp_path / "a")
+
+
+def test_missing_unexpected_and_misshaped_weights_are_listed(saved, tmp_path):
+    from safetensors.numpy import load_file, save_file
+    _, directory, _ = saved["tiny_b"]
+    sd = load_file(str(directory / "diffusion_pytorch_model.safetensors"))
+    sd.pop("proj_out.weight")
+    sd["extra.weight"] = np.zeros((2, 2), np.float32)
+    sd["x_embedder.weight"] = np.zeros((40, 13), np.float32)
+    (tmp_path / "bad").mkdir()
+    save_file(sd, str(tmp_path / "bad" / "model.safetensors"))
+    (tmp_path / "bad" / "config.json").write_text((directory / "config.json").read_text())
+    with pytest.raises(WeightsError) as e:
+        load_transformer(tmp_path / "bad")
+    msg = str(e.value)
+    assert "missing weights (1): proj_out.weight" in msg
+    assert "unexpected weights (1): extra.weight" in msg
+    assert "x_embedder.weight: expected [40, 12], got [40, 13]" in msg
+
+
+def test_corrupt_safetensors(saved, tmp_path):
+    _, directory, _ = saved["tiny_b"]
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "config.json").write_text((directory / "config.json").read_text())
+    data = (directory / "diffusion_pytorch_model.safetensors").read_bytes()
+    (tmp_path / "c" / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(WeightsError, match="corrupt or incomplete"):
+        load_transformer(tmp_path / "c")
+
+
+def test_missing_shard_named(saved, tmp_path):
+    import shutil
+    _, directory, _ = saved["tiny_a"]
+    shutil.copytree(directory, tmp_path / "s")
+    shard = sorted((tmp_path / "s").glob("*.safetensors"))[0]
+    shard.unlink()
+    with pytest.raises(WeightsError, match=shard.name):
+        load_transformer(tmp_path / "s")
+
+
+@pytest.mark.parametrize("change, pattern", [
+    ({"axes_dims_rope": [4, 4, 4]}, "must add up to attention_head_dim"),
+    ({"patch_size": 2}, "patch_size 2 is not supported"),
+    ({"num_attention_heads": 0}, "num_attention_heads must be a positive integer"),
+    ({"some_new_option": True}, "does not understand"),
+    ({"_class_name": "FluxTransformer2DModel"}, "expected 'Flux2Transformer2DModel'"),
+])
+def test_unrepresentable_config(tmp_path, change, pattern):
+    (tmp_path / "config.json").write_text(json.dumps({**fx.CONFIGS["tiny_a"], **change}))
+    with pytest.raises(ConfigError, match=pattern):
+        load_transformer(tmp_path)
+
+
+def test_bad_call_shapes(saved):
+    model = load_transformer(saved["tiny_a"][1], dtype=mx.float32)
+    inputs = fx.make_inputs("tiny_a")
+    inputs["img_ids"] = inputs["img_ids"][:-1]
+    with pytest.raises(ValueError, match="img_ids must be"):
+        run(model, inputs, mx.float32)
