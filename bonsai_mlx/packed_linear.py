@@ -1,0 +1,132 @@
+"""Linear layers over packed binary/ternary weights, and the plain-MLX reference matmul.
+
+`packed_matmul_reference` is the oracle that the Metal/CUDA kernels are tested against,
+so it favours obviously-right over fast: unpack a slab of columns, scale, matmul in
+float32, accumulate. Device kernels plug in through `register_backend`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .errors import BonsaiError
+from .packing import GROUP_SIZE, PackedWeight, dequantize_columns, quantize
+
+# A launcher computes y = x @ W.T for x [..., K] and returns y [..., N] in x.dtype.
+Launcher = Callable[[mx.array, PackedWeight], mx.array]
+
+BACKENDS = ("auto", "reference", "metal", "cuda")
+_LAUNCHERS: dict[str, Launcher] = {}
+
+DEFAULT_CHUNK = 512  # columns of K per slab: 4 groups of 128
+
+
+def packed_matmul_reference(x: mx.array, pw: PackedWeight, chunk: int = DEFAULT_CHUNK) -> mx.array:
+    """y [..., N] = x [..., K] @ W.T, never holding more than `chunk` dense columns of W.
+
+    Each slab W[:, k0:k1] is dequantized in float32 (exact: values are +-s or 0) and
+    multiplied with x[..., k0:k1] in float32; partial sums accumulate in float32 and the
+    result is cast to x.dtype once. Extra memory is about N * chunk * 4 bytes per slab
+    (MLX may schedule two slabs at once), not N * K.
+    """
+    n, k = pw.shape
+    if x.shape[-1] != k:
+        raise BonsaiError(f"input has {x.shape[-1]} features but the packed weight {pw.shape} expects K = {k}")
+    if not mx.issubdtype(x.dtype, mx.floating):
+        raise BonsaiError(f"input must be floating point, got {x.dtype}")
+    if chunk <= 0 or chunk % GROUP_SIZE:
+        raise BonsaiError(f"chunk must be a positive multiple of {GROUP_SIZE}, got {chunk}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k).astype(mx.float32)  # [M, K]
+    y = None
+    for k0 in range(0, k, chunk):
+        k1 = min(k0 + chunk, k)
+        slab = pw if y is None else _after(pw, y)
+        w = dequantize_columns(slab, k0, k1, mx.float32)  # [N, k1 - k0]
+        part = x2[:, k0:k1] @ w.T  # [M, N]
+        y = part if y is None else y + part
+    return y.astype(x.dtype).reshape(*lead, n)
+
+
+def _after(pw: PackedWeight, y: mx.array) -> PackedWeight:
+    # MLX would otherwise unpack every slab up front (they are independent), holding
+    # them all at once; making slab i+1 wait for the partial sum bounds the memory.
+    data = mx.depends(pw.data, y)
+    return PackedWeight(pw.fmt, data, pw.scales, pw.shape)
+
+
+def register_backend(name: str, fn: Launcher) -> None:
+    """Install the launcher for `name` ("metal" or "cuda"); replaces any earlier one."""
+    if name not in ("metal", "cuda"):
+        raise BonsaiError(f"backend name must be 'metal' or 'cuda', got {name!r}")
+    if not callable(fn):
+        raise BonsaiError(f"backend {name!r} launcher must be callable, got {type(fn).__name__}")
+    _LAUNCHERS[name] = fn
+
+
+def get_backend(name: str) -> Launcher:
+    """The launcher that `PackedLinear(backend=name)` would call."""
+    if name not in BACKENDS:
+        raise BonsaiError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    # "auto" stays on the reference until the device kernels are validated against it.
+    if name in ("auto", "reference"):
+        return packed_matmul_reference
+    if name not in _LAUNCHERS:
+        raise BonsaiError(
+            f"backend {name!r} is not available: no launcher registered "
+            f"(registered: {', '.join(sorted(_LAUNCHERS)) or 'none'}); use backend='reference' or 'auto'"
+        )
+    return _LAUNCHERS[name]
+
+
+class PackedLinear(nn.Module):
+    """y = x @ W.T (+ bias) with W stored packed: `weight` holds the codes, `scales` the
+    per-128 scales, as in `PackedWeight`."""
+
+    def __init__(
+        self,
+        weight: mx.array,
+        scales: mx.array,
+        fmt: str,
+        shape: tuple[int, int],
+        bias: mx.array | None = None,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        pw = PackedWeight(fmt, weight, scales, shape)  # validates
+        self.weight = pw.data
+        self.scales = pw.scales
+        self.fmt = fmt
+        self.out_features, self.in_features = pw.shape
+        if bias is not None:
+            if bias.shape != (self.out_features,):
+                raise BonsaiError(f"bias must have shape [{self.out_features}], got {list(bias.shape)}")
+            self.bias = bias
+        get_backend(backend)  # fail at construction on an unknown name
+        self.backend = backend
+        self.freeze()  # packed codes are not trainable
+
+    @property
+    def packed(self) -> PackedWeight:
+        return PackedWeight(self.fmt, self.weight, self.scales, (self.out_features, self.in_features))
+
+    @classmethod
+    def from_packed(cls, pw: PackedWeight, bias: mx.array | None = None, backend: str = "auto") -> "PackedLinear":
+        return cls(pw.data, pw.scales, pw.fmt, pw.shape, bias=bias, backend=backend)
+
+    @classmethod
+    def from_dense(cls, linear_weight, fmt: str, bias: mx.array | None = None, backend: str = "auto") -> "PackedLinear":
+        """Post-training quantize a dense [N, K] weight (rules in packing.quantize_*)."""
+        return cls.from_packed(quantize(linear_weight, fmt), bias=bias, backend=backend)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = get_backend(self.backend)(x, self.packed)
+        if "bias" in self:
+            y = y + self.bias.astype(y.dtype)
+        return y
+
+    def _extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, fmt={self.fmt}, backend={self.backend}"

@@ -1,0 +1,181 @@
+"""The reference packed matmul (the kernels' oracle) and PackedLinear."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+import bonsai_mlx.packed_linear as pl
+from bonsai_mlx.errors import BonsaiError
+from bonsai_mlx.packed_linear import PackedLinear, get_backend, packed_matmul_reference, register_backend
+from bonsai_mlx.packing import dequantize, pack_binary, pack_ternary, quantize, to_mlx_affine
+
+RNG = np.random.default_rng(1)
+FORMATS = ["binary", "ternary", "ternary2"]
+
+# ||y - y64|| / ||y64|| against a float64 matmul of the same dequantized W.
+# float32 out: the reference accumulates in fp32, error ~ sqrt(K) * 2^-24 << 1e-5 for K <= 1280.
+# fp16/bf16 out: dominated by the final rounding, <= 2^-11 / 2^-8 per element.
+REL_BOUND = {mx.float32: 1e-5, mx.float16: 1e-3, mx.bfloat16: 4e-3}
+
+
+def random_weight(fmt, n, k):
+    s = RNG.uniform(0.005, 0.05, size=(n, k // 128)) * RNG.choice([-1, 1], size=(n, k // 128))
+    if fmt == "binary":
+        return pack_binary(RNG.choice([-1, 1], size=(n, k)), s)
+    return pack_ternary(RNG.integers(-1, 2, size=(n, k)), s, fmt)
+
+
+def rel_err(y, ref):
+    y = np.array(y.astype(mx.float32), dtype=np.float64)
+    return np.linalg.norm(y - ref) / np.linalg.norm(ref)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("n,k", [(64, 128), (96, 640), (200, 1280)])
+def test_reference_matches_dense_matmul(fmt, n, k):
+    pw = random_weight(fmt, n, k)
+    w64 = np.array(dequantize(pw, mx.float32), dtype=np.float64)
+    for m in (1, 7, 33):
+        x32 = RNG.normal(size=(m, k)).astype(np.float32)
+        for dtype, bound in REL_BOUND.items():
+            x = mx.array(x32).astype(dtype)
+            ref = np.array(x.astype(mx.float32), dtype=np.float64) @ w64.T
+            y = packed_matmul_reference(x, pw)
+            assert y.dtype == dtype and y.shape == (m, n)
+            assert rel_err(y, ref) <= bound, (fmt, m, dtype)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_chunk_size_and_leading_dims(fmt):
+    pw = random_weight(fmt, 48, 1280)
+    x = mx.array(RNG.normal(size=(2, 3, 1280)).astype(np.float32))
+    ref = np.array(x, dtype=np.float64) @ np.array(dequantize(pw, mx.float32), dtype=np.float64).T
+    for chunk in (128, 384, 640, 1280, 4096):
+        y = packed_matmul_reference(x, pw, chunk=chunk)
+        assert y.shape == (2, 3, 48)
+        assert rel_err(y, ref) <= 1e-5, chunk
+
+
+def test_reference_memory_is_bounded_by_chunk():
+    # dense fp32 W would be 1024 * 4096 * 4 = 16 MiB; a 256-column slab is 1 MiB.
+    pw = random_weight("binary", 1024, 4096)
+    x = mx.array(RNG.normal(size=(4, 4096)).astype(np.float32))
+    mx.eval(pw.data, pw.scales, x)
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    mx.eval(packed_matmul_reference(x, pw, chunk=256))
+    extra = mx.get_peak_memory() - base
+    assert extra < 16 * 2**20 / 2, f"peak extra {extra / 2**20:.1f} MiB"
+
+
+def test_reference_errors():
+    pw = random_weight("ternary", 8, 256)
+    with pytest.raises(BonsaiError, match="input has 128 features but the packed weight .* expects K = 256"):
+        packed_matmul_reference(mx.zeros((2, 128)), pw)
+    with pytest.raises(BonsaiError, match="positive multiple of 128"):
+        packed_matmul_reference(mx.zeros((2, 256)), pw, chunk=100)
+    with pytest.raises(BonsaiError, match="floating point"):
+        packed_matmul_reference(mx.zeros((2, 256), mx.int32), pw)
+
+
+def test_mlx_quantized_matmul_bits1_agrees_with_reference():
+    # MLX 0.32.4 runs affine bits=1 on CPU; with scales = 2s, biases = -s it is our binary.
+    pw = random_weight("binary", 256, 1024)
+    w, scales, biases, bits = to_mlx_affine(pw)
+    assert bits == 1
+    # Bounds on MLX's side: fp32 1e-5; fp16 1e-2 because MLX's CPU kernel accumulates in the
+    # input dtype (measured 4.7e-3 at K = 1024, 8.2e-3 at K = 3072; bf16 reaches 3.8e-2 / 6.5e-2,
+    # too loose to be worth asserting). Our reference accumulates in fp32 (REL_BOUND).
+    for dtype, bound in ((mx.float32, 1e-5), (mx.float16, 1e-2)):
+        x = mx.array(RNG.normal(size=(33, 1024)).astype(np.float32)).astype(dtype)
+        theirs = mx.quantized_matmul(x, w, scales.astype(dtype), biases.astype(dtype), transpose=True, group_size=128, bits=1)
+        ours = packed_matmul_reference(x, pw)
+        ref = np.array(x.astype(mx.float32), dtype=np.float64) @ np.array(dequantize(pw, mx.float32), dtype=np.float64).T
+        assert rel_err(ours, ref) <= REL_BOUND[dtype]
+        assert rel_err(theirs, ref) <= bound
+        assert rel_err(theirs, np.array(ours.astype(mx.float32), dtype=np.float64)) <= bound
+
+
+def test_mlx_quantized_matmul_bits2_agrees_for_ternary():
+    pw = random_weight("ternary", 128, 512)
+    w, scales, biases, bits = to_mlx_affine(pw)
+    x = mx.array(RNG.normal(size=(7, 512)).astype(np.float32))
+    theirs = mx.quantized_matmul(x, w, scales.astype(mx.float32), biases.astype(mx.float32), transpose=True, group_size=128, bits=2)
+    assert rel_err(theirs, np.array(packed_matmul_reference(x, pw), dtype=np.float64)) <= 1e-5
+
+
+# ------------------------------------------------------------------------------ PackedLinear
+
+@pytest.fixture
+def clean_registry():
+    saved = dict(pl._LAUNCHERS)
+    pl._LAUNCHERS.clear()
+    yield
+    pl._LAUNCHERS.clear()
+    pl._LAUNCHERS.update(saved)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_packed_linear_from_dense_and_call(fmt):
+    w = RNG.normal(scale=0.02, size=(64, 256)).astype(np.float32)
+    layer = PackedLinear.from_dense(mx.array(w), fmt)
+    pw = quantize(w, fmt)
+    assert (layer.out_features, layer.in_features, layer.fmt) == (64, 256, fmt)
+    np.testing.assert_array_equal(np.array(layer.weight), np.array(pw.data))
+    np.testing.assert_array_equal(np.array(layer.scales), np.array(pw.scales))
+    assert sorted(layer.parameters()) == ["scales", "weight"]
+    assert layer.trainable_parameters() == {}
+    x = mx.array(RNG.normal(size=(5, 256)).astype(np.float16))
+    y = layer(x)
+    assert y.dtype == mx.float16
+    np.testing.assert_array_equal(np.array(y), np.array(packed_matmul_reference(x, pw)))
+    # PTQ keeps most of the signal: cosine between dense and quantized outputs
+    y64 = np.array(x, dtype=np.float64) @ w.T
+    cos = (np.array(y, dtype=np.float64) * y64).sum() / np.linalg.norm(y) / np.linalg.norm(y64)
+    assert cos > 0.75
+
+
+def test_packed_linear_from_packed_bias_and_compile():
+    pw = random_weight("ternary", 32, 384)
+    bias = mx.array(RNG.normal(size=(32,)).astype(np.float32))
+    layer = PackedLinear.from_packed(pw, bias=bias)
+    x = mx.array(RNG.normal(size=(3, 384)).astype(np.float32))
+    expect = packed_matmul_reference(x, pw) + bias
+    np.testing.assert_allclose(np.array(layer(x)), np.array(expect), rtol=0, atol=0)
+    np.testing.assert_allclose(np.array(mx.compile(layer)(x)), np.array(expect), rtol=1e-6, atol=1e-6)
+    with pytest.raises(BonsaiError, match=r"bias must have shape \[32\]"):
+        PackedLinear.from_packed(pw, bias=mx.zeros((31,)))
+
+
+def test_packed_linear_validates_like_packed_weight():
+    with pytest.raises(BonsaiError, match="multiple of the group size"):
+        PackedLinear(mx.zeros((4, 3), mx.uint32), mx.zeros((4, 1), mx.float16), "binary", (4, 96))
+    with pytest.raises(BonsaiError, match=r"scales .* must be float16 \[4, 1\]"):
+        PackedLinear(mx.zeros((4, 4), mx.uint32), mx.zeros((4, 1), mx.float32), "binary", (4, 128))
+
+
+def test_backend_registry(clean_registry):
+    pw = random_weight("binary", 16, 128)
+    x = mx.array(RNG.normal(size=(2, 128)).astype(np.float32))
+    assert get_backend("auto") is packed_matmul_reference
+    with pytest.raises(BonsaiError, match="backend 'metal' is not available: no launcher registered"):
+        PackedLinear.from_packed(pw, backend="metal")
+    with pytest.raises(BonsaiError, match="unknown backend 'tpu'"):
+        PackedLinear.from_packed(pw, backend="tpu")
+    with pytest.raises(BonsaiError, match="'metal' or 'cuda'"):
+        register_backend("reference", lambda x, pw: x)
+
+    calls = []
+
+    def fake(x, got):
+        calls.append(got)
+        return packed_matmul_reference(x, got) * 2
+
+    register_backend("metal", fake)
+    layer = PackedLinear.from_packed(pw, backend="metal")
+    y = layer(x)
+    assert len(calls) == 1 and calls[0].fmt == "binary" and calls[0].shape == (16, 128)
+    np.testing.assert_array_equal(np.array(y), 2 * np.array(packed_matmul_reference(x, pw)))
+    assert PackedLinear.from_packed(pw)(x).shape == (2, 16)  # auto still uses the reference
+    assert isinstance(layer, nn.Module)
