@@ -424,3 +424,10 @@ def test_ptq_accepts_mlx_dtypes_and_rejects_nan():
         quantize(w, "binary")
     with pytest.raises(BonsaiError, match="Unknown packed format"):
         quantize(w, "int2")
+
+
+def test_official_ternary_import_of_a_layer_taller_than_one_row_block():
+    # the importer repacks 1024 rows at a time; cross a block boundary
+    t, s, w, scales, biases = official_ternary_pack(1100, 128, mx.float16)
+    pw = from_mlx_affine(w, scales, biases, bits=2)
+    np.testing.assert_array_equal(np.array(pw.data), ref_ternary_bytes(t))
