@@ -1,0 +1,274 @@
+"""Packed binary/ternary matmul kernels and their launchers.
+
+The Metal sources in metal/ are the product: each `<fmt>_<path>.metal` is a
+kernel body for `mx.fast.metal_kernel`, and metal/common.metal is the header
+they share. The CUDA twins for `mx.fast.cuda_kernel` are generated from the
+same text by `metal_to_cuda` (plus metal/tile_mma.cuh, the hand-written
+tensor-core stand-in for the 8x8 simdgroup_matrix block). The kernels read the
+packed codes and scales directly; a dense copy of W never exists beyond one
+32 x BN tile in threadgroup memory.
+
+Two paths per format:
+  gemm  M >= 32: BM x BN output tile per threadgroup, simdgroup matrices
+        (Metal) / wmma tensor cores (CUDA).
+  gemv  M < 32: one simdgroup per R weight rows, lanes stream the packed rows,
+        simd_sum reduces.
+
+Every launch is described by a `Launch` (kernel, template, grid, threadgroup),
+so the CPU harness in tests/metal_harness runs exactly what MLX would.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import mlx.core as mx
+
+import bonsai_mlx
+
+FORMATS = ("binary", "ternary")
+GEMM_MIN_M = 32
+INPUT_NAMES = ("x", "w", "scales")
+OUTPUT_NAMES = ("y",)
+
+# Tile shapes. Metal: 64x64 float tiles (20 KB of the 32 KB threadgroup
+# memory), 4 simdgroups of 32x32. CUDA: 128x128 half tiles, 8 warps of 32x64.
+GEMM_TILES = {
+    "metal": dict(BM=64, BN=64, SGM=2, SGN=2),
+    "cuda": dict(BM=128, BN=128, SGM=4, SGN=2),
+}
+# GEMV: R weight rows per simdgroup, NSG simdgroups per threadgroup, and at
+# most MT_MAX rows of x per threadgroup (more rows re-read W from cache).
+GEMV_R = 4
+GEMV_NSG = 2
+GEMV_MT_MAX = 8
+
+
+def metal_dir() -> Path:
+    """The wheel force-includes metal/ as bonsai_mlx/metal; a checkout has it at the root."""
+    pkg = Path(bonsai_mlx.__file__).parent
+    for d in (pkg / "metal", pkg.parent / "metal"):
+        if (d / "common.metal").is_file():
+            return d
+    raise FileNotFoundError(f"metal sources not found next to {pkg} or in the repository root")
+
+
+def _read(name: str) -> str:
+    return (metal_dir() / name).read_text()
+
+
+def metal_source(kernel: str) -> tuple[str, str]:
+    """(header, body) exactly as passed to mx.fast.metal_kernel."""
+    return _read("common.metal"), _read(f"{kernel}.metal")
+
+
+# ---------------------------------------------------------------------------- CUDA twin
+
+# CUDA spelling of the Metal attribute parameters the bodies may name.
+_CUDA_ATTRIBUTES = {
+    "thread_index_in_threadgroup": "const uint thread_index_in_threadgroup = bonsai_lid;",
+    "simdgroup_index_in_threadgroup": "const uint simdgroup_index_in_threadgroup = bonsai_lid / 32u;",
+    "thread_index_in_simdgroup": "const uint thread_index_in_simdgroup = bonsai_lid % 32u;",
+    "threadgroup_position_in_grid": "const uint3 threadgroup_position_in_grid = blockIdx;",
+    "thread_position_in_threadgroup": "const uint3 thread_position_in_threadgroup = threadIdx;",
+    "thread_position_in_grid": (
+        "const uint3 thread_position_in_grid = make_uint3(blockIdx.x * blockDim.x + threadIdx.x, "
+        "blockIdx.y * blockDim.y + threadIdx.y, blockIdx.z * blockDim.z + threadIdx.z);"
+    ),
+    "threads_per_threadgroup": "const uint3 threads_per_threadgroup = make_uint3(blockDim.x, blockDim.y, blockDim.z);",
+    "threadgroups_per_grid": "const uint3 threadgroups_per_grid = make_uint3(gridDim.x, gridDim.y, gridDim.z);",
+    "simdgroups_per_threadgroup": (
+        "const uint simdgroups_per_threadgroup = (blockDim.x * blockDim.y * blockDim.z + 31u) / 32u;"
+    ),
+    "threads_per_simdgroup": "const uint threads_per_simdgroup = 32u;",
+    "thread_execution_width": "const uint thread_execution_width = 32u;",
+}
+
+_CUDA_PRELUDE = """\
+// Generated from the Metal header by bonsai_mlx/kernels.py:metal_to_cuda.
+typedef unsigned int uint;
+// A Metal simdgroup is a CUDA warp: 32 lanes.
+template <typename U>
+__device__ __forceinline__ U bonsai_simd_sum(U v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+template <typename U>
+__device__ __forceinline__ U bonsai_simd_max(U v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) { U u = __shfl_xor_sync(0xffffffffu, v, o); v = u > v ? u : v; }
+  return v;
+}
+template <typename U>
+__device__ __forceinline__ U bonsai_simd_min(U v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) { U u = __shfl_xor_sync(0xffffffffu, v, o); v = u < v ? u : v; }
+  return v;
+}
+"""
+
+# Metal address-space qualifiers: plain pointers on CUDA (threadgroup arrays
+# are rewritten to __shared__ first). Erased as tokens, not #defined away:
+# CUDA's own __device__/__constant__ expand to __location__(device) etc.
+_ADDRESS_SPACE = re.compile(r"\b(?:device|constant|thread|threadgroup)\s+((?:const\s+)?[A-Za-z_][\w:<>]*\s*[*&])")
+_METAL_ONLY = re.compile(r"// @@metal-only-begin.*?// @@metal-only-end\n?", re.S)
+_TG_ARRAY = re.compile(r"\bthreadgroup\s+([A-Za-z_][\w:<>, ]*?)\s+([A-Za-z_]\w*)\s*((?:\[[^\]\[]+\])+)\s*;")
+_SIMD_CALLS = {
+    "simd_sum": "bonsai_simd_sum",
+    "simd_max": "bonsai_simd_max",
+    "simd_min": "bonsai_simd_min",
+    "simd_shuffle_xor": "__shfl_xor_sync(0xffffffffu, ",
+    "simd_shuffle_down": "__shfl_down_sync(0xffffffffu, ",
+    "simd_shuffle": "__shfl_sync(0xffffffffu, ",
+    "simd_broadcast": "__shfl_sync(0xffffffffu, ",
+}
+
+
+def metal_to_cuda(header: str, body: str) -> tuple[str, str]:
+    """Rewrite a Metal (header, body) pair into a (header, body) for mx.fast.cuda_kernel."""
+    h = _METAL_ONLY.sub("", header)
+    h = re.sub(r"^\s*#include\s*<metal_\w+>\s*\n", "", h, flags=re.M)
+    h = re.sub(r"^inline\b", "__device__ __forceinline__", h, flags=re.M)
+    h = _CUDA_PRELUDE + _ADDRESS_SPACE.sub(r"\1", h) + "\n" + _read("tile_mma.cuh")
+
+    b = _TG_ARRAY.sub(lambda m: f"__shared__ __align__(32) {m.group(1)} {m.group(2)}{m.group(3)};", body)
+    b = re.sub(r"\bthreadgroup_barrier\s*\([^)]*\)", "__syncthreads()", b)
+    b = re.sub(r"\bsimdgroup_barrier\s*\([^)]*\)", "__syncwarp()", b)
+    b = _ADDRESS_SPACE.sub(r"\1", b)
+    for metal_name, cuda_call in _SIMD_CALLS.items():
+        if cuda_call.endswith("("):
+            b = re.sub(rf"\b{metal_name}\s*\(", cuda_call, b)
+        else:
+            b = re.sub(rf"\b{metal_name}\s*\(", cuda_call + "(", b)
+    if re.search(r"\bsimdgroup_matrix\b|\bsimdgroup_(load|store|multiply)", b):
+        raise ValueError("simdgroup_matrix ops must live in the header's metal-only block")
+    used = [decl for name, decl in _CUDA_ATTRIBUTES.items() if re.search(rf"\b{name}\b", body)]
+    prologue = ["// Metal attribute parameters, from CUDA's built-ins."]
+    if used:
+        prologue.append(
+            "const uint bonsai_lid = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);"
+        )
+    prologue += used
+    return h, "\n".join(prologue) + "\n" + b
+
+
+def cuda_source(kernel: str) -> tuple[str, str]:
+    """(header, body) as passed to mx.fast.cuda_kernel."""
+    return metal_to_cuda(*metal_source(kernel))
+
+
+# ---------------------------------------------------------------------------- launch plans
+
+@dataclass(frozen=True)
+class Launch:
+    kernel: str  # e.g. "binary_gemm": metal/binary_gemm.metal
+    template: tuple  # ((name, dtype | int), ...)
+    grid: tuple[int, int, int]  # in threads, as both metal_kernel and cuda_kernel take it
+    threadgroup: tuple[int, int, int]
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def plan(fmt: str, M: int, N: int, K: int, dtype: mx.Dtype, backend: str) -> Launch:
+    """Which kernel, template and grid computes y[M, N] = x[M, K] @ W.T for W in `fmt`."""
+    if fmt not in FORMATS:
+        raise ValueError(f"no kernel for packed format {fmt!r} (have {', '.join(FORMATS)})")
+    if backend not in GEMM_TILES:
+        raise ValueError(f"backend must be 'metal' or 'cuda', got {backend!r}")
+    if K % 128 or K <= 0:
+        raise ValueError(f"K must be a positive multiple of 128, got {K}")
+    # The CUDA tiles are tensor-core half/bf16; float32 inputs take the GEMV path there.
+    use_gemm = M >= GEMM_MIN_M and not (backend == "cuda" and dtype == mx.float32)
+    if use_gemm:
+        t = GEMM_TILES[backend]
+        nt = 32 * t["SGM"] * t["SGN"]
+        template = (("T", dtype), ("BM", t["BM"]), ("BN", t["BN"]), ("SGM", t["SGM"]), ("SGN", t["SGN"]))
+        grid = (_ceil_div(N, t["BN"]) * nt, _ceil_div(M, t["BM"]), 1)
+        return Launch(f"{fmt}_gemm", template, grid, (nt, 1, 1))
+    mt = 1
+    while mt < min(M, GEMV_MT_MAX):
+        mt *= 2
+    rows = GEMV_R * GEMV_NSG
+    template = (("T", dtype), ("MT", mt), ("R", GEMV_R), ("NSG", GEMV_NSG))
+    grid = (_ceil_div(N, rows) * 32 * GEMV_NSG, _ceil_div(M, mt), 1)
+    return Launch(f"{fmt}_gemv", template, grid, (32 * GEMV_NSG, 1, 1))
+
+
+# ---------------------------------------------------------------------------- launchers
+
+@lru_cache(maxsize=None)
+def _kernel_object(backend: str, kernel: str):
+    """Built on first use: constructing needs the Metal/CUDA back-end."""
+    if backend == "metal":
+        header, body = metal_source(kernel)
+        return mx.fast.metal_kernel(
+            name=f"bonsai_{kernel}", input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
+            source=body, header=header,
+        )
+    header, body = cuda_source(kernel)
+    return mx.fast.cuda_kernel(
+        name=f"bonsai_{kernel}", input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
+        source=body, header=header,
+    )
+
+
+def default_backend() -> str:
+    if mx.metal.is_available():
+        return "metal"
+    if mx.cuda.is_available():
+        return "cuda"
+    raise RuntimeError("packed kernels need MLX's Metal or CUDA back-end; use the reference backend")
+
+
+def packed_matmul(x: mx.array, pw, backend: str | None = None) -> mx.array:
+    """y [..., N] = x [..., K] @ W.T for a PackedWeight-like `pw` (fmt, data, scales, shape)."""
+    backend = backend or default_backend()
+    N, K = pw.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"input has {x.shape[-1]} features but the packed weight {pw.shape} expects K = {K}")
+    if x.dtype not in (mx.float16, mx.bfloat16, mx.float32):
+        raise ValueError(f"input must be float16, bfloat16 or float32, got {x.dtype}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    if M == 0:
+        return mx.zeros((*lead, N), dtype=x.dtype)
+    launch = plan(pw.fmt, M, N, K, x.dtype, backend)
+    kern = _kernel_object(backend, launch.kernel)
+    (y,) = kern(
+        inputs=[x2, pw.data, pw.scales],
+        template=list(launch.template),
+        grid=launch.grid,
+        threadgroup=launch.threadgroup,
+        output_shapes=[(M, N)],
+        output_dtypes=[x.dtype],
+    )
+    return y.reshape(*lead, N)
+
+
+def metal_matmul(x: mx.array, pw) -> mx.array:
+    return packed_matmul(x, pw, "metal")
+
+
+def cuda_matmul(x: mx.array, pw) -> mx.array:
+    return packed_matmul(x, pw, "cuda")
+
+
+def register() -> bool:
+    """Install the "metal" and "cuda" launchers in packed_linear, when that module exists."""
+    try:
+        from . import packed_linear
+    except ImportError:
+        return False
+    packed_linear.register_backend("metal", metal_matmul)
+    packed_linear.register_backend("cuda", cuda_matmul)
+    return True
+
+
+register()

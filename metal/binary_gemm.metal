@@ -1,0 +1,57 @@
+// Tiled GEMM (M >= 32): y[M, N] = x[M, K] @ W[N, K]^T, W binary:
+// w uint32 [N, K/32] (element k = bit k%32 of word k/32, 1 -> +s, 0 -> -s),
+// scales [N, K/128]. Template: T (x, y dtype), BM x BN tile per threadgroup,
+// SGM x SGN simdgroups. Each k-step stages BK = 32 columns of x and exactly
+// one packed word per weight row (decoded to +-s) in threadgroup memory, so
+// no dense copy of W ever exists outside a 32 x BN tile.
+typedef typename BonsaiTileType<T>::type TileT;
+constexpr int BK = 32;
+constexpr int NT = 32 * SGM * SGN;
+constexpr int WM = BM / SGM;
+constexpr int WN = BN / SGN;
+constexpr int LDX = BK + BONSAI_TILE_PAD;  // x tile [BM][LDX], k fastest
+constexpr int LDW = BN + BONSAI_TILE_PAD;  // w tile [BK][LDW], n fastest
+constexpr int BITS = BK * BN / NT;         // bits of one word decoded per thread
+static_assert(NT % BN == 0 && BITS * (NT / BN) == BK, "decode split must cover one word per row");
+threadgroup TileT xs[BM * LDX];
+threadgroup TileT ws[BK * LDW];
+threadgroup float scratch[SGM * SGN * BONSAI_SCRATCH];
+
+const int M = x_shape[0];
+const int K = x_shape[1];
+const int N = w_shape[0];
+const int KW = K / 32;
+const int KG = K / 128;
+const int tid = int(thread_index_in_threadgroup);
+const int sg = int(simdgroup_index_in_threadgroup);
+const int n0 = int(threadgroup_position_in_grid.x) * BN;
+const int m0 = int(threadgroup_position_in_grid.y) * BM;
+
+// This thread decodes bits [wb, wb + BITS) of row n0 + wn's word: threads next
+// to each other own neighbouring rows, so the tile writes are contiguous.
+const int wn = tid % BN;
+const int wb = (tid / BN) * BITS;
+const bool wvalid = n0 + wn < N;
+const int wrow = wvalid ? n0 + wn : 0;
+
+BonsaiSimdTile<WM, WN> acc;
+acc.zero();
+for (int k0 = 0; k0 < K; k0 += BK) {
+  for (int i = tid; i < BM * BK; i += NT) {
+    const int r = i / BK;
+    const int c = i % BK;
+    const float v = m0 + r < M ? static_cast<float>(x[size_t(m0 + r) * K + k0 + c]) : 0.0f;
+    xs[r * LDX + c] = static_cast<TileT>(v);
+  }
+  const uint word = wvalid ? w[size_t(wrow) * KW + k0 / 32] : 0u;
+  const float s = wvalid ? static_cast<float>(scales[size_t(wrow) * KG + k0 / 128]) : 0.0f;
+  for (int b = 0; b < BITS; ++b) {
+    const uint bit = (word >> uint(wb + b)) & 1u;
+    ws[(wb + b) * LDW + wn] = static_cast<TileT>(bit ? s : -s);
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  acc.mma(xs + (sg / SGN) * WM * LDX, LDX, ws + (sg % SGN) * WN, LDW, BK);
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+}
+acc.store(y, N, m0 + (sg / SGN) * WM, n0 + (sg % SGN) * WN, M, N,
+          scratch + sg * BONSAI_SCRATCH, thread_index_in_simdgroup);

@@ -1,0 +1,66 @@
+"""Test-only numpy packers and oracle for the packed kernels.
+
+Independent of bonsai_mlx.packing on purpose: they follow the format spec
+(docs/bonsai-formats, bonsai_mlx/packing.py docstring) line by line, so a
+kernel and a packer cannot agree on the same wrong layout.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import mlx.core as mx
+import numpy as np
+
+
+def random_codes(rng, fmt: str, n: int, k: int) -> np.ndarray:
+    """t [N, K]: {-1, +1} for binary, {-1, 0, +1} for ternary."""
+    if fmt == "binary":
+        return rng.choice(np.array([-1, 1], dtype=np.int8), size=(n, k))
+    return rng.integers(-1, 2, size=(n, k)).astype(np.int8)
+
+
+def pack(fmt: str, t: np.ndarray, scales: np.ndarray):
+    """A PackedWeight-like namespace (fmt, data, scales, shape) from codes t [N, K]."""
+    n, k = t.shape
+    assert k % 128 == 0
+    if fmt == "binary":
+        bits = (t > 0).astype(np.uint64).reshape(n, k // 32, 32)
+        data = (bits << np.arange(32, dtype=np.uint64)).sum(-1).astype(np.uint32)
+    elif fmt == "ternary":
+        kb = -(-k // 5)
+        codes = np.ones((n, kb * 5), dtype=np.uint32)  # pad trits: code 1
+        codes[:, :k] = t + 1
+        data = (codes.reshape(n, kb, 5) * (3 ** np.arange(5, dtype=np.uint32))).sum(-1).astype(np.uint8)
+    else:
+        raise ValueError(fmt)
+    return SimpleNamespace(fmt=fmt, data=mx.array(data), scales=mx.array(scales.astype(np.float16)), shape=(n, k))
+
+
+def random_weight(rng, fmt: str, n: int, k: int):
+    t = random_codes(rng, fmt, n, k)
+    s = rng.uniform(0.005, 0.05, size=(n, k // 128)).astype(np.float16)
+    return t, s, pack(fmt, t, s)
+
+
+def dense(t: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """W [N, K] in float64."""
+    return t.astype(np.float64) * np.repeat(s.astype(np.float64), 128, axis=1)
+
+
+def to_numpy(a: mx.array) -> np.ndarray:
+    return np.array(a.astype(mx.float32)) if a.dtype == mx.bfloat16 else np.array(a)
+
+
+def bf16_bits_to_float(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def rel_err(y: np.ndarray, ref: np.ndarray) -> float:
+    y = y.astype(np.float64)
+    return float(np.linalg.norm(y - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+# Relative error bounds by input dtype: float accumulation vs float64, then the
+# output rounding of the dtype.
+TOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}

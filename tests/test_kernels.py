@@ -1,0 +1,281 @@
+"""The packed Metal kernels, executed on the CPU by tests/metal_harness.
+
+Each case runs the exact header + body strings that bonsai_mlx.kernels hands
+to mx.fast.metal_kernel, over the launch plan it would use, with poisoned
+outputs, and compares with a float64 oracle (and with
+packed_linear.packed_matmul_reference when that module is present).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from bonsai_mlx import kernels
+
+sys.path.insert(0, str(Path(__file__).parent))
+from kernel_helpers import TOL, bf16_bits_to_float, dense, random_weight, rel_err, to_numpy
+from metal_harness import harness
+
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+
+
+def run_metal(pw, x: mx.array):
+    """Run the planned Metal kernel in the harness; returns (y float64, launch)."""
+    M, K = x.shape
+    N = pw.shape[0]
+    launch = kernels.plan(pw.fmt, M, N, K, x.dtype, "metal")
+    header, body = kernels.metal_source(launch.kernel)
+    (y,) = harness.run(
+        f"bonsai_{launch.kernel}", list(kernels.INPUT_NAMES), list(kernels.OUTPUT_NAMES), body, header,
+        [x, pw.data, pw.scales], [(M, N)], [x.dtype], launch.grid, launch.threadgroup, launch.template,
+    )
+    assert harness.unwritten(y) == 0, f"{harness.unwritten(y)} output elements never written"
+    if x.dtype == mx.bfloat16:
+        y = bf16_bits_to_float(y)
+    return y.astype(np.float64), launch
+
+
+# Ragged M (GEMV for < 32, GEMM above), N off the 64-wide tile, several K.
+CASES = [
+    ("binary", 1, 72, 640, "float16"),
+    ("binary", 5, 100, 384, "float32"),
+    ("binary", 33, 136, 128, "bfloat16"),
+    ("binary", 70, 136, 640, "float16"),
+    ("binary", 70, 72, 384, "float32"),
+    ("ternary", 1, 72, 640, "float16"),
+    ("ternary", 5, 100, 384, "float32"),
+    ("ternary", 33, 136, 128, "bfloat16"),
+    ("ternary", 70, 136, 640, "float16"),
+    ("ternary", 70, 72, 384, "float32"),
+]
+
+
+@pytest.mark.parametrize("fmt,M,N,K,dtype", CASES)
+def test_metal_kernel_matches_oracle(fmt, M, N, K, dtype):
+    rng = np.random.default_rng(hash((fmt, M, N, K, dtype)) % 2**32)
+    t, s, pw = random_weight(rng, fmt, N, K)
+    x = mx.array(rng.standard_normal((M, K)).astype(np.float32)).astype(DTYPES[dtype])
+    y, launch = run_metal(pw, x)
+    assert launch.kernel.endswith("gemm" if M >= kernels.GEMM_MIN_M else "gemv")
+    ref = to_numpy(x).astype(np.float64) @ dense(t, s).T
+    assert rel_err(y, ref) < TOL[dtype]
+    try:
+        from bonsai_mlx.packed_linear import packed_matmul_reference
+    except ImportError:
+        return
+    oracle = to_numpy(packed_matmul_reference(x, pw)).astype(np.float64)
+    assert rel_err(y, oracle) < TOL[dtype]
+
+
+def test_plans_launch_whole_threadgroups():
+    # The harness (and Metal/CUDA agreement) relies on grid % threadgroup == 0.
+    for backend in ("metal", "cuda"):
+        for fmt in kernels.FORMATS:
+            for M in (1, 3, 16, 31, 32, 1536, 4608):
+                for N, K in ((3072, 3072), (27648, 3072), (3072, 12288), (100, 128)):
+                    for dt in (mx.float16, mx.float32):
+                        L = kernels.plan(fmt, M, N, K, dt, backend)
+                        assert all(g % t == 0 for g, t in zip(L.grid, L.threadgroup))
+                        assert (L.threadgroup[0] % 32) == 0
+
+
+# ----------------------------------------------------------------------------- harness honesty
+
+ADD_ONE = "uint i = thread_position_in_grid.x; out[i] = inp[i] + 1.0f;"
+
+
+def _run_tiny(body, n=64, tg=32, header="", **kw):
+    x = mx.arange(n).astype(mx.float32)
+    return harness.run("tiny", ["inp"], ["out"], body, header, [x], [(n,)], [mx.float32], (n, 1, 1), (tg, 1, 1),
+                       **kw)[0]
+
+
+def test_harness_runs_a_plain_kernel():
+    np.testing.assert_array_equal(_run_tiny(ADD_ONE), np.arange(64) + 1)
+
+
+def test_harness_detects_unwritten_outputs():
+    y = _run_tiny("uint i = thread_position_in_grid.x; if (i != 17) out[i] = inp[i];")
+    assert harness.unwritten(y) == 1
+
+
+def test_harness_threadgroup_memory_is_shared_and_barriers_order():
+    body = """
+    threadgroup float buf[64];
+    uint i = thread_index_in_threadgroup;
+    buf[i] = inp[thread_position_in_grid.x];
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    out[thread_position_in_grid.x] = buf[63 - i] + simd_sum(1.0f);
+    """
+    y = _run_tiny(body, n=128, tg=64)
+    want = np.concatenate([np.arange(63, -1, -1), np.arange(127, 63, -1)]) + 32
+    np.testing.assert_array_equal(y, want)
+
+
+def test_harness_simdgroup_matrix_matches_numpy():
+    body = """
+    threadgroup float a[64];
+    threadgroup float b[64];
+    threadgroup float c[64];
+    uint i = thread_index_in_simdgroup;
+    a[i] = inp[i]; a[i + 32] = inp[i + 32];
+    b[i] = inp[63 - i]; b[i + 32] = inp[31 - i];
+    simdgroup_barrier(mem_flags::mem_threadgroup);
+    simdgroup_matrix<float, 8, 8> am, bm, cm;
+    cm = make_filled_simdgroup_matrix<float, 8, 8>(1.0f);
+    simdgroup_load(am, a, 8);
+    simdgroup_load(bm, b, 8);
+    simdgroup_multiply_accumulate(cm, am, bm, cm);
+    simdgroup_store(cm, c, 8);
+    simdgroup_barrier(mem_flags::mem_threadgroup);
+    out[i] = c[i]; out[i + 32] = c[i + 32];
+    """
+    y = _run_tiny(body, n=64, tg=32, header="#include <metal_simdgroup_matrix>\n").reshape(8, 8)
+    a = np.arange(64, dtype=np.float64).reshape(8, 8)
+    b = np.arange(63, -1, -1, dtype=np.float64).reshape(8, 8)
+    np.testing.assert_array_equal(y, a @ b + 1)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "float2 v = float2(1.0f, 2.0f); out[0] = v.x;",  # vector constructor
+        "out[thread_position_in_grid.x] = inp[0]; float4 q; out[0] = q.xy.x;",  # swizzle
+        "atomic_fetch_add_explicit((device atomic_float*)out, 1.0f, memory_order_relaxed);",
+        "threadgroup float t = 1.0f; out[thread_position_in_grid.x] = t;",  # threadgroup scalar w/ init
+        "out[thread_position_in_grid.x] = simd_prefix_exclusive_sum(inp[0]);",
+        "out[thread_position_in_grid.x] = quad_sum(inp[0]);",
+        "packed_float3 p; out[thread_position_in_grid.x] = p[0];",
+        "out[thread_position_in_grid.x] = undefined_metal_builtin(inp[0]);",  # fails to compile
+    ],
+)
+def test_harness_rejects_unsupported_msl(body):
+    with pytest.raises(harness.UnsupportedMSL):
+        _run_tiny(body)
+
+
+def test_harness_rejects_unknown_includes():
+    with pytest.raises(harness.UnsupportedMSL):
+        _run_tiny(ADD_ONE, header="#include <metal_raytracing>\n")
+
+
+def test_harness_rejects_partial_threadgroups():
+    x = mx.zeros((48,))
+    with pytest.raises(harness.UnsupportedMSL):
+        harness.run("tiny", ["inp"], ["out"], ADD_ONE, "", [x], [(48,)], [mx.float32], (48, 1, 1), (32, 1, 1))
+
+
+def test_harness_fails_loudly_on_divergent_barrier():
+    body = """
+    if (thread_index_in_threadgroup < 16) threadgroup_barrier(mem_flags::mem_threadgroup);
+    out[thread_position_in_grid.x] = inp[thread_position_in_grid.x];
+    """
+    with pytest.raises(RuntimeError, match="timed out|divergent"):
+        _run_tiny(body, n=32, tg=32, barrier_timeout_s=1.0)
+
+
+def test_harness_fails_on_non_uniform_simdgroup_matrix():
+    body = """
+    threadgroup float a[64 + 32];
+    uint i = thread_index_in_simdgroup;
+    a[i] = 0; a[i + 32] = 0; a[i + 64] = 0;
+    simdgroup_barrier(mem_flags::mem_threadgroup);
+    simdgroup_matrix<float, 8, 8> m;
+    simdgroup_load(m, a + (i % 2), 8);  // lane-dependent pointer: not allowed
+    out[thread_position_in_grid.x] = inp[i];
+    """
+    with pytest.raises(RuntimeError, match="non-uniform"):
+        _run_tiny(body, n=32, tg=32, header="#include <metal_simdgroup_matrix>\n")
+
+
+def test_harness_poisons_threadgroup_memory():
+    body = """
+    threadgroup float buf[64];
+    out[thread_position_in_grid.x] = buf[thread_index_in_threadgroup];  // never written
+    """
+    assert np.isnan(_run_tiny(body)).all()
+
+
+# ----------------------------------------------------------------------------- CUDA twin text
+
+def test_cuda_twin_is_generated_from_the_metal_source():
+    for kernel in ("binary_gemm", "ternary_gemm", "binary_gemv", "ternary_gemv"):
+        m_header, m_body = kernels.metal_source(kernel)
+        header, body = kernels.cuda_source(kernel)
+        assert "threadgroup_barrier" not in body and not re.search(r"\bsimd_sum\(", body)
+        assert not re.search(r"\bthreadgroup\s+\w+\s+\w+\s*\[", body)
+        if "threadgroup_barrier" in m_body:
+            assert "__syncthreads()" in body
+        if "threadgroup float" in m_body:
+            assert "__shared__" in body
+        if "simd_sum" in m_body:
+            assert "bonsai_simd_sum(" in body
+        assert "simdgroup_matrix<" not in header and "simdgroup_load(" not in header and "#include <metal" not in header
+        # Everything of the body except the rewritten spots survives verbatim.
+        rewritten = re.compile(r"threadgroup|simd_sum|\b(device|constant|thread)\s+\w+\s*[*&]")
+        kept = [ln for ln in m_body.splitlines() if not rewritten.search(ln)]
+        assert len(kept) > 20
+        for ln in kept:
+            assert ln in body
+
+
+def test_cuda_tile_twin_has_the_metal_tile_api():
+    common = (kernels.metal_dir() / "common.metal").read_text()
+    metal_only = common.split("// @@metal-only-begin")[1].split("// @@metal-only-end")[0]
+    twin = (kernels.metal_dir() / "tile_mma.cuh").read_text()
+    for name in ("BONSAI_TILE_PAD", "BONSAI_SCRATCH", "struct BonsaiTileType", "struct BonsaiSimdTile",
+                 "void zero()", "void mma(", "void store("):
+        assert name in metal_only and name in twin, name
+
+
+MLX_CUDA_STUB = """
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda/std/array>
+#include <cooperative_groups.h>
+namespace mlx::core::cu { using Shape = cuda::std::array<int32_t, 8>; }
+"""
+
+
+def _cuda_translation_unit(kernel, dtype_name, template):
+    """The text mlx/backend/cuda/custom_kernel.cpp:build_kernel would compile."""
+    header, body = kernels.cuda_source(kernel)
+    cu = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float"}
+    data = "uint32_t" if kernel.startswith("binary") else "uint8_t"
+    consts = []
+    for name, v in template:
+        consts.append(f"  using {name} = {cu[dtype_name]};" if name == "T" else f"  constexpr int {name} = {v};")
+    return (
+        f"{MLX_CUDA_STUB}{header}\nnamespace mlx::core::cu {{\nnamespace cg = cooperative_groups;\n"
+        f"__global__ void custom_kernel_{kernel}_{dtype_name}(\n"
+        f"    const {cu[dtype_name]}* x, const __grid_constant__ Shape x_shape,\n"
+        f"    const {data}* w, const __grid_constant__ Shape w_shape, const __half* scales,\n"
+        f"    {cu[dtype_name]}* y) {{\n" + "\n".join(consts) + "\n" + body + "\n}\n}\n"
+    )
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_cuda_twin_compiles_with_nvcc(tmp_path):
+    units = []
+    for fmt in kernels.FORMATS:
+        for M, dt in ((4608, mx.float16), (1536, mx.bfloat16), (1, mx.float16), (16, mx.float32)):
+            L = kernels.plan(fmt, M, 3072, 3072, dt, "cuda")
+            dname = str(dt).replace("mlx.core.", "")
+            src = _cuda_translation_unit(L.kernel, dname, L.template)
+            src = src.replace(f"custom_kernel_{L.kernel}_{dname}", f"custom_kernel_{L.kernel}_{dname}_{M}")
+            units.append(src)
+    # Headers repeat across units: compile them one file each, in one nvcc call per file.
+    for i, src in enumerate(units):
+        (tmp_path / f"k{i}.cu").write_text(src)
+    files = [str(tmp_path / f"k{i}.cu") for i in range(len(units))]
+    r = subprocess.run(["nvcc", "-std=c++17", "-arch=sm_90", "--ptx", "-odir", str(tmp_path), *files],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-4000:]
