@@ -37,14 +37,15 @@ OUTPUT_NAMES = ("y",)
 # Tile shapes. Metal: 64x64 float tiles (20 KB of the 32 KB threadgroup
 # memory), 4 simdgroups of 32x32. CUDA: 128x128 half tiles, 8 warps of 32x64.
 GEMM_TILES = {
-    "metal": dict(BM=64, BN=64, SGM=2, SGN=2),
-    "cuda": dict(BM=128, BN=128, SGM=4, SGN=2),
+    "metal": dict(BM=64, BN=64, BK=32, SGM=2, SGN=2),
+    "cuda": dict(BM=128, BN=128, BK=64, SGM=4, SGN=2),
 }
 # GEMV: R weight rows per simdgroup, NSG simdgroups per threadgroup, and at
-# most MT_MAX rows of x per threadgroup (more rows re-read W from cache).
+# most MT_MAX rows of x per threadgroup (more rows re-read W from cache; the
+# staged x chunk, MT x 1056 floats, must fit Metal's 32 KB).
 GEMV_R = 4
-GEMV_NSG = 2
-GEMV_MT_MAX = 8
+GEMV_NSG = 4
+GEMV_MT_MAX = 4
 
 
 def metal_dir() -> Path:
@@ -188,7 +189,7 @@ def plan(fmt: str, M: int, N: int, K: int, dtype: mx.Dtype, backend: str) -> Lau
     if use_gemm:
         t = GEMM_TILES[backend]
         nt = 32 * t["SGM"] * t["SGN"]
-        template = (("T", dtype), ("BM", t["BM"]), ("BN", t["BN"]), ("SGM", t["SGM"]), ("SGN", t["SGN"]))
+        template = (("T", dtype), ("BM", t["BM"]), ("BN", t["BN"]), ("BK", t["BK"]), ("SGM", t["SGM"]), ("SGN", t["SGN"]))
         grid = (_ceil_div(N, t["BN"]) * nt, _ceil_div(M, t["BM"]), 1)
         return Launch(f"{fmt}_gemm", template, grid, (nt, 1, 1))
     mt = 1

@@ -1,18 +1,18 @@
 // Tiled GEMM (M >= 32): y[M, N] = x[M, K] @ W[N, K]^T, W binary:
 // w uint32 [N, K/32] (element k = bit k%32 of word k/32, 1 -> +s, 0 -> -s),
 // scales [N, K/128]. Template: T (x, y dtype), BM x BN tile per threadgroup,
-// SGM x SGN simdgroups. Each k-step stages BK = 32 columns of x and exactly
-// one packed word per weight row (decoded to +-s) in threadgroup memory, so
-// no dense copy of W ever exists outside a 32 x BN tile.
+// BK (32 or 64) k per step, SGM x SGN simdgroups. Each k-step stages BK
+// columns of x and BK/32 packed words per weight row (decoded to +-s) in
+// threadgroup memory, so no dense copy of W exists beyond a BK x BN tile.
 typedef typename BonsaiTileType<T>::type TileT;
-constexpr int BK = 32;
 constexpr int NT = 32 * SGM * SGN;
 constexpr int WM = BM / SGM;
 constexpr int WN = BN / SGN;
 constexpr int LDX = BK + BONSAI_TILE_PAD;  // x tile [BM][LDX], k fastest
 constexpr int LDW = BN + BONSAI_TILE_PAD;  // w tile [BK][LDW], n fastest
 constexpr int BITS = BK * BN / NT;         // bits of one word decoded per thread
-static_assert(NT % BN == 0 && BITS * (NT / BN) == BK, "decode split must cover one word per row");
+static_assert(NT % BN == 0 && BITS * (NT / BN) == BK && 128 % BK == 0 && (BITS % 32 == 0 || 32 % BITS == 0),
+              "decode split must cover the k-step's words of each row");
 threadgroup TileT xs[BM * LDX];
 threadgroup TileT ws[BK * LDW];
 threadgroup float scratch[SGM * SGN * BONSAI_SCRATCH];
@@ -43,11 +43,15 @@ for (int k0 = 0; k0 < K; k0 += BK) {
     const float v = m0 + r < M ? static_cast<float>(x[size_t(m0 + r) * K + k0 + c]) : 0.0f;
     xs[r * LDX + c] = static_cast<TileT>(v);
   }
-  const uint word = wvalid ? w[size_t(wrow) * KW + k0 / 32] : 0u;
+  // A k-step lies inside one scale group (128 % BK == 0).
   const float s = wvalid ? static_cast<float>(scales[size_t(wrow) * KG + k0 / 128]) : 0.0f;
+  uint word = 0u;
   for (int b = 0; b < BITS; ++b) {
-    const uint bit = (word >> uint(wb + b)) & 1u;
-    ws[(wb + b) * LDW + wn] = static_cast<TileT>(bit ? s : -s);
+    const int kk = wb + b;
+    if (b == 0 || kk % 32 == 0)
+      word = wvalid ? w[size_t(wrow) * KW + (k0 + kk) / 32] : 0u;
+    const uint bit = (word >> uint(kk % 32)) & 1u;
+    ws[kk * LDW + wn] = static_cast<TileT>(bit ? s : -s);
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
   acc.mma(xs + (sg / SGN) * WM * LDX, LDX, ws + (sg % SGN) * WN, LDW, BK);

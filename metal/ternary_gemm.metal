@@ -1,18 +1,17 @@
 // Tiled GEMM (M >= 32): y[M, N] = x[M, K] @ W[N, K]^T, W ternary, 5 trits per
 // byte: w uint8 [N, ceil(K/5)], byte i = sum_j (t[5i+j] + 1) * 3^j,
 // scales [N, K/128]. Template: T (x, y dtype), BM x BN tile per threadgroup,
-// SGM x SGN simdgroups. Each k-step stages BK = 32 columns of x and the
-// decoded 32 x BN slice of W (t * s) in threadgroup memory; W is never
-// expanded beyond that tile.
+// BK (32 or 64) k per step, SGM x SGN simdgroups. Each k-step stages BK
+// columns of x and the decoded BK x BN slice of W (t * s) in threadgroup
+// memory; W is never expanded beyond that tile.
 typedef typename BonsaiTileType<T>::type TileT;
-constexpr int BK = 32;
 constexpr int NT = 32 * SGM * SGN;
 constexpr int WM = BM / SGM;
 constexpr int WN = BN / SGN;
 constexpr int LDX = BK + BONSAI_TILE_PAD;  // x tile [BM][LDX], k fastest
 constexpr int LDW = BN + BONSAI_TILE_PAD;  // w tile [BK][LDW], n fastest
 constexpr int TRITS = BK * BN / NT;        // trits of one row decoded per thread
-static_assert(NT % BN == 0 && TRITS * (NT / BN) == BK, "decode split must cover BK trits per row");
+static_assert(NT % BN == 0 && TRITS * (NT / BN) == BK && 128 % BK == 0, "decode split must cover BK trits per row");
 threadgroup TileT xs[BM * LDX];
 threadgroup TileT ws[BK * LDW];
 threadgroup float scratch[SGM * SGN * BONSAI_SCRATCH];
