@@ -1,0 +1,91 @@
+"""Benchmarks that need no downloaded weights: random weights at the real shapes."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .config import TransformerConfig
+from .transformer import Flux2Transformer
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+def random_transformer(cfg: TransformerConfig, dtype=mx.float16, seed: int = 0) -> Flux2Transformer:
+    """A transformer with N(0, 1/fan_in) weights drawn directly in `dtype`, one top-level
+    child at a time, so building it peaks at the final weight bytes (the default float32
+    init is never evaluated)."""
+    model = Flux2Transformer(cfg)
+    key = mx.random.key(seed)
+    for name, child in model.children().items():
+        subs = child if isinstance(child, list) else [child]
+        for i, sub in enumerate(subs):
+            new = []
+            for pname, p in tree_flatten(sub.parameters()):
+                key, k = mx.random.split(key)
+                if p.ndim == 1:  # RMSNorm weights
+                    w = 1 + 0.1 * mx.random.normal(p.shape, dtype=mx.float32, key=k)
+                else:
+                    w = mx.random.normal(p.shape, dtype=mx.float32, key=k) * (p.shape[-1] ** -0.5)
+                new.append((pname, w.astype(dtype)))
+                mx.eval(new[-1][1])
+            sub.update(tree_unflatten(new))
+    model.eval()
+    return model
+
+
+def klein_inputs(cfg: TransformerConfig, width: int, height: int, txt_len: int, dtype, batch: int = 1, seed: int = 0):
+    """Inputs shaped as the klein pipeline makes them for a width x height image."""
+    h, w = height // 16, width // 16
+    k1, k2 = mx.random.split(mx.random.key(seed))
+    img_ids = mx.array([(0, i, j, 0) for i in range(h) for j in range(w)], dtype=mx.int32)
+    txt_ids = mx.array([(0, 0, 0, i) for i in range(txt_len)], dtype=mx.int32)
+    x = mx.random.normal((batch, h * w, cfg.in_channels), key=k1).astype(dtype)
+    txt = mx.random.normal((batch, txt_len, cfg.joint_attention_dim), key=k2).astype(dtype)
+    return x, txt, mx.full((batch,), 0.75), img_ids, txt_ids
+
+
+def bench_forward(cfg: TransformerConfig, width=512, height=512, txt_len=512, dtype="float16",
+                  runs: int = 1, warmup: int = 0, log=print) -> dict:
+    dt = DTYPES[dtype]
+    mx.reset_peak_memory()
+    t0 = time.perf_counter()
+    model = random_transformer(cfg, dt)
+    build_s = time.perf_counter() - t0
+    weight_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    log(f"built random transformer: {weight_bytes / 1e9:.3f} GB of {dtype} weights in {build_s:.1f} s")
+    inputs = klein_inputs(cfg, width, height, txt_len, dt)
+    mx.eval(inputs)
+    for _ in range(warmup):
+        mx.eval(model(*inputs))
+    times = []
+    for i in range(runs):
+        t = time.perf_counter()
+        out = model(*inputs)
+        mx.eval(out)
+        mx.synchronize()
+        times.append(time.perf_counter() - t)
+        log(f"forward {i + 1}/{runs}: {times[-1]:.2f} s")
+    assert bool(mx.all(mx.isfinite(out))), "forward produced non-finite values"
+    return dict(
+        model_params=sum(v.size for _, v in tree_flatten(model.parameters())),
+        weight_bytes=weight_bytes, width=width, height=height, image_tokens=(width // 16) * (height // 16),
+        text_tokens=txt_len, dtype=dtype, device=str(mx.default_device()), machine=platform.machine(),
+        runs=runs, warmup=warmup, median_s=statistics.median(times), times_s=times,
+        peak_memory_bytes=mx.get_peak_memory(), build_s=build_s,
+        tflop=forward_flops(cfg, (width // 16) * (height // 16), txt_len) / 1e12,
+    )
+
+
+def forward_flops(cfg: TransformerConfig, L_img: int, L_txt: int) -> float:
+    """Matmul + attention FLOPs of one forward at batch 1 (2 per multiply-add)."""
+    D, F, L = cfg.inner_dim, cfg.mlp_hidden_dim, L_img + L_txt
+    double = 2 * L * (4 * D * D + 3 * D * F) + 4 * L * L * D
+    single = 2 * L * (D * (3 * D + 2 * F) + (D + F) * D) + 4 * L * L * D
+    embed = 2 * (L_img * cfg.in_channels * D + L_txt * cfg.joint_attention_dim * D + L_img * D * cfg.out_dim)
+    return cfg.num_layers * double + cfg.num_single_layers * single + embed
+
