@@ -43,7 +43,7 @@ GEMM_TILES = {
 # GEMV: R weight rows per simdgroup, NSG simdgroups per threadgroup, and at
 # most MT_MAX rows of x per threadgroup (more rows re-read W from cache; the
 # staged x chunk, MT x 1056 floats, must fit Metal's 32 KB).
-GEMV_R = 4
+GEMV_R = 8
 GEMV_NSG = 4
 GEMV_MT_MAX = 4
 

@@ -37,15 +37,11 @@ const int wrow = wvalid ? n0 + wn : 0;
 BonsaiSimdTile<WM, WN> acc;
 acc.zero();
 for (int k0 = 0; k0 < K; k0 += BK) {
-  for (int i = tid; i < BM * BK; i += NT) {
-    const int r = i / BK;
-    const int c = i % BK;
-    const float v = m0 + r < M ? static_cast<float>(x[size_t(m0 + r) * K + k0 + c]) : 0.0f;
-    xs[r * LDX + c] = static_cast<TileT>(v);
-  }
+  bonsai_stage_x<BM, BK, NT>(xs, LDX, x, m0, M, K, k0, tid);
   // A k-step lies inside one scale group (128 % BK == 0).
   const float s = wvalid ? static_cast<float>(scales[size_t(wrow) * KG + k0 / 128]) : 0.0f;
   uint word = 0u;
+#pragma unroll
   for (int b = 0; b < BITS; ++b) {
     const int kk = wb + b;
     if (b == 0 || kk % 32 == 0)

@@ -26,6 +26,17 @@ struct BonsaiTileType {
   typedef float type;
 };
 
+// Stages x[m0 .. m0 + BM) x [k0 .. k0 + BK) into the float tile xs (row
+// stride ldx), zero past row M.
+template <int BM, int BK, int NT, typename T>
+void bonsai_stage_x(threadgroup float* xs, int ldx, const device T* x, int m0, int M, int K, int k0, int tid) {
+  for (int i = tid; i < BM * BK; i += NT) {
+    const int r = i / BK;
+    const int c = i % BK;
+    xs[r * ldx + c] = m0 + r < M ? static_cast<float>(x[size_t(m0 + r) * K + k0 + c]) : 0.0f;
+  }
+}
+
 // One simdgroup's WM x WN block of C += A * B with A [WM x bk] (row stride
 // lda) and B [bk x WN] (row stride ldb) in threadgroup memory, accumulated in
 // 8x8 simdgroup matrices.

@@ -35,17 +35,13 @@ const int wrow = wvalid ? n0 + wn : 0;
 BonsaiSimdTile<WM, WN> acc;
 acc.zero();
 for (int k0 = 0; k0 < K; k0 += BK) {
-  for (int i = tid; i < BM * BK; i += NT) {
-    const int r = i / BK;
-    const int c = i % BK;
-    const float v = m0 + r < M ? static_cast<float>(x[size_t(m0 + r) * K + k0 + c]) : 0.0f;
-    xs[r * LDX + c] = static_cast<TileT>(v);
-  }
+  bonsai_stage_x<BM, BK, NT>(xs, LDX, x, m0, M, K, k0, tid);
   // A BK-step lies inside one scale group (128 % BK == 0).
   const float s = wvalid ? static_cast<float>(scales[size_t(wrow) * KG + k0 / 128]) : 0.0f;
   int bi = (k0 + wb) / 5;
   uint j = uint(k0 + wb - bi * 5);
   uint byte = wvalid ? uint(w[size_t(wrow) * KB + bi]) : 121u;  // 121 = five zero trits
+#pragma unroll
   for (int t = 0; t < TRITS; ++t) {
     const uint code = bonsai_trit_code(byte, j);
     ws[(wb + t) * LDW + wn] = static_cast<TileT>(code == 2u ? s : (code == 0u ? -s : 0.0f));

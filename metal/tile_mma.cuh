@@ -2,7 +2,8 @@
 // generated CUDA header by bonsai_mlx/kernels.py:metal_to_cuda. Hand-written:
 // Metal's 8x8 simdgroup_matrix ops have no one-to-one tensor-core
 // instruction, so this keeps the same contract (BonsaiTileType,
-// BonsaiSimdTile<WM, WN>::zero/mma/store, BONSAI_TILE_PAD, BONSAI_SCRATCH)
+// bonsai_stage_x, BonsaiSimdTile<WM, WN>::zero/mma/store, BONSAI_TILE_PAD,
+// BONSAI_SCRATCH)
 // on 16x16x16 wmma fragments instead. Lockstep is tested: the same names by
 // tests/test_kernels.py, the same outputs as the reference on the GPU by
 // tests/test_kernels_cuda.py.
@@ -17,6 +18,31 @@ template <typename T>
 struct BonsaiTileType {
   typedef T type;
 };
+
+// Stages x[m0 .. m0 + BM) x [k0 .. k0 + BK) into xs (row stride ldx), zero
+// past row M: 16-byte copies when x is 16-byte aligned (tiles are the input
+// type here, so no conversion), element copies otherwise.
+template <int BM, int BK, int NT, typename T>
+__device__ __forceinline__ void bonsai_stage_x(T* xs, int ldx, const T* x, int m0, int M, int K, int k0, int tid) {
+  static_assert(sizeof(T) == 2 && BK % 8 == 0 && (BM * BK / 8) % NT == 0, "vector staging layout");
+  if ((reinterpret_cast<uintptr_t>(x) & 15) == 0) {
+#pragma unroll
+    for (int it = 0; it < BM * BK / 8 / NT; ++it) {
+      const int i = tid + it * NT;
+      const int r = i / (BK / 8);
+      const int c = (i % (BK / 8)) * 8;
+      uint4 v = make_uint4(0u, 0u, 0u, 0u);
+      if (m0 + r < M) v = *reinterpret_cast<const uint4*>(x + size_t(m0 + r) * K + k0 + c);
+      *reinterpret_cast<uint4*>(xs + r * ldx + c) = v;
+    }
+  } else {
+    for (int i = tid; i < BM * BK; i += NT) {
+      const int r = i / BK;
+      const int c = i % BK;
+      xs[r * ldx + c] = m0 + r < M ? x[size_t(m0 + r) * K + k0 + c] : static_cast<T>(0.0f);
+    }
+  }
+}
 
 template <int WM, int WN>
 struct BonsaiSimdTile {

@@ -1,0 +1,300 @@
+"""Benchmark the packed binary/ternary kernels against MLX baselines.
+
+On the device machine (MLX CUDA back-end):
+    python examples/bench_kernels.py --out $OUT/bench.json
+Prints markdown tables: time per call, throughput, ratios against fp16
+mx.matmul and mx.quantized_matmul (2/4-bit, group 128) measured in the same
+run, device copy bandwidth and M=1 bandwidth on packed bytes. Every kernel
+output is first checked against a float64-exact reference on the device.
+`--sizes` prints the resident-size figure for the full 4B transformer (CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+
+SHAPES = [(3072, 3072), (18432, 3072), (3072, 9216), (27648, 3072), (3072, 12288)]
+MS = [1, 16, 1536, 4608]
+L2_BYTES = 200 << 20  # rotate weights until one pass exceeds caches by far
+
+
+# ---------------------------------------------------------------------------- sizes (no GPU)
+
+def block_linear_shapes():
+    """The 100 binary/ternary linears of FLUX.2 klein 4B, as (N, K)."""
+    D, F = 3072, 9216
+    shapes = []
+    for _ in range(5):  # double blocks
+        shapes += [(D, D)] * 8  # to_q/k/v, to_out.0, add_q/k/v_proj, to_add_out
+        shapes += [(2 * F, D), (D, F)] * 2  # ff, ff_context: linear_in, linear_out
+    for _ in range(20):  # single blocks
+        shapes += [(3 * D + 2 * F, D), (D, D + F)]  # to_qkv_mlp_proj, to_out
+    assert len(shapes) == 100
+    return shapes
+
+
+def aux_params():
+    """16-bit parameters outside the block linears (docs: flux2-klein.md)."""
+    D = 3072
+    mats = [(D, 128), (D, 7680), (D, 256), (D, D), (6 * D, D), (6 * D, D), (3 * D, D), (2 * D, D), (128, D)]
+    norms = 5 * 4 * 128 + 20 * 2 * 128
+    return sum(n * k for n, k in mats) + norms
+
+
+def packed_bytes(fmt, n, k):
+    scales = n * (k // 128) * 2
+    if fmt == "binary":
+        return n * k // 8 + scales
+    return n * -(-k // 5) + scales
+
+
+def sizes_table():
+    shapes = block_linear_shapes()
+    aux = aux_params()
+    weights = sum(n * k for n, k in shapes)
+    rows = ["| part | binary | ternary (5 trits/byte) |", "|---|---|---|"]
+    b = sum(packed_bytes("binary", n, k) for n, k in shapes)
+    t = sum(packed_bytes("ternary", n, k) for n, k in shapes)
+    rows.append(f"| 100 block linears ({weights:,} weights), codes + fp16 scales | {b:,} B | {t:,} B |")
+    rows.append(f"| 16-bit auxiliaries ({aux:,} params) | {2 * aux:,} B | {2 * aux:,} B |")
+    rows.append(f"| **transformer total** | **{b + 2 * aux:,} B = {(b + 2 * aux) / 1e9:.3f} GB** | "
+                f"**{t + 2 * aux:,} B = {(t + 2 * aux) / 1e9:.3f} GB** |")
+    rows.append(f"| ceiling (PrismML) | 0.93 GB | 1.21 GB |")
+    rows.append(f"| bits/weight of the block linears | {8 * b / weights:.4f} | {8 * t / weights:.4f} |")
+    return "\n".join(rows), dict(binary=b + 2 * aux, ternary=t + 2 * aux, aux_params=aux, block_weights=weights)
+
+
+# ---------------------------------------------------------------------------- device
+
+def make_packed(rng, fmt, n, k, mx):
+    """Random codes packed per the format spec, plus the exact dense W (fp32)."""
+    if fmt == "binary":
+        data = rng.integers(0, 2**32, size=(n, k // 32), dtype=np.uint32)
+        t = ((data[:, :, None] >> np.arange(32, dtype=np.uint32)) & 1).reshape(n, k).astype(np.int8) * 2 - 1
+    else:
+        t = rng.integers(-1, 2, size=(n, k), dtype=np.int8)
+        kb = -(-k // 5)
+        codes = np.ones((n, kb * 5), dtype=np.uint8)
+        codes[:, :k] = t + 1
+        data = (codes.reshape(n, kb, 5).astype(np.uint16) * np.array([1, 3, 9, 27, 81], np.uint16)).sum(-1)
+        data = data.astype(np.uint8)
+    s = rng.uniform(0.005, 0.05, size=(n, k // 128)).astype(np.float16)
+    pw = SimpleNamespace(fmt=fmt, data=mx.array(data), scales=mx.array(s), shape=(n, k))
+    return pw, t, s
+
+
+def timeit(mx, fn, rotations, iters):
+    """Median seconds per call; each timed batch runs fn over all rotations once."""
+    for r in rotations[:2]:
+        mx.eval(fn(*r))
+    mx.synchronize()
+    samples = []
+    per_batch = max(1, iters // len(rotations))
+    for _ in range(max(3, min(iters, 15))):
+        t0 = time.perf_counter()
+        outs = []
+        for _ in range(per_batch):
+            outs += [fn(*r) for r in rotations]
+        mx.eval(outs)
+        mx.synchronize()
+        samples.append((time.perf_counter() - t0) / (per_batch * len(rotations)))
+    return float(np.median(samples))
+
+
+def device_name():
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                              capture_output=True, text=True).stdout.strip().splitlines()[0]
+    except Exception:
+        return "unknown"
+
+
+def copy_bandwidth(mx):
+    a = mx.random.uniform(shape=(1 << 29,)).astype(mx.float16)  # 1 GiB
+    mx.eval(a)
+    t = timeit(mx, lambda v: v + 1, [(a,)], 10)
+    return 2 * a.nbytes / t  # bytes read + written
+
+
+def check_outputs(mx, kernels, rng):
+    """Kernel vs exact reference on the device, every path and format."""
+    rows = []
+    for fmt in kernels.FORMATS:
+        for (n, k) in [(3072, 3072), (3072, 9216)]:
+            pw, t, s = make_packed(rng, fmt, n, k, mx)
+            wd = mx.array(t.astype(np.float32) * np.repeat(s.astype(np.float32), 128, axis=1))
+            for M in (1, 16, 1536):
+                for dt in (mx.float16, mx.bfloat16):
+                    x = mx.random.normal((M, k)).astype(dt)
+                    y = kernels.packed_matmul(x, pw, "cuda").astype(mx.float32)
+                    ref = x.astype(mx.float32) @ wd.T
+                    err = (mx.linalg.norm(y - ref) / mx.linalg.norm(ref)).item()
+                    rows.append((fmt, M, n, k, str(dt).split(".")[-1], err))
+            del wd
+    return rows
+
+
+def run(args):
+    import mlx.core as mx
+
+    from bonsai_mlx import kernels
+
+    rng = np.random.default_rng(0)
+    info = dict(device=device_name(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                command=" ".join(sys.argv), mlx=mx.__version__)
+    print(f"device: {info['device']}  mlx {info['mlx']}  {info['date']}", flush=True)
+    checks = check_outputs(mx, kernels, rng)
+    worst = max(c[-1] for c in checks)
+    print(f"correctness: {len(checks)} kernel launches vs exact reference, worst rel err {worst:.2e}", flush=True)
+    assert worst < 2e-2 and all(np.isfinite(c[-1]) for c in checks), checks
+    bw = copy_bandwidth(mx)
+    print(f"copy bandwidth: {bw / 1e9:.0f} GB/s (read + write)", flush=True)
+
+    results = []
+    shapes = SHAPES if not args.quick else SHAPES[:2]
+    for (n, k) in shapes:
+        w16 = (mx.random.normal((n, k)) * 0.02).astype(mx.float16)
+        q = {bits: mx.quantize(w16, group_size=128, bits=bits) for bits in (2, 4)}
+        pws = {fmt: make_packed(rng, fmt, n, k, mx)[0] for fmt in kernels.FORMATS}
+        mx.eval(w16, q, [(p.data, p.scales) for p in pws.values()])
+        for M in (MS if not args.quick else [1, 1536]):
+            x = mx.random.normal((M, k)).astype(mx.float16)
+            mx.eval(x)
+            flops = 2 * M * n * k
+            iters = 40 if M <= 16 else 10
+
+            def rot(nbytes, make):
+                copies = 1 if M > 16 else int(min(32, max(1, L2_BYTES // max(nbytes, 1))))
+                return [make(i) for i in range(copies)]
+
+            row = dict(M=M, N=n, K=k)
+            # fp16 dense
+            rs = rot(w16.nbytes, lambda i: (x, w16 if i == 0 else mx.array(w16 * 1)))
+            row["fp16"] = timeit(mx, lambda a, w: a @ w.T, rs, iters)
+            for bits in (2, 4):
+                wq, sc, bi = q[bits]
+                rs = rot(wq.nbytes, lambda i: (x, wq if i == 0 else mx.array(wq + 0), sc, bi))
+                row[f"q{bits}"] = timeit(
+                    mx, lambda a, w, s_, b_: mx.quantized_matmul(a, w, s_, b_, transpose=True, group_size=128, bits=bits),
+                    rs, iters)
+            wq, sc, bi = q[2]
+            row["deq2"] = timeit(mx, lambda a, w, s_, b_: a @ mx.dequantize(w, s_, b_, group_size=128, bits=2).T,
+                                 [(x, wq, sc, bi)], iters)
+            for fmt, pw in pws.items():
+                nb = pw.data.nbytes + pw.scales.nbytes
+
+                def mk(i, pw=pw):
+                    if i == 0:
+                        return (x, pw)
+                    return (x, SimpleNamespace(fmt=pw.fmt, data=mx.array(pw.data + 0), scales=mx.array(pw.scales * 1),
+                                               shape=pw.shape))
+
+                rs = rot(nb, mk)
+                row[fmt] = timeit(mx, lambda a, p: kernels.packed_matmul(a, p, "cuda"), rs, iters)
+                row[f"{fmt}_bytes"] = nb
+                del rs
+            row["tflops"] = {key: flops / row[key] / 1e12 for key in ("fp16", "q2", "q4", "deq2", *kernels.FORMATS)}
+            results.append(row)
+            print(json.dumps(row), flush=True)
+        del w16, q, pws
+    out = dict(info=info, copy_bandwidth=bw, checks=checks, results=results)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1)
+    print(tables(out))
+
+
+def tables(out):
+    bw = out["copy_bandwidth"]
+    lines = [
+        f"Device: {out['info']['device']}, MLX {out['info']['mlx']} (CUDA back-end), {out['info']['date']}.",
+        f"Command: `{out['info']['command']}`. Copy bandwidth (1 GiB fp16 `a + 1`, read + write): "
+        f"{bw / 1e9:.0f} GB/s.",
+        "",
+        "| M | N x K | fp16 matmul | q2 qmm | q4 qmm | deq2+mm | binary | ternary | bin/fp16 | ter/fp16 | q2/bin | q2/ter |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in out["results"]:
+        ms = lambda k: f"{r[k] * 1e3:.3f} ms"
+        lines.append(
+            f"| {r['M']} | {r['N']}x{r['K']} | {ms('fp16')} | {ms('q2')} | {ms('q4')} | {ms('deq2')} | "
+            f"{ms('binary')} | {ms('ternary')} | {r['fp16'] / r['binary']:.2f}x | {r['fp16'] / r['ternary']:.2f}x | "
+            f"{r['q2'] / r['binary']:.2f}x | {r['q2'] / r['ternary']:.2f}x |")
+    lines += ["", "M = 1 as a share of copy bandwidth (packed bytes read once per call):", "",
+              "| N x K | binary GB/s | % of copy | ternary GB/s | % of copy |", "|---|---|---|---|---|"]
+    for r in out["results"]:
+        if r["M"] == 1:
+            gb = {f: r[f"{f}_bytes"] / r[f] for f in ("binary", "ternary")}
+            lines.append(f"| {r['N']}x{r['K']} | {gb['binary'] / 1e9:.0f} | {100 * gb['binary'] / bw:.0f}% | "
+                         f"{gb['ternary'] / 1e9:.0f} | {100 * gb['ternary'] / bw:.0f}% |")
+    lines += ["", "Throughput (TFLOP/s, 2MNK per call) at M >= 1536:", "",
+              "| M | N x K | fp16 | q2 | q4 | binary | ternary |", "|---|---|---|---|---|---|---|"]
+    for r in out["results"]:
+        if r["M"] >= 1536:
+            t = r["tflops"]
+            lines.append(f"| {r['M']} | {r['N']}x{r['K']} | {t['fp16']:.0f} | {t['q2']:.0f} | {t['q4']:.0f} | "
+                         f"{t['binary']:.0f} | {t['ternary']:.0f} |")
+    return "\n".join(lines)
+
+
+def tune(args):
+    """Time tile/launch variants of the CUDA twins on two shapes (for choosing kernels.GEMM_TILES/GEMV_*)."""
+    import mlx.core as mx
+
+    from bonsai_mlx import kernels
+
+    rng = np.random.default_rng(1)
+    gemm_variants = [dict(BM=128, BN=128, BK=64, SGM=4, SGN=2), dict(BM=128, BN=128, BK=32, SGM=4, SGN=2),
+                     dict(BM=128, BN=256, BK=32, SGM=2, SGN=4), dict(BM=256, BN=128, BK=32, SGM=4, SGN=2),
+                     dict(BM=64, BN=128, BK=64, SGM=2, SGN=2)]
+    gemv_variants = [(4, 4), (8, 4), (2, 4), (4, 8), (8, 2)]
+    for (n, k) in [(18432, 3072), (3072, 12288)]:
+        pws = {fmt: make_packed(rng, fmt, n, k, mx)[0] for fmt in kernels.FORMATS}
+        w16 = (mx.random.normal((n, k)) * 0.02).astype(mx.float16)
+        x = mx.random.normal((4608, k)).astype(mx.float16)
+        mx.eval(x, w16)
+        tf = 2 * 4608 * n * k / timeit(mx, lambda a, w: a @ w.T, [(x, w16)], 10) / 1e12
+        print(f"{n}x{k} M=4608 fp16 {tf:.0f} TFLOP/s", flush=True)
+        for v in gemm_variants:
+            kernels.GEMM_TILES["cuda"] = v
+            for fmt, pw in pws.items():
+                t = timeit(mx, lambda a, p: kernels.packed_matmul(a, p, "cuda"), [(x, pw)], 10)
+                print(f"  gemm {fmt:8s} {v}: {2 * 4608 * n * k / t / 1e12:.0f} TFLOP/s", flush=True)
+        x1 = [(mx.random.normal((1, k)).astype(mx.float16),) for _ in range(8)]
+        copies = {fmt: [SimpleNamespace(fmt=fmt, data=mx.array(p.data + 0), scales=mx.array(p.scales * 1), shape=p.shape)
+                        for _ in range(8)] for fmt, p in pws.items()}
+        for r, nsg in gemv_variants:
+            kernels.GEMV_R, kernels.GEMV_NSG = r, nsg
+            for fmt in kernels.FORMATS:
+                nb = pws[fmt].data.nbytes + pws[fmt].scales.nbytes
+                rot = [(x1[i][0], copies[fmt][i]) for i in range(8)]
+                t = timeit(mx, lambda a, p: kernels.packed_matmul(a, p, "cuda"), rot, 64)
+                print(f"  gemv {fmt:8s} R={r} NSG={nsg}: {t * 1e6:.1f} us, {nb / t / 1e9:.0f} GB/s", flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", action="store_true", help="print the resident-size table and exit (no GPU)")
+    p.add_argument("--quick", action="store_true", help="two shapes, M in {1, 1536}")
+    p.add_argument("--out", help="write raw results as JSON")
+    p.add_argument("--tune", action="store_true", help="time CUDA tile/launch variants instead")
+    args = p.parse_args()
+    if args.tune:
+        tune(args)
+        return
+    if args.sizes:
+        print(sizes_table()[0])
+        return
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
