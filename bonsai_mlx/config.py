@@ -83,9 +83,8 @@ class TransformerConfig:
     def from_dict(cls, d: dict) -> "TransformerConfig":
         known = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in known}
-        # diffusers writes these; they do not change the computation.
-        ignored = {"_class_name", "_diffusers_version", "_name_or_path"}
-        unknown = sorted(k for k in d if k not in known and k not in ignored)
+        # diffusers' bookkeeping keys (_class_name, _diffusers_version, ...) start with "_".
+        unknown = sorted(k for k in d if k not in known and not k.startswith("_"))
         if unknown:
             raise ConfigError(
                 f"config has keys bonsai_mlx does not understand: {unknown}. "

@@ -15,6 +15,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import TransformerConfig, preset
 from .errors import ConfigError, WeightsError
+from .packed_checkpoint import (QUANT_CONFIG, check_backend, pack_model_from_checkpoint, packed_params,
+                                quantize_model, read_quant_config)
 from .transformer import Flux2Transformer
 from .weight_names import bfl_to_diffusers, is_bfl_checkpoint
 
@@ -107,7 +109,7 @@ def infer_bfl_config(weights: dict[str, mx.array]) -> TransformerConfig:
     )
 
 
-def check_weights(model: nn.Module, weights: dict[str, mx.array]) -> None:
+def check_weights(model: nn.Module, weights: dict[str, mx.array], packed: set[str] = frozenset()) -> None:
     """Raise one error listing every missing, unexpected and mis-shaped weight."""
     expected = dict(tree_flatten(model.parameters()))
     missing = expected.keys() - weights.keys()
@@ -130,7 +132,8 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array]) -> None:
             "the checkpoint does not fit the model config:\n  - " + "\n  - ".join(problems)
             + "\nCheck that config.json belongs to these weights (or pass the right config)."
         )
-    not_float = sorted(k for k, w in weights.items() if not mx.issubdtype(w.dtype, mx.floating))
+    not_float = sorted(k for k, w in weights.items()
+                       if not mx.issubdtype(w.dtype, mx.floating) and k.rpartition(".")[0] not in packed)
     if not_float:
         raise WeightsError(
             f"weights that are not floating point in a dense checkpoint: {_listing(not_float)}. "
@@ -138,10 +141,12 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array]) -> None:
         )
 
 
-def materialize(model: nn.Module, weights: dict[str, mx.array], dtype) -> None:
+def materialize(model: nn.Module, weights: dict[str, mx.array], dtype, packed: set[str] = frozenset()) -> None:
     """Cast and evaluate weights one top-level child at a time, so peak memory stays at
-    the final weights plus one tensor in flight (the lazily read source is freed)."""
-    cast = {k: w.astype(dtype) if mx.issubdtype(w.dtype, mx.floating) else w for k, w in weights.items()}
+    the final weights plus one tensor in flight (the lazily read source is freed).
+    Packed layers keep their codes and fp16 scales as they are."""
+    cast = {k: w.astype(dtype) if mx.issubdtype(w.dtype, mx.floating) and k.rpartition(".")[0] not in packed else w
+            for k, w in weights.items()}
     weights.clear()
     model.update(tree_unflatten(list(cast.items())))
     del cast
@@ -160,21 +165,42 @@ def _resolve_config(config) -> TransformerConfig | None:
     raise ConfigError(f"config must be a TransformerConfig, a preset name or a dict, got {type(config).__name__}")
 
 
-def load_transformer(path, dtype=mx.float16, config=None) -> Flux2Transformer:
+def _transformer_dir(path: Path) -> Path:
+    """Accept a pack or pipeline root as well as the transformer directory itself."""
+    if (path / "config.json").exists():
+        return path
+    for sub in ("transformer-packed-mflux", "transformer"):
+        if (path / sub / "config.json").exists():
+            return path / sub
+    return path
+
+
+def load_transformer(path, dtype=mx.float16, config=None, quantize: str | None = None,
+                     backend: str = "auto") -> Flux2Transformer:
     """Load a FLUX.2 transformer.
 
     path: a diffusers transformer directory (config.json + one or several *.safetensors,
-    with or without an index), or one BFL-format .safetensors file (converted in memory).
+    with or without an index), a packed directory (the same plus quantization_config.json:
+    PrismML's MLX packs or ours), a pack/pipeline root holding such a directory, or one
+    BFL-format .safetensors file (converted in memory).
     config: overrides the directory's config.json, or tells a BFL file's RoPE settings.
+    quantize: "binary", "ternary" or "ternary2" packs the 100 block linears of a dense
+    checkpoint on load (post-training quantization, rules in docs/formats.md).
+    backend: packed matmul backend ("auto", "reference", "metal", "cuda").
+    dtype: of activations and 16-bit weights; packed scales stay fp16.
     """
     path = Path(path).expanduser()
     cfg = _resolve_config(config)
+    check_backend(backend)
     if not path.exists():
         raise WeightsError(
             f"{path} does not exist. Pass a diffusers transformer directory (config.json + *.safetensors) "
             "or a FLUX.2 .safetensors checkpoint."
         )
+    qc = None
     if path.is_dir():
+        path = _transformer_dir(path)
+        qc = read_quant_config(path)
         if cfg is None:
             if not (path / "config.json").exists():
                 raise WeightsError(f"{path} has no config.json: a diffusers transformer directory needs one")
@@ -193,7 +219,15 @@ def load_transformer(path, dtype=mx.float16, config=None) -> Flux2Transformer:
     if dtype not in (mx.float16, mx.bfloat16, mx.float32):
         raise ValueError(f"dtype must be mx.float16, mx.bfloat16 or mx.float32, got {dtype}")
     model = Flux2Transformer(cfg)  # parameters are lazy and never evaluated before replacement
-    check_weights(model, weights)
-    materialize(model, weights, dtype)
+    packed: set[str] = set()
+    if qc is not None:
+        if quantize:
+            raise ConfigError(f"{path} is already packed ({QUANT_CONFIG}); drop quantize={quantize!r}")
+        packed = pack_model_from_checkpoint(model, weights, qc, backend)
+    elif quantize:
+        packed = quantize_model(model, weights, quantize, backend)
+    weights.update(packed_params(model, packed))
+    check_weights(model, weights, packed)
+    materialize(model, weights, dtype, packed)
     model.eval()
     return model
