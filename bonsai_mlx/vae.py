@@ -1,0 +1,718 @@
+"""FLUX.2 VAE (diffusers `AutoencoderKLFlux2`) in MLX, channels-last (NHWC).
+
+Layout of everything here: images [B, H, W, 3], VAE latents [B, H/8, W/8, C],
+patchified latents [B, H/16, W/16, 4C] and tokens [B, (H/16)*(W/16), 4C] (row-major).
+Module and parameter names mirror diffusers so checkpoint keys map one to one; the
+only conversion is the conv weight layout (see `_to_mlx`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .errors import BonsaiError, ConfigError, WeightsError
+
+# diffusers hard-codes these inside Encoder/Decoder; they are not config fields.
+_NORM_EPS = 1e-6
+# Attention scores are materialised per query chunk; cap one chunk at this many scores
+# so the mid-block attention stays bounded for large latents (exact, just chunked).
+_MAX_SCORES = 1 << 26
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """The fields of diffusers' `AutoencoderKLFlux2` config that shape the model."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    decoder_block_out_channels: tuple[int, ...] | None = None
+    layers_per_block: int = 2
+    latent_channels: int = 32
+    norm_num_groups: int = 32
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    mid_block_add_attention: bool = True
+    batch_norm_eps: float = 1e-4
+
+    def __post_init__(self):
+        object.__setattr__(self, "block_out_channels", tuple(int(c) for c in self.block_out_channels))
+        if self.decoder_block_out_channels is not None:
+            object.__setattr__(self, "decoder_block_out_channels",
+                               tuple(int(c) for c in self.decoder_block_out_channels))
+        problems = []
+        for name, chans in (("block_out_channels", self.block_out_channels),
+                            ("decoder_block_out_channels", self.decoder_channels)):
+            if not chans or any(c <= 0 for c in chans):
+                problems.append(f"{name} must be non-empty positive integers, got {chans!r}")
+            elif any(c % self.norm_num_groups for c in chans):
+                problems.append(f"every entry of {name} {chans} must be divisible by "
+                                f"norm_num_groups={self.norm_num_groups}")
+        for name in ("in_channels", "out_channels", "latent_channels", "norm_num_groups"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                problems.append(f"{name} must be a positive integer, got {v!r}")
+        if not isinstance(self.layers_per_block, int) or self.layers_per_block < 0:
+            problems.append(f"layers_per_block must be a non-negative integer, got {self.layers_per_block!r}")
+        if not self.batch_norm_eps > 0:
+            problems.append(f"batch_norm_eps must be > 0, got {self.batch_norm_eps!r}")
+        if problems:
+            raise ConfigError("Bad AutoencoderKLFlux2 config: " + "; ".join(problems))
+
+    @property
+    def decoder_channels(self) -> tuple[int, ...]:
+        # diffusers: `decoder_block_out_channels or block_out_channels`
+        return self.decoder_block_out_channels or self.block_out_channels
+
+    @property
+    def patched_channels(self) -> int:
+        return 4 * self.latent_channels
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VAEConfig":
+        """Read a diffusers vae config.json dict; refuse what this module cannot represent."""
+        def bad(msg):
+            raise ConfigError(f"Unsupported AutoencoderKLFlux2 config: {msg}")
+
+        cls_name = d.get("_class_name", "AutoencoderKLFlux2")
+        if cls_name != "AutoencoderKLFlux2":
+            bad(f"_class_name is {cls_name!r}, expected 'AutoencoderKLFlux2'")
+        n_enc = len(d.get("block_out_channels", cls.block_out_channels))
+        n_dec = len(d.get("decoder_block_out_channels") or d.get("block_out_channels", cls.block_out_channels))
+        down = tuple(d.get("down_block_types", ("DownEncoderBlock2D",) * n_enc))
+        up = tuple(d.get("up_block_types", ("UpDecoderBlock2D",) * n_dec))
+        if any(t != "DownEncoderBlock2D" for t in down):
+            bad(f"down_block_types {down}: only DownEncoderBlock2D is implemented")
+        if any(t != "UpDecoderBlock2D" for t in up):
+            bad(f"up_block_types {up}: only UpDecoderBlock2D is implemented")
+        # diffusers zips block types with channels; a length mismatch builds a different net.
+        if len(down) != n_enc:
+            bad(f"{len(down)} down_block_types for {n_enc} block_out_channels")
+        if len(up) != n_dec:
+            bad(f"{len(up)} up_block_types for {n_dec} decoder block channels")
+        if d.get("act_fn", "silu") not in ("silu", "swish"):
+            bad(f"act_fn {d['act_fn']!r}: only silu is implemented")
+        # Flux2 pipelines patchify 2x2 by hand whatever this says; anything else would not match.
+        if tuple(d.get("patch_size", (2, 2))) != (2, 2):
+            bad(f"patch_size {d['patch_size']!r}: the FLUX.2 latent packing is 2x2")
+        # sample_size and batch_norm_momentum only matter for diffusers' own tiling and training.
+        ignored = {"down_block_types", "up_block_types", "act_fn", "patch_size", "sample_size",
+                   "batch_norm_momentum", "force_upcast"}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(k for k in d if not k.startswith("_") and k not in known | ignored)
+        if unknown:
+            warnings.warn(f"vae config keys ignored (not AutoencoderKLFlux2 fields): {unknown}")
+        try:
+            return cls(**{k: d[k] for k in known if k in d})
+        except (TypeError, ValueError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"Bad AutoencoderKLFlux2 config: {e}") from e
+
+
+# ----------------------------------------------------------------------------- layers
+
+class GroupNorm(nn.Module):
+    """GroupNorm over [B, H, W, C] with statistics in float32.
+
+    `tile` (a `_TileNorms`) lets tiled decoding record or override the statistics;
+    without it this is plain torch GroupNorm (biased variance, per sample).
+    """
+
+    def __init__(self, groups: int, channels: int):
+        super().__init__()
+        self.groups = groups
+        self.weight = mx.ones((channels,))
+        self.bias = mx.zeros((channels,))
+
+    def __call__(self, x, tile=None):
+        B, H, W, C = x.shape
+        g = x.astype(mx.float32).reshape(B, H, W, self.groups, C // self.groups)
+        if tile is None:
+            mean, var = _group_stats(g)
+        else:
+            mean, var = tile.stats(g)
+        g = (g - mean) * mx.rsqrt(var + _NORM_EPS)
+        g = g.reshape(B, H, W, C) * self.weight.astype(mx.float32) + self.bias.astype(mx.float32)
+        return g.astype(x.dtype)
+
+
+def _group_stats(g):
+    # g: [B, H, W, G, C/G] -> mean, var [B, 1, 1, G, 1]
+    mean = mx.mean(g, axis=(1, 2, 4), keepdims=True)
+    var = mx.mean(mx.square(g - mean), axis=(1, 2, 4), keepdims=True)
+    return mean, var
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, groups: int):
+        super().__init__()
+        self.norm1 = GroupNorm(groups, cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2 = GroupNorm(groups, cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        if cin != cout:
+            self.conv_shortcut = nn.Conv2d(cin, cout, 1)
+
+    def __call__(self, x, tile=None):
+        h = self.conv1(nn.silu(self.norm1(x, tile)))
+        h = self.conv2(nn.silu(self.norm2(h, tile)))
+        if "conv_shortcut" in self:
+            x = self.conv_shortcut(x)
+        return x + h
+
+
+class Attention(nn.Module):
+    """Single-head self-attention over all H*W positions, GroupNorm first, residual."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.group_norm = GroupNorm(groups, channels)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = [nn.Linear(channels, channels)]
+
+    def __call__(self, x):
+        B, H, W, C = x.shape
+        h = self.group_norm(x).reshape(B, 1, H * W, C)  # one head of dim C
+        q, k, v = self.to_q(h), self.to_k(h), self.to_v(h)
+        L = H * W
+        step = max(1, _MAX_SCORES // L)
+        out = [mx.fast.scaled_dot_product_attention(q[:, :, i:i + step], k, v, scale=C ** -0.5)
+               for i in range(0, L, step)]
+        out = out[0] if len(out) == 1 else mx.concatenate(out, axis=2)
+        return x + self.to_out[0](out).reshape(B, H, W, C)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def __call__(self, x):
+        # diffusers pads right/bottom only (padding=0 mode), then a stride-2 valid conv.
+        return self.conv(mx.pad(x, [(0, 0), (0, 1), (0, 1), (0, 0)]))
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def __call__(self, x):
+        B, H, W, C = x.shape
+        x = mx.broadcast_to(x[:, :, None, :, None, :], (B, H, 2, W, 2, C)).reshape(B, 2 * H, 2 * W, C)
+        return self.conv(x)
+
+
+class DownBlock(nn.Module):
+    def __init__(self, cin, cout, n, groups, downsample):
+        super().__init__()
+        self.resnets = [ResnetBlock(cin if i == 0 else cout, cout, groups) for i in range(n)]
+        if downsample:
+            self.downsamplers = [Downsample(cout)]
+
+    def __call__(self, x):
+        for r in self.resnets:
+            x = r(x)
+        if "downsamplers" in self:
+            x = self.downsamplers[0](x)
+        return x
+
+
+class UpBlock(nn.Module):
+    def __init__(self, cin, cout, n, groups, upsample):
+        super().__init__()
+        self.resnets = [ResnetBlock(cin if i == 0 else cout, cout, groups) for i in range(n)]
+        if upsample:
+            self.upsamplers = [Upsample(cout)]
+
+    def __call__(self, x, tile=None):
+        for r in self.resnets:
+            x = r(x, tile)
+        if "upsamplers" in self:
+            x = self.upsamplers[0](x)
+        return x
+
+
+class MidBlock(nn.Module):
+    def __init__(self, channels, groups, attention):
+        super().__init__()
+        self.resnets = [ResnetBlock(channels, channels, groups) for _ in range(2)]
+        if attention:
+            self.attentions = [Attention(channels, groups)]
+
+    def __call__(self, x):
+        x = self.resnets[0](x)
+        if "attentions" in self:
+            x = self.attentions[0](x)
+        return self.resnets[1](x)
+
+
+class Encoder(nn.Module):
+    """image [B, H, W, 3] in [-1, 1] -> moments [B, H/f, W/f, 2*latent] (f = 2**(levels-1))."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        ch, g = cfg.block_out_channels, cfg.norm_num_groups
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.down_blocks = [
+            DownBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, g, i < len(ch) - 1)
+            for i in range(len(ch))
+        ]
+        self.mid_block = MidBlock(ch[-1], g, cfg.mid_block_add_attention)
+        self.conv_norm_out = GroupNorm(g, ch[-1])
+        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
+
+    def __call__(self, x):
+        x = self.conv_in(x)
+        for b in self.down_blocks:
+            x = b(x)
+        x = self.mid_block(x)
+        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+
+
+class Decoder(nn.Module):
+    """latent [B, h, w, latent] -> image [B, h*f, w*f, 3] in about [-1, 1].
+
+    Split in two so tiled decoding can run the global part (conv_in + mid block with
+    its attention over all positions) once and only the local, memory-hungry up path per tile.
+    """
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        ch, g = tuple(reversed(cfg.decoder_channels)), cfg.norm_num_groups
+        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
+        self.mid_block = MidBlock(ch[0], g, cfg.mid_block_add_attention)
+        self.up_blocks = [
+            UpBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, g, i < len(ch) - 1)
+            for i in range(len(ch))
+        ]
+        self.conv_norm_out = GroupNorm(g, ch[-1])
+        self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
+
+    def mid(self, z):
+        return self.mid_block(self.conv_in(z))
+
+    def up(self, x, tile=None):
+        for b in self.up_blocks:
+            x = b(x, tile)
+        return self.conv_out(nn.silu(self.conv_norm_out(x, tile)))
+
+    def __call__(self, z):
+        return self.up(self.mid(z))
+
+
+class _BatchNormStats(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.running_mean = mx.zeros((channels,))
+        self.running_var = mx.ones((channels,))
+
+
+# ----------------------------------------------------------------------------- latents
+
+def patchify(z):
+    """[B, H, W, C] -> [B, H/2, W/2, 4C]; channel index c*4 + pi*2 + pj as in the pipeline."""
+    B, H, W, C = z.shape
+    z = z.reshape(B, H // 2, 2, W // 2, 2, C).transpose(0, 1, 3, 5, 2, 4)
+    return z.reshape(B, H // 2, W // 2, 4 * C)
+
+
+def unpatchify(p):
+    """[B, h, w, 4C] -> [B, 2h, 2w, C]; inverse of `patchify`."""
+    B, h, w, C4 = p.shape
+    p = p.reshape(B, h, w, C4 // 4, 2, 2).transpose(0, 1, 4, 2, 5, 3)
+    return p.reshape(B, 2 * h, 2 * w, C4 // 4)
+
+
+def pack(p):
+    """[B, h, w, C] -> tokens [B, h*w, C], row-major (token index = y*w + x)."""
+    B, h, w, C = p.shape
+    return p.reshape(B, h * w, C)
+
+
+def unpack(tokens, h: int, w: int):
+    """tokens [B, h*w, C] -> [B, h, w, C]."""
+    B, L, C = tokens.shape
+    if L != h * w:
+        raise BonsaiError(f"{L} tokens cannot be unpacked to a {h}x{w} latent grid ({h * w} tokens)")
+    return tokens.reshape(B, h, w, C)
+
+
+# ----------------------------------------------------------------------------- model
+
+class AutoencoderKLFlux2(nn.Module):
+    """FLUX.2 VAE. `has_encoder=False` builds the decoder-only variant (FLUX.2-small-decoder)."""
+
+    def __init__(self, config: VAEConfig, has_encoder: bool = True):
+        super().__init__()
+        self.config = config
+        if has_encoder:
+            self.encoder = Encoder(config)
+            if config.use_quant_conv:
+                self.quant_conv = nn.Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
+        self.decoder = Decoder(config)
+        if config.use_post_quant_conv:
+            self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
+        self.bn = _BatchNormStats(config.patched_channels)
+
+    @property
+    def has_encoder(self) -> bool:
+        return "encoder" in self
+
+    @property
+    def dtype(self):
+        return self.decoder.conv_in.weight.dtype
+
+    @property
+    def encoder_factor(self) -> int:
+        return 2 ** (len(self.config.block_out_channels) - 1)
+
+    @property
+    def decoder_factor(self) -> int:
+        return 2 ** (len(self.config.decoder_channels) - 1)
+
+    # --- latent normalization (the pipeline's BatchNorm on patchified latents), float32
+
+    def _bn(self):
+        mean = self.bn.running_mean.astype(mx.float32)
+        std = mx.sqrt(self.bn.running_var.astype(mx.float32) + self.config.batch_norm_eps)
+        return mean, std
+
+    def normalize(self, p):
+        mean, std = self._bn()
+        return (p.astype(mx.float32) - mean) / std
+
+    def denormalize(self, p):
+        mean, std = self._bn()
+        return p.astype(mx.float32) * std + mean
+
+    # --- encode
+
+    def encode_latents(self, x):
+        """x [B, H, W, 3] in [-1, 1] -> posterior mode [B, H/f, W/f, latent] (float32)."""
+        if not self.has_encoder:
+            raise BonsaiError("this VAE checkpoint has no encoder (decoder-only); it cannot encode images")
+        f = self.encoder_factor
+        if x.ndim != 4 or x.shape[-1] != self.config.in_channels or x.shape[1] % f or x.shape[2] % f:
+            raise BonsaiError(f"encode expects [B, H, W, {self.config.in_channels}] with H, W multiples "
+                              f"of {f}; got {tuple(x.shape)}")
+        h = self.encoder(x.astype(self.dtype))
+        if "quant_conv" in self:
+            h = self.quant_conv(h)
+        return h[..., : self.config.latent_channels].astype(mx.float32)  # mean half = mode
+
+    def encode(self, image):
+        """image [B, H, W, 3] in [0, 1] -> normalized tokens [B, (H/16)*(W/16), 4*latent] float32.
+
+        H and W must be multiples of 2*f (16 for FLUX.2). Same as Flux2KleinPipeline's
+        preprocess (2x - 1) + `_encode_vae_image` + `_pack_latents`.
+        """
+        f = 2 * self.encoder_factor
+        if image.ndim != 4 or image.shape[1] % f or image.shape[2] % f:
+            raise BonsaiError(f"encode expects [B, H, W, 3] with H, W multiples of {f}; got {tuple(image.shape)}")
+        z = self.encode_latents(2.0 * image - 1.0)
+        return pack(self.normalize(patchify(z)))
+
+    # --- decode
+
+    def decode(self, z, tile_size: int | None = None, overlap: int = 128, tile_stats: str = "exact"):
+        """z [B, h, w, latent] (before post_quant_conv) -> image [B, h*f, w*f, 3] in ~[-1, 1], float32.
+
+        tile_size (image pixels, multiple of f) turns on tiled decoding, see `_decode_tiled`.
+        """
+        if z.ndim != 4 or z.shape[-1] != self.config.latent_channels:
+            raise BonsaiError(f"decode expects latents [B, h, w, {self.config.latent_channels}]; got {tuple(z.shape)}")
+        z = z.astype(self.dtype)
+        if "post_quant_conv" in self:
+            z = self.post_quant_conv(z)
+        f = self.decoder_factor
+        if tile_size is None or (z.shape[1] * f <= tile_size and z.shape[2] * f <= tile_size):
+            return self.decoder(z).astype(mx.float32)
+        return _decode_tiled(self.decoder, z, f, tile_size, overlap, tile_stats)
+
+    def decode_tokens(self, tokens, height: int, width: int, tile_size: int | None = None,
+                      overlap: int = 128, tile_stats: str = "exact"):
+        """tokens [B, (H/16)*(W/16), 4*latent] -> image [B, H, W, 3] in [0, 1], float32.
+
+        Flux2KleinPipeline: unpack -> x * sqrt(var + eps) + mean -> unpatchify -> vae.decode
+        -> postprocess (x / 2 + 0.5).clamp(0, 1).
+        """
+        f = 2 * self.decoder_factor
+        if height % f or width % f:
+            raise BonsaiError(f"height and width must be multiples of {f}; got {height}x{width}")
+        if tokens.ndim != 3 or tokens.shape[-1] != self.config.patched_channels:
+            raise BonsaiError(f"decode_tokens expects tokens [B, L, {self.config.patched_channels}]; "
+                              f"got {tuple(tokens.shape)}")
+        z = unpatchify(self.denormalize(unpack(tokens, height // f, width // f)))
+        x = self.decode(z, tile_size=tile_size, overlap=overlap, tile_stats=tile_stats)
+        return mx.clip(x / 2 + 0.5, 0.0, 1.0)
+
+
+# ----------------------------------------------------------------------------- tiling
+
+class _Stop(Exception):
+    """Raised once the norm being measured has been recorded: the rest of the tile is not needed."""
+
+
+class _TileNorms:
+    """GroupNorm statistics for one tile of the decoder's up path.
+
+    The i-th GroupNorm call of a tile is norm i. Norms i < len(fixed) normalize with the
+    given whole-image statistics (the same for every tile, so no seams). With `record`,
+    the next norm accumulates its statistics over the part of the image this tile owns
+    (`core`, latent pixels of the window) and stops the tile; the owned parts of all
+    tiles add up to the whole image exactly once. Without either, a norm uses the
+    tile's own statistics.
+    """
+
+    def __init__(self, fixed, record=None, core=None, tile_h=None):
+        self.fixed, self.record, self.core, self.tile_h = fixed or [], record, core, tile_h
+        self.i = 0
+
+    def stats(self, g):
+        i, self.i = self.i, self.i + 1
+        if i < len(self.fixed):
+            return self.fixed[i]
+        if self.record is None:
+            return _group_stats(g)
+        s = g.shape[1] // self.tile_h  # this layer's upsampling relative to the latent window
+        y0, y1, x0, x1 = (c * s for c in self.core)
+        part = g[:, y0:y1, x0:x1]
+        n = part.shape[1] * part.shape[2] * part.shape[4]
+        if n:
+            mean, var = _group_stats(part)
+            _merge(self.record, n, mean, var * n)
+        raise _Stop
+
+
+def _merge(acc: list, n, mean, m2):
+    # Chan et al. pairwise merge of (count, mean, sum of squared deviations): no
+    # E[x^2] - E[x]^2 cancellation in float32.
+    if not acc:
+        acc[:] = [n, mean, m2]
+        return
+    na, ma, m2a = acc
+    tot = na + n
+    d = mean - ma
+    acc[:] = [tot, ma + d * (n / tot), m2a + m2 + d * d * (na * n / tot)]
+
+
+def _tile_starts(size: int, tile: int, stride: int) -> list[int]:
+    if size <= tile:
+        return [0]
+    starts = list(range(0, size - tile, stride)) + [size - tile]
+    return sorted(set(starts))
+
+
+def _owned(starts, tile, size):
+    # Tile k owns [b_k, b_{k+1}), b_k = middle of its overlap with tile k-1.
+    b = [0] + [(starts[k] + starts[k - 1] + tile) // 2 for k in range(1, len(starts))] + [size]
+    return [(b[k] - starts[k], b[k + 1] - starts[k]) for k in range(len(starts))]
+
+
+def _ramp(n_px: int, ramp_px: int, left: bool, right: bool):
+    # Weight along one axis of a tile's output: rises linearly over `ramp_px` at every
+    # edge that has a neighbour, so neighbours cross-fade; strictly > 0 everywhere.
+    i = mx.arange(n_px, dtype=mx.float32)
+    w = mx.ones((n_px,), dtype=mx.float32)
+    if left:
+        w = mx.minimum(w, (i + 0.5) / ramp_px)
+    if right:
+        w = mx.minimum(w, (n_px - i - 0.5) / ramp_px)
+    return w
+
+
+def _receptive_radius(decoder: "Decoder") -> int:
+    """How far (in latent pixels) a value can travel through the up path's convolutions.
+
+    Each 3x3 conv reaches 1 pixel at its own resolution; block i runs at 2**i times the
+    latent resolution. With this much context around a tile and shared GroupNorm
+    statistics, the tile's inside is exactly what the untiled decoder computes.
+    """
+    r = 0.0
+    for i, b in enumerate(decoder.up_blocks):
+        r += 2 * len(b.resnets) / 2 ** i
+        if "upsamplers" in b:
+            r += 1 / 2 ** (i + 1)
+    r += 1 / 2 ** (len(decoder.up_blocks) - 1)  # conv_out
+    return math.ceil(r)
+
+
+def _decode_tiled(decoder: Decoder, z, f: int, tile_size: int, overlap: int, tile_stats: str):
+    """Decode latents in overlapping tiles with bounded memory.
+
+    conv_in + mid block (attention spans every position, so it cannot be tiled) run once
+    on the whole latent: they work at 1/f resolution and the attention is query-chunked.
+    The up path (all the full-resolution activations) runs per tile: a `tile_size` square
+    of image pixels plus a context margin as wide as the up path's receptive field
+    (`_receptive_radius`, 13 latent = 104 image pixels for FLUX.2), which is computed and
+    thrown away so that zero padding at the cut never reaches kept pixels. Neighbouring
+    tiles share `overlap` pixels and are cross-faded there with linear ramps.
+
+    GroupNorm is the one non-local op left. tile_stats="tile" normalizes each tile with
+    its own statistics, like diffusers' tiled decode: cheap, but every tile gets its own
+    brightness/contrast (seams; on random test VAEs up to tens of 8-bit levels).
+    tile_stats="exact" gives every tile the whole-image statistics, measured one norm at
+    a time: pass k runs each tile only up to norm k (earlier norms already exact) and
+    merges that norm's statistics over the region each tile owns. With the context
+    margin this equals the untiled decoder up to float rounding, at the price of about
+    (number of norms)/2 extra up-path evaluations (25 norms for FLUX.2: ~12x).
+    Memory either way: O(tile) activations, the [B, H, W, 3] output and the
+    1/f-resolution mid-block output.
+    """
+    if tile_size % f or overlap % f or not 0 <= overlap < tile_size:
+        raise BonsaiError(f"tile_size and overlap must be multiples of {f} with 0 <= overlap < tile_size; "
+                          f"got tile_size={tile_size}, overlap={overlap}")
+    if tile_stats not in ("exact", "tile"):
+        raise BonsaiError(f"tile_stats must be 'exact' or 'tile', got {tile_stats!r}")
+    h = decoder.mid(z)
+    mx.eval(h)
+    B, H, W, _ = h.shape
+    T, O, R = tile_size // f, overlap // f, _receptive_radius(decoder)
+    ys, xs = _tile_starts(H, T, T - O), _tile_starts(W, T, T - O)
+    th, tw = min(T, H), min(T, W)
+    own_y, own_x = _owned(ys, th, H), _owned(xs, tw, W)
+
+    def run(a, b, norms):
+        # latent window = tile plus context, clipped to the image; returns the tile's pixels
+        a0, a1, b0, b1 = max(a - R, 0), min(a + th + R, H), max(b - R, 0), min(b + tw + R, W)
+        norms.tile_h = a1 - a0
+        if norms.core is not None:
+            y0, y1, x0, x1 = norms.core
+            norms.core = (y0 + a - a0, y1 + a - a0, x0 + b - b0, x1 + b - b0)
+        y = decoder.up(h[:, a0:a1, b0:b1], norms)
+        return y[:, (a - a0) * f:(a - a0 + th) * f, (b - b0) * f:(b - b0 + tw) * f]
+
+    stats = []
+    if tile_stats == "exact":
+        n_norms = sum(2 * len(blk.resnets) for blk in decoder.up_blocks) + 1
+        for _ in range(n_norms):
+            acc = []
+            for a, (oy0, oy1) in zip(ys, own_y):
+                for b, (ox0, ox1) in zip(xs, own_x):
+                    try:
+                        run(a, b, _TileNorms(stats, acc, (oy0, oy1, ox0, ox1)))
+                    except _Stop:
+                        pass
+                    mx.eval(acc)
+            n, mean, m2 = acc
+            stats.append((mean, m2 / n))
+
+    out = mx.zeros((B, H * f, W * f, decoder.conv_out.weight.shape[0]), dtype=mx.float32)
+    wsum = mx.zeros((H * f, W * f, 1), dtype=mx.float32)
+    for iy, a in enumerate(ys):
+        wy = _ramp(th * f, overlap, iy > 0, iy < len(ys) - 1)
+        for ix, b in enumerate(xs):
+            wx = _ramp(tw * f, overlap, ix > 0, ix < len(xs) - 1)
+            w = (wy[:, None] * wx[None, :])[..., None]
+            y = run(a, b, _TileNorms(stats)).astype(mx.float32)
+            sy, sx = slice(a * f, (a + th) * f), slice(b * f, (b + tw) * f)
+            out[:, sy, sx] = out[:, sy, sx] + y * w
+            wsum[sy, sx] = wsum[sy, sx] + w
+            mx.eval(out, wsum)
+    return out / wsum
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _to_mlx(name: str, w: mx.array) -> mx.array:
+    """The one place where diffusers tensors become MLX parameters."""
+    if w.ndim == 4:
+        if ".attentions." in name:
+            return w.reshape(w.shape[0], w.shape[1])  # legacy 1x1-conv attention projections
+        return w.transpose(0, 2, 3, 1)  # conv [out, in, kh, kw] -> [out, kh, kw, in]
+    return w
+
+
+# Buffers diffusers saves that inference does not use.
+_IGNORED_KEYS = ("bn.num_batches_tracked",)
+
+
+def _list(names, limit=20):
+    names = sorted(names)
+    more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _read_weights(path: Path) -> dict:
+    index = path / "diffusion_pytorch_model.safetensors.index.json"
+    single = path / "diffusion_pytorch_model.safetensors"
+    if index.exists():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError) as e:
+            raise WeightsError(f"{index} is not a valid safetensors index: {e}") from e
+        files = [path / s for s in shards]
+    elif single.exists():
+        files = [single]
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise WeightsError(f"no .safetensors weights in {path} (expected diffusion_pytorch_model.safetensors)")
+    weights = {}
+    for f in files:
+        if not f.exists():
+            raise WeightsError(f"weight shard {f} listed in the index is missing")
+        try:
+            weights.update(mx.load(str(f)))
+        except Exception as e:  # mlx raises plain RuntimeError/ValueError for corrupt files
+            raise WeightsError(f"cannot read {f}: {e}") from e
+    return weights
+
+
+def load_vae(path, dtype=mx.float16) -> AutoencoderKLFlux2:
+    """Load a diffusers AutoencoderKLFlux2 directory (config.json + safetensors).
+
+    A checkpoint without any `encoder.*` key loads as decoder-only. The BatchNorm
+    statistics stay float32; everything else is cast to `dtype`.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise WeightsError(f"VAE directory {path} does not exist")
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise WeightsError(f"{cfg_file} is missing; expected a diffusers VAE directory")
+    try:
+        cfg_dict = json.loads(cfg_file.read_text())
+    except ValueError as e:
+        raise ConfigError(f"{cfg_file} is not valid JSON: {e}") from e
+    config = VAEConfig.from_dict(cfg_dict)
+
+    raw = {k: v for k, v in _read_weights(path).items() if k not in _IGNORED_KEYS}
+    has_encoder = any(k.startswith("encoder.") for k in raw)
+    model = AutoencoderKLFlux2(config, has_encoder=has_encoder)
+    expected = dict(tree_flatten(model.parameters()))
+
+    missing = expected.keys() - raw.keys()
+    unexpected = raw.keys() - expected.keys()
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {_list(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {_list(unexpected)}")
+    weights = {}
+    bad_shapes = []
+    for k in expected.keys() & raw.keys():
+        w = _to_mlx(k, raw[k])
+        if w.shape != expected[k].shape:
+            bad_shapes.append(f"{k}: expected {tuple(expected[k].shape)} (MLX layout), "
+                              f"got {tuple(w.shape)} (from {tuple(raw[k].shape)})")
+        weights[k] = w.astype(mx.float32 if k.startswith("bn.") else dtype)
+    if bad_shapes:
+        problems.append(f"shape mismatches ({len(bad_shapes)}): " + "; ".join(sorted(bad_shapes)[:20]))
+    if problems:
+        raise WeightsError(f"VAE weights in {path} do not fit its config.json: " + " | ".join(problems))
+    model.update(tree_unflatten(list(weights.items())))
+    mx.eval(model.parameters())
+    return model
