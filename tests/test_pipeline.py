@@ -1,0 +1,133 @@
+"""End to end against diffusers' Flux2KleinPipeline on tiny random pipelines."""
+
+import shutil
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from bonsai_mlx import BonsaiPipeline
+from bonsai_mlx.errors import BonsaiError, WeightsError
+from bonsai_mlx.pipeline import Cancelled, GenerationResult, StepEvent
+from fixtures import make_packs
+from fixtures import make_pipeline as mp
+
+W, H = 96, 64  # non-square, 6 x 4 latent tokens
+PROMPT = "a bonsai tree on a desk, soft morning light"
+# Final images must agree within 2/255 (max abs over pixels, float32 run).
+IMAGE_BOUND = 2 / 255
+
+
+def ours(path, **kw):
+    return BonsaiPipeline.from_pretrained(path, dtype=mx.float32, text_layers=mp.TEXT_LAYERS, **kw)
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory):
+    return mp.make_pipeline(tmp_path_factory.mktemp("e2e") / "distilled", is_distilled=True)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return mp.make_pipeline(tmp_path_factory.mktemp("e2e") / "base", is_distilled=False, seed=1)
+
+
+def test_distilled_matches_diffusers(distilled):
+    ref_pipe, path = distilled
+    noise = mp.initial_noise(W, H, seed=2)
+    ref = mp.run_reference(ref_pipe, PROMPT, W, H, 4, noise)
+    result = ours(path).generate(PROMPT, width=W, height=H, latents=noise)
+    assert result.steps == 4 and result.guidance == 1.0  # distilled defaults: 4 steps, no CFG
+    diff = np.abs(result.array - ref).max()
+    assert diff <= IMAGE_BOUND, f"max abs difference {diff * 255:.2f}/255"
+    assert ref.std() > 0.01  # the reference image is not flat, so the comparison means something
+
+
+def test_base_with_cfg_matches_diffusers(base):
+    ref_pipe, path = base
+    noise = mp.initial_noise(W, H, seed=3)
+    ref = mp.run_reference(ref_pipe, PROMPT, W, H, 6, noise, guidance=4.0)
+    pipe = ours(path)
+    assert not pipe.is_distilled
+    result = pipe.generate(PROMPT, width=W, height=H, steps=6, latents=noise)  # default guidance 4.0, "" negative
+    assert result.guidance == 4.0
+    diff = np.abs(result.array - ref).max()
+    assert diff <= IMAGE_BOUND, f"max abs difference {diff * 255:.2f}/255"
+    # CFG really ran: without it the image differs.
+    no_cfg = pipe.generate(PROMPT, width=W, height=H, steps=6, latents=noise, guidance=1.0)
+    assert np.abs(no_cfg.array - ref).max() > 10 * IMAGE_BOUND
+
+
+def test_binary_pack_matches_diffusers(distilled, tmp_path):
+    """The distilled pipeline with its block linears converted to an MLX binary pack; the
+    diffusers transformer is given exactly the weights the pack encodes."""
+    ref_pipe, path = distilled
+    root = tmp_path / "pack"
+    for part in ("text_encoder", "tokenizer", "vae", "model_index.json"):
+        (shutil.copytree if (path / part).is_dir() else shutil.copy)(path / part, root / part)
+    make_packs.make_official_pack(ref_pipe.transformer, root / "transformer-packed-mflux", bits=1)
+    noise = mp.initial_noise(W, H, seed=4)
+    ref = mp.run_reference(ref_pipe, PROMPT, W, H, 4, noise)
+    pipe = ours(root, backend="reference")
+    from bonsai_mlx.packed_linear import PackedLinear
+    assert sum(isinstance(m, PackedLinear) for _, m in pipe.transformer.named_modules()) == 16
+    diff = np.abs(pipe.generate(PROMPT, width=W, height=H, latents=noise).array - ref).max()
+    assert diff <= IMAGE_BOUND, f"max abs difference {diff * 255:.2f}/255"
+
+
+def test_stream_events_preview_and_cancel(distilled):
+    _, path = distilled
+    pipe = ours(path)
+    events = list(pipe.stream(PROMPT, width=W, height=H, seed=7, preview=True))
+    steps, result = events[:-1], events[-1]
+    assert [e.step for e in steps] == [1, 2, 3, 4] and all(isinstance(e, StepEvent) for e in steps)
+    assert all(e.sigma > e.sigma_next for e in steps) and steps[-1].sigma_next == 0.0
+    assert all(e.preview is not None and e.preview.size[0] > 0 for e in steps)
+    assert isinstance(result, GenerationResult) and result.image.size == (W, H)
+    assert result.seed == 7 and set(result.timings) >= {"text_encoding_s", "denoising_s", "decoding_s", "total_s"}
+
+    seen = []
+    with pytest.raises(Cancelled, match="after step 2 of 4"):
+        pipe.generate(PROMPT, width=W, height=H, seed=7, callback=seen.append, cancel=lambda: len(seen) >= 2)
+    assert len(seen) == 2
+
+
+def test_seeds_are_reproducible(distilled):
+    _, path = distilled
+    pipe = ours(path)
+    a = pipe.generate(PROMPT, width=W, height=H, seed=11).array
+    b = pipe.generate(PROMPT, width=W, height=H, seed=11).array
+    c = pipe.generate(PROMPT, width=W, height=H, seed=12).array
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).max() > 0.05
+
+
+@pytest.mark.parametrize("kw, pattern", [
+    (dict(width=100), "width=100 is not a multiple of 16"),
+    (dict(height=32), "outside the supported range"),
+    (dict(width=4096), "outside the supported range"),
+    (dict(steps=0), "steps must be an integer"),
+    (dict(latents=np.zeros((1, 16, 3, 3), np.float32)), "latents for a 96x64 image must be"),
+])
+def test_bad_requests_fail_before_any_work(distilled, kw, pattern):
+    _, path = distilled
+    pipe = ours(path)
+    args = dict(width=W, height=H) | kw
+    with pytest.raises(BonsaiError, match=pattern):
+        pipe.generate(PROMPT, **args)
+
+
+def test_unknown_model_and_missing_parts(tmp_path):
+    with pytest.raises(BonsaiError, match="neither a model directory nor a known model name"):
+        BonsaiPipeline.from_pretrained("definitely-not-a-model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(WeightsError, match="no transformer, text encoder, tokenizer"):
+        BonsaiPipeline.from_pretrained(tmp_path / "empty")
+
+
+def test_offline_with_nothing_cached_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as c
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    with pytest.raises(WeightsError, match="huggingface-cli download prism-ml/bonsai-image-binary-4B-mlx-1bit"):
+        BonsaiPipeline.from_pretrained("bonsai-binary", cache_dir=str(tmp_path / "cache"))
