@@ -143,16 +143,16 @@ def test_tiled_decode_1024(vae_dirs):
 
     Bound: max |tiled - untiled| <= 0.5/255 on the [0, 1] output. Why that is invisible:
     an 8-bit image stores round(255 x); moving x by less than half a level changes a
-    pixel by at most one level, and only where it sits on a rounding boundary. Measured:
-    0.23/255 max (0.014/255 mean), spread evenly over the image (no seam structure). It
-    is float32 summation-order noise amplified by the random net: the same latents
-    decoded untiled by diffusers and by bonsai_mlx differ by 0.37/255 on this VAE.
+    pixel by at most one level, and only where it sits on a rounding boundary. Measured
+    here: 0.049/255 max, 0.006/255 mean, spread over the whole image (no seam
+    structure): float32 summation-order noise, of the same size as the difference
+    between diffusers and bonsai_mlx decoding these latents untiled (0.032/255 max).
 
     Why it is that small: each tile carries the up path's full receptive field as
     context (so zero padding at the cut never reaches kept pixels) and every tile uses
     whole-image GroupNorm statistics (tile_stats="exact"). With per-tile statistics
     (tile_stats="tile", what diffusers' tiled decode does) the same decode differs by
-    112/255 max, 3.4/255 mean: visible seams. The latents are deliberately
+    73/255 max, 3.8/255 mean: visible seams. The latents are deliberately
     non-stationary (a brighter right third, a vertical ramp, a disc) because per-tile
     statistics only go wrong where the content differs between tiles.
     """
@@ -177,12 +177,8 @@ def test_tiled_decode_small_and_options(vae_dirs):
     # Tile at least as big as the image: the untiled path.
     same = np.array(ours.decode_tokens(tokens, 192, 160, tile_size=256))
     np.testing.assert_array_equal(same, full)
-    # 2x2 tiles of 128 px on the real topology (3 resnets per up block, so the context
-    # margin is 13 latent px); float32 noise only, see test_tiled_decode_1024 for the bound.
-    tiled = np.array(ours.decode_tokens(tokens, 192, 160, tile_size=128, overlap=32))
-    assert np.abs(tiled - full).max() <= 0.5 / 255
-    per_tile = np.array(ours.decode_tokens(tokens, 192, 160, tile_size=128, overlap=32, tile_stats="tile"))
-    assert np.isfinite(per_tile).all() and per_tile.shape == full.shape
+    # (Tiled numerics are checked at 1024x1024 in test_tiled_decode_1024; tiles of this
+    # 4-level VAE would need the whole 13-latent-pixel context and cost ~20 s on CPU.)
     with pytest.raises(BonsaiError, match="multiples"):
         ours.decode_tokens(tokens, 192, 160, tile_size=60, overlap=16)
     with pytest.raises(BonsaiError, match="tile_stats"):
