@@ -63,6 +63,9 @@ class TextEncoderConfig:
                 f"text encoder config has model_type {model_type!r}; FLUX.2 [klein] needs a Qwen3 "
                 "(model_type 'qwen3') text encoder"
             )
+        if d.get("use_sliding_window") or "sliding_attention" in (d.get("layer_types") or []):
+            # mlx-lm's Qwen3 blocks attend globally; a sliding window would silently differ.
+            raise ConfigError("text encoder config enables sliding-window attention, which Qwen3 for klein never uses")
         try:
             args = qwen3.ModelArgs.from_dict(d)
         except (TypeError, ValueError) as e:  # missing fields / rope_theta

@@ -2,7 +2,8 @@
 and, for the 4-bit path, vs mlx-lm's own loader on the same quantized weights.
 
 Bounds (relative Frobenius error ||out - ref|| / ||ref|| against diffusers in float32):
-  float32 <= 1e-4, float16 <= 2e-2; 4-bit vs mlx-lm on identical weights <= 1e-6.
+  float32 <= 1e-4, float16 and bfloat16 <= 2e-2.
+4-bit vs mlx-lm's loader + model on the identical quantized weights: bit-exact.
 Fixtures are tiny random Qwen3s written by tests/fixtures/make_qwen3.py.
 """
 
@@ -29,7 +30,6 @@ from bonsai_mlx.text_encoder import load_text_encoder  # noqa: E402
 
 FP32_BOUND = 1e-4
 FP16_BOUND = 2e-2
-QUANT_BOUND = 1e-6
 SMALL_LAYERS = (1, 2, 3)  # 4-layer fixture; the real indices are covered by the 28-layer one
 L = 48
 
@@ -144,15 +144,16 @@ def test_embeddings_fp32_match_diffusers(hf_small, enc_small, prompts, max_lengt
     assert rel(to_np(out), ref) <= FP32_BOUND
 
 
-def test_embeddings_fp16_match_diffusers(hf_small, small):
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+def test_embeddings_half_match_diffusers(hf_small, small, dtype):
     model, tok = hf_small
     ref, _, _ = diffusers_embeds(model, tok, PROMPTS, L, SMALL_LAYERS)
-    enc = load_text_encoder(small / "text_encoder", dtype=mx.float16, layers=SMALL_LAYERS)
+    enc = load_text_encoder(small / "text_encoder", dtype=dtype, layers=SMALL_LAYERS)
     out = enc.encode(PROMPTS, max_length=L)
-    assert out.dtype == mx.float16
+    assert out.dtype == dtype
     err = rel(to_np(out), ref)
     assert err <= FP16_BOUND
-    assert err > 0  # really computed in float16
+    assert err > 0  # really computed in half precision
 
 
 def test_padded_rows_depend_on_the_prompt(enc_small):
@@ -201,6 +202,17 @@ def test_unneeded_weights_may_be_absent(hf_small, small, tmp_path):
     assert rel(to_np(enc.encode(PROMPTS, max_length=L)), ref) <= FP32_BOUND
 
 
+def test_sharded_checkpoint(hf_small, enc_small, tmp_path):
+    # diffusers' text_encoder/ is sharded with model.safetensors.index.json.
+    model, tok = hf_small
+    model.save_pretrained(tmp_path / "te", max_shard_size="200KB")
+    assert len(list((tmp_path / "te").glob("*.safetensors"))) > 1
+    enc = load_text_encoder(tmp_path / "te", dtype=mx.float32, layers=SMALL_LAYERS,
+                            tokenizer_path=enc_small.tokenizer.name_or_path)
+    np.testing.assert_array_equal(np.array(enc.encode(PROMPTS, max_length=L)),
+                                  np.array(enc_small.encode(PROMPTS, max_length=L)))
+
+
 def test_stream_and_evict_are_identical(enc_small):
     out = np.array(enc_small.encode(PROMPTS, max_length=L))
     np.testing.assert_array_equal(np.array(enc_small.encode(PROMPTS, max_length=L, stream=True)), out)
@@ -241,7 +253,7 @@ def test_quantized_matches_mlx_lm(small, dtype):
     assert type(model.model.layers[0].mlp.down_proj).__name__ == "QuantizedLinear"
     out = enc.encode(PROMPTS, max_length=L)
     assert out.dtype == dtype
-    assert rel(to_np(out), to_np(ref)) <= QUANT_BOUND
+    np.testing.assert_array_equal(to_np(out), to_np(ref))
     np.testing.assert_array_equal(to_np(enc.encode(PROMPTS, max_length=L, stream=True)), to_np(out))
 
 
@@ -282,6 +294,15 @@ def test_error_not_qwen3(small, tmp_path):
     cfg["model_type"] = "llama"
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match="Qwen3"):
+        load_text_encoder(d, layers=SMALL_LAYERS)
+
+
+def test_error_sliding_window(small, tmp_path):
+    d = _copy(small, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["use_sliding_window"], cfg["sliding_window"] = True, 8
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="sliding"):
         load_text_encoder(d, layers=SMALL_LAYERS)
 
 
