@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 from .config import PRESETS, TransformerConfig, preset
 from .errors import BonsaiError
@@ -41,6 +42,68 @@ def _cmd_bench_forward(args) -> None:
             json.dump(result, f, indent=2)
 
 
+class ProgressBar:
+    """One line on stderr, redrawn in place on a terminal, one line per step otherwise."""
+
+    def __init__(self, total: int, label: str, stream=sys.stderr, width: int = 24):
+        self.total, self.label, self.stream, self.width = total, label, stream, width
+        self.tty = stream.isatty()
+
+    def update(self, step: int, extra: str = "") -> None:
+        done = int(self.width * step / self.total)
+        line = f"{self.label} [{'#' * done}{'.' * (self.width - done)}] {step}/{self.total} {extra}"
+        self.stream.write(("\r" + line) if self.tty else line + "\n")
+        if self.tty and step == self.total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def _output_paths(output: str, count: int) -> list[Path]:
+    out = Path(output)
+    if out.suffix.lower() != ".png":
+        raise BonsaiError(f"output {output!r} must end in .png (images are written as PNG with their settings)")
+    if not out.parent.exists():
+        raise BonsaiError(f"the folder {out.parent} does not exist; create it first")
+    if count == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{i + 1}{out.suffix}") for i in range(count)]
+
+
+def _cmd_generate(args) -> None:
+    import mlx.core as mx
+
+    from .benchmark import DTYPES
+    from .pipeline import BonsaiPipeline, GenerationResult, check_size
+
+    check_size(args.width, args.height)  # before loading anything
+    paths = _output_paths(args.output, args.count)
+    if args.preview_dir:
+        Path(args.preview_dir).mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    pipe = BonsaiPipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype], vae=args.vae,
+                                          quantize=args.quantize, backend=args.backend)
+    if args.verbose:
+        print(f"loaded {args.model} in {time.perf_counter() - t:.1f} s on {mx.default_device()}", file=sys.stderr)
+    seed = args.seed
+    for n, path in enumerate(paths):
+        run_seed = None if seed is None else seed + n
+        stream = pipe.stream(args.prompt, width=args.width, height=args.height, steps=args.steps, seed=run_seed,
+                             guidance=args.guidance, negative_prompt=args.negative_prompt,
+                             preview=bool(args.preview_dir))
+        bar = None
+        for event in stream:
+            if isinstance(event, GenerationResult):
+                event.save(path)
+                print(f"wrote {path} (seed {event.seed}, {event.timings['total_s']:.1f} s)")
+                if args.verbose:
+                    print(json.dumps(event.timings), file=sys.stderr)
+                continue
+            bar = bar or ProgressBar(event.steps, f"image {n + 1}/{len(paths)}")
+            bar.update(event.step, f"sigma {event.sigma_next:.3f} {event.elapsed:.1f}s")
+            if event.preview is not None:
+                event.preview.save(Path(args.preview_dir) / f"{path.stem}-step{event.step:03d}.png")
+
+
 def _size(value: str) -> int:
     v = int(value)
     if v <= 0 or v % 16:
@@ -62,6 +125,35 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--text-tokens", type=int, default=512, help="text sequence length")
         sp.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
 
+    g = sub.add_parser(
+        "generate", help="text to image",
+        description="Generate an image from a text prompt. The model is a local directory (a Bonsai pack or a "
+                    "diffusers FLUX.2 klein folder), a Hugging Face repo id, or one of: "
+                    "bonsai-binary, bonsai-ternary. Downloads go to the Hugging Face cache; set HF_HUB_OFFLINE=1 "
+                    "to use only what is cached.",
+        epilog='example: python -m bonsai_mlx generate "a bonsai tree at dawn" -o bonsai.png --seed 7',
+    )
+    g.add_argument("prompt", help="what to draw")
+    g.add_argument("-o", "--output", default="bonsai.png", help="PNG to write (with --count N: NAME-1.png ...)")
+    g.add_argument("--model", default="bonsai-binary", help="model directory, repo id or name (default: bonsai-binary)")
+    g.add_argument("--width", type=_size, default=512, help="pixels, a multiple of 16 in 64..2048 (default 512)")
+    g.add_argument("--height", type=_size, default=512, help="pixels, a multiple of 16 in 64..2048 (default 512)")
+    g.add_argument("--steps", type=int, default=None, help="denoising steps (default: 4 distilled, 50 base)")
+    g.add_argument("--seed", type=int, default=None, help="random seed (default: random; printed)")
+    g.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance for base models (default 4.0); distilled models ignore it")
+    g.add_argument("--negative-prompt", default=None, help="what to steer away from (base models with guidance)")
+    g.add_argument("--count", type=int, default=1, help="number of images, seeds counting up from --seed")
+    g.add_argument("--preview-dir", default=None, help="save a small preview after every step into this folder")
+    g.add_argument("--vae", default=None, help="VAE directory, for packs that ship none")
+    g.add_argument("--quantize", choices=["binary", "ternary", "ternary2"], default=None,
+                   help="pack a dense transformer's block linears on load")
+    g.add_argument("--backend", default="auto", choices=["auto", "reference", "metal", "cuda"],
+                   help="packed matmul kernels (default: by device)")
+    g.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    g.add_argument("-v", "--verbose", action="store_true", help="print timings per stage")
+    g.set_defaults(func=_cmd_generate)
+
     f = sub.add_parser("forward", help="one transformer forward on random weights (smoke test, no download)")
     model_args(f)
     f.add_argument("--seed", type=int, default=0)
@@ -80,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
+    if getattr(args, "count", 1) < 1:
+        build_parser().error("--count must be at least 1")
     try:
         args.func(args)
     except BonsaiError as e:

@@ -67,12 +67,26 @@ def register_backend(name: str, fn: Launcher) -> None:
     _LAUNCHERS[name] = fn
 
 
+def auto_backend() -> str:
+    """Our Metal kernels on Apple GPUs, their CUDA twins on NVIDIA, plain MLX elsewhere."""
+    if mx.metal.is_available():
+        name = "metal"
+    elif mx.cuda.is_available():
+        name = "cuda"
+    else:
+        return "reference"
+    if name not in _LAUNCHERS:
+        from . import kernels  # noqa: F401  (registers the launchers on import)
+    return name
+
+
 def get_backend(name: str) -> Launcher:
     """The launcher that `PackedLinear(backend=name)` would call."""
     if name not in BACKENDS:
         raise BonsaiError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
-    # "auto" stays on the reference until the device kernels are validated against it.
-    if name in ("auto", "reference"):
+    if name == "auto":
+        name = auto_backend()
+    if name == "reference":
         return packed_matmul_reference
     if name not in _LAUNCHERS:
         raise BonsaiError(
