@@ -286,7 +286,11 @@ class Qwen3TextEncoder:
     def encode_tokens(self, input_ids: mx.array, attention_mask: mx.array, stream: bool = False) -> mx.array:
         """stream=True reads, runs and frees one layer at a time from the mapped files
         (peak ~ one layer + activations) and gives bit-identical results."""
-        B, L = input_ids.shape
+        if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
+            raise BonsaiError(
+                f"input_ids {input_ids.shape} and attention_mask {attention_mask.shape} must both be [B, L]"
+            )
+        attention_mask = attention_mask.astype(mx.bool_)
         if not bool(mx.all(attention_mask[:, 0])):
             # With left padding the leading pad queries see no key at all; torch's SDPA
             # returns zeros for such rows where MLX's would not, so refuse rather than differ.

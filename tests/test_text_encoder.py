@@ -346,6 +346,9 @@ def test_error_left_padding_and_bad_prompts(enc_small):
         enc_small.encode([], max_length=L)
     with pytest.raises(BonsaiError, match="max_length"):
         enc_small.encode("x", max_length=0)
+    ids, mask = enc_small.tokenize("x", max_length=L)
+    with pytest.raises(BonsaiError, match=r"\[B, L\]"):
+        enc_small.encode_tokens(ids, mask[:, :-1])
     enc_small.tokenizer.padding_side = "left"
     try:
         with pytest.raises(ConfigError, match="left"):
