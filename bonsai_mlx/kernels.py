@@ -5,8 +5,9 @@ kernel body for `mx.fast.metal_kernel`, and metal/common.metal is the header
 they share. The CUDA twins for `mx.fast.cuda_kernel` are generated from the
 same text by `metal_to_cuda` (plus metal/tile_mma.cuh, the hand-written
 tensor-core stand-in for the 8x8 simdgroup_matrix block). The kernels read the
-packed codes and scales directly; a dense copy of W never exists beyond one
-32 x BN tile in threadgroup memory.
+packed codes and scales directly; W is staged only as packed bit planes, and
+each simdgroup decodes its own 8 x WN (Metal) or fragment-sized (CUDA) piece
+right before multiplying.
 
 Two paths per format:
   gemm  M >= 32: BM x BN output tile per threadgroup, simdgroup matrices
@@ -34,11 +35,12 @@ GEMM_MIN_M = 32
 INPUT_NAMES = ("x", "w", "scales")
 OUTPUT_NAMES = ("y",)
 
-# Tile shapes. Metal: 64x64 float tiles (20 KB of the 32 KB threadgroup
-# memory), 4 simdgroups of 32x32. CUDA: 128x128 half tiles, 8 warps of 32x64.
+# Tile shapes. Metal: 64x64 float tiles, two x buffers (20 KB of the 32 KB
+# threadgroup memory), 4 simdgroups of 32x32. CUDA: 128x256 tiles, two half x
+# buffers (36 KB), 8 warps of 64x64 (m16n8k16 fragments).
 GEMM_TILES = {
     "metal": dict(BM=64, BN=64, BK=32, SGM=2, SGN=2),
-    "cuda": dict(BM=128, BN=128, BK=64, SGM=4, SGN=2),
+    "cuda": dict(BM=128, BN=256, BK=64, SGM=2, SGN=4),
 }
 # GEMV: R weight rows per simdgroup, NSG simdgroups per threadgroup, and at
 # most MT_MAX rows of x per threadgroup (more rows re-read W from cache; the
@@ -46,6 +48,15 @@ GEMM_TILES = {
 GEMV_R = 8
 GEMV_NSG = 4
 GEMV_MT_MAX = 4
+
+
+def set_gemv_config(*values: int) -> None:
+    """Tuning hook: GEMV_R, GEMV_NSG, GEMV_MT_MAX, in that order (a prefix is fine)."""
+    global GEMV_R, GEMV_NSG, GEMV_MT_MAX
+    names = ("GEMV_R", "GEMV_NSG", "GEMV_MT_MAX")
+    cur = dict(zip(names, (GEMV_R, GEMV_NSG, GEMV_MT_MAX)))
+    cur.update(zip(names, values))
+    GEMV_R, GEMV_NSG, GEMV_MT_MAX = cur["GEMV_R"], cur["GEMV_NSG"], cur["GEMV_MT_MAX"]
 
 
 def metal_dir() -> Path:

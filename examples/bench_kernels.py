@@ -246,38 +246,55 @@ def tables(out):
 
 
 def tune(args):
-    """Time tile/launch variants of the CUDA twins on two shapes (for choosing kernels.GEMM_TILES/GEMV_*)."""
+    """Time tile/launch variants of the CUDA twins (for choosing kernels.GEMM_TILES / GEMV_*), and the
+    per-call floor of an empty custom kernel timed the same way."""
     import mlx.core as mx
 
     from bonsai_mlx import kernels
 
     rng = np.random.default_rng(1)
-    gemm_variants = [dict(BM=128, BN=128, BK=64, SGM=4, SGN=2), dict(BM=128, BN=128, BK=32, SGM=4, SGN=2),
-                     dict(BM=128, BN=256, BK=32, SGM=2, SGN=4), dict(BM=256, BN=128, BK=32, SGM=4, SGN=2),
-                     dict(BM=64, BN=128, BK=64, SGM=2, SGN=2)]
-    gemv_variants = [(4, 4), (8, 4), (2, 4), (4, 8), (8, 2)]
-    for (n, k) in [(18432, 3072), (3072, 12288)]:
+    noop = mx.fast.cuda_kernel(name="bonsai_noop", input_names=["x"], output_names=["y"],
+                               source="if (threadIdx.x == 0 && blockIdx.x == 0) y[0] = x[0];")
+    xs = [(mx.random.normal((1, 3072)).astype(mx.float16),) for _ in range(8)]
+    t = timeit(mx, lambda a: noop(inputs=[a], grid=(32, 1, 1), threadgroup=(32, 1, 1), output_shapes=[(1,)],
+                                  output_dtypes=[mx.float16])[0], xs, 64)
+    print(f"empty cuda_kernel per call: {t * 1e6:.1f} us", flush=True)
+    t = timeit(mx, lambda a: a + 1, xs, 64)
+    print(f"x + 1 (1x3072) per call: {t * 1e6:.1f} us", flush=True)
+    gemm_variants = [dict(BM=128, BN=256, BK=64, SGM=2, SGN=4), dict(BM=128, BN=128, BK=64, SGM=2, SGN=2),
+                     dict(BM=128, BN=128, BK=32, SGM=2, SGN=2), dict(BM=256, BN=128, BK=32, SGM=4, SGN=2),
+                     dict(BM=128, BN=256, BK=32, SGM=2, SGN=4)]
+    gemm_variants = gemm_variants[:args.tune_gemm]
+    gemv_variants = [tuple(v) for v in args.tune_gemv]
+    for (n, k) in [(3072, 3072), (18432, 3072), (3072, 12288)]:
         pws = {fmt: make_packed(rng, fmt, n, k, mx)[0] for fmt in kernels.FORMATS}
         w16 = (mx.random.normal((n, k)) * 0.02).astype(mx.float16)
-        x = mx.random.normal((4608, k)).astype(mx.float16)
-        mx.eval(x, w16)
-        tf = 2 * 4608 * n * k / timeit(mx, lambda a, w: a @ w.T, [(x, w16)], 10) / 1e12
-        print(f"{n}x{k} M=4608 fp16 {tf:.0f} TFLOP/s", flush=True)
-        for v in gemm_variants:
-            kernels.GEMM_TILES["cuda"] = v
-            for fmt, pw in pws.items():
-                t = timeit(mx, lambda a, p: kernels.packed_matmul(a, p, "cuda"), [(x, pw)], 10)
-                print(f"  gemm {fmt:8s} {v}: {2 * 4608 * n * k / t / 1e12:.0f} TFLOP/s", flush=True)
-        x1 = [(mx.random.normal((1, k)).astype(mx.float16),) for _ in range(8)]
-        copies = {fmt: [SimpleNamespace(fmt=fmt, data=mx.array(p.data + 0), scales=mx.array(p.scales * 1), shape=p.shape)
-                        for _ in range(8)] for fmt, p in pws.items()}
-        for r, nsg in gemv_variants:
-            kernels.GEMV_R, kernels.GEMV_NSG = r, nsg
-            for fmt in kernels.FORMATS:
-                nb = pws[fmt].data.nbytes + pws[fmt].scales.nbytes
-                rot = [(x1[i][0], copies[fmt][i]) for i in range(8)]
-                t = timeit(mx, lambda a, p: kernels.packed_matmul(a, p, "cuda"), rot, 64)
-                print(f"  gemv {fmt:8s} R={r} NSG={nsg}: {t * 1e6:.1f} us, {nb / t / 1e9:.0f} GB/s", flush=True)
+        wq, sc, bi = mx.quantize(w16, group_size=128, bits=2)
+        for M in (1536, 4608):
+            x = mx.random.normal((M, k)).astype(mx.float16)
+            mx.eval(x, w16, wq, sc, bi)
+            fl = 2 * M * n * k
+            tf = fl / timeit(mx, lambda a, w: a @ w.T, [(x, w16)], 10) / 1e12
+            tq = fl / timeit(mx, lambda a: mx.quantized_matmul(a, wq, sc, bi, transpose=True, group_size=128, bits=2),
+                             [(x,)], 10) / 1e12
+            print(f"{n}x{k} M={M} fp16 {tf:.0f} TFLOP/s, q2 {tq:.0f}", flush=True)
+            for v in gemm_variants:
+                kernels.GEMM_TILES["cuda"] = v
+                for fmt, pw in pws.items():
+                    t = timeit(mx, lambda a, p: kernels.packed_matmul(a, p, "cuda"), [(x, pw)], 10)
+                    print(f"  gemm {fmt:8s} {tuple(v.values())}: {fl / t / 1e12:.0f} TFLOP/s "
+                          f"({tf * t / fl * 1e12:.2f}x fp16 time)", flush=True)
+        copies = {fmt: [SimpleNamespace(fmt=fmt, data=mx.array(p.data + 0), scales=mx.array(p.scales * 1),
+                                        shape=p.shape) for _ in range(8)] for fmt, p in pws.items()}
+        for M in (1, 16):
+            xm = [mx.random.normal((M, k)).astype(mx.float16) for _ in range(8)]
+            for v in gemv_variants:
+                kernels.set_gemv_config(*v)
+                for fmt in kernels.FORMATS:
+                    nb = pws[fmt].data.nbytes + pws[fmt].scales.nbytes
+                    rot = [(xm[i], copies[fmt][i]) for i in range(8)]
+                    t = timeit(mx, lambda a, p: kernels.packed_matmul(a, p, "cuda"), rot, 64)
+                    print(f"  gemv M={M} {fmt:8s} {v}: {t * 1e6:.1f} us, {nb / t / 1e9:.0f} GB/s", flush=True)
 
 
 def main():
@@ -286,6 +303,8 @@ def main():
     p.add_argument("--quick", action="store_true", help="two shapes, M in {1, 1536}")
     p.add_argument("--out", help="write raw results as JSON")
     p.add_argument("--tune", action="store_true", help="time CUDA tile/launch variants instead")
+    p.add_argument("--tune-gemm", type=int, default=5, help="how many GEMM tile variants to time")
+    p.add_argument("--tune-gemv", type=json.loads, default=[], help="GEMV configs, a JSON list of argument lists")
     args = p.parse_args()
     if args.tune:
         tune(args)

@@ -16,18 +16,52 @@ inline uint bonsai_trit_code(uint byte, uint j) {
   return q - 3u * ((q * 21846u) >> 16);
 }
 
+// A 256-entry table, byte -> its 5 trits as two bit planes: bits 0-4 set where
+// t = +1, bits 5-9 set where t != 0 (codes >= 243 never occur; they map to 0).
+inline uint bonsai_trit_lut_entry(uint byte) {
+  uint pos = 0u;
+  uint nz = 0u;
+  for (uint j = 0u; j < 5u; ++j) {
+    const uint code = bonsai_trit_code(byte, j);
+    pos |= (code == 2u ? 1u : 0u) << j;
+    nz |= (code != 1u ? 1u : 0u) << j;
+  }
+  return byte < 243u ? (pos | (nz << 5u)) : 0u;
+}
+
+// 32 trits as bit planes (bit i: trit i is +1 / is non-zero), from the 8 bytes
+// lo (bytes 0-3) and hi (bytes 4-7) that start r (0..4) trits before them.
+// 8 table reads instead of 32 divisions.
+inline void bonsai_trit_planes(uint lo, uint hi, uint r, const threadgroup uint* lut, thread uint& pos,
+                               thread uint& nz) {
+  uint p0 = 0u;
+  uint z0 = 0u;
+  for (uint i = 0u; i < 6u; ++i) {
+    const uint e = lut[((i < 4u ? lo : hi) >> (8u * (i & 3u))) & 255u];
+    p0 |= (e & 31u) << (5u * i);
+    z0 |= (e >> 5u) << (5u * i);
+  }
+  const uint e6 = lut[(hi >> 16u) & 255u];
+  const uint e7 = lut[hi >> 24u];
+  const uint p1 = (e6 & 31u) | ((e7 & 31u) << 5u);
+  const uint z1 = (e6 >> 5u) | ((e7 >> 5u) << 5u);
+  pos = (p0 >> r) | (p1 << (30u - r));
+  nz = (z0 >> r) | (z1 << (30u - r));
+}
+
 // @@metal-only-begin
 // Threadgroup tiles are float on Metal: the simdgroup matrix functions take
 // one element type, and float keeps +-s and bf16/f16 inputs exact.
 #define BONSAI_TILE_PAD 8
-#define BONSAI_SCRATCH 64
+
 template <typename T>
 struct BonsaiTileType {
   typedef float type;
 };
 
 // Stages x[m0 .. m0 + BM) x [k0 .. k0 + BK) into the float tile xs (row
-// stride ldx), zero past row M.
+// stride ldx), zero past row M. Synchronous on Metal (the CUDA twin issues
+// asynchronous copies); bonsai_stage_commit / bonsai_stage_wait bracket it.
 template <int BM, int BK, int NT, typename T>
 void bonsai_stage_x(threadgroup float* xs, int ldx, const device T* x, int m0, int M, int K, int k0, int tid) {
   for (int i = tid; i < BM * BK; i += NT) {
@@ -36,10 +70,23 @@ void bonsai_stage_x(threadgroup float* xs, int ldx, const device T* x, int m0, i
     xs[r * ldx + c] = m0 + r < M ? static_cast<float>(x[size_t(m0 + r) * K + k0 + c]) : 0.0f;
   }
 }
+inline void bonsai_stage_commit() {}
+inline void bonsai_stage_wait() {}
 
-// One simdgroup's WM x WN block of C += A * B with A [WM x bk] (row stride
-// lda) and B [bk x WN] (row stride ldb) in threadgroup memory, accumulated in
-// 8x8 simdgroup matrices.
+// Floats of threadgroup scratch one simdgroup's tile needs: an 8 x WN strip
+// of decoded weights per 8-deep k-step (and an 8x8 block for the store).
+template <int WM, int WN>
+constexpr int bonsai_tile_scratch() {
+  return 8 * WN > 64 ? 8 * WN : 64;
+}
+
+// One simdgroup's WM x WN block of C += A * B, accumulated in 8x8 simdgroup
+// matrices. A [WM x bk] is x in threadgroup memory (row stride lda). B = W^T
+// [bk x WN] is never stored dense: it is decoded by this simdgroup from the
+// packed bit planes staged for the k-step (wp: bit k%32 of word (k/32)*ldw + n
+// is 1 for +s; wz, ternary only: 1 for non-zero) and the per-column scales sc,
+// 8 k at a time into its own scratch, right before the multiply (the CUDA
+// twin decodes the same planes straight into mma fragments).
 template <int WM, int WN>
 struct BonsaiSimdTile {
   simdgroup_matrix<float, 8, 8> c[WM / 8][WN / 8];
@@ -50,22 +97,45 @@ struct BonsaiSimdTile {
         c[i][j] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
   }
 
-  void mma(const threadgroup float* a, int lda, const threadgroup float* b, int ldb, int bk) {
+  template <bool TER>
+  void mma_planes(const threadgroup float* a, int lda, const threadgroup uint* wp, const threadgroup uint* wz, int ldw,
+                  const threadgroup float* sc, int bk, uint lane, threadgroup float* scratch) {
     for (int kk = 0; kk < bk; kk += 8) {
+      for (int e = int(lane); e < 8 * WN; e += 32) {
+        const int k = kk + e / WN;
+        const int n = e % WN;
+        const uint sh = uint(k % 32);
+        float v = ((wp[(k / 32) * ldw + n] >> sh) & 1u) ? sc[n] : -sc[n];
+        if (TER)
+          v = ((wz[(k / 32) * ldw + n] >> sh) & 1u) ? v : 0.0f;
+        scratch[e] = v;
+      }
+      simdgroup_barrier(mem_flags::mem_threadgroup);
       simdgroup_matrix<float, 8, 8> am[WM / 8];
       simdgroup_matrix<float, 8, 8> bm[WN / 8];
       for (int i = 0; i < WM / 8; ++i)
         simdgroup_load(am[i], a + i * 8 * lda + kk, lda);
       for (int j = 0; j < WN / 8; ++j)
-        simdgroup_load(bm[j], b + kk * ldb + j * 8, ldb);
+        simdgroup_load(bm[j], scratch + j * 8, WN);
+      simdgroup_barrier(mem_flags::mem_threadgroup);  // scratch is rewritten next k-step
       for (int i = 0; i < WM / 8; ++i)
         for (int j = 0; j < WN / 8; ++j)
           simdgroup_multiply_accumulate(c[i][j], am[i], bm[j], c[i][j]);
     }
   }
 
+  void mma_binary(const threadgroup float* a, int lda, const threadgroup uint* wp, int ldw, const threadgroup float* sc,
+                  int bk, uint lane, threadgroup float* scratch) {
+    mma_planes<false>(a, lda, wp, wp, ldw, sc, bk, lane, scratch);
+  }
+
+  void mma_ternary(const threadgroup float* a, int lda, const threadgroup uint* wp, const threadgroup uint* wz, int ldw,
+                   const threadgroup float* sc, int bk, uint lane, threadgroup float* scratch) {
+    mma_planes<true>(a, lda, wp, wz, ldw, sc, bk, lane, scratch);
+  }
+
   // Writes the block to y[row0.., col0..] (row stride ldy), skipping rows >=
-  // rows and columns >= cols, through this simdgroup's 8x8 float scratch.
+  // rows and columns >= cols, through this simdgroup's scratch.
   template <typename T>
   void store(device T* y, int ldy, int row0, int col0, int rows, int cols,
              threadgroup float* scratch, uint lane) {

@@ -1,20 +1,29 @@
 // Tiled GEMM (M >= 32): y[M, N] = x[M, K] @ W[N, K]^T, W ternary, 5 trits per
 // byte: w uint8 [N, ceil(K/5)], byte i = sum_j (t[5i+j] + 1) * 3^j,
 // scales [N, K/128]. Template: T (x, y dtype), BM x BN tile per threadgroup,
-// BK (32 or 64) k per step, SGM x SGN simdgroups. Each k-step stages BK
-// columns of x and the decoded BK x BN slice of W (t * s) in threadgroup
-// memory; W is never expanded beyond that tile.
+// BK (32 or 64) k per step, SGM x SGN simdgroups (each a WM x WN block).
+// Same two-stage pipeline as binary_gemm: the 5-trit bytes of step s+1 are
+// loaded into registers before step s's multiply and turned into two bit
+// planes per 32 trits (+1 / non-zero, through a 256-entry byte table) after
+// it; each simdgroup decodes its B block from those planes right before its
+// multiply-accumulates (BonsaiSimdTile::mma_ternary). W is never dense in
+// threadgroup memory.
 typedef typename BonsaiTileType<T>::type TileT;
 constexpr int NT = 32 * SGM * SGN;
 constexpr int WM = BM / SGM;
 constexpr int WN = BN / SGN;
 constexpr int LDX = BK + BONSAI_TILE_PAD;  // x tile [BM][LDX], k fastest
-constexpr int LDW = BN + BONSAI_TILE_PAD;  // w tile [BK][LDW], n fastest
-constexpr int TRITS = BK * BN / NT;        // trits of one row decoded per thread
-static_assert(NT % BN == 0 && TRITS * (NT / BN) == BK && 128 % BK == 0, "decode split must cover BK trits per row");
-threadgroup TileT xs[BM * LDX];
-threadgroup TileT ws[BK * LDW];
-threadgroup float scratch[SGM * SGN * BONSAI_SCRATCH];
+constexpr int KWS = BK / 32;               // 32-trit plane words per weight row per k-step
+constexpr int WPT = (BN * KWS + NT - 1) / NT;  // plane words each thread builds per k-step
+constexpr int SPT = (BN + NT - 1) / NT;    // scales each thread stages per k-step
+constexpr int SCR = bonsai_tile_scratch<WM, WN>();
+static_assert(BK % 32 == 0 && 128 % BK == 0, "a k-step is whole words inside one scale group");
+threadgroup TileT xs[2 * BM * LDX];
+threadgroup uint wp[2 * KWS * BN];  // [buffer][word of the step][row]: +1 bits
+threadgroup uint wz[2 * KWS * BN];  // non-zero bits
+threadgroup float wsc[2 * BN];
+threadgroup uint lut[256];
+threadgroup float scratch[SGM * SGN * SCR];
 
 const int M = x_shape[0];
 const int K = x_shape[1];
@@ -23,37 +32,97 @@ const int KB = w_shape[1];  // ceil(K / 5) bytes per weight row
 const int KG = K / 128;
 const int tid = int(thread_index_in_threadgroup);
 const int sg = int(simdgroup_index_in_threadgroup);
+const uint lane = thread_index_in_simdgroup;
 const int n0 = int(threadgroup_position_in_grid.x) * BN;
 const int m0 = int(threadgroup_position_in_grid.y) * BM;
+const int steps = K / BK;
 
-// This thread decodes trits [wb, wb + TRITS) of the k-step for row n0 + wn.
-const int wn = tid % BN;
-const int wb = (tid / BN) * TRITS;
-const bool wvalid = n0 + wn < N;
-const int wrow = wvalid ? n0 + wn : 0;
+for (int i = tid; i < 256; i += NT)
+  lut[i] = bonsai_trit_lut_entry(uint(i));
+
+// The 8 bytes holding trits k .. k+31 of the plane word (row, word) = (i / KWS,
+// i % KWS) for i = tid + t * NT: lo = bytes 0-3, hi = 4-7 (121 = five zero
+// trits past the row or for rows >= N), starting k - 5 * (k / 5) trits early.
+uint blo[WPT];
+uint bhi[WPT];
+float sreg[SPT];
+for (int t = 0; t < WPT; ++t) {
+  const int i = tid + t * NT;
+  const int n = i < BN * KWS ? n0 + i / KWS : N;
+  const int b0 = (32 * (i % KWS)) / 5;
+  uint v[8];
+  for (int j = 0; j < 8; ++j)
+    v[j] = (n < N && b0 + j < KB) ? uint(w[size_t(n) * KB + b0 + j]) : 121u;
+  blo[t] = v[0] | (v[1] << 8u) | (v[2] << 16u) | (v[3] << 24u);
+  bhi[t] = v[4] | (v[5] << 8u) | (v[6] << 16u) | (v[7] << 24u);
+}
+bonsai_stage_x<BM, BK, NT>(xs, LDX, x, m0, M, K, 0, tid);
+bonsai_stage_commit();
+for (int t = 0; t < SPT; ++t) {
+  const int r = tid + t * NT;
+  if (r < BN)
+    wsc[r] = n0 + r < N ? static_cast<float>(scales[size_t(n0 + r) * KG]) : 0.0f;
+}
+threadgroup_barrier(mem_flags::mem_threadgroup);  // lut
+for (int t = 0; t < WPT; ++t) {
+  const int i = tid + t * NT;
+  const int k = 32 * (i % KWS);
+  uint p;
+  uint z;
+  bonsai_trit_planes(blo[t], bhi[t], uint(k - 5 * (k / 5)), lut, p, z);
+  if (i < BN * KWS) {
+    wp[(i % KWS) * BN + i / KWS] = p;
+    wz[(i % KWS) * BN + i / KWS] = z;
+  }
+}
 
 BonsaiSimdTile<WM, WN> acc;
 acc.zero();
-for (int k0 = 0; k0 < K; k0 += BK) {
-  bonsai_stage_x<BM, BK, NT>(xs, LDX, x, m0, M, K, k0, tid);
-  // A BK-step lies inside one scale group (128 % BK == 0).
-  const float s = wvalid ? static_cast<float>(scales[size_t(wrow) * KG + k0 / 128]) : 0.0f;
-  int bi = (k0 + wb) / 5;
-  uint j = uint(k0 + wb - bi * 5);
-  uint byte = wvalid ? uint(w[size_t(wrow) * KB + bi]) : 121u;  // 121 = five zero trits
-#pragma unroll
-  for (int t = 0; t < TRITS; ++t) {
-    const uint code = bonsai_trit_code(byte, j);
-    ws[(wb + t) * LDW + wn] = static_cast<TileT>(code == 2u ? s : (code == 0u ? -s : 0.0f));
-    if (++j == 5u) {
-      j = 0u;
-      ++bi;
-      byte = (wvalid && bi < KB) ? uint(w[size_t(wrow) * KB + bi]) : 121u;
+for (int s = 0; s < steps; ++s) {
+  const int buf = s % 2;
+  bonsai_stage_wait();
+  // Step s is staged; every simdgroup is done with step s - 1's buffer.
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  const bool more = s + 1 < steps;
+  const int k1 = (s + 1) * BK;
+  if (more) {
+    bonsai_stage_x<BM, BK, NT>(xs + (1 - buf) * BM * LDX, LDX, x, m0, M, K, k1, tid);
+    bonsai_stage_commit();
+    for (int t = 0; t < WPT; ++t) {
+      const int i = tid + t * NT;
+      const int n = i < BN * KWS ? n0 + i / KWS : N;
+      const int b0 = (k1 + 32 * (i % KWS)) / 5;
+      uint v[8];
+      for (int j = 0; j < 8; ++j)
+        v[j] = (n < N && b0 + j < KB) ? uint(w[size_t(n) * KB + b0 + j]) : 121u;
+      blo[t] = v[0] | (v[1] << 8u) | (v[2] << 16u) | (v[3] << 24u);
+      bhi[t] = v[4] | (v[5] << 8u) | (v[6] << 16u) | (v[7] << 24u);
+    }
+    for (int t = 0; t < SPT; ++t) {
+      const int r = tid + t * NT;
+      sreg[t] = (r < BN && n0 + r < N) ? static_cast<float>(scales[size_t(n0 + r) * KG + k1 / 128]) : 0.0f;
     }
   }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  acc.mma(xs + (sg / SGN) * WM * LDX, LDX, ws + (sg % SGN) * WN, LDW, BK);
-  threadgroup_barrier(mem_flags::mem_threadgroup);
+  acc.mma_ternary(xs + buf * BM * LDX + (sg / SGN) * WM * LDX, LDX, wp + buf * KWS * BN + (sg % SGN) * WN,
+                  wz + buf * KWS * BN + (sg % SGN) * WN, BN, wsc + buf * BN + (sg % SGN) * WN, BK, lane,
+                  scratch + sg * SCR);
+  if (more) {
+    for (int t = 0; t < WPT; ++t) {
+      const int i = tid + t * NT;
+      const int k = k1 + 32 * (i % KWS);
+      uint p;
+      uint z;
+      bonsai_trit_planes(blo[t], bhi[t], uint(k - 5 * (k / 5)), lut, p, z);
+      if (i < BN * KWS) {
+        wp[(1 - buf) * KWS * BN + (i % KWS) * BN + i / KWS] = p;
+        wz[(1 - buf) * KWS * BN + (i % KWS) * BN + i / KWS] = z;
+      }
+    }
+    for (int t = 0; t < SPT; ++t) {
+      const int r = tid + t * NT;
+      if (r < BN)
+        wsc[(1 - buf) * BN + r] = sreg[t];
+    }
+  }
 }
-acc.store(y, N, m0 + (sg / SGN) * WM, n0 + (sg % SGN) * WN, M, N,
-          scratch + sg * BONSAI_SCRATCH, thread_index_in_simdgroup);
+acc.store(y, N, m0 + (sg / SGN) * WM, n0 + (sg % SGN) * WN, M, N, scratch + sg * SCR, lane);

@@ -2,15 +2,18 @@
 // generated CUDA header by bonsai_mlx/kernels.py:metal_to_cuda. Hand-written:
 // Metal's 8x8 simdgroup_matrix ops have no one-to-one tensor-core
 // instruction, so this keeps the same contract (BonsaiTileType,
-// bonsai_stage_x, BonsaiSimdTile<WM, WN>::zero/mma/store, BONSAI_TILE_PAD,
-// BONSAI_SCRATCH)
-// on 16x16x16 wmma fragments instead. Lockstep is tested: the same names by
-// tests/test_kernels.py, the same outputs as the reference on the GPU by
-// tests/test_kernels_cuda.py.
-#include <mma.h>
+// bonsai_stage_x, bonsai_stage_commit, bonsai_stage_wait,
+// bonsai_tile_scratch, BonsaiSimdTile<WM, WN>::zero/mma_binary/mma_ternary/
+// store, BONSAI_TILE_PAD) on mma.sync m16n8k16 fragments instead: x comes
+// from shared memory through ldmatrix, and W's B fragments are decoded from
+// the staged bit planes straight into registers (the Metal side decodes the
+// same planes into the simdgroup's scratch, since simdgroup matrices load
+// from memory). Lockstep is tested: the same names by tests/test_kernels.py,
+// the same outputs as the reference on the GPU by tests/test_kernels_cuda.py.
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
 
 #define BONSAI_TILE_PAD 8
-#define BONSAI_SCRATCH 256
 
 // Tiles stay in the input type (__half or __nv_bfloat16) for the tensor cores.
 // float inputs never reach the CUDA GEMM (the launcher routes them to GEMV).
@@ -19,9 +22,13 @@ struct BonsaiTileType {
   typedef T type;
 };
 
+__device__ __forceinline__ unsigned bonsai_smem_addr(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
 // Stages x[m0 .. m0 + BM) x [k0 .. k0 + BK) into xs (row stride ldx), zero
-// past row M: 16-byte copies when x is 16-byte aligned (tiles are the input
-// type here, so no conversion), element copies otherwise.
+// past row M: 16-byte cp.async copies (zero-filled rows past M) when x is
+// 16-byte aligned, element copies otherwise. Completes at bonsai_stage_wait.
 template <int BM, int BK, int NT, typename T>
 __device__ __forceinline__ void bonsai_stage_x(T* xs, int ldx, const T* x, int m0, int M, int K, int k0, int tid) {
   static_assert(sizeof(T) == 2 && BK % 8 == 0 && (BM * BK / 8) % NT == 0, "vector staging layout");
@@ -31,9 +38,10 @@ __device__ __forceinline__ void bonsai_stage_x(T* xs, int ldx, const T* x, int m
       const int i = tid + it * NT;
       const int r = i / (BK / 8);
       const int c = (i % (BK / 8)) * 8;
-      uint4 v = make_uint4(0u, 0u, 0u, 0u);
-      if (m0 + r < M) v = *reinterpret_cast<const uint4*>(x + size_t(m0 + r) * K + k0 + c);
-      *reinterpret_cast<uint4*>(xs + r * ldx + c) = v;
+      const bool ok = m0 + r < M;
+      const T* src = x + size_t(ok ? m0 + r : 0) * K + k0 + c;
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(bonsai_smem_addr(xs + r * ldx + c)),
+                   "l"(src), "r"(ok ? 16 : 0));
     }
   } else {
     for (int i = tid; i < BM * BK; i += NT) {
@@ -43,56 +51,135 @@ __device__ __forceinline__ void bonsai_stage_x(T* xs, int ldx, const T* x, int m
     }
   }
 }
+__device__ __forceinline__ void bonsai_stage_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void bonsai_stage_wait() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+// Nothing goes through scratch on CUDA (fragments are decoded and stored from
+// registers); one float keeps the array declaration legal.
+template <int WM, int WN>
+__host__ __device__ constexpr int bonsai_tile_scratch() {
+  return 1;
+}
+
+// -s as a pair of the tile type, raw bits (low half = lower k).
+__device__ __forceinline__ uint bonsai_neg_pair(float s, __half) {
+  __half2 h = __float2half2_rn(-s);
+  return *reinterpret_cast<uint*>(&h);
+}
+__device__ __forceinline__ uint bonsai_neg_pair(float s, __nv_bfloat16) {
+  __nv_bfloat162 h = __float2bfloat162_rn(-s);
+  return *reinterpret_cast<uint*>(&h);
+}
+
+__device__ __forceinline__ void bonsai_mma16816(float* c, const uint* a, const uint* b, __half) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+__device__ __forceinline__ void bonsai_mma16816(float* c, const uint* a, const uint* b, __nv_bfloat16) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+__device__ __forceinline__ void bonsai_store2(__half* p, float a, float b) {
+  *reinterpret_cast<__half2*>(p) = __floats2half2_rn(a, b);
+}
+__device__ __forceinline__ void bonsai_store2(__nv_bfloat16* p, float a, float b) {
+  *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(a, b);
+}
 
 template <int WM, int WN>
 struct BonsaiSimdTile {
-  static_assert(WM % 16 == 0 && WN % 16 == 0, "warp tile must be a multiple of 16x16");
-  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> c[WM / 16][WN / 16];
+  static_assert(WM % 16 == 0 && WN % 8 == 0, "warp tile must be a multiple of 16x8");
+  static constexpr int MI = WM / 16;
+  static constexpr int NJ = WN / 8;
+  float c[MI][NJ][4];
 
-  __device__ void zero() {
+  __device__ __forceinline__ void zero() {
 #pragma unroll
-    for (int i = 0; i < WM / 16; ++i)
+    for (int i = 0; i < MI; ++i)
 #pragma unroll
-      for (int j = 0; j < WN / 16; ++j)
-        nvcuda::wmma::fill_fragment(c[i][j], 0.0f);
+      for (int j = 0; j < NJ; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) c[i][j][e] = 0.0f;
   }
 
-  template <typename TT>
-  __device__ void mma(const TT* a, int lda, const TT* b, int ldb, int bk) {
-    using namespace nvcuda;
+  // Lane (g, q) = (lane / 4, lane % 4) holds B[k][n] for n = 8j + g and
+  // k = 2q, 2q+1 (b0) and 2q+8, 2q+9 (b1) of each 16-deep k-step: bits
+  // (kk % 32) + 2q + {0, 1, 8, 9} of plane word kk / 32 of that row. A bit
+  // turns -s into +s by flipping the sign bit; ternary zeroes where wz is 0.
+  template <bool TER, typename TT>
+  __device__ __forceinline__ void mma_planes(const TT* a, int lda, const uint* wp, const uint* wz, int ldw,
+                                             const float* sc, int bk, uint lane, float*) {
+    const int g = int(lane) >> 2;
+    const int q = int(lane) & 3;
+    uint ns[NJ];
 #pragma unroll
+    for (int j = 0; j < NJ; ++j) ns[j] = bonsai_neg_pair(sc[j * 8 + g], TT());
+    const TT* arow = a + (int(lane) & 15) * lda + (int(lane) >> 4) * 8;
+#pragma unroll 2
     for (int kk = 0; kk < bk; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, TT, wmma::row_major> am[WM / 16];
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, TT, wmma::row_major> bm[WN / 16];
+      uint af[MI][4];
 #pragma unroll
-      for (int i = 0; i < WM / 16; ++i)
-        wmma::load_matrix_sync(am[i], a + i * 16 * lda + kk, lda);
+      for (int i = 0; i < MI; ++i)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(af[i][0]), "=r"(af[i][1]), "=r"(af[i][2]), "=r"(af[i][3])
+                     : "r"(bonsai_smem_addr(arow + i * 16 * lda + kk)));
+      const int sh = (kk & 16) + 2 * q;
 #pragma unroll
-      for (int j = 0; j < WN / 16; ++j)
-        wmma::load_matrix_sync(bm[j], b + kk * ldb + j * 16, ldb);
+      for (int j = 0; j < NJ; ++j) {
+        const uint v = wp[(kk >> 5) * ldw + j * 8 + g] >> sh;
+        uint b[2];
+        b[0] = ns[j] ^ (((v << 15) & 0x8000u) | ((v << 30) & 0x80000000u));
+        b[1] = ns[j] ^ (((v << 7) & 0x8000u) | ((v << 22) & 0x80000000u));
+        if (TER) {
+          const uint z = wz[(kk >> 5) * ldw + j * 8 + g] >> sh;
+          b[0] &= ((z & 1u) | ((z << 15) & 0x10000u)) * 0xFFFFu;
+          b[1] &= (((z >> 8) & 1u) | ((z << 7) & 0x10000u)) * 0xFFFFu;
+        }
 #pragma unroll
-      for (int i = 0; i < WM / 16; ++i)
-#pragma unroll
-        for (int j = 0; j < WN / 16; ++j)
-          wmma::mma_sync(c[i][j], am[i], bm[j], c[i][j]);
+        for (int i = 0; i < MI; ++i) bonsai_mma16816(c[i][j], af[i], b, TT());
+      }
     }
   }
 
+  template <typename TT>
+  __device__ __forceinline__ void mma_binary(const TT* a, int lda, const uint* wp, int ldw, const float* sc, int bk,
+                                             uint lane, float* scratch) {
+    mma_planes<false>(a, lda, wp, wp, ldw, sc, bk, lane, scratch);
+  }
+
+  template <typename TT>
+  __device__ __forceinline__ void mma_ternary(const TT* a, int lda, const uint* wp, const uint* wz, int ldw,
+                                              const float* sc, int bk, uint lane, float* scratch) {
+    mma_planes<true>(a, lda, wp, wz, ldw, sc, bk, lane, scratch);
+  }
+
+  // Accumulator (i, j, e): row 16i + g + 8 (e / 2), column 8j + 2q + e % 2.
   template <typename T>
-  __device__ void store(T* y, int ldy, int row0, int col0, int rows, int cols, float* scratch, uint lane) {
+  __device__ __forceinline__ void store(T* y, int ldy, int row0, int col0, int rows, int cols, float*, uint lane) {
+    const int g = int(lane) >> 2;
+    const int q = int(lane) & 3;
+    const bool pairs = (ldy % 2) == 0 && (reinterpret_cast<uintptr_t>(y) & 3) == 0;
 #pragma unroll
-    for (int i = 0; i < WM / 16; ++i)
+    for (int i = 0; i < MI; ++i)
 #pragma unroll
-      for (int j = 0; j < WN / 16; ++j) {
-        nvcuda::wmma::store_matrix_sync(scratch, c[i][j], 16, nvcuda::wmma::mem_row_major);
-        __syncwarp();
-        for (int e = int(lane); e < 256; e += 32) {
-          const int r = row0 + i * 16 + e / 16;
-          const int col = col0 + j * 16 + e % 16;
-          if (r < rows && col < cols)
-            y[size_t(r) * ldy + col] = static_cast<T>(scratch[e]);
+      for (int j = 0; j < NJ; ++j)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int r = row0 + i * 16 + g + 8 * h;
+          const int col = col0 + j * 8 + 2 * q;
+          if (r >= rows) continue;
+          T* p = y + size_t(r) * ldy + col;
+          if (pairs && col + 1 < cols) {
+            bonsai_store2(p, c[i][j][2 * h], c[i][j][2 * h + 1]);
+          } else {
+            if (col < cols) p[0] = static_cast<T>(c[i][j][2 * h]);
+            if (col + 1 < cols) p[1] = static_cast<T>(c[i][j][2 * h + 1]);
+          }
         }
-        __syncwarp();
-      }
   }
 };

@@ -231,8 +231,9 @@ def test_cuda_tile_twin_has_the_metal_tile_api():
     common = (kernels.metal_dir() / "common.metal").read_text()
     metal_only = common.split("// @@metal-only-begin")[1].split("// @@metal-only-end")[0]
     twin = (kernels.metal_dir() / "tile_mma.cuh").read_text()
-    for name in ("BONSAI_TILE_PAD", "BONSAI_SCRATCH", "struct BonsaiTileType", "struct BonsaiSimdTile", "bonsai_stage_x(",
-                 "void zero()", "void mma(", "void store("):
+    for name in ("BONSAI_TILE_PAD", "struct BonsaiTileType", "struct BonsaiSimdTile", "bonsai_stage_x(",
+                 "bonsai_stage_commit()", "bonsai_stage_wait()", "bonsai_tile_scratch()", "void zero()",
+                 "void mma_planes(", "void mma_binary(", "void mma_ternary(", "void store("):
         assert name in metal_only and name in twin, name
 
 
