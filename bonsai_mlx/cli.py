@@ -81,7 +81,11 @@ def _cmd_generate(args) -> None:
         Path(args.preview_dir).mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
     pipe = BonsaiPipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype], vae=args.vae,
-                                          quantize=args.quantize, backend=args.backend)
+                                          quantize=args.quantize, backend=args.backend,
+                                          memory_budget=args.memory_budget)
+    plan = pipe.plan(args.width, args.height)  # refuses now, before any image work, if the budget is too small
+    if args.verbose:
+        print(f"memory plan: {plan}", file=sys.stderr)
     if args.verbose:
         print(f"loaded {args.model} in {time.perf_counter() - t:.1f} s on {mx.default_device()}", file=sys.stderr)
     seed = args.seed
@@ -96,7 +100,12 @@ def _cmd_generate(args) -> None:
                 event.save(path)
                 print(f"wrote {path} (seed {event.seed}, {event.timings['total_s']:.1f} s)")
                 if args.verbose:
-                    print(json.dumps(event.timings), file=sys.stderr)
+                    print(f"timings: {json.dumps(event.timings)}", file=sys.stderr)
+                    mem = event.memory
+                    print(f"memory: peak {mem['peak_gb']:.3f} GB, mean-active {mem['mean_active_gb']:.3f} GB", file=sys.stderr)
+                    for name, st in mem["stages"].items():
+                        print(f"  {name}: {st['seconds']:.2f} s, peak {st['peak_gb']:.3f} GB, "
+                              f"mean-active {st['mean_active_gb']:.3f} GB", file=sys.stderr)
                 continue
             bar = bar or ProgressBar(event.steps, f"image {n + 1}/{len(paths)}")
             bar.update(event.step, f"sigma {event.sigma_next:.3f} {event.elapsed:.1f}s")
@@ -150,8 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pack a dense transformer's block linears on load")
     g.add_argument("--backend", default="auto", choices=["auto", "reference", "metal", "cuda"],
                    help="packed matmul kernels (default: by device)")
-    g.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    g.add_argument("-v", "--verbose", action="store_true", help="print timings per stage")
+    g.add_argument("--memory-budget", default=None,
+                   help="stay under this much active memory, e.g. 1.5GB: streams the text encoder, releases "
+                        "models between stages and tiles the VAE as needed; refused up front if impossible")
+    g.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"],
+                   help="transformer and text encoder precision (default bfloat16; the VAE runs in float16)")
+    g.add_argument("-v", "--verbose", action="store_true", help="print the memory plan, timings and memory per stage")
     g.set_defaults(func=_cmd_generate)
 
     f = sub.add_parser("forward", help="one transformer forward on random weights (smoke test, no download)")

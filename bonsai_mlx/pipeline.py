@@ -20,6 +20,8 @@ from PIL import Image, PngImagePlugin
 
 from .errors import BonsaiError, WeightsError
 from .loading import load_transformer
+from .memory import Footprint, MemoryMonitor, MemoryPlan, parse_bytes, plan_memory
+from .packed_linear import PackedLinear, auto_backend
 from .scheduler import flux2_sigmas
 from .text_encoder import load_text_encoder
 from .vae import load_vae
@@ -64,12 +66,14 @@ class GenerationResult:
     model: str
     timings: dict = field(default_factory=dict)
     array: np.ndarray | None = None  # float32 [H, W, 3] in [0, 1], before 8-bit rounding
+    memory: dict = field(default_factory=dict)  # MemoryReport.as_dict(): peak / mean-active per stage
+    plan: MemoryPlan | None = None
 
     def metadata(self) -> dict:
         return {
             "prompt": self.prompt, "negative_prompt": self.negative_prompt, "seed": self.seed,
             "steps": self.steps, "guidance": self.guidance, "width": self.width, "height": self.height,
-            "model": self.model, "timings": self.timings, "software": "bonsai-mlx",
+            "model": self.model, "timings": self.timings, "memory": self.memory, "software": "bonsai-mlx",
         }
 
     def save(self, path: str | Path) -> Path:
@@ -122,21 +126,79 @@ def to_pil(images: mx.array) -> list[Image.Image]:
     return [Image.fromarray((np.clip(x, 0, 1) * 255).round().astype(np.uint8)) for x in a]
 
 
+def _nbytes(module) -> int:
+    from mlx.utils import tree_flatten
+    return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
+
+
 class BonsaiPipeline:
+    """Stages: text encoding -> denoising -> decoding. With a memory budget, each stage
+    holds only what it needs (see memory.plan_memory); without one, everything stays
+    resident between generations for speed."""
+
     def __init__(self, transformer, text_encoder, vae, *, is_distilled: bool = True, model: str = "local",
-                 max_sequence_length: int = 512):
+                 max_sequence_length: int = 512, memory_budget=None, transformer_loader=None):
         self.transformer = transformer
         self.text_encoder = text_encoder
         self.vae = vae
         self.is_distilled = is_distilled
         self.model = model
         self.max_sequence_length = max_sequence_length
+        self.memory_budget = None if memory_budget is None else parse_bytes(memory_budget)
+        # Re-reads the transformer after a budgeted run released it.
+        self._transformer_loader = transformer_loader
+        self._transformer_info = self._describe_transformer(transformer)
+
+    @staticmethod
+    def _describe_transformer(t) -> dict:
+        packed = [m for _, m in t.named_modules() if isinstance(m, PackedLinear)]
+        reference = any(m.backend == "reference" or (m.backend == "auto" and auto_backend() == "reference")
+                        for m in packed)
+        return {"bytes": _nbytes(t), "config": t.config, "reference_matmul": reference, "dtype": t.dtype}
+
+    def release_transformer(self) -> None:
+        if self._transformer_loader is None:
+            raise BonsaiError("this pipeline was built from objects, not files: it cannot release its transformer")
+        self.transformer = None
+        mx.clear_cache()
+
+    def _ensure_transformer(self):
+        if self.transformer is None:
+            self.transformer = self._transformer_loader()
+        return self.transformer
+
+    def footprint(self) -> Footprint:
+        cfg = self._transformer_info["config"]
+        te = self.text_encoder
+        n = te.config.num_layers_needed
+        layers = [te.weight_bytes(i) for i in range(n)]
+        args = te.config.args
+        dec = self.vae.config.decoder_channels
+        return Footprint(
+            transformer_bytes=self._transformer_info["bytes"], transformer_dim=cfg.inner_dim,
+            transformer_mlp=cfg.mlp_hidden_dim, transformer_heads=cfg.num_attention_heads,
+            transformer_max_out=3 * cfg.inner_dim + 2 * cfg.mlp_hidden_dim,
+            reference_matmul=self._transformer_info["reference_matmul"],
+            text_resident_bytes=te.weight_bytes(None) + sum(layers),
+            text_stream_bytes=te.weight_bytes(None) + max(layers, default=0),
+            text_hidden=args.hidden_size, text_heads=args.num_attention_heads, text_len=self.max_sequence_length,
+            vae_bytes=_nbytes(self.vae), vae_channels=dec[1] if len(dec) > 1 else dec[0], vae_mid_channels=dec[-1],
+            dtype_bytes=self._transformer_info["dtype"].size,
+        )
+
+    def plan(self, width: int = 512, height: int = 512, memory_budget=None, cfg: bool = False) -> MemoryPlan:
+        """How a generation of this size would run under `memory_budget` (default: the
+        pipeline's). Raises, saying the smallest budget that works, when nothing fits."""
+        check_size(width, height)
+        budget = self.memory_budget if memory_budget is None else parse_bytes(memory_budget)
+        return plan_memory(self.footprint(), width, height, budget, cfg_batches=2 if cfg else 1)
 
     # ---------------------------------------------------------------- loading
     @classmethod
-    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, *, dtype=mx.float16, vae=None,
+    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, *, dtype=mx.bfloat16, vae=None,
                         quantize: str | None = None, backend: str = "auto", text_layers=(9, 18, 27),
-                        revision: str | None = None, cache_dir: str | None = None) -> "BonsaiPipeline":
+                        revision: str | None = None, cache_dir: str | None = None, memory_budget=None,
+                        vae_dtype=None) -> "BonsaiPipeline":
         """Load a pipeline from a local directory or a Hugging Face repo id.
 
         Accepted layouts: PrismML's MLX packs (`transformer-packed-mflux/`,
@@ -144,6 +206,11 @@ class BonsaiPipeline:
         decoder from the Hub is used) and diffusers FLUX.2 klein pipelines
         (`model_index.json`, `transformer/`, `text_encoder/`, `tokenizer/`, `vae/`).
         `quantize` packs a dense transformer's block linears on load.
+        `dtype` is the transformer's and text encoder's (bfloat16 by default: Qwen3's
+        residual stream can exceed float16's range); the VAE runs in `vae_dtype`
+        (float16 by default, float32 if dtype is float32).
+        `memory_budget` (bytes or e.g. "1.5GB") makes every generation plan its stages
+        to stay under it; see `plan`.
         """
         root = resolve_model(path_or_repo_id, revision=revision, cache_dir=cache_dir)
         is_distilled = True
@@ -159,14 +226,21 @@ class BonsaiPipeline:
                 f"{root} is not a FLUX.2 klein pipeline or Bonsai pack: no {', '.join(missing)} found. Expected "
                 "transformer-packed-mflux/ or transformer/, text_encoder-mlx-4bit/ or text_encoder/, and tokenizer/."
             )
-        transformer = load_transformer(root, dtype=dtype, quantize=quantize, backend=backend)
-        text_encoder = load_text_encoder(root, dtype=dtype, layers=text_layers)
+        budget = None if memory_budget is None else parse_bytes(memory_budget)  # validate before loading
+
+        def loader():
+            return load_transformer(root, dtype=dtype, quantize=quantize, backend=backend)
+
+        transformer = loader()
+        text_encoder = load_text_encoder(root, dtype=dtype, layers=text_layers, resident=False)
         if vae is None:
             vae = root / "vae" if (root / "vae" / "config.json").exists() else resolve_model(
                 DEFAULT_VAE_REPO, cache_dir=cache_dir, files=_VAE_FILES,
                 what="the VAE (PrismML packs decode with BFL's small decoder; or pass vae=)")
-        vae_model = load_vae(vae, dtype=dtype) if isinstance(vae, (str, os.PathLike)) else vae
-        return cls(transformer, text_encoder, vae_model, is_distilled=is_distilled, model=str(path_or_repo_id))
+        vae_dtype = vae_dtype or (mx.float32 if dtype == mx.float32 else mx.float16)
+        vae_model = load_vae(vae, dtype=vae_dtype) if isinstance(vae, (str, os.PathLike)) else vae
+        return cls(transformer, text_encoder, vae_model, is_distilled=is_distilled, model=str(path_or_repo_id),
+                   memory_budget=budget, transformer_loader=loader)
 
     # ---------------------------------------------------------------- running
     def defaults(self, steps, guidance) -> tuple[int, float]:
@@ -181,7 +255,7 @@ class BonsaiPipeline:
     def initial_noise(self, seed: int | None, latents, width: int, height: int) -> tuple[mx.array, int | None]:
         """[1, L, C] tokens of N(0, 1) noise, drawn as [1, C, H/16, W/16] and packed row-major
         (the reference's layout), from `seed` or from caller-supplied `latents`."""
-        C = self.transformer.config.in_channels
+        C = self._transformer_info["config"].in_channels
         h, w = height // 16, width // 16
         if latents is not None:
             lat = mx.array(latents).astype(mx.float32)
@@ -200,64 +274,99 @@ class BonsaiPipeline:
 
     def stream(self, prompt: str, width: int = 512, height: int = 512, steps: int | None = None,
                seed: int | None = None, guidance: float | None = None, negative_prompt: str | None = None,
-               latents=None, preview: bool = False, preview_every: int = 1) -> Iterator[StepEvent | GenerationResult]:
+               latents=None, preview: bool = False, preview_every: int = 1,
+               memory_budget=None, plan: MemoryPlan | None = None) -> Iterator[StepEvent | GenerationResult]:
         """Yield a StepEvent after every denoising step, then the GenerationResult.
-        Stop iterating (break / close()) to cancel: no further work is done."""
+        Stop iterating (break / close()) to cancel: no further work is done.
+        `plan` overrides the memory plan chosen from the budget."""
         if not isinstance(prompt, str):
             raise BonsaiError(f"prompt must be a string, got {type(prompt).__name__}")
         check_size(width, height)
         steps, guidance = self.defaults(steps, guidance)
         use_cfg = guidance > 1.0 and not self.is_distilled
+        budget = self.memory_budget if memory_budget is None else parse_bytes(memory_budget)
+        if plan is None:
+            plan = self.plan(width, height, budget, cfg=use_cfg)  # refuses up front when nothing fits
         x, seed = self.initial_noise(seed, latents, width, height)
-        t_start = time.perf_counter()
+        te = self.text_encoder
         timings = {}
+        t_start = time.perf_counter()
+        with MemoryMonitor() as mon:
+            with mon.stage("text_encoding"):
+                if not plan.keep_transformer and self.transformer is not None:
+                    self.release_transformer()
+                cond = self._encode(prompt, plan)
+                neg = self._encode(negative_prompt or "", plan) if use_cfg else None
+                if budget is not None or plan.stream_text_encoder:
+                    te.evict()  # gone before denoising starts
+            timings["text_encoding_s"] = time.perf_counter() - t_start
 
-        dtype = self.transformer.dtype
-        cond = self.text_encoder.encode([prompt], max_length=self.max_sequence_length).astype(dtype)
-        neg = None
-        if use_cfg:
-            neg = self.text_encoder.encode([negative_prompt or ""], max_length=self.max_sequence_length).astype(dtype)
-        mx.eval(cond, neg) if neg is not None else mx.eval(cond)
-        timings["text_encoding_s"] = time.perf_counter() - t_start
+            t_denoise = time.perf_counter()
+            with mon.stage("denoising"):
+                model = self._ensure_transformer()
+                model.set_attention_chunk(plan.attention_chunk)
+                dtype = model.dtype
+                cond = cond.astype(dtype)
+                neg = None if neg is None else neg.astype(dtype)
+                h, w = height // 16, width // 16
+                img_ids, txt_ids = image_ids(h, w), text_ids(cond.shape[1])
+                sigmas = flux2_sigmas(steps, h * w)
+                for i in range(steps):
+                    sigma, sigma_next = sigmas[i], sigmas[i + 1]
+                    t = mx.array([sigma], dtype=mx.float32)
+                    xin = x.astype(dtype)
+                    v = model(xin, cond, t, img_ids, txt_ids).astype(mx.float32)
+                    if use_cfg:
+                        v_neg = model(xin, neg, t, img_ids, txt_ids).astype(mx.float32)
+                        v = v_neg + guidance * (v - v_neg)
+                    x = x + (sigma_next - sigma) * v  # Euler step of the rectified flow, in float32
+                    mx.eval(x)
+                    event = StepEvent(i + 1, steps, sigma, sigma_next, time.perf_counter() - t_start)
+                    if preview and ((i + 1) % max(1, preview_every) == 0 or i + 1 == steps):
+                        event.preview = self.preview(x - sigma_next * v if sigma_next > 0 else x, width, height)
+                    yield event
+                del model
+                if not bool(mx.all(mx.isfinite(x))):
+                    raise BonsaiError(
+                        f"denoising produced non-finite values in {dtype}: the activations overflowed. "
+                        "Run with dtype bfloat16 or float32 (--dtype)."
+                    )
+            timings["denoising_s"] = time.perf_counter() - t_denoise
 
-        h, w = height // 16, width // 16
-        img_ids, txt_ids = image_ids(h, w), text_ids(cond.shape[1])
-        sigmas = flux2_sigmas(steps, h * w)
-        t_denoise = time.perf_counter()
-        for i in range(steps):
-            sigma, sigma_next = sigmas[i], sigmas[i + 1]
-            t = mx.array([sigma], dtype=mx.float32)
-            xin = x.astype(dtype)
-            v = self.transformer(xin, cond, t, img_ids, txt_ids).astype(mx.float32)
-            if use_cfg:
-                v_neg = self.transformer(xin, neg, t, img_ids, txt_ids).astype(mx.float32)
-                v = v_neg + guidance * (v - v_neg)
-            x = x + (sigma_next - sigma) * v  # Euler step of the rectified flow, in float32
-            mx.eval(x)
-            event = StepEvent(i + 1, steps, sigma, sigma_next, time.perf_counter() - t_start)
-            if preview and ((i + 1) % max(1, preview_every) == 0 or i + 1 == steps):
-                event.preview = self.preview(x - sigma_next * v if sigma_next > 0 else x, width, height)
-            yield event
-        timings["denoising_s"] = time.perf_counter() - t_denoise
-
-        t_decode = time.perf_counter()
-        images = self.vae.decode_tokens(x.astype(self.vae.dtype), height, width)
-        mx.eval(images)
-        timings["decoding_s"] = time.perf_counter() - t_decode
-        timings["total_s"] = time.perf_counter() - t_start
+            t_decode = time.perf_counter()
+            with mon.stage("decoding"):
+                if not plan.keep_transformer:
+                    self.release_transformer()
+                images = self.vae.decode_tokens(x.astype(self.vae.dtype), height, width, tile_size=plan.vae_tile)
+                mx.eval(images)
+            timings["decoding_s"] = time.perf_counter() - t_decode
+            timings["total_s"] = time.perf_counter() - t_start
         arr = np.array(images.astype(mx.float32))[0]
         yield GenerationResult(
             image=to_pil(images)[0], prompt=prompt, negative_prompt=negative_prompt if use_cfg else None, seed=seed,
             steps=steps, guidance=guidance if use_cfg else 1.0, width=width, height=height, model=self.model,
-            timings=timings, array=arr,
+            timings=timings, array=arr, memory=mon.report.as_dict(), plan=plan,
         )
+
+    def _encode(self, prompt: str, plan: MemoryPlan) -> mx.array:
+        emb = self.text_encoder.encode([prompt], max_length=self.max_sequence_length,
+                                       stream=plan.stream_text_encoder)
+        mx.eval(emb)
+        if not bool(mx.all(mx.isfinite(emb))):
+            raise BonsaiError(
+                f"the text encoder overflowed in {emb.dtype} (Qwen3's activations exceed float16's range); "
+                "use dtype bfloat16 (the default) or float32"
+            )
+        return emb
 
     def generate(self, prompt: str, width: int = 512, height: int = 512, steps: int | None = None,
                  seed: int | None = None, guidance: float | None = None, negative_prompt: str | None = None,
-                 latents=None, callback=None, cancel=None) -> GenerationResult:
+                 latents=None, callback=None, cancel=None, memory_budget=None,
+                 plan: MemoryPlan | None = None) -> GenerationResult:
         """Run to the end. `callback(StepEvent)` is called after each step; `cancel()`
         returning True stops between steps with `Cancelled`."""
-        gen = self.stream(prompt, width, height, steps, seed, guidance, negative_prompt, latents)
+        gen = self.stream(prompt, width, height, steps, seed, guidance, negative_prompt, latents,
+                          memory_budget=memory_budget, plan=plan)
         for item in gen:
             if isinstance(item, GenerationResult):
                 return item

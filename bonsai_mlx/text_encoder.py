@@ -86,6 +86,9 @@ class TextEncoderConfig:
         return cls(args=args, layers=layers, quantization=q)
 
 
+_INT_BYTES = {"U8": 1, "I8": 1, "U16": 2, "I16": 2, "U32": 4, "I32": 4, "U64": 8, "I64": 8, "BOOL": 1}
+
+
 class _WeightIndex:
     """Which safetensors file holds each key, read from the file headers only."""
 
@@ -254,6 +257,19 @@ class Qwen3TextEncoder:
     @property
     def resident(self) -> bool:
         return self._embed is not None
+
+    def weight_bytes(self, layer: Optional[int] = None) -> int:
+        """Resident bytes of the embedding (layer None) or of one decoder layer, after the
+        cast to `self.dtype`; read from the safetensors headers, no weights touched."""
+        float_bytes = mx.zeros((), self.dtype).itemsize
+        total = 0
+        for k in self._keys_for(layer):
+            _, shape, dt = self.index.entries[k]
+            n = 1
+            for d in shape:
+                n *= d
+            total += n * (float_bytes if dt in ("F16", "BF16", "F32", "F64") else _INT_BYTES.get(dt, 4))
+        return total
 
     # -- tokens --------------------------------------------------------------------
 

@@ -71,12 +71,22 @@ def clip_fp16(x: mx.array) -> mx.array:
     return mx.clip(x, -FP16_MAX, FP16_MAX) if x.dtype == mx.float16 else x
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
-    """q, k, v [B, L, H, Dh] -> [B, L, H*Dh], full (unmasked) attention."""
+def attention(q: mx.array, k: mx.array, v: mx.array, chunk: int | None = None) -> mx.array:
+    """q, k, v [B, L, H, Dh] -> [B, L, H*Dh], full (unmasked) attention.
+
+    With `chunk`, queries go `chunk` rows at a time, each chunk waiting for the one
+    before, so backends that materialise the scores hold [B, H, chunk, L] at most.
+    """
     B, L, H, Dh = q.shape
-    o = mx.fast.scaled_dot_product_attention(
-        q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), scale=Dh**-0.5
-    )
+    q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
+    if chunk is None or chunk >= L:
+        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=Dh**-0.5)
+    else:
+        parts = []
+        for r in range(0, L, chunk):
+            qc = q[:, :, r:r + chunk] if not parts else mx.depends(q[:, :, r:r + chunk], parts[-1])
+            parts.append(mx.fast.scaled_dot_product_attention(qc, k, v, scale=Dh**-0.5))
+        o = mx.concatenate(parts, axis=2)
     return o.transpose(0, 2, 1, 3).reshape(B, L, H * Dh)
 
 
@@ -134,6 +144,7 @@ class JointAttention(nn.Module):
         super().__init__()
         D, Dh = cfg.inner_dim, cfg.attention_head_dim
         self.heads, self.eps = cfg.num_attention_heads, cfg.eps
+        self.attention_chunk = None
         self.to_q = nn.Linear(D, D, bias=False)
         self.to_k = nn.Linear(D, D, bias=False)
         self.to_v = nn.Linear(D, D, bias=False)
@@ -158,7 +169,7 @@ class JointAttention(nn.Module):
         k = mx.concatenate([self.norm_added_k(self._heads(self.add_k_proj(txt))),
                             self.norm_k(self._heads(self.to_k(img)))], axis=1)
         v = mx.concatenate([self._heads(self.add_v_proj(txt)), self._heads(self.to_v(img))], axis=1)
-        o = attention(apply_rope(q, *rope), apply_rope(k, *rope), v)  # [B, L_txt + L_img, D]
+        o = attention(apply_rope(q, *rope), apply_rope(k, *rope), v, self.attention_chunk)  # [B, L_txt + L_img, D]
         return self.to_out[0](o[:, L_txt:]), self.to_add_out(o[:, :L_txt])
 
 
@@ -190,6 +201,7 @@ class ParallelAttention(nn.Module):
         super().__init__()
         D, F = cfg.inner_dim, cfg.mlp_hidden_dim
         self.heads, self.dim = cfg.num_attention_heads, D
+        self.attention_chunk = None
         self.to_qkv_mlp_proj = nn.Linear(D, 3 * D + 2 * F, bias=False)
         self.to_out = nn.Linear(D + F, D, bias=False)
         self.norm_q = nn.RMSNorm(cfg.attention_head_dim, eps=cfg.eps)
@@ -202,7 +214,7 @@ class ParallelAttention(nn.Module):
         q, k, v = (h[..., i * D:(i + 1) * D].reshape(B, L, self.heads, -1) for i in range(3))
         q = apply_rope(self.norm_q(q), *rope)
         k = apply_rope(self.norm_k(k), *rope)
-        o = attention(q, k, v)
+        o = attention(q, k, v, self.attention_chunk)
         return self.to_out(mx.concatenate([o, swiglu(h[..., 3 * D:])], axis=-1))
 
 
@@ -252,6 +264,12 @@ class Flux2Transformer(nn.Module):
     @property
     def dtype(self):
         return self.x_embedder.weight.dtype
+
+    def set_attention_chunk(self, rows: int | None) -> None:
+        """Compute attention `rows` queries at a time (None: all at once)."""
+        for _, m in self.named_modules():
+            if isinstance(m, (JointAttention, ParallelAttention)):
+                m.attention_chunk = rows
 
     def __call__(
         self,

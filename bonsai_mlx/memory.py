@@ -1,0 +1,240 @@
+"""Memory: measuring it the way PrismML's whitepaper does, and planning under a budget.
+
+`MemoryMonitor` polls `mx.get_active_memory()` every 50 ms from a background thread
+and records `mx.get_peak_memory()` per stage; mean-active is the trapezoidal integral
+of the samples over the render time.
+
+`plan_memory` picks how to run the stages (stream the text encoder or keep it, keep
+the transformer across stages or reload it, VAE tile size, attention chunking) from
+estimates of each stage's footprint, preferring the fastest plan that fits.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+
+from .errors import BonsaiError
+
+GB = 1e9
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_bytes(value) -> int:
+    """1500000000, "1.5GB", "1500MB", "1.5 GiB" -> bytes."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        n = float(value)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise BonsaiError(f"memory budget {value!r} is not a size; write e.g. 1.5GB, 1500MB or 1610612736")
+        n = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if n <= 0:
+        raise BonsaiError(f"memory budget must be positive, got {value!r}")
+    return int(n)
+
+
+@dataclass
+class StageMemory:
+    name: str
+    seconds: float
+    peak_bytes: int
+    mean_active_bytes: float
+
+
+@dataclass
+class MemoryReport:
+    interval_s: float
+    stages: list[StageMemory] = field(default_factory=list)
+    samples: list[tuple[float, int]] = field(default_factory=list)  # (seconds since start, active bytes)
+
+    @property
+    def peak_bytes(self) -> int:
+        return max((s.peak_bytes for s in self.stages), default=0)
+
+    @property
+    def mean_active_bytes(self) -> float:
+        return trapezoid_mean(self.samples)
+
+    def as_dict(self) -> dict:
+        return {
+            "peak_gb": self.peak_bytes / GB, "mean_active_gb": self.mean_active_bytes / GB,
+            "stages": {s.name: {"seconds": s.seconds, "peak_gb": s.peak_bytes / GB,
+                                "mean_active_gb": s.mean_active_bytes / GB} for s in self.stages},
+        }
+
+
+def trapezoid_mean(samples: list[tuple[float, int]]) -> float:
+    if not samples:
+        return 0.0
+    if len(samples) == 1 or samples[-1][0] == samples[0][0]:
+        return float(samples[0][1])
+    area = sum((t1 - t0) * (a0 + a1) / 2 for (t0, a0), (t1, a1) in zip(samples, samples[1:]))
+    return area / (samples[-1][0] - samples[0][0])
+
+
+class MemoryMonitor:
+    """with MemoryMonitor() as mon: with mon.stage("denoising"): ...; mon.report"""
+
+    def __init__(self, interval_s: float = 0.05):
+        self.report = MemoryReport(interval_s)
+        self._stop = threading.Event()
+        self._thread = None
+        self._t0 = 0.0
+
+    def _sample(self):
+        self.report.samples.append((time.perf_counter() - self._t0, mx.get_active_memory()))
+
+    def _run(self):
+        while not self._stop.wait(self.report.interval_s):
+            self._sample()
+
+    def __enter__(self):
+        self._t0 = time.perf_counter()
+        mx.reset_peak_memory()
+        self._sample()
+        self._thread = threading.Thread(target=self._run, name="bonsai-memory-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def stage(self, name: str):
+        return _Stage(self, name)
+
+
+class _Stage:
+    def __init__(self, monitor: MemoryMonitor, name: str):
+        self.monitor, self.name = monitor, name
+
+    def __enter__(self):
+        mx.synchronize()
+        mx.reset_peak_memory()
+        self.t0 = time.perf_counter() - self.monitor._t0
+        self.monitor._sample()
+        return self
+
+    def __exit__(self, *exc):
+        mx.synchronize()
+        self.monitor._sample()
+        t1 = time.perf_counter() - self.monitor._t0
+        inside = [(t, a) for t, a in self.monitor.report.samples if self.t0 <= t <= t1]
+        self.monitor.report.stages.append(
+            StageMemory(self.name, t1 - self.t0, mx.get_peak_memory(), trapezoid_mean(inside)))
+
+
+# ---------------------------------------------------------------------------- planning
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    stream_text_encoder: bool = False  # read encoder layers one at a time, release after use
+    keep_transformer: bool = True  # resident across text encoding and decoding
+    vae_tile: int | None = None  # pixels per tile side; None decodes whole
+    attention_chunk: int | None = None  # query rows per attention call; None = one call
+    estimated_peak_bytes: int = 0
+    stage_estimates: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What the planner needs to know about the loaded models (bytes and sizes)."""
+    transformer_bytes: int
+    transformer_dim: int
+    transformer_mlp: int
+    transformer_heads: int
+    transformer_max_out: int  # widest linear output (scratch of one matmul)
+    reference_matmul: bool  # plain-MLX packed matmul keeps float32 partial sums
+    text_resident_bytes: int  # encoder layers + embedding that encode needs
+    text_stream_bytes: int  # embedding + the largest layer
+    text_hidden: int
+    text_heads: int
+    text_len: int
+    vae_bytes: int
+    vae_channels: int  # widest decoder channel count at full resolution
+    vae_mid_channels: int
+    dtype_bytes: int = 2
+
+
+OVERHEAD = 48 * 2**20  # allocator slack, small arrays, ids, schedules
+VAE_MARGIN = 104  # pixels of context a decoder tile needs on each side (FLUX.2 VAE)
+# Peak decoder bytes per full-resolution pixel, per channel of the widest full-resolution
+# activation, per byte of dtype. MLX's CPU convolution unfolds 3x3 patches (im2col), so
+# it holds far more than the GPU backends; 44 was measured on the CPU (tests/test_memory.py
+# asserts that measured peaks stay under the estimate); 12 for GPUs is a conservative guess
+# until docs/benchmarks.md has a GPU measurement.
+VAE_BYTES_PER_PIXEL_CHANNEL = {"cpu": 44, "gpu": 12}
+SAFETY = 1.10
+
+
+def _attention_scores(heads: int, rows: int, cols: int) -> int:
+    return heads * rows * cols * 4
+
+
+def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batches: int = 1) -> dict:
+    """Bytes at the peak of each stage under `plan`."""
+    s = fp.dtype_bytes
+    L_img = (width // 16) * (height // 16)
+    L = L_img + fp.text_len
+    D, F = fp.transformer_dim, fp.transformer_mlp
+    rows = plan.attention_chunk or L
+    # one single-stream block: fused projection, its float32 RoPE copies, attention, MLP half, output
+    block = L * ((3 * D + 2 * F) * s + 4 * D * 4 + (D + F) * s * 2 + D * s * 4)
+    matmul = L * fp.transformer_max_out * (8 if fp.reference_matmul else s)
+    denoise = (fp.transformer_bytes + block + matmul + _attention_scores(fp.transformer_heads, rows, L)
+               + cfg_batches * fp.text_len * D * s * 2 + L_img * 128 * 4 * 3)
+    text_act = fp.text_len * fp.text_hidden * 4 * 10 + _attention_scores(fp.text_heads, fp.text_len, fp.text_len)
+    text = (fp.text_stream_bytes if plan.stream_text_encoder else fp.text_resident_bytes) + text_act
+    if plan.keep_transformer:
+        text += fp.transformer_bytes
+    # A tile is decoded with a margin as wide as the decoder's receptive field on each side,
+    # so tiles only pay off on images much larger than 2 * VAE_MARGIN.
+    tile = plan.vae_tile or max(width, height)
+    th, tw = min(tile + 2 * VAE_MARGIN, height), min(tile + 2 * VAE_MARGIN, width)
+    per_px = VAE_BYTES_PER_PIXEL_CHANNEL[mx.default_device().type.name] * fp.vae_channels * s
+    decode = (fp.vae_bytes + per_px * th * tw
+              + 6 * (height // 8) * (width // 8) * fp.vae_mid_channels * s + height * width * 3 * 4 * 2)
+    if plan.keep_transformer:
+        decode += fp.transformer_bytes
+    return {k: int(SAFETY * v + OVERHEAD) for k, v in
+            (("text_encoding", text), ("denoising", denoise), ("decoding", decode))}
+
+
+def candidate_plans(width: int, height: int):
+    """Fastest first: resident everything, then stream the encoder, then drop the
+    transformer between stages, then smaller VAE tiles and attention chunks."""
+    tiles = [None] + [t for t in (1024, 768, 512, 384, 256) if t < max(width, height)]
+    chunks = [None, 1024, 512, 256]
+    for stream in (False, True):
+        for keep in (True, False):
+            for tile in tiles:
+                for chunk in chunks:
+                    yield MemoryPlan(stream, keep, tile, chunk)
+
+
+def plan_memory(fp: Footprint, width: int, height: int, budget: int | None, cfg_batches: int = 1) -> MemoryPlan:
+    plans = []
+    for p in candidate_plans(width, height):
+        est = estimate(fp, width, height, p, cfg_batches)
+        peak = max(est.values())
+        plan = MemoryPlan(p.stream_text_encoder, p.keep_transformer, p.vae_tile, p.attention_chunk, peak, est)
+        if budget is None or peak <= budget:
+            return plan
+        plans.append(plan)
+    best = min(plans, key=lambda p: p.estimated_peak_bytes)
+    need = math.ceil(best.estimated_peak_bytes / 1e6) / 1e3  # GB, rounded up so that it fits
+    raise BonsaiError(
+        f"a {width}x{height} generation does not fit a memory budget of {budget / GB:.2f} GB: the smallest plan "
+        f"(stream the text encoder, reload the transformer, {best.vae_tile}-pixel VAE tiles, attention in chunks "
+        f"of {best.attention_chunk}) needs about {need:.3f} GB "
+        f"(peak stage: {max(best.stage_estimates, key=best.stage_estimates.get)}). "
+        f"Use a budget of at least {need:.3f} GB or a smaller image."
+    )
