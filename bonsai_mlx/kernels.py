@@ -12,8 +12,12 @@ right before multiplying.
 Two paths per format:
   gemm  M >= 32: BM x BN output tile per threadgroup, simdgroup matrices
         (Metal) / wmma tensor cores (CUDA).
-  gemv  M < 32: one simdgroup per R weight rows, lanes stream the packed rows,
-        simd_sum reduces.
+  gemv  M < 32, 16-bit x: 8 NJ weight rows x 16 rows of x per threadgroup,
+        simdgroups split K, lanes read their packed words straight into the
+        matrix units (CUDA) / simdgroup scratch (Metal); W read once per 16
+        rows of x.
+  gemv_fp32  float32 x (and, on CUDA, float32 at any M): one simdgroup per R
+        weight rows, lanes stream the packed rows, simd_sum reduces.
 
 Every launch is described by a `Launch` (kernel, template, grid, threadgroup),
 so the CPU harness in tests/metal_harness runs exactly what MLX would.
@@ -42,21 +46,25 @@ GEMM_TILES = {
     "metal": dict(BM=64, BN=64, BK=32, SGM=2, SGN=2),
     "cuda": dict(BM=128, BN=256, BK=64, SGM=2, SGN=4),
 }
-# GEMV: R weight rows per simdgroup, NSG simdgroups per threadgroup, and at
-# most MT_MAX rows of x per threadgroup (more rows re-read W from cache; the
-# staged x chunk, MT x 1056 floats, must fit Metal's 32 KB).
+# GEMV (M < 32, 16-bit x): 8 NJ weight rows and 16 rows of x per threadgroup,
+# NSG simdgroups splitting K in steps of 128 KL (lane reads KL words). Metal's
+# scratch (x 16 x 128 KL floats + weights 128 KL x 8 per simdgroup) must fit
+# its 32 KB with the reduction buffer.
+GEMV_TILES = {
+    "metal": dict(NJ=1, KL=1, NSG=2),
+    "cuda": dict(NJ=1, KL=4, NSG=4),
+}
+# float32 GEMV (exact float arithmetic, no matrix units): R weight rows per
+# simdgroup, NSG simdgroups per threadgroup, and at most MT_MAX rows of x per
+# threadgroup (the staged x chunk, MT x 1056 floats, must fit Metal's 32 KB).
 GEMV_R = 8
 GEMV_NSG = 4
 GEMV_MT_MAX = 4
 
 
-def set_gemv_config(*values: int) -> None:
-    """Tuning hook: GEMV_R, GEMV_NSG, GEMV_MT_MAX, in that order (a prefix is fine)."""
-    global GEMV_R, GEMV_NSG, GEMV_MT_MAX
-    names = ("GEMV_R", "GEMV_NSG", "GEMV_MT_MAX")
-    cur = dict(zip(names, (GEMV_R, GEMV_NSG, GEMV_MT_MAX)))
-    cur.update(zip(names, values))
-    GEMV_R, GEMV_NSG, GEMV_MT_MAX = cur["GEMV_R"], cur["GEMV_NSG"], cur["GEMV_MT_MAX"]
+def set_gemv_config(*values: int, backend: str = "cuda") -> None:
+    """Tuning hook: the 16-bit GEMV's NJ, KL, NSG, in that order (a prefix is fine)."""
+    GEMV_TILES[backend] = {**GEMV_TILES[backend], **dict(zip(("NJ", "KL", "NSG"), values))}
 
 
 def metal_dir() -> Path:
@@ -203,13 +211,18 @@ def plan(fmt: str, M: int, N: int, K: int, dtype: mx.Dtype, backend: str) -> Lau
         template = (("T", dtype), ("BM", t["BM"]), ("BN", t["BN"]), ("BK", t["BK"]), ("SGM", t["SGM"]), ("SGN", t["SGN"]))
         grid = (_ceil_div(N, t["BN"]) * nt, _ceil_div(M, t["BM"]), 1)
         return Launch(f"{fmt}_gemm", template, grid, (nt, 1, 1))
+    if dtype != mx.float32:
+        t = GEMV_TILES[backend]
+        template = (("T", dtype), ("NJ", t["NJ"]), ("KL", t["KL"]), ("NSG", t["NSG"]))
+        grid = (_ceil_div(N, 8 * t["NJ"]) * 32 * t["NSG"], _ceil_div(M, 16), 1)
+        return Launch(f"{fmt}_gemv", template, grid, (32 * t["NSG"], 1, 1))
     mt = 1
     while mt < min(M, GEMV_MT_MAX):
         mt *= 2
     rows = GEMV_R * GEMV_NSG
     template = (("T", dtype), ("MT", mt), ("R", GEMV_R), ("NSG", GEMV_NSG))
     grid = (_ceil_div(N, rows) * 32 * GEMV_NSG, _ceil_div(M, mt), 1)
-    return Launch(f"{fmt}_gemv", template, grid, (32 * GEMV_NSG, 1, 1))
+    return Launch(f"{fmt}_gemv_fp32", template, grid, (32 * GEMV_NSG, 1, 1))
 
 
 # ---------------------------------------------------------------------------- launchers

@@ -261,12 +261,9 @@ def tune(args):
     print(f"empty cuda_kernel per call: {t * 1e6:.1f} us", flush=True)
     t = timeit(mx, lambda a: a + 1, xs, 64)
     print(f"x + 1 (1x3072) per call: {t * 1e6:.1f} us", flush=True)
-    gemm_variants = [dict(BM=128, BN=256, BK=64, SGM=2, SGN=4), dict(BM=128, BN=128, BK=64, SGM=2, SGN=2),
-                     dict(BM=128, BN=128, BK=32, SGM=2, SGN=2), dict(BM=256, BN=128, BK=32, SGM=4, SGN=2),
-                     dict(BM=128, BN=256, BK=32, SGM=2, SGN=4)]
-    gemm_variants = gemm_variants[:args.tune_gemm]
+    gemm_variants = [dict(zip(("BM", "BN", "BK", "SGM", "SGN"), v)) for v in args.tune_tiles]
     gemv_variants = [tuple(v) for v in args.tune_gemv]
-    for (n, k) in [(3072, 3072), (18432, 3072), (3072, 12288)]:
+    for (n, k) in args.tune_shapes:
         pws = {fmt: make_packed(rng, fmt, n, k, mx)[0] for fmt in kernels.FORMATS}
         w16 = (mx.random.normal((n, k)) * 0.02).astype(mx.float16)
         wq, sc, bi = mx.quantize(w16, group_size=128, bits=2)
@@ -303,7 +300,10 @@ def main():
     p.add_argument("--quick", action="store_true", help="two shapes, M in {1, 1536}")
     p.add_argument("--out", help="write raw results as JSON")
     p.add_argument("--tune", action="store_true", help="time CUDA tile/launch variants instead")
-    p.add_argument("--tune-gemm", type=int, default=5, help="how many GEMM tile variants to time")
+    p.add_argument("--tune-tiles", type=json.loads, default=[[128, 128, 64, 2, 2], [128, 256, 64, 2, 4]],
+                   help="CUDA GEMM tiles to time, a JSON list of [BM, BN, BK, SGM, SGN]")
+    p.add_argument("--tune-shapes", type=json.loads, default=[[3072, 3072], [18432, 3072], [3072, 12288]],
+                   help="(N, K) shapes for --tune, a JSON list")
     p.add_argument("--tune-gemv", type=json.loads, default=[], help="GEMV configs, a JSON list of argument lists")
     args = p.parse_args()
     if args.tune:

@@ -6,7 +6,8 @@
 // simdgroups multiply step s out of buffer s%2, the copy of step s+1's x tile
 // into the other buffer is in flight (asynchronous on CUDA) and step s+1's
 // packed words and scales sit in registers; they are stored after the
-// multiply. Only packed words are staged for W: each simdgroup decodes its
+// multiply. Only packed words are staged for W (in fragment bit order,
+// bonsai_plane_order): each simdgroup decodes its
 // own B block from them right before its multiply-accumulates
 // (BonsaiSimdTile::mma_binary), so W is never dense in threadgroup memory.
 typedef typename BonsaiTileType<T>::type TileT;
@@ -48,7 +49,7 @@ for (int t = 0; t < WPT; ++t) {
   const int i = tid + t * NT;
   const int n = i < BN * KWS ? n0 + i / KWS : N;
   if (i < BN * KWS)
-    wp[(i % KWS) * BN + i / KWS] = n < N ? w[size_t(n) * KW + i % KWS] : 0u;
+    wp[(i % KWS) * BN + i / KWS] = bonsai_plane_order(n < N ? w[size_t(n) * KW + i % KWS] : 0u);
 }
 for (int t = 0; t < SPT; ++t) {
   const int r = tid + t * NT;
@@ -84,7 +85,7 @@ for (int s = 0; s < steps; ++s) {
     for (int t = 0; t < WPT; ++t) {
       const int i = tid + t * NT;
       if (i < BN * KWS)
-        wp[(1 - buf) * KWS * BN + (i % KWS) * BN + i / KWS] = wreg[t];
+        wp[(1 - buf) * KWS * BN + (i % KWS) * BN + i / KWS] = bonsai_plane_order(wreg[t]);
     }
     for (int t = 0; t < SPT; ++t) {
       const int r = tid + t * NT;

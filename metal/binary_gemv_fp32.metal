@@ -1,4 +1,5 @@
-// Small-M path (M < 32): y[M, N] = x[M, K] @ W[N, K]^T, W binary:
+// Small-M path for float32 x (M < 32; on CUDA also M >= 32, since the tensor-core
+// paths take 16-bit x only): y[M, N] = x[M, K] @ W[N, K]^T, W binary:
 // w uint32 [N, K/32], scales [N, K/128]. Template: T (x, y dtype), MT rows of
 // x per threadgroup, R weight rows per simdgroup, NSG simdgroups per group.
 // K is walked in chunks of 1024 = 32 lanes x one 32-bit word: lane l owns

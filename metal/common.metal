@@ -16,6 +16,53 @@ inline uint bonsai_trit_code(uint byte, uint j) {
   return q - 3u * ((q * 21846u) >> 16);
 }
 
+// Bit order of the staged bit planes ("fragment order"): bit 2i of a packed
+// 32-k word goes to bit i, bit 2i+1 to bit 16 + i. Then the two weights that
+// share a 32-bit tensor-core register (k, k+1) sit 16 bits apart, and one
+// shift plus one mask puts both signs in place (CUDA twin). The Metal decode
+// reads the same planes at the same positions (bonsai_plane_bit).
+inline uint bonsai_plane_order(uint v) {
+  v = ((v >> 1u) & 0x22222222u) | ((v << 1u) & 0x44444444u) | (v & 0x99999999u);
+  v = ((v >> 2u) & 0x0C0C0C0Cu) | ((v << 2u) & 0x30303030u) | (v & 0xC3C3C3C3u);
+  v = ((v >> 4u) & 0x00F000F0u) | ((v << 4u) & 0x0F000F00u) | (v & 0xF00FF00Fu);
+  v = ((v >> 8u) & 0x0000FF00u) | ((v << 8u) & 0x00FF0000u) | (v & 0xFF0000FFu);
+  return v;
+}
+// Where element k % 32 of a word sits in its plane word.
+inline uint bonsai_plane_bit(uint k) {
+  return ((k & 1u) << 4u) | ((k & 31u) >> 1u);
+}
+
+// KL consecutive packed words from p (16-byte aligned when KL == 4: rows are
+// K/32 words with K % 128 == 0), or zeros when !ok.
+template <int KL>
+inline void bonsai_load_words(const device uint* p, bool ok, thread uint* out) {
+  if (KL == 4) {
+    uint4 v = {0u, 0u, 0u, 0u};
+    if (ok)
+      v = *reinterpret_cast<const device uint4*>(p);
+    out[0] = v.x;
+    out[1] = v.y;
+    out[2] = v.z;
+    out[3] = v.w;
+  } else {
+    for (int l = 0; l < KL; ++l)
+      out[l] = ok ? p[l] : 0u;
+  }
+}
+
+// The 8 bytes of a 5-trits-per-byte row (KB bytes) starting at byte b0, as
+// lo = bytes 0-3 and hi = bytes 4-7; 121 (five zero trits) past the row or
+// when !ok.
+inline void bonsai_load_trit_bytes(const device uint8_t* row, int b0, int KB, bool ok, thread uint& lo,
+                                   thread uint& hi) {
+  uint v[8];
+  for (int j = 0; j < 8; ++j)
+    v[j] = (ok && b0 + j < KB) ? uint(row[b0 + j]) : 121u;
+  lo = v[0] | (v[1] << 8u) | (v[2] << 16u) | (v[3] << 24u);
+  hi = v[4] | (v[5] << 8u) | (v[6] << 16u) | (v[7] << 24u);
+}
+
 // A 256-entry table, byte -> its 5 trits as two bit planes: bits 0-4 set where
 // t = +1, bits 5-9 set where t != 0 (codes >= 243 never occur; they map to 0).
 inline uint bonsai_trit_lut_entry(uint byte) {
@@ -83,8 +130,8 @@ constexpr int bonsai_tile_scratch() {
 // One simdgroup's WM x WN block of C += A * B, accumulated in 8x8 simdgroup
 // matrices. A [WM x bk] is x in threadgroup memory (row stride lda). B = W^T
 // [bk x WN] is never stored dense: it is decoded by this simdgroup from the
-// packed bit planes staged for the k-step (wp: bit k%32 of word (k/32)*ldw + n
-// is 1 for +s; wz, ternary only: 1 for non-zero) and the per-column scales sc,
+// packed bit planes staged for the k-step (wp: bit bonsai_plane_bit(k) of word
+// (k/32)*ldw + n is 1 for +s; wz, ternary only: 1 for non-zero) and the per-column scales sc,
 // 8 k at a time into its own scratch, right before the multiply (the CUDA
 // twin decodes the same planes straight into mma fragments).
 template <int WM, int WN>
@@ -104,7 +151,7 @@ struct BonsaiSimdTile {
       for (int e = int(lane); e < 8 * WN; e += 32) {
         const int k = kk + e / WN;
         const int n = e % WN;
-        const uint sh = uint(k % 32);
+        const uint sh = bonsai_plane_bit(uint(k));
         float v = ((wp[(k / 32) * ldw + n] >> sh) & 1u) ? sc[n] : -sc[n];
         if (TER)
           v = ((wz[(k / 32) * ldw + n] >> sh) & 1u) ? v : 0.0f;
@@ -151,6 +198,87 @@ struct BonsaiSimdTile {
         }
         simdgroup_barrier(mem_flags::mem_threadgroup);
       }
+  }
+};
+
+// Skinny path (M < 32, 16-bit x): one simdgroup's 16 x (8 NJ) block of
+// y = x W^T over its k-steps of 128 KL. Lane (g, q) = (lane / 4, lane % 4)
+// holds KL packed words of weight row 8j + g (wv[j * KL + l], fragment bit
+// order, with wz the non-zero planes for ternary) for k = kb + 32 (KL q + l)
+// .. + 31, and that k-range's scale s[j]. x rows m0 .. m0 + 15 (zero past M)
+// and the decoded weights go through this simdgroup's scratch, since
+// simdgroup matrices load from memory; the CUDA twin feeds the same words
+// straight into mma fragments and x from device memory.
+template <int NJ, int KL>
+constexpr int bonsai_skinny_scratch() {
+  return 16 * 128 * KL + 128 * KL * 8;
+}
+
+template <int NJ, int KL>
+struct BonsaiSkinnyTile {
+  simdgroup_matrix<float, 8, 8> c[2][NJ];
+
+  void zero() {
+    for (int r = 0; r < 2; ++r)
+      for (int j = 0; j < NJ; ++j)
+        c[r][j] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+  }
+
+  template <bool TER, typename T>
+  void mma_words_planes(const device T* x, int K, int m0, int M, int kb, const thread uint* wv, const thread uint* wz,
+                        const thread float* s, uint lane, threadgroup float* scratch) {
+    constexpr int KI = 128 * KL;
+    threadgroup float* xa = scratch;           // [16][KI]
+    threadgroup float* wb = scratch + 16 * KI;  // [KI][8]
+    for (int e = int(lane); e < 16 * KI; e += 32) {
+      const int r = e / KI;
+      const int k = kb + e % KI;
+      xa[e] = (m0 + r < M && k < K) ? static_cast<float>(x[size_t(m0 + r) * K + k]) : 0.0f;
+    }
+    const int g = int(lane) / 4;
+    const int q = int(lane) % 4;
+    for (int j = 0; j < NJ; ++j) {
+      simdgroup_barrier(mem_flags::mem_threadgroup);  // xa written; wb free again
+      for (int l = 0; l < KL; ++l)
+        for (int i = 0; i < 32; ++i) {
+          const uint sh = bonsai_plane_bit(uint(i));
+          float v = ((wv[j * KL + l] >> sh) & 1u) ? s[j] : -s[j];
+          if (TER)
+            v = ((wz[j * KL + l] >> sh) & 1u) ? v : 0.0f;
+          wb[(32 * (KL * q + l) + i) * 8 + g] = v;
+        }
+      simdgroup_barrier(mem_flags::mem_threadgroup);
+      for (int kk = 0; kk < KI; kk += 8) {
+        simdgroup_matrix<float, 8, 8> a0;
+        simdgroup_matrix<float, 8, 8> a1;
+        simdgroup_matrix<float, 8, 8> b;
+        simdgroup_load(a0, xa + kk, KI);
+        simdgroup_load(a1, xa + 8 * KI + kk, KI);
+        simdgroup_load(b, wb + kk * 8, 8);
+        simdgroup_multiply_accumulate(c[0][j], a0, b, c[0][j]);
+        simdgroup_multiply_accumulate(c[1][j], a1, b, c[1][j]);
+      }
+    }
+    simdgroup_barrier(mem_flags::mem_threadgroup);  // scratch is rewritten by the next step
+  }
+
+  template <typename T>
+  void mma_binary(const device T* x, int K, int m0, int M, int kb, const thread uint* wv, const thread float* s,
+                  uint lane, threadgroup float* scratch) {
+    mma_words_planes<false>(x, K, m0, M, kb, wv, wv, s, lane, scratch);
+  }
+
+  template <typename T>
+  void mma_ternary(const device T* x, int K, int m0, int M, int kb, const thread uint* wv, const thread uint* wz,
+                   const thread float* s, uint lane, threadgroup float* scratch) {
+    mma_words_planes<true>(x, K, m0, M, kb, wv, wz, s, lane, scratch);
+  }
+
+  // The block as red[m][n] (row stride ldr) in threadgroup memory.
+  void store_partial(threadgroup float* red, int ldr, uint lane) {
+    for (int r = 0; r < 2; ++r)
+      for (int j = 0; j < NJ; ++j)
+        simdgroup_store(c[r][j], red + r * 8 * ldr + j * 8, ldr);
   }
 };
 // @@metal-only-end

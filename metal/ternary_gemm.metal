@@ -4,7 +4,8 @@
 // BK (32 or 64) k per step, SGM x SGN simdgroups (each a WM x WN block).
 // Same two-stage pipeline as binary_gemm: the 5-trit bytes of step s+1 are
 // loaded into registers before step s's multiply and turned into two bit
-// planes per 32 trits (+1 / non-zero, through a 256-entry byte table) after
+// planes per 32 trits (+1 / non-zero, through a 256-entry byte table; fragment
+// bit order) after
 // it; each simdgroup decodes its B block from those planes right before its
 // multiply-accumulates (BonsaiSimdTile::mma_ternary). W is never dense in
 // threadgroup memory.
@@ -71,8 +72,8 @@ for (int t = 0; t < WPT; ++t) {
   uint z;
   bonsai_trit_planes(blo[t], bhi[t], uint(k - 5 * (k / 5)), lut, p, z);
   if (i < BN * KWS) {
-    wp[(i % KWS) * BN + i / KWS] = p;
-    wz[(i % KWS) * BN + i / KWS] = z;
+    wp[(i % KWS) * BN + i / KWS] = bonsai_plane_order(p);
+    wz[(i % KWS) * BN + i / KWS] = bonsai_plane_order(z);
   }
 }
 
@@ -114,8 +115,8 @@ for (int s = 0; s < steps; ++s) {
       uint z;
       bonsai_trit_planes(blo[t], bhi[t], uint(k - 5 * (k / 5)), lut, p, z);
       if (i < BN * KWS) {
-        wp[(1 - buf) * KWS * BN + (i % KWS) * BN + i / KWS] = p;
-        wz[(1 - buf) * KWS * BN + (i % KWS) * BN + i / KWS] = z;
+        wp[(1 - buf) * KWS * BN + (i % KWS) * BN + i / KWS] = bonsai_plane_order(p);
+        wz[(1 - buf) * KWS * BN + (i % KWS) * BN + i / KWS] = bonsai_plane_order(z);
       }
     }
     for (int t = 0; t < SPT; ++t) {

@@ -1,4 +1,5 @@
-// Small-M path (M < 32): y[M, N] = x[M, K] @ W[N, K]^T, W ternary, 5 trits
+// Small-M path for float32 x (M < 32; on CUDA also M >= 32, since the tensor-core
+// paths take 16-bit x only): y[M, N] = x[M, K] @ W[N, K]^T, W ternary, 5 trits
 // per byte: w uint8 [N, ceil(K/5)], scales [N, K/128]. Template: T (x, y
 // dtype), MT rows of x per threadgroup, R weight rows per simdgroup, NSG
 // simdgroups per group. K is walked in chunks of 640 trits = 32 lanes x 4

@@ -108,9 +108,11 @@ struct BonsaiSimdTile {
   }
 
   // Lane (g, q) = (lane / 4, lane % 4) holds B[k][n] for n = 8j + g and
-  // k = 2q, 2q+1 (b0) and 2q+8, 2q+9 (b1) of each 16-deep k-step: bits
-  // (kk % 32) + 2q + {0, 1, 8, 9} of plane word kk / 32 of that row. A bit
-  // turns -s into +s by flipping the sign bit; ternary zeroes where wz is 0.
+  // k = 2q, 2q+1 (b0) and 2q+8, 2q+9 (b1) of each 16-deep k-step. In fragment
+  // bit order (bonsai_plane_order) those pairs of plane word kk / 32 sit at
+  // bits (p, p + 16) for p = 8 (kk % 32 / 16) + q (b0) and p + 4 (b1): one shift
+  // brings them to the sign bits 15 and 31, where a set bit turns -s into +s;
+  // ternary zeroes a half whose non-zero bit is clear (prmt sign-replicates).
   template <bool TER, typename TT>
   __device__ __forceinline__ void mma_planes(const TT* a, int lda, const uint* wp, const uint* wz, int ldw,
                                              const float* sc, int bk, uint lane, float*) {
@@ -128,17 +130,21 @@ struct BonsaiSimdTile {
         asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                      : "=r"(af[i][0]), "=r"(af[i][1]), "=r"(af[i][2]), "=r"(af[i][3])
                      : "r"(bonsai_smem_addr(arow + i * 16 * lda + kk)));
-      const int sh = (kk & 16) + 2 * q;
+      const int s0 = 15 - ((kk & 16) >> 1) - q;
 #pragma unroll
       for (int j = 0; j < NJ; ++j) {
-        const uint v = wp[(kk >> 5) * ldw + j * 8 + g] >> sh;
+        const uint v = wp[(kk >> 5) * ldw + j * 8 + g];
         uint b[2];
-        b[0] = ns[j] ^ (((v << 15) & 0x8000u) | ((v << 30) & 0x80000000u));
-        b[1] = ns[j] ^ (((v << 7) & 0x8000u) | ((v << 22) & 0x80000000u));
+        b[0] = ns[j] ^ ((v << s0) & 0x80008000u);
+        b[1] = ns[j] ^ ((v << (s0 - 4)) & 0x80008000u);
         if (TER) {
-          const uint z = wz[(kk >> 5) * ldw + j * 8 + g] >> sh;
-          b[0] &= ((z & 1u) | ((z << 15) & 0x10000u)) * 0xFFFFu;
-          b[1] &= (((z >> 8) & 1u) | ((z << 7) & 0x10000u)) * 0xFFFFu;
+          const uint z = wz[(kk >> 5) * ldw + j * 8 + g];
+          uint m0;
+          uint m1;
+          asm("prmt.b32 %0, %1, 0, 0xBB99;\n" : "=r"(m0) : "r"(z << s0));
+          asm("prmt.b32 %0, %1, 0, 0xBB99;\n" : "=r"(m1) : "r"(z << (s0 - 4)));
+          b[0] &= m0;
+          b[1] &= m1;
         }
 #pragma unroll
         for (int i = 0; i < MI; ++i) bonsai_mma16816(c[i][j], af[i], b, TT());
@@ -181,5 +187,115 @@ struct BonsaiSimdTile {
             if (col + 1 < cols) p[1] = static_cast<T>(c[i][j][2 * h + 1]);
           }
         }
+  }
+};
+
+// Skinny path (M < 32, 16-bit x): the twin of the Metal BonsaiSkinnyTile.
+// Lane (g, q) owns k = kb + 32 (KL q + l) .. + 31 of weight row 8j + g. The
+// mma's k order is free, so its 16 slots per step are dealt out as: lane
+// quad q, step (l, t) puts x[.][k0 + 4t + {0, 1}] in slots 2q, 2q+1 and
+// x[.][k0 + 4t + {2, 3}] in slots 2q+8, 2q+9 (k0 = kb + 32 (KL q + l)), which
+// is one 8-byte load of x per row from device memory, and the matching bits
+// 4t .. 4t+3 of the lane's own word sit, in fragment bit order, at (2t, 2t+16)
+// and (2t+1, 2t+17): one shift each. No shared memory.
+template <int NJ, int KL>
+__host__ __device__ constexpr int bonsai_skinny_scratch() {
+  return 1;
+}
+
+template <typename T>
+__device__ __forceinline__ void bonsai_ld_x4(const T* p, bool ok, bool aligned, uint& lo, uint& hi) {
+  lo = 0u;
+  hi = 0u;
+  if (!ok) return;
+  if (aligned) {
+    const uint2 v = *reinterpret_cast<const uint2*>(p);
+    lo = v.x;
+    hi = v.y;
+  } else {
+    const unsigned short* h = reinterpret_cast<const unsigned short*>(p);
+    lo = uint(h[0]) | (uint(h[1]) << 16);
+    hi = uint(h[2]) | (uint(h[3]) << 16);
+  }
+}
+
+template <int NJ, int KL>
+struct BonsaiSkinnyTile {
+  float c[NJ][4];
+
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int j = 0; j < NJ; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) c[j][e] = 0.0f;
+  }
+
+  template <bool TER, typename T>
+  __device__ __forceinline__ void mma_words_planes(const T* x, int K, int m0, int M, int kb, const uint* wv,
+                                                   const uint* wz, const float* s, uint lane, float*) {
+    const int g = int(lane) >> 2;
+    const int q = int(lane) & 3;
+    const int kq = kb + 32 * KL * q;
+    const bool ok0 = kq < K && m0 + g < M;
+    const bool ok1 = kq < K && m0 + g + 8 < M;
+    const bool aligned = (reinterpret_cast<uintptr_t>(x) & 7) == 0;
+    const T* x0 = x + size_t(ok0 ? m0 + g : 0) * K + (kq < K ? kq : 0);
+    const T* x1 = x + size_t(ok1 ? m0 + g + 8 : 0) * K + (kq < K ? kq : 0);
+    uint ns[NJ];
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) ns[j] = bonsai_neg_pair(s[j], T());
+#pragma unroll
+    for (int l = 0; l < KL; ++l) {
+      uint a[8][4];
+#pragma unroll
+      for (int t = 0; t < 8; ++t) {
+        bonsai_ld_x4(x0 + 32 * l + 4 * t, ok0, aligned, a[t][0], a[t][2]);
+        bonsai_ld_x4(x1 + 32 * l + 4 * t, ok1, aligned, a[t][1], a[t][3]);
+      }
+#pragma unroll
+      for (int t = 0; t < 8; ++t)
+#pragma unroll
+        for (int j = 0; j < NJ; ++j) {
+          const uint v = wv[j * KL + l];
+          uint b[2];
+          b[0] = ns[j] ^ ((v << (15 - 2 * t)) & 0x80008000u);
+          b[1] = ns[j] ^ ((v << (14 - 2 * t)) & 0x80008000u);
+          if (TER) {
+            const uint z = wz[j * KL + l];
+            uint m0_;
+            uint m1_;
+            asm("prmt.b32 %0, %1, 0, 0xBB99;\n" : "=r"(m0_) : "r"(z << (15 - 2 * t)));
+            asm("prmt.b32 %0, %1, 0, 0xBB99;\n" : "=r"(m1_) : "r"(z << (14 - 2 * t)));
+            b[0] &= m0_;
+            b[1] &= m1_;
+          }
+          bonsai_mma16816(c[j], a[t], b, T());
+        }
+    }
+  }
+
+  template <typename T>
+  __device__ __forceinline__ void mma_binary(const T* x, int K, int m0, int M, int kb, const uint* wv, const float* s,
+                                             uint lane, float* scratch) {
+    mma_words_planes<false>(x, K, m0, M, kb, wv, wv, s, lane, scratch);
+  }
+
+  template <typename T>
+  __device__ __forceinline__ void mma_ternary(const T* x, int K, int m0, int M, int kb, const uint* wv, const uint* wz,
+                                              const float* s, uint lane, float* scratch) {
+    mma_words_planes<true>(x, K, m0, M, kb, wv, wz, s, lane, scratch);
+  }
+
+  // Accumulator (j, e): row g + 8 (e / 2), column 8j + 2q + e % 2.
+  __device__ __forceinline__ void store_partial(float* red, int ldr, uint lane) {
+    const int g = int(lane) >> 2;
+    const int q = int(lane) & 3;
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) {
+      red[g * ldr + 8 * j + 2 * q] = c[j][0];
+      red[g * ldr + 8 * j + 2 * q + 1] = c[j][1];
+      red[(g + 8) * ldr + 8 * j + 2 * q] = c[j][2];
+      red[(g + 8) * ldr + 8 * j + 2 * q + 1] = c[j][3];
+    }
   }
 };

@@ -50,11 +50,15 @@ CASES = [
     ("binary", 33, 136, 128, "bfloat16"),
     ("binary", 70, 136, 640, "float16"),
     ("binary", 70, 72, 384, "float32"),
+    ("binary", 20, 100, 640, "bfloat16"),
+    ("binary", 16, 24, 384, "float16"),
     ("ternary", 1, 72, 640, "float16"),
     ("ternary", 5, 100, 384, "float32"),
     ("ternary", 33, 136, 128, "bfloat16"),
     ("ternary", 70, 136, 640, "float16"),
     ("ternary", 70, 72, 384, "float32"),
+    ("ternary", 20, 100, 640, "bfloat16"),
+    ("ternary", 16, 24, 384, "float16"),
 ]
 
 
@@ -64,7 +68,8 @@ def test_metal_kernel_matches_oracle(fmt, M, N, K, dtype):
     t, s, pw = random_weight(rng, fmt, N, K)
     x = mx.array(rng.standard_normal((M, K)).astype(np.float32)).astype(DTYPES[dtype])
     y, launch = run_metal(pw, x)
-    assert launch.kernel.endswith("gemm" if M >= kernels.GEMM_MIN_M else "gemv")
+    want = "gemm" if M >= kernels.GEMM_MIN_M else ("gemv_fp32" if dtype == "float32" else "gemv")
+    assert launch.kernel.endswith(want)
     ref = to_numpy(x).astype(np.float64) @ dense(t, s).T
     assert rel_err(y, ref) < TOL[dtype]
     try:
@@ -207,7 +212,8 @@ def test_harness_poisons_threadgroup_memory():
 # ----------------------------------------------------------------------------- CUDA twin text
 
 def test_cuda_twin_is_generated_from_the_metal_source():
-    for kernel in ("binary_gemm", "ternary_gemm", "binary_gemv", "ternary_gemv"):
+    for kernel in ("binary_gemm", "ternary_gemm", "binary_gemv", "ternary_gemv", "binary_gemv_fp32",
+                   "ternary_gemv_fp32"):
         m_header, m_body = kernels.metal_source(kernel)
         header, body = kernels.cuda_source(kernel)
         assert "threadgroup_barrier" not in body and not re.search(r"\bsimd_sum\(", body)
@@ -233,7 +239,9 @@ def test_cuda_tile_twin_has_the_metal_tile_api():
     twin = (kernels.metal_dir() / "tile_mma.cuh").read_text()
     for name in ("BONSAI_TILE_PAD", "struct BonsaiTileType", "struct BonsaiSimdTile", "bonsai_stage_x(",
                  "bonsai_stage_commit()", "bonsai_stage_wait()", "bonsai_tile_scratch()", "void zero()",
-                 "void mma_planes(", "void mma_binary(", "void mma_ternary(", "void store("):
+                 "void mma_planes(", "void mma_binary(", "void mma_ternary(", "void store(",
+                 "bonsai_skinny_scratch()", "struct BonsaiSkinnyTile", "void mma_words_planes(",
+                 "void store_partial("):
         assert name in metal_only and name in twin, name
 
 
