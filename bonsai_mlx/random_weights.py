@@ -17,7 +17,7 @@ its safetensors file, so no dense model is ever built: writing the 2.3 GB text e
 holds one chunk, not the file. The same tensor plan gives the exact file sizes without
 writing anything (`pack_file_sizes`).
 
-Values: packed codes are uniform random (binary bits; ternary codes 0, 1, 2, never 3),
+Values: packed codes are random (binary bits uniform; ternary codes 0, 1, 2, never 3),
 group scales s ~ U(0.75, 1.25) / sqrt(K) (about 0.018 at K = 3072); 16-bit weights are
 N(0, 1/fan_in), norm weights 1 + N(0, 0.1^2). The numbers mean nothing; they keep
 activations finite so a benchmark exercises the real code paths.
@@ -94,7 +94,6 @@ SKIP_PATTERNS = ["x_embedder", "context_embedder", "time_guidance_embed", "modul
 _CHUNK_VALUES = 1 << 24
 
 _ITEMSIZE = {"U32": 4, "BF16": 2, "F16": 2, "F32": 4, "I64": 8}  # safetensors dtype names
-_TRIT_SHIFTS = 2 * np.arange(16, dtype=np.uint32)  # 16 two-bit codes per word, LSB first
 _SPREAD_4BIT = math.sqrt((16**2 - 1) / 12)  # std of codes 0..15, so s * 4.61 = weight std
 
 
@@ -365,10 +364,13 @@ def _draw(t: Tensor, rng: np.random.Generator, rows: int) -> np.ndarray:
     if t.kind == "bits":
         return np.frombuffer(rng.bytes(4 * math.prod(shape)), np.uint32).reshape(shape)
     if t.kind == "trits":
-        # codes 0, 1, 2 uniformly (t = -1, 0, +1); 3 is never written, as in the real
-        # ternary packs (the loader rejects it)
-        codes = rng.integers(0, 3, shape + (16,), dtype=np.uint8).astype(np.uint32)
-        return np.bitwise_or.reduce(codes << _TRIT_SHIFTS, axis=-1)
+        # codes 0, 1, 2 (t = -1, 0, +1), never 3, as in the real ternary packs (the loader
+        # rejects 3). (byte * 3) >> 8 maps a random byte to 0, 1, 2 with probabilities
+        # 86, 85, 85 / 256: 5x faster than rng.integers, and uniform enough for a benchmark.
+        b = np.frombuffer(rng.bytes(16 * math.prod(shape)), np.uint8)
+        c = ((b.astype(np.uint16) * 3) >> 8).astype(np.uint8).reshape(-1, 4)
+        packed = c[:, 0] | (c[:, 1] << 2) | (c[:, 2] << 4) | (c[:, 3] << 6)  # 4 codes a byte, LSB first
+        return packed.view("<u4").reshape(shape)  # little-endian bytes: code j at bits 2j..2j+1
     if t.kind == "normal":
         x = rng.standard_normal(shape, np.float32) * np.float32(t.std)
     elif t.kind == "norm":
