@@ -7,6 +7,7 @@ import statistics
 import time
 
 import mlx.core as mx
+import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import TransformerConfig
@@ -89,3 +90,79 @@ def forward_flops(cfg: TransformerConfig, L_img: int, L_txt: int) -> float:
     embed = 2 * (L_img * cfg.in_channels * D + L_txt * cfg.joint_attention_dim * D + L_img * D * cfg.out_dim)
     return cfg.num_layers * double + cfg.num_single_layers * single + embed
 
+
+
+# Issue targets for peak memory over a whole generation (bytes).
+PEAK_TARGETS = {("binary", 512): 1.5e9, ("binary", 1024): 1.9e9, ("ternary", 512): 1.8e9, ("ternary", 1024): 2.2e9}
+
+
+def bench_generate(root, fmts=("binary", "ternary"), sizes=(512, 1024), steps=4, dtype="bfloat16",
+                   budget="target", seed=0, log=print, pack_kwargs=None, text_layers=(9, 18, 27)) -> dict:
+    """Full generations on random weights at the real shapes, written to disk and loaded
+    the way real weights load. Per stage: time, peak (`mx.get_peak_memory`) and mean-active
+    memory (50 ms samples of `mx.get_active_memory`). Also cold start to the first image,
+    and streamed vs resident text encoding in the same run."""
+    from pathlib import Path
+
+    from .memory import GB, parse_bytes
+    from .pipeline import BonsaiPipeline
+    from .random_weights import write_random_pack
+
+    out = {"device": str(mx.default_device()), "dtype": dtype, "steps": steps, "runs": []}
+    prompt = "a bonsai tree on a wooden desk, morning light, photograph"
+    for fmt in fmts:
+        pack = Path(root) / f"random-{fmt}"
+        t = time.perf_counter()
+        if not (pack / "model_index.json").exists():
+            write_random_pack(pack, fmt, seed=seed, **(pack_kwargs or {}))
+        log(f"[{fmt}] random pack at {pack} ({time.perf_counter() - t:.1f} s)")
+        for size in sizes:
+            want = PEAK_TARGETS.get((fmt, size)) if budget == "target" else budget
+            want = None if want is None else parse_bytes(want)
+            mx.clear_cache()
+            mx.reset_peak_memory()
+            t_cold = time.perf_counter()
+            pipe = BonsaiPipeline.from_pretrained(pack, dtype=DTYPES[dtype], text_layers=text_layers)
+            load_s = time.perf_counter() - t_cold
+            run = {"format": fmt, "size": size, "budget_gb": None if want is None else float(want) / GB,
+                   "load_s": load_s, "load_peak_gb": mx.get_peak_memory() / GB}
+            try:
+                plan = pipe.plan(size, size, want)
+            except Exception as e:  # the planner refuses: record it, then run with its smallest plan
+                run["refused"] = str(e)
+                want = parse_bytes(str(e).split("at least ")[1].split(" GB")[0] + "GB")
+                plan = pipe.plan(size, size, want)
+            run["plan"] = {k: getattr(plan, k) for k in ("stream_text_encoder", "keep_transformer", "vae_tile",
+                                                          "attention_chunk", "estimated_peak_bytes")}
+            result = pipe.generate(prompt, width=size, height=size, steps=steps, seed=seed, memory_budget=want)
+            run["cold_start_to_first_image_s"] = time.perf_counter() - t_cold
+            run["timings"] = result.timings
+            run["memory"] = result.memory
+            run["finite"] = bool(np.isfinite(result.array).all())
+            log(f"[{fmt} {size}] peak {result.memory['peak_gb']:.3f} GB, mean-active "
+                f"{result.memory['mean_active_gb']:.3f} GB, {result.timings['total_s']:.1f} s")
+            out["runs"].append(run)
+            del pipe
+        out[f"text_stream_vs_resident_{fmt}"] = bench_text_streaming(pack, dtype, prompt, text_layers)
+    return out
+
+
+def bench_text_streaming(pack, dtype, prompt, text_layers=(9, 18, 27)) -> dict:
+    """Time one prompt encoding streamed (layers read and freed one by one) against the
+    same encoder resident (weights loaded before timing), in one process."""
+    from .memory import GB
+    from .text_encoder import load_text_encoder
+
+    te = load_text_encoder(pack, dtype=DTYPES[dtype], layers=text_layers, resident=False)
+    res = {}
+    for mode in ("streamed", "resident"):
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        if mode == "resident":
+            te.load()
+        t = time.perf_counter()
+        mx.eval(te.encode([prompt], stream=mode == "streamed"))
+        res[f"{mode}_s"] = time.perf_counter() - t
+        res[f"{mode}_peak_gb"] = mx.get_peak_memory() / GB
+    te.evict()
+    return res

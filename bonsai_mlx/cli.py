@@ -113,6 +113,21 @@ def _cmd_generate(args) -> None:
                 event.preview.save(Path(args.preview_dir) / f"{path.stem}-step{event.step:03d}.png")
 
 
+def _cmd_bench_generate(args) -> None:
+    import tempfile
+
+    from .benchmark import bench_generate
+
+    root = args.dir or tempfile.mkdtemp(prefix="bonsai-bench-")
+    budget = args.memory_budget if args.memory_budget in (None, "target") else args.memory_budget
+    result = bench_generate(root, fmts=args.formats, sizes=args.sizes, steps=args.steps, dtype=args.dtype,
+                            budget=None if args.memory_budget == "none" else budget)
+    print(json.dumps(result, indent=2, default=str))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2, default=str)
+
+
 def _size(value: str) -> int:
     v = int(value)
     if v <= 0 or v % 16:
@@ -180,6 +195,19 @@ def build_parser() -> argparse.ArgumentParser:
     bf.add_argument("--warmup", type=int, default=0)
     bf.add_argument("--json", help="also write the result to this file")
     bf.set_defaults(func=_cmd_bench_forward)
+    bg = bsub.add_parser("generate", help="full generations on random weights at the real shapes (no download)",
+                         description="Writes random Bonsai packs (4B DiT packed binary/ternary, Qwen3-4B 4-bit, "
+                                     "FLUX.2 VAE) to disk, loads them like real weights and generates, reporting "
+                                     "per-stage time, peak and mean-active memory.")
+    bg.add_argument("--formats", nargs="+", default=["binary", "ternary"], choices=["binary", "ternary"])
+    bg.add_argument("--sizes", nargs="+", type=_size, default=[512, 1024])
+    bg.add_argument("--steps", type=int, default=4)
+    bg.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"])
+    bg.add_argument("--memory-budget", default="target",
+                    help="'target' (the issue's peak targets per format and size), 'none', or a size like 1.5GB")
+    bg.add_argument("--dir", help="where to write the random packs (reused if present; default: a temp dir)")
+    bg.add_argument("--json", help="also write the result to this file")
+    bg.set_defaults(func=_cmd_bench_generate)
     return p
 
 
