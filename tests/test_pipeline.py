@@ -131,3 +131,18 @@ def test_offline_with_nothing_cached_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     with pytest.raises(WeightsError, match="huggingface-cli download prism-ml/bonsai-image-binary-4B-mlx-1bit"):
         BonsaiPipeline.from_pretrained("bonsai-binary", cache_dir=str(tmp_path / "cache"))
+
+
+def test_repo_id_resolves_from_the_hf_cache_offline(distilled, tmp_path, monkeypatch):
+    """A repo id already in the Hugging Face cache loads with downloads off."""
+    import huggingface_hub.constants as c
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    _, path = distilled
+    repo = tmp_path / "cache" / "models--test-org--tiny-klein"
+    shutil.copytree(path, repo / "snapshots" / "0123abc")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abc")
+    pipe = ours("test-org/tiny-klein", cache_dir=str(tmp_path / "cache"))
+    a = pipe.generate(PROMPT, width=W, height=H, seed=1).array
+    np.testing.assert_array_equal(a, ours(path).generate(PROMPT, width=W, height=H, seed=1).array)
