@@ -40,20 +40,30 @@ INPUT_NAMES = ("x", "w", "scales")
 OUTPUT_NAMES = ("y",)
 
 # Tile shapes. Metal: 64x64 float tiles, two x buffers (20 KB of the 32 KB
-# threadgroup memory), 4 simdgroups of 32x32. CUDA: 128x256 tiles, two half x
-# buffers (36 KB), 8 warps of 64x64 (m16n8k16 fragments).
+# threadgroup memory), 4 simdgroups of 32x32. CUDA: 128x128 tiles, two half x
+# buffers (36 KB), 4 warps of 128x32 (m16n8k16 fragments; each decoded B
+# fragment feeds 8 mma). Chosen on an H200 among 128x256/2x4, 128x128/2x2,
+# 128x64/1x2, 256x128/2x4 and others (examples/bench_kernels.py --tune).
 GEMM_TILES = {
     "metal": dict(BM=64, BN=64, BK=32, SGM=2, SGN=2),
-    "cuda": dict(BM=128, BN=256, BK=64, SGM=2, SGN=4),
+    "cuda": dict(BM=128, BN=128, BK=64, SGM=1, SGN=4),
 }
 # GEMV (M < 32, 16-bit x): 8 NJ weight rows and 16 rows of x per threadgroup,
-# NSG simdgroups splitting K in steps of 128 KL (lane reads KL words). Metal's
-# scratch (x 16 x 128 KL floats + weights 128 KL x 8 per simdgroup) must fit
-# its 32 KB with the reduction buffer.
+# NSG simdgroups splitting K in steps of 128 KL (lane reads KL words). NSG = 0:
+# about GEMV_STEPS_PER_SG steps per simdgroup, at most GEMV_NSG_MAX simdgroups
+# (few steps per simdgroup = all of W's loads in flight at once, which is what
+# small matrices need). Metal's scratch (x 16 x 128 KL floats + weights
+# 128 KL x 8 per simdgroup) must fit its 32 KB with the reduction buffer.
+# "<backend>_small", when present, is used for M <= 8 (there x is cheap and the
+# time is latency: short simdgroups, 8-byte words per lane). Chosen on an H200
+# (examples/bench_kernels.py --tune).
 GEMV_TILES = {
     "metal": dict(NJ=1, KL=1, NSG=2),
-    "cuda": dict(NJ=1, KL=4, NSG=4),
+    "cuda": dict(NJ=4, KL=1, NSG=4),
+    "cuda_small": dict(NJ=4, KL=2, NSG=0),
 }
+GEMV_STEPS_PER_SG = 1
+GEMV_NSG_MAX = 8
 # float32 GEMV (exact float arithmetic, no matrix units): R weight rows per
 # simdgroup, NSG simdgroups per threadgroup, and at most MT_MAX rows of x per
 # threadgroup (the staged x chunk, MT x 1056 floats, must fit Metal's 32 KB).
@@ -63,8 +73,13 @@ GEMV_MT_MAX = 4
 
 
 def set_gemv_config(*values: int, backend: str = "cuda") -> None:
-    """Tuning hook: the 16-bit GEMV's NJ, KL, NSG, in that order (a prefix is fine)."""
-    GEMV_TILES[backend] = {**GEMV_TILES[backend], **dict(zip(("NJ", "KL", "NSG"), values))}
+    """Tuning hook: the 16-bit GEMV's NJ, KL, NSG (0 = auto) and GEMV_STEPS_PER_SG, in that order,
+    for every M (drops the backend's "_small" entry)."""
+    global GEMV_STEPS_PER_SG
+    GEMV_TILES.pop(backend + "_small", None)
+    GEMV_TILES[backend] = {**GEMV_TILES[backend], **dict(zip(("NJ", "KL", "NSG"), values[:3]))}
+    if len(values) > 3:
+        GEMV_STEPS_PER_SG = values[3]
 
 
 def metal_dir() -> Path:
@@ -76,13 +91,37 @@ def metal_dir() -> Path:
     raise FileNotFoundError(f"metal sources not found next to {pkg} or in the repository root")
 
 
+# Tuning hooks (examples/bench_kernels.py --tune): text replacements applied to
+# the sources as read, and a suffix that gives the patched kernels new names.
+SOURCE_PATCHES: list[tuple[str, str, str]] = []  # (file name, old, new)
+NAME_SUFFIX = ""
+
+
 def _read(name: str) -> str:
-    return (metal_dir() / name).read_text()
+    text = (metal_dir() / name).read_text()
+    for fname, old, new in SOURCE_PATCHES:
+        if fname == name:
+            if old not in text:
+                raise ValueError(f"source patch target not found in {name}: {old!r}")
+            text = text.replace(old, new)
+    return text
+
+
+def compact(src: str) -> str:
+    """The source without comments, indentation or blank lines (line structure kept).
+
+    MLX assembles and hashes the whole kernel text on every call, so its length is per-call
+    time: on the CUDA back-end an empty kernel with our 17.6 KB header took 12.4 us a call
+    against 7.6 us without it. Our sources have no string literals containing '//' or '/*'.
+    """
+    src = re.sub(r"/\*.*?\*/", "", src, flags=re.S)
+    lines = (re.sub(r"//.*$", "", ln).strip() for ln in src.splitlines())
+    return "\n".join(ln for ln in lines if ln) + "\n"
 
 
 def metal_source(kernel: str) -> tuple[str, str]:
-    """(header, body) exactly as passed to mx.fast.metal_kernel."""
-    return _read("common.metal"), _read(f"{kernel}.metal")
+    """(header, body) exactly as passed to mx.fast.metal_kernel (comments stripped by `compact`)."""
+    return compact(_read("common.metal")), compact(_read(f"{kernel}.metal"))
 
 
 # ---------------------------------------------------------------------------- CUDA twin
@@ -177,8 +216,10 @@ def metal_to_cuda(header: str, body: str) -> tuple[str, str]:
 
 
 def cuda_source(kernel: str) -> tuple[str, str]:
-    """(header, body) as passed to mx.fast.cuda_kernel."""
-    return metal_to_cuda(*metal_source(kernel))
+    """(header, body) as passed to mx.fast.cuda_kernel: rewritten from the commented Metal text
+    (the metal-only markers are comments), then compacted."""
+    header, body = metal_to_cuda(_read("common.metal"), _read(f"{kernel}.metal"))
+    return compact(header), compact(body)
 
 
 # ---------------------------------------------------------------------------- launch plans
@@ -193,6 +234,18 @@ class Launch:
 
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def _config_key(backend: str) -> tuple:
+    """Identifies the tuning globals, so the plan cache follows a retune (replace the tile dicts,
+    do not edit them in place)."""
+    return (id(GEMM_TILES.get(backend)), id(GEMV_TILES.get(backend)), id(GEMV_TILES.get(backend + "_small")), GEMV_STEPS_PER_SG, GEMV_NSG_MAX, GEMV_R, GEMV_NSG,
+            GEMV_MT_MAX)
+
+
+@lru_cache(maxsize=4096)
+def _plan_cached(fmt: str, M: int, N: int, K: int, dtype: mx.Dtype, backend: str, key: tuple) -> Launch:
+    return plan(fmt, M, N, K, dtype, backend)
 
 
 def plan(fmt: str, M: int, N: int, K: int, dtype: mx.Dtype, backend: str) -> Launch:
@@ -212,10 +265,11 @@ def plan(fmt: str, M: int, N: int, K: int, dtype: mx.Dtype, backend: str) -> Lau
         grid = (_ceil_div(N, t["BN"]) * nt, _ceil_div(M, t["BM"]), 1)
         return Launch(f"{fmt}_gemm", template, grid, (nt, 1, 1))
     if dtype != mx.float32:
-        t = GEMV_TILES[backend]
-        template = (("T", dtype), ("NJ", t["NJ"]), ("KL", t["KL"]), ("NSG", t["NSG"]))
-        grid = (_ceil_div(N, 8 * t["NJ"]) * 32 * t["NSG"], _ceil_div(M, 16), 1)
-        return Launch(f"{fmt}_gemv", template, grid, (32 * t["NSG"], 1, 1))
+        t = GEMV_TILES[backend + "_small"] if M <= 8 and backend + "_small" in GEMV_TILES else GEMV_TILES[backend]
+        nsg = t["NSG"] or max(1, min(GEMV_NSG_MAX, _ceil_div(K, 128 * t["KL"]) // GEMV_STEPS_PER_SG))
+        template = (("T", dtype), ("NJ", t["NJ"]), ("KL", t["KL"]), ("NSG", nsg))
+        grid = (_ceil_div(N, 8 * t["NJ"]) * 32 * nsg, _ceil_div(M, 16), 1)
+        return Launch(f"{fmt}_gemv", template, grid, (32 * nsg, 1, 1))
     mt = 1
     while mt < min(M, GEMV_MT_MAX):
         mt *= 2
@@ -227,18 +281,22 @@ def plan(fmt: str, M: int, N: int, K: int, dtype: mx.Dtype, backend: str) -> Lau
 
 # ---------------------------------------------------------------------------- launchers
 
-@lru_cache(maxsize=None)
 def _kernel_object(backend: str, kernel: str):
+    return _kernel_object_cached(backend, kernel, NAME_SUFFIX)
+
+
+@lru_cache(maxsize=None)
+def _kernel_object_cached(backend: str, kernel: str, suffix: str):
     """Built on first use: constructing needs the Metal/CUDA back-end."""
     if backend == "metal":
         header, body = metal_source(kernel)
         return mx.fast.metal_kernel(
-            name=f"bonsai_{kernel}", input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
+            name=f"bonsai_{kernel}{suffix}", input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
             source=body, header=header,
         )
     header, body = cuda_source(kernel)
     return mx.fast.cuda_kernel(
-        name=f"bonsai_{kernel}", input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
+        name=f"bonsai_{kernel}{suffix}", input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
         source=body, header=header,
     )
 
@@ -260,11 +318,11 @@ def packed_matmul(x: mx.array, pw, backend: str | None = None) -> mx.array:
     if x.dtype not in (mx.float16, mx.bfloat16, mx.float32):
         raise ValueError(f"input must be float16, bfloat16 or float32, got {x.dtype}")
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, K)
+    x2 = x if x.ndim == 2 else x.reshape(-1, K)
     M = x2.shape[0]
     if M == 0:
         return mx.zeros((*lead, N), dtype=x.dtype)
-    launch = plan(pw.fmt, M, N, K, x.dtype, backend)
+    launch = _plan_cached(pw.fmt, M, N, K, x.dtype, backend, _config_key(backend))
     kern = _kernel_object(backend, launch.kernel)
     (y,) = kern(
         inputs=[x2, pw.data, pw.scales],
@@ -274,7 +332,7 @@ def packed_matmul(x: mx.array, pw, backend: str | None = None) -> mx.array:
         output_shapes=[(M, N)],
         output_dtypes=[x.dtype],
     )
-    return y.reshape(*lead, N)
+    return y if x.ndim == 2 else y.reshape(*lead, N)
 
 
 def metal_matmul(x: mx.array, pw) -> mx.array:

@@ -124,6 +124,15 @@ def copy_bandwidth(mx):
     return 2 * a.nbytes / t  # bytes read + written
 
 
+def call_floor(mx):
+    """Seconds per call of an empty custom kernel, timed the same way as the kernels (MLX dispatch floor)."""
+    noop = mx.fast.cuda_kernel(name="bonsai_noop", input_names=["x"], output_names=["y"],
+                               source="if (threadIdx.x == 0 && blockIdx.x == 0) y[0] = x[0];")
+    xs = [(mx.random.normal((1, 3072)).astype(mx.float16),) for _ in range(8)]
+    return timeit(mx, lambda a: noop(inputs=[a], grid=(32, 1, 1), threadgroup=(32, 1, 1), output_shapes=[(1,)],
+                                     output_dtypes=[mx.float16])[0], xs, 64)
+
+
 def check_outputs(mx, kernels, rng):
     """Kernel vs exact reference on the device, every path and format."""
     rows = []
@@ -157,6 +166,8 @@ def run(args):
     assert worst < 2e-2 and all(np.isfinite(c[-1]) for c in checks), checks
     bw = copy_bandwidth(mx)
     print(f"copy bandwidth: {bw / 1e9:.0f} GB/s (read + write)", flush=True)
+    floor = call_floor(mx)
+    print(f"per-call floor (empty mx.fast.cuda_kernel, timed like the kernels): {floor * 1e6:.1f} us", flush=True)
 
     results = []
     shapes = SHAPES if not args.quick else SHAPES[:2]
@@ -205,7 +216,7 @@ def run(args):
             results.append(row)
             print(json.dumps(row), flush=True)
         del w16, q, pws
-    out = dict(info=info, copy_bandwidth=bw, checks=checks, results=results)
+    out = dict(info=info, copy_bandwidth=bw, call_floor=floor, checks=checks, results=results)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(out, f, indent=1)
@@ -217,7 +228,8 @@ def tables(out):
     lines = [
         f"Device: {out['info']['device']}, MLX {out['info']['mlx']} (CUDA back-end), {out['info']['date']}.",
         f"Command: `{out['info']['command']}`. Copy bandwidth (1 GiB fp16 `a + 1`, read + write): "
-        f"{bw / 1e9:.0f} GB/s.",
+        f"{bw / 1e9:.0f} GB/s. Per-call floor (an empty `mx.fast.cuda_kernel`, timed the same way): "
+        f"{out.get('call_floor', float('nan')) * 1e6:.1f} us.",
         "",
         "| M | N x K | fp16 matmul | q2 qmm | q4 qmm | deq2+mm | binary | ternary | bin/fp16 | ter/fp16 | q2/bin | q2/ter |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -229,12 +241,17 @@ def tables(out):
             f"{ms('binary')} | {ms('ternary')} | {r['fp16'] / r['binary']:.2f}x | {r['fp16'] / r['ternary']:.2f}x | "
             f"{r['q2'] / r['binary']:.2f}x | {r['q2'] / r['ternary']:.2f}x |")
     lines += ["", "M = 1 as a share of copy bandwidth (packed bytes read once per call):", "",
-              "| N x K | binary GB/s | % of copy | ternary GB/s | % of copy |", "|---|---|---|---|---|"]
+              "| N x K | binary GB/s | % of copy | ternary GB/s | % of copy | binary, time - floor | "
+              "ternary, time - floor |", "|---|---|---|---|---|---|---|"]
+    fl = out.get("call_floor", 0.0)
     for r in out["results"]:
         if r["M"] == 1:
             gb = {f: r[f"{f}_bytes"] / r[f] for f in ("binary", "ternary")}
+            ex = {f: (f"{100 * r[f'{f}_bytes'] / (r[f] - fl) / bw:.0f}% of copy" if r[f] > fl else "n/a")
+                  for f in ("binary", "ternary")}
             lines.append(f"| {r['N']}x{r['K']} | {gb['binary'] / 1e9:.0f} | {100 * gb['binary'] / bw:.0f}% | "
-                         f"{gb['ternary'] / 1e9:.0f} | {100 * gb['ternary'] / bw:.0f}% |")
+                         f"{gb['ternary'] / 1e9:.0f} | {100 * gb['ternary'] / bw:.0f}% | {ex['binary']} | "
+                         f"{ex['ternary']} |")
     lines += ["", "Throughput (TFLOP/s, 2MNK per call) at M >= 1536:", "",
               "| M | N x K | fp16 | q2 | q4 | binary | ternary |", "|---|---|---|---|---|---|---|"]
     for r in out["results"]:
@@ -253,16 +270,27 @@ def tune(args):
     from bonsai_mlx import kernels
 
     rng = np.random.default_rng(1)
-    noop = mx.fast.cuda_kernel(name="bonsai_noop", input_names=["x"], output_names=["y"],
-                               source="if (threadIdx.x == 0 && blockIdx.x == 0) y[0] = x[0];")
+    print(f"empty cuda_kernel per call: {call_floor(mx) * 1e6:.1f} us", flush=True)
     xs = [(mx.random.normal((1, 3072)).astype(mx.float16),) for _ in range(8)]
-    t = timeit(mx, lambda a: noop(inputs=[a], grid=(32, 1, 1), threadgroup=(32, 1, 1), output_shapes=[(1,)],
-                                  output_dtypes=[mx.float16])[0], xs, 64)
-    print(f"empty cuda_kernel per call: {t * 1e6:.1f} us", flush=True)
     t = timeit(mx, lambda a: a + 1, xs, 64)
     print(f"x + 1 (1x3072) per call: {t * 1e6:.1f} us", flush=True)
+    header, _ = kernels.cuda_source("binary_gemv")
+    big = mx.fast.cuda_kernel(name="bonsai_noop_big", input_names=["x"], output_names=["y"], header=header,
+                              source="if (threadIdx.x == 0 && blockIdx.x == 0) y[0] = x[0];")
+    t = timeit(mx, lambda a: big(inputs=[a], grid=(32, 1, 1), threadgroup=(32, 1, 1), output_shapes=[(1,)],
+                                 output_dtypes=[mx.float16], template=[("T", mx.float16), ("NJ", 4)])[0], xs, 64)
+    print(f"empty cuda_kernel with our {len(header)}-char header + template, per call: {t * 1e6:.1f} us", flush=True)
+    tiny = {fmt: make_packed(rng, fmt, 64, 128, mx)[0] for fmt in kernels.FORMATS}
+    xt = [(mx.random.normal((1, 128)).astype(mx.float16),) for _ in range(8)]
+    for fmt, pw in tiny.items():
+        t = timeit(mx, lambda a: kernels.packed_matmul(a, pw, "cuda"), xt, 64)
+        print(f"packed_matmul {fmt} M=1 N=64 K=128 per call: {t * 1e6:.1f} us", flush=True)
     gemm_variants = [dict(zip(("BM", "BN", "BK", "SGM", "SGN"), v)) for v in args.tune_tiles]
     gemv_variants = [tuple(v) for v in args.tune_gemv]
+    if isinstance(args.tune_patches, str):  # "@file"
+        with open(args.tune_patches[1:]) as f:
+            args.tune_patches = json.load(f)
+    patches = [None] + [[tuple(r) for r in v] for v in args.tune_patches]
     for (n, k) in args.tune_shapes:
         pws = {fmt: make_packed(rng, fmt, n, k, mx)[0] for fmt in kernels.FORMATS}
         w16 = (mx.random.normal((n, k)) * 0.02).astype(mx.float16)
@@ -275,12 +303,17 @@ def tune(args):
             tq = fl / timeit(mx, lambda a: mx.quantized_matmul(a, wq, sc, bi, transpose=True, group_size=128, bits=2),
                              [(x,)], 10) / 1e12
             print(f"{n}x{k} M={M} fp16 {tf:.0f} TFLOP/s, q2 {tq:.0f}", flush=True)
-            for v in gemm_variants:
-                kernels.GEMM_TILES["cuda"] = v
-                for fmt, pw in pws.items():
-                    t = timeit(mx, lambda a, p: kernels.packed_matmul(a, p, "cuda"), [(x, pw)], 10)
-                    print(f"  gemm {fmt:8s} {tuple(v.values())}: {fl / t / 1e12:.0f} TFLOP/s "
-                          f"({tf * t / fl * 1e12:.2f}x fp16 time)", flush=True)
+            for pi, patch in enumerate(patches):
+                kernels.SOURCE_PATCHES[:] = [] if patch is None else patch
+                kernels.NAME_SUFFIX = "" if patch is None else f"_p{pi}"
+                for v in gemm_variants:
+                    kernels.GEMM_TILES["cuda"] = v
+                    for fmt, pw in pws.items():
+                        t = timeit(mx, lambda a, p: kernels.packed_matmul(a, p, "cuda"), [(x, pw)], 10)
+                        print(f"  gemm{'' if patch is None else f' p{pi}'} {fmt:8s} {tuple(v.values())}: "
+                              f"{fl / t / 1e12:.0f} TFLOP/s ({tf * t / fl * 1e12:.2f}x fp16 time)", flush=True)
+            kernels.SOURCE_PATCHES[:] = []
+            kernels.NAME_SUFFIX = ""
         copies = {fmt: [SimpleNamespace(fmt=fmt, data=mx.array(p.data + 0), scales=mx.array(p.scales * 1),
                                         shape=p.shape) for _ in range(8)] for fmt, p in pws.items()}
         for M in (1, 16):
@@ -302,6 +335,8 @@ def main():
     p.add_argument("--tune", action="store_true", help="time CUDA tile/launch variants instead")
     p.add_argument("--tune-tiles", type=json.loads, default=[[128, 128, 64, 2, 2], [128, 256, 64, 2, 4]],
                    help="CUDA GEMM tiles to time, a JSON list of [BM, BN, BK, SGM, SGN]")
+    p.add_argument("--tune-patches", type=lambda v: v if v.startswith("@") else json.loads(v), default=[],
+                   help="source variants for the GEMM: a JSON list of variants, each a list of [file, old, new]")
     p.add_argument("--tune-shapes", type=json.loads, default=[[3072, 3072], [18432, 3072], [3072, 12288]],
                    help="(N, K) shapes for --tune, a JSON list")
     p.add_argument("--tune-gemv", type=json.loads, default=[], help="GEMV configs, a JSON list of argument lists")

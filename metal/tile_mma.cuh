@@ -122,7 +122,7 @@ struct BonsaiSimdTile {
 #pragma unroll
     for (int j = 0; j < NJ; ++j) ns[j] = bonsai_neg_pair(sc[j * 8 + g], TT());
     const TT* arow = a + (int(lane) & 15) * lda + (int(lane) >> 4) * 8;
-#pragma unroll 2
+#pragma unroll
     for (int kk = 0; kk < bk; kk += 16) {
       uint af[MI][4];
 #pragma unroll
