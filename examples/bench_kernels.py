@@ -133,6 +133,38 @@ def call_floor(mx):
                                      output_dtypes=[mx.float16])[0], xs, 64)
 
 
+MMA_PROBE = """
+float c[8][4];
+for (int j = 0; j < 8; ++j) for (int e = 0; e < 4; ++e) c[j][e] = 0.0f;
+const uint t = threadIdx.x;
+uint a[4] = {t * 0x00010001u & 0x3bff3bffu, 0x3c003c00u, 0x38003800u, t & 0x03ff03ffu};
+uint b[2] = {0x3c00bc00u, (t << 3) & 0x03ff03ffu};
+for (int it = 0; it < ITERS; ++it) {
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(c[j][0]), "+f"(c[j][1]), "+f"(c[j][2]), "+f"(c[j][3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+float v = 0.0f;
+for (int j = 0; j < 8; ++j) v += c[j][0] + c[j][1] + c[j][2] + c[j][3];
+if (v == 1234.5f) y[0] = v;
+if (blockIdx.x == 0 && t == 0) y[1] = x[0];
+"""
+
+
+def mma_ceiling(mx):
+    """TFLOP/s of a register-only loop of independent mma.sync m16n8k16 (f16 in, f32 accumulate), the
+    instruction our CUDA tiles use: the ceiling for them on this device."""
+    k = mx.fast.cuda_kernel(name="bonsai_mma_probe", input_names=["x"], output_names=["y"], source=MMA_PROBE)
+    x = mx.zeros((2,), dtype=mx.float32)
+    iters, blocks, threads = 4096, 132 * 8, 128
+    f = lambda a: k(inputs=[a], grid=(blocks * threads, 1, 1), threadgroup=(threads, 1, 1), output_shapes=[(2,)],
+                    output_dtypes=[mx.float32], template=[("ITERS", iters)])[0]
+    t = timeit(mx, f, [(x,)], 10)
+    return blocks * threads // 32 * iters * 8 * 2 * 16 * 8 * 16 / t
+
+
 def check_outputs(mx, kernels, rng):
     """Kernel vs exact reference on the device, every path and format."""
     rows = []
@@ -168,6 +200,12 @@ def run(args):
     print(f"copy bandwidth: {bw / 1e9:.0f} GB/s (read + write)", flush=True)
     floor = call_floor(mx)
     print(f"per-call floor (empty mx.fast.cuda_kernel, timed like the kernels): {floor * 1e6:.1f} us", flush=True)
+    try:
+        mma = mma_ceiling(mx)
+    except Exception as e:  # the probe is context, not a result: never lose the run to it
+        print(f"mma probe failed: {e}", flush=True)
+        mma = float("nan")
+    print(f"mma.sync m16n8k16 f16/f32 register-only loop: {mma / 1e12:.0f} TFLOP/s", flush=True)
 
     results = []
     shapes = SHAPES if not args.quick else SHAPES[:2]
@@ -216,7 +254,7 @@ def run(args):
             results.append(row)
             print(json.dumps(row), flush=True)
         del w16, q, pws
-    out = dict(info=info, copy_bandwidth=bw, call_floor=floor, checks=checks, results=results)
+    out = dict(info=info, copy_bandwidth=bw, call_floor=floor, mma_ceiling=mma, checks=checks, results=results)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(out, f, indent=1)
@@ -229,7 +267,9 @@ def tables(out):
         f"Device: {out['info']['device']}, MLX {out['info']['mlx']} (CUDA back-end), {out['info']['date']}.",
         f"Command: `{out['info']['command']}`. Copy bandwidth (1 GiB fp16 `a + 1`, read + write): "
         f"{bw / 1e9:.0f} GB/s. Per-call floor (an empty `mx.fast.cuda_kernel`, timed the same way): "
-        f"{out.get('call_floor', float('nan')) * 1e6:.1f} us.",
+        f"{out.get('call_floor', float('nan')) * 1e6:.1f} us. mma.sync m16n8k16 (f16 in, f32 accumulate; the "
+        f"instruction of our CUDA tiles) in a register-only loop: {out.get('mma_ceiling', float('nan')) / 1e12:.0f} "
+        "TFLOP/s.",
         "",
         "| M | N x K | fp16 matmul | q2 qmm | q4 qmm | deq2+mm | binary | ternary | bin/fp16 | ter/fp16 | q2/bin | q2/ter |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",

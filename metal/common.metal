@@ -51,18 +51,6 @@ inline void bonsai_load_words(const device uint* p, bool ok, thread uint* out) {
   }
 }
 
-// The 8 bytes of a 5-trits-per-byte row (KB bytes) starting at byte b0, as
-// lo = bytes 0-3 and hi = bytes 4-7; 121 (five zero trits) past the row or
-// when !ok.
-inline void bonsai_load_trit_bytes(const device uint8_t* row, int b0, int KB, bool ok, thread uint& lo,
-                                   thread uint& hi) {
-  uint v[8];
-  for (int j = 0; j < 8; ++j)
-    v[j] = (ok && b0 + j < KB) ? uint(row[b0 + j]) : 121u;
-  lo = v[0] | (v[1] << 8u) | (v[2] << 16u) | (v[3] << 24u);
-  hi = v[4] | (v[5] << 8u) | (v[6] << 16u) | (v[7] << 24u);
-}
-
 // A 256-entry table, byte -> its 5 trits as two bit planes: bits 0-4 set where
 // t = +1, bits 5-9 set where t != 0 (codes >= 243 never occur; they map to 0).
 inline uint bonsai_trit_lut_entry(uint byte) {
@@ -119,6 +107,19 @@ void bonsai_stage_x(threadgroup float* xs, int ldx, const device T* x, int m0, i
 }
 inline void bonsai_stage_commit() {}
 inline void bonsai_stage_wait() {}
+
+// The 8 bytes of a 5-trits-per-byte row (KB bytes) starting at byte b0, as
+// lo = bytes 0-3 and hi = bytes 4-7; 121 (five zero trits) past the row or
+// when !ok. Byte loads here (rows are not word aligned); the CUDA twin reads
+// three aligned words and funnel-shifts when the row has room.
+inline void bonsai_load_trit_bytes(const device uint8_t* row, int b0, int KB, bool ok, thread uint& lo,
+                                   thread uint& hi) {
+  uint v[8];
+  for (int j = 0; j < 8; ++j)
+    v[j] = (ok && b0 + j < KB) ? uint(row[b0 + j]) : 121u;
+  lo = v[0] | (v[1] << 8u) | (v[2] << 16u) | (v[3] << 24u);
+  hi = v[4] | (v[5] << 8u) | (v[6] << 16u) | (v[7] << 24u);
+}
 
 // Floats of threadgroup scratch one simdgroup's tile needs: an 8 x WN strip
 // of decoded weights per 8-deep k-step (and an 8x8 block for the store).

@@ -50,12 +50,7 @@ float sreg[SPT];
 for (int t = 0; t < WPT; ++t) {
   const int i = tid + t * NT;
   const int n = i < BN * KWS ? n0 + i / KWS : N;
-  const int b0 = (32 * (i % KWS)) / 5;
-  uint v[8];
-  for (int j = 0; j < 8; ++j)
-    v[j] = (n < N && b0 + j < KB) ? uint(w[size_t(n) * KB + b0 + j]) : 121u;
-  blo[t] = v[0] | (v[1] << 8u) | (v[2] << 16u) | (v[3] << 24u);
-  bhi[t] = v[4] | (v[5] << 8u) | (v[6] << 16u) | (v[7] << 24u);
+  bonsai_load_trit_bytes(w + size_t(n < N ? n : 0) * KB, (32 * (i % KWS)) / 5, KB, n < N, blo[t], bhi[t]);
 }
 bonsai_stage_x<BM, BK, NT>(xs, LDX, x, m0, M, K, 0, tid);
 bonsai_stage_commit();
@@ -92,12 +87,7 @@ for (int s = 0; s < steps; ++s) {
     for (int t = 0; t < WPT; ++t) {
       const int i = tid + t * NT;
       const int n = i < BN * KWS ? n0 + i / KWS : N;
-      const int b0 = (k1 + 32 * (i % KWS)) / 5;
-      uint v[8];
-      for (int j = 0; j < 8; ++j)
-        v[j] = (n < N && b0 + j < KB) ? uint(w[size_t(n) * KB + b0 + j]) : 121u;
-      blo[t] = v[0] | (v[1] << 8u) | (v[2] << 16u) | (v[3] << 24u);
-      bhi[t] = v[4] | (v[5] << 8u) | (v[6] << 16u) | (v[7] << 24u);
+      bonsai_load_trit_bytes(w + size_t(n < N ? n : 0) * KB, (k1 + 32 * (i % KWS)) / 5, KB, n < N, blo[t], bhi[t]);
     }
     for (int t = 0; t < SPT; ++t) {
       const int r = tid + t * NT;

@@ -54,6 +54,31 @@ __device__ __forceinline__ void bonsai_stage_x(T* xs, int ldx, const T* x, int m
 __device__ __forceinline__ void bonsai_stage_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 __device__ __forceinline__ void bonsai_stage_wait() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 
+// The 8 bytes of a 5-trits-per-byte row (KB bytes) from byte b0 as lo/hi
+// (121 = five zero trits past the row or when !ok): three aligned 4-byte
+// loads and a funnel shift when 12 bytes from b0 lie inside the row (the
+// aligned-down start is at most 3 bytes earlier, inside the same array),
+// byte loads otherwise.
+__device__ __forceinline__ void bonsai_load_trit_bytes(const uint8_t* row, int b0, int KB, bool ok, uint& lo,
+                                                       uint& hi) {
+  if (ok && b0 + 12 <= KB) {
+    const uintptr_t a = reinterpret_cast<uintptr_t>(row + b0);
+    const uint* p = reinterpret_cast<const uint*>(a & ~uintptr_t(3));
+    const uint w0 = p[0];
+    const uint w1 = p[1];
+    const uint w2 = p[2];
+    const uint sh = uint(a & 3u) * 8u;
+    lo = __funnelshift_r(w0, w1, sh);
+    hi = __funnelshift_r(w1, w2, sh);
+  } else {
+    uint v[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = (ok && b0 + j < KB) ? uint(row[b0 + j]) : 121u;
+    lo = v[0] | (v[1] << 8u) | (v[2] << 16u) | (v[3] << 24u);
+    hi = v[4] | (v[5] << 8u) | (v[6] << 16u) | (v[7] << 24u);
+  }
+}
+
 // Nothing goes through scratch on CUDA (fragments are decoded and stored from
 // registers); one float keeps the array declaration legal.
 template <int WM, int WN>

@@ -241,7 +241,7 @@ def test_cuda_tile_twin_has_the_metal_tile_api():
                  "bonsai_stage_commit()", "bonsai_stage_wait()", "bonsai_tile_scratch()", "void zero()",
                  "void mma_planes(", "void mma_binary(", "void mma_ternary(", "void store(",
                  "bonsai_skinny_scratch()", "struct BonsaiSkinnyTile", "void mma_words_planes(",
-                 "void store_partial("):
+                 "void store_partial(", "bonsai_load_trit_bytes("):
         assert name in metal_only and name in twin, name
 
 
