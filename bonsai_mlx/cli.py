@@ -128,6 +128,15 @@ def _cmd_bench_generate(args) -> None:
             json.dump(result, f, indent=2, default=str)
 
 
+def _cmd_convert(args) -> None:
+    from .packed_checkpoint import convert_pipeline
+
+    from .benchmark import DTYPES
+
+    out = convert_pipeline(args.source, args.output, args.format, overwrite=args.overwrite, dtype=DTYPES[args.dtype])
+    print(f"wrote {out}")
+
+
 def _size(value: str) -> int:
     v = int(value)
     if v <= 0 or v % 16:
@@ -181,6 +190,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="transformer and text encoder precision (default bfloat16; the VAE runs in float16)")
     g.add_argument("-v", "--verbose", action="store_true", help="print the memory plan, timings and memory per stage")
     g.set_defaults(func=_cmd_generate)
+
+    c = sub.add_parser(
+        "convert", help="pack a model's transformer into our binary/ternary format",
+        description="Convert a FLUX.2 klein pipeline (diffusers directory, or a PrismML MLX pack) into a pack in "
+                    "our native format: the 100 block linears packed with no bias (binary 1.125 bits/weight, ternary "
+                    "5 trits per byte), the rest copied. A dense transformer is quantized (rules in docs/formats.md); "
+                    "an official pack converts losslessly.")
+    c.add_argument("source", help="pipeline or pack directory")
+    c.add_argument("output", help="new directory to write")
+    c.add_argument("--format", default="binary", choices=["binary", "ternary", "ternary2"])
+    c.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    c.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"],
+                   help="precision of the weights that stay unpacked (default bfloat16)")
+    c.set_defaults(func=_cmd_convert)
 
     f = sub.add_parser("forward", help="one transformer forward on random weights (smoke test, no download)")
     model_args(f)

@@ -23,7 +23,7 @@ from mlx.utils import tree_flatten
 
 from .errors import ConfigError, WeightsError
 from .packed_linear import BACKENDS, PackedLinear
-from .packing import FORMATS, GROUP_SIZE, PackedWeight, data_shape, from_mlx_affine, quantize
+from .packing import FORMATS, GROUP_SIZE, PackedWeight, data_shape, dequantize, from_mlx_affine, quantize
 from .weight_names import block_linear_names
 
 QUANT_CONFIG = "quantization_config.json"
@@ -158,3 +158,44 @@ def save_packed(model: nn.Module, directory: str | Path) -> Path:
 def check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def convert_pipeline(source: str | Path, output: str | Path, fmt: str, overwrite: bool = False,
+                     dtype=mx.bfloat16) -> Path:
+    """Write `source` (diffusers klein pipeline or PrismML pack) as a pack whose transformer
+    is in our format `fmt`, its unpacked weights stored in `dtype`; text encoder,
+    tokenizer, VAE and model_index are copied."""
+    import shutil
+
+    from .loading import _transformer_dir, load_transformer
+
+    source, output = Path(source), Path(output)
+    if not source.is_dir():
+        raise ConfigError(f"{source} is not a directory: pass a diffusers pipeline or a pack directory")
+    if output.exists() and not overwrite:
+        raise ConfigError(f"{output} exists; choose a new directory or pass --overwrite")
+    tdir = _transformer_dir(source)
+    already = read_quant_config(tdir)
+    if already is not None and already.get("format") != "bonsai":
+        want_bits = 1 if fmt == "binary" else 2
+        if already["bits"] != want_bits:
+            raise ConfigError(f"{tdir} is a bits={already['bits']} pack; it converts losslessly only to "
+                              f"{'binary' if already['bits'] == 1 else 'ternary/ternary2'}, not {fmt}")
+    model = load_transformer(source, dtype=dtype, quantize=None if already else fmt, backend="reference")
+    if already is not None and {m.fmt for _, m in model.named_modules() if isinstance(m, PackedLinear)} != {fmt}:
+        for name, m in list(model.named_modules()):
+            if isinstance(m, PackedLinear) and m.fmt != fmt:  # ternary <-> ternary2 re-encoding is exact
+                _replace(model, name, PackedLinear.from_packed(quantize(dequantize(m.packed, mx.float32), fmt)))
+    tmp = output.with_name(output.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_packed(model, tmp / "transformer-packed-mflux")
+    for part in ("text_encoder-mlx-4bit", "text_encoder", "tokenizer", "vae", "model_index.json"):
+        src = source / part
+        if src.is_dir():
+            shutil.copytree(src, tmp / part)
+        elif src.is_file():
+            shutil.copy2(src, tmp / part)
+    if output.exists():
+        shutil.rmtree(output)
+    tmp.rename(output)
+    return output
