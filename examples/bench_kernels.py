@@ -136,9 +136,9 @@ def call_floor(mx):
 MMA_PROBE = """
 float c[8][4];
 for (int j = 0; j < 8; ++j) for (int e = 0; e < 4; ++e) c[j][e] = 0.0f;
-const uint t = threadIdx.x;
-uint a[4] = {t * 0x00010001u & 0x3bff3bffu, 0x3c003c00u, 0x38003800u, t & 0x03ff03ffu};
-uint b[2] = {0x3c00bc00u, (t << 3) & 0x03ff03ffu};
+const unsigned t = threadIdx.x;
+unsigned a[4] = {t * 0x00010001u & 0x3bff3bffu, 0x3c003c00u, 0x38003800u, t & 0x03ff03ffu};
+unsigned b[2] = {0x3c00bc00u, (t << 3) & 0x03ff03ffu};
 for (int it = 0; it < ITERS; ++it) {
 #pragma unroll
   for (int j = 0; j < 8; ++j)
@@ -311,6 +311,7 @@ def tune(args):
 
     rng = np.random.default_rng(1)
     print(f"empty cuda_kernel per call: {call_floor(mx) * 1e6:.1f} us", flush=True)
+    print(f"mma.sync m16n8k16 register-only loop: {mma_ceiling(mx) / 1e12:.0f} TFLOP/s", flush=True)
     xs = [(mx.random.normal((1, 3072)).astype(mx.float16),) for _ in range(8)]
     t = timeit(mx, lambda a: a + 1, xs, 64)
     print(f"x + 1 (1x3072) per call: {t * 1e6:.1f} us", flush=True)
