@@ -159,19 +159,14 @@ class Footprint:
     text_heads: int
     text_len: int
     vae_bytes: int
-    vae_channels: int  # widest decoder channel count at full resolution
+    vae_bytes_per_pixel: float  # measured peak decoder scratch per output pixel (see BonsaiPipeline)
     vae_mid_channels: int
     dtype_bytes: int = 2
 
 
 OVERHEAD = 48 * 2**20  # allocator slack, small arrays, ids, schedules
 VAE_MARGIN = 104  # pixels of context a decoder tile needs on each side (FLUX.2 VAE)
-# Peak decoder bytes per full-resolution pixel, per channel of the widest full-resolution
-# activation, per byte of dtype. MLX's CPU convolution unfolds 3x3 patches (im2col), so
-# it holds far more than the GPU backends; 44 was measured on the CPU (tests/test_memory.py
-# asserts that measured peaks stay under the estimate); 12 for GPUs is a conservative guess
-# until docs/benchmarks.md has a GPU measurement.
-VAE_BYTES_PER_PIXEL_CHANNEL = {"cpu": 44, "gpu": 12}
+VAE_MAX_SCORES = 1 << 26  # mirrors vae._MAX_SCORES: attention score elements per query chunk
 SAFETY = 1.10
 
 
@@ -196,12 +191,13 @@ def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batch
     if plan.keep_transformer:
         text += fp.transformer_bytes
     # A tile is decoded with a margin as wide as the decoder's receptive field on each side,
-    # so tiles only pay off on images much larger than 2 * VAE_MARGIN.
+    # so tiles only pay off on images much larger than 2 * VAE_MARGIN. The mid block always
+    # runs on the whole latent; its attention scores are bounded by the VAE's query chunks.
     tile = plan.vae_tile or max(width, height)
     th, tw = min(tile + 2 * VAE_MARGIN, height), min(tile + 2 * VAE_MARGIN, width)
-    per_px = VAE_BYTES_PER_PIXEL_CHANNEL[mx.default_device().type.name] * fp.vae_channels * s
-    decode = (fp.vae_bytes + per_px * th * tw
-              + 6 * (height // 8) * (width // 8) * fp.vae_mid_channels * s + height * width * 3 * 4 * 2)
+    latent_px = (height // 8) * (width // 8)
+    decode = (fp.vae_bytes + fp.vae_bytes_per_pixel * th * tw + 6 * latent_px * fp.vae_mid_channels * s
+              + min(latent_px * latent_px, VAE_MAX_SCORES) * 4 + height * width * 3 * 4 * 2)
     if plan.keep_transformer:
         decode += fp.transformer_bytes
     return {k: int(SAFETY * v + OVERHEAD) for k, v in

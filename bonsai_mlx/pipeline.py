@@ -182,9 +182,25 @@ class BonsaiPipeline:
             text_resident_bytes=te.weight_bytes(None) + sum(layers),
             text_stream_bytes=te.weight_bytes(None) + max(layers, default=0),
             text_hidden=args.hidden_size, text_heads=args.num_attention_heads, text_len=self.max_sequence_length,
-            vae_bytes=_nbytes(self.vae), vae_channels=dec[1] if len(dec) > 1 else dec[0], vae_mid_channels=dec[-1],
+            vae_bytes=_nbytes(self.vae), vae_bytes_per_pixel=self._vae_bytes_per_pixel(), vae_mid_channels=dec[-1],
             dtype_bytes=self._transformer_info["dtype"].size,
         )
+
+    def _vae_bytes_per_pixel(self, side: int = 128) -> float:
+        """Peak decoder scratch per output pixel on this device and dtype, measured once by
+        decoding a side x side image (backends differ by several x: MLX's CPU convolution
+        unfolds 3x3 patches, GPU kernels do not). Resets the peak-memory counter."""
+        if getattr(self, "_vae_px", None) is None:
+            C = self.vae.config.patched_channels
+            tokens = mx.zeros((1, (side // 16) ** 2, C), dtype=self.vae.dtype)
+            mx.eval(tokens)
+            mx.synchronize()
+            base = mx.get_active_memory()
+            mx.reset_peak_memory()
+            mx.eval(self.vae.decode_tokens(tokens, side, side))
+            mx.synchronize()
+            self._vae_px = (mx.get_peak_memory() - base) / side**2
+        return self._vae_px
 
     def plan(self, width: int = 512, height: int = 512, memory_budget=None, cfg: bool = False) -> MemoryPlan:
         """How a generation of this size would run under `memory_budget` (default: the
