@@ -132,7 +132,7 @@ def bench_generate(root, fmts=("binary", "ternary"), sizes=(512, 1024), steps=4,
                 run["refused"] = str(e)
                 want = parse_bytes(str(e).split("at least ")[1].split(" GB")[0] + "GB")
                 plan = pipe.plan(size, size, want)
-            run["plan"] = {k: getattr(plan, k) for k in ("stream_text_encoder", "keep_transformer", "vae_tile",
+            run["plan"] = {k: getattr(plan, k) for k in ("stream_text_encoder", "keep_transformer", "vae_tile", "eval_per_block",
                                                           "attention_chunk", "estimated_peak_bytes")}
             result = pipe.generate(prompt, width=size, height=size, steps=steps, seed=seed, memory_budget=want)
             run["cold_start_to_first_image_s"] = time.perf_counter() - t_cold

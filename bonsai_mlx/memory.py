@@ -140,6 +140,7 @@ class MemoryPlan:
     keep_transformer: bool = True  # resident across text encoding and decoding
     vae_tile: int | None = None  # pixels per tile side; None decodes whole
     attention_chunk: int | None = None  # query rows per attention call; None = one call
+    eval_per_block: bool = True  # evaluate block by block (bounded activations, a sync per block)
     estimated_peak_bytes: int = 0
     stage_estimates: dict = field(default_factory=dict)
 
@@ -221,7 +222,8 @@ def plan_memory(fp: Footprint, width: int, height: int, budget: int | None, cfg_
     for p in candidate_plans(width, height):
         est = estimate(fp, width, height, p, cfg_batches)
         peak = max(est.values())
-        plan = MemoryPlan(p.stream_text_encoder, p.keep_transformer, p.vae_tile, p.attention_chunk, peak, est)
+        plan = MemoryPlan(p.stream_text_encoder, p.keep_transformer, p.vae_tile, p.attention_chunk,
+                          budget is not None, peak, est)
         if budget is None or peak <= budget:
             return plan
         plans.append(plan)

@@ -321,6 +321,7 @@ class BonsaiPipeline:
             with mon.stage("denoising"):
                 model = self._ensure_transformer()
                 model.set_attention_chunk(plan.attention_chunk)
+                model.eval_per_block = plan.eval_per_block
                 dtype = model.dtype
                 cond = cond.astype(dtype)
                 neg = None if neg is None else neg.astype(dtype)
@@ -353,6 +354,7 @@ class BonsaiPipeline:
             with mon.stage("decoding"):
                 if not plan.keep_transformer:
                     self.release_transformer()
+                self.vae.decoder.eval_per_block = plan.eval_per_block
                 images = self.vae.decode_tokens(x.astype(self.vae.dtype), height, width, tile_size=plan.vae_tile)
                 mx.eval(images)
             timings["decoding_s"] = time.perf_counter() - t_decode

@@ -299,13 +299,21 @@ class Decoder(nn.Module):
         ]
         self.conv_norm_out = GroupNorm(g, ch[-1])
         self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
+        # Evaluating block by block keeps MLX from scheduling the whole decoder at once,
+        # which holds many blocks' activations together (set under a memory budget).
+        self.eval_per_block = False
+
+    def _sync(self, x):
+        if self.eval_per_block:
+            mx.eval(x)
+        return x
 
     def mid(self, z):
-        return self.mid_block(self.conv_in(z))
+        return self._sync(self.mid_block(self._sync(self.conv_in(z))))
 
     def up(self, x, tile=None):
         for b in self.up_blocks:
-            x = b(x, tile)
+            x = self._sync(b(x, tile))
         return self.conv_out(nn.silu(self.conv_norm_out(x, tile)))
 
     def __call__(self, z):
