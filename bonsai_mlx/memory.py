@@ -208,7 +208,7 @@ def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batch
 def candidate_plans(width: int, height: int):
     """Fastest first: resident everything, then stream the encoder, then drop the
     transformer between stages, then smaller VAE tiles and attention chunks."""
-    tiles = [None] + [t for t in (1024, 768, 512, 384, 256) if t < max(width, height)]
+    tiles = [None] + [t for t in (1024, 768, 512, 384, 256, 128) if t < max(width, height)]
     chunks = [None, 1024, 512, 256]
     for stream in (False, True):
         for keep in (True, False):
@@ -217,17 +217,25 @@ def candidate_plans(width: int, height: int):
                     yield MemoryPlan(stream, keep, tile, chunk)
 
 
+def smallest_plan(fp: Footprint, width: int, height: int, cfg_batches: int = 1) -> MemoryPlan:
+    """The plan with the lowest estimated peak (the slowest, most frugal one)."""
+    best = None
+    for p in candidate_plans(width, height):
+        est = estimate(fp, width, height, p, cfg_batches)
+        if best is None or max(est.values()) < best.estimated_peak_bytes:
+            best = MemoryPlan(p.stream_text_encoder, p.keep_transformer, p.vae_tile, p.attention_chunk, True,
+                              max(est.values()), est)
+    return best
+
+
 def plan_memory(fp: Footprint, width: int, height: int, budget: int | None, cfg_batches: int = 1) -> MemoryPlan:
-    plans = []
     for p in candidate_plans(width, height):
         est = estimate(fp, width, height, p, cfg_batches)
         peak = max(est.values())
-        plan = MemoryPlan(p.stream_text_encoder, p.keep_transformer, p.vae_tile, p.attention_chunk,
-                          budget is not None, peak, est)
         if budget is None or peak <= budget:
-            return plan
-        plans.append(plan)
-    best = min(plans, key=lambda p: p.estimated_peak_bytes)
+            return MemoryPlan(p.stream_text_encoder, p.keep_transformer, p.vae_tile, p.attention_chunk,
+                              budget is not None, peak, est)
+    best = smallest_plan(fp, width, height, cfg_batches)
     need = math.ceil(best.estimated_peak_bytes / 1e6) / 1e3  # GB, rounded up so that it fits
     raise BonsaiError(
         f"a {width}x{height} generation does not fit a memory budget of {budget / GB:.2f} GB: the smallest plan "

@@ -20,7 +20,7 @@ from PIL import Image, PngImagePlugin
 
 from .errors import BonsaiError, WeightsError
 from .loading import load_transformer
-from .memory import Footprint, MemoryMonitor, MemoryPlan, parse_bytes, plan_memory
+from .memory import Footprint, MemoryMonitor, MemoryPlan, parse_bytes, plan_memory, smallest_plan
 from .packed_linear import PackedLinear, auto_backend
 from .scheduler import flux2_sigmas
 from .text_encoder import load_text_encoder
@@ -197,6 +197,7 @@ class BonsaiPipeline:
             mx.synchronize()
             base = mx.get_active_memory()
             mx.reset_peak_memory()
+            self.vae.decoder.eval_per_block = True  # as budgeted runs decode
             mx.eval(self.vae.decode_tokens(tokens, side, side))
             mx.synchronize()
             self._vae_px = (mx.get_peak_memory() - base) / side**2
@@ -208,6 +209,11 @@ class BonsaiPipeline:
         check_size(width, height)
         budget = self.memory_budget if memory_budget is None else parse_bytes(memory_budget)
         return plan_memory(self.footprint(), width, height, budget, cfg_batches=2 if cfg else 1)
+
+    def smallest_plan(self, width: int = 512, height: int = 512, cfg: bool = False) -> MemoryPlan:
+        """The most frugal way to run a generation of this size (and its estimated peak)."""
+        check_size(width, height)
+        return smallest_plan(self.footprint(), width, height, cfg_batches=2 if cfg else 1)
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -355,7 +361,9 @@ class BonsaiPipeline:
                 if not plan.keep_transformer:
                     self.release_transformer()
                 self.vae.decoder.eval_per_block = plan.eval_per_block
-                images = self.vae.decode_tokens(x.astype(self.vae.dtype), height, width, tile_size=plan.vae_tile)
+                overlap = min(128, plan.vae_tile // 2) if plan.vae_tile else 128
+                images = self.vae.decode_tokens(x.astype(self.vae.dtype), height, width, tile_size=plan.vae_tile,
+                                                overlap=overlap)
                 mx.eval(images)
             timings["decoding_s"] = time.perf_counter() - t_decode
             timings["total_s"] = time.perf_counter() - t_start
