@@ -131,7 +131,7 @@ def bench_generate(root, fmts=("binary", "ternary"), sizes=(512, 1024), steps=4,
             except Exception as e:  # the planner refuses the target: record it, run the most frugal plan
                 run["refused"] = str(e)
                 plan = pipe.smallest_plan(size, size)
-            run["plan"] = {k: getattr(plan, k) for k in ("stream_text_encoder", "keep_transformer", "vae_tile", "eval_per_block",
+            run["plan"] = {k: getattr(plan, k) for k in ("stream_text_encoder", "keep_transformer", "vae_tile", "eval_per_block", "token_chunk",
                                                           "attention_chunk", "estimated_peak_bytes")}
             result = pipe.generate(prompt, width=size, height=size, steps=steps, seed=seed, memory_budget=want,
                                    plan=plan)

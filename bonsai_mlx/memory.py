@@ -141,6 +141,7 @@ class MemoryPlan:
     vae_tile: int | None = None  # pixels per tile side; None decodes whole
     attention_chunk: int | None = None  # query rows per attention call; None = one call
     eval_per_block: bool = True  # evaluate block by block (bounded activations, a sync per block)
+    token_chunk: int | None = None  # tokens per pass through the token-wise parts (MLPs, fused projection)
     estimated_peak_bytes: int = 0
     stage_estimates: dict = field(default_factory=dict)
 
@@ -169,6 +170,7 @@ OVERHEAD = 48 * 2**20  # allocator slack, small arrays, ids, schedules
 VAE_MARGIN = 104  # pixels of context a decoder tile needs on each side (FLUX.2 VAE)
 VAE_MAX_SCORES = 1 << 26  # mirrors vae._MAX_SCORES: attention score elements per query chunk
 SAFETY = 1.10
+TOKEN_CHUNK = 512  # under a budget: big enough to keep the matmuls efficient
 
 
 def _attention_scores(heads: int, rows: int, cols: int) -> int:
@@ -182,9 +184,11 @@ def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batch
     L = L_img + fp.text_len
     D, F = fp.transformer_dim, fp.transformer_mlp
     rows = plan.attention_chunk or L
-    # one single-stream block: fused projection, its float32 RoPE copies, attention, MLP half, output
-    block = L * ((3 * D + 2 * F) * s + 4 * D * 4 + (D + F) * s * 2 + D * s * 4)
-    matmul = L * fp.transformer_max_out * (8 if fp.reference_matmul else s)
+    c = min(plan.token_chunk or L, L)
+    # per block: a chunk's fused projection, float32 RoPE copies, MLP halves and output, plus
+    # q, k, v and the MLP activation for every token
+    block = c * ((3 * D + 2 * F) * s + 4 * D * 4 + (D + F) * s * 2 + D * s * 4) + L * (3 * D + F) * s * 2
+    matmul = c * fp.transformer_max_out * (8 if fp.reference_matmul else s)
     denoise = (fp.transformer_bytes + block + matmul + _attention_scores(fp.transformer_heads, rows, L)
                + cfg_batches * fp.text_len * D * s * 2 + L_img * 128 * 4 * 3)
     text_act = fp.text_len * fp.text_hidden * 4 * 10 + _attention_scores(fp.text_heads, fp.text_len, fp.text_len)
@@ -214,18 +218,21 @@ def candidate_plans(width: int, height: int):
         for keep in (True, False):
             for tile in tiles:
                 for chunk in chunks:
-                    yield MemoryPlan(stream, keep, tile, chunk)
+                    yield MemoryPlan(stream, keep, tile, chunk, token_chunk=TOKEN_CHUNK)
 
 
 def smallest_plan(fp: Footprint, width: int, height: int, cfg_batches: int = 1) -> MemoryPlan:
     """The plan with the lowest estimated peak (the slowest, most frugal one)."""
-    best = None
+    def cost(e):  # lowest peak first; among equal peaks, the lowest other stages
+        return max(e.values()), sum(e.values())
+
+    best, best_est = None, None
     for p in candidate_plans(width, height):
         est = estimate(fp, width, height, p, cfg_batches)
-        if best is None or max(est.values()) < best.estimated_peak_bytes:
-            best = MemoryPlan(p.stream_text_encoder, p.keep_transformer, p.vae_tile, p.attention_chunk, True,
-                              max(est.values()), est)
-    return best
+        if best is None or cost(est) < cost(best_est):
+            best, best_est = p, est
+    return MemoryPlan(best.stream_text_encoder, best.keep_transformer, best.vae_tile, best.attention_chunk, True,
+                      best.token_chunk, max(best_est.values()), best_est)
 
 
 def plan_memory(fp: Footprint, width: int, height: int, budget: int | None, cfg_batches: int = 1) -> MemoryPlan:
@@ -234,7 +241,7 @@ def plan_memory(fp: Footprint, width: int, height: int, budget: int | None, cfg_
         peak = max(est.values())
         if budget is None or peak <= budget:
             return MemoryPlan(p.stream_text_encoder, p.keep_transformer, p.vae_tile, p.attention_chunk,
-                              budget is not None, peak, est)
+                              budget is not None, p.token_chunk if budget is not None else None, peak, est)
     best = smallest_plan(fp, width, height, cfg_batches)
     need = math.ceil(best.estimated_peak_bytes / 1e6) / 1e3  # GB, rounded up so that it fits
     raise BonsaiError(

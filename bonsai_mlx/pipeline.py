@@ -328,6 +328,7 @@ class BonsaiPipeline:
                 model = self._ensure_transformer()
                 model.set_attention_chunk(plan.attention_chunk)
                 model.eval_per_block = plan.eval_per_block
+                model.set_token_chunk(plan.token_chunk, sync=plan.eval_per_block)
                 dtype = model.dtype
                 cond = cond.astype(dtype)
                 neg = None if neg is None else neg.astype(dtype)

@@ -90,6 +90,24 @@ def attention(q: mx.array, k: mx.array, v: mx.array, chunk: int | None = None) -
     return o.transpose(0, 2, 1, 3).reshape(B, L, H * Dh)
 
 
+def token_chunks(L: int, chunk: int | None):
+    """Row ranges [r0, r1) covering L tokens `chunk` at a time (one range if None)."""
+    step = L if not chunk or chunk >= L else chunk
+    return [(r, min(r + step, L)) for r in range(0, L, step)]
+
+
+def gated_ff(ff, x, shift, scale, gate, eps, chunk=None, sync=False):
+    """x + gate * ff(modulate(x)): token-wise, so it can run `chunk` tokens at a time,
+    bounding the [chunk, 2F] intermediate instead of holding [L, 2F]."""
+    outs = []
+    for r0, r1 in token_chunks(x.shape[1], chunk):
+        xc = x[:, r0:r1]
+        outs.append(xc + gate * ff(modulate(xc, shift, scale, eps)))
+        if sync and chunk:
+            mx.eval(outs[-1])
+    return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)
+
+
 class TimestepEmbedder(nn.Module):
     def __init__(self, in_channels: int, dim: int):
         super().__init__()
@@ -177,6 +195,7 @@ class DoubleStreamBlock(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.eps = cfg.eps
+        self.token_chunk, self.sync = None, False
         self.attn = JointAttention(cfg)
         self.ff = FeedForward(cfg.inner_dim, cfg.mlp_hidden_dim)
         self.ff_context = FeedForward(cfg.inner_dim, cfg.mlp_hidden_dim)
@@ -187,10 +206,10 @@ class DoubleStreamBlock(nn.Module):
         attn_img, attn_txt = self.attn(
             modulate(img, shift_a, scale_a, self.eps), modulate(txt, c_shift_a, c_scale_a, self.eps), rope
         )
-        img = img + gate_a * attn_img
-        img = img + gate_m * self.ff(modulate(img, shift_m, scale_m, self.eps))
-        txt = txt + c_gate_a * attn_txt
-        txt = txt + c_gate_m * self.ff_context(modulate(txt, c_shift_m, c_scale_m, self.eps))
+        img = gated_ff(self.ff, img + gate_a * attn_img, shift_m, scale_m, gate_m, self.eps,
+                       self.token_chunk, self.sync)
+        txt = gated_ff(self.ff_context, txt + c_gate_a * attn_txt, c_shift_m, c_scale_m, c_gate_m, self.eps,
+                       self.token_chunk, self.sync)
         return img, clip_fp16(txt)
 
 
@@ -202,20 +221,37 @@ class ParallelAttention(nn.Module):
         D, F = cfg.inner_dim, cfg.mlp_hidden_dim
         self.heads, self.dim = cfg.num_attention_heads, D
         self.attention_chunk = None
+        self.token_chunk, self.sync = None, False
         self.to_qkv_mlp_proj = nn.Linear(D, 3 * D + 2 * F, bias=False)
         self.to_out = nn.Linear(D + F, D, bias=False)
         self.norm_q = nn.RMSNorm(cfg.attention_head_dim, eps=cfg.eps)
         self.norm_k = nn.RMSNorm(cfg.attention_head_dim, eps=cfg.eps)
 
     def __call__(self, x: mx.array, rope: tuple[mx.array, mx.array]) -> mx.array:
+        """x [B, L, D]. The fused projection and the MLP are token-wise: with `token_chunk`
+        they run that many tokens at a time, so only q, k, v and the MLP activation
+        ([B, L, 3D + F] in all) are ever held for every token."""
         B, L, _ = x.shape
-        h = self.to_qkv_mlp_proj(x)  # [B, L, 3D + 2F]
-        D = self.dim
-        q, k, v = (h[..., i * D:(i + 1) * D].reshape(B, L, self.heads, -1) for i in range(3))
-        q = apply_rope(self.norm_q(q), *rope)
-        k = apply_rope(self.norm_k(k), *rope)
+        D, cos, sin = self.dim, rope[0], rope[1]
+        q, k, v, m = [], [], [], []
+        for r0, r1 in token_chunks(L, self.token_chunk):
+            h = self.to_qkv_mlp_proj(x[:, r0:r1])  # [B, c, 3D + 2F]
+            qc, kc, vc = (h[..., i * D:(i + 1) * D].reshape(B, r1 - r0, self.heads, -1) for i in range(3))
+            q.append(apply_rope(self.norm_q(qc), cos[r0:r1], sin[r0:r1]))
+            k.append(apply_rope(self.norm_k(kc), cos[r0:r1], sin[r0:r1]))
+            v.append(vc)
+            m.append(swiglu(h[..., 3 * D:]))
+            if self.sync and self.token_chunk:
+                mx.eval(q[-1], k[-1], v[-1], m[-1])
+        cat = lambda a: a[0] if len(a) == 1 else mx.concatenate(a, axis=1)
+        q, k, v, m = cat(q), cat(k), cat(v), cat(m)
         o = attention(q, k, v, self.attention_chunk)
-        return self.to_out(mx.concatenate([o, swiglu(h[..., 3 * D:])], axis=-1))
+        outs = []
+        for r0, r1 in token_chunks(L, self.token_chunk):
+            outs.append(self.to_out(mx.concatenate([o[:, r0:r1], m[:, r0:r1]], axis=-1)))
+            if self.sync and self.token_chunk:
+                mx.eval(outs[-1])
+        return cat(outs)
 
 
 class SingleStreamBlock(nn.Module):
@@ -274,6 +310,13 @@ class Flux2Transformer(nn.Module):
         for _, m in self.named_modules():
             if isinstance(m, (JointAttention, ParallelAttention)):
                 m.attention_chunk = rows
+
+    def set_token_chunk(self, rows: int | None, sync: bool = False) -> None:
+        """Run the token-wise parts (MLPs, the single blocks' fused projection) `rows`
+        tokens at a time; with `sync`, evaluate each chunk before the next."""
+        for _, m in self.named_modules():
+            if isinstance(m, (DoubleStreamBlock, ParallelAttention)):
+                m.token_chunk, m.sync = rows, sync
 
     def __call__(
         self,

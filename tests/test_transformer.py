@@ -77,6 +77,20 @@ def test_batched_ids_and_other_lengths(saved):
     assert rel_err(run(model, inputs, mx.float32, batched_ids=True), ref) <= BOUNDS["float32"]
 
 
+def test_memory_saving_modes_change_nothing(saved):
+    """Token chunks, attention chunks and block-by-block evaluation give the same output."""
+    ref_model, directory, _ = saved["tiny_a"]
+    inputs = fx.make_inputs("tiny_a", batch=2, grid=(4, 6), txt_len=9)
+    model = load_transformer(directory, dtype=mx.float32)
+    plain = run(model, inputs, mx.float32)
+    model.set_token_chunk(5, sync=True)
+    model.set_attention_chunk(7)
+    model.eval_per_block = True
+    chunked = run(model, inputs, mx.float32)
+    np.testing.assert_allclose(chunked, plain, rtol=0, atol=1e-5 * np.abs(plain).max())
+    assert rel_err(chunked, fx.reference_forward(ref_model, inputs)) <= BOUNDS["float32"]
+
+
 def test_bfl_checkpoint_gives_same_output(saved):
     ref_model, directory, bfl_file = saved["tiny_c"]
     inputs = fx.make_inputs("tiny_c")
