@@ -182,26 +182,33 @@ class BonsaiPipeline:
             text_resident_bytes=te.weight_bytes(None) + sum(layers),
             text_stream_bytes=te.weight_bytes(None) + max(layers, default=0),
             text_hidden=args.hidden_size, text_heads=args.num_attention_heads, text_len=self.max_sequence_length,
-            vae_bytes=_nbytes(self.vae), vae_bytes_per_pixel=self._vae_bytes_per_pixel(), vae_mid_channels=dec[-1],
+            vae_bytes=_nbytes(self.vae) + int(self._vae_scratch()[0]), vae_bytes_per_pixel=self._vae_scratch()[1],
+            vae_mid_channels=dec[-1],
             dtype_bytes=self._transformer_info["dtype"].size,
         )
 
-    def _vae_bytes_per_pixel(self, side: int = 128) -> float:
-        """Peak decoder scratch per output pixel on this device and dtype, measured once by
-        decoding a side x side image (backends differ by several x: MLX's CPU convolution
-        unfolds 3x3 patches, GPU kernels do not). Resets the peak-memory counter."""
-        if getattr(self, "_vae_px", None) is None:
+    def _vae_scratch(self) -> tuple[float, float]:
+        """(fixed bytes, bytes per output pixel) of the decoder's peak scratch on this
+        device and dtype, fitted to two measured decodes (backends differ by several x:
+        MLX's CPU convolution unfolds 3x3 patches, GPU kernels do not). Measured once,
+        block by block as budgeted runs decode; resets the peak-memory counter."""
+        if getattr(self, "_vae_fit", None) is None:
             C = self.vae.config.patched_channels
-            tokens = mx.zeros((1, (side // 16) ** 2, C), dtype=self.vae.dtype)
-            mx.eval(tokens)
-            mx.synchronize()
-            base = mx.get_active_memory()
-            mx.reset_peak_memory()
-            self.vae.decoder.eval_per_block = True  # as budgeted runs decode
-            mx.eval(self.vae.decode_tokens(tokens, side, side))
-            mx.synchronize()
-            self._vae_px = (mx.get_peak_memory() - base) / side**2
-        return self._vae_px
+            peaks = []
+            self.vae.decoder.eval_per_block = True
+            for side in (128, 256):
+                tokens = mx.zeros((1, (side // 16) ** 2, C), dtype=self.vae.dtype)
+                mx.eval(tokens)
+                mx.synchronize()
+                base = mx.get_active_memory()
+                mx.reset_peak_memory()
+                mx.eval(self.vae.decode_tokens(tokens, side, side))
+                mx.synchronize()
+                peaks.append(mx.get_peak_memory() - base)
+                del tokens
+            per_px = max(peaks[1] - peaks[0], 0) / (256**2 - 128**2)
+            self._vae_fit = (max(peaks[0] - per_px * 128**2, 0.0), per_px)
+        return self._vae_fit
 
     def plan(self, width: int = 512, height: int = 512, memory_budget=None, cfg: bool = False) -> MemoryPlan:
         """How a generation of this size would run under `memory_budget` (default: the

@@ -43,8 +43,16 @@ def rope_tables(ids: mx.array, axes_dims: tuple[int, ...], theta: float) -> tupl
     return mx.array(np.cos(ang).astype(np.float32)), mx.array(np.sin(ang).astype(np.float32))
 
 
-def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-    """Rotate interleaved pairs (x[2j], x[2j+1]) of x [B, L, H, Dh] in float32."""
+def apply_rope(x: mx.array, cos: mx.array, sin: mx.array, chunk: int | None = None, sync: bool = False) -> mx.array:
+    """Rotate interleaved pairs (x[2j], x[2j+1]) of x [B, L, H, Dh] in float32, `chunk`
+    tokens at a time if given (the float32 temporaries are 2x the input per copy)."""
+    if chunk and chunk < x.shape[1]:
+        parts = []
+        for r0, r1 in token_chunks(x.shape[1], chunk):
+            parts.append(apply_rope(x[:, r0:r1], cos[r0:r1], sin[r0:r1]))
+            if sync:
+                mx.eval(parts[-1])
+        return mx.concatenate(parts, axis=1)
     B, L, H, Dh = x.shape
     xp = x.astype(mx.float32).reshape(B, L, H, Dh // 2, 2)
     x0, x1 = xp[..., 0], xp[..., 1]
@@ -163,6 +171,7 @@ class JointAttention(nn.Module):
         D, Dh = cfg.inner_dim, cfg.attention_head_dim
         self.heads, self.eps = cfg.num_attention_heads, cfg.eps
         self.attention_chunk = None
+        self.token_chunk, self.sync = None, False
         self.to_q = nn.Linear(D, D, bias=False)
         self.to_k = nn.Linear(D, D, bias=False)
         self.to_v = nn.Linear(D, D, bias=False)
@@ -187,7 +196,9 @@ class JointAttention(nn.Module):
         k = mx.concatenate([self.norm_added_k(self._heads(self.add_k_proj(txt))),
                             self.norm_k(self._heads(self.to_k(img)))], axis=1)
         v = mx.concatenate([self._heads(self.add_v_proj(txt)), self._heads(self.to_v(img))], axis=1)
-        o = attention(apply_rope(q, *rope), apply_rope(k, *rope), v, self.attention_chunk)  # [B, L_txt + L_img, D]
+        q = apply_rope(q, *rope, self.token_chunk, self.sync)
+        k = apply_rope(k, *rope, self.token_chunk, self.sync)
+        o = attention(q, k, v, self.attention_chunk)  # [B, L_txt + L_img, D]
         return self.to_out[0](o[:, L_txt:]), self.to_add_out(o[:, :L_txt])
 
 
@@ -315,7 +326,7 @@ class Flux2Transformer(nn.Module):
         """Run the token-wise parts (MLPs, the single blocks' fused projection) `rows`
         tokens at a time; with `sync`, evaluate each chunk before the next."""
         for _, m in self.named_modules():
-            if isinstance(m, (DoubleStreamBlock, ParallelAttention)):
+            if isinstance(m, (DoubleStreamBlock, JointAttention, ParallelAttention)):
                 m.token_chunk, m.sync = rows, sync
 
     def __call__(
