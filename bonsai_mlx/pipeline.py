@@ -317,6 +317,12 @@ class BonsaiPipeline:
         if plan is None:
             plan = self.plan(width, height, budget, cfg=use_cfg)  # refuses up front when nothing fits
         x, seed = self.initial_noise(seed, latents, width, height)
+        # Everything above runs now, so bad arguments fail at the call, not at the first next().
+        return self._run(prompt, width, height, steps, seed, guidance, negative_prompt, use_cfg, budget, plan, x,
+                         preview, preview_every)
+
+    def _run(self, prompt, width, height, steps, seed, guidance, negative_prompt, use_cfg, budget, plan, x,
+             preview, preview_every) -> Iterator[StepEvent | GenerationResult]:
         te = self.text_encoder
         timings = {}
         t_start = time.perf_counter()

@@ -115,6 +115,8 @@ def test_bad_requests_fail_before_any_work(distilled, kw, pattern):
     args = dict(width=W, height=H) | kw
     with pytest.raises(BonsaiError, match=pattern):
         pipe.generate(PROMPT, **args)
+    with pytest.raises(BonsaiError, match=pattern):
+        pipe.stream(PROMPT, **args)  # at the call, before iterating
 
 
 def test_unknown_model_and_missing_parts(tmp_path):
