@@ -3,7 +3,11 @@
 from .config import KLEIN_4B, KLEIN_9B, TransformerConfig
 from .errors import BonsaiError, ConfigError, WeightsError
 from .loading import load_transformer
+from .memory import MemoryMonitor, MemoryPlan
+from .packed_checkpoint import convert_pipeline, save_packed
+from .pipeline import BonsaiPipeline, Cancelled, GenerationResult, StepEvent
+from .text_encoder import load_text_encoder
 from .transformer import Flux2Transformer
-from .pipeline import BonsaiPipeline, GenerationResult, StepEvent
+from .vae import load_vae
 
 __version__ = "0.1.0"
