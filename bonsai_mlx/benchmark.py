@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import statistics
 import time
@@ -136,6 +137,8 @@ def bench_generate(root, fmts=("binary", "ternary"), sizes=(512, 1024), steps=4,
             result = pipe.generate(prompt, width=size, height=size, steps=steps, seed=seed, memory_budget=want,
                                    plan=plan)
             run["cold_start_to_first_image_s"] = time.perf_counter() - t_cold
+            # the planner's inputs, to compare its stage estimates with the measured peaks
+            run["footprint"] = dataclasses.asdict(pipe.footprint())
             run["timings"] = result.timings
             run["memory"] = result.memory
             run["finite"] = bool(np.isfinite(result.array).all())
