@@ -52,15 +52,15 @@ def klein_inputs(cfg: TransformerConfig, width: int, height: int, txt_len: int, 
 
 
 def bench_forward(cfg: TransformerConfig, width=512, height=512, txt_len=512, dtype="float16",
-                  runs: int = 1, warmup: int = 0, log=print) -> dict:
+                  runs: int = 1, warmup: int = 0, log=print, seed: int = 0) -> dict:
     dt = DTYPES[dtype]
     mx.reset_peak_memory()
     t0 = time.perf_counter()
-    model = random_transformer(cfg, dt)
+    model = random_transformer(cfg, dt, seed=seed)
     build_s = time.perf_counter() - t0
     weight_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     log(f"built random transformer: {weight_bytes / 1e9:.3f} GB of {dtype} weights in {build_s:.1f} s")
-    inputs = klein_inputs(cfg, width, height, txt_len, dt)
+    inputs = klein_inputs(cfg, width, height, txt_len, dt, seed=seed)
     mx.eval(inputs)
     for _ in range(warmup):
         mx.eval(model(*inputs))

@@ -8,25 +8,18 @@ import sys
 import time
 from pathlib import Path
 
-from .config import PRESETS, TransformerConfig, preset
+from .config import PRESETS, preset
 from .errors import BonsaiError
 
 
 def _cmd_forward(args) -> None:
     """One transformer forward pass at the real input shapes on random weights."""
-    import mlx.core as mx
+    from .benchmark import bench_forward
 
-    from .benchmark import DTYPES, klein_inputs, random_transformer
-
-    cfg = preset(args.model)
-    dt = DTYPES[args.dtype]
-    t = time.perf_counter()
-    model = random_transformer(cfg, dt, seed=args.seed)
-    inputs = klein_inputs(cfg, args.width, args.height, args.text_tokens, dt, seed=args.seed)
-    out = model(*inputs)
-    mx.eval(out)
-    print(f"{args.model} forward on {mx.default_device()}: output {list(out.shape)} {out.dtype}, "
-          f"{time.perf_counter() - t:.1f} s, peak memory {mx.get_peak_memory() / 1e9:.2f} GB")
+    r = bench_forward(preset(args.model), args.width, args.height, args.text_tokens, args.dtype, seed=args.seed,
+                      log=lambda *_: None)
+    print(f"{args.model} forward on {r['device']}: {r['image_tokens']} image + {r['text_tokens']} text tokens, "
+          f"{r['median_s']:.1f} s, peak memory {r['peak_memory_bytes'] / 1e9:.2f} GB")
 
 
 def _cmd_bench_forward(args) -> None:
@@ -119,9 +112,8 @@ def _cmd_bench_generate(args) -> None:
     from .benchmark import bench_generate
 
     root = args.dir or tempfile.mkdtemp(prefix="bonsai-bench-")
-    budget = args.memory_budget if args.memory_budget in (None, "target") else args.memory_budget
     result = bench_generate(root, fmts=args.formats, sizes=args.sizes, steps=args.steps, dtype=args.dtype,
-                            budget=None if args.memory_budget == "none" else budget)
+                            budget=None if args.memory_budget == "none" else args.memory_budget)
     print(json.dumps(result, indent=2, default=str))
     if args.json:
         with open(args.json, "w") as f:
@@ -129,9 +121,8 @@ def _cmd_bench_generate(args) -> None:
 
 
 def _cmd_convert(args) -> None:
-    from .packed_checkpoint import convert_pipeline
-
     from .benchmark import DTYPES
+    from .packed_checkpoint import convert_pipeline
 
     out = convert_pipeline(args.source, args.output, args.format, overwrite=args.overwrite, dtype=DTYPES[args.dtype])
     print(f"wrote {out}")

@@ -166,6 +166,9 @@ class Footprint:
     dtype_bytes: int = 2
 
 
+# No budget: everything resident, one graph per forward, nothing estimated.
+UNCONSTRAINED = MemoryPlan(eval_per_block=False)
+
 OVERHEAD = 48 * 2**20  # allocator slack, small arrays, ids, schedules
 VAE_MARGIN = 104  # pixels of context a decoder tile needs on each side (FLUX.2 VAE)
 VAE_MAX_SCORES = 1 << 26  # mirrors vae._MAX_SCORES: attention score elements per query chunk

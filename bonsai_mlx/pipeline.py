@@ -20,7 +20,7 @@ from PIL import Image, PngImagePlugin
 
 from .errors import BonsaiError, WeightsError
 from .loading import load_transformer
-from .memory import Footprint, MemoryMonitor, MemoryPlan, parse_bytes, plan_memory, smallest_plan
+from .memory import Footprint, MemoryMonitor, MemoryPlan, parse_bytes, plan_memory, smallest_plan, UNCONSTRAINED
 from .packed_linear import PackedLinear, auto_backend
 from .scheduler import flux2_sigmas
 from .text_encoder import load_text_encoder
@@ -215,6 +215,8 @@ class BonsaiPipeline:
         pipeline's). Raises, saying the smallest budget that works, when nothing fits."""
         check_size(width, height)
         budget = self.memory_budget if memory_budget is None else parse_bytes(memory_budget)
+        if budget is None:  # nothing to fit, so no footprint (its VAE calibration decodes and resets the peak)
+            return UNCONSTRAINED
         return plan_memory(self.footprint(), width, height, budget, cfg_batches=2 if cfg else 1)
 
     def smallest_plan(self, width: int = 512, height: int = 512, cfg: bool = False) -> MemoryPlan:
