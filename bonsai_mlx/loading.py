@@ -21,6 +21,8 @@ from .transformer import Flux2Transformer
 from .weight_names import bfl_to_diffusers, is_bfl_checkpoint
 
 _MAX_LISTED = 12
+# Where a pack (PrismML's MLX layout) or a diffusers pipeline keeps its transformer.
+TRANSFORMER_SUBDIRS = ("transformer-packed-mflux", "transformer")
 
 
 def _listing(names) -> str:
@@ -169,7 +171,7 @@ def _transformer_dir(path: Path) -> Path:
     """Accept a pack or pipeline root as well as the transformer directory itself."""
     if (path / "config.json").exists():
         return path
-    for sub in ("transformer-packed-mflux", "transformer"):
+    for sub in TRANSFORMER_SUBDIRS:
         if (path / sub / "config.json").exists():
             return path / sub
     return path

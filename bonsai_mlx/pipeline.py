@@ -19,11 +19,11 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 
 from .errors import BonsaiError, WeightsError
-from .loading import load_transformer
+from .loading import TRANSFORMER_SUBDIRS, load_transformer
 from .memory import Footprint, MemoryMonitor, MemoryPlan, parse_bytes, plan_memory, smallest_plan, UNCONSTRAINED
 from .packed_linear import PackedLinear, auto_backend
 from .scheduler import flux2_sigmas
-from .text_encoder import load_text_encoder
+from .text_encoder import ENCODER_SUBDIRS, load_text_encoder
 from .vae import load_vae
 
 # Known names for `from_pretrained`; anything with a "/" is taken as a Hugging Face repo id.
@@ -35,8 +35,7 @@ MODELS = {
 DEFAULT_VAE_REPO = "black-forest-labs/FLUX.2-small-decoder"
 # What a pipeline reads; repos also hold root-level single-file checkpoints we never need.
 _PIPELINE_FILES = ["model_index.json"] + [
-    f"{d}/*" for d in ("transformer-packed-mflux", "transformer", "text_encoder-mlx-4bit", "text_encoder",
-                       "tokenizer", "vae")]
+    f"{d}/*" for d in (*TRANSFORMER_SUBDIRS, *ENCODER_SUBDIRS, "tokenizer", "vae")]
 _VAE_FILES = ["*.json", "*.safetensors", "vae/*"]
 
 MIN_SIZE, MAX_SIZE = 64, 2048  # pixels per side; the multiple-of-16 rule is the VAE's x the 2x2 patch
@@ -433,9 +432,9 @@ class BonsaiPipeline:
 
 def _has_part(root: Path, part: str) -> bool:
     subdirs = {
-        "transformer": ("transformer-packed-mflux", "transformer"),
-        "text encoder": ("text_encoder-mlx-4bit", "text_encoder"),
-        "tokenizer": ("tokenizer", "text_encoder-mlx-4bit", "text_encoder"),
+        "transformer": TRANSFORMER_SUBDIRS,
+        "text encoder": ENCODER_SUBDIRS,
+        "tokenizer": ("tokenizer", *ENCODER_SUBDIRS),
     }[part]
     return any((root / s).is_dir() for s in subdirs)
 

@@ -33,7 +33,7 @@ DEFAULT_LAYERS = (9, 18, 27)
 DEFAULT_MAX_LENGTH = 512
 
 # Subfolders tried, in order, when `path` is a pack or diffusers root.
-_ENCODER_SUBDIRS = ("text_encoder-mlx-4bit", "text_encoder")
+ENCODER_SUBDIRS = ("text_encoder-mlx-4bit", "text_encoder")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
@@ -355,10 +355,10 @@ def _resolve(path: Path, tokenizer_path: Optional[Path]) -> tuple[Path, Path]:
     if (path / "config.json").exists():
         weights_dir = path
     else:
-        found = [path / s for s in _ENCODER_SUBDIRS if (path / s / "config.json").exists()]
+        found = [path / s for s in ENCODER_SUBDIRS if (path / s / "config.json").exists()]
         if not found:
             raise WeightsError(
-                f"{path} has no config.json, nor a {' or '.join(_ENCODER_SUBDIRS)} folder with one"
+                f"{path} has no config.json, nor a {' or '.join(ENCODER_SUBDIRS)} folder with one"
             )
         weights_dir = found[0]
     if tokenizer_path is None:
