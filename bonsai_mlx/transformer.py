@@ -16,6 +16,8 @@ import mlx.nn as nn
 import numpy as np
 
 from .config import TransformerConfig
+from .packed_linear import PackedLinear, get_backend
+from .packing import PackedWeight
 
 FP16_MAX = 65504.0
 
@@ -43,16 +45,9 @@ def rope_tables(ids: mx.array, axes_dims: tuple[int, ...], theta: float) -> tupl
     return mx.array(np.cos(ang).astype(np.float32)), mx.array(np.sin(ang).astype(np.float32))
 
 
-def apply_rope(x: mx.array, cos: mx.array, sin: mx.array, chunk: int | None = None, sync: bool = False) -> mx.array:
-    """Rotate interleaved pairs (x[2j], x[2j+1]) of x [B, L, H, Dh] in float32, `chunk`
-    tokens at a time if given (the float32 temporaries are 2x the input per copy)."""
-    if chunk and chunk < x.shape[1]:
-        parts = []
-        for r0, r1 in token_chunks(x.shape[1], chunk):
-            parts.append(apply_rope(x[:, r0:r1], cos[r0:r1], sin[r0:r1]))
-            if sync:
-                mx.eval(parts[-1])
-        return mx.concatenate(parts, axis=1)
+def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    """Rotate interleaved pairs (x[2j], x[2j+1]) of x [B, L, H, Dh] in float32 (the float32
+    temporaries are 2x the input per copy, so memory-bound callers pass token chunks)."""
     B, L, H, Dh = x.shape
     xp = x.astype(mx.float32).reshape(B, L, H, Dh // 2, 2)
     x0, x1 = xp[..., 0], xp[..., 1]
@@ -104,16 +99,49 @@ def token_chunks(L: int, chunk: int | None):
     return [(r, min(r + step, L)) for r in range(0, L, step)]
 
 
+class TokenBuffer:
+    """A [B, L, ...] result assembled chunk by chunk in place.
+
+    Concatenating chunk results holds every chunk and the concatenation at once (2x);
+    writing each chunk into one buffer, evaluated as it goes, lets MLX reuse the buffer
+    (the slice update donates it), so only the buffer and one chunk's temporaries live.
+    """
+
+    def __init__(self, shape, dtype, sync: bool):
+        self.value = mx.zeros(shape, dtype=dtype)
+        self.sync = sync
+
+    def write(self, r0: int, r1: int, part: mx.array) -> None:
+        self.value[:, r0:r1] = part
+        if self.sync:
+            mx.eval(self.value)
+
+
+def linear_rows(linear, x: mx.array, r0: int, r1: int) -> mx.array:
+    """x @ W[r0:r1].T (+ bias): output rows of a linear are independent, so a fused
+    projection can run part by part without computing (or holding) the other parts."""
+    if isinstance(linear, PackedLinear):
+        pw = linear.packed
+        part = PackedWeight(pw.fmt, pw.data[r0:r1], pw.scales[r0:r1], (r1 - r0, pw.shape[1]))
+        y = get_backend(linear.backend)(x, part)
+    elif type(linear) is nn.Linear:
+        y = x @ linear.weight[r0:r1].T
+    else:  # any other layer type: correct, without the saving
+        return linear(x)[..., r0:r1]
+    return y + linear.bias[r0:r1].astype(y.dtype) if "bias" in linear else y
+
+
 def gated_ff(ff, x, shift, scale, gate, eps, chunk=None, sync=False):
     """x + gate * ff(modulate(x)): token-wise, so it can run `chunk` tokens at a time,
     bounding the [chunk, 2F] intermediate instead of holding [L, 2F]."""
-    outs = []
-    for r0, r1 in token_chunks(x.shape[1], chunk):
+    chunks = token_chunks(x.shape[1], chunk)
+    if len(chunks) == 1:
+        return x + gate * ff(modulate(x, shift, scale, eps))
+    out = TokenBuffer(x.shape, x.dtype, sync)
+    for r0, r1 in chunks:
         xc = x[:, r0:r1]
-        outs.append(xc + gate * ff(modulate(xc, shift, scale, eps)))
-        if sync and chunk:
-            mx.eval(outs[-1])
-    return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)
+        out.write(r0, r1, xc + gate * ff(modulate(xc, shift, scale, eps)))
+    return out.value
 
 
 class TimestepEmbedder(nn.Module):
@@ -190,14 +218,30 @@ class JointAttention(nn.Module):
         return x.reshape(B, L, self.heads, -1)
 
     def __call__(self, img: mx.array, txt: mx.array, rope: tuple[mx.array, mx.array]):
-        L_txt = txt.shape[1]
-        q = mx.concatenate([self.norm_added_q(self._heads(self.add_q_proj(txt))),
-                            self.norm_q(self._heads(self.to_q(img)))], axis=1)
-        k = mx.concatenate([self.norm_added_k(self._heads(self.add_k_proj(txt))),
-                            self.norm_k(self._heads(self.to_k(img)))], axis=1)
-        v = mx.concatenate([self._heads(self.add_v_proj(txt)), self._heads(self.to_v(img))], axis=1)
-        q = apply_rope(q, *rope, self.token_chunk, self.sync)
-        k = apply_rope(k, *rope, self.token_chunk, self.sync)
+        B, L_txt, D = txt.shape
+        L = L_txt + img.shape[1]
+        cos, sin = rope
+        streams = ((txt, 0, self.add_q_proj, self.add_k_proj, self.add_v_proj, self.norm_added_q, self.norm_added_k),
+                   (img, L_txt, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k))
+        if not self.token_chunk or self.token_chunk >= L:
+            qkv = [[], [], []]
+            for x, off, pq, pk, pv, nq, nk in streams:
+                c, s = cos[off:off + x.shape[1]], sin[off:off + x.shape[1]]
+                qkv[0].append(apply_rope(nq(self._heads(pq(x))), c, s))
+                qkv[1].append(apply_rope(nk(self._heads(pk(x))), c, s))
+                qkv[2].append(self._heads(pv(x)))
+            q, k, v = (mx.concatenate(parts, axis=1) for parts in qkv)
+        else:
+            # Chunk by chunk into [B, L, H, Dh] buffers: the float32 RoPE copies exist for
+            # one chunk at a time, and nothing is concatenated.
+            bufs = [TokenBuffer((B, L, self.heads, D // self.heads), txt.dtype, self.sync) for _ in range(3)]
+            for x, off, pq, pk, pv, nq, nk in streams:
+                for r0, r1 in token_chunks(x.shape[1], self.token_chunk):
+                    xc, c, s = x[:, r0:r1], cos[off + r0:off + r1], sin[off + r0:off + r1]
+                    bufs[0].write(off + r0, off + r1, apply_rope(nq(self._heads(pq(xc))), c, s))
+                    bufs[1].write(off + r0, off + r1, apply_rope(nk(self._heads(pk(xc))), c, s))
+                    bufs[2].write(off + r0, off + r1, self._heads(pv(xc)))
+            q, k, v = (buf.value for buf in bufs)
         o = attention(q, k, v, self.attention_chunk)  # [B, L_txt + L_img, D]
         return self.to_out[0](o[:, L_txt:]), self.to_add_out(o[:, :L_txt])
 
@@ -240,29 +284,40 @@ class ParallelAttention(nn.Module):
 
     def __call__(self, x: mx.array, rope: tuple[mx.array, mx.array]) -> mx.array:
         """x [B, L, D]. The fused projection and the MLP are token-wise: with `token_chunk`
-        they run that many tokens at a time, so only q, k, v and the MLP activation
-        ([B, L, 3D + F] in all) are ever held for every token."""
+        they run that many tokens at a time in two passes (q, k, v rows of the projection
+        before attention, MLP rows after it), so only q, k, v, the attention output and
+        the result ([B, L, 5D] in all) are ever held for every token, never the MLP's
+        [B, L, 2F] / [B, L, F]."""
         B, L, _ = x.shape
         D, cos, sin = self.dim, rope[0], rope[1]
-        q, k, v, m = [], [], [], []
-        for r0, r1 in token_chunks(L, self.token_chunk):
-            h = self.to_qkv_mlp_proj(x[:, r0:r1])  # [B, c, 3D + 2F]
+        proj = self.to_qkv_mlp_proj
+        chunks = token_chunks(L, self.token_chunk)
+        if len(chunks) == 1:
+            h = proj(x)  # [B, L, 3D + 2F]
+            q, k, v = (h[..., i * D:(i + 1) * D].reshape(B, L, self.heads, -1) for i in range(3))
+            q, k = apply_rope(self.norm_q(q), cos, sin), apply_rope(self.norm_k(k), cos, sin)
+            o = attention(q, k, v, self.attention_chunk)
+            return self.to_out(mx.concatenate([o, swiglu(h[..., 3 * D:])], axis=-1))
+        bufs = [TokenBuffer((B, L, self.heads, D // self.heads), x.dtype, self.sync) for _ in range(3)]
+        for r0, r1 in chunks:
+            h = linear_rows(proj, x[:, r0:r1], 0, 3 * D)  # [B, c, 3D]
             qc, kc, vc = (h[..., i * D:(i + 1) * D].reshape(B, r1 - r0, self.heads, -1) for i in range(3))
-            q.append(apply_rope(self.norm_q(qc), cos[r0:r1], sin[r0:r1]))
-            k.append(apply_rope(self.norm_k(kc), cos[r0:r1], sin[r0:r1]))
-            v.append(vc)
-            m.append(swiglu(h[..., 3 * D:]))
-            if self.sync and self.token_chunk:
-                mx.eval(q[-1], k[-1], v[-1], m[-1])
-        cat = lambda a: a[0] if len(a) == 1 else mx.concatenate(a, axis=1)
-        q, k, v, m = cat(q), cat(k), cat(v), cat(m)
-        o = attention(q, k, v, self.attention_chunk)
-        outs = []
-        for r0, r1 in token_chunks(L, self.token_chunk):
-            outs.append(self.to_out(mx.concatenate([o[:, r0:r1], m[:, r0:r1]], axis=-1)))
-            if self.sync and self.token_chunk:
-                mx.eval(outs[-1])
-        return cat(outs)
+            bufs[0].write(r0, r1, apply_rope(self.norm_q(qc), cos[r0:r1], sin[r0:r1]))
+            bufs[1].write(r0, r1, apply_rope(self.norm_k(kc), cos[r0:r1], sin[r0:r1]))
+            bufs[2].write(r0, r1, vc)
+        o = attention(*(buf.value for buf in bufs), self.attention_chunk)
+        del bufs  # q, k, v die with the attention's evaluation
+        if self.sync:
+            mx.eval(o)
+        out = TokenBuffer((B, L, D), x.dtype, self.sync)
+        for r0, r1 in chunks:
+            m = swiglu(linear_rows(proj, x[:, r0:r1], 3 * D, proj_rows(proj)))  # [B, c, F]
+            out.write(r0, r1, self.to_out(mx.concatenate([o[:, r0:r1], m], axis=-1)))
+        return out.value
+
+
+def proj_rows(linear) -> int:
+    return linear.out_features if isinstance(linear, PackedLinear) else linear.weight.shape[0]
 
 
 class SingleStreamBlock(nn.Module):

@@ -9,7 +9,10 @@ import torch
 
 from bonsai_mlx import KLEIN_4B, KLEIN_9B, TransformerConfig, load_transformer
 from bonsai_mlx.errors import ConfigError, WeightsError
-from bonsai_mlx.transformer import Flux2Transformer
+import mlx.nn as nn
+
+from bonsai_mlx.packed_linear import PackedLinear
+from bonsai_mlx.transformer import Flux2Transformer, TokenBuffer, linear_rows
 from fixtures import make_flux2 as fx
 
 # Relative L2 bounds: ||out - ref|| / ||ref||.
@@ -89,6 +92,29 @@ def test_memory_saving_modes_change_nothing(saved):
     chunked = run(model, inputs, mx.float32)
     np.testing.assert_allclose(chunked, plain, rtol=0, atol=1e-5 * np.abs(plain).max())
     assert rel_err(chunked, fx.reference_forward(ref_model, inputs)) <= BOUNDS["float32"]
+
+
+def test_linear_rows_equals_slicing_the_full_output():
+    """Running a fused projection part by part gives exactly the parts of the whole."""
+    mx.random.seed(3)
+    x = mx.random.normal((2, 7, 256))
+    dense = nn.Linear(256, 96, bias=True)
+    packed = PackedLinear.from_dense(mx.random.normal((96, 256)), "ternary", backend="reference")
+    quantized = nn.QuantizedLinear(256, 96, bias=False, group_size=64, bits=4)  # no row path: falls back
+    for layer in (dense, packed, quantized):
+        full = layer(x)
+        for r0, r1 in ((0, 40), (40, 96), (13, 14)):
+            np.testing.assert_allclose(linear_rows(layer, x, r0, r1), full[..., r0:r1], rtol=0, atol=1e-5)
+
+
+def test_token_buffer_assembles_chunks():
+    parts = [mx.full((1, n, 3), float(i)) for i, n in enumerate((4, 4, 2))]
+    buf = TokenBuffer((1, 10, 3), mx.float32, sync=True)
+    r = 0
+    for p in parts:
+        buf.write(r, r + p.shape[1], p)
+        r += p.shape[1]
+    np.testing.assert_array_equal(buf.value, mx.concatenate(parts, axis=1))
 
 
 def test_bfl_checkpoint_gives_same_output(saved):
