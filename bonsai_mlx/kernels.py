@@ -9,9 +9,16 @@ packed codes and scales directly; W is staged only as packed bit planes, and
 each simdgroup decodes its own 8 x WN (Metal) or fragment-sized (CUDA) piece
 right before multiplying.
 
-Two paths per format:
-  gemm  M >= 32: BM x BN output tile per threadgroup, simdgroup matrices
-        (Metal) / wmma tensor cores (CUDA).
+Three paths per format, chosen by M (`choose_path`):
+  slab  M >= SLAB_MIN_M, 16-bit x: `<fmt>_decode` writes a slab of at most
+        SLAB_MAX_ELEMENTS weights (whole rows) dense in x's dtype, MLX's own
+        matmul computes x @ slab.T, next slab; the slabs' outputs are
+        concatenated along N. Our fused GEMM is bound by mma.sync (MLX's JIT
+        targets sm_90, not sm_90a, so no wgmma), MLX's matmul is not; the slab
+        keeps the dense copy to a bounded, reused scratch.
+  gemm  32 <= M < SLAB_MIN_M (any M >= 32 for float32 x on Metal): BM x BN
+        output tile per threadgroup, simdgroup matrices (Metal) / mma.sync
+        tensor cores (CUDA).
   gemv  M < 32, 16-bit x: 8 NJ weight rows x 16 rows of x per threadgroup,
         simdgroups split K, lanes read their packed words straight into the
         matrix units (CUDA) / simdgroup scratch (Metal); W read once per 16
@@ -19,14 +26,15 @@ Two paths per format:
   gemv_fp32  float32 x (and, on CUDA, float32 at any M): one simdgroup per R
         weight rows, lanes stream the packed rows, simd_sum reduces.
 
-Every launch is described by a `Launch` (kernel, template, grid, threadgroup),
-so the CPU harness in tests/metal_harness runs exactly what MLX would.
+Every launch is described by a `Launch` (kernel, template, grid, threadgroup;
+plus the slab height for the slab path), so the CPU harness in
+tests/metal_harness runs exactly what MLX would.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -35,9 +43,35 @@ import mlx.core as mx
 import bonsai_mlx
 
 FORMATS = ("binary", "ternary")
+PATHS = ("gemv", "gemm", "slab")
 GEMM_MIN_M = 32
 INPUT_NAMES = ("x", "w", "scales")
 OUTPUT_NAMES = ("y",)
+# The decode kernels (slab path) take the packed rows only and write the slab.
+DECODE_INPUT_NAMES = ("w", "scales")
+DECODE_OUTPUT_NAMES = ("slab",)
+
+# Slab path (M >= SLAB_MIN_M, float16 / bfloat16 x). Below it the fused GEMM
+# (32 <= M) or the GEMV; 1024 is a starting point, to be set from
+# examples/bench_kernels.py's gemm and slab columns on the GPU.
+SLAB_MIN_M = 1024
+# Slab cap: at most 8M weights (16 MB at 2 bytes) and at most N/2 rows, whole
+# SLAB_ROW_MULTIPLE rows when that leaves any. Why 16 MB: it is a third of an
+# H200's 50 MB L2, so the slab the decode has just written is still mostly in
+# L2 when the matmul reads it, with room for the x and output tiles streaming
+# past; and it is a bounded scratch, reused slab after slab, where the issue
+# forbids a dense 16-bit copy of a whole weight matrix (for klein's 27648 x
+# 3072 that copy would be 170 MB). Why N/2: a matrix of at most 8M weights
+# (2048 x 3072, say) would otherwise be a single slab, a dense copy of all of
+# it; with N/2 no slab is ever the whole matrix (N >= 2), whatever the shape.
+# Why 128 rows: the slab is the matmul's N, and 128 keeps its tiles whole.
+# Smaller slabs mean more launches (MLX's per-call floor is ~10 us) and
+# smaller matmuls.
+SLAB_MAX_ELEMENTS = 8 << 20
+SLAB_ROW_MULTIPLE = 128
+# Decode launch: CG scale groups (128 weights each) per simdgroup, NSG
+# simdgroups per threadgroup. A simdgroup writes 128 CG contiguous elements.
+DECODE_TILES = dict(CG=4, NSG=8)
 
 # Tile shapes. Metal: 64x64 float tiles, two x buffers (20 KB of the 32 KB
 # threadgroup memory), 4 simdgroups of 32x32. CUDA: 128x128 tiles, two half x
@@ -116,12 +150,31 @@ def compact(src: str) -> str:
     """
     src = re.sub(r"/\*.*?\*/", "", src, flags=re.S)
     lines = (re.sub(r"//.*$", "", ln).strip() for ln in src.splitlines())
-    return "\n".join(ln for ln in lines if ln) + "\n"
+    out = "\n".join(ln for ln in lines if ln)
+    return out + "\n" if out else ""
+
+
+# Kernels that use nothing of metal/common.metal get no header: MLX re-assembles
+# header + body on every call, the decode runs once per slab (up to 11 calls
+# per matmul at klein's shapes), and the compacted shared header is ~7.5 KB
+# (Metal) / ~12 KB (CUDA) of per-call text.
+HEADERLESS = ("binary_decode", "ternary_decode")
+
+
+def io_names(kernel: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(input names, output names) of a kernel, as its body spells them."""
+    if kernel.endswith("_decode"):
+        return DECODE_INPUT_NAMES, DECODE_OUTPUT_NAMES
+    return INPUT_NAMES, OUTPUT_NAMES
+
+
+def _header(kernel: str) -> str:
+    return "" if kernel in HEADERLESS else _read("common.metal")
 
 
 def metal_source(kernel: str) -> tuple[str, str]:
     """(header, body) exactly as passed to mx.fast.metal_kernel (comments stripped by `compact`)."""
-    return compact(_read("common.metal")), compact(_read(f"{kernel}.metal"))
+    return compact(_header(kernel)), compact(_read(f"{kernel}.metal"))
 
 
 # ---------------------------------------------------------------------------- CUDA twin
@@ -146,6 +199,7 @@ _CUDA_ATTRIBUTES = {
     "thread_execution_width": "const uint thread_execution_width = 32u;",
 }
 
+_CUDA_UINT = "typedef unsigned int uint;\n"
 _CUDA_PRELUDE = """\
 // Generated from the Metal header by bonsai_mlx/kernels.py:metal_to_cuda.
 typedef unsigned int uint;
@@ -188,11 +242,16 @@ _SIMD_CALLS = {
 
 
 def metal_to_cuda(header: str, body: str) -> tuple[str, str]:
-    """Rewrite a Metal (header, body) pair into a (header, body) for mx.fast.cuda_kernel."""
-    h = _METAL_ONLY.sub("", header)
-    h = re.sub(r"^\s*#include\s*<metal_\w+>\s*\n", "", h, flags=re.M)
-    h = re.sub(r"^inline\b", "__device__ __forceinline__", h, flags=re.M)
-    h = _CUDA_PRELUDE + _ADDRESS_SPACE.sub(r"\1", h) + "\n" + _read("tile_mma.cuh")
+    """Rewrite a Metal (header, body) pair into a (header, body) for mx.fast.cuda_kernel.
+
+    An empty Metal header (HEADERLESS kernels) gets only the `uint` typedef the body needs."""
+    if header.strip():
+        h = _METAL_ONLY.sub("", header)
+        h = re.sub(r"^\s*#include\s*<metal_\w+>\s*\n", "", h, flags=re.M)
+        h = re.sub(r"^inline\b", "__device__ __forceinline__", h, flags=re.M)
+        h = _CUDA_PRELUDE + _ADDRESS_SPACE.sub(r"\1", h) + "\n" + _read("tile_mma.cuh")
+    else:
+        h = _CUDA_UINT
 
     b = _TG_ARRAY.sub(lambda m: f"__shared__ __align__(32) {m.group(1)} {m.group(2)}{m.group(3)};", body)
     b = re.sub(r"\bthreadgroup_barrier\s*\([^)]*\)", "__syncthreads()", b)
@@ -218,7 +277,7 @@ def metal_to_cuda(header: str, body: str) -> tuple[str, str]:
 def cuda_source(kernel: str) -> tuple[str, str]:
     """(header, body) as passed to mx.fast.cuda_kernel: rewritten from the commented Metal text
     (the metal-only markers are comments), then compacted."""
-    header, body = metal_to_cuda(_read("common.metal"), _read(f"{kernel}.metal"))
+    header, body = metal_to_cuda(_header(kernel), _read(f"{kernel}.metal"))
     return compact(header), compact(body)
 
 
@@ -230,6 +289,9 @@ class Launch:
     template: tuple  # ((name, dtype | int), ...)
     grid: tuple[int, int, int]  # in threads, as both metal_kernel and cuda_kernel take it
     threadgroup: tuple[int, int, int]
+    # Slab path only: weight rows per slab. The launch above then decodes one full slab
+    # (`decode_plan(fmt, slab_rows, ...)`); a shorter last slab has its own decode_plan.
+    slab_rows: int = 0
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -240,25 +302,79 @@ def _config_key(backend: str) -> tuple:
     """Identifies the tuning globals, so the plan cache follows a retune (replace the tile dicts,
     do not edit them in place)."""
     return (id(GEMM_TILES.get(backend)), id(GEMV_TILES.get(backend)), id(GEMV_TILES.get(backend + "_small")), GEMV_STEPS_PER_SG, GEMV_NSG_MAX, GEMV_R, GEMV_NSG,
-            GEMV_MT_MAX)
+            GEMV_MT_MAX, SLAB_MIN_M, SLAB_MAX_ELEMENTS, SLAB_ROW_MULTIPLE, id(DECODE_TILES))
 
 
 @lru_cache(maxsize=4096)
-def _plan_cached(fmt: str, M: int, N: int, K: int, dtype: mx.Dtype, backend: str, key: tuple) -> Launch:
-    return plan(fmt, M, N, K, dtype, backend)
+def _plan_cached(fmt: str, M: int, N: int, K: int, dtype: mx.Dtype, backend: str, path: str | None,
+                 key: tuple) -> Launch:
+    return plan(fmt, M, N, K, dtype, backend, path)
 
 
-def plan(fmt: str, M: int, N: int, K: int, dtype: mx.Dtype, backend: str) -> Launch:
-    """Which kernel, template and grid computes y[M, N] = x[M, K] @ W.T for W in `fmt`."""
+def choose_path(M: int, dtype: mx.Dtype, backend: str) -> str:
+    """"slab" for M >= SLAB_MIN_M with 16-bit x, "gemm" for M >= GEMM_MIN_M, else "gemv".
+    The CUDA tiles are tensor-core half/bf16, so float32 x takes the GEMV there at any M."""
+    if M >= SLAB_MIN_M and dtype in (mx.float16, mx.bfloat16):
+        return "slab"
+    if M >= GEMM_MIN_M and not (backend == "cuda" and dtype == mx.float32):
+        return "gemm"
+    return "gemv"
+
+
+def slab_rows(N: int, K: int) -> int:
+    """Weight rows per slab for W [N, K]: at most SLAB_MAX_ELEMENTS weights and N // 2 rows
+    (a multiple of SLAB_ROW_MULTIPLE when that leaves any, at least 1), then evened out over
+    the slabs that takes, so the last slab is not a sliver.
+    klein 4B: 3072x3072 -> 1536 (2 slabs), 18432x3072 -> 2688 (7), 3072x9216 -> 768 (4),
+    27648x3072 -> 2560 (11), 3072x12288 -> 640 (5)."""
+    cap = min(SLAB_MAX_ELEMENTS // K, N // 2)
+    mult = SLAB_ROW_MULTIPLE if cap >= SLAB_ROW_MULTIPLE else 1
+    cap = max(1, cap - cap % mult)
+    rows = _ceil_div(N, _ceil_div(N, cap))
+    return _ceil_div(rows, mult) * mult  # <= cap: cap is a multiple of mult
+
+
+def slab_ranges(N: int, rows: int) -> list[tuple[int, int]]:
+    """The weight-row ranges [n0, n1) the slab launcher decodes, in order."""
+    return [(n0, min(n0 + rows, N)) for n0 in range(0, N, rows)]
+
+
+def decode_plan(fmt: str, rows: int, K: int, dtype: mx.Dtype, backend: str) -> Launch:
+    """The `<fmt>_decode` launch writing slab [rows, K] in `dtype` from `rows` packed weight rows:
+    one simdgroup per CG scale groups of a row, NSG simdgroups per threadgroup."""
+    if fmt not in FORMATS:
+        raise ValueError(f"no kernel for packed format {fmt!r} (have {', '.join(FORMATS)})")
+    if dtype not in (mx.float16, mx.bfloat16):
+        raise ValueError(f"the slab is float16 or bfloat16 (x's dtype), got {dtype}")
+    if K % 128 or K <= 0 or rows <= 0:
+        raise ValueError(f"need rows > 0 and K a positive multiple of 128, got rows={rows}, K={K}")
+    t = DECODE_TILES
+    items = rows * _ceil_div(K // 128, t["CG"])  # simdgroups with work
+    template = (("T", dtype), ("CG", t["CG"]), ("NSG", t["NSG"]))
+    grid = (_ceil_div(items, t["NSG"]) * 32 * t["NSG"], 1, 1)
+    return Launch(f"{fmt}_decode", template, grid, (32 * t["NSG"], 1, 1))
+
+
+def plan(fmt: str, M: int, N: int, K: int, dtype: mx.Dtype, backend: str, path: str | None = None) -> Launch:
+    """Which kernel, template and grid computes y[M, N] = x[M, K] @ W.T for W in `fmt`.
+
+    `path` forces "gemv", "gemm" or "slab" (benchmarks, tests); None picks by M (`choose_path`)."""
     if fmt not in FORMATS:
         raise ValueError(f"no kernel for packed format {fmt!r} (have {', '.join(FORMATS)})")
     if backend not in GEMM_TILES:
         raise ValueError(f"backend must be 'metal' or 'cuda', got {backend!r}")
     if K % 128 or K <= 0:
         raise ValueError(f"K must be a positive multiple of 128, got {K}")
-    # The CUDA tiles are tensor-core half/bf16; float32 inputs take the GEMV path there.
-    use_gemm = M >= GEMM_MIN_M and not (backend == "cuda" and dtype == mx.float32)
-    if use_gemm:
+    if path is None:
+        path = choose_path(M, dtype, backend)
+    elif path not in PATHS:
+        raise ValueError(f"path must be one of {', '.join(PATHS)} or None, got {path!r}")
+    if path == "slab":
+        rows = slab_rows(N, K)
+        return replace(decode_plan(fmt, rows, K, dtype, backend), slab_rows=rows)
+    if path == "gemm":
+        if backend == "cuda" and dtype == mx.float32:
+            raise ValueError("the CUDA GEMM takes float16/bfloat16 x; float32 runs the GEMV")
         t = GEMM_TILES[backend]
         nt = 32 * t["SGM"] * t["SGN"]
         template = (("T", dtype), ("BM", t["BM"]), ("BN", t["BN"]), ("BK", t["BK"]), ("SGM", t["SGM"]), ("SGN", t["SGN"]))
@@ -288,15 +404,16 @@ def _kernel_object(backend: str, kernel: str):
 @lru_cache(maxsize=None)
 def _kernel_object_cached(backend: str, kernel: str, suffix: str):
     """Built on first use: constructing needs the Metal/CUDA back-end."""
+    inputs, outputs = io_names(kernel)
     if backend == "metal":
         header, body = metal_source(kernel)
         return mx.fast.metal_kernel(
-            name=f"bonsai_{kernel}{suffix}", input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
+            name=f"bonsai_{kernel}{suffix}", input_names=list(inputs), output_names=list(outputs),
             source=body, header=header,
         )
     header, body = cuda_source(kernel)
     return mx.fast.cuda_kernel(
-        name=f"bonsai_{kernel}{suffix}", input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
+        name=f"bonsai_{kernel}{suffix}", input_names=list(inputs), output_names=list(outputs),
         source=body, header=header,
     )
 
@@ -309,8 +426,10 @@ def default_backend() -> str:
     raise RuntimeError("packed kernels need MLX's Metal or CUDA back-end; use the reference backend")
 
 
-def packed_matmul(x: mx.array, pw, backend: str | None = None) -> mx.array:
-    """y [..., N] = x [..., K] @ W.T for a PackedWeight-like `pw` (fmt, data, scales, shape)."""
+def packed_matmul(x: mx.array, pw, backend: str | None = None, path: str | None = None) -> mx.array:
+    """y [..., N] = x [..., K] @ W.T for a PackedWeight-like `pw` (fmt, data, scales, shape).
+
+    `path` ("gemv", "gemm", "slab") overrides the choice by M, for benchmarks and tests."""
     backend = backend or default_backend()
     N, K = pw.shape
     if x.shape[-1] != K:
@@ -322,17 +441,66 @@ def packed_matmul(x: mx.array, pw, backend: str | None = None) -> mx.array:
     M = x2.shape[0]
     if M == 0:
         return mx.zeros((*lead, N), dtype=x.dtype)
-    launch = _plan_cached(pw.fmt, M, N, K, x.dtype, backend, _config_key(backend))
+    launch = _plan_cached(pw.fmt, M, N, K, x.dtype, backend, path, _config_key(backend))
+    if launch.slab_rows:
+        parts = slab_parts(x2, pw, backend, launch.slab_rows)
+        y = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1)
+    else:
+        kern = _kernel_object(backend, launch.kernel)
+        (y,) = kern(
+            inputs=[x2, pw.data, pw.scales],
+            template=list(launch.template),
+            grid=launch.grid,
+            threadgroup=launch.threadgroup,
+            output_shapes=[(M, N)],
+            output_dtypes=[x.dtype],
+        )
+    return y if x.ndim == 2 else y.reshape(*lead, N)
+
+
+def decode_rows(w: mx.array, scales: mx.array, fmt: str, K: int, dtype: mx.Dtype, backend: str) -> mx.array:
+    """slab [S, K] in `dtype` = W's rows given as packed rows w [S, ...] and scales [S, K/128]
+    (row slices of a packed weight; a row slice of a row-contiguous array is a view, no copy)."""
+    S = w.shape[0]
+    launch = _decode_plan_cached(fmt, S, K, dtype, backend, _config_key(backend))
     kern = _kernel_object(backend, launch.kernel)
-    (y,) = kern(
-        inputs=[x2, pw.data, pw.scales],
+    (slab,) = kern(
+        inputs=[w, scales],
         template=list(launch.template),
         grid=launch.grid,
         threadgroup=launch.threadgroup,
-        output_shapes=[(M, N)],
-        output_dtypes=[x.dtype],
+        output_shapes=[(S, K)],
+        output_dtypes=[dtype],
     )
-    return y if x.ndim == 2 else y.reshape(*lead, N)
+    return slab
+
+
+@lru_cache(maxsize=4096)
+def _decode_plan_cached(fmt: str, rows: int, K: int, dtype: mx.Dtype, backend: str, key: tuple) -> Launch:
+    return decode_plan(fmt, rows, K, dtype, backend)
+
+
+def decode_slab(pw, n0: int, n1: int, dtype: mx.Dtype, backend: str | None = None) -> mx.array:
+    """Dense W[n0:n1] [n1 - n0, K] in `dtype` (float16 / bfloat16) through the decode kernel."""
+    backend = backend or default_backend()
+    return decode_rows(pw.data[n0:n1], pw.scales[n0:n1], pw.fmt, pw.shape[1], dtype, backend)
+
+
+def slab_parts(x2: mx.array, pw, backend: str, rows: int) -> list[mx.array]:
+    """[x2 @ W[n0:n1].T for each slab_ranges(N, rows)]: x2 [M, K] (16-bit), parts [M, n1 - n0].
+
+    Each slab is decoded only after the previous part is computed (mx.depends): the decodes are
+    independent, so MLX could otherwise run them all first and hold every slab at once, i.e. the
+    whole dense matrix. Chained, one slab is live at a time and the next reuses its buffer."""
+    N, K = pw.shape
+    parts: list[mx.array] = []
+    for n0, n1 in slab_ranges(N, rows):
+        w = pw.data[n0:n1]
+        if parts:
+            w = mx.depends(w, parts[-1])
+        slab = decode_rows(w, pw.scales[n0:n1], pw.fmt, K, x2.dtype, backend)  # [n1 - n0, K]
+        parts.append(x2 @ slab.T)  # MLX's own matmul; .T is a view
+    return parts
 
 
 def metal_matmul(x: mx.array, pw) -> mx.array:

@@ -43,6 +43,17 @@ def random_weight(rng, fmt: str, n: int, k: int):
     return t, s, pack(fmt, t, s)
 
 
+def slab_weight(rng, fmt: str, n: int, k: int):
+    """Like random_weight, with fp16 scales of both signs plus +0, -0 and two fp16 subnormals: a
+    decoded slab must fold -0 into +0 and round to bf16 exactly as packing.dequantize does."""
+    t = random_codes(rng, fmt, n, k)
+    s = (rng.uniform(0.005, 0.05, size=(n, k // 128)) * rng.choice([-1, 1], size=(n, k // 128))).astype(np.float16)
+    flat = s.reshape(-1)
+    special = np.array([0.0, -0.0, 3e-6, -6e-8], dtype=np.float16)[: flat.size]
+    flat[rng.choice(flat.size, size=special.size, replace=False)] = special
+    return t, s, pack(fmt, t, s)
+
+
 def dense(t: np.ndarray, s: np.ndarray) -> np.ndarray:
     """W [N, K] in float64."""
     return t.astype(np.float64) * np.repeat(s.astype(np.float64), 128, axis=1)
