@@ -2,7 +2,10 @@
 
 Skipped cleanly elsewhere: on the CPU back-end mx.fast.cuda_kernel raises.
 The GEMM path's tensor-core tile (metal/tile_mma.cuh) is hand-written, so
-these cases are what keep it in lockstep with the Metal source.
+these cases are what keep it in lockstep with the Metal source. The slab
+path's decode kernels are checked bit for bit against packing.dequantize, and
+the whole slab path (decode + MLX's matmul + concatenation) against the
+oracle and the reference path.
 """
 
 from __future__ import annotations
@@ -14,10 +17,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from bonsai_mlx import kernels
+from bonsai_mlx import kernels, packing
+from bonsai_mlx.packed_linear import packed_matmul_reference
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernel_helpers import TOL, dense, random_weight, rel_err, to_numpy  # noqa: E402
+from kernel_helpers import TOL, dense, random_weight, rel_err, slab_weight, to_numpy  # noqa: E402
 
 pytestmark = [
     pytest.mark.cuda,
@@ -48,3 +52,77 @@ def test_cuda_kernel_matches_oracle(fmt, M, N, K, dtype):
     # bf16 tensor-core tiles round the fp16 scale to bf16 as well.
     tol = TOL[dtype] * (2 if dtype == "bfloat16" else 1)
     assert rel_err(y, ref) < tol
+
+
+# (format, matrix rows N, slab rows [n0, n1), K, dtype): as the harness cases, plus one klein-sized slab.
+DECODE_CASES = [
+    ("binary", 70, 13, 50, 640, "bfloat16"),
+    ("binary", 40, 31, 40, 1152, "float16"),
+    ("binary", 3072, 1536, 3072, 3072, "float16"),
+    ("ternary", 33, 11, 30, 384, "float16"),
+    ("ternary", 40, 3, 40, 1152, "bfloat16"),
+    ("ternary", 3072, 1536, 3072, 3072, "bfloat16"),
+]
+
+
+@pytest.mark.parametrize("fmt,N,n0,n1,K,dtype", DECODE_CASES)
+def test_cuda_decode_matches_packing_dequantize_bit_for_bit(fmt, N, n0, n1, K, dtype):
+    rng = np.random.default_rng(abs(hash((fmt, N, n0, n1, K, dtype))) % 2**32)
+    t, s, pw = slab_weight(rng, fmt, N, K)
+    dt = DTYPES[dtype]
+    mx.eval(mx.full(((n1 - n0) * K,), float("nan")))  # poison what the allocator hands back next
+    bits = np.array(kernels.decode_slab(pw, n0, n1, dt, "cuda").view(mx.uint16))
+    with mx.stream(mx.cpu):  # the reference's +0 fold on the CPU, whatever the GPU's float flags
+        rows = packing.PackedWeight(pw.fmt, pw.data[n0:n1], pw.scales[n0:n1], (n1 - n0, K))
+        want = np.array(packing.dequantize(rows, dt).view(mx.uint16))
+    bad = np.argwhere(bits != want)
+    assert bad.size == 0, f"{len(bad)} elements differ, first at {tuple(bad[0])}"
+
+
+# Slab path, forced with path="slab" whatever SLAB_MIN_M is: (M, N, K, slab cap in weights or None
+# for the module's): many slabs with a ragged last one, a klein shape at the real cap, and M = 40.
+SLAB_CASES = [
+    (1024, 640, 3072, 128 * 3072),
+    (1536, 390, 1152, 128 * 1152),
+    (40, 3072, 3072, None),
+    (256, 3072, 12288, None),
+]
+
+
+@pytest.mark.parametrize("fmt", kernels.FORMATS)
+@pytest.mark.parametrize("dtype", ("float16", "bfloat16"))
+@pytest.mark.parametrize("M,N,K,cap", SLAB_CASES)
+def test_cuda_slab_path_matches_oracle_and_reference(monkeypatch, fmt, dtype, M, N, K, cap):
+    if cap is not None:
+        monkeypatch.setattr(kernels, "SLAB_MAX_ELEMENTS", cap)
+    rng = np.random.default_rng(abs(hash((fmt, M, N, K, dtype))) % 2**32)
+    t, s, pw = random_weight(rng, fmt, N, K)
+    x = mx.array(rng.standard_normal((M, K)).astype(np.float32)).astype(DTYPES[dtype])
+    rows = kernels.plan(fmt, M, N, K, x.dtype, "cuda", "slab").slab_rows
+    assert len(kernels.slab_ranges(N, rows)) >= 2
+    mx.eval(mx.full((M * N * 4,), float("nan")))
+    y = to_numpy(kernels.packed_matmul(x, pw, "cuda", path="slab")).astype(np.float64)
+    assert np.isfinite(y).all()
+    # Bound: MLX's matmul accumulates in float32; the slab holds W exactly in float16, and with each
+    # scale rounded once to bfloat16 (<= 2^-9 relative) in bfloat16; the output rounds once. So the
+    # same bound as the fused kernels (TOL: 2e-3 fp16, 1e-2 bf16; bf16 doubled as there).
+    tol = TOL[dtype] * (2 if dtype == "bfloat16" else 1)
+    ref = to_numpy(x).astype(np.float64) @ dense(t, s).T
+    assert rel_err(y, ref) < tol
+    assert rel_err(y, to_numpy(packed_matmul_reference(x, pw)).astype(np.float64)) < tol
+
+
+@pytest.mark.parametrize("fmt", kernels.FORMATS)
+def test_cuda_slab_path_is_chosen_at_slab_min_m_and_compiles(fmt):
+    rng = np.random.default_rng(3)
+    t, s, pw = random_weight(rng, fmt, 640, 1152)
+    M = kernels.SLAB_MIN_M
+    assert kernels.plan(fmt, M, 640, 1152, mx.float16, "cuda").slab_rows > 0
+    x = mx.array(rng.standard_normal((M, 1152)).astype(np.float32)).astype(mx.float16)
+    y = kernels.packed_matmul(x, pw, "cuda")
+    ref = to_numpy(x).astype(np.float64) @ dense(t, s).T
+    assert rel_err(to_numpy(y).astype(np.float64), ref) < TOL["float16"]
+    # Under mx.compile (weights as inputs) it gives the same values.
+    f = mx.compile(lambda a, d, sc: kernels.packed_matmul(a, type(pw)(fmt=fmt, data=d, scales=sc, shape=pw.shape),
+                                                           "cuda"))
+    np.testing.assert_array_equal(np.array(f(x, pw.data, pw.scales)), np.array(y))
