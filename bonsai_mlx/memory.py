@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from .errors import BonsaiError
+from .vae import _MAX_SCORES as _VAE_MAX_SCORES
 
 GB = 1e9
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
@@ -161,8 +162,15 @@ class Footprint:
     text_heads: int
     text_len: int
     vae_bytes: int
-    vae_bytes_per_pixel: float  # measured peak decoder scratch per output pixel (see BonsaiPipeline)
     vae_mid_channels: int
+    # Measured on this device (see BonsaiPipeline._vae_scratch): peak scratch of the
+    # decoder's up path per output pixel of the window it runs on, and of the mid block
+    # per latent pixel, each plus a fixed part.
+    vae_up_fixed: float = 0.0
+    vae_up_per_pixel: float = 0.0
+    vae_mid_fixed: float = 0.0
+    vae_mid_per_pixel: float = 0.0
+    fused_attention: bool = True  # the transformer's attention never materialises its scores
     dtype_bytes: int = 2
 
 
@@ -171,7 +179,7 @@ UNCONSTRAINED = MemoryPlan(eval_per_block=False)
 
 OVERHEAD = 48 * 2**20  # allocator slack, small arrays, ids, schedules
 VAE_MARGIN = 104  # pixels of context a decoder tile needs on each side (FLUX.2 VAE)
-VAE_MAX_SCORES = 1 << 26  # mirrors vae._MAX_SCORES: attention score elements per query chunk
+VAE_MAX_SCORES = _VAE_MAX_SCORES  # attention score elements per query chunk of the mid block
 SAFETY = 1.10
 TOKEN_CHUNK = 512  # under a budget: big enough to keep the matmuls efficient
 
@@ -180,43 +188,61 @@ def _attention_scores(heads: int, rows: int, cols: int) -> int:
     return heads * rows * cols * 4
 
 
+def vae_scores_bytes(latent_px: int) -> int:
+    """The mid block's attention scores for one query chunk: 16-bit scores, float32
+    softmax and probabilities (no fused kernel takes its 512-wide head)."""
+    rows = min(latent_px, max(1, VAE_MAX_SCORES // latent_px))
+    return rows * latent_px * 10
+
+
 def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batches: int = 1) -> dict:
     """Bytes at the peak of each stage under `plan`."""
     s = fp.dtype_bytes
     L_img = (width // 16) * (height // 16)
     L = L_img + fp.text_len
     D, F = fp.transformer_dim, fp.transformer_mlp
-    rows = plan.attention_chunk or L
     c = min(plan.token_chunk or L, L)
-    # per block: a chunk's fused projection, float32 RoPE copies, MLP halves and output, plus
-    # q, k, v and the MLP activation for every token
-    block = c * ((3 * D + 2 * F) * s + 4 * D * 4 + (D + F) * s * 2 + D * s * 4) + L * (3 * D + F) * s * 2
-    matmul = c * fp.transformer_max_out * (8 if fp.reference_matmul else s)
-    denoise = (fp.transformer_bytes + block + matmul + _attention_scores(fp.transformer_heads, rows, L)
+    # Held for every token inside a block (transformer.py): its input and modulated input,
+    # q, k, v, the attention output, the branch output, the residual sum and the result.
+    held = 9 * L * D * s
+    # One chunk: pass 1 (q/k/v rows of the projection, float32 RoPE copies) and pass 2
+    # (MLP rows, SwiGLU, [attention | MLP] and to_out), counted together.
+    chunk = c * ((3 * D + 2 * F + F + (D + F) + D) * s + 3 * D * 4)
+    # The plain-MLX packed matmul: float32 x, two dequantized 512-column slabs, two float32
+    # partial sums (packed_linear.packed_matmul_reference). Kernels need nothing beyond y.
+    N = fp.transformer_max_out
+    matmul = 2 * c * N * 4 + 2 * N * 512 * 4 + c * (D + F) * 4 if fp.reference_matmul else 0
+    rows = plan.attention_chunk or L
+    scores = 0 if fp.fused_attention else 2 * _attention_scores(fp.transformer_heads, rows, L)
+    denoise = (fp.transformer_bytes + held + chunk + matmul + scores
                + cfg_batches * fp.text_len * D * s * 2 + L_img * 128 * 4 * 3)
     text_act = fp.text_len * fp.text_hidden * 4 * 10 + _attention_scores(fp.text_heads, fp.text_len, fp.text_len)
     text = (fp.text_stream_bytes if plan.stream_text_encoder else fp.text_resident_bytes) + text_act
     if plan.keep_transformer:
         text += fp.transformer_bytes
-    # A tile is decoded with a margin as wide as the decoder's receptive field on each side,
-    # so tiles only pay off on images much larger than 2 * VAE_MARGIN. The mid block always
-    # runs on the whole latent; its attention scores are bounded by the VAE's query chunks.
+    # The mid block runs once on the whole latent. A tile's up path runs on the tile plus a
+    # margin as wide as the decoder's receptive field on each side (so tiles only pay off on
+    # images much larger than 2 * VAE_MARGIN), beside the mid block's output and the
+    # float32 image accumulators.
     tile = plan.vae_tile or max(width, height)
     th, tw = min(tile + 2 * VAE_MARGIN, height), min(tile + 2 * VAE_MARGIN, width)
     latent_px = (height // 8) * (width // 8)
-    decode = (fp.vae_bytes + fp.vae_bytes_per_pixel * th * tw + 6 * latent_px * fp.vae_mid_channels * s
-              + min(latent_px * latent_px, VAE_MAX_SCORES) * 4 + height * width * 3 * 4 * 2)
+    mid = fp.vae_mid_fixed + fp.vae_mid_per_pixel * latent_px + vae_scores_bytes(latent_px)
+    up = (latent_px * fp.vae_mid_channels * s + fp.vae_up_fixed + fp.vae_up_per_pixel * th * tw
+          + height * width * 4 * 4 * 2)
+    decode = fp.vae_bytes + max(mid, up)
     if plan.keep_transformer:
         decode += fp.transformer_bytes
     return {k: int(SAFETY * v + OVERHEAD) for k, v in
             (("text_encoding", text), ("denoising", denoise), ("decoding", decode))}
 
 
-def candidate_plans(width: int, height: int):
+def candidate_plans(width: int, height: int, fused_attention: bool = True):
     """Fastest first: resident everything, then stream the encoder, then drop the
-    transformer between stages, then smaller VAE tiles and attention chunks."""
+    transformer between stages, then smaller VAE tiles and attention chunks (only where
+    the attention materialises its scores: chunks cost memory next to a fused kernel)."""
     tiles = [None] + [t for t in (1024, 768, 512, 384, 256, 128) if t < max(width, height)]
-    chunks = [None, 1024, 512, 256]
+    chunks = [None] if fused_attention else [None, 1024, 512, 256]
     for stream in (False, True):
         for keep in (True, False):
             for tile in tiles:
@@ -230,7 +256,7 @@ def smallest_plan(fp: Footprint, width: int, height: int, cfg_batches: int = 1) 
         return max(e.values()), sum(e.values())
 
     best, best_est = None, None
-    for p in candidate_plans(width, height):
+    for p in candidate_plans(width, height, fp.fused_attention):
         est = estimate(fp, width, height, p, cfg_batches)
         if best is None or cost(est) < cost(best_est):
             best, best_est = p, est
@@ -239,7 +265,7 @@ def smallest_plan(fp: Footprint, width: int, height: int, cfg_batches: int = 1) 
 
 
 def plan_memory(fp: Footprint, width: int, height: int, budget: int | None, cfg_batches: int = 1) -> MemoryPlan:
-    for p in candidate_plans(width, height):
+    for p in candidate_plans(width, height, fp.fused_attention):
         est = estimate(fp, width, height, p, cfg_batches)
         peak = max(est.values())
         if budget is None or peak <= budget:
@@ -249,8 +275,20 @@ def plan_memory(fp: Footprint, width: int, height: int, budget: int | None, cfg_
     need = math.ceil(best.estimated_peak_bytes / 1e6) / 1e3  # GB, rounded up so that it fits
     raise BonsaiError(
         f"a {width}x{height} generation does not fit a memory budget of {budget / GB:.2f} GB: the smallest plan "
-        f"(stream the text encoder, reload the transformer, {best.vae_tile}-pixel VAE tiles, attention in chunks "
-        f"of {best.attention_chunk}) needs about {need:.3f} GB "
+        f"({describe(best)}) needs about {need:.3f} GB "
         f"(peak stage: {max(best.stage_estimates, key=best.stage_estimates.get)}). "
         f"Use a budget of at least {need:.3f} GB or a smaller image."
     )
+
+
+def describe(plan: MemoryPlan) -> str:
+    parts = ["stream the text encoder" if plan.stream_text_encoder else "text encoder resident",
+             "keep the transformer" if plan.keep_transformer else "release the transformer between stages",
+             f"{plan.vae_tile}-pixel VAE tiles" if plan.vae_tile else "whole-image VAE decode"]
+    if plan.token_chunk:
+        parts.append(f"{plan.token_chunk}-token chunks")
+    if plan.attention_chunk:
+        parts.append(f"attention in chunks of {plan.attention_chunk} queries")
+    if plan.eval_per_block:
+        parts.append("block by block")
+    return ", ".join(parts)

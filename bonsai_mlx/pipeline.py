@@ -20,7 +20,8 @@ from PIL import Image, PngImagePlugin
 
 from .errors import BonsaiError, WeightsError
 from .loading import TRANSFORMER_SUBDIRS, load_transformer
-from .memory import Footprint, MemoryMonitor, MemoryPlan, parse_bytes, plan_memory, smallest_plan, UNCONSTRAINED
+from .memory import (UNCONSTRAINED, Footprint, MemoryMonitor, MemoryPlan, parse_bytes, plan_memory, smallest_plan,
+                     vae_scores_bytes)
 from .packed_linear import PackedLinear, auto_backend
 from .scheduler import flux2_sigmas
 from .text_encoder import ENCODER_SUBDIRS, load_text_encoder
@@ -125,6 +126,16 @@ def to_pil(images: mx.array) -> list[Image.Image]:
     return [Image.fromarray((np.clip(x, 0, 1) * 255).round().astype(np.uint8)) for x in a]
 
 
+def _scratch_peak(fn) -> int:
+    """Bytes `fn()` allocates at its peak beyond what was live before it."""
+    mx.synchronize()
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    mx.eval(fn())
+    mx.synchronize()
+    return mx.get_peak_memory() - base
+
+
 def _nbytes(module) -> int:
     from mlx.utils import tree_flatten
     return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
@@ -173,6 +184,7 @@ class BonsaiPipeline:
         layers = [te.weight_bytes(i) for i in range(n)]
         args = te.config.args
         dec = self.vae.config.decoder_channels
+        up_fixed, up_px, mid_fixed, mid_px = self._vae_scratch()
         return Footprint(
             transformer_bytes=self._transformer_info["bytes"], transformer_dim=cfg.inner_dim,
             transformer_mlp=cfg.mlp_hidden_dim, transformer_heads=cfg.num_attention_heads,
@@ -181,32 +193,41 @@ class BonsaiPipeline:
             text_resident_bytes=te.weight_bytes(None) + sum(layers),
             text_stream_bytes=te.weight_bytes(None) + max(layers, default=0),
             text_hidden=args.hidden_size, text_heads=args.num_attention_heads, text_len=self.max_sequence_length,
-            vae_bytes=_nbytes(self.vae) + int(self._vae_scratch()[0]), vae_bytes_per_pixel=self._vae_scratch()[1],
-            vae_mid_channels=dec[-1],
+            vae_bytes=_nbytes(self.vae), vae_mid_channels=dec[-1],
+            vae_up_fixed=up_fixed, vae_up_per_pixel=up_px, vae_mid_fixed=mid_fixed, vae_mid_per_pixel=mid_px,
+            # GPU back-ends run the transformer's attention (head dim <= 128) as one fused
+            # kernel; MLX's CPU back-end materialises the scores.
+            fused_attention=mx.default_device() != mx.cpu,
             dtype_bytes=self._transformer_info["dtype"].size,
         )
 
-    def _vae_scratch(self) -> tuple[float, float]:
-        """(fixed bytes, bytes per output pixel) of the decoder's peak scratch on this
-        device and dtype, fitted to two measured decodes (backends differ by several x:
-        MLX's CPU convolution unfolds 3x3 patches, GPU kernels do not). Measured once,
-        block by block as budgeted runs decode; resets the peak-memory counter."""
+    def _vae_scratch(self) -> tuple[float, float, float, float]:
+        """Peak decoder scratch on this device and dtype, as (up-path fixed bytes, bytes per
+        output pixel, mid-block fixed bytes, bytes per latent pixel), each fitted to two
+        measured runs block by block as budgeted decodes run them: the up path on 16x16
+        and 32x32 latent windows, the mid block on 16x16 and 32x32 latents (less its
+        attention scores, which `memory.estimate` adds for the real size). Backends differ
+        by several x (MLX's CPU convolution unfolds 3x3 patches, GPU kernels do not), so
+        this is measured, once; it resets the peak-memory counter."""
         if getattr(self, "_vae_fit", None) is None:
-            C = self.vae.config.patched_channels
-            peaks = []
-            self.vae.decoder.eval_per_block = True
-            for side in (128, 256):
-                tokens = mx.zeros((1, (side // 16) ** 2, C), dtype=self.vae.dtype)
-                mx.eval(tokens)
-                mx.synchronize()
-                base = mx.get_active_memory()
-                mx.reset_peak_memory()
-                mx.eval(self.vae.decode_tokens(tokens, side, side))
-                mx.synchronize()
-                peaks.append(mx.get_peak_memory() - base)
-                del tokens
-            per_px = max(peaks[1] - peaks[0], 0) / (256**2 - 128**2)
-            self._vae_fit = (max(peaks[0] - per_px * 128**2, 0.0), per_px)
+            dec = self.vae.decoder
+            was = dec.eval_per_block
+            dec.eval_per_block = True
+            C_lat, C_mid = self.vae.config.latent_channels, self.vae.config.decoder_channels[-1]
+            up, mid = [], []
+            try:
+                for side in (16, 32):
+                    z = mx.zeros((1, side, side, C_lat), dtype=self.vae.dtype)
+                    h = mx.zeros((1, side, side, C_mid), dtype=self.vae.dtype)
+                    mid.append(_scratch_peak(lambda: dec.mid(z)) - vae_scores_bytes(side * side))
+                    up.append(_scratch_peak(lambda: dec.up(h)))
+            finally:
+                dec.eval_per_block = was
+            f = self.vae.decoder_factor
+            up_px = max(up[1] - up[0], 0) / ((32 * f) ** 2 - (16 * f) ** 2)
+            mid_px = max(mid[1] - mid[0], 0) / (32**2 - 16**2)
+            self._vae_fit = (max(up[0] - up_px * (16 * f) ** 2, 0.0), up_px,
+                             max(mid[0] - mid_px * 16**2, 0.0), mid_px)
         return self._vae_fit
 
     def plan(self, width: int = 512, height: int = 512, memory_budget=None, cfg: bool = False) -> MemoryPlan:

@@ -89,6 +89,8 @@ def test_smallest_budget_is_honoured(pipe):
     assert result.plan == plan
     assert set(result.memory["stages"]) == {"text_encoding", "denoising", "decoding"}
     assert result.memory["peak_gb"] <= gb  # measured with mx.get_peak_memory per stage
+    for stage, est in plan.stage_estimates.items():  # and stage by stage, not just overall
+        assert result.memory["stages"][stage]["peak_gb"] * 1e9 <= est, stage
     assert not pipe.text_encoder.resident  # evicted before denoising under a budget
 
 

@@ -257,6 +257,19 @@ def test_quantized_matches_mlx_lm(small, dtype):
     np.testing.assert_array_equal(to_np(enc.encode(PROMPTS, max_length=L, stream=True)), to_np(out))
 
 
+def test_dequantized_matmuls_match_quantized(small):
+    """The CPU speed path (dequantize each weight, then matmul) gives mlx-lm's numbers up
+    to summation order, streamed or resident."""
+    enc = load_text_encoder(small, dtype=mx.float32, layers=SMALL_LAYERS, resident=False)
+    ref = to_np(enc.encode(PROMPTS, max_length=L, stream=True))
+    enc.dequantize_matmuls = True
+    for stream in (True, False):
+        out = to_np(enc.encode(PROMPTS, max_length=L, stream=stream))
+        assert rel(out, ref) < 1e-5
+    assert type(enc._blocks[0].mlp.down_proj).__name__ == "DequantizedLinear"
+    enc.evict()
+
+
 def test_quantized_is_really_quantized(small, enc_small):
     import mlx.nn as nn
 
