@@ -214,10 +214,11 @@ def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batch
     matmul = 2 * c * N * 4 + 2 * N * 512 * 4 + c * (D + F) * 4 if fp.reference_matmul else 0
     rows = plan.attention_chunk or L
     scores = 0 if fp.fused_attention else 2 * _attention_scores(fp.transformer_heads, rows, L)
-    denoise = (fp.transformer_bytes + held + chunk + matmul + scores
+    # The VAE (small) stays resident through every stage.
+    denoise = (fp.vae_bytes + fp.transformer_bytes + held + chunk + matmul + scores
                + cfg_batches * fp.text_len * D * s * 2 + L_img * 128 * 4 * 3)
     text_act = fp.text_len * fp.text_hidden * 4 * 10 + _attention_scores(fp.text_heads, fp.text_len, fp.text_len)
-    text = (fp.text_stream_bytes if plan.stream_text_encoder else fp.text_resident_bytes) + text_act
+    text = fp.vae_bytes + (fp.text_stream_bytes if plan.stream_text_encoder else fp.text_resident_bytes) + text_act
     if plan.keep_transformer:
         text += fp.transformer_bytes
     # The mid block runs once on the whole latent. A tile's up path runs on the tile plus a

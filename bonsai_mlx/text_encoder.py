@@ -334,8 +334,10 @@ class Qwen3TextEncoder:
         if 0 in want:
             hidden[0] = h
         for i in range(self.config.num_layers_needed):
+            # Layer by layer: streamed, so the previous layer's weights can be freed; resident,
+            # because one graph over all layers held ~2 GB of activations (512 tokens, H200).
+            mx.eval(h)
             if stream:
-                mx.eval(h)  # so the previous layer's weights can be freed
                 block = self._block(i)
             else:
                 block = self._blocks[i]
