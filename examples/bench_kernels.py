@@ -2,10 +2,20 @@
 
 On the device machine (MLX CUDA back-end):
     python examples/bench_kernels.py --out $OUT/bench.json
+    python examples/bench_kernels.py --slab-only --out $OUT/bench_slab.json   (short)
 Prints markdown tables: time per call, throughput, ratios against fp16
 mx.matmul and mx.quantized_matmul (2/4-bit, group 128) measured in the same
 run, device copy bandwidth and M=1 bandwidth on packed bytes. Every kernel
 output is first checked against a float64-exact reference on the device.
+Besides the launcher's own choice (`binary`, `ternary`), every shape and M
+also times the slab path forced (`<fmt>_slab`, even below SLAB_MIN_M, to set
+it from data), the fused GEMM forced where the launcher picked the slab
+(`<fmt>_gemm`), and, at M = 1, the launcher under mx.compile
+(`<fmt>_compiled`: does compiling cut MLX's per-call floor?). At M >= 1024 the
+slab path is also timed under mx.compile, without the concatenation and as
+its decodes alone. `--slab-only`: the checks, the baselines and the slab
+columns for M in 1536, 4608 only. A failed measurement is printed and
+recorded as null; the JSON is rewritten after every row.
 `--sizes` prints the resident-size figure for the full 4B transformer (CPU).
 """
 
@@ -22,7 +32,9 @@ from types import SimpleNamespace
 import numpy as np
 
 SHAPES = [(3072, 3072), (18432, 3072), (3072, 9216), (27648, 3072), (3072, 12288)]
-MS = [1, 16, 1536, 4608]
+MS = [1, 16, 256, 1024, 1536, 4608]
+SLAB_MS = [1536, 4608]  # --slab-only
+CHECK_SHAPES = [(3072, 3072), (3072, 9216)]  # correctness checks before timing
 L2_BYTES = 200 << 20  # rotate weights until one pass exceeds caches by far
 
 
@@ -165,22 +177,66 @@ def mma_ceiling(mx):
     return blocks * threads // 32 * iters * 8 * 2 * 16 * 8 * 16 / t
 
 
-def check_outputs(mx, kernels, rng):
-    """Kernel vs exact reference on the device, every path and format."""
+def call_floor_compiled(mx):
+    """As call_floor, with the kernel call wrapped in mx.compile (replayed without re-tracing)."""
+    noop = mx.fast.cuda_kernel(name="bonsai_noop", input_names=["x"], output_names=["y"],
+                               source="if (threadIdx.x == 0 && blockIdx.x == 0) y[0] = x[0];")
+    f = mx.compile(lambda a: noop(inputs=[a], grid=(32, 1, 1), threadgroup=(32, 1, 1), output_shapes=[(1,)],
+                                  output_dtypes=[mx.float16])[0])
+    xs = [(mx.random.normal((1, 3072)).astype(mx.float16),) for _ in range(8)]
+    return timeit(mx, f, xs, 64)
+
+
+def check_outputs(mx, kernels, rng, slab_only=False):
+    """Kernel vs exact reference on the device, every path and format: rows of
+    (fmt, M, N, K, dtype, kernel, path, rel err); err is nan when the call raised."""
+    # (path, M): the launcher's choice at M = 1, 16 and SLAB_MIN_M, the GEMM forced at 1536, the
+    # slab forced at 1536 and at M = 40.
+    cases = [(None, 1), (None, 16), ("gemm", 1536), ("slab", 1536), ("slab", 40), (None, kernels.SLAB_MIN_M)]
+    if slab_only:
+        cases = [("slab", 1536), ("slab", 40), (None, kernels.SLAB_MIN_M)]
     rows = []
     for fmt in kernels.FORMATS:
-        for (n, k) in [(3072, 3072), (3072, 9216)]:
+        for (n, k) in CHECK_SHAPES:
             pw, t, s = make_packed(rng, fmt, n, k, mx)
             wd = mx.array(t.astype(np.float32) * np.repeat(s.astype(np.float32), 128, axis=1))
-            for M in (1, 16, 1536):
+            for path, M in cases:
                 for dt in (mx.float16, mx.bfloat16):
-                    x = mx.random.normal((M, k)).astype(dt)
-                    y = kernels.packed_matmul(x, pw, "cuda").astype(mx.float32)
-                    ref = x.astype(mx.float32) @ wd.T
-                    err = (mx.linalg.norm(y - ref) / mx.linalg.norm(ref)).item()
-                    rows.append((fmt, M, n, k, str(dt).split(".")[-1], err))
+                    kernel = kernels.plan(fmt, M, n, k, dt, "cuda", path).kernel
+                    try:
+                        x = mx.random.normal((M, k)).astype(dt)
+                        y = kernels.packed_matmul(x, pw, "cuda", path=path).astype(mx.float32)
+                        ref = x.astype(mx.float32) @ wd.T
+                        err = (mx.linalg.norm(y - ref) / mx.linalg.norm(ref)).item()
+                    except Exception as e:  # recorded as nan; the caller decides what is fatal
+                        print(f"check {fmt} {kernel} M={M} {n}x{k} {dt} raised: {type(e).__name__}: {e}", flush=True)
+                        err = float("nan")
+                    rows.append((fmt, M, n, k, str(dt).split(".")[-1], kernel, path or "auto", err))
             del wd
     return rows
+
+
+def _git_head():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except Exception:
+        return None
+
+
+def measure(row, key, fn):
+    """row[key] = fn(), seconds. A failure is printed and recorded (row[key] = None and
+    row["errors"][key]) instead of ending the run: the other columns survive."""
+    try:
+        row[key] = fn()
+    except Exception as e:
+        row[key] = None
+        row.setdefault("errors", {})[key] = f"{type(e).__name__}: {e}"
+        print(f"  {key} failed at M={row['M']} {row['N']}x{row['K']}: {type(e).__name__}: {e}", flush=True)
+
+
+def _ok(v):
+    return isinstance(v, (int, float)) and v == v and v > 0
 
 
 def run(args):
@@ -190,16 +246,40 @@ def run(args):
 
     rng = np.random.default_rng(0)
     info = dict(device=device_name(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                command=" ".join(sys.argv), mlx=mx.__version__)
-    print(f"device: {info['device']}  mlx {info['mlx']}  {info['date']}", flush=True)
-    checks = check_outputs(mx, kernels, rng)
-    worst = max(c[-1] for c in checks)
-    print(f"correctness: {len(checks)} kernel launches vs exact reference, worst rel err {worst:.2e}", flush=True)
-    assert worst < 2e-2 and all(np.isfinite(c[-1]) for c in checks), checks
+                command=" ".join(sys.argv), mlx=mx.__version__, commit=_git_head(), slab_only=args.slab_only,
+                slab=dict(SLAB_MIN_M=kernels.SLAB_MIN_M, SLAB_MAX_ELEMENTS=kernels.SLAB_MAX_ELEMENTS,
+                          SLAB_ROW_MULTIPLE=kernels.SLAB_ROW_MULTIPLE, DECODE_TILES=dict(kernels.DECODE_TILES)))
+    print(f"device: {info['device']}  mlx {info['mlx']}  {info['date']}  commit {info['commit']}", flush=True)
+    checks = check_outputs(mx, kernels, rng, args.slab_only)
+    slab_checks = [c for c in checks if c[5].endswith("_decode")]
+    fused_checks = [c for c in checks if not c[5].endswith("_decode")]
+    for name, cs in (("fused", fused_checks), ("slab", slab_checks)):
+        if cs:
+            worst = max((c[-1] for c in cs), key=lambda e: np.inf if e != e else e)
+            print(f"correctness ({name}): {len(cs)} launches vs exact reference, worst rel err {worst:.2e}",
+                  flush=True)
+    # The fused kernels are the established paths: a wrong one ends the run as before. A wrong slab
+    # path is flagged in the JSON and the tables, and its timings are still taken (never lose a run).
+    assert all(np.isfinite(c[-1]) and c[-1] < 2e-2 for c in fused_checks), fused_checks
+    info["slab_ok"] = all(np.isfinite(c[-1]) and c[-1] < 2e-2 for c in slab_checks)
+    if not info["slab_ok"]:
+        print("SLAB PATH FAILED ITS CHECK (wrong result or an error): its columns below are not valid", flush=True)
+        for c in slab_checks:
+            print("   ", c, flush=True)
     bw = copy_bandwidth(mx)
     print(f"copy bandwidth: {bw / 1e9:.0f} GB/s (read + write)", flush=True)
-    floor = call_floor(mx)
+    try:
+        floor = call_floor(mx)
+    except Exception as e:
+        print(f"per-call floor failed: {type(e).__name__}: {e}", flush=True)
+        floor = float("nan")
     print(f"per-call floor (empty mx.fast.cuda_kernel, timed like the kernels): {floor * 1e6:.1f} us", flush=True)
+    try:
+        floor_c = call_floor_compiled(mx)
+    except Exception as e:
+        print(f"compiled floor failed: {type(e).__name__}: {e}", flush=True)
+        floor_c = float("nan")
+    print(f"per-call floor, same kernel under mx.compile: {floor_c * 1e6:.1f} us", flush=True)
     try:
         mma = mma_ceiling(mx)
     except Exception as e:  # the probe is context, not a result: never lose the run to it
@@ -208,13 +288,34 @@ def run(args):
     print(f"mma.sync m16n8k16 f16/f32 register-only loop: {mma / 1e12:.0f} TFLOP/s", flush=True)
 
     results = []
+    out = dict(info=info, copy_bandwidth=bw, call_floor=floor, call_floor_compiled=floor_c, mma_ceiling=mma,
+               checks=checks, results=results)
+
+    def save():
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(out, f, indent=1)
+
     shapes = SHAPES if not args.quick else SHAPES[:2]
+    if args.slab_only:
+        ms_list = SLAB_MS
+    else:
+        ms_list = args.ms if args.ms else (MS if not args.quick else [1, 1536])
     for (n, k) in shapes:
         w16 = (mx.random.normal((n, k)) * 0.02).astype(mx.float16)
         q = {bits: mx.quantize(w16, group_size=128, bits=bits) for bits in (2, 4)}
         pws = {fmt: make_packed(rng, fmt, n, k, mx)[0] for fmt in kernels.FORMATS}
         mx.eval(w16, q, [(p.data, p.scales) for p in pws.values()])
-        for M in (MS if not args.quick else [1, 1536]):
+        rows_per_slab = kernels.slab_rows(n, k)
+        ranges = kernels.slab_ranges(n, rows_per_slab)
+        info["slab"][f"{n}x{k}"] = dict(rows=rows_per_slab, slabs=len(ranges))
+        # The decodes alone, all slabs of the matrix (no matmul; this holds every slab at once, a
+        # benchmark-only shortcut): the decode's share of the slab path. M-independent.
+        decode_row = dict(M=0, N=n, K=k)
+        for fmt, pw in pws.items():
+            measure(decode_row, f"{fmt}_decode", lambda pw=pw: timeit(
+                mx, lambda p: [kernels.decode_slab(p, a, b, mx.float16, "cuda") for a, b in ranges], [(pw,)], 10))
+        for M in ms_list:
             x = mx.random.normal((M, k)).astype(mx.float16)
             mx.eval(x)
             flops = 2 * M * n * k
@@ -224,19 +325,21 @@ def run(args):
                 copies = 1 if M > 16 else int(min(32, max(1, L2_BYTES // max(nbytes, 1))))
                 return [make(i) for i in range(copies)]
 
-            row = dict(M=M, N=n, K=k)
+            row = dict(M=M, N=n, K=k, slabs=len(ranges), slab_rows=rows_per_slab)
+            row["path"] = {fmt: kernels.plan(fmt, M, n, k, mx.float16, "cuda").kernel for fmt in kernels.FORMATS}
             # fp16 dense
             rs = rot(w16.nbytes, lambda i: (x, w16 if i == 0 else mx.array(w16 * 1)))
-            row["fp16"] = timeit(mx, lambda a, w: a @ w.T, rs, iters)
+            measure(row, "fp16", lambda: timeit(mx, lambda a, w: a @ w.T, rs, iters))
             for bits in (2, 4):
                 wq, sc, bi = q[bits]
                 rs = rot(wq.nbytes, lambda i: (x, wq if i == 0 else mx.array(wq + 0), sc, bi))
-                row[f"q{bits}"] = timeit(
-                    mx, lambda a, w, s_, b_: mx.quantized_matmul(a, w, s_, b_, transpose=True, group_size=128, bits=bits),
-                    rs, iters)
+                measure(row, f"q{bits}", lambda: timeit(
+                    mx, lambda a, w, s_, b_: mx.quantized_matmul(a, w, s_, b_, transpose=True, group_size=128,
+                                                                 bits=bits), rs, iters))
             wq, sc, bi = q[2]
-            row["deq2"] = timeit(mx, lambda a, w, s_, b_: a @ mx.dequantize(w, s_, b_, group_size=128, bits=2).T,
-                                 [(x, wq, sc, bi)], iters)
+            measure(row, "deq2", lambda: timeit(
+                mx, lambda a, w, s_, b_: a @ mx.dequantize(w, s_, b_, group_size=128, bits=2).T, [(x, wq, sc, bi)],
+                iters))
             for fmt, pw in pws.items():
                 nb = pw.data.nbytes + pw.scales.nbytes
 
@@ -247,58 +350,196 @@ def run(args):
                                                shape=pw.shape))
 
                 rs = rot(nb, mk)
-                row[fmt] = timeit(mx, lambda a, p: kernels.packed_matmul(a, p, "cuda"), rs, iters)
                 row[f"{fmt}_bytes"] = nb
+                if not args.slab_only:
+                    # The launcher's own choice (the product), and the fused GEMM where it chose the slab.
+                    measure(row, fmt, lambda: timeit(mx, lambda a, p: kernels.packed_matmul(a, p, "cuda"), rs, iters))
+                    if M >= kernels.GEMM_MIN_M and not row["path"][fmt].endswith("_gemm"):
+                        measure(row, f"{fmt}_gemm", lambda: timeit(
+                            mx, lambda a, p: kernels.packed_matmul(a, p, "cuda", path="gemm"), rs, iters))
+                measure(row, f"{fmt}_slab", lambda: timeit(
+                    mx, lambda a, p: kernels.packed_matmul(a, p, "cuda", path="slab"), rs, iters))
+                if M == 1 and not args.slab_only:
+                    # Weights as inputs, so the rotations replay one compiled graph.
+                    cf = mx.compile(lambda a, d, s_, fmt=fmt: kernels.packed_matmul(
+                        a, SimpleNamespace(fmt=fmt, data=d, scales=s_, shape=(n, k)), "cuda"))
+                    measure(row, f"{fmt}_compiled", lambda: timeit(mx, lambda a, p: cf(a, p.data, p.scales), rs, iters))
+                if M >= 1024 or args.slab_only:
+                    cs = mx.compile(lambda a, d, s_, fmt=fmt: kernels.packed_matmul(
+                        a, SimpleNamespace(fmt=fmt, data=d, scales=s_, shape=(n, k)), "cuda", path="slab"))
+                    measure(row, f"{fmt}_slab_compiled", lambda: timeit(
+                        mx, lambda a, p: cs(a, p.data, p.scales), rs, iters))
+                    # Without the final concatenation (the parts, evaluated): its cost is the difference.
+                    measure(row, f"{fmt}_slab_parts", lambda: timeit(
+                        mx, lambda a, p: kernels.slab_parts(a, p, "cuda", rows_per_slab), rs, iters))
+                    for cap in args.slab_caps:
+                        saved = kernels.SLAB_MAX_ELEMENTS
+                        try:
+                            kernels.SLAB_MAX_ELEMENTS = int(cap)
+                            measure(row, f"{fmt}_slab_cap{int(cap)}", lambda: timeit(
+                                mx, lambda a, p: kernels.packed_matmul(a, p, "cuda", path="slab"), rs, iters))
+                        finally:
+                            kernels.SLAB_MAX_ELEMENTS = saved
+                row[f"{fmt}_decode"] = decode_row.get(f"{fmt}_decode")
                 del rs
-            row["tflops"] = {key: flops / row[key] / 1e12 for key in ("fp16", "q2", "q4", "deq2", *kernels.FORMATS)}
+            row["tflops"] = {key: flops / v / 1e12 for key, v in row.items() if _is_timing(key) and _ok(v)}
             results.append(row)
             print(json.dumps(row), flush=True)
+            save()
         del w16, q, pws
-    out = dict(info=info, copy_bandwidth=bw, call_floor=floor, mma_ceiling=mma, checks=checks, results=results)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
-    print(tables(out))
+    save()
+    try:
+        print(tables(out))
+    except Exception as e:  # the JSON is written; a table bug must not hide the numbers
+        print(f"tables failed: {type(e).__name__}: {e}", flush=True)
+
+
+BASELINES = ("fp16", "q2", "q4", "deq2")
+FORMATS = ("binary", "ternary")  # kernels.FORMATS, without importing MLX for --sizes
+
+
+def _is_timing(key):
+    """Per-call time columns of a row (seconds), as opposed to sizes, labels and M-free decodes."""
+    return key in BASELINES or (key.split("_")[0] in FORMATS and not key.endswith(("_bytes", "_decode")))
+
+
+def _ms(r, key):
+    v = r.get(key)
+    return f"{v * 1e3:.3f} ms" if _ok(v) else "—"
+
+
+def _x(r, num, den):
+    """r[num] / r[den] as "1.23x" (for times: how many times faster `den` is), "—" if either is missing."""
+    a, b = r.get(num), r.get(den)
+    return f"{a / b:.2f}x" if _ok(a) and _ok(b) else "—"
+
+
+def _gemm_time_key(r, fmt):
+    """The column holding the fused GEMM's time in this row, if any."""
+    if _ok(r.get(f"{fmt}_gemm")):
+        return f"{fmt}_gemm"
+    return fmt if str(r.get("path", {}).get(fmt, "")).endswith("_gemm") else None
 
 
 def tables(out):
     bw = out["copy_bandwidth"]
+    info = out["info"]
+    res = out["results"]
+    slab_note = "" if info.get("slab_ok", True) else " **The slab path FAILED its correctness check in this run.**"
     lines = [
-        f"Device: {out['info']['device']}, MLX {out['info']['mlx']} (CUDA back-end), {out['info']['date']}.",
-        f"Command: `{out['info']['command']}`. Copy bandwidth (1 GiB fp16 `a + 1`, read + write): "
+        f"Device: {info['device']}, MLX {info['mlx']} (CUDA back-end), {info['date']}, commit {info.get('commit')}.",
+        f"Command: `{info['command']}`. Copy bandwidth (1 GiB fp16 `a + 1`, read + write): "
         f"{bw / 1e9:.0f} GB/s. Per-call floor (an empty `mx.fast.cuda_kernel`, timed the same way): "
-        f"{out.get('call_floor', float('nan')) * 1e6:.1f} us. mma.sync m16n8k16 (f16 in, f32 accumulate; the "
+        f"{out.get('call_floor', float('nan')) * 1e6:.1f} us; under mx.compile: "
+        f"{out.get('call_floor_compiled', float('nan')) * 1e6:.1f} us. mma.sync m16n8k16 (f16 in, f32 accumulate; the "
         f"instruction of our CUDA tiles) in a register-only loop: {out.get('mma_ceiling', float('nan')) / 1e12:.0f} "
-        "TFLOP/s.",
-        "",
-        "| M | N x K | fp16 matmul | q2 qmm | q4 qmm | deq2+mm | binary | ternary | bin/fp16 | ter/fp16 | q2/bin | q2/ter |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"TFLOP/s. Slab path: SLAB_MIN_M = {info.get('slab', {}).get('SLAB_MIN_M')}, SLAB_MAX_ELEMENTS = "
+        f"{info.get('slab', {}).get('SLAB_MAX_ELEMENTS')}.{slab_note}",
     ]
-    for r in out["results"]:
-        ms = lambda k: f"{r[k] * 1e3:.3f} ms"
+    if any("binary" in r or "ternary" in r for r in res):
+        lines += [
+            "",
+            "Launcher's own choice (`binary`, `ternary`; path in the last column):",
+            "",
+            "| M | N x K | fp16 matmul | q2 qmm | q4 qmm | deq2+mm | binary | ternary | bin/fp16 | ter/fp16 | q2/bin | "
+            "q2/ter | path |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in res:
+            path = "/".join(str(r.get("path", {}).get(f, "?")).split("_", 1)[-1].replace("decode", "slab")
+                            for f in FORMATS)
+            lines.append(
+                f"| {r['M']} | {r['N']}x{r['K']} | {_ms(r, 'fp16')} | {_ms(r, 'q2')} | {_ms(r, 'q4')} | {_ms(r, 'deq2')} | "
+                f"{_ms(r, 'binary')} | {_ms(r, 'ternary')} | {_x(r, 'fp16', 'binary')} | {_x(r, 'fp16', 'ternary')} | "
+                f"{_x(r, 'q2', 'binary')} | {_x(r, 'q2', 'ternary')} | {path} |")
+    lines += [
+        "",
+        "Fused GEMM vs slab path, both forced (`x/fp16` = fp16 time / x time, `q2/x` = times faster than 2-bit "
+        "qmm, `gemm/slab` > 1: the slab is faster):",
+        "",
+        "| M | N x K | fp16 | binary gemm | binary slab | ternary gemm | ternary slab | bin slab/fp16 | ter slab/fp16 | "
+        "q2/bin slab | q2/ter slab | bin gemm/slab | ter gemm/slab |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in res:
+        g = {f: _gemm_time_key(r, f) for f in FORMATS}
         lines.append(
-            f"| {r['M']} | {r['N']}x{r['K']} | {ms('fp16')} | {ms('q2')} | {ms('q4')} | {ms('deq2')} | "
-            f"{ms('binary')} | {ms('ternary')} | {r['fp16'] / r['binary']:.2f}x | {r['fp16'] / r['ternary']:.2f}x | "
-            f"{r['q2'] / r['binary']:.2f}x | {r['q2'] / r['ternary']:.2f}x |")
-    lines += ["", "M = 1 as a share of copy bandwidth (packed bytes read once per call):", "",
-              "| N x K | binary GB/s | % of copy | ternary GB/s | % of copy | binary, time - floor | "
-              "ternary, time - floor |", "|---|---|---|---|---|---|---|"]
+            f"| {r['M']} | {r['N']}x{r['K']} | {_ms(r, 'fp16')} | {_ms(r, g['binary']) if g['binary'] else '—'} | "
+            f"{_ms(r, 'binary_slab')} | {_ms(r, g['ternary']) if g['ternary'] else '—'} | {_ms(r, 'ternary_slab')} | "
+            f"{_x(r, 'fp16', 'binary_slab')} | {_x(r, 'fp16', 'ternary_slab')} | {_x(r, 'q2', 'binary_slab')} | "
+            f"{_x(r, 'q2', 'ternary_slab')} | {_x(r, g['binary'], 'binary_slab') if g['binary'] else '—'} | "
+            f"{_x(r, g['ternary'], 'ternary_slab') if g['ternary'] else '—'} |")
+    # Per shape and format: the smallest measured M from which the forced slab beats the fused GEMM
+    # at every larger measured M (what SLAB_MIN_M should be, as far as these Ms resolve it).
+    shapes = list(dict.fromkeys((r["N"], r["K"]) for r in res))
+    if any(_gemm_time_key(r, f) for r in res for f in FORMATS):
+        lines += ["", "Smallest measured M from which the slab path beats the fused GEMM at every larger measured M:",
+                  ""]
+    else:
+        shapes = []  # --slab-only times no GEMM
+    for (n, k) in shapes:
+        rows = sorted((r for r in res if (r["N"], r["K"]) == (n, k) and r["M"] >= 32), key=lambda r: r["M"])
+        found = []
+        for f in FORMATS:
+            best = None
+            for r in reversed(rows):
+                gk = _gemm_time_key(r, f)
+                if not (gk and _ok(r.get(gk)) and _ok(r.get(f"{f}_slab"))):
+                    break
+                if r[f"{f}_slab"] < r[gk]:
+                    best = r["M"]
+                else:
+                    break
+            found.append(f"{f} {best if best is not None else 'none'}")
+        lines.append(f"- {n}x{k}: " + ", ".join(found))
+    big = [r for r in res if any(f"{f}_slab_parts" in r for f in FORMATS)]
+    if big:
+        lines += ["", "Slab path in parts: as launched, under mx.compile, without the final concatenation, and the "
+                      "decodes alone (all slabs, no matmul):", "",
+                  "| M | N x K | slabs x rows | bin slab | bin compiled | bin no concat | bin decodes | ter slab | "
+                  "ter compiled | ter no concat | ter decodes |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in big:
+            lines.append(
+                f"| {r['M']} | {r['N']}x{r['K']} | {r.get('slabs')} x {r.get('slab_rows')} | "
+                + " | ".join(f"{_ms(r, f + '_slab')} | {_ms(r, f + '_slab_compiled')} | {_ms(r, f + '_slab_parts')} | "
+                             f"{_ms(r, f + '_decode')}" for f in FORMATS) + " |")
+    caps = sorted({key.split("_cap")[1] for r in res for key in r if "_slab_cap" in key}, key=int)
+    if caps:
+        lines += ["", "Slab path by slab cap (SLAB_MAX_ELEMENTS), forced:", "",
+                  "| M | N x K | " + " | ".join(f"{f} cap {c}" for f in FORMATS for c in caps) + " |",
+                  "|---|---|" + "---|" * (len(FORMATS) * len(caps))]
+        for r in res:
+            if any(f"{f}_slab_cap{c}" in r for f in FORMATS for c in caps):
+                lines.append(f"| {r['M']} | {r['N']}x{r['K']} | "
+                             + " | ".join(_ms(r, f"{f}_slab_cap{c}") for f in FORMATS for c in caps) + " |")
     fl = out.get("call_floor", 0.0)
-    for r in out["results"]:
-        if r["M"] == 1:
-            gb = {f: r[f"{f}_bytes"] / r[f] for f in ("binary", "ternary")}
-            ex = {f: (f"{100 * r[f'{f}_bytes'] / (r[f] - fl) / bw:.0f}% of copy" if r[f] > fl else "n/a")
-                  for f in ("binary", "ternary")}
-            lines.append(f"| {r['N']}x{r['K']} | {gb['binary'] / 1e9:.0f} | {100 * gb['binary'] / bw:.0f}% | "
-                         f"{gb['ternary'] / 1e9:.0f} | {100 * gb['ternary'] / bw:.0f}% | {ex['binary']} | "
-                         f"{ex['ternary']} |")
+    ones = [r for r in res if r["M"] == 1 and any(_ok(r.get(f)) for f in FORMATS)]
+    if ones:
+        lines += ["", "M = 1 as a share of copy bandwidth (packed bytes read once per call), and under mx.compile:", "",
+                  "| N x K | binary GB/s | % of copy | ternary GB/s | % of copy | binary, time - floor | "
+                  "ternary, time - floor | binary | binary compiled | ternary | ternary compiled |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in ones:
+            cells = []
+            for f in FORMATS:
+                if _ok(r.get(f)):
+                    gb = r[f"{f}_bytes"] / r[f]
+                    cells.append(f"{gb / 1e9:.0f} | {100 * gb / bw:.0f}%")
+                else:
+                    cells.append("— | —")
+            ex = [(f"{100 * r[f'{f}_bytes'] / (r[f] - fl) / bw:.0f}% of copy" if _ok(r.get(f)) and r[f] > fl else "n/a")
+                  for f in FORMATS]
+            lines.append(f"| {r['N']}x{r['K']} | {cells[0]} | {cells[1]} | {ex[0]} | {ex[1]} | "
+                         + " | ".join(f"{_ms(r, f)} | {_ms(r, f + '_compiled')}" for f in FORMATS) + " |")
     lines += ["", "Throughput (TFLOP/s, 2MNK per call) at M >= 1536:", "",
-              "| M | N x K | fp16 | q2 | q4 | binary | ternary |", "|---|---|---|---|---|---|---|"]
-    for r in out["results"]:
+              "| M | N x K | fp16 | q2 | q4 | binary | ternary | binary slab | ternary slab |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in res:
         if r["M"] >= 1536:
-            t = r["tflops"]
-            lines.append(f"| {r['M']} | {r['N']}x{r['K']} | {t['fp16']:.0f} | {t['q2']:.0f} | {t['q4']:.0f} | "
-                         f"{t['binary']:.0f} | {t['ternary']:.0f} |")
+            t = r.get("tflops", {})
+            c = lambda key: f"{t[key]:.0f}" if key in t else "—"
+            lines.append(f"| {r['M']} | {r['N']}x{r['K']} | {c('fp16')} | {c('q2')} | {c('q4')} | {c('binary')} | "
+                         f"{c('ternary')} | {c('binary_slab')} | {c('ternary_slab')} |")
     return "\n".join(lines)
 
 
@@ -350,7 +591,7 @@ def tune(args):
                 for v in gemm_variants:
                     kernels.GEMM_TILES["cuda"] = v
                     for fmt, pw in pws.items():
-                        t = timeit(mx, lambda a, p: kernels.packed_matmul(a, p, "cuda"), [(x, pw)], 10)
+                        t = timeit(mx, lambda a, p: kernels.packed_matmul(a, p, "cuda", path="gemm"), [(x, pw)], 10)
                         print(f"  gemm{'' if patch is None else f' p{pi}'} {fmt:8s} {tuple(v.values())}: "
                               f"{fl / t / 1e12:.0f} TFLOP/s ({tf * t / fl * 1e12:.2f}x fp16 time)", flush=True)
             kernels.SOURCE_PATCHES[:] = []
@@ -372,7 +613,12 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", action="store_true", help="print the resident-size table and exit (no GPU)")
     p.add_argument("--quick", action="store_true", help="two shapes, M in {1, 1536}")
-    p.add_argument("--out", help="write raw results as JSON")
+    p.add_argument("--slab-only", action="store_true",
+                   help="short run: checks, baselines and the slab columns at M in 1536, 4608 only")
+    p.add_argument("--ms", type=json.loads, default=None, help=f"M values, a JSON list (default {MS})")
+    p.add_argument("--slab-caps", type=json.loads, default=[],
+                   help="also time the slab path at these SLAB_MAX_ELEMENTS values (M >= 1024), a JSON list")
+    p.add_argument("--out", help="write raw results as JSON (rewritten after every row)")
     p.add_argument("--tune", action="store_true", help="time CUDA tile/launch variants instead")
     p.add_argument("--tune-tiles", type=json.loads, default=[[128, 128, 64, 2, 2], [128, 256, 64, 2, 4]],
                    help="CUDA GEMM tiles to time, a JSON list of [BM, BN, BK, SGM, SGN]")
