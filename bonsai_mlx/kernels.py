@@ -10,13 +10,13 @@ each simdgroup decodes its own 8 x WN (Metal) or fragment-sized (CUDA) piece
 right before multiplying.
 
 Three paths per format, chosen by M (`choose_path`):
-  slab  M >= SLAB_MIN_M, 16-bit x: `<fmt>_decode` writes a slab of at most
+  slab  M >= SLAB_MIN_M[fmt], 16-bit x: `<fmt>_decode` writes a slab of at most
         SLAB_MAX_ELEMENTS weights (whole rows) dense in x's dtype, MLX's own
         matmul computes x @ slab.T, next slab; the slabs' outputs are
         concatenated along N. Our fused GEMM is bound by mma.sync (MLX's JIT
         targets sm_90, not sm_90a, so no wgmma), MLX's matmul is not; the slab
         keeps the dense copy to a bounded, reused scratch.
-  gemm  32 <= M < SLAB_MIN_M (any M >= 32 for float32 x on Metal): BM x BN
+  gemm  32 <= M < SLAB_MIN_M[fmt] (any M >= 32 for float32 x on Metal): BM x BN
         output tile per threadgroup, simdgroup matrices (Metal) / mma.sync
         tensor cores (CUDA).
   gemv  M < 32, 16-bit x: 8 NJ weight rows x 16 rows of x per threadgroup,
@@ -51,10 +51,13 @@ OUTPUT_NAMES = ("y",)
 DECODE_INPUT_NAMES = ("w", "scales")
 DECODE_OUTPUT_NAMES = ("slab",)
 
-# Slab path (M >= SLAB_MIN_M, float16 / bfloat16 x). Below it the fused GEMM
-# (32 <= M) or the GEMV; 1024 is a starting point, to be set from
-# examples/bench_kernels.py's gemm and slab columns on the GPU.
-SLAB_MIN_M = 1024
+# Slab path (M >= SLAB_MIN_M[fmt], float16 / bfloat16 x). Below it the fused
+# GEMM (32 <= M) or the GEMV. Set from examples/bench_kernels.py's gemm and slab
+# columns on an H200 (docs/results/h200-kernels-slab.json, decode kernels of
+# before the 16-byte-store rewrite): the slab beat the fused GEMM from M = 1024
+# for ternary on all five klein shapes; for binary from M = 1536 on three and
+# from 4608 on 3072x3072 and 3072x12288.
+SLAB_MIN_M = {"binary": 1536, "ternary": 1024}
 # Slab cap: at most 8M weights (16 MB at 2 bytes) and at most N/2 rows, whole
 # SLAB_ROW_MULTIPLE rows when that leaves any. Why 16 MB: it is a third of an
 # H200's 50 MB L2, so the slab the decode has just written is still mostly in
@@ -69,9 +72,12 @@ SLAB_MIN_M = 1024
 # smaller matmuls.
 SLAB_MAX_ELEMENTS = 8 << 20
 SLAB_ROW_MULTIPLE = 128
-# Decode launch: CG scale groups (128 weights each) per simdgroup, NSG
-# simdgroups per threadgroup. A simdgroup writes 128 CG contiguous elements.
-DECODE_TILES = dict(CG=4, NSG=8)
+# Decode launch: a lane writes CPT chunks of 8 weights, one 16-byte store each;
+# a simdgroup owns a segment of 32 CPT chunks (256 CPT weights) of one row, NSG
+# simdgroups per threadgroup. CPT = 4: a klein row (K = 3072, 9216, 12288) is
+# 3, 9, 12 whole segments, and a 27648x3072 slab of 2560 rows is 1920
+# threadgroups of 128 threads (245760 threads, ~one wave of an H200's 132 SMs).
+DECODE_TILES = dict(CPT=4, NSG=4)
 
 # Tile shapes. Metal: 64x64 float tiles, two x buffers (20 KB of the 32 KB
 # threadgroup memory), 4 simdgroups of 32x32. CUDA: 128x128 tiles, two half x
@@ -200,6 +206,15 @@ _CUDA_ATTRIBUTES = {
 }
 
 _CUDA_UINT = "typedef unsigned int uint;\n"
+# Metal's as_type<To>(v) (same-size bit reinterpretation), added to the CUDA header when the
+# Metal text uses it (the decode kernels read the 16-bit patterns of T values).
+_CUDA_AS_TYPE = """\
+template <typename To, typename From>
+__device__ __forceinline__ To as_type(From v) {
+  static_assert(sizeof(To) == sizeof(From), "as_type needs equal sizes");
+  return *reinterpret_cast<const To*>(&v);
+}
+"""
 _CUDA_PRELUDE = """\
 // Generated from the Metal header by bonsai_mlx/kernels.py:metal_to_cuda.
 typedef unsigned int uint;
@@ -244,7 +259,8 @@ _SIMD_CALLS = {
 def metal_to_cuda(header: str, body: str) -> tuple[str, str]:
     """Rewrite a Metal (header, body) pair into a (header, body) for mx.fast.cuda_kernel.
 
-    An empty Metal header (HEADERLESS kernels) gets only the `uint` typedef the body needs."""
+    An empty Metal header (HEADERLESS kernels) gets only the `uint` typedef the body needs, plus
+    an `as_type` (Metal's bit reinterpretation) when the Metal text calls it."""
     if header.strip():
         h = _METAL_ONLY.sub("", header)
         h = re.sub(r"^\s*#include\s*<metal_\w+>\s*\n", "", h, flags=re.M)
@@ -252,6 +268,8 @@ def metal_to_cuda(header: str, body: str) -> tuple[str, str]:
         h = _CUDA_PRELUDE + _ADDRESS_SPACE.sub(r"\1", h) + "\n" + _read("tile_mma.cuh")
     else:
         h = _CUDA_UINT
+    if re.search(r"\bas_type\s*<", _strip_comments(header) + _strip_comments(body)):
+        h += _CUDA_AS_TYPE
 
     b = _TG_ARRAY.sub(lambda m: f"__shared__ __align__(32) {m.group(1)} {m.group(2)}{m.group(3)};", body)
     b = re.sub(r"\bthreadgroup_barrier\s*\([^)]*\)", "__syncthreads()", b)
@@ -272,6 +290,10 @@ def metal_to_cuda(header: str, body: str) -> tuple[str, str]:
         )
     prologue += used
     return h, "\n".join(prologue) + "\n" + b
+
+
+def _strip_comments(src: str) -> str:
+    return re.sub(r"//[^\n]*", "", re.sub(r"/\*.*?\*/", " ", src, flags=re.S))
 
 
 def cuda_source(kernel: str) -> tuple[str, str]:
@@ -302,7 +324,7 @@ def _config_key(backend: str) -> tuple:
     """Identifies the tuning globals, so the plan cache follows a retune (replace the tile dicts,
     do not edit them in place)."""
     return (id(GEMM_TILES.get(backend)), id(GEMV_TILES.get(backend)), id(GEMV_TILES.get(backend + "_small")), GEMV_STEPS_PER_SG, GEMV_NSG_MAX, GEMV_R, GEMV_NSG,
-            GEMV_MT_MAX, SLAB_MIN_M, SLAB_MAX_ELEMENTS, SLAB_ROW_MULTIPLE, id(DECODE_TILES))
+            GEMV_MT_MAX, id(SLAB_MIN_M), tuple(SLAB_MIN_M.values()), SLAB_MAX_ELEMENTS, SLAB_ROW_MULTIPLE, id(DECODE_TILES))
 
 
 @lru_cache(maxsize=4096)
@@ -311,10 +333,10 @@ def _plan_cached(fmt: str, M: int, N: int, K: int, dtype: mx.Dtype, backend: str
     return plan(fmt, M, N, K, dtype, backend, path)
 
 
-def choose_path(M: int, dtype: mx.Dtype, backend: str) -> str:
-    """"slab" for M >= SLAB_MIN_M with 16-bit x, "gemm" for M >= GEMM_MIN_M, else "gemv".
+def choose_path(M: int, dtype: mx.Dtype, backend: str, fmt: str) -> str:
+    """"slab" for M >= SLAB_MIN_M[fmt] with 16-bit x, "gemm" for M >= GEMM_MIN_M, else "gemv".
     The CUDA tiles are tensor-core half/bf16, so float32 x takes the GEMV there at any M."""
-    if M >= SLAB_MIN_M and dtype in (mx.float16, mx.bfloat16):
+    if M >= SLAB_MIN_M[fmt] and dtype in (mx.float16, mx.bfloat16):
         return "slab"
     if M >= GEMM_MIN_M and not (backend == "cuda" and dtype == mx.float32):
         return "gemm"
@@ -341,7 +363,10 @@ def slab_ranges(N: int, rows: int) -> list[tuple[int, int]]:
 
 def decode_plan(fmt: str, rows: int, K: int, dtype: mx.Dtype, backend: str) -> Launch:
     """The `<fmt>_decode` launch writing slab [rows, K] in `dtype` from `rows` packed weight rows:
-    one simdgroup per CG scale groups of a row, NSG simdgroups per threadgroup."""
+    one simdgroup per segment of 32 CPT chunks (8 weights, one 16-byte store each) of a row,
+    NSG simdgroups per threadgroup, one dimension. 27648x3072 (slabs of 2560 rows, the last
+    2048): rows * ceil(384 / 128) = 7680 simdgroups, grid (245760, 1, 1), threadgroup (128, 1, 1);
+    the last slab grid (196608, 1, 1)."""
     if fmt not in FORMATS:
         raise ValueError(f"no kernel for packed format {fmt!r} (have {', '.join(FORMATS)})")
     if dtype not in (mx.float16, mx.bfloat16):
@@ -349,8 +374,8 @@ def decode_plan(fmt: str, rows: int, K: int, dtype: mx.Dtype, backend: str) -> L
     if K % 128 or K <= 0 or rows <= 0:
         raise ValueError(f"need rows > 0 and K a positive multiple of 128, got rows={rows}, K={K}")
     t = DECODE_TILES
-    items = rows * _ceil_div(K // 128, t["CG"])  # simdgroups with work
-    template = (("T", dtype), ("CG", t["CG"]), ("NSG", t["NSG"]))
+    items = rows * _ceil_div(K // 8, 32 * t["CPT"])  # simdgroups with work
+    template = (("T", dtype), ("CPT", t["CPT"]), ("NSG", t["NSG"]))
     grid = (_ceil_div(items, t["NSG"]) * 32 * t["NSG"], 1, 1)
     return Launch(f"{fmt}_decode", template, grid, (32 * t["NSG"], 1, 1))
 
@@ -366,7 +391,7 @@ def plan(fmt: str, M: int, N: int, K: int, dtype: mx.Dtype, backend: str, path: 
     if K % 128 or K <= 0:
         raise ValueError(f"K must be a positive multiple of 128, got {K}")
     if path is None:
-        path = choose_path(M, dtype, backend)
+        path = choose_path(M, dtype, backend, fmt)
     elif path not in PATHS:
         raise ValueError(f"path must be one of {', '.join(PATHS)} or None, got {path!r}")
     if path == "slab":

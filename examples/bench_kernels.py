@@ -190,13 +190,13 @@ def call_floor_compiled(mx):
 def check_outputs(mx, kernels, rng, slab_only=False):
     """Kernel vs exact reference on the device, every path and format: rows of
     (fmt, M, N, K, dtype, kernel, path, rel err); err is nan when the call raised."""
-    # (path, M): the launcher's choice at M = 1, 16 and SLAB_MIN_M, the GEMM forced at 1536, the
-    # slab forced at 1536 and at M = 40.
-    cases = [(None, 1), (None, 16), ("gemm", 1536), ("slab", 1536), ("slab", 40), (None, kernels.SLAB_MIN_M)]
-    if slab_only:
-        cases = [("slab", 1536), ("slab", 40), (None, kernels.SLAB_MIN_M)]
+    # (path, M): the launcher's choice at M = 1, 16 and SLAB_MIN_M[fmt], the GEMM forced at 1536,
+    # the slab forced at 1536 and at M = 40.
     rows = []
     for fmt in kernels.FORMATS:
+        cases = [(None, 1), (None, 16), ("gemm", 1536), ("slab", 1536), ("slab", 40), (None, kernels.SLAB_MIN_M[fmt])]
+        if slab_only:
+            cases = [("slab", 1536), ("slab", 40), (None, kernels.SLAB_MIN_M[fmt])]
         for (n, k) in CHECK_SHAPES:
             pw, t, s = make_packed(rng, fmt, n, k, mx)
             wd = mx.array(t.astype(np.float32) * np.repeat(s.astype(np.float32), 128, axis=1))
@@ -247,7 +247,7 @@ def run(args):
     rng = np.random.default_rng(0)
     info = dict(device=device_name(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 command=" ".join(sys.argv), mlx=mx.__version__, commit=_git_head(), slab_only=args.slab_only,
-                slab=dict(SLAB_MIN_M=kernels.SLAB_MIN_M, SLAB_MAX_ELEMENTS=kernels.SLAB_MAX_ELEMENTS,
+                slab=dict(SLAB_MIN_M=dict(kernels.SLAB_MIN_M), SLAB_MAX_ELEMENTS=kernels.SLAB_MAX_ELEMENTS,
                           SLAB_ROW_MULTIPLE=kernels.SLAB_ROW_MULTIPLE, DECODE_TILES=dict(kernels.DECODE_TILES)))
     print(f"device: {info['device']}  mlx {info['mlx']}  {info['date']}  commit {info['commit']}", flush=True)
     checks = check_outputs(mx, kernels, rng, args.slab_only)

@@ -114,16 +114,22 @@ def run_decode(pw, n0, n1, dtype):
 
 
 # (format, matrix rows N, slab rows [n0, n1), K, dtype): slabs starting inside the matrix, ragged
-# row counts, K with 1, 3, 5 and 9 scale groups (ragged against CG = 4) and K % 5 in {3, 4, 0, 2}.
+# row counts, K with 1, 2, 3, 5, 9 and 18 scale groups (K % 256 != 0: a half 256-weight simdgroup
+# step; K = 2304: 3 segments of CPT = 4 steps, the last ragged) and K % 5 in {3, 1, 4, 0, 2, 4}
+# (K % 5 = 1 and 2: the last chunk's trits reach the row's last byte, the third one it reads).
 DECODE_CASES = [
     ("binary", 50, 0, 50, 128, "float16"),
     ("binary", 33, 5, 32, 384, "bfloat16"),
     ("binary", 70, 13, 50, 640, "bfloat16"),
     ("binary", 40, 31, 40, 1152, "float16"),
+    ("binary", 9, 2, 9, 256, "float16"),
+    ("binary", 12, 3, 11, 2304, "bfloat16"),
     ("ternary", 50, 0, 50, 128, "bfloat16"),
     ("ternary", 33, 11, 30, 384, "float16"),
     ("ternary", 70, 7, 44, 640, "float16"),
     ("ternary", 40, 3, 40, 1152, "bfloat16"),
+    ("ternary", 9, 1, 9, 256, "float16"),
+    ("ternary", 12, 4, 12, 2304, "bfloat16"),
 ]
 
 
@@ -143,10 +149,12 @@ def test_decode_kernel_matches_packing_dequantize_bit_for_bit(fmt, N, n0, n1, K,
 
 
 def test_plan_picks_gemv_gemm_slab_by_m():
-    lo, hi = kernels.GEMM_MIN_M, kernels.SLAB_MIN_M
-    assert 0 < lo < hi
+    # The thresholds measured on an H200 (binary's fused GEMM holds out longer).
+    assert kernels.SLAB_MIN_M == {"binary": 1536, "ternary": 1024}
     for backend in ("metal", "cuda"):
         for fmt in kernels.FORMATS:
+            lo, hi = kernels.GEMM_MIN_M, kernels.SLAB_MIN_M[fmt]
+            assert 0 < lo < hi
             for dt in (mx.float16, mx.bfloat16):
                 L = {M: kernels.plan(fmt, M, 3072, 3072, dt, backend) for M in (1, lo - 1, lo, hi - 1, hi, 4608)}
                 assert L[1].kernel == L[lo - 1].kernel == f"{fmt}_gemv"
@@ -178,8 +186,8 @@ def _recording_kernels(calls):
 def test_launcher_follows_the_plan_at_the_boundaries(monkeypatch):
     calls = []
     monkeypatch.setattr(kernels, "_kernel_object", _recording_kernels(calls))
-    lo, hi = kernels.GEMM_MIN_M, kernels.SLAB_MIN_M
     for fmt in kernels.FORMATS:
+        lo, hi = kernels.GEMM_MIN_M, kernels.SLAB_MIN_M[fmt]
         pw = random_weight(np.random.default_rng(0), fmt, 512, 256)[2]
         for M, want in ((1, "gemv"), (lo - 1, "gemv"), (lo, "gemm"), (hi - 1, "gemm")):
             calls.clear()
@@ -194,24 +202,37 @@ def test_launcher_follows_the_plan_at_the_boundaries(monkeypatch):
 @pytest.mark.parametrize("N,K", KLEIN_SHAPES)
 def test_no_slab_covers_a_whole_klein_matrix(monkeypatch, N, K):
     for backend in ("metal", "cuda"):
-        L = kernels.plan("binary", kernels.SLAB_MIN_M, N, K, mx.float16, backend)
+        L = kernels.plan("binary", kernels.SLAB_MIN_M["binary"], N, K, mx.float16, backend)
         rows = L.slab_rows
         assert 0 < rows < N and rows % kernels.SLAB_ROW_MULTIPLE == 0 and rows * K <= kernels.SLAB_MAX_ELEMENTS
         ranges = kernels.slab_ranges(N, rows)
         assert ranges[0][0] == 0 and ranges[-1][1] == N and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
         assert all(0 < n1 - n0 <= rows for n0, n1 in ranges) and len(ranges) >= 2
-        # The decode launch covers exactly one slab: a simdgroup per CG scale groups of a row, whole threadgroups.
+        # The decode launch covers exactly one slab: a simdgroup per 32 CPT 8-weight chunks of a row, whole
+        # threadgroups.
         t = kernels.DECODE_TILES
-        items = rows * -(-K // (128 * t["CG"]))
+        items = rows * -(-K // (256 * t["CPT"]))
         assert L.grid[0] % L.threadgroup[0] == 0 and items <= L.grid[0] // 32 < items + t["NSG"]
     # And the launcher decodes exactly those rows (graph only: nothing is evaluated).
     calls = []
     monkeypatch.setattr(kernels, "_kernel_object", _recording_kernels(calls))
     pw = SimpleNamespace(fmt="ternary", data=mx.zeros((N, -(-K // 5)), mx.uint8), scales=mx.zeros((N, K // 128), mx.float16),
                          shape=(N, K))
-    y = kernels.packed_matmul(mx.zeros((kernels.SLAB_MIN_M, K), mx.float16), pw, "cuda")
-    assert y.shape == (kernels.SLAB_MIN_M, N)
+    y = kernels.packed_matmul(mx.zeros((kernels.SLAB_MIN_M["ternary"], K), mx.float16), pw, "cuda")
+    assert y.shape == (kernels.SLAB_MIN_M["ternary"], N)
     assert [c[1] for c in calls] == [n1 - n0 for n0, n1 in ranges] and max(c[1] for c in calls) < N
+
+
+def test_decode_plan_at_klein_shapes():
+    # Every lane writes CPT = 4 chunks of 8 weights (16-byte stores); a simdgroup covers 1024 weights
+    # of a row, so a K = 3072 row is 3 simdgroups. 27648x3072: 10 slabs of 2560 rows, then 2048.
+    for backend in ("metal", "cuda"):
+        L = kernels.plan("ternary", 4608, 27648, 3072, mx.bfloat16, backend)
+        assert L.slab_rows == 2560 and kernels.slab_ranges(27648, 2560)[-1] == (25600, 27648)
+        assert (L.kernel, L.template, L.grid, L.threadgroup) == (
+            "ternary_decode", (("T", mx.bfloat16), ("CPT", 4), ("NSG", 4)), (245760, 1, 1), (128, 1, 1))
+        assert kernels.decode_plan("binary", 2048, 3072, mx.float16, backend).grid == (196608, 1, 1)
+        assert kernels.plan("binary", 4608, 3072, 3072, mx.float16, backend).grid == (147456, 1, 1)  # 1536 rows
 
 
 def _harness_kernels(calls):
@@ -241,9 +262,9 @@ def test_slab_path_end_to_end_in_the_harness(monkeypatch, fmt, dtype):
     rng = np.random.default_rng(7)
     N, K = 300, 256
     t, s, pw = slab_weight(rng, fmt, N, K)
-    x = mx.array(rng.standard_normal((2, kernels.SLAB_MIN_M // 2, K)).astype(np.float32)).astype(DTYPES[dtype])
+    x = mx.array(rng.standard_normal((2, kernels.SLAB_MIN_M[fmt] // 2, K)).astype(np.float32)).astype(DTYPES[dtype])
     y = kernels.packed_matmul(x, pw, "metal")
-    assert y.shape == (2, kernels.SLAB_MIN_M // 2, N) and y.dtype == DTYPES[dtype]
+    assert y.shape == (2, kernels.SLAB_MIN_M[fmt] // 2, N) and y.dtype == DTYPES[dtype]
     assert calls == [(f"{fmt}_decode", 128), (f"{fmt}_decode", 128), (f"{fmt}_decode", 44)]
     ref = to_numpy(x).reshape(-1, K).astype(np.float64) @ dense(t, s).T
     assert rel_err(to_numpy(y).reshape(-1, N), ref) < TOL[dtype]
@@ -406,8 +427,9 @@ def test_cuda_twin_is_generated_from_the_metal_source():
         if "simd_sum" in m_body:
             assert "bonsai_simd_sum(" in body
         assert "simdgroup_matrix<" not in header and "simdgroup_load(" not in header and "#include <metal" not in header
-        if kernel in kernels.HEADERLESS:  # no shared header: only the uint typedef the body needs
-            assert m_header == "" and header == "typedef unsigned int uint;\n"
+        if kernel in kernels.HEADERLESS:  # no shared header: the uint typedef and Metal's as_type
+            assert m_header == "" and header.startswith("typedef unsigned int uint;\n")
+            assert header.count("__device__") == ("as_type<" in m_body) and len(header) < 300
         # Everything of the body except the rewritten spots survives verbatim.
         rewritten = re.compile(r"threadgroup|simd_sum|\b(device|constant|thread)\s+\w+\s*[*&]")
         kept = [ln for ln in m_body.splitlines() if not rewritten.search(ln)]

@@ -116,7 +116,7 @@ def test_cuda_slab_path_matches_oracle_and_reference(monkeypatch, fmt, dtype, M,
 def test_cuda_slab_path_is_chosen_at_slab_min_m_and_compiles(fmt):
     rng = np.random.default_rng(3)
     t, s, pw = random_weight(rng, fmt, 640, 1152)
-    M = kernels.SLAB_MIN_M
+    M = kernels.SLAB_MIN_M[fmt]
     assert kernels.plan(fmt, M, 640, 1152, mx.float16, "cuda").slab_rows > 0
     x = mx.array(rng.standard_normal((M, 1152)).astype(np.float32)).astype(mx.float16)
     y = kernels.packed_matmul(x, pw, "cuda")
