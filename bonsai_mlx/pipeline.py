@@ -348,67 +348,77 @@ class BonsaiPipeline:
         te = self.text_encoder
         timings = {}
         t_start = time.perf_counter()
-        with MemoryMonitor() as mon:
-            with mon.stage("text_encoding"):
-                if not plan.keep_transformer and self.transformer is not None:
-                    self.release_transformer()
-                cond = self._encode(prompt, plan)
-                neg = self._encode(negative_prompt or "", plan) if use_cfg else None
-                if budget is not None or plan.stream_text_encoder:
-                    te.evict()  # gone before denoising starts
-            timings["text_encoding_s"] = time.perf_counter() - t_start
+        # Under a budget, freed buffers MLX keeps for reuse (its cache, not active memory,
+        # but still the process's memory on a unified-memory device) may fill only the
+        # headroom the plan leaves; restored afterwards, also on cancellation.
+        cache_limit = None if budget is None else max(budget - plan.estimated_peak_bytes, 0)
+        previous_limit = None if cache_limit is None else mx.set_cache_limit(cache_limit)
+        try:
+            with MemoryMonitor() as mon:
+                with mon.stage("text_encoding"):
+                    if not plan.keep_transformer and self.transformer is not None:
+                        self.release_transformer()
+                    cond = self._encode(prompt, plan)
+                    neg = self._encode(negative_prompt or "", plan) if use_cfg else None
+                    if budget is not None or plan.stream_text_encoder:
+                        te.evict()  # gone before denoising starts
+                timings["text_encoding_s"] = time.perf_counter() - t_start
 
-            t_denoise = time.perf_counter()
-            with mon.stage("denoising"):
-                model = self._ensure_transformer()
-                model.set_attention_chunk(plan.attention_chunk)
-                model.eval_per_block = plan.eval_per_block
-                model.set_token_chunk(plan.token_chunk, sync=plan.eval_per_block)
-                dtype = model.dtype
-                cond = cond.astype(dtype)
-                neg = None if neg is None else neg.astype(dtype)
-                h, w = height // 16, width // 16
-                img_ids, txt_ids = image_ids(h, w), text_ids(cond.shape[1])
-                sigmas = flux2_sigmas(steps, h * w)
-                for i in range(steps):
-                    sigma, sigma_next = sigmas[i], sigmas[i + 1]
-                    t = mx.array([sigma], dtype=mx.float32)
-                    xin = x.astype(dtype)
-                    v = model(xin, cond, t, img_ids, txt_ids).astype(mx.float32)
-                    if use_cfg:
-                        v_neg = model(xin, neg, t, img_ids, txt_ids).astype(mx.float32)
-                        v = v_neg + guidance * (v - v_neg)
-                    x = x + (sigma_next - sigma) * v  # Euler step of the rectified flow, in float32
-                    mx.eval(x)
-                    event = StepEvent(i + 1, steps, sigma, sigma_next, time.perf_counter() - t_start)
-                    if preview and ((i + 1) % max(1, preview_every) == 0 or i + 1 == steps):
-                        event.preview = self.preview(x - sigma_next * v if sigma_next > 0 else x, width, height)
-                    yield event
-                del model
-                if not bool(mx.all(mx.isfinite(x))):
-                    raise BonsaiError(
-                        f"denoising produced non-finite values in {dtype}: the activations overflowed. "
-                        "Run with dtype bfloat16 or float32 (--dtype)."
-                    )
-            timings["denoising_s"] = time.perf_counter() - t_denoise
+                t_denoise = time.perf_counter()
+                with mon.stage("denoising"):
+                    model = self._ensure_transformer()
+                    model.set_attention_chunk(plan.attention_chunk)
+                    model.eval_per_block = plan.eval_per_block
+                    model.set_token_chunk(plan.token_chunk, sync=plan.eval_per_block)
+                    dtype = model.dtype
+                    cond = cond.astype(dtype)
+                    neg = None if neg is None else neg.astype(dtype)
+                    h, w = height // 16, width // 16
+                    img_ids, txt_ids = image_ids(h, w), text_ids(cond.shape[1])
+                    sigmas = flux2_sigmas(steps, h * w)
+                    for i in range(steps):
+                        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+                        t = mx.array([sigma], dtype=mx.float32)
+                        xin = x.astype(dtype)
+                        v = model(xin, cond, t, img_ids, txt_ids).astype(mx.float32)
+                        if use_cfg:
+                            v_neg = model(xin, neg, t, img_ids, txt_ids).astype(mx.float32)
+                            v = v_neg + guidance * (v - v_neg)
+                        x = x + (sigma_next - sigma) * v  # Euler step of the rectified flow, in float32
+                        mx.eval(x)
+                        event = StepEvent(i + 1, steps, sigma, sigma_next, time.perf_counter() - t_start)
+                        if preview and ((i + 1) % max(1, preview_every) == 0 or i + 1 == steps):
+                            event.preview = self.preview(x - sigma_next * v if sigma_next > 0 else x, width, height)
+                        yield event
+                    del model
+                    if not bool(mx.all(mx.isfinite(x))):
+                        raise BonsaiError(
+                            f"denoising produced non-finite values in {dtype}: the activations overflowed. "
+                            "Run with dtype bfloat16 or float32 (--dtype)."
+                        )
+                timings["denoising_s"] = time.perf_counter() - t_denoise
 
-            t_decode = time.perf_counter()
-            with mon.stage("decoding"):
-                if not plan.keep_transformer:
-                    self.release_transformer()
-                self.vae.decoder.eval_per_block = plan.eval_per_block
-                overlap = min(128, plan.vae_tile // 2) if plan.vae_tile else 128
-                images = self.vae.decode_tokens(x.astype(self.vae.dtype), height, width, tile_size=plan.vae_tile,
-                                                overlap=overlap)
-                mx.eval(images)
-            timings["decoding_s"] = time.perf_counter() - t_decode
-            timings["total_s"] = time.perf_counter() - t_start
-        arr = np.array(images.astype(mx.float32))[0]
-        yield GenerationResult(
-            image=to_pil(images)[0], prompt=prompt, negative_prompt=negative_prompt if use_cfg else None, seed=seed,
-            steps=steps, guidance=guidance if use_cfg else 1.0, width=width, height=height, model=self.model,
-            timings=timings, array=arr, memory=mon.report.as_dict(), plan=plan,
-        )
+                t_decode = time.perf_counter()
+                with mon.stage("decoding"):
+                    if not plan.keep_transformer:
+                        self.release_transformer()
+                    self.vae.decoder.eval_per_block = plan.eval_per_block
+                    overlap = min(128, plan.vae_tile // 2) if plan.vae_tile else 128
+                    images = self.vae.decode_tokens(x.astype(self.vae.dtype), height, width, tile_size=plan.vae_tile,
+                                                    overlap=overlap)
+                    mx.eval(images)
+                timings["decoding_s"] = time.perf_counter() - t_decode
+                timings["total_s"] = time.perf_counter() - t_start
+            arr = np.array(images.astype(mx.float32))[0]
+            yield GenerationResult(
+                image=to_pil(images)[0], prompt=prompt, negative_prompt=negative_prompt if use_cfg else None, seed=seed,
+                steps=steps, guidance=guidance if use_cfg else 1.0, width=width, height=height, model=self.model,
+                timings=timings, array=arr, plan=plan,
+                memory={**mon.report.as_dict(), "cache_limit_bytes": cache_limit},
+            )
+        finally:
+            if previous_limit is not None:
+                mx.set_cache_limit(previous_limit)
 
     def _encode(self, prompt: str, plan: MemoryPlan) -> mx.array:
         emb = self.text_encoder.encode([prompt], max_length=self.max_sequence_length,

@@ -85,12 +85,16 @@ def test_smallest_budget_is_honoured(pipe):
     W, H = 512, 256
     plan, gb = smallest_plan(pipe, W, H)
     assert plan != pipe.plan(W, H, memory_budget="100GB")  # the budget changed how it runs
+    original = mx.set_cache_limit(10**12)
     result = pipe.generate("a pine in snow", width=W, height=H, seed=3, memory_budget=f"{gb}GB")
     assert result.plan == plan
     assert set(result.memory["stages"]) == {"text_encoding", "denoising", "decoding"}
     assert result.memory["peak_gb"] <= gb  # measured with mx.get_peak_memory per stage
     for stage, est in plan.stage_estimates.items():  # and stage by stage, not just overall
         assert result.memory["stages"][stage]["peak_gb"] * 1e9 <= est, stage
+    # MLX's buffer cache was held to the plan's headroom, and given back its limit afterwards
+    assert result.memory["cache_limit_bytes"] == int(gb * 1e9) - plan.estimated_peak_bytes
+    assert mx.set_cache_limit(original) == 10**12
     assert not pipe.text_encoder.resident  # evicted before denoising under a budget
 
 
