@@ -173,7 +173,7 @@ def bench_text_streaming(pack, dtype, prompt, text_layers=(9, 18, 27)) -> dict:
         if mode == "resident":
             te.load()
         t = time.perf_counter()
-        mx.eval(te.encode([prompt], stream=mode == "streamed"))
+        mx.eval(te.encode([prompt], stream=mode == "streamed", sync=True))  # as under a budget
         res[f"{mode}_s"] = time.perf_counter() - t
         res[f"{mode}_peak_gb"] = mx.get_peak_memory() / GB
     te.evict()

@@ -20,8 +20,7 @@ from PIL import Image, PngImagePlugin
 
 from .errors import BonsaiError, WeightsError
 from .loading import TRANSFORMER_SUBDIRS, load_transformer
-from .memory import (UNCONSTRAINED, Footprint, MemoryMonitor, MemoryPlan, parse_bytes, plan_memory, smallest_plan,
-                     vae_scores_bytes)
+from .memory import UNCONSTRAINED, Footprint, MemoryMonitor, MemoryPlan, parse_bytes, plan_memory, smallest_plan
 from .packed_linear import PackedLinear, auto_backend
 from .scheduler import flux2_sigmas
 from .text_encoder import ENCODER_SUBDIRS, load_text_encoder
@@ -126,6 +125,18 @@ def to_pil(images: mx.array) -> list[Image.Image]:
     return [Image.fromarray((np.clip(x, 0, 1) * 255).round().astype(np.uint8)) for x in a]
 
 
+def _fused_attention(dtype) -> bool:
+    """Whether MLX runs the transformer's attention (head dim 128, no mask) as one fused
+    kernel that never holds the scores: Metal's does for 16- and 32-bit floats; CUDA's
+    goes through cuDNN, for float16/bfloat16 only (and unless MLX_CUDA_USE_CUDNN_SDPA=0);
+    the CPU back-end materialises the scores."""
+    if mx.default_device() == mx.cpu:
+        return False
+    if mx.metal.is_available():
+        return True
+    return dtype in (mx.float16, mx.bfloat16) and os.environ.get("MLX_CUDA_USE_CUDNN_SDPA", "1") != "0"
+
+
 def _scratch_peak(fn) -> int:
     """Bytes `fn()` allocates at its peak beyond what was live before it."""
     mx.synchronize()
@@ -195,9 +206,7 @@ class BonsaiPipeline:
             text_hidden=args.hidden_size, text_heads=args.num_attention_heads, text_len=self.max_sequence_length,
             vae_bytes=_nbytes(self.vae), vae_mid_channels=dec[-1],
             vae_up_fixed=up_fixed, vae_up_per_pixel=up_px, vae_mid_fixed=mid_fixed, vae_mid_per_pixel=mid_px,
-            # GPU back-ends run the transformer's attention (head dim <= 128) as one fused
-            # kernel; MLX's CPU back-end materialises the scores.
-            fused_attention=mx.default_device() != mx.cpu,
+            fused_attention=_fused_attention(self._transformer_info["dtype"]),
             dtype_bytes=self._transformer_info["dtype"].size,
         )
 
@@ -219,8 +228,16 @@ class BonsaiPipeline:
                 for side in (16, 32):
                     z = mx.zeros((1, side, side, C_lat), dtype=self.vae.dtype)
                     h = mx.zeros((1, side, side, C_mid), dtype=self.vae.dtype)
-                    mid.append(_scratch_peak(lambda: dec.mid(z)) - vae_scores_bytes(side * side))
+                    q = mx.zeros((1, 1, side * side, C_mid), dtype=self.vae.dtype)
+                    mx.eval(z, h, q)
+                    # The mid block less its attention's scratch (not its output) as measured at
+                    # this size: the scores grow as L^2 here but are chunked at real sizes,
+                    # where memory.estimate adds its own (generous) model of them.
+                    sdpa = _scratch_peak(lambda: mx.fast.scaled_dot_product_attention(q, q, q, scale=1.0))
+                    sdpa = max(sdpa - q.nbytes, 0)
+                    mid.append(_scratch_peak(lambda: dec.mid(z)) - sdpa)
                     up.append(_scratch_peak(lambda: dec.up(h)))
+                    del z, h, q
             finally:
                 dec.eval_per_block = was
             f = self.vae.decoder_factor
@@ -350,7 +367,9 @@ class BonsaiPipeline:
         t_start = time.perf_counter()
         # Under a budget, freed buffers MLX keeps for reuse (its cache, not active memory,
         # but still the process's memory on a unified-memory device) may fill only the
-        # headroom the plan leaves; restored afterwards, also on cancellation.
+        # headroom the plan leaves (0 when the plan just fits: MLX then reuses nothing, which
+        # costs some speed). MLX's limit is per process: restored afterwards, also on
+        # cancellation, unless something else changed it meanwhile.
         cache_limit = None if budget is None else max(budget - plan.estimated_peak_bytes, 0)
         previous_limit = None if cache_limit is None else mx.set_cache_limit(cache_limit)
         try:
@@ -418,11 +437,13 @@ class BonsaiPipeline:
             )
         finally:
             if previous_limit is not None:
-                mx.set_cache_limit(previous_limit)
+                current = mx.set_cache_limit(previous_limit)
+                if current != cache_limit:  # changed meanwhile (another run, the caller): keep theirs
+                    mx.set_cache_limit(current)
 
     def _encode(self, prompt: str, plan: MemoryPlan) -> mx.array:
         emb = self.text_encoder.encode([prompt], max_length=self.max_sequence_length,
-                                       stream=plan.stream_text_encoder)
+                                       stream=plan.stream_text_encoder, sync=plan.eval_per_block)
         mx.eval(emb)
         if not bool(mx.all(mx.isfinite(emb))):
             raise BonsaiError(

@@ -305,14 +305,18 @@ class Qwen3TextEncoder:
 
     # -- forward -------------------------------------------------------------------
 
-    def encode(self, prompts: str | Sequence[str], max_length: int = DEFAULT_MAX_LENGTH, stream: bool = False) -> mx.array:
+    def encode(self, prompts: str | Sequence[str], max_length: int = DEFAULT_MAX_LENGTH, stream: bool = False,
+               sync: bool = False) -> mx.array:
         """Prompt embeddings [B, max_length, len(layers) * hidden] in self.dtype."""
         input_ids, attention_mask = self.tokenize(prompts, max_length)
-        return self.encode_tokens(input_ids, attention_mask, stream=stream)
+        return self.encode_tokens(input_ids, attention_mask, stream=stream, sync=sync)
 
-    def encode_tokens(self, input_ids: mx.array, attention_mask: mx.array, stream: bool = False) -> mx.array:
+    def encode_tokens(self, input_ids: mx.array, attention_mask: mx.array, stream: bool = False,
+                      sync: bool = False) -> mx.array:
         """stream=True reads, runs and frees one layer at a time from the mapped files
-        (peak ~ one layer + activations) and gives bit-identical results."""
+        (peak ~ one layer + activations) and gives bit-identical results. sync=True
+        evaluates a resident encoder layer by layer too: one graph over all layers held
+        ~2 GB of activations for a 512-token prompt (H200); streaming always does."""
         if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
             raise BonsaiError(
                 f"input_ids {input_ids.shape} and attention_mask {attention_mask.shape} must both be [B, L]"
@@ -334,9 +338,8 @@ class Qwen3TextEncoder:
         if 0 in want:
             hidden[0] = h
         for i in range(self.config.num_layers_needed):
-            # Layer by layer: streamed, so the previous layer's weights can be freed; resident,
-            # because one graph over all layers held ~2 GB of activations (512 tokens, H200).
-            mx.eval(h)
+            if stream or sync:
+                mx.eval(h)  # streamed: so that the previous layer's weights can be freed
             if stream:
                 block = self._block(i)
             else:

@@ -243,7 +243,17 @@ class JointAttention(nn.Module):
                     bufs[2].write(off + r0, off + r1, self._heads(pv(xc)))
             q, k, v = (buf.value for buf in bufs)
         o = attention(q, k, v, self.attention_chunk)  # [B, L_txt + L_img, D]
-        return self.to_out[0](o[:, L_txt:]), self.to_add_out(o[:, :L_txt])
+        if not self.token_chunk or self.token_chunk >= L:
+            return self.to_out[0](o[:, L_txt:]), self.to_add_out(o[:, :L_txt])
+        if self.sync:
+            mx.eval(o)
+        outs = []
+        for lin, off, n in ((self.to_out[0], L_txt, L - L_txt), (self.to_add_out, 0, L_txt)):
+            buf = TokenBuffer((B, n, D), o.dtype, self.sync)
+            for r0, r1 in token_chunks(n, self.token_chunk):
+                buf.write(r0, r1, lin(o[:, off + r0:off + r1]))
+            outs.append(buf.value)
+        return outs[0], outs[1]
 
 
 class DoubleStreamBlock(nn.Module):

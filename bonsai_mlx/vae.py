@@ -132,13 +132,14 @@ class GroupNorm(nn.Module):
         self.groups = groups
         self.weight = mx.ones((channels,))
         self.bias = mx.zeros((channels,))
+        self.sync = False  # evaluate the mean before the variance (set with Decoder.eval_per_block)
 
     def __call__(self, x, tile=None, silu: bool = False):
         """GroupNorm of x [B, H, W, C], followed by SiLU when `silu` (fused: one pass)."""
         B, H, W, C = x.shape
         g = x.reshape(B, H, W, self.groups, C // self.groups)
         if tile is None:
-            mean, var = _group_stats(g)
+            mean, var = _group_stats(g, self.sync)
         else:
             mean, var = tile.stats(g)
         w = self.weight.reshape(self.groups, -1)
@@ -147,13 +148,14 @@ class GroupNorm(nn.Module):
         return fn(g, mean, mx.rsqrt(var + _NORM_EPS), w, b).reshape(B, H, W, C)
 
 
-def _group_stats(g):
+def _group_stats(g, sync: bool = False):
     # g: [B, H, W, G, C/G] -> float32 mean, biased var [B, 1, 1, G, 1] (two passes: no
     # E[x^2] - E[x]^2 cancellation)
     mean = mx.mean(g.astype(mx.float32), axis=(1, 2, 4), keepdims=True)
-    # Evaluated here so that the float32 copy behind the mean is gone before the one behind
-    # the variance exists (otherwise both are held: 4x a float16 input instead of 2x).
-    mx.eval(mean)
+    if sync:
+        # so that the float32 copy behind the mean is gone before the one behind the
+        # variance exists (otherwise both are held: 4x a float16 input instead of 2x)
+        mx.eval(mean)
     var = mx.mean(_square_dev(g, mean), axis=(1, 2, 4), keepdims=True)
     return mean, var
 
@@ -340,9 +342,22 @@ class Decoder(nn.Module):
         ]
         self.conv_norm_out = GroupNorm(g, ch[-1])
         self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
-        # Evaluating block by block keeps MLX from scheduling the whole decoder at once,
-        # which holds many blocks' activations together (set under a memory budget).
         self.eval_per_block = False
+
+    @property
+    def eval_per_block(self) -> bool:
+        """Evaluate block by block (resnet by resnet, and each GroupNorm's mean before its
+        variance): keeps MLX from scheduling the whole decoder at once, which holds many
+        blocks' activations together. Set under a memory budget; leave it off to trace the
+        decoder with mx.compile or mx.vmap."""
+        return self._eval_per_block
+
+    @eval_per_block.setter
+    def eval_per_block(self, on: bool) -> None:
+        self._eval_per_block = bool(on)
+        for _, m in self.named_modules():
+            if isinstance(m, GroupNorm):
+                m.sync = bool(on)
 
     def _sync(self, x):
         if self.eval_per_block:

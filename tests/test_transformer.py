@@ -100,16 +100,19 @@ def test_linear_rows_equals_slicing_the_full_output():
     x = mx.random.normal((2, 7, 256))
     dense = nn.Linear(256, 96, bias=True)
     packed = PackedLinear.from_dense(mx.random.normal((96, 256)), "ternary", backend="reference")
+    biased = PackedLinear.from_dense(mx.random.normal((96, 256)), "binary", bias=mx.random.normal((96,)),
+                                     backend="reference")
     quantized = nn.QuantizedLinear(256, 96, bias=False, group_size=64, bits=4)  # no row path: falls back
-    for layer in (dense, packed, quantized):
+    for layer in (dense, packed, biased, quantized):
         full = layer(x)
         for r0, r1 in ((0, 40), (40, 96), (13, 14)):
             np.testing.assert_allclose(linear_rows(layer, x, r0, r1), full[..., r0:r1], rtol=0, atol=1e-5)
 
 
-def test_token_buffer_assembles_chunks():
-    parts = [mx.full((1, n, 3), float(i)) for i, n in enumerate((4, 4, 2))]
-    buf = TokenBuffer((1, 10, 3), mx.float32, sync=True)
+@pytest.mark.parametrize("sync", [True, False])
+def test_token_buffer_assembles_chunks(sync):
+    parts = [mx.random.normal((2, n, 3)) for n in (4, 4, 2)]
+    buf = TokenBuffer((2, 10, 3), mx.float32, sync=sync)
     r = 0
     for p in parts:
         buf.write(r, r + p.shape[1], p)
