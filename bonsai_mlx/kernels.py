@@ -34,7 +34,6 @@ tests/metal_harness runs exactly what MLX would.
 from __future__ import annotations
 
 import re
-from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -73,12 +72,6 @@ SLAB_MIN_M = {"binary": 1536, "ternary": 1024}
 # smaller matmuls.
 SLAB_MAX_ELEMENTS = 8 << 20
 SLAB_ROW_MULTIPLE = 128
-# Opt-in (off by default; examples/bench_kernels.py's `<fmt>_slab_overlap` column times it): decode
-# the slabs on a second stream of the same GPU so the decode of slab i+1 runs while MLX's matmul of
-# slab i does, instead of after it (the decodes were 0.05-0.17 ms of 0.15-0.71 ms at M = 1536 on an
-# H200). The price is two slabs live instead of one. Ignored off "cuda"/"metal" or when the default
-# device is not a GPU (the CPU harness), so there nothing changes. See `slab_parts`.
-SLAB_OVERLAP = False
 # Decode launch: a lane writes CPT chunks of 8 weights, one 16-byte store each;
 # a simdgroup owns a segment of 32 CPT chunks (256 CPT weights) of one row, NSG
 # simdgroups per threadgroup. CPT = 4: a klein row (K = 3072, 9216, 12288) is
@@ -518,47 +511,20 @@ def decode_slab(pw, n0: int, n1: int, dtype: mx.Dtype, backend: str | None = Non
     return decode_rows(pw.data[n0:n1], pw.scales[n0:n1], pw.fmt, pw.shape[1], dtype, backend)
 
 
-_DECODE_STREAMS: dict[str, mx.Stream] = {}  # str(device) -> the slab decodes' stream (SLAB_OVERLAP)
-
-
-def _decode_stream(backend: str) -> mx.Stream | None:
-    """The second stream slab decodes go to when SLAB_OVERLAP is on, created once per device; None
-    (decode on the default stream, serially) when it is off, off "cuda"/"metal", or off a GPU."""
-    if not SLAB_OVERLAP or backend not in ("cuda", "metal"):
-        return None
-    dev = mx.default_device()
-    if dev.type != mx.DeviceType.gpu:
-        return None
-    key = str(dev)
-    if key not in _DECODE_STREAMS:
-        _DECODE_STREAMS[key] = mx.new_stream(dev)
-    return _DECODE_STREAMS[key]
-
-
 def slab_parts(x2: mx.array, pw, backend: str, rows: int) -> list[mx.array]:
     """[x2 @ W[n0:n1].T for each slab_ranges(N, rows)]: x2 [M, K] (16-bit), parts [M, n1 - n0].
 
     Each slab is decoded only after the previous part is computed (mx.depends): the decodes are
     independent, so MLX could otherwise run them all first and hold every slab at once, i.e. the
-    whole dense matrix. Chained, one slab is live at a time and the next reuses its buffer.
-
-    With SLAB_OVERLAP (GPU only), the decodes run on a second stream (`_decode_stream`) and each
-    waits for the matmul two slabs back instead: decode i+1 overlaps matmul i, and at most two slabs
-    are live (slab i+1 is written only once matmul i-1 has read slab i-1). The matmuls stay on the
-    default stream, in order; the slicing and the mx.depends sit on the decode stream too, so the
-    cross-stream wait is on matmul i-1 itself, not on whatever the default stream queued after it.
-    Same kernels, same matmuls, so the same bits as the serial chain."""
+    whole dense matrix. Chained, one slab is live at a time and the next reuses its buffer."""
     N, K = pw.shape
-    stream = _decode_stream(backend)
-    lag = 1 if stream is None else 2  # decode i waits for part i - lag
     parts: list[mx.array] = []
     for n0, n1 in slab_ranges(N, rows):
-        with mx.stream(stream) if stream is not None else nullcontext():
-            w = pw.data[n0:n1]
-            if len(parts) >= lag:
-                w = mx.depends(w, parts[-lag])
-            slab = decode_rows(w, pw.scales[n0:n1], pw.fmt, K, x2.dtype, backend)  # [n1 - n0, K]
-        parts.append(x2 @ slab.T)  # MLX's own matmul (default stream); .T is a view
+        w = pw.data[n0:n1]
+        if parts:
+            w = mx.depends(w, parts[-1])
+        slab = decode_rows(w, pw.scales[n0:n1], pw.fmt, K, x2.dtype, backend)  # [n1 - n0, K]
+        parts.append(x2 @ slab.T)  # MLX's own matmul; .T is a view
     return parts
 
 

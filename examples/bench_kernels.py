@@ -13,10 +13,7 @@ it from data), the fused GEMM forced where the launcher picked the slab
 (`<fmt>_gemm`), and, at M = 1, the launcher under mx.compile
 (`<fmt>_compiled`: does compiling cut MLX's per-call floor?). At M >= 1024 the
 slab path is also timed under mx.compile, without the concatenation and as
-its decodes alone. `<fmt>_slab_overlap`: the slab path forced with
-kernels.SLAB_OVERLAP = True (decodes on a second stream, overlapping the
-matmuls), every M; `overlap_same` records whether it gave the serial slab
-path's bits. `--slab-only`: the checks, the baselines and the slab
+its decodes alone. `--slab-only`: the checks, the baselines and the slab
 columns for M in 1536, 4608 only. A failed measurement is printed and
 recorded as null; the JSON is rewritten after every row.
 `--sizes` prints the resident-size figure for the full 4B transformer (CPU).
@@ -247,21 +244,11 @@ def run(args):
 
     from bonsai_mlx import kernels
 
-    def overlapped(fn):
-        """fn() with kernels.SLAB_OVERLAP = True, restored afterwards whatever happens."""
-        saved = kernels.SLAB_OVERLAP
-        try:
-            kernels.SLAB_OVERLAP = True
-            return fn()
-        finally:
-            kernels.SLAB_OVERLAP = saved
-
     rng = np.random.default_rng(0)
     info = dict(device=device_name(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 command=" ".join(sys.argv), mlx=mx.__version__, commit=_git_head(), slab_only=args.slab_only,
                 slab=dict(SLAB_MIN_M=dict(kernels.SLAB_MIN_M), SLAB_MAX_ELEMENTS=kernels.SLAB_MAX_ELEMENTS,
-                          SLAB_ROW_MULTIPLE=kernels.SLAB_ROW_MULTIPLE, DECODE_TILES=dict(kernels.DECODE_TILES),
-                          SLAB_OVERLAP=getattr(kernels, "SLAB_OVERLAP", None)))
+                          SLAB_ROW_MULTIPLE=kernels.SLAB_ROW_MULTIPLE, DECODE_TILES=dict(kernels.DECODE_TILES)))
     print(f"device: {info['device']}  mlx {info['mlx']}  {info['date']}  commit {info['commit']}", flush=True)
     checks = check_outputs(mx, kernels, rng, args.slab_only)
     slab_checks = [c for c in checks if c[5].endswith("_decode")]
@@ -372,23 +359,6 @@ def run(args):
                             mx, lambda a, p: kernels.packed_matmul(a, p, "cuda", path="gemm"), rs, iters))
                 measure(row, f"{fmt}_slab", lambda: timeit(
                     mx, lambda a, p: kernels.packed_matmul(a, p, "cuda", path="slab"), rs, iters))
-                # The same with the decodes on a second stream (kernels.SLAB_OVERLAP), restored after.
-                measure(row, f"{fmt}_slab_overlap", lambda: overlapped(lambda: timeit(
-                    mx, lambda a, p: kernels.packed_matmul(a, p, "cuda", path="slab"), rs, iters)))
-                try:
-                    xa, pa = rs[0]
-                    serial = kernels.packed_matmul(xa, pa, "cuda", path="slab")
-                    ovl = overlapped(lambda: kernels.packed_matmul(xa, pa, "cuda", path="slab"))
-                    mx.eval(serial, ovl)
-                    row.setdefault("overlap_same", {})[fmt] = bool(mx.array_equal(serial, ovl).item())
-                    del serial, ovl
-                except Exception as e:
-                    row.setdefault("overlap_same", {})[fmt] = None
-                    row.setdefault("errors", {})[f"{fmt}_overlap_same"] = f"{type(e).__name__}: {e}"
-                    print(f"  {fmt} overlap check failed at M={M} {n}x{k}: {type(e).__name__}: {e}", flush=True)
-                if row.get("overlap_same", {}).get(fmt) is False:
-                    print(f"  {fmt} SLAB_OVERLAP result differs from the serial slab path at M={M} {n}x{k}",
-                          flush=True)
                 if M == 1 and not args.slab_only:
                     # Weights as inputs, so the rotations replay one compiled graph.
                     cf = mx.compile(lambda a, d, s_, fmt=fmt: kernels.packed_matmul(
@@ -485,31 +455,20 @@ def tables(out):
     lines += [
         "",
         "Fused GEMM vs slab path, both forced (`x/fp16` = fp16 time / x time, `q2/x` = times faster than 2-bit "
-        "qmm, `gemm/slab` > 1: the slab is faster; `ovl`: the slab path with SLAB_OVERLAP, `slab/ovl` > 1: "
-        "overlapping is faster):",
+        "qmm, `gemm/slab` > 1: the slab is faster):",
         "",
-        "| M | N x K | fp16 | binary gemm | binary slab | bin slab ovl | ternary gemm | ternary slab | ter slab ovl | "
-        "bin slab/fp16 | ter slab/fp16 | bin ovl/fp16 | ter ovl/fp16 | bin slab/ovl | ter slab/ovl | "
+        "| M | N x K | fp16 | binary gemm | binary slab | ternary gemm | ternary slab | bin slab/fp16 | ter slab/fp16 | "
         "q2/bin slab | q2/ter slab | bin gemm/slab | ter gemm/slab |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res:
         g = {f: _gemm_time_key(r, f) for f in FORMATS}
         lines.append(
             f"| {r['M']} | {r['N']}x{r['K']} | {_ms(r, 'fp16')} | {_ms(r, g['binary']) if g['binary'] else '—'} | "
-            f"{_ms(r, 'binary_slab')} | {_ms(r, 'binary_slab_overlap')} | "
-            f"{_ms(r, g['ternary']) if g['ternary'] else '—'} | {_ms(r, 'ternary_slab')} | "
-            f"{_ms(r, 'ternary_slab_overlap')} | "
-            f"{_x(r, 'fp16', 'binary_slab')} | {_x(r, 'fp16', 'ternary_slab')} | "
-            f"{_x(r, 'fp16', 'binary_slab_overlap')} | {_x(r, 'fp16', 'ternary_slab_overlap')} | "
-            f"{_x(r, 'binary_slab', 'binary_slab_overlap')} | {_x(r, 'ternary_slab', 'ternary_slab_overlap')} | "
-            f"{_x(r, 'q2', 'binary_slab')} | "
+            f"{_ms(r, 'binary_slab')} | {_ms(r, g['ternary']) if g['ternary'] else '—'} | {_ms(r, 'ternary_slab')} | "
+            f"{_x(r, 'fp16', 'binary_slab')} | {_x(r, 'fp16', 'ternary_slab')} | {_x(r, 'q2', 'binary_slab')} | "
             f"{_x(r, 'q2', 'ternary_slab')} | {_x(r, g['binary'], 'binary_slab') if g['binary'] else '—'} | "
             f"{_x(r, g['ternary'], 'ternary_slab') if g['ternary'] else '—'} |")
-    differ = [f"{f} M={r['M']} {r['N']}x{r['K']}" for r in res for f, same in r.get("overlap_same", {}).items()
-              if same is False]
-    if differ:
-        lines += ["", "**SLAB_OVERLAP gave other bits than the serial slab path at: " + ", ".join(differ) + ".**"]
     # Per shape and format: the smallest measured M from which the forced slab beats the fused GEMM
     # at every larger measured M (what SLAB_MIN_M should be, as far as these Ms resolve it).
     shapes = list(dict.fromkeys((r["N"], r["K"]) for r in res))

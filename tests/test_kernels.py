@@ -294,37 +294,6 @@ def test_slab_path_holds_one_slab_at_a_time(monkeypatch):
     assert extra < N * K * 2 / 6, f"peak extra {extra / 2**20:.1f} MiB"
 
 
-def test_slab_overlap_is_ignored_off_the_gpu_and_matches_serial_on_a_second_stream(monkeypatch):
-    # SLAB_OVERLAP is opt-in and, off a GPU (this CPU harness), changes nothing: no second stream.
-    # With a second stream forced (a CPU one: the same code path as on the GPU, decodes chained two
-    # slabs back), every decode goes to it and the result is the serial one, bit for bit.
-    assert kernels.SLAB_OVERLAP is False
-    monkeypatch.setattr(kernels, "SLAB_OVERLAP", True)
-    assert kernels._decode_stream("metal") is None and kernels._decode_stream("cuda") is None
-    decode_streams = []
-
-    def lazy_decode(backend, kernel):
-        def call(inputs, template, grid, threadgroup, output_shapes, output_dtypes):
-            decode_streams.append(mx.default_stream(mx.default_device()))
-            rows = packing.PackedWeight(kernel.split("_")[0], inputs[0], inputs[1], tuple(output_shapes[0]))
-            return [packing.dequantize(rows, output_dtypes[0])]
-        return call
-
-    monkeypatch.setattr(kernels, "_kernel_object", lazy_decode)
-    monkeypatch.setattr(kernels, "SLAB_MAX_ELEMENTS", 64 * 256)
-    N, K = 300, 256
-    pw = random_weight(np.random.default_rng(8), "ternary", N, K)[2]
-    x = mx.array(np.random.default_rng(9).standard_normal((40, K)).astype(np.float16))
-    serial = np.array(kernels.packed_matmul(x, pw, "metal", path="slab"))
-    assert len(decode_streams) == 5 and set(map(str, decode_streams)) == {str(mx.default_stream(mx.cpu))}
-    side = mx.new_stream(mx.cpu)
-    monkeypatch.setattr(kernels, "_decode_stream", lambda backend: side)
-    decode_streams.clear()
-    parts = kernels.slab_parts(x, pw, "metal", 64)
-    assert [str(s) for s in decode_streams] == [str(side)] * 5
-    np.testing.assert_array_equal(np.array(mx.concatenate(parts, axis=1)), serial)
-
-
 # ----------------------------------------------------------------------------- harness honesty
 
 ADD_ONE = "uint i = thread_position_in_grid.x; out[i] = inp[i] + 1.0f;"
