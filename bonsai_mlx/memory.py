@@ -171,6 +171,7 @@ class Footprint:
     vae_mid_fixed: float = 0.0
     vae_mid_per_pixel: float = 0.0
     fused_attention: bool = True  # the transformer's attention never materialises its scores
+    text_dequant_bytes: int = 0  # dense weights alive at once when the encoder dequantizes per matmul
     dtype_bytes: int = 2
 
 
@@ -218,7 +219,8 @@ def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batch
     denoise = (fp.vae_bytes + fp.transformer_bytes + held + chunk + matmul + scores
                + cfg_batches * fp.text_len * D * s * 2 + L_img * 128 * 4 * 3)
     text_act = fp.text_len * fp.text_hidden * 4 * 10 + _attention_scores(fp.text_heads, fp.text_len, fp.text_len)
-    text = fp.vae_bytes + (fp.text_stream_bytes if plan.stream_text_encoder else fp.text_resident_bytes) + text_act
+    text = (fp.vae_bytes + (fp.text_stream_bytes if plan.stream_text_encoder else fp.text_resident_bytes) + text_act
+            + fp.text_dequant_bytes)
     if plan.keep_transformer:
         text += fp.transformer_bytes
     # The mid block runs once on the whole latent. A tile's up path runs on the tile plus a

@@ -8,7 +8,7 @@ import pytest
 
 from bonsai_mlx import BonsaiPipeline
 from bonsai_mlx.errors import BonsaiError
-from bonsai_mlx.memory import MemoryMonitor, MemoryPlan, parse_bytes, trapezoid_mean
+from bonsai_mlx.memory import MemoryMonitor, MemoryPlan, estimate, parse_bytes, trapezoid_mean
 from fixtures import make_pipeline as mp
 
 # Tiled VAE decoding ("exact" tile statistics) stays within 0.5/255 of the whole decode
@@ -96,6 +96,21 @@ def test_smallest_budget_is_honoured(pipe):
     assert result.memory["cache_limit_bytes"] == int(gb * 1e9) - plan.estimated_peak_bytes
     assert mx.set_cache_limit(original) == 10**12
     assert not pipe.text_encoder.resident  # evicted before denoising under a budget
+
+
+def test_dequantized_encoder_is_counted(pipe):
+    """The CPU speed path holds dense encoder weights: the text stage's estimate grows by them."""
+    plain = pipe.footprint()
+    pipe.text_encoder.dequantize_matmuls = True
+    try:
+        fp = pipe.footprint()
+    finally:
+        pipe.text_encoder.dequantize_matmuls = False
+    args = pipe.text_encoder.config.args
+    assert fp.text_dequant_bytes >= args.intermediate_size * args.hidden_size * 4 > 0 == plain.text_dequant_bytes
+    plan = MemoryPlan(stream_text_encoder=True)
+    grow = estimate(fp, 256, 256, plan)["text_encoding"] - estimate(plain, 256, 256, plan)["text_encoding"]
+    assert grow >= fp.text_dequant_bytes
 
 
 def test_impossible_budget_is_refused_up_front(pipe):
