@@ -66,6 +66,7 @@ def _cmd_generate(args) -> None:
     import mlx.core as mx
 
     from .benchmark import DTYPES
+    from .memory import describe
     from .pipeline import BonsaiPipeline, GenerationResult, check_size
 
     check_size(args.width, args.height)  # before loading anything
@@ -78,8 +79,11 @@ def _cmd_generate(args) -> None:
                                           memory_budget=args.memory_budget)
     plan = pipe.plan(args.width, args.height)  # refuses now, before any image work, if the budget is too small
     if args.verbose:
-        print(f"memory plan: {plan}", file=sys.stderr)
-    if args.verbose:
+        if plan.stage_estimates:
+            est = ", ".join(f"{k} {v / 1e9:.3f} GB" for k, v in plan.stage_estimates.items())
+            print(f"memory plan: {describe(plan)} (estimated peaks: {est})", file=sys.stderr)
+        else:
+            print("memory plan: no budget, everything resident", file=sys.stderr)
         print(f"loaded {args.model} in {time.perf_counter() - t:.1f} s on {mx.default_device()}", file=sys.stderr)
     seed = args.seed
     for n, path in enumerate(paths):

@@ -132,3 +132,4 @@ def test_cli_memory_budget_and_verbose(tmp_path):
     r = run("--memory-budget", "4GB", "-v")
     assert r.returncode == 0, r.stderr
     assert "memory: peak" in r.stderr and "denoising:" in r.stderr and "mean-active" in r.stderr
+    assert "memory plan: " in r.stderr and "estimated peaks: text_encoding" in r.stderr
