@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from .errors import BonsaiError
-from .vae import _MAX_SCORES as _VAE_MAX_SCORES
+from .vae import _MAX_SCORES as VAE_MAX_SCORES  # attention score elements per query chunk of the mid block
 
 GB = 1e9
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
@@ -180,7 +180,6 @@ UNCONSTRAINED = MemoryPlan(eval_per_block=False)
 
 OVERHEAD = 48 * 2**20  # allocator slack, small arrays, ids, schedules
 VAE_MARGIN = 104  # pixels of context a decoder tile needs on each side (FLUX.2 VAE)
-VAE_MAX_SCORES = _VAE_MAX_SCORES  # attention score elements per query chunk of the mid block
 SAFETY = 1.10
 TOKEN_CHUNK = 512  # under a budget: big enough to keep the matmuls efficient
 

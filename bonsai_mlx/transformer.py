@@ -15,6 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .attention import sdpa
 from .config import TransformerConfig
 from .packed_linear import PackedLinear, get_backend
 from .packing import PackedWeight
@@ -82,14 +83,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, chunk: int | None = None) -
     """
     B, L, H, Dh = q.shape
     q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
-    if chunk is None or chunk >= L:
-        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=Dh**-0.5)
-    else:
-        parts = []
-        for r in range(0, L, chunk):
-            qc = q[:, :, r:r + chunk] if not parts else mx.depends(q[:, :, r:r + chunk], parts[-1])
-            parts.append(mx.fast.scaled_dot_product_attention(qc, k, v, scale=Dh**-0.5))
-        o = mx.concatenate(parts, axis=2)
+    o = sdpa(q, k, v, Dh**-0.5, chunk)
     return o.transpose(0, 2, 1, 3).reshape(B, L, H * Dh)
 
 

@@ -18,6 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .attention import sdpa
 from .errors import BonsaiError, ConfigError, WeightsError
 
 # diffusers hard-codes these inside Encoder/Decoder; they are not config fields.
@@ -212,21 +213,8 @@ class Attention(nn.Module):
         B, H, W, C = x.shape
         h = self.group_norm(x).reshape(B, 1, H * W, C)  # one head of dim C
         q, k, v = self.to_q(h), self.to_k(h), self.to_v(h)
-        L = H * W
-        step = max(1, _MAX_SCORES // L)
-        if step >= L:
-            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=C ** -0.5)
-        else:
-            # No fused kernel takes a 512-wide head, so each query chunk materialises its
-            # scores: chunks run one after the other (and are evaluated one by one under
-            # `sync`), or the backend may hold every chunk's scores at once.
-            parts = []
-            for i in range(0, L, step):
-                qc = q[:, :, i:i + step] if not parts else mx.depends(q[:, :, i:i + step], parts[-1])
-                parts.append(mx.fast.scaled_dot_product_attention(qc, k, v, scale=C ** -0.5))
-                if sync:
-                    mx.eval(parts[-1])
-            out = mx.concatenate(parts, axis=2)
+        # No fused kernel takes a 512-wide head, so each query chunk materialises its scores.
+        out = sdpa(q, k, v, C ** -0.5, rows=max(1, _MAX_SCORES // (H * W)), sync=sync)
         return x + self.to_out[0](out).reshape(B, H, W, C)
 
 
