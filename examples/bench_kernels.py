@@ -136,6 +136,15 @@ def copy_bandwidth(mx):
     return 2 * a.nbytes / t  # bytes read + written
 
 
+def probe(label, fn, mx):
+    """fn(mx), or nan when it fails: the probes are context, not results; never lose the run to one."""
+    try:
+        return fn(mx)
+    except Exception as e:
+        print(f"{label} failed: {type(e).__name__}: {e}", flush=True)
+        return float("nan")
+
+
 def call_floor(mx):
     """Seconds per call of an empty custom kernel, timed the same way as the kernels (MLX dispatch floor)."""
     noop = mx.fast.cuda_kernel(name="bonsai_noop", input_names=["x"], output_names=["y"],
@@ -268,23 +277,11 @@ def run(args):
             print("   ", c, flush=True)
     bw = copy_bandwidth(mx)
     print(f"copy bandwidth: {bw / 1e9:.0f} GB/s (read + write)", flush=True)
-    try:
-        floor = call_floor(mx)
-    except Exception as e:
-        print(f"per-call floor failed: {type(e).__name__}: {e}", flush=True)
-        floor = float("nan")
+    floor = probe("per-call floor", call_floor, mx)
     print(f"per-call floor (empty mx.fast.cuda_kernel, timed like the kernels): {floor * 1e6:.1f} us", flush=True)
-    try:
-        floor_c = call_floor_compiled(mx)
-    except Exception as e:
-        print(f"compiled floor failed: {type(e).__name__}: {e}", flush=True)
-        floor_c = float("nan")
+    floor_c = probe("compiled floor", call_floor_compiled, mx)
     print(f"per-call floor, same kernel under mx.compile: {floor_c * 1e6:.1f} us", flush=True)
-    try:
-        mma = mma_ceiling(mx)
-    except Exception as e:  # the probe is context, not a result: never lose the run to it
-        print(f"mma probe failed: {e}", flush=True)
-        mma = float("nan")
+    mma = probe("mma probe", mma_ceiling, mx)
     print(f"mma.sync m16n8k16 f16/f32 register-only loop: {mma / 1e12:.0f} TFLOP/s", flush=True)
 
     results = []
