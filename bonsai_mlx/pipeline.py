@@ -150,6 +150,12 @@ def _scratch_peak(fn) -> int:
     return mx.get_peak_memory() - base
 
 
+def _fit_line(x0: float, x1: float, y0: float, y1: float) -> tuple[float, float]:
+    """(fixed, slope) of the line through two measurements, neither below zero."""
+    slope = max(y1 - y0, 0) / (x1 - x0)
+    return max(y0 - slope * x0, 0.0), slope
+
+
 def _nbytes(module) -> int:
     from mlx.utils import tree_flatten
     return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
@@ -223,7 +229,7 @@ class BonsaiPipeline:
         output pixel, mid-block fixed bytes, bytes per latent pixel), each fitted to two
         measured runs block by block as budgeted decodes run them: the up path on 16x16
         and 32x32 latent windows, the mid block on 16x16 and 32x32 latents (less its
-        attention scores, which `memory.estimate` adds for the real size). Backends differ
+        attention's measured scratch: `memory.estimate` adds scores for the real size). Backends differ
         by several x (MLX's CPU convolution unfolds 3x3 patches, GPU kernels do not), so
         this is measured, once; it resets the peak-memory counter."""
         if getattr(self, "_vae_fit", None) is None:
@@ -249,10 +255,7 @@ class BonsaiPipeline:
             finally:
                 dec.eval_per_block = was
             f = self.vae.decoder_factor
-            up_px = max(up[1] - up[0], 0) / ((32 * f) ** 2 - (16 * f) ** 2)
-            mid_px = max(mid[1] - mid[0], 0) / (32**2 - 16**2)
-            self._vae_fit = (max(up[0] - up_px * (16 * f) ** 2, 0.0), up_px,
-                             max(mid[0] - mid_px * 16**2, 0.0), mid_px)
+            self._vae_fit = (*_fit_line((16 * f) ** 2, (32 * f) ** 2, *up), *_fit_line(16**2, 32**2, *mid))
         return self._vae_fit
 
     def plan(self, width: int = 512, height: int = 512, memory_budget=None, cfg: bool = False) -> MemoryPlan:
