@@ -173,8 +173,9 @@ class Qwen3TextEncoder:
         self._norm: Optional[nn.RMSNorm] = None
         # Multiply quantized layers by dequantizing each weight first instead of through
         # mx.quantized_matmul. For MLX's CPU back-end only: its quantized matmul ran at
-        # 2 GFLOP/s in float32 (0.24 in bfloat16) on our 2-core machine, dequantize + BLAS
-        # at 70, so a 512-token prompt takes about a minute instead of hours. Holds one
+        # 2 GFLOP/s in float32 (0.23 in bfloat16) on our 2-core machine, dequantize + BLAS
+        # at 65 (examples/bench_cpu_matmul.py), so a 512-token prompt takes about a minute
+        # instead of hours. Holds one
         # dense layer weight at a time (at most 100 MB in float32 for Qwen3-4B).
         self.dequantize_matmuls = False
 
