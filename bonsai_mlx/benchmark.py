@@ -99,25 +99,37 @@ def on_cpu() -> bool:
     return mx.default_device() == mx.cpu
 
 
-# Issue targets for peak memory over a whole generation (bytes).
+# Peak-memory targets for a whole generation (bytes): the budgets the planner must accept.
 PEAK_TARGETS = {("binary", 512): 1.5e9, ("binary", 1024): 1.9e9, ("ternary", 512): 1.8e9, ("ternary", 1024): 2.2e9}
+PROMPTS = ("a bonsai tree on a wooden desk, morning light, photograph",
+           "a red maple bonsai in a blue ceramic pot, studio light")
+
+
+def _budget(label, fmt: str, size: int):
+    """'target' -> the format and size's peak target; anything else as memory_budget takes it."""
+    if label == "target":
+        return PEAK_TARGETS.get((fmt, size))
+    return label
 
 
 def bench_generate(root, fmts=("binary", "ternary"), sizes=(512, 1024), steps=4, dtype="bfloat16",
-                   budget="target", seed=0, log=print, pack_kwargs=None, text_layers=(9, 18, 27)) -> dict:
+                   budgets=("auto", "target", "none"), seed=0, log=print, pack_kwargs=None,
+                   text_layers=(9, 18, 27), generations=2) -> dict:
     """Full generations on random weights at the real shapes, written to disk and loaded
-    the way real weights load. Per stage: time, peak (`mx.get_peak_memory`) and mean-active
-    memory (50 ms samples of `mx.get_active_memory`). Also cold start to the first image,
-    and streamed vs resident text encoding in the same run."""
+    the way real weights load, under each of `budgets` ("auto": the default plan,
+    "target": the format and size's peak target, "none": no limit, or a size). Each
+    budget gets a fresh pipeline and `generations` generations with different prompts
+    (the first includes the cold start; later ones show the steady state, reloads
+    included). Per stage: time, peak (`mx.get_peak_memory`) and mean-active memory (50 ms
+    samples of `mx.get_active_memory`); per step: time. Also streamed vs resident text
+    encoding in the same run."""
     from pathlib import Path
 
-    from .memory import GB, parse_bytes
+    from .memory import GB, describe, parse_budget
     from .pipeline import BonsaiPipeline
     from .random_weights import write_random_pack
 
-    out = {"device": str(mx.default_device()), "dtype": dtype, "steps": steps, "runs": [],
-           "text_encoder_dequantized_matmuls": on_cpu()}
-    prompt = "a bonsai tree on a wooden desk, morning light, photograph"
+    out = {"device": str(mx.default_device()), "dtype": dtype, "steps": steps, "runs": []}
     for fmt in fmts:
         pack = Path(root) / f"random-{fmt}"
         t = time.perf_counter()
@@ -125,36 +137,45 @@ def bench_generate(root, fmts=("binary", "ternary"), sizes=(512, 1024), steps=4,
             write_random_pack(pack, fmt, seed=seed, **(pack_kwargs or {}))
         log(f"[{fmt}] random pack at {pack} ({time.perf_counter() - t:.1f} s)")
         for size in sizes:
-            want = PEAK_TARGETS.get((fmt, size)) if budget == "target" else budget
-            want = None if want is None else parse_bytes(want)
-            mx.clear_cache()
-            mx.reset_peak_memory()
-            t_cold = time.perf_counter()
-            pipe = BonsaiPipeline.from_pretrained(pack, dtype=DTYPES[dtype], text_layers=text_layers)
-            pipe.text_encoder.dequantize_matmuls = on_cpu()
-            load_s = time.perf_counter() - t_cold
-            run = {"format": fmt, "size": size, "budget_gb": None if want is None else float(want) / GB,
-                   "load_s": load_s, "load_peak_gb": mx.get_peak_memory() / GB}
-            try:
-                plan = pipe.plan(size, size, want)
-            except Exception as e:  # the planner refuses the target: record it, run the most frugal plan
-                run["refused"] = str(e)
-                plan = pipe.smallest_plan(size, size)
-            run["plan"] = {k: getattr(plan, k) for k in ("stream_text_encoder", "keep_transformer", "vae_tile", "eval_per_block", "token_chunk",
-                                                          "attention_chunk", "estimated_peak_bytes")}
-            result = pipe.generate(prompt, width=size, height=size, steps=steps, seed=seed, memory_budget=want,
-                                   plan=plan)
-            run["cold_start_to_first_image_s"] = time.perf_counter() - t_cold
-            # the planner's inputs, to compare its stage estimates with the measured peaks
-            run["footprint"] = dataclasses.asdict(pipe.footprint())
-            run["timings"] = result.timings
-            run["memory"] = result.memory
-            run["finite"] = bool(np.isfinite(result.array).all())
-            log(f"[{fmt} {size}] peak {result.memory['peak_gb']:.3f} GB, mean-active "
-                f"{result.memory['mean_active_gb']:.3f} GB, {result.timings['total_s']:.1f} s")
-            out["runs"].append(run)
-            del pipe
-        out[f"text_stream_vs_resident_{fmt}"] = bench_text_streaming(pack, dtype, prompt, text_layers)
+            for label in budgets:
+                budget = parse_budget(_budget(label, fmt, size))
+                mx.clear_cache()
+                mx.reset_peak_memory()
+                t_cold = time.perf_counter()
+                pipe = BonsaiPipeline.from_pretrained(pack, dtype=DTYPES[dtype], text_layers=text_layers,
+                                                      memory_budget=budget)
+                run = {"format": fmt, "size": size, "budget": label,
+                       "budget_gb": budget / GB if isinstance(budget, int) else budget,
+                       "load_s": time.perf_counter() - t_cold, "load_peak_gb": mx.get_peak_memory() / GB,
+                       "text_encoder_dequantized_matmuls": pipe.text_encoder.dequantize_matmuls,
+                       "generations": []}
+                try:
+                    plan = pipe.plan(size, size)
+                except Exception as e:  # the planner refuses: record it, run the most frugal plan
+                    run["refused"] = str(e)
+                    plan = pipe.smallest_plan(size, size)
+                run["plan"] = {**{k: getattr(plan, k) for k in (
+                    "stream_text_encoder", "keep_text_encoder", "transformer_in_text", "transformer_in_decode",
+                    "vae_tile", "token_chunk", "attention_rows", "sync", "estimated_peak_bytes", "stage_estimates")},
+                    "described": describe(plan)}
+                for g in range(generations):
+                    steps_at = []
+                    result = pipe.generate(PROMPTS[g % len(PROMPTS)], width=size, height=size, steps=steps,
+                                           seed=seed + g, plan=plan, callback=lambda e: steps_at.append(e.elapsed))
+                    start = result.timings["text_encoding_s"] + result.timings.get("transformer_load_s", 0.0)
+                    gen = {"timings": result.timings, "memory": result.memory,
+                           "step_s": [b - a for a, b in zip([start] + steps_at[:-1], steps_at)],
+                           "finite": bool(np.isfinite(result.array).all())}
+                    if g == 0:
+                        gen["cold_start_to_first_image_s"] = time.perf_counter() - t_cold
+                        run["footprint"] = dataclasses.asdict(pipe.footprint()) if budget is not None else None
+                    run["generations"].append(gen)
+                    log(f"[{fmt} {size} {label} #{g + 1}] peak {result.memory['peak_gb']:.3f} GB, mean-active "
+                        f"{result.memory['mean_active_gb']:.3f} GB, {result.timings['total_s']:.2f} s "
+                        f"({', '.join(f'{k} {v:.3f}' for k, v in result.timings.items())})")
+                out["runs"].append(run)
+                del pipe
+        out[f"text_stream_vs_resident_{fmt}"] = bench_text_streaming(pack, dtype, PROMPTS[0], text_layers)
     return out
 
 
@@ -165,7 +186,6 @@ def bench_text_streaming(pack, dtype, prompt, text_layers=(9, 18, 27)) -> dict:
     from .text_encoder import load_text_encoder
 
     te = load_text_encoder(pack, dtype=DTYPES[dtype], layers=text_layers, resident=False)
-    te.dequantize_matmuls = on_cpu()
     res = {}
     for mode in ("streamed", "resident"):
         mx.clear_cache()

@@ -79,11 +79,8 @@ def _cmd_generate(args) -> None:
                                           memory_budget=args.memory_budget)
     plan = pipe.plan(args.width, args.height)  # refuses now, before any image work, if the budget is too small
     if args.verbose:
-        if plan.stage_estimates:
-            est = ", ".join(f"{k} {v / 1e9:.3f} GB" for k, v in plan.stage_estimates.items())
-            print(f"memory plan: {describe(plan)} (estimated peaks: {est})", file=sys.stderr)
-        else:
-            print("memory plan: no budget, everything resident", file=sys.stderr)
+        est = ", ".join(f"{k} {v / 1e9:.3f} GB" for k, v in plan.stage_estimates.items())
+        print(f"memory plan: {describe(plan)}" + (f" (estimated peaks: {est})" if est else ""), file=sys.stderr)
         print(f"loaded {args.model} in {time.perf_counter() - t:.1f} s on {mx.default_device()}", file=sys.stderr)
     seed = args.seed
     for n, path in enumerate(paths):
@@ -117,7 +114,7 @@ def _cmd_bench_generate(args) -> None:
 
     root = args.dir or tempfile.mkdtemp(prefix="bonsai-bench-")
     result = bench_generate(root, fmts=args.formats, sizes=args.sizes, steps=args.steps, dtype=args.dtype,
-                            budget=None if args.memory_budget == "none" else args.memory_budget)
+                            budgets=args.budgets, generations=args.generations)
     print(json.dumps(result, indent=2, default=str))
     if args.json:
         with open(args.json, "w") as f:
@@ -178,9 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pack a dense transformer's block linears on load")
     g.add_argument("--backend", default="auto", choices=["auto", "reference", "metal", "cuda"],
                    help="packed matmul kernels (default: by device)")
-    g.add_argument("--memory-budget", default=None,
-                   help="stay under this much active memory, e.g. 1.5GB: streams the text encoder, releases "
-                        "models between stages and tiles the VAE as needed; refused up front if impossible")
+    g.add_argument("--memory-budget", default="auto",
+                   help="'auto' (default: frugal at no cost in time, capped by this device's memory), a size such "
+                        "as 1.5GB (stream the text encoder, release models between stages, chunk and tile as "
+                        "needed; refused up front if impossible), or 'none' (everything resident: fastest, "
+                        "uses the most memory)")
     g.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"],
                    help="transformer and text encoder precision (default bfloat16; the VAE runs in float16)")
     g.add_argument("-v", "--verbose", action="store_true", help="print the memory plan, timings and memory per stage")
@@ -221,8 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     bg.add_argument("--sizes", nargs="+", type=_size, default=[512, 1024])
     bg.add_argument("--steps", type=int, default=4)
     bg.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"])
-    bg.add_argument("--memory-budget", default="target",
-                    help="'target' (the issue's peak targets per format and size), 'none', or a size like 1.5GB")
+    bg.add_argument("--budgets", nargs="+", default=["auto", "target", "none"],
+                    help="memory budgets to run, each with a fresh pipeline: 'auto' (the default plan), 'target' "
+                         "(the peak target per format and size: binary 1.5 / 1.9 GB, ternary 1.8 / 2.2 GB at "
+                         "512 / 1024), 'none', or sizes like 1.5GB")
+    bg.add_argument("--generations", type=int, default=2,
+                    help="generations per budget (new prompt each); the first includes the cold start")
     bg.add_argument("--dir", help="where to write the random packs (reused if present; default: a temp dir)")
     bg.add_argument("--json", help="also write the result to this file")
     bg.set_defaults(func=_cmd_bench_generate)

@@ -7,6 +7,7 @@ into the model's parameters, so a checkpoint is never held twice.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import mlx.core as mx
@@ -14,9 +15,10 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import TransformerConfig, preset
-from .errors import ConfigError, WeightsError
+from .errors import BonsaiError, ConfigError, WeightsError
 from .packed_checkpoint import (QUANT_CONFIG, check_backend, pack_model_from_checkpoint, packed_params,
                                 quantize_model, read_quant_config)
+from .text_encoder import ENCODER_SUBDIRS
 from .transformer import Flux2Transformer
 from .weight_names import bfl_to_diffusers, is_bfl_checkpoint
 
@@ -233,3 +235,62 @@ def load_transformer(path, dtype=mx.float16, config=None, quantize: str | None =
     materialize(model, weights, dtype, packed)
     model.eval()
     return model
+
+
+# ---------------------------------------------------------------------------- Hugging Face Hub
+
+# Known names for `resolve_model`; anything with a "/" is taken as a Hugging Face repo id.
+MODELS = {
+    "bonsai-binary": "prism-ml/bonsai-image-binary-4B-mlx-1bit",
+    "bonsai-ternary": "prism-ml/bonsai-image-ternary-4B-mlx-2bit",
+}
+# PrismML's packs ship no VAE; they decode with BFL's small decoder.
+DEFAULT_VAE_REPO = "black-forest-labs/FLUX.2-small-decoder"
+# What a pipeline reads; repos also hold root-level single-file checkpoints we never need.
+PIPELINE_FILES = ["model_index.json"] + [
+    f"{d}/*" for d in (*TRANSFORMER_SUBDIRS, *ENCODER_SUBDIRS, "tokenizer", "vae")]
+VAE_FILES = ["*.json", "*.safetensors", "vae/*"]
+
+
+def has_part(root: Path, part: str) -> bool:
+    subdirs = {
+        "transformer": TRANSFORMER_SUBDIRS,
+        "text encoder": ENCODER_SUBDIRS,
+        "tokenizer": ("tokenizer", *ENCODER_SUBDIRS),
+    }[part]
+    return any((root / s).is_dir() for s in subdirs)
+
+
+def resolve_model(name: str | os.PathLike, *, revision=None, cache_dir=None, files=tuple(PIPELINE_FILES),
+                  what: str = "the model") -> Path:
+    """A local directory, a known model name, or a Hub repo id -> a local directory.
+
+    Only the files a pipeline needs are fetched; HF_HUB_OFFLINE and the HF cache are
+    honoured by huggingface_hub itself.
+    """
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    name = str(name)
+    repo_id = MODELS.get(name, name)
+    if path.exists() or (repo_id.count("/") != 1 or name.startswith((".", "/", "~"))):
+        raise BonsaiError(
+            f"{name!r} is neither a model directory nor a known model name. Known names: "
+            f"{', '.join(sorted(MODELS))}; or pass a Hugging Face repo id like 'org/name', or a local directory."
+        )
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        local = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=list(files))
+    except LocalEntryNotFoundError:
+        raise WeightsError(
+            f"{what} ({repo_id}) is not in the Hugging Face cache and downloads are off (HF_HUB_OFFLINE) or the "
+            f"Hub cannot be reached. Download it once while online (huggingface-cli download {repo_id}) or pass "
+            "a local directory."
+        ) from None
+    except HfHubHTTPError as e:
+        raise WeightsError(f"could not fetch {what} ({repo_id}) from the Hugging Face Hub: {e}") from None
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"could not fetch {what} ({repo_id}): {e}") from None
+    return Path(local)

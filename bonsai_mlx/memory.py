@@ -1,28 +1,37 @@
-"""Memory: measuring it the way PrismML's whitepaper does, and planning under a budget.
+"""Memory: measuring it the way PrismML's whitepaper does, and planning how to run.
 
 `MemoryMonitor` polls `mx.get_active_memory()` every 50 ms from a background thread
 and records `mx.get_peak_memory()` per stage; mean-active is the trapezoidal integral
 of the samples over the render time.
 
-`plan_memory` picks how to run the stages (stream the text encoder or keep it, keep
-the transformer across stages or reload it, VAE tile size, attention chunking) from
-estimates of each stage's footprint, preferring the fastest plan that fits.
+`plan_memory` picks how to run the stages (stream the text encoder or hold it, keep the
+transformer across stages or reload it, token chunks, VAE tiles) from estimates of each
+stage's footprint: the cheapest plan in time that fits the budget. Three kinds of budget:
+  None      no limit: everything resident, one graph per forward (the fastest, hungriest)
+  "auto"    the default: only what costs no time (block-by-block evaluation, the text
+            encoder streamed and gone before denoising, nothing held that a later stage
+            does not need), capped by the device's own memory (`device_cap`)
+  bytes     the cheapest plan whose estimated peak fits; refused up front if none does
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 import threading
 import time
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 
 import mlx.core as mx
 
 from .errors import BonsaiError
+from .execution import Execution
 from .vae import _MAX_SCORES as VAE_MAX_SCORES  # attention score elements per query chunk of the mid block
 
 GB = 1e9
+AUTO = "auto"
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
           "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -34,12 +43,56 @@ def parse_bytes(value) -> int:
     else:
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
         if not m or m.group(2).lower() not in _UNITS:
-            raise BonsaiError(f"memory budget {value!r} is not a size; write e.g. 1.5GB, 1500MB or 1610612736")
+            raise BonsaiError(f"memory budget {value!r} is not a size; write e.g. 1.5GB, 1500MB or 1610612736, "
+                              "or 'auto' / 'none'")
         n = float(m.group(1)) * _UNITS[m.group(2).lower()]
-    if n <= 0:
-        raise BonsaiError(f"memory budget must be positive, got {value!r}")
+    if not n > 0 or not math.isfinite(n):
+        raise BonsaiError(f"memory budget must be a positive size, got {value!r}")
     return int(n)
 
+
+def parse_budget(value):
+    """None / "none" -> None (no limit), "auto" -> AUTO, a size -> bytes."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
+        return None
+    if isinstance(value, str) and value.strip().lower() == AUTO:
+        return AUTO
+    return parse_bytes(value)
+
+
+def device_cap() -> int:
+    """The memory the auto plan may use on this device: 80% of what the device recommends
+    for one process's working set on Apple GPUs (MLX's max_recommended_working_set_size),
+    80% of the GPU's memory on CUDA, half the machine's RAM on the CPU."""
+    info = mx.device_info()
+    for key in ("max_recommended_working_set_size", "total_memory", "memory_size"):
+        if info.get(key):
+            return int(0.8 * info[key])
+    try:
+        return int(0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
+
+
+@contextmanager
+def cache_limit(limit: int | None):
+    """Limit MLX's buffer cache (freed buffers kept for reuse: not active memory, but still
+    the process's memory on a unified-memory device) inside the block, and restore the
+    previous limit afterwards, also on errors and cancellation, unless something else
+    changed it meanwhile. None leaves the limit alone."""
+    if limit is None:
+        yield
+        return
+    previous = mx.set_cache_limit(limit)
+    try:
+        yield
+    finally:
+        current = mx.set_cache_limit(previous)
+        if current != limit:  # changed meanwhile (another run, the caller): keep theirs
+            mx.set_cache_limit(current)
+
+
+# ---------------------------------------------------------------------------- measuring
 
 @dataclass
 class StageMemory:
@@ -109,28 +162,20 @@ class MemoryMonitor:
         self._thread.join()
         self._sample()
 
+    @contextmanager
     def stage(self, name: str):
-        return _Stage(self, name)
-
-
-class _Stage:
-    def __init__(self, monitor: MemoryMonitor, name: str):
-        self.monitor, self.name = monitor, name
-
-    def __enter__(self):
         mx.synchronize()
         mx.reset_peak_memory()
-        self.t0 = time.perf_counter() - self.monitor._t0
-        self.monitor._sample()
-        return self
-
-    def __exit__(self, *exc):
-        mx.synchronize()
-        self.monitor._sample()
-        t1 = time.perf_counter() - self.monitor._t0
-        inside = [(t, a) for t, a in self.monitor.report.samples if self.t0 <= t <= t1]
-        self.monitor.report.stages.append(
-            StageMemory(self.name, t1 - self.t0, mx.get_peak_memory(), trapezoid_mean(inside)))
+        t0 = time.perf_counter() - self._t0
+        self._sample()
+        try:
+            yield
+        finally:
+            mx.synchronize()
+            self._sample()
+            t1 = time.perf_counter() - self._t0
+            inside = [(t, a) for t, a in self.report.samples if t0 <= t <= t1]
+            self.report.stages.append(StageMemory(name, t1 - t0, mx.get_peak_memory(), trapezoid_mean(inside)))
 
 
 # ---------------------------------------------------------------------------- planning
@@ -138,13 +183,27 @@ class _Stage:
 @dataclass(frozen=True)
 class MemoryPlan:
     stream_text_encoder: bool = False  # read encoder layers one at a time, release after use
-    keep_transformer: bool = True  # resident across text encoding and decoding
+    keep_text_encoder: bool = True  # resident between generations (else gone before denoising)
+    transformer_in_text: bool = True  # resident while the prompt is encoded
+    transformer_in_decode: bool = True  # resident while the image is decoded
     vae_tile: int | None = None  # pixels per tile side; None decodes whole
-    attention_chunk: int | None = None  # query rows per attention call; None = one call
-    eval_per_block: bool = True  # evaluate block by block (bounded activations, a sync per block)
-    token_chunk: int | None = None  # tokens per pass through the token-wise parts (MLPs, fused projection)
+    token_chunk: int | None = None  # tokens per pass through the token-wise parts
+    attention_rows: int | None = None  # query rows per attention call; None = one call
+    sync: bool = False  # evaluate block by block (bounded activations, a sync per block)
     estimated_peak_bytes: int = 0
     stage_estimates: dict = field(default_factory=dict)
+
+    @property
+    def execution(self) -> Execution:
+        return Execution(self.token_chunk, self.attention_rows, self.sync)
+
+    @property
+    def releases_transformer(self) -> bool:
+        return not (self.transformer_in_text and self.transformer_in_decode)
+
+
+# No limit: everything resident, one graph per forward, nothing estimated.
+UNCONSTRAINED = MemoryPlan()
 
 
 @dataclass(frozen=True)
@@ -163,9 +222,9 @@ class Footprint:
     text_len: int
     vae_bytes: int
     vae_mid_channels: int
-    # Measured on this device (see BonsaiPipeline._vae_scratch): peak scratch of the
-    # decoder's up path per output pixel of the window it runs on, and of the mid block
-    # per latent pixel, each plus a fixed part.
+    # Measured on this device (see calibrate_vae): peak scratch of the decoder's up path
+    # per output pixel of the window it runs on, and of the mid block per latent pixel,
+    # each plus a fixed part.
     vae_up_fixed: float = 0.0
     vae_up_per_pixel: float = 0.0
     vae_mid_fixed: float = 0.0
@@ -173,15 +232,23 @@ class Footprint:
     fused_attention: bool = True  # the transformer's attention never materialises its scores
     text_dequant_bytes: int = 0  # dense weights alive at once when the encoder dequantizes per matmul
     dtype_bytes: int = 2
+    cached_prompt_bytes: int = 0  # prompt embeddings kept between generations
 
-
-# No budget: everything resident, one graph per forward, nothing estimated.
-UNCONSTRAINED = MemoryPlan(eval_per_block=False)
 
 OVERHEAD = 48 * 2**20  # allocator slack, small arrays, ids, schedules
 VAE_MARGIN = 104  # pixels of context a decoder tile needs on each side (FLUX.2 VAE)
 SAFETY = 1.10
-TOKEN_CHUNK = 512  # under a budget: big enough to keep the matmuls efficient
+TOKEN_CHUNKS = (None, 4096, 2048, 1024, 512, 256)
+VAE_TILES = (1024, 768, 512, 384, 256, 128)
+ATTENTION_ROWS = (None, 1024, 512, 256)
+# What a choice costs in time, in rough seconds per generation (H200 measurements in
+# docs/benchmarks.md): plans are tried cheapest first. Tiles are dearest: exact tiles
+# re-run the decoder's up path once per GroupNorm to share whole-image statistics.
+COST_STREAM_TEXT = 0.5
+COST_RELOAD_TRANSFORMER = 1.0
+COST_TOKEN_CHUNK = {None: 0, 4096: 0.05, 2048: 0.1, 1024: 0.3, 512: 0.6, 256: 1.2}
+COST_ATTENTION_ROWS = {None: 0, 1024: 0.1, 512: 0.2, 256: 0.4}
+COST_VAE_TILE = {None: 0, 1024: 20, 768: 25, 512: 30, 384: 40, 256: 60, 128: 120}
 
 
 def _attention_scores(heads: int, rows: int, cols: int) -> int:
@@ -196,7 +263,7 @@ def vae_scores_bytes(latent_px: int) -> int:
 
 
 def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batches: int = 1) -> dict:
-    """Bytes at the peak of each stage under `plan`."""
+    """Bytes at the peak of each stage under `plan` (run block by block: `plan.sync`)."""
     s = fp.dtype_bytes
     L_img = (width // 16) * (height // 16)
     L = L_img + fp.text_len
@@ -212,71 +279,87 @@ def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batch
     # partial sums (packed_linear.packed_matmul_reference). Kernels need nothing beyond y.
     N = fp.transformer_max_out
     matmul = 2 * c * N * 4 + 2 * N * 512 * 4 + c * (D + F) * 4 if fp.reference_matmul else 0
-    rows = plan.attention_chunk or L
+    rows = plan.attention_rows or L
     scores = 0 if fp.fused_attention else 2 * _attention_scores(fp.transformer_heads, rows, L)
-    # The VAE (small) stays resident through every stage.
-    denoise = (fp.vae_bytes + fp.transformer_bytes + held + chunk + matmul + scores
+    resident = fp.vae_bytes + fp.cached_prompt_bytes  # the VAE (small) stays through every stage
+    denoise = (resident + fp.transformer_bytes + held + chunk + matmul + scores
                + cfg_batches * fp.text_len * D * s * 2 + L_img * 128 * 4 * 3)
     text_act = fp.text_len * fp.text_hidden * 4 * 10 + _attention_scores(fp.text_heads, fp.text_len, fp.text_len)
-    text = (fp.vae_bytes + (fp.text_stream_bytes if plan.stream_text_encoder else fp.text_resident_bytes) + text_act
+    text = (resident + (fp.text_stream_bytes if plan.stream_text_encoder else fp.text_resident_bytes) + text_act
             + fp.text_dequant_bytes)
-    if plan.keep_transformer:
+    if plan.transformer_in_text:
         text += fp.transformer_bytes
     # The mid block runs once on the whole latent. A tile's up path runs on the tile plus a
     # margin as wide as the decoder's receptive field on each side (so tiles only pay off on
     # images much larger than 2 * VAE_MARGIN), beside the mid block's output and the
     # float32 image accumulators.
     tile = plan.vae_tile or max(width, height)
-    th, tw = min(tile + 2 * VAE_MARGIN, height), min(tile + 2 * VAE_MARGIN, width)
+    th, tw = (min(tile + 2 * VAE_MARGIN, height), min(tile + 2 * VAE_MARGIN, width)) if plan.vae_tile else (height, width)
     latent_px = (height // 8) * (width // 8)
     mid = fp.vae_mid_fixed + fp.vae_mid_per_pixel * latent_px + vae_scores_bytes(latent_px)
     up = (latent_px * fp.vae_mid_channels * s + fp.vae_up_fixed + fp.vae_up_per_pixel * th * tw
           + height * width * 4 * 4 * 2)
-    decode = fp.vae_bytes + max(mid, up)
-    if plan.keep_transformer:
+    decode = resident + max(mid, up)
+    if plan.transformer_in_decode:
         decode += fp.transformer_bytes
+    if plan.keep_text_encoder and not plan.stream_text_encoder:
+        denoise += fp.text_resident_bytes
+        decode += fp.text_resident_bytes
     return {k: int(SAFETY * v + OVERHEAD) for k, v in
             (("text_encoding", text), ("denoising", denoise), ("decoding", decode))}
 
 
-def candidate_plans(width: int, height: int, fused_attention: bool = True):
-    """Fastest first: resident everything, then stream the encoder, then drop the
-    transformer between stages, then smaller VAE tiles and attention chunks (only where
-    the attention materialises its scores: chunks cost memory next to a fused kernel)."""
-    tiles = [None] + [t for t in (1024, 768, 512, 384, 256, 128) if t < max(width, height)]
-    chunks = [None] if fused_attention else [None, 1024, 512, 256]
-    for stream in (False, True):
-        for keep in (True, False):
-            for tile in tiles:
-                for chunk in chunks:
-                    yield MemoryPlan(stream, keep, tile, chunk, token_chunk=TOKEN_CHUNK)
+def plan_cost(plan: MemoryPlan) -> float:
+    """Rough seconds a plan adds to a generation over the unconstrained run."""
+    return (COST_STREAM_TEXT * plan.stream_text_encoder + COST_RELOAD_TRANSFORMER * plan.releases_transformer
+            + COST_TOKEN_CHUNK[plan.token_chunk] + COST_ATTENTION_ROWS[plan.attention_rows]
+            + COST_VAE_TILE[plan.vae_tile])
+
+
+def candidate_plans(width: int, height: int, fused_attention: bool = True, stream_only: bool = False):
+    """Every budgeted plan for this size, cheapest in time first. Attention chunks only
+    where the attention materialises its scores (chunks cost memory next to a fused
+    kernel); tiles only smaller than the image."""
+    side, L = max(width, height), (width // 16) * (height // 16) + 512
+    tiles = [None] + [t for t in VAE_TILES if t < side]
+    chunks = [c for c in TOKEN_CHUNKS if c is None or c < L]
+    rows = ATTENTION_ROWS if not fused_attention else (None,)
+    keeps = ((True, True), (True, False), (False, True), (False, False))
+    plans = [MemoryPlan(stream, False, in_text, in_decode, tile, chunk, r, sync=True)
+             for stream in ((True,) if stream_only else (False, True)) for in_text, in_decode in keeps
+             for tile in tiles for chunk in chunks for r in rows]
+    return sorted(plans, key=plan_cost)
+
+
+def _with_estimate(plan: MemoryPlan, est: dict) -> MemoryPlan:
+    return replace(plan, estimated_peak_bytes=max(est.values()), stage_estimates=est)
 
 
 def smallest_plan(fp: Footprint, width: int, height: int, cfg_batches: int = 1) -> MemoryPlan:
     """The plan with the lowest estimated peak (the slowest, most frugal one)."""
-    def cost(e):  # lowest peak first; among equal peaks, the lowest other stages
-        return max(e.values()), sum(e.values())
+    def rank(p):  # lowest peak first; among equal peaks, the lowest other stages, then the cheapest
+        e = estimate(fp, width, height, p, cfg_batches)
+        return max(e.values()), sum(e.values()), plan_cost(p)
 
-    best, best_est = None, None
-    for p in candidate_plans(width, height, fp.fused_attention):
+    best = min(candidate_plans(width, height, fp.fused_attention), key=rank)
+    return _with_estimate(best, estimate(fp, width, height, best, cfg_batches))
+
+
+def plan_memory(fp: Footprint, width: int, height: int, budget, cfg_batches: int = 1) -> MemoryPlan:
+    """The cheapest plan in time whose estimated peak fits `budget` (bytes, or AUTO: the
+    plans that stream the text encoder, under `device_cap()`). Refuses, naming the
+    smallest budget that works, when none fits."""
+    auto = budget == AUTO
+    limit = device_cap() if auto else budget
+    for p in candidate_plans(width, height, fp.fused_attention, stream_only=auto):
         est = estimate(fp, width, height, p, cfg_batches)
-        if best is None or cost(est) < cost(best_est):
-            best, best_est = p, est
-    return MemoryPlan(best.stream_text_encoder, best.keep_transformer, best.vae_tile, best.attention_chunk, True,
-                      best.token_chunk, max(best_est.values()), best_est)
-
-
-def plan_memory(fp: Footprint, width: int, height: int, budget: int | None, cfg_batches: int = 1) -> MemoryPlan:
-    for p in candidate_plans(width, height, fp.fused_attention):
-        est = estimate(fp, width, height, p, cfg_batches)
-        peak = max(est.values())
-        if budget is None or peak <= budget:
-            return MemoryPlan(p.stream_text_encoder, p.keep_transformer, p.vae_tile, p.attention_chunk,
-                              budget is not None, p.token_chunk if budget is not None else None, peak, est)
+        if max(est.values()) <= limit:
+            return _with_estimate(p, est)
     best = smallest_plan(fp, width, height, cfg_batches)
     need = math.ceil(best.estimated_peak_bytes / 1e6) / 1e3  # GB, rounded up so that it fits
+    what = f"this device's memory ({limit / GB:.2f} GB usable)" if auto else f"a memory budget of {limit / GB:.2f} GB"
     raise BonsaiError(
-        f"a {width}x{height} generation does not fit a memory budget of {budget / GB:.2f} GB: the smallest plan "
+        f"a {width}x{height} generation does not fit {what}: the smallest plan "
         f"({describe(best)}) needs about {need:.3f} GB "
         f"(peak stage: {max(best.stage_estimates, key=best.stage_estimates.get)}). "
         f"Use a budget of at least {need:.3f} GB or a smaller image."
@@ -284,13 +367,66 @@ def plan_memory(fp: Footprint, width: int, height: int, budget: int | None, cfg_
 
 
 def describe(plan: MemoryPlan) -> str:
-    parts = ["stream the text encoder" if plan.stream_text_encoder else "text encoder resident",
-             "keep the transformer" if plan.keep_transformer else "release the transformer between stages",
-             f"{plan.vae_tile}-pixel VAE tiles" if plan.vae_tile else "whole-image VAE decode"]
+    if plan == UNCONSTRAINED:
+        return "no limit: everything resident, one graph per forward"
+    text = "stream the text encoder" if plan.stream_text_encoder else "load the text encoder whole"
+    parts = [text + ("" if plan.keep_text_encoder else ", gone before denoising")]
+    if plan.transformer_in_text and plan.transformer_in_decode:
+        parts.append("keep the transformer")
+    else:
+        away = [s for s, kept in (("text encoding", plan.transformer_in_text),
+                                  ("decoding", plan.transformer_in_decode)) if not kept]
+        parts.append(f"release the transformer during {' and '.join(away)} (reloaded before denoising)")
+    parts.append(f"{plan.vae_tile}-pixel VAE tiles" if plan.vae_tile else "whole-image VAE decode")
     if plan.token_chunk:
         parts.append(f"{plan.token_chunk}-token chunks")
-    if plan.attention_chunk:
-        parts.append(f"attention in chunks of {plan.attention_chunk} queries")
-    if plan.eval_per_block:
+    if plan.attention_rows:
+        parts.append(f"attention in chunks of {plan.attention_rows} queries")
+    if plan.sync:
         parts.append("block by block")
     return ", ".join(parts)
+
+
+# ---------------------------------------------------------------------------- calibration
+
+def _scratch_peak(fn) -> int:
+    """Bytes `fn()` allocates at its peak beyond what was live before it."""
+    mx.synchronize()
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    mx.eval(fn())
+    mx.synchronize()
+    return mx.get_peak_memory() - base
+
+
+def _fit_line(x0: float, x1: float, y0: float, y1: float) -> tuple[float, float]:
+    """(fixed, slope) of the line through two measurements, neither below zero."""
+    slope = max(y1 - y0, 0) / (x1 - x0)
+    return max(y0 - slope * x0, 0.0), slope
+
+
+def calibrate_vae(vae) -> tuple[float, float, float, float]:
+    """Peak decoder scratch on this device and dtype, as (up-path fixed bytes, bytes per
+    output pixel, mid-block fixed bytes, bytes per latent pixel), each fitted to two
+    measured runs block by block as planned decodes run them: the up path on 16x16 and
+    32x32 latent windows, the mid block on 16x16 and 32x32 latents (less its attention's
+    measured scratch: `estimate` adds scores for the real size). Backends differ by
+    several x (MLX's CPU convolution unfolds 3x3 patches, GPU kernels do not), so this
+    is measured; it resets the peak-memory counter."""
+    dec, ex = vae.decoder, Execution(sync=True)
+    C_lat, C_mid = vae.config.latent_channels, vae.config.decoder_channels[-1]
+    up, mid = [], []
+    for side in (16, 32):
+        z = mx.zeros((1, side, side, C_lat), dtype=vae.dtype)
+        h = mx.zeros((1, side, side, C_mid), dtype=vae.dtype)
+        q = mx.zeros((1, 1, side * side, C_mid), dtype=vae.dtype)
+        mx.eval(z, h, q)
+        # The mid block less its attention's scratch (not its output) as measured at this
+        # size: the scores grow as L^2 here but are chunked at real sizes, where `estimate`
+        # adds its own (generous) model of them.
+        sdpa = max(_scratch_peak(lambda: mx.fast.scaled_dot_product_attention(q, q, q, scale=1.0)) - q.nbytes, 0)
+        mid.append(_scratch_peak(lambda: dec.mid(z, ex)) - sdpa)
+        up.append(_scratch_peak(lambda: dec.up(h, ex=ex)))
+        del z, h, q
+    f = vae.decoder_factor
+    return (*_fit_line((16 * f) ** 2, (32 * f) ** 2, *up), *_fit_line(16**2, 32**2, *mid))

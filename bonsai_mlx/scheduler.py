@@ -9,6 +9,8 @@ token count, then a final 0.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import mlx.core as mx
 
@@ -66,3 +68,32 @@ def euler_step(x: mx.array, v: mx.array, sigma: float, sigma_next: float) -> mx.
     """
     x32 = x.astype(mx.float32) + (sigma_next - sigma) * v.astype(mx.float32)
     return x32.astype(v.dtype)
+
+
+@dataclass
+class DenoiseStep:
+    index: int  # 0-based
+    sigma: float  # noise level the step started from
+    sigma_next: float
+    x: mx.array  # the sample after the step, float32, evaluated
+    velocity: mx.array  # the model's velocity at sigma, float32
+
+    @property
+    def x0(self) -> mx.array:
+        """The current estimate of the clean sample (the sample once no noise is left)."""
+        return self.x - self.sigma_next * self.velocity if self.sigma_next > 0 else self.x
+
+
+def denoise(velocity: Callable[[mx.array, float], mx.array], x: mx.array,
+            sigmas: list[float]) -> Iterator[DenoiseStep]:
+    """Euler steps of the rectified flow from the noise `x` down `sigmas`, one per yield.
+
+    `velocity(x, sigma)` is the model; the sample stays float32 between steps (see
+    `euler_step`). Stop iterating to stop sampling: nothing more is computed.
+    """
+    x = x.astype(mx.float32)
+    for i, (sigma, sigma_next) in enumerate(zip(sigmas, sigmas[1:])):
+        v = velocity(x, sigma).astype(mx.float32)
+        x = euler_step(x, v, sigma, sigma_next)
+        mx.eval(x)
+        yield DenoiseStep(i, sigma, sigma_next, x, v)

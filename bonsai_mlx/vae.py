@@ -19,6 +19,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .attention import sdpa
+from .execution import ONE_GRAPH, Execution
 from .errors import BonsaiError, ConfigError, WeightsError
 
 # diffusers hard-codes these inside Encoder/Decoder; they are not config fields.
@@ -133,51 +134,63 @@ class GroupNorm(nn.Module):
         self.groups = groups
         self.weight = mx.ones((channels,))
         self.bias = mx.zeros((channels,))
-        self.sync = False  # evaluate the mean before the variance (set with Decoder.eval_per_block)
 
-    def __call__(self, x, tile=None, silu: bool = False):
+    def __call__(self, x, tile=None, silu: bool = False, ex: Execution = ONE_GRAPH):
         """GroupNorm of x [B, H, W, C], followed by SiLU when `silu` (fused: one pass)."""
         B, H, W, C = x.shape
-        g = x.reshape(B, H, W, self.groups, C // self.groups)
-        if tile is None:
-            mean, var = _group_stats(g, self.sync)
-        else:
-            mean, var = tile.stats(g)
-        w = self.weight.reshape(self.groups, -1)
-        b = self.bias.reshape(self.groups, -1)
+        mean, var = group_stats(x, self.groups, ex) if tile is None else tile.stats(x, self.groups, ex)
+        per = C // self.groups  # group statistics [B, G] -> per-channel [B, 1, C]
+        mean = mx.repeat(mean, per, axis=-1)[:, None]
+        inv = mx.repeat(mx.rsqrt(var + _NORM_EPS), per, axis=-1)[:, None]
         fn = _normalize_silu if silu else _normalize
-        return fn(g, mean, mx.rsqrt(var + _NORM_EPS), w, b).reshape(B, H, W, C)
+        return fn(x.reshape(B, H * W, C), mean, inv, self.weight, self.bias).reshape(B, H, W, C)
 
 
-def _group_stats(g, sync: bool = False):
-    # g: [B, H, W, G, C/G] -> float32 mean, biased var [B, 1, 1, G, 1] (two passes: no
-    # E[x^2] - E[x]^2 cancellation)
-    mean = mx.mean(g.astype(mx.float32), axis=(1, 2, 4), keepdims=True)
-    if sync:
-        # so that the float32 copy behind the mean is gone before the one behind the
-        # variance exists (otherwise both are held: 4x a float16 input instead of 2x)
-        mx.eval(mean)
-    var = mx.mean(_square_dev(g, mean), axis=(1, 2, 4), keepdims=True)
+# float32 copies of an activation made at once while measuring its statistics, in elements:
+# running in parts, larger activations are reduced in row blocks of about this size.
+_STATS_BLOCK = 1 << 25
+
+
+def group_stats(x, groups: int, ex: Execution = ONE_GRAPH):
+    """x [B, H, W, C] -> float32 mean and biased variance [B, G] over (H, W, C/G).
+
+    Reduces over the pixels first, a column reduction with one output per channel that
+    the GPU back-ends split over many threadgroups (a reduction over the pixels and a
+    group's channels at once runs one threadgroup per group, hundreds of times slower),
+    then over each group's channels. Two passes (mean, then squared deviations): no
+    E[x^2] - E[x]^2 cancellation. Running in parts, the mean is evaluated before the
+    deviations exist, and each pass works on row blocks so that its float32 copy stays
+    near _STATS_BLOCK elements.
+    """
+    B, H, W, C = x.shape
+    n = H * W * (C // groups)
+    rows = H if not ex.sync else max(1, min(H, _STATS_BLOCK // max(1, B * W * C)))
+    blocks = [x[:, r:r + rows].reshape(B, -1, C) for r in range(0, H, rows)]
+    total = sum(mx.sum(b.astype(mx.float32), axis=1) for b in blocks)  # [B, C]
+    mean = mx.sum(total.reshape(B, groups, -1), axis=-1) / n  # [B, G]
+    ex.settle(mean)
+    mean_c = mx.repeat(mean, C // groups, axis=-1)[:, None]
+    dev = sum(mx.sum(_square_dev(b, mean_c), axis=1) for b in blocks)
+    var = mx.sum(dev.reshape(B, groups, -1), axis=-1) / n
     return mean, var
 
 
-# Past the statistics, normalisation is elementwise. Compiled, it runs as one kernel that
-# reads x in its own dtype and writes the result, with no float32 copies of x between
-# ops: uncompiled, a 256-channel GroupNorm held 7x its input (405 MB for a 58 MB tile on
-# an H200), the largest term of a tiled decode.
-def _normalize_fn(g, mean, inv, w, b):
-    y = (g.astype(mx.float32) - mean) * inv * w.astype(mx.float32) + b.astype(mx.float32)
-    return y.astype(g.dtype)
+# Past the statistics, normalisation is elementwise with per-channel vectors. Compiled, it
+# runs as one kernel that reads x in its own dtype and writes the result, with no float32
+# copies of x between ops.
+def _normalize_fn(x, mean, inv, w, b):
+    y = (x.astype(mx.float32) - mean) * inv * w.astype(mx.float32) + b.astype(mx.float32)
+    return y.astype(x.dtype)
 
 
-def _normalize_silu_fn(g, mean, inv, w, b):
-    y = (g.astype(mx.float32) - mean) * inv * w.astype(mx.float32) + b.astype(mx.float32)
-    return (y * mx.sigmoid(y)).astype(g.dtype)
+def _normalize_silu_fn(x, mean, inv, w, b):
+    y = (x.astype(mx.float32) - mean) * inv * w.astype(mx.float32) + b.astype(mx.float32)
+    return (y * mx.sigmoid(y)).astype(x.dtype)
 
 
 _normalize = mx.compile(_normalize_fn, shapeless=True)
 _normalize_silu = mx.compile(_normalize_silu_fn, shapeless=True)
-_square_dev = mx.compile(lambda g, mean: mx.square(g.astype(mx.float32) - mean), shapeless=True)
+_square_dev = mx.compile(lambda x, mean: mx.square(x.astype(mx.float32) - mean), shapeless=True)
 
 
 class ResnetBlock(nn.Module):
@@ -190,9 +203,10 @@ class ResnetBlock(nn.Module):
         if cin != cout:
             self.conv_shortcut = nn.Conv2d(cin, cout, 1)
 
-    def __call__(self, x, tile=None):
-        h = self.conv1(self.norm1(x, tile, silu=True))
-        h = self.conv2(self.norm2(h, tile, silu=True))
+    def __call__(self, x, tile=None, ex: Execution = ONE_GRAPH):
+        h = self.conv1(self.norm1(x, tile, silu=True, ex=ex))
+        ex.settle(h)
+        h = self.conv2(self.norm2(h, tile, silu=True, ex=ex))
         if "conv_shortcut" in self:
             x = self.conv_shortcut(x)
         return x + h
@@ -209,12 +223,12 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(channels, channels)
         self.to_out = [nn.Linear(channels, channels)]
 
-    def __call__(self, x, sync: bool = False):
+    def __call__(self, x, ex: Execution = ONE_GRAPH):
         B, H, W, C = x.shape
-        h = self.group_norm(x).reshape(B, 1, H * W, C)  # one head of dim C
+        h = self.group_norm(x, ex=ex).reshape(B, 1, H * W, C)  # one head of dim C
         q, k, v = self.to_q(h), self.to_k(h), self.to_v(h)
         # No fused kernel takes a 512-wide head, so each query chunk materialises its scores.
-        out = sdpa(q, k, v, C ** -0.5, rows=max(1, _MAX_SCORES // (H * W)), sync=sync)
+        out = sdpa(q, k, v, C ** -0.5, rows=max(1, _MAX_SCORES // (H * W)), sync=ex.sync)
         return x + self.to_out[0](out).reshape(B, H, W, C)
 
 
@@ -261,11 +275,10 @@ class UpBlock(nn.Module):
         if upsample:
             self.upsamplers = [Upsample(cout)]
 
-    def __call__(self, x, tile=None, sync: bool = False):
+    def __call__(self, x, tile=None, ex: Execution = ONE_GRAPH):
         for r in self.resnets:
-            x = r(x, tile)
-            if sync:  # one resnet's temporaries at a time
-                mx.eval(x)
+            x = r(x, tile, ex)
+            ex.settle(x)  # one resnet's temporaries at a time
         if "upsamplers" in self:
             x = self.upsamplers[0](x)
         return x
@@ -278,15 +291,13 @@ class MidBlock(nn.Module):
         if attention:
             self.attentions = [Attention(channels, groups)]
 
-    def __call__(self, x, sync: bool = False):
-        x = self.resnets[0](x)
-        if sync:
-            mx.eval(x)
+    def __call__(self, x, ex: Execution = ONE_GRAPH):
+        x = self.resnets[0](x, ex=ex)
+        ex.settle(x)
         if "attentions" in self:
-            x = self.attentions[0](x, sync)
-            if sync:
-                mx.eval(x)
-        return self.resnets[1](x)
+            x = self.attentions[0](x, ex)
+            ex.settle(x)
+        return self.resnets[1](x, ex=ex)
 
 
 class Encoder(nn.Module):
@@ -316,7 +327,10 @@ class Decoder(nn.Module):
     """latent [B, h, w, latent] -> image [B, h*f, w*f, 3] in about [-1, 1].
 
     Split in two so tiled decoding can run the global part (conv_in + mid block with
-    its attention over all positions) once and only the local, memory-hungry up path per tile.
+    its attention over all positions) once and only the local, memory-hungry up path per
+    tile. Running in parts (`ex.sync`), it evaluates block by block, resnet by resnet and
+    each GroupNorm's mean before its variance: MLX otherwise schedules the whole decoder
+    at once, which holds many blocks' activations together.
     """
 
     def __init__(self, cfg: VAEConfig):
@@ -330,38 +344,22 @@ class Decoder(nn.Module):
         ]
         self.conv_norm_out = GroupNorm(g, ch[-1])
         self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
-        self.eval_per_block = False
 
-    @property
-    def eval_per_block(self) -> bool:
-        """Evaluate block by block (resnet by resnet, and each GroupNorm's mean before its
-        variance): keeps MLX from scheduling the whole decoder at once, which holds many
-        blocks' activations together. Set under a memory budget; leave it off to trace the
-        decoder with mx.compile or mx.vmap."""
-        return self._eval_per_block
+    def mid(self, z, ex: Execution = ONE_GRAPH):
+        h = self.conv_in(z)
+        ex.settle(h)
+        h = self.mid_block(h, ex)
+        ex.settle(h)
+        return h
 
-    @eval_per_block.setter
-    def eval_per_block(self, on: bool) -> None:
-        self._eval_per_block = bool(on)
-        for _, m in self.named_modules():
-            if isinstance(m, GroupNorm):
-                m.sync = bool(on)
-
-    def _sync(self, x):
-        if self.eval_per_block:
-            mx.eval(x)
-        return x
-
-    def mid(self, z):
-        return self._sync(self.mid_block(self._sync(self.conv_in(z)), self.eval_per_block))
-
-    def up(self, x, tile=None):
+    def up(self, x, tile=None, ex: Execution = ONE_GRAPH):
         for b in self.up_blocks:
-            x = self._sync(b(x, tile, self.eval_per_block))
-        return self.conv_out(self.conv_norm_out(x, tile, silu=True))
+            x = b(x, tile, ex)
+            ex.settle(x)
+        return self.conv_out(self.conv_norm_out(x, tile, silu=True, ex=ex))
 
-    def __call__(self, z):
-        return self.up(self.mid(z))
+    def __call__(self, z, ex: Execution = ONE_GRAPH):
+        return self.up(self.mid(z, ex), ex=ex)
 
 
 class _BatchNormStats(nn.Module):
@@ -478,10 +476,12 @@ class AutoencoderKLFlux2(nn.Module):
 
     # --- decode
 
-    def decode(self, z, tile_size: int | None = None, overlap: int = 128, tile_stats: str = "exact"):
+    def decode(self, z, tile_size: int | None = None, overlap: int = 128, tile_stats: str = "exact",
+               execution: Execution = ONE_GRAPH):
         """z [B, h, w, latent] (before post_quant_conv) -> image [B, h*f, w*f, 3] in ~[-1, 1], float32.
 
-        tile_size (image pixels, multiple of f) turns on tiled decoding, see `_decode_tiled`.
+        tile_size (image pixels, multiple of f) turns on tiled decoding, see `_decode_tiled`;
+        `execution` says whether to run block by block (see `Decoder`).
         """
         if z.ndim != 4 or z.shape[-1] != self.config.latent_channels:
             raise BonsaiError(f"decode expects latents [B, h, w, {self.config.latent_channels}]; got {tuple(z.shape)}")
@@ -490,11 +490,11 @@ class AutoencoderKLFlux2(nn.Module):
             z = self.post_quant_conv(z)
         f = self.decoder_factor
         if tile_size is None or (z.shape[1] * f <= tile_size and z.shape[2] * f <= tile_size):
-            return self.decoder(z).astype(mx.float32)
-        return _decode_tiled(self.decoder, z, f, tile_size, overlap, tile_stats)
+            return self.decoder(z, execution).astype(mx.float32)
+        return _decode_tiled(self.decoder, z, f, tile_size, overlap, tile_stats, execution)
 
     def decode_tokens(self, tokens, height: int, width: int, tile_size: int | None = None,
-                      overlap: int = 128, tile_stats: str = "exact"):
+                      overlap: int = 128, tile_stats: str = "exact", execution: Execution = ONE_GRAPH):
         """tokens [B, (H/16)*(W/16), 4*latent] -> image [B, H, W, 3] in [0, 1], float32.
 
         Flux2KleinPipeline: unpack -> x * sqrt(var + eps) + mean -> unpatchify -> vae.decode
@@ -507,7 +507,7 @@ class AutoencoderKLFlux2(nn.Module):
             raise BonsaiError(f"decode_tokens expects tokens [B, L, {self.config.patched_channels}]; "
                               f"got {tuple(tokens.shape)}")
         z = unpatchify(self.denormalize(unpack(tokens, height // f, width // f)))
-        x = self.decode(z, tile_size=tile_size, overlap=overlap, tile_stats=tile_stats)
+        x = self.decode(z, tile_size=tile_size, overlap=overlap, tile_stats=tile_stats, execution=execution)
         return mx.clip(x / 2 + 0.5, 0.0, 1.0)
 
 
@@ -532,18 +532,18 @@ class _TileNorms:
         self.fixed, self.record, self.core, self.tile_h = fixed or [], record, core, tile_h
         self.i = 0
 
-    def stats(self, g):
+    def stats(self, x, groups: int, ex: Execution = ONE_GRAPH):
         i, self.i = self.i, self.i + 1
         if i < len(self.fixed):
             return self.fixed[i]
         if self.record is None:
-            return _group_stats(g)
-        s = g.shape[1] // self.tile_h  # this layer's upsampling relative to the latent window
+            return group_stats(x, groups, ex)
+        s = x.shape[1] // self.tile_h  # this layer's upsampling relative to the latent window
         y0, y1, x0, x1 = (c * s for c in self.core)
-        part = g[:, y0:y1, x0:x1]
-        n = part.shape[1] * part.shape[2] * part.shape[4]
+        part = x[:, y0:y1, x0:x1]
+        n = part.shape[1] * part.shape[2] * (part.shape[3] // groups)
         if n:
-            mean, var = _group_stats(part)
+            mean, var = group_stats(part, groups, ex)
             _merge(self.record, n, mean, var * n)
         raise _Stop
 
@@ -601,7 +601,8 @@ def _receptive_radius(decoder: "Decoder") -> int:
     return math.ceil(r)
 
 
-def _decode_tiled(decoder: Decoder, z, f: int, tile_size: int, overlap: int, tile_stats: str):
+def _decode_tiled(decoder: Decoder, z, f: int, tile_size: int, overlap: int, tile_stats: str,
+                  ex: Execution = ONE_GRAPH):
     """Decode latents in overlapping tiles with bounded memory.
 
     conv_in + mid block (attention spans every position, so it cannot be tiled) run once
@@ -628,7 +629,7 @@ def _decode_tiled(decoder: Decoder, z, f: int, tile_size: int, overlap: int, til
                           f"got tile_size={tile_size}, overlap={overlap}")
     if tile_stats not in ("exact", "tile"):
         raise BonsaiError(f"tile_stats must be 'exact' or 'tile', got {tile_stats!r}")
-    h = decoder.mid(z)
+    h = decoder.mid(z, ex)
     mx.eval(h)
     B, H, W, _ = h.shape
     T, O, R = tile_size // f, overlap // f, _receptive_radius(decoder)
@@ -643,7 +644,7 @@ def _decode_tiled(decoder: Decoder, z, f: int, tile_size: int, overlap: int, til
         if norms.core is not None:
             y0, y1, x0, x1 = norms.core
             norms.core = (y0 + a - a0, y1 + a - a0, x0 + b - b0, x1 + b - b0)
-        y = decoder.up(h[:, a0:a1, b0:b1], norms)
+        y = decoder.up(h[:, a0:a1, b0:b1], norms, ex)
         return y[:, (a - a0) * f:(a - a0 + th) * f, (b - b0) * f:(b - b0 + tw) * f]
 
     stats = []

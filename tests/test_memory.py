@@ -8,7 +8,8 @@ import pytest
 
 from bonsai_mlx import BonsaiPipeline
 from bonsai_mlx.errors import BonsaiError
-from bonsai_mlx.memory import MemoryMonitor, MemoryPlan, estimate, parse_bytes, trapezoid_mean
+from bonsai_mlx.memory import (AUTO, UNCONSTRAINED, MemoryMonitor, MemoryPlan, cache_limit, candidate_plans, device_cap,
+                               estimate, parse_budget, parse_bytes, plan_cost, trapezoid_mean)
 from fixtures import make_pipeline as mp
 
 # Tiled VAE decoding ("exact" tile statistics) stays within 0.5/255 of the whole decode
@@ -23,10 +24,60 @@ def test_parse_bytes(text, value):
     assert parse_bytes(text) == value
 
 
-@pytest.mark.parametrize("bad", ["lots", "-1GB", "1.5 parsecs", 0])
+@pytest.mark.parametrize("bad", ["lots", "-1GB", "1.5 parsecs", 0, "1.5XB", float("nan"), float("inf")])
 def test_parse_bytes_rejects(bad):
     with pytest.raises(BonsaiError, match="budget"):
         parse_bytes(bad)
+
+
+def test_parse_budget_kinds():
+    assert parse_budget(None) is None and parse_budget("none") is None and parse_budget(" None ") is None
+    assert parse_budget("auto") == AUTO == parse_budget("AUTO")
+    assert parse_budget("2GB") == 2_000_000_000
+    with pytest.raises(BonsaiError, match="auto"):
+        parse_budget("automatic")
+
+
+def test_device_cap_follows_the_device():
+    info = mx.device_info()
+    cap = device_cap()
+    for key in ("max_recommended_working_set_size", "total_memory", "memory_size"):
+        if info.get(key):
+            assert cap == int(0.8 * info[key])
+            break
+    else:  # the CPU back-end reports no memory size: half the machine's RAM
+        import os
+        assert cap == int(0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def test_cache_limit_restores_the_previous_limit():
+    original = mx.set_cache_limit(10**12)
+    try:
+        with cache_limit(1234):
+            assert mx.set_cache_limit(1234) == 1234  # set inside
+        assert mx.set_cache_limit(10**12) == 10**12  # restored after
+        with pytest.raises(RuntimeError):
+            with cache_limit(99):
+                raise RuntimeError("cancelled")
+        assert mx.set_cache_limit(10**12) == 10**12  # restored on errors too
+        with cache_limit(99):
+            mx.set_cache_limit(77)  # someone else changed it meanwhile: theirs stays
+        assert mx.set_cache_limit(10**12) == 77
+    finally:
+        mx.set_cache_limit(original)
+
+
+def test_candidates_are_tried_cheapest_first():
+    plans = candidate_plans(1024, 1024, fused_attention=True)
+    costs = [plan_cost(p) for p in plans]
+    assert costs == sorted(costs) and costs[0] == 0
+    first = plans[0]  # nothing that costs time: whole decode, no chunks, encoder loaded whole
+    assert (first.vae_tile, first.token_chunk, first.stream_text_encoder, first.releases_transformer) == (
+        None, None, False, False)
+    assert first.sync and not first.keep_text_encoder
+    assert all(p.attention_rows is None for p in plans)  # chunks only where scores materialise
+    assert plan_cost(MemoryPlan(vae_tile=1024)) > plan_cost(MemoryPlan(token_chunk=256, stream_text_encoder=True,
+                                                                       transformer_in_decode=False))
 
 
 def test_trapezoid_mean():
@@ -70,15 +121,53 @@ def smallest_plan(pipe, w, h):
 def test_frugal_plan_gives_the_same_image(pipe):
     """Streamed encoder, transformer released and reloaded, chunked attention, tiled VAE."""
     W, H = 512, 256  # big enough (in tokens and pixels) for chunked attention and VAE tiles
-    frugal = MemoryPlan(stream_text_encoder=True, keep_transformer=False, vae_tile=256, attention_chunk=256)
-    free = pipe.generate("a pine in snow", width=W, height=H, seed=3)
-    budgeted = pipe.generate("a pine in snow", width=W, height=H, seed=3, plan=frugal)
+    frugal = MemoryPlan(stream_text_encoder=True, keep_text_encoder=False, transformer_in_text=False,
+                        transformer_in_decode=False, vae_tile=256, token_chunk=96, attention_rows=256, sync=True)
+    budgeted = pipe.generate("a pine in snow", width=W, height=H, seed=3, plan=frugal)  # encodes it, streamed
+    assert not pipe.text_encoder.resident and pipe.transformer is None  # released after the run
+    free = pipe.generate("a pine in snow", width=W, height=H, seed=3, memory_budget=None)
     assert budgeted.plan == frugal
     diff = np.abs(budgeted.array - free.array).max()
     assert diff <= TILING_BOUND, f"{diff * 255:.3f}/255"
-    assert not pipe.text_encoder.resident and pipe.transformer is None  # released after the run
-    again = pipe.generate("a pine in snow", width=W, height=H, seed=3)  # reloads what it needs
+    # released before the prompt was encoded, reloaded before denoising, in a stage of its own
+    assert list(budgeted.memory["stages"]) == ["text_encoding", "loading", "denoising", "decoding"]
+    assert budgeted.timings["transformer_load_s"] > 0
+    again = pipe.generate("a pine in snow", width=W, height=H, seed=3, memory_budget=None)
+    assert "loading" not in again.memory["stages"]  # nothing was released since
     np.testing.assert_array_equal(again.array, free.array)
+
+
+def test_auto_is_frugal_at_no_cost_and_none_lifts_every_limit(pipe):
+    """The default plan streams the encoder, keeps the transformer, decodes whole, evaluates
+    block by block; none holds everything in one graph. Same image either way."""
+    W, H = 256, 256
+    auto = pipe.plan(W, H)  # the pipeline's default budget
+    assert pipe.memory_budget == AUTO
+    assert auto.sync and auto.stream_text_encoder and not auto.keep_text_encoder
+    assert not auto.releases_transformer and auto.vae_tile is None and auto.token_chunk is None
+    assert pipe.plan(W, H, memory_budget=None) == UNCONSTRAINED == pipe.plan(W, H, memory_budget="none")
+    a = pipe.generate("a maple at dusk", width=W, height=H, seed=4)
+    n = pipe.generate("a maple at dusk", width=W, height=H, seed=4, memory_budget=None)
+    assert a.plan == auto and n.plan == UNCONSTRAINED
+    np.testing.assert_allclose(a.array, n.array, rtol=0, atol=1e-5)  # block by block changes no value
+    assert not pipe.text_encoder.resident or n.plan.keep_text_encoder
+    for stage, est in auto.stage_estimates.items():
+        assert a.memory["stages"][stage]["peak_gb"] * 1e9 <= est, stage
+
+
+def test_repeated_prompts_are_encoded_once(pipe):
+    calls = []
+    te = pipe.text_encoder
+    original = te.encode
+    te.encode = lambda *a, **k: calls.append(a) or original(*a, **k)
+    try:
+        r1 = pipe.generate("a juniper on a rock", width=64, height=64, seed=1)
+        r2 = pipe.generate("a juniper on a rock", width=64, height=64, seed=2)
+        pipe.generate("a different prompt", width=64, height=64, seed=2)
+    finally:
+        del te.encode
+    assert len(calls) == 2  # the second generation reused the first one's embeddings
+    assert not np.array_equal(r1.array, r2.array)
 
 
 def test_smallest_budget_is_honoured(pipe):
@@ -88,10 +177,12 @@ def test_smallest_budget_is_honoured(pipe):
     original = mx.set_cache_limit(10**12)
     result = pipe.generate("a pine in snow", width=W, height=H, seed=3, memory_budget=f"{gb}GB")
     assert result.plan == plan
-    assert set(result.memory["stages"]) == {"text_encoding", "denoising", "decoding"}
+    assert {"text_encoding", "denoising", "decoding"} <= set(result.memory["stages"])
     assert result.memory["peak_gb"] <= gb  # measured with mx.get_peak_memory per stage
     for stage, est in plan.stage_estimates.items():  # and stage by stage, not just overall
         assert result.memory["stages"][stage]["peak_gb"] * 1e9 <= est, stage
+    if "loading" in result.memory["stages"]:  # a reload holds no more than denoising does
+        assert result.memory["stages"]["loading"]["peak_gb"] * 1e9 <= plan.stage_estimates["denoising"]
     # MLX's buffer cache was held to the plan's headroom, and given back its limit afterwards
     assert result.memory["cache_limit_bytes"] == int(gb * 1e9) - plan.estimated_peak_bytes
     assert mx.set_cache_limit(original) == 10**12
@@ -108,7 +199,7 @@ def test_dequantized_encoder_is_counted(pipe):
         pipe.text_encoder.dequantize_matmuls = False
     args = pipe.text_encoder.config.args
     assert fp.text_dequant_bytes >= args.intermediate_size * args.hidden_size * 4 > 0 == plain.text_dequant_bytes
-    plan = MemoryPlan(stream_text_encoder=True)
+    plan = MemoryPlan(stream_text_encoder=True, keep_text_encoder=False, sync=True)
     grow = estimate(fp, 256, 256, plan)["text_encoding"] - estimate(plain, 256, 256, plan)["text_encoding"]
     assert grow >= fp.text_dequant_bytes
 

@@ -12,7 +12,8 @@ from bonsai_mlx.errors import ConfigError, WeightsError
 import mlx.nn as nn
 
 from bonsai_mlx.packed_linear import PackedLinear
-from bonsai_mlx.transformer import Flux2Transformer, TokenBuffer, linear_rows
+from bonsai_mlx.execution import Execution
+from bonsai_mlx.transformer import Flux2Transformer, linear_rows
 from fixtures import make_flux2 as fx
 
 # Relative L2 bounds: ||out - ref|| / ||ref||.
@@ -39,7 +40,7 @@ def saved(tmp_path_factory):
     return out
 
 
-def run(model, inputs, dtype, batched_ids=False):
+def run(model, inputs, dtype, batched_ids=False, execution=Execution()):
     a = lambda x: mx.array(x).astype(dtype)
     img_ids, txt_ids = mx.array(inputs["img_ids"]), mx.array(inputs["txt_ids"])
     if batched_ids:
@@ -49,6 +50,7 @@ def run(model, inputs, dtype, batched_ids=False):
     out = model(
         a(inputs["hidden_states"]), a(inputs["encoder_hidden_states"]), mx.array(inputs["timestep"]),
         img_ids, txt_ids, guidance=None if inputs["guidance"] is None else mx.array(inputs["guidance"]),
+        execution=execution,
     )
     return np.array(out.astype(mx.float32))
 
@@ -86,10 +88,7 @@ def test_memory_saving_modes_change_nothing(saved):
     inputs = fx.make_inputs("tiny_a", batch=2, grid=(4, 6), txt_len=9)
     model = load_transformer(directory, dtype=mx.float32)
     plain = run(model, inputs, mx.float32)
-    model.set_token_chunk(5, sync=True)
-    model.set_attention_chunk(7)
-    model.eval_per_block = True
-    chunked = run(model, inputs, mx.float32)
+    chunked = run(model, inputs, mx.float32, execution=Execution(token_chunk=5, attention_rows=7, sync=True))
     np.testing.assert_allclose(chunked, plain, rtol=0, atol=1e-5 * np.abs(plain).max())
     assert rel_err(chunked, fx.reference_forward(ref_model, inputs)) <= BOUNDS["float32"]
 
@@ -107,17 +106,6 @@ def test_linear_rows_equals_slicing_the_full_output():
         full = layer(x)
         for r0, r1 in ((0, 40), (40, 96), (13, 14)):
             np.testing.assert_allclose(linear_rows(layer, x, r0, r1), full[..., r0:r1], rtol=0, atol=1e-5)
-
-
-@pytest.mark.parametrize("sync", [True, False])
-def test_token_buffer_assembles_chunks(sync):
-    parts = [mx.random.normal((2, n, 3)) for n in (4, 4, 2)]
-    buf = TokenBuffer((2, 10, 3), mx.float32, sync=sync)
-    r = 0
-    for p in parts:
-        buf.write(r, r + p.shape[1], p)
-        r += p.shape[1]
-    np.testing.assert_array_equal(buf.value, mx.concatenate(parts, axis=1))
 
 
 def test_bfl_checkpoint_gives_same_output(saved):

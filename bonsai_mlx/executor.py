@@ -1,0 +1,221 @@
+"""Runs the stages of a generation as a memory plan says: text encoding -> (reloading the
+transformer) -> denoising -> decoding. The plan decides what is resident in each stage and
+how the models execute (`MemoryPlan.execution`); this module only follows it and measures."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+from .errors import BonsaiError
+from .memory import Footprint, MemoryMonitor, MemoryPlan, cache_limit, calibrate_vae
+from .packed_linear import PackedLinear, auto_backend
+from .results import GenerationResult, StepEvent, to_pil
+from .scheduler import denoise, flux2_sigmas
+
+# Prompt embeddings kept between generations, most recent first: a repeated prompt (several
+# seeds, a --count run) is not encoded again. 8 MB each at klein's shapes.
+PROMPT_CACHE = 4
+# Pixels shared by neighbouring VAE tiles. Exact tiles (full context, whole-image GroupNorm
+# statistics) equal the untiled decode up to float rounding, so a narrow cross-fade is
+# enough; wide overlaps only multiply the tiles.
+VAE_TILE_OVERLAP = 16
+
+
+def image_ids(h: int, w: int) -> mx.array:
+    """(t, h, w, l) = (0, i, j, 0) for the latent grid, row-major."""
+    i, j = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    z = np.zeros(h * w, np.int32)
+    return mx.array(np.stack([z, i.reshape(-1), j.reshape(-1), z], axis=-1).astype(np.int32))
+
+
+def text_ids(length: int) -> mx.array:
+    z = np.zeros(length, np.int32)
+    return mx.array(np.stack([z, z, z, np.arange(length, dtype=np.int32)], axis=-1))
+
+
+def nbytes(module) -> int:
+    return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
+
+
+def fused_attention(dtype) -> bool:
+    """Whether MLX runs the transformer's attention (head dim 128, no mask) as one fused
+    kernel that never holds the scores: Metal's does for 16- and 32-bit floats; CUDA's
+    goes through cuDNN, for float16/bfloat16 only; the CPU back-end materialises them."""
+    import os
+
+    if mx.default_device() == mx.cpu:
+        return False
+    if mx.metal.is_available():
+        return True
+    return dtype in (mx.float16, mx.bfloat16) and os.environ.get("MLX_CUDA_USE_CUDNN_SDPA", "1") != "0"
+
+
+class Models:
+    """The loaded models, what is resident now, and the prompt embeddings kept."""
+
+    def __init__(self, transformer, text_encoder, vae, transformer_loader: Callable | None = None,
+                 max_sequence_length: int = 512):
+        self.transformer, self.text_encoder, self.vae = transformer, text_encoder, vae
+        self.max_sequence_length = max_sequence_length
+        self._loader = transformer_loader  # re-reads the transformer after a plan released it
+        packed = [m for _, m in transformer.named_modules() if isinstance(m, PackedLinear)]
+        self.transformer_info = {
+            "bytes": nbytes(transformer), "config": transformer.config, "dtype": transformer.dtype,
+            "reference_matmul": any(m.backend == "reference" or (m.backend == "auto" and auto_backend() == "reference")
+                                    for m in packed)}
+        self._prompts: OrderedDict = OrderedDict()
+        self._vae_fit = None
+
+    def release_transformer(self) -> None:
+        if self._loader is None:
+            raise BonsaiError("this pipeline was built from objects, not files: it cannot release its transformer")
+        self.transformer = None
+        mx.clear_cache()
+
+    def load_transformer(self):
+        if self.transformer is None:
+            self.transformer = self._loader()
+        return self.transformer
+
+    def encode(self, prompt: str, plan: MemoryPlan) -> mx.array:
+        """Prompt embeddings [1, L, D], from the cache when this prompt was encoded lately."""
+        te = self.text_encoder
+        key = (prompt, self.max_sequence_length, te.dtype)
+        if key in self._prompts:
+            self._prompts.move_to_end(key)
+            return self._prompts[key]
+        emb = te.encode([prompt], max_length=self.max_sequence_length, stream=plan.stream_text_encoder,
+                        sync=plan.sync)
+        mx.eval(emb)
+        if not bool(mx.all(mx.isfinite(emb))):
+            raise BonsaiError(
+                f"the text encoder overflowed in {emb.dtype} (Qwen3's activations exceed float16's range); "
+                "use dtype bfloat16 (the default) or float32"
+            )
+        self._prompts[key] = emb
+        while len(self._prompts) > PROMPT_CACHE:
+            self._prompts.popitem(last=False)
+        return emb
+
+    def footprint(self) -> Footprint:
+        cfg, te = self.transformer_info["config"], self.text_encoder
+        layers = [te.weight_bytes(i) for i in range(te.config.num_layers_needed)]
+        args = te.config.args
+        if self._vae_fit is None:
+            self._vae_fit = calibrate_vae(self.vae)
+        up_fixed, up_px, mid_fixed, mid_px = self._vae_fit
+        return Footprint(
+            transformer_bytes=self.transformer_info["bytes"], transformer_dim=cfg.inner_dim,
+            transformer_mlp=cfg.mlp_hidden_dim, transformer_heads=cfg.num_attention_heads,
+            transformer_max_out=3 * cfg.inner_dim + 2 * cfg.mlp_hidden_dim,
+            reference_matmul=self.transformer_info["reference_matmul"],
+            text_resident_bytes=te.weight_bytes(None) + sum(layers),
+            text_stream_bytes=te.weight_bytes(None) + max(layers, default=0),
+            text_hidden=args.hidden_size, text_heads=args.num_attention_heads, text_len=self.max_sequence_length,
+            vae_bytes=nbytes(self.vae), vae_mid_channels=self.vae.config.decoder_channels[-1],
+            vae_up_fixed=up_fixed, vae_up_per_pixel=up_px, vae_mid_fixed=mid_fixed, vae_mid_per_pixel=mid_px,
+            fused_attention=fused_attention(self.transformer_info["dtype"]),
+            # the widest layer's dense weight, twice (MLX may dequantize the next before the last is freed)
+            text_dequant_bytes=2 * max(args.intermediate_size, args.num_attention_heads * args.head_dim)
+            * args.hidden_size * te.dtype.size if te.dequantize_matmuls else 0,
+            dtype_bytes=self.transformer_info["dtype"].size,
+            cached_prompt_bytes=PROMPT_CACHE * self.max_sequence_length * te.config.output_dim * te.dtype.size,
+        )
+
+
+@dataclass
+class Request:
+    """One generation's arguments, already checked (see BonsaiPipeline.stream)."""
+    prompt: str
+    negative_prompt: str | None
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    use_cfg: bool
+    seed: int | None
+    noise: mx.array  # [1, L, C] float32
+    model: str
+    preview: Callable | None = None  # x0 tokens -> PIL image, after every `preview_every` steps
+    preview_every: int = 1
+
+
+def run(models: Models, req: Request, plan: MemoryPlan,
+        cache_bytes: int | None = None) -> Iterator[StepEvent | GenerationResult]:
+    """The stages of one generation under `plan`: a StepEvent after every denoising step,
+    then the GenerationResult. Closing the generator stops it between steps. `cache_bytes`
+    limits MLX's buffer cache for the run (see memory.cache_limit)."""
+    te, timings, t_start = models.text_encoder, {}, time.perf_counter()
+    ex = plan.execution
+    with cache_limit(cache_bytes), MemoryMonitor() as mon:
+        with mon.stage("text_encoding"):
+            if not plan.transformer_in_text and models.transformer is not None:
+                models.release_transformer()
+            cond = models.encode(req.prompt, plan)
+            neg = models.encode(req.negative_prompt or "", plan) if req.use_cfg else None
+            if not plan.keep_text_encoder:
+                te.evict()  # gone before denoising starts
+        timings["text_encoding_s"] = time.perf_counter() - t_start
+
+        if models.transformer is None:
+            t = time.perf_counter()
+            with mon.stage("loading"):
+                models.load_transformer()
+            timings["transformer_load_s"] = time.perf_counter() - t
+
+        t_denoise = time.perf_counter()
+        with mon.stage("denoising"):
+            model = models.transformer
+            dtype = model.dtype
+            h, w = req.height // 16, req.width // 16
+            img, txt = image_ids(h, w), text_ids(cond.shape[1])
+            ctx = model.prepare(cond.astype(dtype), img, txt)
+            neg_ctx = None if neg is None else model.prepare(neg.astype(dtype), img, txt)
+
+            def velocity(x, sigma):
+                t = mx.array([sigma], dtype=mx.float32)
+                v = model.forward(x.astype(dtype), t, ctx, execution=ex).astype(mx.float32)
+                if neg_ctx is None:
+                    return v
+                v_neg = model.forward(x.astype(dtype), t, neg_ctx, execution=ex).astype(mx.float32)
+                return v_neg + req.guidance * (v - v_neg)
+
+            x = req.noise
+            for step in denoise(velocity, req.noise, flux2_sigmas(req.steps, h * w)):
+                x = step.x
+                event = StepEvent(step.index + 1, req.steps, step.sigma, step.sigma_next,
+                                  time.perf_counter() - t_start)
+                if req.preview and ((step.index + 1) % max(1, req.preview_every) == 0 or step.index + 1 == req.steps):
+                    event.preview = req.preview(step.x0)
+                yield event
+            del model, ctx, neg_ctx, step
+            if not bool(mx.all(mx.isfinite(x))):
+                raise BonsaiError(
+                    f"denoising produced non-finite values in {dtype}: the activations overflowed. "
+                    "Run with dtype bfloat16 or float32 (--dtype)."
+                )
+        timings["denoising_s"] = time.perf_counter() - t_denoise
+
+        t_decode = time.perf_counter()
+        with mon.stage("decoding"):
+            if not plan.transformer_in_decode:
+                models.release_transformer()
+            vae = models.vae
+            images = vae.decode_tokens(x.astype(vae.dtype), req.height, req.width, tile_size=plan.vae_tile,
+                                       overlap=VAE_TILE_OVERLAP, execution=ex)
+            mx.eval(images)
+        timings["decoding_s"] = time.perf_counter() - t_decode
+        timings["total_s"] = time.perf_counter() - t_start
+    yield GenerationResult(
+        image=to_pil(images)[0], prompt=req.prompt, negative_prompt=req.negative_prompt if req.use_cfg else None,
+        seed=req.seed, steps=req.steps, guidance=req.guidance if req.use_cfg else 1.0, width=req.width,
+        height=req.height, model=req.model, timings=timings, array=np.array(images.astype(mx.float32))[0],
+        plan=plan, memory={**mon.report.as_dict(), "cache_limit_bytes": cache_bytes},
+    )

@@ -1,0 +1,311 @@
+"""Where the time of a generation goes, part by part, at full size (random weights).
+
+Sections (each fail-soft; JSON lines on stdout and $OUT/speed.json rewritten as it goes):
+  vae   decoder part by part at 512 / 1024, GroupNorm variants at the decoder's shapes
+  dit   transformer steps (dense bf16, binary, ternary) under the execution settings the
+        budget plans use, linears at the real shapes per path, elementwise parts
+  load  transformer load time from a pack on disk (the reload a released transformer pays)
+
+    python examples/profile_speed.py [--sections vae dit load] [--tiny]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import time
+
+import mlx.core as mx
+import mlx.nn as nn
+
+OUT = os.environ.get("OUT", "/tmp")
+RES: list[dict] = []
+
+
+def record(name, **kw):
+    r = dict(name=name, **kw)
+    print(json.dumps(r), flush=True)
+    RES.append(r)
+    json.dump(RES, open(f"{OUT}/speed.json", "w"), indent=1)
+
+
+def timeit(name, fn, runs=5, warmup=2, **kw):
+    """Median wall time of fn() evaluated and synchronized, and its extra peak memory."""
+    try:
+        gc.collect()
+        mx.synchronize()
+        for _ in range(warmup):
+            mx.eval(fn())
+        mx.synchronize()
+        base = mx.get_active_memory()
+        mx.reset_peak_memory()
+        ts = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            mx.eval(fn())
+            mx.synchronize()
+            ts.append(time.perf_counter() - t)
+        record(name, ms=1e3 * statistics.median(ts), min_ms=1e3 * min(ts),
+               extra_peak_mb=(mx.get_peak_memory() - base) / 1e6, **kw)
+        return 1e3 * statistics.median(ts)
+    except Exception as e:  # noqa: BLE001 - a profile keeps going
+        record(name, err=repr(e)[:300], **kw)
+        return None
+
+
+# ----------------------------------------------------------------------------- GroupNorm variants
+
+def gn_colreduce(x, groups, weight, bias, silu=True):
+    """Statistics as a reduction over the spatial axis first (a column reduction with C
+    outputs), then over each group's channels."""
+    B, H, W, C = x.shape
+    g = x.reshape(B, H * W, groups, C // groups)
+    n = H * W * (C // groups)
+    s = mx.sum(g.astype(mx.float32), axis=1)  # [B, G, Cg]
+    mean = (mx.sum(s, axis=-1, keepdims=True) / n)[:, None]  # [B, 1, G, 1]
+    d = mx.sum(mx.square(g.astype(mx.float32) - mean), axis=1)
+    var = (mx.sum(d, axis=-1, keepdims=True) / n)[:, None]
+    inv = mx.rsqrt(var + 1e-6)
+    y = (g.astype(mx.float32) - mean) * inv * weight.reshape(groups, -1) + bias.reshape(groups, -1)
+    if silu:
+        y = y * mx.sigmoid(y)
+    return y.astype(x.dtype).reshape(B, H, W, C)
+
+
+def gn_layernorm(x, groups, weight, bias, silu=True):
+    """MLX nn.GroupNorm's way: transpose each group together, fast.layer_norm, transpose back."""
+    B, H, W, C = x.shape
+    g = x.reshape(B, H * W, groups, C // groups).transpose(0, 2, 1, 3).reshape(B, groups, -1)
+    y = mx.fast.layer_norm(g, None, None, 1e-6)
+    y = y.reshape(B, groups, H * W, C // groups).transpose(0, 2, 1, 3).reshape(B, H, W, C)
+    y = y * weight + bias
+    return nn.silu(y) if silu else y
+
+
+def section_vae(tiny):
+    from bonsai_mlx.vae import AutoencoderKLFlux2, GroupNorm, VAEConfig
+    from bonsai_mlx.random_weights import FLUX2_VAE
+
+    cfg = dict(FLUX2_VAE)
+    if tiny:
+        cfg.update(block_out_channels=[32, 32, 64, 64])
+    keep = {k: v for k, v in cfg.items() if k in VAEConfig.__dataclass_fields__}
+    vae = AutoencoderKLFlux2(VAEConfig(**keep), has_encoder=False)
+    vae.set_dtype(mx.float16)
+    mx.eval(vae.parameters())
+    dec = vae.decoder
+    sizes = (128, 256) if tiny else (512, 1024)
+    for size in sizes:
+        lat = size // 8
+        z = mx.random.normal((1, lat, lat, 32)).astype(mx.float16)
+        mx.eval(z)
+        dec.eval_per_block = False
+        timeit(f"vae decode {size} (whole, one graph)", lambda: vae.decode(z), runs=3)
+        dec.eval_per_block = True
+        timeit(f"vae decode {size} (whole, block by block)", lambda: vae.decode(z), runs=3)
+        dec.eval_per_block = False
+        # part by part
+        h = dec.conv_in(z)
+        mx.eval(h)
+        timeit(f"vae {size} conv_in", lambda: dec.conv_in(z))
+        mb = dec.mid_block
+        timeit(f"vae {size} mid resnet", lambda: mb.resnets[0](h))
+        if "attentions" in mb:
+            timeit(f"vae {size} mid attention", lambda: mb.attentions[0](h))
+        x = h
+        for i, b in enumerate(dec.up_blocks):
+            for j, r in enumerate(b.resnets):
+                xin = x
+                timeit(f"vae {size} up{i} resnet{j} in={list(xin.shape)}", lambda: r(xin))
+                timeit(f"vae {size} up{i} resnet{j} norm1", lambda: r.norm1(xin, silu=True))
+                timeit(f"vae {size} up{i} resnet{j} conv1", lambda: r.conv1(xin))
+                x = r(xin)
+                mx.eval(x)
+            if "upsamplers" in b:
+                xin = x
+                timeit(f"vae {size} up{i} upsampler in={list(xin.shape)}", lambda: b.upsamplers[0](xin))
+                x = b.upsamplers[0](xin)
+                mx.eval(x)
+        xin = x
+        timeit(f"vae {size} norm_out+conv_out", lambda: dec.conv_out(dec.conv_norm_out(xin, silu=True)))
+        del x, xin, h
+    # GroupNorm variants at the decoder's shapes
+    shapes = [(64, 512), (128, 512), (256, 256), (512, 128), (512, 256), (1024, 128)]
+    if tiny:
+        shapes = [(32, 64), (64, 32)]
+    for side, c in shapes:
+        a = mx.random.normal((1, side, side, c)).astype(mx.float16)
+        mx.eval(a)
+        gn = GroupNorm(32, c)
+        gn.set_dtype(mx.float16)
+        w, b = gn.weight, gn.bias
+        mx.eval(gn.parameters())
+        ref = nn.GroupNorm(32, c, pytorch_compatible=True)
+        ref.set_dtype(mx.float16)
+        tag = f"{side}x{side}x{c}"
+        timeit(f"gn current {tag}", lambda: gn(a, silu=True))
+        gn.sync = True
+        timeit(f"gn current sync {tag}", lambda: gn(a, silu=True))
+        gn.sync = False
+        timeit(f"gn colreduce {tag}", lambda: gn_colreduce(a, 32, w, b))
+        cc = mx.compile(lambda a, w, b: gn_colreduce(a, 32, w, b))
+        timeit(f"gn colreduce compiled {tag}", lambda: cc(a, w, b))
+        timeit(f"gn layernorm {tag}", lambda: gn_layernorm(a, 32, w, b))
+        timeit(f"gn nn.GroupNorm {tag}", lambda: ref(a))
+        timeit(f"sum axis (1,2) f32 {tag}", lambda: mx.sum(a.astype(mx.float32), axis=(1, 2)))
+        timeit(f"sum 5d axes (1,2,4) f32 {tag}",
+               lambda: mx.sum(a.reshape(1, side, side, 32, -1).astype(mx.float32), axis=(1, 2, 4)))
+        conv = nn.Conv2d(c, c, 3, padding=1)
+        conv.set_dtype(mx.float16)
+        timeit(f"conv3x3 {tag}", lambda: conv(a))
+        del a
+
+
+# ----------------------------------------------------------------------------- transformer
+
+def section_dit(tiny, root):
+    from bonsai_mlx import kernels
+    from bonsai_mlx import transformer as T
+    from bonsai_mlx.benchmark import klein_inputs, random_transformer
+    from bonsai_mlx.config import KLEIN_4B, TransformerConfig
+    from bonsai_mlx.loading import load_transformer
+
+    cfg = TransformerConfig(num_layers=1, num_single_layers=2, num_attention_heads=2, joint_attention_dim=256,
+                            in_channels=32) if tiny else KLEIN_4B
+    sizes = (128, 256) if tiny else (512, 1024)
+    txt_len = 64 if tiny else 512
+    models = {"dense": random_transformer(cfg, mx.bfloat16)}
+    for fmt in ("binary", "ternary"):
+        pack = os.path.join(root, f"random-{fmt}")
+        if os.path.exists(pack):
+            t = time.perf_counter()
+            models[fmt] = load_transformer(pack, dtype=mx.bfloat16)
+            mx.eval(models[fmt].parameters())
+            record(f"load transformer {fmt}", s=time.perf_counter() - t)
+
+    from bonsai_mlx.execution import Execution
+
+    settings = [("one graph", Execution()), ("block by block", Execution(sync=True)),
+                ("block by block, 2048-token chunks", Execution(2048, None, True)),
+                ("block by block, 512-token chunks", Execution(512, None, True))]
+    for size in sizes:
+        inp = klein_inputs(cfg, size, size, txt_len, mx.bfloat16)
+        mx.eval(inp)
+        for name, m in models.items():
+            ctx = m.prepare(inp[1], inp[3], inp[4])
+            mx.eval(ctx)
+            for label, ex in settings:
+                if name == "dense" and ex.token_chunk:
+                    continue
+                timeit(f"dit step {size} {name} {label}", lambda: m.forward(inp[0], inp[2], ctx, execution=ex), runs=5)
+    # linears by path at the real shapes
+    D, F = cfg.inner_dim, cfg.mlp_hidden_dim
+    shapes = [(D, D), (2 * F, D), (D, F), (3 * D + 2 * F, D), (D, D + F)]
+    Ms = (512, 1024, 1536, 5120) if not tiny else (64, 300)
+    for fmt in ("binary", "ternary"):
+        if fmt not in models:
+            continue
+        blk = models[fmt].single_transformer_blocks[0].attn
+        dblk = models[fmt].transformer_blocks[0]
+        lins = {(D, D): dblk.attn.to_q, (2 * F, D): dblk.ff.linear_in, (D, F): dblk.ff.linear_out,
+                (3 * D + 2 * F, D): blk.to_qkv_mlp_proj, (D, D + F): blk.to_out}
+        for (N, K), lin in lins.items():
+            pw = lin.packed
+            for M in Ms:
+                x = mx.random.normal((M, K)).astype(mx.bfloat16)
+                mx.eval(x)
+                tag = f"{fmt} N={N} K={K} M={M}"
+                if fmt == "binary":
+                    wd = mx.random.normal((N, K)).astype(mx.bfloat16) * 0.02
+                    mx.eval(wd)
+                    timeit(f"linear dense {tag}", lambda: x @ wd.T)
+                    del wd
+                if tiny:
+                    continue
+                timeit(f"linear auto {tag}", lambda: lin(x))
+                for path in ("gemm", "slab"):
+                    timeit(f"linear {path} {tag}", lambda: kernels.packed_matmul(x, pw, path=path))
+                rows = kernels.slab_rows(N, K)
+                timeit(f"linear slab parts (no concat) {tag}", lambda: kernels.slab_parts(x, pw, "cuda", rows))
+                timeit(f"decode all slabs {tag}", lambda: [kernels.decode_slab(pw, a, b, mx.bfloat16)
+                                                           for a, b in kernels.slab_ranges(N, rows)])
+                del x
+    # elementwise parts at 1024 tokens-wise
+    L = 5120 if not tiny else 320
+    H, Dh = cfg.num_attention_heads, cfg.attention_head_dim
+    x = mx.random.normal((1, L, D)).astype(mx.bfloat16)
+    q = mx.random.normal((1, L, H, Dh)).astype(mx.bfloat16)
+    sh, sc, g = (mx.random.normal((1, 1, D)).astype(mx.bfloat16) * 0.1 for _ in range(3))
+    ids = mx.concatenate([mx.zeros((L, 3), dtype=mx.int32), mx.arange(L)[:, None].astype(mx.int32)], axis=1)
+    cos, sin = T.rope_tables(ids, cfg.axes_dims_rope, cfg.rope_theta)
+    rot = T.rope_rotation(ids, cfg.axes_dims_rope, cfg.rope_theta)
+    h2 = mx.random.normal((1, L, 2 * F)).astype(mx.bfloat16)
+    mx.eval(x, q, sh, sc, g, cos, sin, h2)
+    norm = nn.RMSNorm(Dh)
+    norm.set_dtype(mx.bfloat16)
+    timeit(f"modulate L={L}", lambda: T.modulate(x, sh, sc, 1e-6))
+    cmod = mx.compile(lambda x, sh, sc: (1 + sc) * mx.fast.layer_norm(x, None, None, 1e-6) + sh)
+    timeit(f"modulate compiled L={L}", lambda: cmod(x, sh, sc))
+    timeit(f"layer_norm L={L}", lambda: mx.fast.layer_norm(x, None, None, 1e-6))
+    timeit(f"gated residual L={L}", lambda: x + g * x)
+    timeit(f"rmsnorm q L={L}", lambda: norm(q))
+    timeit(f"rope L={L}", lambda: T.apply_rope(q, rot))
+    timeit(f"rmsnorm+rope L={L}", lambda: T.apply_rope(norm(q), rot))
+    cosf = mx.repeat(cos, 2, axis=-1)[None, :, None, :]
+    sinf = mx.stack([-sin, sin], axis=-1).reshape(L, Dh)[None, :, None, :]
+    mx.eval(cosf, sinf)
+
+    def rope2(q, cosf, sinf):
+        B, L_, H_, Dh_ = q.shape
+        sw = q.reshape(B, L_, H_, Dh_ // 2, 2)[..., ::-1].reshape(B, L_, H_, Dh_)
+        return (q.astype(mx.float32) * cosf + sw.astype(mx.float32) * sinf).astype(q.dtype)
+    crope = mx.compile(rope2)
+    timeit(f"rope swap-form L={L}", lambda: rope2(q, cosf, sinf))
+    timeit(f"rope swap-form compiled L={L}", lambda: crope(q, cosf, sinf))
+    timeit(f"swiglu L={L}", lambda: T.swiglu(h2))
+    csw = mx.compile(T.swiglu)
+    timeit(f"swiglu compiled L={L}", lambda: csw(h2))
+    qt = q.transpose(0, 2, 1, 3)
+    timeit(f"sdpa L={L}", lambda: mx.fast.scaled_dot_product_attention(qt, qt, qt, scale=Dh ** -0.5))
+    timeit(f"concat [L,D]+[L,F] L={L}", lambda: mx.concatenate([x, h2[..., :F]], axis=-1))
+
+
+def section_load(root):
+    from bonsai_mlx.loading import load_transformer
+    for fmt in ("binary", "ternary"):
+        pack = os.path.join(root, f"random-{fmt}")
+        if not os.path.exists(pack):
+            continue
+        for i in range(2):
+            mx.clear_cache()
+            t = time.perf_counter()
+            m = load_transformer(pack, dtype=mx.bfloat16)
+            mx.eval(m.parameters())
+            mx.synchronize()
+            record(f"reload transformer {fmt} #{i}", s=time.perf_counter() - t)
+            del m
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sections", nargs="+", default=["vae", "dit", "load"])
+    ap.add_argument("--tiny", action="store_true", help="small shapes: a smoke test of this script")
+    ap.add_argument("--root", default="/tmp/bench", help="random packs written by `benchmark generate --dir`")
+    a = ap.parse_args()
+    record("device", device=str(mx.default_device()), mlx=mx.__version__)
+    for s in a.sections:
+        t = time.perf_counter()
+        try:
+            {"vae": lambda: section_vae(a.tiny), "dit": lambda: section_dit(a.tiny, a.root),
+             "load": lambda: section_load(a.root)}[s]()
+        except Exception as e:  # noqa: BLE001
+            import traceback
+            traceback.print_exc()
+            record(f"section {s}", err=repr(e)[:500])
+        record(f"section {s} done", s=time.perf_counter() - t)
+
+
+if __name__ == "__main__":
+    main()
