@@ -131,7 +131,6 @@ def bench_generate(root, fmts=("binary", "ternary"), sizes=(512, 1024), steps=4,
             mx.reset_peak_memory()
             t_cold = time.perf_counter()
             pipe = BonsaiPipeline.from_pretrained(pack, dtype=DTYPES[dtype], text_layers=text_layers)
-            pipe.text_encoder.dequantize_matmuls = on_cpu()
             load_s = time.perf_counter() - t_cold
             run = {"format": fmt, "size": size, "budget_gb": None if want is None else float(want) / GB,
                    "load_s": load_s, "load_peak_gb": mx.get_peak_memory() / GB}
@@ -165,7 +164,6 @@ def bench_text_streaming(pack, dtype, prompt, text_layers=(9, 18, 27)) -> dict:
     from .text_encoder import load_text_encoder
 
     te = load_text_encoder(pack, dtype=DTYPES[dtype], layers=text_layers, resident=False)
-    te.dequantize_matmuls = on_cpu()
     res = {}
     for mode in ("streamed", "resident"):
         mx.clear_cache()
