@@ -1,10 +1,9 @@
 """Qwen3 prompt encoder for FLUX.2 [klein], matching diffusers' `Flux2KleinPipeline`.
 
-The decoder layers are mlx-lm's (`mlx_lm.models.qwen3.TransformerBlock`); this module
-only decides which weights to read, builds the mask diffusers/transformers use, and
-collects hidden states. Only decoder layers 0..max(layers)-1 are ever read from disk:
-the deeper layers, the final norm (unless a requested index is the last one) and the
-lm_head stay untouched in the memory-mapped safetensors.
+This module turns prompts into token ids and runs them through the layers that
+`qwen3_layers.Qwen3Layers` builds, collecting hidden states; which weights are read,
+and whether they stay resident, is that class's business. Only decoder layers
+0..max(layers)-1 are needed, and the final norm only when a requested index is the last.
 
 Prompt -> embeddings, as `Flux2KleinPipeline._get_qwen3_prompt_embeds` does it:
   chat template (one user turn, generation prompt, thinking disabled)
@@ -18,17 +17,15 @@ k == num_hidden_layers, which transformers replaces by the final-norm output.
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import mlx.core as mx
-import mlx.nn as nn
-from mlx.utils import tree_unflatten
 from mlx_lm.models import qwen3
 
 from .errors import BonsaiError, ConfigError, WeightsError
+from .qwen3_layers import Qwen3Layers
 
 DEFAULT_LAYERS = (9, 18, 27)
 DEFAULT_MAX_LENGTH = 512
@@ -87,201 +84,51 @@ class TextEncoderConfig:
         return cls(args=args, layers=layers, quantization=q)
 
 
-_INT_BYTES = {"U8": 1, "I8": 1, "U16": 2, "I16": 2, "U32": 4, "I32": 4, "U64": 8, "I64": 8, "BOOL": 1}
-
-
-class _WeightIndex:
-    """Which safetensors file holds each key, read from the file headers only."""
-
-    def __init__(self, directory: Path):
-        files = sorted(directory.glob("*.safetensors"))
-        if not files:
-            raise WeightsError(f"no .safetensors files in {directory}")
-        index = directory / "model.safetensors.index.json"
-        if index.exists():
-            try:
-                wanted = set(json.loads(index.read_text())["weight_map"].values())
-            except (json.JSONDecodeError, KeyError, AttributeError) as e:
-                raise WeightsError(f"{index} is not a safetensors index ({e})") from None
-            missing = sorted(f for f in wanted if not (directory / f).exists())
-            if missing:
-                raise WeightsError(f"{index} names files that are missing: {missing}")
-            files = [directory / f for f in sorted(wanted)]
-        self.files = files
-        self.entries: dict[str, tuple[Path, tuple[int, ...], str]] = {}
-        for f in files:
-            for key, (shape, dtype) in _read_header(f).items():
-                self.entries[key] = (f, shape, dtype)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.entries
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self.entries[key][1]
-
-    def require(self, keys: Sequence[str], what: str) -> None:
-        missing = [k for k in keys if k not in self.entries]
-        if missing:
-            more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-            raise WeightsError(
-                f"text encoder weights lack {what}: {missing[:5]}{more}; "
-                f"files: {[f.name for f in self.files]}"
-            )
-
-    def load(self, keys: Sequence[str]) -> dict[str, mx.array]:
-        """Lazy arrays for `keys`: mx.load maps the file, and only the arrays that
-        get evaluated are read, so untouched keys cost nothing."""
-        by_file: dict[Path, list[str]] = {}
-        for k in keys:
-            by_file.setdefault(self.entries[k][0], []).append(k)
-        out = {}
-        for f, ks in by_file.items():
-            try:
-                arrays = mx.load(str(f))
-            except Exception as e:  # mlx raises RuntimeError/ValueError on corrupt files
-                raise WeightsError(f"could not read {f}: {e}") from None
-            out.update((k, arrays[k]) for k in ks)
-        return out
-
-
-def _read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
-    try:
-        with open(path, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-        return {k: (tuple(v["shape"]), v["dtype"]) for k, v in header.items() if k != "__metadata__"}
-    except (OSError, struct.error, json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise WeightsError(f"{path} is not a readable safetensors file ({e})") from None
-
-
 class Qwen3TextEncoder:
-    """Holds the tokenizer, the weight index, and (unless evicted) the needed layers."""
+    """Prompt encoding: the tokenizer and chat template, and the hidden-state taps over
+    the layers of `weights` (a Qwen3Layers, resident or streamed)."""
 
-    def __init__(self, config: TextEncoderConfig, weights_dir: Path, tokenizer, dtype: mx.Dtype):
+    def __init__(self, config: TextEncoderConfig, weights: Qwen3Layers, tokenizer):
         self.config = config
-        self.weights_dir = weights_dir
+        self.weights = weights
         self.tokenizer = tokenizer
-        self.dtype = dtype
-        self.index = _WeightIndex(weights_dir)
-        n = config.num_layers_needed
-        keys = self._keys_for(None) + [k for i in range(n) for k in self._keys_for(i)]
-        if config.needs_final_norm:
-            keys.append("model.norm.weight")
-        self.index.require(keys, "keys the encoder needs")
-        self._embed: Optional[nn.Module] = None  # resident weights; None when evicted
-        self._blocks: list[nn.Module] = []
-        self._norm: Optional[nn.RMSNorm] = None
-        # Multiply quantized layers by dequantizing each weight first instead of through
-        # mx.quantized_matmul. For MLX's CPU back-end only: its quantized matmul ran at
-        # 2 GFLOP/s in float32 (0.23 in bfloat16) on our 2-core machine, dequantize + BLAS
-        # at 65 (examples/bench_cpu_matmul.py), so a 512-token prompt takes about a minute
-        # instead of hours. Holds one
-        # dense layer weight at a time (at most 100 MB in float32 for Qwen3-4B).
-        self.dequantize_matmuls = False
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        return self.weights.dtype
+
+    @property
+    def dequantize_matmuls(self) -> bool:
+        """Whether quantized layers multiply as dequantize(W) @ x (Qwen3Layers.dequantize_matmuls);
+        load_text_encoder chooses it for the device."""
+        return self.weights.dequantize_matmuls
+
+    @dequantize_matmuls.setter
+    def dequantize_matmuls(self, _value) -> None:
+        # The resident layers are built for one matmul path; switching it afterwards
+        # would leave them and this flag disagreeing.
+        raise AttributeError(
+            "dequantize_matmuls is chosen when loading: load_text_encoder(..., dequantize_matmuls=...)"
+        )
 
     # -- weights -------------------------------------------------------------------
 
-    def _keys_for(self, layer: Optional[int]) -> list[str]:
-        """Checkpoint keys of the embedding (layer None) or of decoder layer `layer`."""
-        if layer is None:
-            prefixes = ["model.embed_tokens"]
-        else:
-            p = f"model.layers.{layer}"
-            prefixes = [f"{p}.self_attn.{m}" for m in ("q_proj", "k_proj", "v_proj", "o_proj")]
-            prefixes += [f"{p}.mlp.{m}" for m in ("gate_proj", "up_proj", "down_proj")]
-            norms = [f"{p}.input_layernorm", f"{p}.post_attention_layernorm",
-                     f"{p}.self_attn.q_norm", f"{p}.self_attn.k_norm"]
-            return [f"{x}{s}" for x in prefixes for s in self._quant_suffixes(x)] + [f"{x}.weight" for x in norms]
-        return [f"{x}{s}" for x in prefixes for s in self._quant_suffixes(x)]
-
-    def _quant_suffixes(self, prefix: str) -> tuple[str, ...]:
-        if f"{prefix}.scales" in self.index:
-            return (".weight", ".scales", ".biases") if f"{prefix}.biases" in self.index else (".weight", ".scales")
-        return (".weight",)
-
-    def _quant_params(self, path: str, module: nn.Module):
-        """nn.quantize predicate: quantize exactly the modules stored quantized, with the
-        per-path params mlx-lm recorded or, failing that, those implied by the shapes."""
-        key = f"model.{path}"
-        if not hasattr(module, "to_quantized") or f"{key}.scales" not in self.index:
-            return False
-        q = self.config.quantization or {}
-        if isinstance(q.get(key), dict):
-            return q[key]
-        in_dims = module.weight.shape[-1]
-        n_groups = self.index.shape(f"{key}.scales")[-1]
-        packed = self.index.shape(f"{key}.weight")[-1]
-        return {"group_size": in_dims // n_groups, "bits": packed * 32 // in_dims,
-                "mode": q.get("mode", "affine")}
-
-    def _build(self, prefix: str, module: nn.Module, keys: list[str]) -> nn.Module:
-        """Quantize `module` like the checkpoint, then load `keys`; `prefix` is the
-        module's path in the checkpoint without the leading "model." ("" for the root)."""
-        join = (lambda p: f"{prefix}.{p}") if prefix else (lambda p: p)
-        nn.quantize(module, class_predicate=lambda p, m: self._quant_params(join(p), m))
-        cut = len(f"model.{prefix}.") if prefix else len("model.")
-        cast = [(k[cut:], v.astype(self.dtype) if mx.issubdtype(v.dtype, mx.floating) else v)
-                for k, v in self.index.load(keys).items()]
-        try:
-            module.load_weights(cast, strict=True)
-        except ValueError as e:  # wrong shapes, or a quantized/dense mismatch
-            raise WeightsError(f"text encoder weights do not fit this Qwen3 config: {e}") from None
-        return module.eval()
-
-    def _embedding(self) -> nn.Module:
-        args = self.config.args
-        # nn.quantize only visits children, so the Embedding sits in a holder whose
-        # path for it, "embed_tokens", is the checkpoint's.
-        holder = nn.Module()
-        holder.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        return self._build("", holder, self._keys_for(None)).embed_tokens
-
-    def _block(self, i: int) -> nn.Module:
-        block = self._build(f"layers.{i}", qwen3.TransformerBlock(self.config.args), self._keys_for(i))
-        if self.dequantize_matmuls:
-            swap = [(p, DequantizedLinear(m)) for p, m in block.named_modules() if isinstance(m, nn.QuantizedLinear)]
-            block.update_modules(tree_unflatten(swap))
-        return block
-
-    def _final_norm(self) -> nn.RMSNorm:
-        if self._norm is None:
-            args = self.config.args
-            self._norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-            w = self.index.load(["model.norm.weight"])["model.norm.weight"]
-            self._norm.weight = w.astype(self.dtype)
-        return self._norm
-
     def load(self) -> "Qwen3TextEncoder":
         """Read every needed weight into memory (layers 0..max(layers)-1 + embeddings)."""
-        if self._embed is None:
-            self._embed = self._embedding()
-            self._blocks = [self._block(i) for i in range(self.config.num_layers_needed)]
-            mx.eval(self._embed.parameters(), [b.parameters() for b in self._blocks])
+        self.weights.load()
         return self
 
     def evict(self) -> None:
         """Drop the resident weights; the next encode() reads them again."""
-        self._embed = None
-        self._blocks = []
-        self._norm = None
-        mx.clear_cache()
+        self.weights.evict()
 
     @property
     def resident(self) -> bool:
-        return self._embed is not None
+        return self.weights.resident
 
     def weight_bytes(self, layer: Optional[int] = None) -> int:
-        """Resident bytes of the embedding (layer None) or of one decoder layer, after the
-        cast to `self.dtype`; read from the safetensors headers, no weights touched."""
-        float_bytes = mx.zeros((), self.dtype).itemsize
-        total = 0
-        for k in self._keys_for(layer):
-            _, shape, dt = self.index.entries[k]
-            n = 1
-            for d in shape:
-                n *= d
-            total += n * (float_bytes if dt in ("F16", "BF16", "F32", "F64") else _INT_BYTES.get(dt, 4))
-        return total
+        """Resident bytes of the embedding (layer None) or of one decoder layer, in self.dtype."""
+        return self.weights.weight_bytes(layer)
 
     # -- tokens --------------------------------------------------------------------
 
@@ -331,45 +178,26 @@ class Qwen3TextEncoder:
         want = set(self.config.layers)
         hidden: dict[int, mx.array] = {}
 
-        if stream:
-            h = self._embedding()(input_ids)
-        else:
-            self.load()
-            h = self._embed(input_ids)  # [B, L, H]
+        w = self.weights
+        if not stream:
+            w.load()
+        h = w.embedding(stream)(input_ids)  # [B, L, H]
         if 0 in want:
             hidden[0] = h
         for i in range(self.config.num_layers_needed):
             if stream or sync:
                 mx.eval(h)  # streamed: so that the previous layer's weights can be freed
-            if stream:
-                block = self._block(i)
-            else:
-                block = self._blocks[i]
+            block = w.layer(i, stream)
             h = block(h, mask)
             del block
             if i + 1 in want:
                 hidden[i + 1] = h
         if self.config.needs_final_norm:
-            hidden[self.config.args.num_hidden_layers] = self._final_norm()(h)
+            hidden[self.config.args.num_hidden_layers] = w.final_norm(stream)(h)
         out = mx.concatenate([hidden[k] for k in self.config.layers], axis=-1)
         if stream:
             mx.eval(out)
         return out
-
-
-class DequantizedLinear(nn.Module):
-    """A QuantizedLinear's own weights, multiplied as dequantize(W) @ x (see
-    Qwen3TextEncoder.dequantize_matmuls): the same values, a different summation order."""
-
-    def __init__(self, q: nn.QuantizedLinear):
-        super().__init__()
-        self.q = q
-
-    def __call__(self, x: mx.array) -> mx.array:
-        q = self.q
-        w = mx.dequantize(q.weight, q.scales, q.get("biases"), group_size=q.group_size, bits=q.bits, mode=q.mode)
-        y = x @ w.astype(x.dtype).T
-        return y + q.bias if "bias" in q else y
 
 
 def _attention_mask(attention_mask: mx.array) -> mx.array:
@@ -409,17 +237,22 @@ def _resolve(path: Path, tokenizer_path: Optional[Path]) -> tuple[Path, Path]:
 
 def load_text_encoder(
     path: str | Path,
-    dtype: mx.Dtype = mx.float16,
+    dtype: mx.Dtype = mx.bfloat16,
     layers: Sequence[int] = DEFAULT_LAYERS,
     tokenizer_path: str | Path | None = None,
     resident: bool = True,
+    dequantize_matmuls: Optional[bool] = None,
 ) -> Qwen3TextEncoder:
     """Open a Qwen3 text encoder (transformers FP16/BF16/FP32 or mlx-lm quantized).
 
     path: the encoder folder (config.json + *.safetensors), or a pack / diffusers root
     holding `text_encoder-mlx-4bit/` or `text_encoder/`. The tokenizer comes from
     `tokenizer_path`, else the encoder folder, else a sibling `tokenizer/`.
+    dtype: bfloat16 by default; Qwen3's residual stream exceeds float16's range.
     resident=False reads no weights now: the first encode() does (or use stream=True).
+    dequantize_matmuls: None picks the matmul path for the device (on exactly when MLX's
+    default device is the CPU and the checkpoint is quantized, see Qwen3Layers); a bool
+    overrides it.
     """
     path = Path(path)
     weights_dir, tok_dir = _resolve(path, Path(tokenizer_path) if tokenizer_path is not None else None)
@@ -430,6 +263,8 @@ def load_text_encoder(
     if not isinstance(raw, dict):
         raise ConfigError(f"{weights_dir / 'config.json'} must hold a JSON object")
     config = TextEncoderConfig.from_dict(raw, layers)
+    weights = Qwen3Layers(weights_dir, config.args, config.num_layers_needed, config.needs_final_norm,
+                          config.quantization, dtype, dequantize_matmuls)
 
     from transformers import AutoTokenizer  # heavy import, only when loading
 
@@ -440,7 +275,7 @@ def load_text_encoder(
     if tokenizer.pad_token_id is None:
         raise ConfigError(f"the tokenizer in {tok_dir} has no pad token; klein pads prompts to a fixed length")
 
-    encoder = Qwen3TextEncoder(config, weights_dir, tokenizer, dtype)
+    encoder = Qwen3TextEncoder(config, weights, tokenizer)
     if resident:
         encoder.load()
     return encoder

@@ -3,7 +3,8 @@ and, for the 4-bit path, vs mlx-lm's own loader on the same quantized weights.
 
 Bounds (relative Frobenius error ||out - ref|| / ||ref|| against diffusers in float32):
   float32 <= 1e-4, float16 and bfloat16 <= 2e-2.
-4-bit vs mlx-lm's loader + model on the identical quantized weights: bit-exact.
+4-bit vs mlx-lm's loader + model on the identical quantized weights: bit-exact through
+mx.quantized_matmul; dequantize + matmul (the CPU path) within 1e-5 of it in float32.
 Fixtures are tiny random Qwen3s written by tests/fixtures/make_qwen3.py.
 """
 
@@ -178,8 +179,8 @@ def test_real_layer_indices_default_length(deep):
     ref, _, _ = diffusers_embeds(model, tok, ["a bonsai tree"], 512, (9, 18, 27))
     enc = load_text_encoder(deep, dtype=mx.float32)  # root: finds text_encoder/ and tokenizer/
     loaded = []
-    orig = enc.index.load
-    enc.index.load = lambda keys: (loaded.extend(keys), orig(keys))[1]
+    orig = enc.weights.index.load
+    enc.weights.index.load = lambda keys: (loaded.extend(keys), orig(keys))[1]
     enc.evict()
     out = enc.encode("a bonsai tree")
     assert out.shape == (1, 512, 3 * 64)
@@ -246,8 +247,9 @@ def mlx_lm_hidden(qdir: Path, ids: mx.array, mask: mx.array, layers, dtype):
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 def test_quantized_matches_mlx_lm(small, dtype):
-    enc = load_text_encoder(small, dtype=dtype, layers=SMALL_LAYERS)  # pack root: picks text_encoder-mlx-4bit
-    assert enc.weights_dir.name == "text_encoder-mlx-4bit"
+    # pack root: picks text_encoder-mlx-4bit; mx.quantized_matmul, as mlx-lm multiplies
+    enc = load_text_encoder(small, dtype=dtype, layers=SMALL_LAYERS, dequantize_matmuls=False)
+    assert enc.weights.directory.name == "text_encoder-mlx-4bit"
     ids, mask = enc.tokenize(PROMPTS, max_length=L)
     ref, model = mlx_lm_hidden(small / "text_encoder-mlx-4bit", ids, mask, SMALL_LAYERS, dtype)
     assert type(model.model.layers[0].mlp.down_proj).__name__ == "QuantizedLinear"
@@ -260,24 +262,60 @@ def test_quantized_matches_mlx_lm(small, dtype):
 def test_dequantized_matmuls_match_quantized(small):
     """The CPU speed path (dequantize each weight, then matmul) gives mlx-lm's numbers up
     to summation order, streamed or resident."""
-    enc = load_text_encoder(small, dtype=mx.float32, layers=SMALL_LAYERS, resident=False)
-    ref = to_np(enc.encode(PROMPTS, max_length=L, stream=True))
-    enc.dequantize_matmuls = True
+    plain = load_text_encoder(small, dtype=mx.float32, layers=SMALL_LAYERS, resident=False, dequantize_matmuls=False)
+    ref = to_np(plain.encode(PROMPTS, max_length=L, stream=True))
+    enc = load_text_encoder(small, dtype=mx.float32, layers=SMALL_LAYERS, resident=False, dequantize_matmuls=True)
+    assert enc.dequantize_matmuls
     for stream in (True, False):
         out = to_np(enc.encode(PROMPTS, max_length=L, stream=stream))
         assert rel(out, ref) < 1e-5
-    assert type(enc._blocks[0].mlp.down_proj).__name__ == "DequantizedLinear"
+    assert type(enc.weights.layer(0).mlp.down_proj).__name__ == "DequantizedLinear"
     enc.evict()
+
+
+def test_loader_picks_the_matmul_path_for_the_device(small):
+    """Dequantized matmuls exactly on MLX's CPU back-end and for a quantized checkpoint,
+    on every device this machine has; an explicit argument wins."""
+    devices = [mx.cpu] + ([mx.gpu] if mx.is_available(mx.gpu) else [])
+    original = mx.default_device()
+    try:
+        for device in devices:
+            mx.set_default_device(device)
+            on_cpu = mx.default_device() == mx.cpu
+            quantized = load_text_encoder(small, layers=SMALL_LAYERS, resident=False)
+            dense = load_text_encoder(small / "text_encoder", layers=SMALL_LAYERS, resident=False)
+            assert quantized.weights.directory.name == "text_encoder-mlx-4bit"
+            assert quantized.dequantize_matmuls is on_cpu
+            assert dense.dequantize_matmuls is False
+            for explicit in (True, False):
+                for path in (small, small / "text_encoder"):
+                    enc = load_text_encoder(path, layers=SMALL_LAYERS, resident=False, dequantize_matmuls=explicit)
+                    assert enc.dequantize_matmuls is explicit
+    finally:
+        mx.set_default_device(original)
+    assert mx.default_device() == original
+    with pytest.raises(AttributeError, match="load_text_encoder"):
+        quantized.dequantize_matmuls = not quantized.dequantize_matmuls
+
+
+def test_default_dtype_is_bfloat16(small):
+    # Qwen3's residual stream exceeds float16's range; float16 stays available when asked.
+    enc = load_text_encoder(small / "text_encoder", layers=SMALL_LAYERS, resident=False)
+    assert enc.dtype == mx.bfloat16
+    assert enc.encode("x", max_length=16, stream=True).dtype == mx.bfloat16
+    assert load_text_encoder(small / "text_encoder", dtype=mx.float16, layers=SMALL_LAYERS,
+                             resident=False).dtype == mx.float16
 
 
 def test_quantized_is_really_quantized(small, enc_small):
     import mlx.nn as nn
 
     enc = load_text_encoder(small / "text_encoder-mlx-4bit", dtype=mx.float32, layers=SMALL_LAYERS,
-                            tokenizer_path=small / "tokenizer")
-    assert isinstance(enc._embed, nn.QuantizedEmbedding)
-    assert isinstance(enc._blocks[0].mlp.down_proj, nn.QuantizedLinear)
-    assert enc._blocks[0].mlp.down_proj.bits == 4 and enc._blocks[0].mlp.down_proj.group_size == 64
+                            tokenizer_path=small / "tokenizer", dequantize_matmuls=False)
+    down = enc.weights.layer(0).mlp.down_proj
+    assert isinstance(enc.weights.embedding(), nn.QuantizedEmbedding)
+    assert type(down) is nn.QuantizedLinear
+    assert down.bits == 4 and down.group_size == 64
     # 4-bit weights are not the FP32 ones: close (same model) but not equal.
     a = to_np(enc.encode(PROMPTS, max_length=L))
     b = to_np(enc_small.encode(PROMPTS, max_length=L))
