@@ -122,6 +122,18 @@ class PackedLinear(nn.Module):
         """Post-training quantize a dense [N, K] weight (rules in packing.quantize_*)."""
         return cls.from_packed(quantize(linear_weight, fmt), bias=bias, backend=backend)
 
+    def rows(self, r0: int, r1: int) -> "PackedLinear":
+        """The layer computing output rows [r0, r1) of this one (same format, backend, bias rows).
+
+        Output rows of a linear are independent, so a fused projection can compute one part
+        without the others. The packed codes, scales and bias are row-contiguous, so their row
+        slices are views: nothing is copied."""
+        if not 0 <= r0 < r1 <= self.out_features:
+            raise BonsaiError(f"rows must satisfy 0 <= r0 < r1 <= {self.out_features}, got [{r0}, {r1})")
+        bias = self.bias[r0:r1] if "bias" in self else None
+        return PackedLinear(self.weight[r0:r1], self.scales[r0:r1], self.fmt, (r1 - r0, self.in_features),
+                            bias=bias, backend=self.backend)
+
     def __call__(self, x: mx.array) -> mx.array:
         y = get_backend(self.backend)(x, self.packed)
         if "bias" in self:

@@ -211,3 +211,31 @@ def test_packed_linear_calls_the_backend_launcher(monkeypatch):
     assert PackedLinear.from_packed(pw, backend="reference")(x).shape == (2, 16)
     assert len(calls) == 1
     assert isinstance(layer, nn.Module)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_rows_computes_the_slice_of_the_full_output(fmt):
+    pw = random_weight(fmt, 40, 384)
+    x = mx.array(RNG.normal(size=(2, 3, 384)).astype(np.float32))
+    for bias in (None, mx.array(RNG.normal(size=(40,)).astype(np.float32))):
+        layer = PackedLinear.from_packed(pw, bias=bias, backend="reference")
+        full = np.array(layer(x))
+        for r0, r1 in ((0, 40), (0, 13), (13, 29), (39, 40)):
+            part = layer.rows(r0, r1)
+            assert (part.out_features, part.in_features, part.fmt, part.backend) == (r1 - r0, 384, fmt, "reference")
+            assert ("bias" in part) == (bias is not None)
+            y = part(x)
+            assert y.shape == (2, 3, r1 - r0)
+            np.testing.assert_allclose(np.array(y), full[..., r0:r1], rtol=1e-6, atol=1e-6)
+
+
+def test_rows_slices_views_and_checks_the_range():
+    pw = random_weight("ternary", 24, 256)
+    layer = PackedLinear.from_packed(pw, bias=mx.zeros((24,)), backend="reference")
+    part = layer.rows(8, 16)
+    np.testing.assert_array_equal(np.array(part.weight), np.array(pw.data)[8:16])
+    np.testing.assert_array_equal(np.array(part.scales), np.array(pw.scales)[8:16])
+    assert part.trainable_parameters() == {}
+    for r0, r1 in ((-1, 4), (4, 4), (5, 3), (0, 25)):
+        with pytest.raises(BonsaiError, match=r"0 <= r0 < r1 <= 24"):
+            layer.rows(r0, r1)
