@@ -10,13 +10,13 @@ each simdgroup decodes its own 8 x WN (Metal) or fragment-sized (CUDA) piece
 right before multiplying.
 
 Three paths per format, chosen by M (`choose_path`):
-  slab  M >= SLAB_MIN_M[fmt], 16-bit x: `<fmt>_decode` writes a slab of at most
-        SLAB_MAX_ELEMENTS weights (whole rows) dense in x's dtype, MLX's own
+  slab  M >= slab_min_m[fmt], 16-bit x: `<fmt>_decode` writes a slab of at most
+        slab_max_elements weights (whole rows) dense in x's dtype, MLX's own
         matmul computes x @ slab.T, next slab; the slabs' outputs are
         concatenated along N. Our fused GEMM is bound by mma.sync (MLX's JIT
         targets sm_90, not sm_90a, so no wgmma), MLX's matmul is not; the slab
         keeps the dense copy to a bounded, reused scratch.
-  gemm  32 <= M < SLAB_MIN_M[fmt] (any M >= 32 for float32 x on Metal): BM x BN
+  gemm  32 <= M < slab_min_m[fmt] (any M >= 32 for float32 x on Metal): BM x BN
         output tile per threadgroup, simdgroup matrices (Metal) / mma.sync
         tensor cores (CUDA).
   gemv  M < 32, 16-bit x: 8 NJ weight rows x 16 rows of x per threadgroup,
@@ -28,11 +28,17 @@ Three paths per format, chosen by M (`choose_path`):
 
 Every launch is described by a `Launch` (kernel, template, grid, threadgroup;
 plus the slab height for the slab path), so the CPU harness in
-tests/metal_harness runs exactly what MLX would.
+tests/metal_harness runs exactly what MLX would. The tuning values named above
+(slab_min_m, slab_max_elements, tiles) are fields of a frozen `KernelConfig`;
+planning and launching functions take one, `DEFAULT_CONFIG` unless given.
+
+packed_linear resolves its "metal" and "cuda" backends here (`launcher`); this
+module imports nothing from packed_linear.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, replace
 from functools import lru_cache
@@ -40,7 +46,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-import bonsai_mlx
+from .errors import BonsaiError
 
 FORMATS = ("binary", "ternary")
 PATHS = ("gemv", "gemm", "slab")
@@ -51,98 +57,163 @@ OUTPUT_NAMES = ("y",)
 DECODE_INPUT_NAMES = ("w", "scales")
 DECODE_OUTPUT_NAMES = ("slab",)
 
-# Slab path (M >= SLAB_MIN_M[fmt], float16 / bfloat16 x). Below it the fused
-# GEMM (32 <= M) or the GEMV. Set from examples/bench_kernels.py's gemm and slab
-# columns on an H200 (docs/results/h200-kernels-slab.json, decode kernels of
-# before the 16-byte-store rewrite): the slab beat the fused GEMM from M = 1024
-# for ternary on all five klein shapes; for binary from M = 1536 on three and
-# from 4608 on 3072x3072 and 3072x12288.
-SLAB_MIN_M = {"binary": 1536, "ternary": 1024}
-# Slab cap: at most 8M weights (16 MB at 2 bytes) and at most N/2 rows, whole
-# SLAB_ROW_MULTIPLE rows when that leaves any. Why 16 MB: it is a third of an
-# H200's 50 MB L2, so the slab the decode has just written is still mostly in
-# L2 when the matmul reads it, with room for the x and output tiles streaming
-# past; and it is a bounded scratch, reused slab after slab, where the issue
-# forbids a dense 16-bit copy of a whole weight matrix (for klein's 27648 x
-# 3072 that copy would be 170 MB). Why N/2: a matrix of at most 8M weights
-# (2048 x 3072, say) would otherwise be a single slab, a dense copy of all of
-# it; with N/2 no slab is ever the whole matrix (N >= 2), whatever the shape.
-# Why 128 rows: the slab is the matmul's N, and 128 keeps its tiles whole.
-# Smaller slabs mean more launches (MLX's per-call floor is ~10 us) and
-# smaller matmuls.
-SLAB_MAX_ELEMENTS = 8 << 20
-SLAB_ROW_MULTIPLE = 128
-# Decode launch: a lane writes CPT chunks of 8 weights, one 16-byte store each;
-# a simdgroup owns a segment of 32 CPT chunks (256 CPT weights) of one row, NSG
-# simdgroups per threadgroup. CPT = 4: a klein row (K = 3072, 9216, 12288) is
-# 3, 9, 12 whole segments, and a 27648x3072 slab of 2560 rows is 1920
-# threadgroups of 128 threads (245760 threads, ~one wave of an H200's 132 SMs).
-DECODE_TILES = dict(CPT=4, NSG=4)
 
-# Tile shapes. Metal: 64x64 float tiles, two x buffers (20 KB of the 32 KB
-# threadgroup memory), 4 simdgroups of 32x32. CUDA: 128x128 tiles, two half x
-# buffers (36 KB), 4 warps of 128x32 (m16n8k16 fragments; each decoded B
-# fragment feeds 8 mma). Chosen on an H200 among 128x256/2x4, 128x128/2x2,
-# 128x64/1x2, 256x128/2x4 and others (examples/bench_kernels.py --tune).
-GEMM_TILES = {
-    "metal": dict(BM=64, BN=64, BK=32, SGM=2, SGN=2),
-    "cuda": dict(BM=128, BN=128, BK=64, SGM=1, SGN=4),
-}
-# GEMV (M < 32, 16-bit x): 8 NJ weight rows and 16 rows of x per threadgroup,
-# NSG simdgroups splitting K in steps of 128 KL (lane reads KL words). NSG = 0:
-# about GEMV_STEPS_PER_SG steps per simdgroup, at most GEMV_NSG_MAX simdgroups
-# (few steps per simdgroup = all of W's loads in flight at once, which is what
-# small matrices need). Metal's scratch (x 16 x 128 KL floats + weights
-# 128 KL x 8 per simdgroup) must fit its 32 KB with the reduction buffer.
-# "<backend>_small", when present, is used for M <= 8 (there x is cheap and the
-# time is latency: short simdgroups, 8-byte words per lane). Chosen on an H200
-# (examples/bench_kernels.py --tune).
-GEMV_TILES = {
-    "metal": dict(NJ=1, KL=1, NSG=2),
-    "cuda": dict(NJ=4, KL=1, NSG=4),
-    "cuda_small": dict(NJ=4, KL=2, NSG=0),
-}
-GEMV_STEPS_PER_SG = 1
-GEMV_NSG_MAX = 8
-# float32 GEMV (exact float arithmetic, no matrix units): R weight rows per
-# simdgroup, NSG simdgroups per threadgroup, and at most MT_MAX rows of x per
-# threadgroup (the staged x chunk, MT x 1056 floats, must fit Metal's 32 KB).
-GEMV_R = 8
-GEMV_NSG = 4
-GEMV_MT_MAX = 4
+# ---------------------------------------------------------------------------- tuning
+
+# Tile fields are spelled as the kernels' template parameters they become.
+
+@dataclass(frozen=True)
+class GemmTile:
+    """BM x BN output tile per threadgroup, BK of K per step, SGM x SGN simdgroups."""
+    BM: int
+    BN: int
+    BK: int
+    SGM: int
+    SGN: int
 
 
-def set_gemv_config(*values: int, backend: str = "cuda") -> None:
-    """Tuning hook: the 16-bit GEMV's NJ, KL, NSG (0 = auto) and GEMV_STEPS_PER_SG, in that order,
-    for every M (drops the backend's "_small" entry)."""
-    global GEMV_STEPS_PER_SG
-    GEMV_TILES.pop(backend + "_small", None)
-    GEMV_TILES[backend] = {**GEMV_TILES[backend], **dict(zip(("NJ", "KL", "NSG"), values[:3]))}
-    if len(values) > 3:
-        GEMV_STEPS_PER_SG = values[3]
+@dataclass(frozen=True)
+class GemvTile:
+    """16-bit GEMV: 8 NJ weight rows per threadgroup, lanes read KL words, NSG simdgroups
+    splitting K (0: chosen from K, see KernelConfig.gemv_steps_per_sg)."""
+    NJ: int
+    KL: int
+    NSG: int
 
+
+@dataclass(frozen=True)
+class Fp32GemvTile:
+    """float32 GEMV: R weight rows per simdgroup, NSG simdgroups, at most MT_MAX rows of x."""
+    R: int
+    NSG: int
+    MT_MAX: int
+
+
+@dataclass(frozen=True)
+class DecodeTile:
+    """Slab decode: CPT 16-byte chunks per lane, NSG simdgroups per threadgroup."""
+    CPT: int
+    NSG: int
+
+
+@dataclass(frozen=True)
+class ByFormat:
+    """One value per packed format, read as `value[fmt]`."""
+    binary: int
+    ternary: int
+
+    def __getitem__(self, fmt: str) -> int:
+        if fmt not in FORMATS:
+            raise BonsaiError(f"no kernel for packed format {fmt!r} (have {', '.join(FORMATS)})")
+        return getattr(self, fmt)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Every tuning value of the kernels and their launch plans, frozen and hashable.
+
+    Functions that plan or launch take one (`DEFAULT_CONFIG` unless given); the plan and
+    kernel caches key on it. A tuning experiment builds its own with `dataclasses.replace`
+    and passes it along, so it never changes what other callers get."""
+
+    # Slab path (M >= slab_min_m[fmt], float16 / bfloat16 x). Below it the fused GEMM
+    # (32 <= M) or the GEMV. Set from examples/bench_kernels.py's gemm and slab columns on an
+    # H200 (docs/results/h200-kernels-slab-first.json, decode kernels of before the 16-byte-store
+    # rewrite): the slab beat the fused GEMM from M = 1024 for ternary on all five klein
+    # shapes; for binary from M = 1536 on three and from 4608 on 3072x3072 and 3072x12288.
+    slab_min_m: ByFormat = ByFormat(binary=1536, ternary=1024)
+    # Slab cap: at most 8M weights (16 MB at 2 bytes) and at most N/2 rows, whole
+    # slab_row_multiple rows when that leaves any. Why 16 MB: it is a third of an H200's
+    # 50 MB L2, so the slab the decode has just written is still mostly in L2 when the matmul
+    # reads it, with room for the x and output tiles streaming past; and it is a bounded
+    # scratch, reused slab after slab, instead of a dense 16-bit copy of a whole weight matrix
+    # (for klein's 27648 x 3072 that copy would be 170 MB). Why N/2: a matrix of at most 8M
+    # weights (2048 x 3072, say) would otherwise be a single slab, a dense copy of all of it;
+    # with N/2 no slab is ever the whole matrix (N >= 2), whatever the shape. Why 128 rows:
+    # the slab is the matmul's N, and 128 keeps its tiles whole. Smaller slabs mean more
+    # launches (MLX's per-call floor is ~10 us) and smaller matmuls.
+    slab_max_elements: int = 8 << 20
+    slab_row_multiple: int = 128
+    # Decode launch: a lane writes CPT chunks of 8 weights, one 16-byte store each; a
+    # simdgroup owns a segment of 32 CPT chunks (256 CPT weights) of one row, NSG simdgroups
+    # per threadgroup. CPT = 4: a klein row (K = 3072, 9216, 12288) is 3, 9, 12 whole
+    # segments, and a 27648x3072 slab of 2560 rows is 1920 threadgroups of 128 threads
+    # (245760 threads, ~one wave of an H200's 132 SMs).
+    decode: DecodeTile = DecodeTile(CPT=4, NSG=4)
+    # GEMM tiles. Metal: 64x64 float tiles, two x buffers (20 KB of the 32 KB threadgroup
+    # memory), 4 simdgroups of 32x32. CUDA: 128x128 tiles, two half x buffers (36 KB), 4 warps
+    # of 128x32 (m16n8k16 fragments; each decoded B fragment feeds 8 mma). Chosen on an H200
+    # among 128x256/2x4, 128x128/2x2, 128x64/1x2, 256x128/2x4 and others
+    # (examples/bench_kernels.py --tune).
+    gemm_metal: GemmTile = GemmTile(BM=64, BN=64, BK=32, SGM=2, SGN=2)
+    gemm_cuda: GemmTile = GemmTile(BM=128, BN=128, BK=64, SGM=1, SGN=4)
+    # GEMV (M < 32, 16-bit x): 8 NJ weight rows and 16 rows of x per threadgroup, NSG
+    # simdgroups splitting K in steps of 128 KL (lane reads KL words). NSG = 0: about
+    # gemv_steps_per_sg steps per simdgroup, at most gemv_nsg_max simdgroups (few steps per
+    # simdgroup = all of W's loads in flight at once, which is what small matrices need).
+    # Metal's scratch (x 16 x 128 KL floats + weights 128 KL x 8 per simdgroup) must fit its
+    # 32 KB with the reduction buffer. The "_small" tile, when set, is used for M <= 8 (there x
+    # is cheap and the time is latency: short simdgroups, 8-byte words per lane). Chosen on an
+    # H200 (examples/bench_kernels.py --tune).
+    gemv_metal: GemvTile = GemvTile(NJ=1, KL=1, NSG=2)
+    gemv_cuda: GemvTile = GemvTile(NJ=4, KL=1, NSG=4)
+    gemv_metal_small: GemvTile | None = None
+    gemv_cuda_small: GemvTile | None = GemvTile(NJ=4, KL=2, NSG=0)
+    gemv_steps_per_sg: int = 1
+    gemv_nsg_max: int = 8
+    # float32 GEMV (exact float arithmetic, no matrix units): R weight rows per simdgroup, NSG
+    # simdgroups per threadgroup, and at most MT_MAX rows of x per threadgroup (the staged x
+    # chunk, MT x 1056 floats, must fit Metal's 32 KB).
+    gemv_fp32: Fp32GemvTile = Fp32GemvTile(R=8, NSG=4, MT_MAX=4)
+    # Text replacements (file name, old, new) applied to the sources as read, for trying
+    # kernel variants (examples/bench_kernels.py --tune-patches). Empty in production.
+    source_patches: tuple[tuple[str, str, str], ...] = ()
+
+    def __post_init__(self):
+        try:
+            hash(self)
+        except TypeError as e:  # a list or dict somewhere: the caches could not key on it
+            raise BonsaiError(f"KernelConfig values must be hashable (tuples, not lists or dicts): {e}") from None
+
+    def gemm(self, backend: str) -> GemmTile:
+        return self.gemm_metal if backend == "metal" else self.gemm_cuda
+
+    def gemv(self, backend: str, M: int) -> GemvTile:
+        """The 16-bit GEMV tile for M rows of x: the "_small" one at M <= 8 when set."""
+        small = self.gemv_metal_small if backend == "metal" else self.gemv_cuda_small
+        if M <= 8 and small is not None:
+            return small
+        return self.gemv_metal if backend == "metal" else self.gemv_cuda
+
+    @property
+    def name_suffix(self) -> str:
+        """Appended to the kernel names when sources are patched: MLX keeps a compiled custom
+        kernel by its name, so a patched source under the plain name could run the old code."""
+        if not self.source_patches:
+            return ""
+        return "_p" + hashlib.sha1(repr(self.source_patches).encode()).hexdigest()[:10]
+
+
+DEFAULT_CONFIG = KernelConfig()
+
+
+# ---------------------------------------------------------------------------- sources
 
 def metal_dir() -> Path:
     """The wheel force-includes metal/ as bonsai_mlx/metal; a checkout has it at the root."""
-    pkg = Path(bonsai_mlx.__file__).parent
-    for d in (pkg / "metal", pkg.parent / "metal"):
+    here = Path(__file__).parent
+    for d in (here / "metal", here.parent / "metal"):
         if (d / "common.metal").is_file():
             return d
-    raise FileNotFoundError(f"metal sources not found next to {pkg} or in the repository root")
+    raise BonsaiError(f"metal sources not found in {here / 'metal'} or in the repository root {here.parent}")
 
 
-# Tuning hooks (examples/bench_kernels.py --tune): text replacements applied to
-# the sources as read, and a suffix that gives the patched kernels new names.
-SOURCE_PATCHES: list[tuple[str, str, str]] = []  # (file name, old, new)
-NAME_SUFFIX = ""
-
-
-def _read(name: str) -> str:
+def _read(name: str, config: KernelConfig = DEFAULT_CONFIG) -> str:
     text = (metal_dir() / name).read_text()
-    for fname, old, new in SOURCE_PATCHES:
+    for fname, old, new in config.source_patches:
         if fname == name:
             if old not in text:
-                raise ValueError(f"source patch target not found in {name}: {old!r}")
+                raise BonsaiError(f"source patch target not found in {name}: {old!r}")
             text = text.replace(old, new)
     return text
 
@@ -174,13 +245,14 @@ def io_names(kernel: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return INPUT_NAMES, OUTPUT_NAMES
 
 
-def _header(kernel: str) -> str:
-    return "" if kernel in HEADERLESS else _read("common.metal")
+def _header(kernel: str, config: KernelConfig) -> str:
+    return "" if kernel in HEADERLESS else _read("common.metal", config)
 
 
-def metal_source(kernel: str) -> tuple[str, str]:
-    """(header, body) exactly as passed to mx.fast.metal_kernel (comments stripped by `compact`)."""
-    return compact(_header(kernel)), compact(_read(f"{kernel}.metal"))
+def metal_source(kernel: str, config: KernelConfig = DEFAULT_CONFIG) -> tuple[str, str]:
+    """(header, body) exactly as passed to mx.fast.metal_kernel (comments stripped by `compact`),
+    with `config.source_patches` applied."""
+    return compact(_header(kernel, config)), compact(_read(f"{kernel}.metal", config))
 
 
 # ---------------------------------------------------------------------------- CUDA twin
@@ -256,16 +328,17 @@ _SIMD_CALLS = {
 }
 
 
-def metal_to_cuda(header: str, body: str) -> tuple[str, str]:
+def metal_to_cuda(header: str, body: str, config: KernelConfig = DEFAULT_CONFIG) -> tuple[str, str]:
     """Rewrite a Metal (header, body) pair into a (header, body) for mx.fast.cuda_kernel.
 
     An empty Metal header (HEADERLESS kernels) gets only the `uint` typedef the body needs, plus
-    an `as_type` (Metal's bit reinterpretation) when the Metal text calls it."""
+    an `as_type` (Metal's bit reinterpretation) when the Metal text calls it. A non-empty one gets
+    metal/tile_mma.cuh appended (with `config.source_patches` applied)."""
     if header.strip():
         h = _METAL_ONLY.sub("", header)
         h = re.sub(r"^\s*#include\s*<metal_\w+>\s*\n", "", h, flags=re.M)
         h = re.sub(r"^inline\b", "__device__ __forceinline__", h, flags=re.M)
-        h = _CUDA_PRELUDE + _ADDRESS_SPACE.sub(r"\1", h) + "\n" + _read("tile_mma.cuh")
+        h = _CUDA_PRELUDE + _ADDRESS_SPACE.sub(r"\1", h) + "\n" + _read("tile_mma.cuh", config)
     else:
         h = _CUDA_UINT
     if re.search(r"\bas_type\s*<", _strip_comments(header) + _strip_comments(body)):
@@ -281,7 +354,7 @@ def metal_to_cuda(header: str, body: str) -> tuple[str, str]:
         else:
             b = re.sub(rf"\b{metal_name}\s*\(", cuda_call + "(", b)
     if re.search(r"\bsimdgroup_matrix\b|\bsimdgroup_(load|store|multiply)", b):
-        raise ValueError("simdgroup_matrix ops must live in the header's metal-only block")
+        raise BonsaiError("simdgroup_matrix ops must live in the header's metal-only block")
     used = [decl for name, decl in _CUDA_ATTRIBUTES.items() if re.search(rf"\b{name}\b", body)]
     prologue = ["// Metal attribute parameters, from CUDA's built-ins."]
     if used:
@@ -296,10 +369,10 @@ def _strip_comments(src: str) -> str:
     return re.sub(r"//[^\n]*", "", re.sub(r"/\*.*?\*/", " ", src, flags=re.S))
 
 
-def cuda_source(kernel: str) -> tuple[str, str]:
+def cuda_source(kernel: str, config: KernelConfig = DEFAULT_CONFIG) -> tuple[str, str]:
     """(header, body) as passed to mx.fast.cuda_kernel: rewritten from the commented Metal text
     (the metal-only markers are comments), then compacted."""
-    header, body = metal_to_cuda(_header(kernel), _read(f"{kernel}.metal"))
+    header, body = metal_to_cuda(_header(kernel, config), _read(f"{kernel}.metal", config), config)
     return compact(header), compact(body)
 
 
@@ -320,37 +393,29 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _config_key(backend: str) -> tuple:
-    """Identifies the tuning globals, so the plan cache follows a retune (replace the tile dicts,
-    do not edit them in place)."""
-    return (id(GEMM_TILES.get(backend)), id(GEMV_TILES.get(backend)), id(GEMV_TILES.get(backend + "_small")), GEMV_STEPS_PER_SG, GEMV_NSG_MAX, GEMV_R, GEMV_NSG,
-            GEMV_MT_MAX, id(SLAB_MIN_M), tuple(SLAB_MIN_M.values()), SLAB_MAX_ELEMENTS, SLAB_ROW_MULTIPLE, id(DECODE_TILES))
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise BonsaiError(f"no kernel for packed format {fmt!r} (have {', '.join(FORMATS)})")
 
 
-@lru_cache(maxsize=4096)
-def _plan_cached(fmt: str, M: int, N: int, K: int, dtype: mx.Dtype, backend: str, path: str | None,
-                 key: tuple) -> Launch:
-    return plan(fmt, M, N, K, dtype, backend, path)
-
-
-def choose_path(M: int, dtype: mx.Dtype, backend: str, fmt: str) -> str:
-    """"slab" for M >= SLAB_MIN_M[fmt] with 16-bit x, "gemm" for M >= GEMM_MIN_M, else "gemv".
+def choose_path(M: int, dtype: mx.Dtype, backend: str, fmt: str, config: KernelConfig = DEFAULT_CONFIG) -> str:
+    """"slab" for M >= config.slab_min_m[fmt] with 16-bit x, "gemm" for M >= GEMM_MIN_M, else "gemv".
     The CUDA tiles are tensor-core half/bf16, so float32 x takes the GEMV there at any M."""
-    if M >= SLAB_MIN_M[fmt] and dtype in (mx.float16, mx.bfloat16):
+    if M >= config.slab_min_m[fmt] and dtype in (mx.float16, mx.bfloat16):
         return "slab"
     if M >= GEMM_MIN_M and not (backend == "cuda" and dtype == mx.float32):
         return "gemm"
     return "gemv"
 
 
-def slab_rows(N: int, K: int) -> int:
-    """Weight rows per slab for W [N, K]: at most SLAB_MAX_ELEMENTS weights and N // 2 rows
-    (a multiple of SLAB_ROW_MULTIPLE when that leaves any, at least 1), then evened out over
-    the slabs that takes, so the last slab is not a sliver.
+def slab_rows(N: int, K: int, config: KernelConfig = DEFAULT_CONFIG) -> int:
+    """Weight rows per slab for W [N, K]: at most config.slab_max_elements weights and N // 2 rows
+    (a multiple of config.slab_row_multiple when that leaves any, at least 1), then evened out
+    over the slabs that takes, so the last slab is not a sliver.
     klein 4B: 3072x3072 -> 1536 (2 slabs), 18432x3072 -> 2688 (7), 3072x9216 -> 768 (4),
     27648x3072 -> 2560 (11), 3072x12288 -> 640 (5)."""
-    cap = min(SLAB_MAX_ELEMENTS // K, N // 2)
-    mult = SLAB_ROW_MULTIPLE if cap >= SLAB_ROW_MULTIPLE else 1
+    cap = min(config.slab_max_elements // K, N // 2)
+    mult = config.slab_row_multiple if cap >= config.slab_row_multiple else 1
     cap = max(1, cap - cap % mult)
     rows = _ceil_div(N, _ceil_div(N, cap))
     return _ceil_div(rows, mult) * mult  # <= cap: cap is a multiple of mult
@@ -361,117 +426,138 @@ def slab_ranges(N: int, rows: int) -> list[tuple[int, int]]:
     return [(n0, min(n0 + rows, N)) for n0 in range(0, N, rows)]
 
 
-def decode_plan(fmt: str, rows: int, K: int, dtype: mx.Dtype, backend: str) -> Launch:
+def decode_plan(fmt: str, rows: int, K: int, dtype: mx.Dtype, backend: str,
+                config: KernelConfig = DEFAULT_CONFIG) -> Launch:
     """The `<fmt>_decode` launch writing slab [rows, K] in `dtype` from `rows` packed weight rows:
     one simdgroup per segment of 32 CPT chunks (8 weights, one 16-byte store each) of a row,
     NSG simdgroups per threadgroup, one dimension. 27648x3072 (slabs of 2560 rows, the last
     2048): rows * ceil(384 / 128) = 7680 simdgroups, grid (245760, 1, 1), threadgroup (128, 1, 1);
     the last slab grid (196608, 1, 1)."""
-    if fmt not in FORMATS:
-        raise ValueError(f"no kernel for packed format {fmt!r} (have {', '.join(FORMATS)})")
+    _check_format(fmt)
     if dtype not in (mx.float16, mx.bfloat16):
-        raise ValueError(f"the slab is float16 or bfloat16 (x's dtype), got {dtype}")
+        raise BonsaiError(f"the slab is float16 or bfloat16 (x's dtype), got {dtype}")
     if K % 128 or K <= 0 or rows <= 0:
-        raise ValueError(f"need rows > 0 and K a positive multiple of 128, got rows={rows}, K={K}")
-    t = DECODE_TILES
-    items = rows * _ceil_div(K // 8, 32 * t["CPT"])  # simdgroups with work
-    template = (("T", dtype), ("CPT", t["CPT"]), ("NSG", t["NSG"]))
-    grid = (_ceil_div(items, t["NSG"]) * 32 * t["NSG"], 1, 1)
-    return Launch(f"{fmt}_decode", template, grid, (32 * t["NSG"], 1, 1))
+        raise BonsaiError(f"need rows > 0 and K a positive multiple of 128, got rows={rows}, K={K}")
+    t = config.decode
+    items = rows * _ceil_div(K // 8, 32 * t.CPT)  # simdgroups with work
+    template = (("T", dtype), ("CPT", t.CPT), ("NSG", t.NSG))
+    grid = (_ceil_div(items, t.NSG) * 32 * t.NSG, 1, 1)
+    return Launch(f"{fmt}_decode", template, grid, (32 * t.NSG, 1, 1))
 
 
-def plan(fmt: str, M: int, N: int, K: int, dtype: mx.Dtype, backend: str, path: str | None = None) -> Launch:
+def plan(fmt: str, M: int, N: int, K: int, dtype: mx.Dtype, backend: str, path: str | None = None,
+         config: KernelConfig = DEFAULT_CONFIG) -> Launch:
     """Which kernel, template and grid computes y[M, N] = x[M, K] @ W.T for W in `fmt`.
 
     `path` forces "gemv", "gemm" or "slab" (benchmarks, tests); None picks by M (`choose_path`)."""
-    if fmt not in FORMATS:
-        raise ValueError(f"no kernel for packed format {fmt!r} (have {', '.join(FORMATS)})")
-    if backend not in GEMM_TILES:
-        raise ValueError(f"backend must be 'metal' or 'cuda', got {backend!r}")
+    _check_format(fmt)
+    if backend not in ("metal", "cuda"):
+        raise BonsaiError(f"backend must be 'metal' or 'cuda', got {backend!r}")
     if K % 128 or K <= 0:
-        raise ValueError(f"K must be a positive multiple of 128, got {K}")
+        raise BonsaiError(f"K must be a positive multiple of 128, got {K}")
     if path is None:
-        path = choose_path(M, dtype, backend, fmt)
+        path = choose_path(M, dtype, backend, fmt, config)
     elif path not in PATHS:
-        raise ValueError(f"path must be one of {', '.join(PATHS)} or None, got {path!r}")
+        raise BonsaiError(f"path must be one of {', '.join(PATHS)} or None, got {path!r}")
     if path == "slab":
-        rows = slab_rows(N, K)
-        return replace(decode_plan(fmt, rows, K, dtype, backend), slab_rows=rows)
+        rows = slab_rows(N, K, config)
+        return replace(decode_plan(fmt, rows, K, dtype, backend, config), slab_rows=rows)
     if path == "gemm":
         if backend == "cuda" and dtype == mx.float32:
-            raise ValueError("the CUDA GEMM takes float16/bfloat16 x; float32 runs the GEMV")
-        t = GEMM_TILES[backend]
-        nt = 32 * t["SGM"] * t["SGN"]
-        template = (("T", dtype), ("BM", t["BM"]), ("BN", t["BN"]), ("BK", t["BK"]), ("SGM", t["SGM"]), ("SGN", t["SGN"]))
-        grid = (_ceil_div(N, t["BN"]) * nt, _ceil_div(M, t["BM"]), 1)
+            raise BonsaiError("the CUDA GEMM takes float16/bfloat16 x; float32 runs the GEMV")
+        t = config.gemm(backend)
+        nt = 32 * t.SGM * t.SGN
+        template = (("T", dtype), ("BM", t.BM), ("BN", t.BN), ("BK", t.BK), ("SGM", t.SGM), ("SGN", t.SGN))
+        grid = (_ceil_div(N, t.BN) * nt, _ceil_div(M, t.BM), 1)
         return Launch(f"{fmt}_gemm", template, grid, (nt, 1, 1))
     if dtype != mx.float32:
-        t = GEMV_TILES[backend + "_small"] if M <= 8 and backend + "_small" in GEMV_TILES else GEMV_TILES[backend]
-        nsg = t["NSG"] or max(1, min(GEMV_NSG_MAX, _ceil_div(K, 128 * t["KL"]) // GEMV_STEPS_PER_SG))
-        template = (("T", dtype), ("NJ", t["NJ"]), ("KL", t["KL"]), ("NSG", nsg))
-        grid = (_ceil_div(N, 8 * t["NJ"]) * 32 * nsg, _ceil_div(M, 16), 1)
+        t = config.gemv(backend, M)
+        nsg = t.NSG or max(1, min(config.gemv_nsg_max, _ceil_div(K, 128 * t.KL) // config.gemv_steps_per_sg))
+        template = (("T", dtype), ("NJ", t.NJ), ("KL", t.KL), ("NSG", nsg))
+        grid = (_ceil_div(N, 8 * t.NJ) * 32 * nsg, _ceil_div(M, 16), 1)
         return Launch(f"{fmt}_gemv", template, grid, (32 * nsg, 1, 1))
+    f = config.gemv_fp32
     mt = 1
-    while mt < min(M, GEMV_MT_MAX):
+    while mt < min(M, f.MT_MAX):
         mt *= 2
-    rows = GEMV_R * GEMV_NSG
-    template = (("T", dtype), ("MT", mt), ("R", GEMV_R), ("NSG", GEMV_NSG))
-    grid = (_ceil_div(N, rows) * 32 * GEMV_NSG, _ceil_div(M, mt), 1)
-    return Launch(f"{fmt}_gemv_fp32", template, grid, (32 * GEMV_NSG, 1, 1))
+    template = (("T", dtype), ("MT", mt), ("R", f.R), ("NSG", f.NSG))
+    grid = (_ceil_div(N, f.R * f.NSG) * 32 * f.NSG, _ceil_div(M, mt), 1)
+    return Launch(f"{fmt}_gemv_fp32", template, grid, (32 * f.NSG, 1, 1))
+
+
+# The launchers plan every call; the plans depend only on these arguments (the config included,
+# which is hashable), so they are computed once per shape.
+_plan_cached = lru_cache(maxsize=4096)(plan)
+_decode_plan_cached = lru_cache(maxsize=4096)(decode_plan)
 
 
 # ---------------------------------------------------------------------------- launchers
 
-def _kernel_object(backend: str, kernel: str):
-    return _kernel_object_cached(backend, kernel, NAME_SUFFIX)
-
-
 @lru_cache(maxsize=None)
-def _kernel_object_cached(backend: str, kernel: str, suffix: str):
-    """Built on first use: constructing needs the Metal/CUDA back-end."""
+def _kernel_object(backend: str, kernel: str, config: KernelConfig = DEFAULT_CONFIG):
+    """Built on first use: constructing needs the Metal/CUDA back-end. The sources depend on
+    `config.source_patches` only; configs differing in tiles alone build equal objects."""
+    _check_available(backend)
     inputs, outputs = io_names(kernel)
+    name = f"bonsai_{kernel}{config.name_suffix}"
     if backend == "metal":
-        header, body = metal_source(kernel)
+        header, body = metal_source(kernel, config)
         return mx.fast.metal_kernel(
-            name=f"bonsai_{kernel}{suffix}", input_names=list(inputs), output_names=list(outputs),
-            source=body, header=header,
+            name=name, input_names=list(inputs), output_names=list(outputs), source=body, header=header,
         )
-    header, body = cuda_source(kernel)
+    header, body = cuda_source(kernel, config)
     return mx.fast.cuda_kernel(
-        name=f"bonsai_{kernel}{suffix}", input_names=list(inputs), output_names=list(outputs),
-        source=body, header=header,
+        name=name, input_names=list(inputs), output_names=list(outputs), source=body, header=header,
     )
 
 
+def backend_available(backend: str) -> bool:
+    """Whether MLX was built with, and found, the GPU back-end that `backend` launches on."""
+    if backend == "metal":
+        return mx.metal.is_available()
+    if backend == "cuda":
+        return mx.cuda.is_available()
+    return False
+
+
+def _check_available(backend: str) -> None:
+    if not backend_available(backend):
+        gpu = {"metal": "Metal", "cuda": "CUDA"}.get(backend)
+        if gpu is None:
+            raise BonsaiError(f"backend must be 'metal' or 'cuda', got {backend!r}")
+        raise BonsaiError(f"backend {backend!r} is not available: this MLX has no {gpu} back-end here; "
+                          "use backend='reference' or 'auto'")
+
+
 def default_backend() -> str:
-    if mx.metal.is_available():
-        return "metal"
-    if mx.cuda.is_available():
-        return "cuda"
-    raise RuntimeError("packed kernels need MLX's Metal or CUDA back-end; use the reference backend")
+    for backend in ("metal", "cuda"):
+        if backend_available(backend):
+            return backend
+    raise BonsaiError("packed kernels need MLX's Metal or CUDA back-end; use the reference backend")
 
 
-def packed_matmul(x: mx.array, pw, backend: str | None = None, path: str | None = None) -> mx.array:
+def packed_matmul(x: mx.array, pw, backend: str | None = None, path: str | None = None,
+                  config: KernelConfig = DEFAULT_CONFIG) -> mx.array:
     """y [..., N] = x [..., K] @ W.T for a PackedWeight-like `pw` (fmt, data, scales, shape).
 
     `path` ("gemv", "gemm", "slab") overrides the choice by M, for benchmarks and tests."""
     backend = backend or default_backend()
     N, K = pw.shape
     if x.shape[-1] != K:
-        raise ValueError(f"input has {x.shape[-1]} features but the packed weight {pw.shape} expects K = {K}")
+        raise BonsaiError(f"input has {x.shape[-1]} features but the packed weight {pw.shape} expects K = {K}")
     if x.dtype not in (mx.float16, mx.bfloat16, mx.float32):
-        raise ValueError(f"input must be float16, bfloat16 or float32, got {x.dtype}")
+        raise BonsaiError(f"input must be float16, bfloat16 or float32, got {x.dtype}")
     lead = x.shape[:-1]
     x2 = x if x.ndim == 2 else x.reshape(-1, K)
     M = x2.shape[0]
     if M == 0:
         return mx.zeros((*lead, N), dtype=x.dtype)
-    launch = _plan_cached(pw.fmt, M, N, K, x.dtype, backend, path, _config_key(backend))
+    launch = _plan_cached(pw.fmt, M, N, K, x.dtype, backend, path, config)
     if launch.slab_rows:
-        parts = slab_parts(x2, pw, backend, launch.slab_rows)
+        parts = slab_parts(x2, pw, backend, launch.slab_rows, config)
         y = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1)
     else:
-        kern = _kernel_object(backend, launch.kernel)
+        kern = _kernel_object(backend, launch.kernel, config)
         (y,) = kern(
             inputs=[x2, pw.data, pw.scales],
             template=list(launch.template),
@@ -483,12 +569,13 @@ def packed_matmul(x: mx.array, pw, backend: str | None = None, path: str | None 
     return y if x.ndim == 2 else y.reshape(*lead, N)
 
 
-def decode_rows(w: mx.array, scales: mx.array, fmt: str, K: int, dtype: mx.Dtype, backend: str) -> mx.array:
+def decode_rows(w: mx.array, scales: mx.array, fmt: str, K: int, dtype: mx.Dtype, backend: str,
+                config: KernelConfig = DEFAULT_CONFIG) -> mx.array:
     """slab [S, K] in `dtype` = W's rows given as packed rows w [S, ...] and scales [S, K/128]
     (row slices of a packed weight; a row slice of a row-contiguous array is a view, no copy)."""
     S = w.shape[0]
-    launch = _decode_plan_cached(fmt, S, K, dtype, backend, _config_key(backend))
-    kern = _kernel_object(backend, launch.kernel)
+    launch = _decode_plan_cached(fmt, S, K, dtype, backend, config)
+    kern = _kernel_object(backend, launch.kernel, config)
     (slab,) = kern(
         inputs=[w, scales],
         template=list(launch.template),
@@ -500,18 +587,14 @@ def decode_rows(w: mx.array, scales: mx.array, fmt: str, K: int, dtype: mx.Dtype
     return slab
 
 
-@lru_cache(maxsize=4096)
-def _decode_plan_cached(fmt: str, rows: int, K: int, dtype: mx.Dtype, backend: str, key: tuple) -> Launch:
-    return decode_plan(fmt, rows, K, dtype, backend)
-
-
-def decode_slab(pw, n0: int, n1: int, dtype: mx.Dtype, backend: str | None = None) -> mx.array:
+def decode_slab(pw, n0: int, n1: int, dtype: mx.Dtype, backend: str | None = None,
+                config: KernelConfig = DEFAULT_CONFIG) -> mx.array:
     """Dense W[n0:n1] [n1 - n0, K] in `dtype` (float16 / bfloat16) through the decode kernel."""
     backend = backend or default_backend()
-    return decode_rows(pw.data[n0:n1], pw.scales[n0:n1], pw.fmt, pw.shape[1], dtype, backend)
+    return decode_rows(pw.data[n0:n1], pw.scales[n0:n1], pw.fmt, pw.shape[1], dtype, backend, config)
 
 
-def slab_parts(x2: mx.array, pw, backend: str, rows: int) -> list[mx.array]:
+def slab_parts(x2: mx.array, pw, backend: str, rows: int, config: KernelConfig = DEFAULT_CONFIG) -> list[mx.array]:
     """[x2 @ W[n0:n1].T for each slab_ranges(N, rows)]: x2 [M, K] (16-bit), parts [M, n1 - n0].
 
     Each slab is decoded only after the previous part is computed (mx.depends): the decodes are
@@ -523,28 +606,22 @@ def slab_parts(x2: mx.array, pw, backend: str, rows: int) -> list[mx.array]:
         w = pw.data[n0:n1]
         if parts:
             w = mx.depends(w, parts[-1])
-        slab = decode_rows(w, pw.scales[n0:n1], pw.fmt, K, x2.dtype, backend)  # [n1 - n0, K]
+        slab = decode_rows(w, pw.scales[n0:n1], pw.fmt, K, x2.dtype, backend, config)  # [n1 - n0, K]
         parts.append(x2 @ slab.T)  # MLX's own matmul; .T is a view
     return parts
 
 
 def metal_matmul(x: mx.array, pw) -> mx.array:
+    """The "metal" launcher of packed_linear: packed_matmul on Metal with the default tuning."""
     return packed_matmul(x, pw, "metal")
 
 
 def cuda_matmul(x: mx.array, pw) -> mx.array:
+    """The "cuda" launcher of packed_linear: packed_matmul on CUDA with the default tuning."""
     return packed_matmul(x, pw, "cuda")
 
 
-def register() -> bool:
-    """Install the "metal" and "cuda" launchers in packed_linear, when that module exists."""
-    try:
-        from . import packed_linear
-    except ImportError:
-        return False
-    packed_linear.register_backend("metal", metal_matmul)
-    packed_linear.register_backend("cuda", cuda_matmul)
-    return True
-
-
-register()
+def launcher(backend: str):
+    """The launcher `(x, pw) -> y` for "metal" or "cuda"; BonsaiError when MLX lacks that back-end."""
+    _check_available(backend)
+    return metal_matmul if backend == "metal" else cuda_matmul

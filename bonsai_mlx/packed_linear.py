@@ -2,7 +2,9 @@
 
 `packed_matmul_reference` is the oracle that the Metal/CUDA kernels are tested against,
 so it favours obviously-right over fast: unpack a slab of columns, scale, matmul in
-float32, accumulate. Device kernels plug in through `register_backend`.
+float32, accumulate. The "metal" and "cuda" backends are the launchers of
+bonsai_mlx.kernels, imported when first asked for (`get_backend`): this module never
+needs the kernel sources, and kernels never imports it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from .packing import GROUP_SIZE, PackedWeight, dequantize_columns, quantize
 Launcher = Callable[[mx.array, PackedWeight], mx.array]
 
 BACKENDS = ("auto", "reference", "metal", "cuda")
-_LAUNCHERS: dict[str, Launcher] = {}
 
 DEFAULT_CHUNK = 512  # columns of K per slab: 4 groups of 128
 
@@ -58,42 +59,27 @@ def _after(pw: PackedWeight, y: mx.array) -> PackedWeight:
     return PackedWeight(pw.fmt, data, pw.scales, pw.shape)
 
 
-def register_backend(name: str, fn: Launcher) -> None:
-    """Install the launcher for `name` ("metal" or "cuda"); replaces any earlier one."""
-    if name not in ("metal", "cuda"):
-        raise BonsaiError(f"backend name must be 'metal' or 'cuda', got {name!r}")
-    if not callable(fn):
-        raise BonsaiError(f"backend {name!r} launcher must be callable, got {type(fn).__name__}")
-    _LAUNCHERS[name] = fn
-
-
 def auto_backend() -> str:
     """Our Metal kernels on Apple GPUs, their CUDA twins on NVIDIA, plain MLX elsewhere."""
     if mx.metal.is_available():
-        name = "metal"
-    elif mx.cuda.is_available():
-        name = "cuda"
-    else:
-        return "reference"
-    if name not in _LAUNCHERS:
-        from . import kernels  # noqa: F401  (registers the launchers on import)
-    return name
+        return "metal"
+    if mx.cuda.is_available():
+        return "cuda"
+    return "reference"
 
 
 def get_backend(name: str) -> Launcher:
-    """The launcher that `PackedLinear(backend=name)` would call."""
+    """The launcher that `PackedLinear(backend=name)` would call; BonsaiError for an unknown
+    name or a GPU backend that this MLX lacks."""
     if name not in BACKENDS:
         raise BonsaiError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
     if name == "auto":
         name = auto_backend()
     if name == "reference":
         return packed_matmul_reference
-    if name not in _LAUNCHERS:
-        raise BonsaiError(
-            f"backend {name!r} is not available: no launcher registered "
-            f"(registered: {', '.join(sorted(_LAUNCHERS)) or 'none'}); use backend='reference' or 'auto'"
-        )
-    return _LAUNCHERS[name]
+    from . import kernels  # on first use: reference-only callers never load the kernel module
+
+    return kernels.launcher(name)
 
 
 class PackedLinear(nn.Module):
@@ -119,7 +105,7 @@ class PackedLinear(nn.Module):
             if bias.shape != (self.out_features,):
                 raise BonsaiError(f"bias must have shape [{self.out_features}], got {list(bias.shape)}")
             self.bias = bias
-        get_backend(backend)  # fail at construction on an unknown name
+        get_backend(backend)  # fail at construction on an unknown or unavailable backend
         self.backend = backend
         self.freeze()  # packed codes are not trainable
 
@@ -135,6 +121,18 @@ class PackedLinear(nn.Module):
     def from_dense(cls, linear_weight, fmt: str, bias: mx.array | None = None, backend: str = "auto") -> "PackedLinear":
         """Post-training quantize a dense [N, K] weight (rules in packing.quantize_*)."""
         return cls.from_packed(quantize(linear_weight, fmt), bias=bias, backend=backend)
+
+    def rows(self, r0: int, r1: int) -> "PackedLinear":
+        """The layer computing output rows [r0, r1) of this one (same format, backend, bias rows).
+
+        Output rows of a linear are independent, so a fused projection can compute one part
+        without the others. The packed codes, scales and bias are row-contiguous, so their row
+        slices are views: nothing is copied."""
+        if not 0 <= r0 < r1 <= self.out_features:
+            raise BonsaiError(f"rows must satisfy 0 <= r0 < r1 <= {self.out_features}, got [{r0}, {r1})")
+        bias = self.bias[r0:r1] if "bias" in self else None
+        return PackedLinear(self.weight[r0:r1], self.scales[r0:r1], self.fmt, (r1 - r0, self.in_features),
+                            bias=bias, backend=self.backend)
 
     def __call__(self, x: mx.array) -> mx.array:
         y = get_backend(self.backend)(x, self.packed)

@@ -8,8 +8,8 @@ mx.matmul and mx.quantized_matmul (2/4-bit, group 128) measured in the same
 run, device copy bandwidth and M=1 bandwidth on packed bytes. Every kernel
 output is first checked against a float64-exact reference on the device.
 Besides the launcher's own choice (`binary`, `ternary`), every shape and M
-also times the slab path forced (`<fmt>_slab`, even below SLAB_MIN_M, to set
-it from data), the fused GEMM forced where the launcher picked the slab
+also times the slab path forced (`<fmt>_slab`, even below the config's
+slab_min_m, to set it from data), the fused GEMM forced where the launcher picked the slab
 (`<fmt>_gemm`), and, at M = 1, the launcher under mx.compile
 (`<fmt>_compiled`: does compiling cut MLX's per-call floor?). At M >= 1024 the
 slab path is also timed under mx.compile, without the concatenation and as
@@ -17,11 +17,14 @@ its decodes alone. `--slab-only`: the checks, the baselines and the slab
 columns for M in 1536, 4608 only. A failed measurement is printed and
 recorded as null; the JSON is rewritten after every row.
 `--sizes` prints the resident-size figure for the full 4B transformer (CPU).
+`--tune` times tuning variants instead: each is a `kernels.KernelConfig` built
+from the default with `dataclasses.replace` and passed to the launcher.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import subprocess
@@ -196,25 +199,27 @@ def call_floor_compiled(mx):
     return timeit(mx, f, xs, 64)
 
 
-def check_outputs(mx, kernels, rng, slab_only=False):
+def check_outputs(mx, kernels, rng, slab_only=False, config=None):
     """Kernel vs exact reference on the device, every path and format: rows of
     (fmt, M, N, K, dtype, kernel, path, rel err); err is nan when the call raised."""
-    # (path, M): the launcher's choice at M = 1, 16 and SLAB_MIN_M[fmt], the GEMM forced at 1536,
+    # (path, M): the launcher's choice at M = 1, 16 and slab_min_m[fmt], the GEMM forced at 1536,
     # the slab forced at 1536 and at M = 40.
+    config = config or kernels.DEFAULT_CONFIG
     rows = []
     for fmt in kernels.FORMATS:
-        cases = [(None, 1), (None, 16), ("gemm", 1536), ("slab", 1536), ("slab", 40), (None, kernels.SLAB_MIN_M[fmt])]
+        slab_min = config.slab_min_m[fmt]
+        cases = [(None, 1), (None, 16), ("gemm", 1536), ("slab", 1536), ("slab", 40), (None, slab_min)]
         if slab_only:
-            cases = [("slab", 1536), ("slab", 40), (None, kernels.SLAB_MIN_M[fmt])]
+            cases = [("slab", 1536), ("slab", 40), (None, slab_min)]
         for (n, k) in CHECK_SHAPES:
             pw, t, s = make_packed(rng, fmt, n, k, mx)
             wd = mx.array(t.astype(np.float32) * np.repeat(s.astype(np.float32), 128, axis=1))
             for path, M in cases:
                 for dt in (mx.float16, mx.bfloat16):
-                    kernel = kernels.plan(fmt, M, n, k, dt, "cuda", path).kernel
+                    kernel = kernels.plan(fmt, M, n, k, dt, "cuda", path, config).kernel
                     try:
                         x = mx.random.normal((M, k)).astype(dt)
-                        y = kernels.packed_matmul(x, pw, "cuda", path=path).astype(mx.float32)
+                        y = kernels.packed_matmul(x, pw, "cuda", path=path, config=config).astype(mx.float32)
                         ref = x.astype(mx.float32) @ wd.T
                         err = (mx.linalg.norm(y - ref) / mx.linalg.norm(ref)).item()
                     except Exception as e:  # recorded as nan; the caller decides what is fatal
@@ -254,12 +259,16 @@ def run(args):
     from bonsai_mlx import kernels
 
     rng = np.random.default_rng(0)
+    cfg = kernels.DEFAULT_CONFIG
+    # info["slab"] keeps the key names of the earlier result files (docs/results/), so their
+    # tables and these compare; info["config"] is the whole tuning, for the record.
     info = dict(device=device_name(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 command=" ".join(sys.argv), mlx=mx.__version__, commit=_git_head(), slab_only=args.slab_only,
-                slab=dict(SLAB_MIN_M=dict(kernels.SLAB_MIN_M), SLAB_MAX_ELEMENTS=kernels.SLAB_MAX_ELEMENTS,
-                          SLAB_ROW_MULTIPLE=kernels.SLAB_ROW_MULTIPLE, DECODE_TILES=dict(kernels.DECODE_TILES)))
+                slab=dict(SLAB_MIN_M=dataclasses.asdict(cfg.slab_min_m), SLAB_MAX_ELEMENTS=cfg.slab_max_elements,
+                          SLAB_ROW_MULTIPLE=cfg.slab_row_multiple, DECODE_TILES=dataclasses.asdict(cfg.decode)),
+                config=dataclasses.asdict(cfg))
     print(f"device: {info['device']}  mlx {info['mlx']}  {info['date']}  commit {info['commit']}", flush=True)
-    checks = check_outputs(mx, kernels, rng, args.slab_only)
+    checks = check_outputs(mx, kernels, rng, args.slab_only, cfg)
     slab_checks = [c for c in checks if c[5].endswith("_decode")]
     fused_checks = [c for c in checks if not c[5].endswith("_decode")]
     for name, cs in (("fused", fused_checks), ("slab", slab_checks)):
@@ -370,13 +379,10 @@ def run(args):
                     measure(row, f"{fmt}_slab_parts", lambda: timeit(
                         mx, lambda a, p: kernels.slab_parts(a, p, "cuda", rows_per_slab), rs, iters))
                     for cap in args.slab_caps:
-                        saved = kernels.SLAB_MAX_ELEMENTS
-                        try:
-                            kernels.SLAB_MAX_ELEMENTS = int(cap)
-                            measure(row, f"{fmt}_slab_cap{int(cap)}", lambda: timeit(
-                                mx, lambda a, p: kernels.packed_matmul(a, p, "cuda", path="slab"), rs, iters))
-                        finally:
-                            kernels.SLAB_MAX_ELEMENTS = saved
+                        capped = dataclasses.replace(cfg, slab_max_elements=int(cap))
+                        measure(row, f"{fmt}_slab_cap{int(cap)}", lambda: timeit(
+                            mx, lambda a, p: kernels.packed_matmul(a, p, "cuda", path="slab", config=capped), rs,
+                            iters))
                 row[f"{fmt}_decode"] = decode_row.get(f"{fmt}_decode")
                 del rs
             row["tflops"] = {key: flops / v / 1e12 for key, v in row.items() if _is_timing(key) and _ok(v)}
@@ -540,9 +546,35 @@ def tables(out):
     return "\n".join(lines)
 
 
+def gemv_variant(kernels, values):
+    """The default config with the CUDA 16-bit GEMV's NJ, KL, NSG (0 = auto) and, when given, its
+    gemv_steps_per_sg replaced, in that order, for every M (no separate tile for M <= 8)."""
+    base = kernels.DEFAULT_CONFIG
+    tile = dataclasses.replace(base.gemv_cuda, **dict(zip(("NJ", "KL", "NSG"), values[:3])))
+    steps = values[3] if len(values) > 3 else base.gemv_steps_per_sg
+    return dataclasses.replace(base, gemv_cuda=tile, gemv_cuda_small=None, gemv_steps_per_sg=steps)
+
+
+def tune_variants(kernels, args):
+    """(GEMM configs, GEMV configs) to time, each a KernelConfig derived from the default: the
+    GEMM ones for every source variant (None = unpatched) x tile, as (patch index, tile, config);
+    the GEMV ones as (argument list, config)."""
+    base = kernels.DEFAULT_CONFIG
+    patch_sets = args.tune_patches
+    if isinstance(patch_sets, str):  # "@file"
+        with open(patch_sets[1:]) as f:
+            patch_sets = json.load(f)
+    patches = [()] + [tuple(tuple(r) for r in v) for v in patch_sets]
+    gemm = [(pi, tuple(v), dataclasses.replace(base, source_patches=patch,
+                                               gemm_cuda=kernels.GemmTile(*v)))
+            for pi, patch in enumerate(patches) for v in args.tune_tiles]
+    gemv = [(tuple(v), gemv_variant(kernels, v)) for v in args.tune_gemv]
+    return gemm, gemv
+
+
 def tune(args):
-    """Time tile/launch variants of the CUDA twins (for choosing kernels.GEMM_TILES / GEMV_*), and the
-    per-call floor of an empty custom kernel timed the same way."""
+    """Time tile/launch variants of the CUDA twins (for choosing the KernelConfig's gemm_cuda / gemv_*
+    fields), and the per-call floor of an empty custom kernel timed the same way."""
     import mlx.core as mx
 
     from bonsai_mlx import kernels
@@ -564,12 +596,7 @@ def tune(args):
     for fmt, pw in tiny.items():
         t = timeit(mx, lambda a: kernels.packed_matmul(a, pw, "cuda"), xt, 64)
         print(f"packed_matmul {fmt} M=1 N=64 K=128 per call: {t * 1e6:.1f} us", flush=True)
-    gemm_variants = [dict(zip(("BM", "BN", "BK", "SGM", "SGN"), v)) for v in args.tune_tiles]
-    gemv_variants = [tuple(v) for v in args.tune_gemv]
-    if isinstance(args.tune_patches, str):  # "@file"
-        with open(args.tune_patches[1:]) as f:
-            args.tune_patches = json.load(f)
-    patches = [None] + [[tuple(r) for r in v] for v in args.tune_patches]
+    gemm_variants, gemv_variants = tune_variants(kernels, args)
     for (n, k) in args.tune_shapes:
         pws = {fmt: make_packed(rng, fmt, n, k, mx)[0] for fmt in kernels.FORMATS}
         w16 = (mx.random.normal((n, k)) * 0.02).astype(mx.float16)
@@ -582,27 +609,21 @@ def tune(args):
             tq = fl / timeit(mx, lambda a: mx.quantized_matmul(a, wq, sc, bi, transpose=True, group_size=128, bits=2),
                              [(x,)], 10) / 1e12
             print(f"{n}x{k} M={M} fp16 {tf:.0f} TFLOP/s, q2 {tq:.0f}", flush=True)
-            for pi, patch in enumerate(patches):
-                kernels.SOURCE_PATCHES[:] = [] if patch is None else patch
-                kernels.NAME_SUFFIX = "" if patch is None else f"_p{pi}"
-                for v in gemm_variants:
-                    kernels.GEMM_TILES["cuda"] = v
-                    for fmt, pw in pws.items():
-                        t = timeit(mx, lambda a, p: kernels.packed_matmul(a, p, "cuda", path="gemm"), [(x, pw)], 10)
-                        print(f"  gemm{'' if patch is None else f' p{pi}'} {fmt:8s} {tuple(v.values())}: "
-                              f"{fl / t / 1e12:.0f} TFLOP/s ({tf * t / fl * 1e12:.2f}x fp16 time)", flush=True)
-            kernels.SOURCE_PATCHES[:] = []
-            kernels.NAME_SUFFIX = ""
+            for pi, tile, cfg in gemm_variants:
+                for fmt, pw in pws.items():
+                    t = timeit(mx, lambda a, p: kernels.packed_matmul(a, p, "cuda", path="gemm", config=cfg),
+                               [(x, pw)], 10)
+                    print(f"  gemm{f' p{pi}' if pi else ''} {fmt:8s} {tile}: "
+                          f"{fl / t / 1e12:.0f} TFLOP/s ({tf * t / fl * 1e12:.2f}x fp16 time)", flush=True)
         copies = {fmt: [SimpleNamespace(fmt=fmt, data=mx.array(p.data + 0), scales=mx.array(p.scales * 1),
                                         shape=p.shape) for _ in range(8)] for fmt, p in pws.items()}
         for M in (1, 16):
             xm = [mx.random.normal((M, k)).astype(mx.float16) for _ in range(8)]
-            for v in gemv_variants:
-                kernels.set_gemv_config(*v)
+            for v, cfg in gemv_variants:
                 for fmt in kernels.FORMATS:
                     nb = pws[fmt].data.nbytes + pws[fmt].scales.nbytes
                     rot = [(xm[i], copies[fmt][i]) for i in range(8)]
-                    t = timeit(mx, lambda a, p: kernels.packed_matmul(a, p, "cuda"), rot, 64)
+                    t = timeit(mx, lambda a, p: kernels.packed_matmul(a, p, "cuda", config=cfg), rot, 64)
                     print(f"  gemv M={M} {fmt:8s} {v}: {t * 1e6:.1f} us, {nb / t / 1e9:.0f} GB/s", flush=True)
 
 
@@ -614,7 +635,7 @@ def main():
                    help="short run: checks, baselines and the slab columns at M in 1536, 4608 only")
     p.add_argument("--ms", type=json.loads, default=None, help=f"M values, a JSON list (default {MS})")
     p.add_argument("--slab-caps", type=json.loads, default=[],
-                   help="also time the slab path at these SLAB_MAX_ELEMENTS values (M >= 1024), a JSON list")
+                   help="also time the slab path at these slab_max_elements values (M >= 1024), a JSON list")
     p.add_argument("--out", help="write raw results as JSON (rewritten after every row)")
     p.add_argument("--tune", action="store_true", help="time CUDA tile/launch variants instead")
     p.add_argument("--tune-tiles", type=json.loads, default=[[128, 128, 64, 2, 2], [128, 256, 64, 2, 4]],
@@ -623,7 +644,9 @@ def main():
                    help="source variants for the GEMM: a JSON list of variants, each a list of [file, old, new]")
     p.add_argument("--tune-shapes", type=json.loads, default=[[3072, 3072], [18432, 3072], [3072, 12288]],
                    help="(N, K) shapes for --tune, a JSON list")
-    p.add_argument("--tune-gemv", type=json.loads, default=[], help="GEMV configs, a JSON list of argument lists")
+    p.add_argument("--tune-gemv", type=json.loads, default=[],
+                   help="CUDA GEMV variants, a JSON list of [NJ, KL, NSG (0 = auto)] or [NJ, KL, NSG, steps per "
+                        "simdgroup], each used for every M")
     args = p.parse_args()
     if args.tune:
         tune(args)

@@ -8,10 +8,12 @@ packed_linear.packed_matmul_reference when that module is present).
 
 from __future__ import annotations
 
+import ast
 import re
 import shutil
 import subprocess
 import sys
+from dataclasses import FrozenInstanceError, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,12 +22,14 @@ import numpy as np
 import pytest
 
 from bonsai_mlx import kernels, packing
+from bonsai_mlx.errors import BonsaiError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from kernel_helpers import TOL, bf16_bits_to_float, dense, random_weight, rel_err, slab_weight, to_numpy
 from metal_harness import harness
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+CFG = kernels.DEFAULT_CONFIG
 
 
 def run_metal(pw, x: mx.array):
@@ -150,10 +154,10 @@ def test_decode_kernel_matches_packing_dequantize_bit_for_bit(fmt, N, n0, n1, K,
 
 def test_plan_picks_gemv_gemm_slab_by_m():
     # The thresholds measured on an H200 (binary's fused GEMM holds out longer).
-    assert kernels.SLAB_MIN_M == {"binary": 1536, "ternary": 1024}
+    assert CFG.slab_min_m == kernels.ByFormat(binary=1536, ternary=1024)
     for backend in ("metal", "cuda"):
         for fmt in kernels.FORMATS:
-            lo, hi = kernels.GEMM_MIN_M, kernels.SLAB_MIN_M[fmt]
+            lo, hi = kernels.GEMM_MIN_M, CFG.slab_min_m[fmt]
             assert 0 < lo < hi
             for dt in (mx.float16, mx.bfloat16):
                 L = {M: kernels.plan(fmt, M, 3072, 3072, dt, backend) for M in (1, lo - 1, lo, hi - 1, hi, 4608)}
@@ -166,16 +170,16 @@ def test_plan_picks_gemv_gemm_slab_by_m():
             # float32 x never takes the slab (the slab is x's dtype, 16-bit).
             want = f"{fmt}_gemm" if backend == "metal" else f"{fmt}_gemv_fp32"
             assert kernels.plan(fmt, 4608, 3072, 3072, mx.float32, backend).kernel == want
-            with pytest.raises(ValueError, match="float16 or bfloat16"):
+            with pytest.raises(BonsaiError, match="float16 or bfloat16"):
                 kernels.plan(fmt, 4608, 3072, 3072, mx.float32, backend, path="slab")
-            with pytest.raises(ValueError, match="path"):
+            with pytest.raises(BonsaiError, match="path"):
                 kernels.plan(fmt, 4608, 3072, 3072, mx.float16, backend, path="dense")
 
 
 def _recording_kernels(calls):
     """Stand-in for kernels._kernel_object that records (kernel, rows of its first input: M of x,
     or the slab's rows of w) and returns zeros: what the launcher launches, without running it."""
-    def make(backend, kernel):
+    def make(backend, kernel, config=CFG):
         def call(inputs, template, grid, threadgroup, output_shapes, output_dtypes):
             calls.append((kernel, inputs[0].shape[0]))
             return [mx.zeros(sh, dtype=d) for sh, d in zip(output_shapes, output_dtypes)]
@@ -187,7 +191,7 @@ def test_launcher_follows_the_plan_at_the_boundaries(monkeypatch):
     calls = []
     monkeypatch.setattr(kernels, "_kernel_object", _recording_kernels(calls))
     for fmt in kernels.FORMATS:
-        lo, hi = kernels.GEMM_MIN_M, kernels.SLAB_MIN_M[fmt]
+        lo, hi = kernels.GEMM_MIN_M, CFG.slab_min_m[fmt]
         pw = random_weight(np.random.default_rng(0), fmt, 512, 256)[2]
         for M, want in ((1, "gemv"), (lo - 1, "gemv"), (lo, "gemm"), (hi - 1, "gemm")):
             calls.clear()
@@ -202,24 +206,24 @@ def test_launcher_follows_the_plan_at_the_boundaries(monkeypatch):
 @pytest.mark.parametrize("N,K", KLEIN_SHAPES)
 def test_no_slab_covers_a_whole_klein_matrix(monkeypatch, N, K):
     for backend in ("metal", "cuda"):
-        L = kernels.plan("binary", kernels.SLAB_MIN_M["binary"], N, K, mx.float16, backend)
+        L = kernels.plan("binary", CFG.slab_min_m["binary"], N, K, mx.float16, backend)
         rows = L.slab_rows
-        assert 0 < rows < N and rows % kernels.SLAB_ROW_MULTIPLE == 0 and rows * K <= kernels.SLAB_MAX_ELEMENTS
+        assert 0 < rows < N and rows % CFG.slab_row_multiple == 0 and rows * K <= CFG.slab_max_elements
         ranges = kernels.slab_ranges(N, rows)
         assert ranges[0][0] == 0 and ranges[-1][1] == N and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
         assert all(0 < n1 - n0 <= rows for n0, n1 in ranges) and len(ranges) >= 2
         # The decode launch covers exactly one slab: a simdgroup per 32 CPT 8-weight chunks of a row, whole
         # threadgroups.
-        t = kernels.DECODE_TILES
-        items = rows * -(-K // (256 * t["CPT"]))
-        assert L.grid[0] % L.threadgroup[0] == 0 and items <= L.grid[0] // 32 < items + t["NSG"]
+        t = CFG.decode
+        items = rows * -(-K // (256 * t.CPT))
+        assert L.grid[0] % L.threadgroup[0] == 0 and items <= L.grid[0] // 32 < items + t.NSG
     # And the launcher decodes exactly those rows (graph only: nothing is evaluated).
     calls = []
     monkeypatch.setattr(kernels, "_kernel_object", _recording_kernels(calls))
     pw = SimpleNamespace(fmt="ternary", data=mx.zeros((N, -(-K // 5)), mx.uint8), scales=mx.zeros((N, K // 128), mx.float16),
                          shape=(N, K))
-    y = kernels.packed_matmul(mx.zeros((kernels.SLAB_MIN_M["ternary"], K), mx.float16), pw, "cuda")
-    assert y.shape == (kernels.SLAB_MIN_M["ternary"], N)
+    y = kernels.packed_matmul(mx.zeros((CFG.slab_min_m["ternary"], K), mx.float16), pw, "cuda")
+    assert y.shape == (CFG.slab_min_m["ternary"], N)
     assert [c[1] for c in calls] == [n1 - n0 for n0, n1 in ranges] and max(c[1] for c in calls) < N
 
 
@@ -235,12 +239,105 @@ def test_decode_plan_at_klein_shapes():
         assert kernels.plan("binary", 4608, 3072, 3072, mx.float16, backend).grid == (147456, 1, 1)  # 1536 rows
 
 
+# ----------------------------------------------------------------------------- tuning config
+
+def test_config_is_frozen_hashable_and_keys_the_plan_cache():
+    assert hash(CFG) == hash(kernels.KernelConfig()) and CFG == kernels.KernelConfig()
+    with pytest.raises(FrozenInstanceError):
+        CFG.slab_max_elements = 1
+    # A replaced config plans with its own values, and the default's plans are untouched: the
+    # launcher's plan cache keys on the config itself.
+    small = replace(CFG, gemv_cuda=kernels.GemvTile(NJ=2, KL=1, NSG=3), gemv_cuda_small=None,
+                    gemm_cuda=kernels.GemmTile(BM=128, BN=256, BK=64, SGM=2, SGN=4),
+                    slab_min_m=kernels.ByFormat(binary=64, ternary=64), slab_max_elements=128 * 3072)
+    assert dict(kernels.plan("binary", 1, 3072, 3072, mx.float16, "cuda").template)["NJ"] == 4
+    assert dict(kernels.plan("binary", 1, 3072, 3072, mx.float16, "cuda", config=small).template)["NJ"] == 2
+    g = kernels.plan("binary", 40, 3072, 3072, mx.float16, "cuda", config=small)
+    assert dict(g.template)["BN"] == 256 and g.threadgroup == (256, 1, 1)
+    assert kernels.choose_path(64, mx.float16, "cuda", "ternary", small) == "slab"
+    assert kernels.choose_path(64, mx.float16, "cuda", "ternary") == "gemm"
+    assert kernels.slab_rows(3072, 3072, small) == 128 and kernels.slab_rows(3072, 3072) == 1536
+    calls = []
+    launched = {}
+
+    def make(backend, kernel, config=CFG):
+        def call(inputs, template, grid, threadgroup, output_shapes, output_dtypes):
+            calls.append((kernel, inputs[0].shape[0]))
+            launched[kernel] = dict(template)
+            return [mx.zeros(sh, dtype=d) for sh, d in zip(output_shapes, output_dtypes)]
+        return call
+
+    pw = random_weight(np.random.default_rng(0), "ternary", 3072, 3072)[2]
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(kernels, "_kernel_object", make)
+        for config, nj in ((CFG, 4), (small, 2), (CFG, 4)):
+            kernels.packed_matmul(mx.zeros((1, 3072), mx.float16), pw, "cuda", config=config)
+            assert launched["ternary_gemv"]["NJ"] == nj
+        calls.clear()
+        kernels.packed_matmul(mx.zeros((64, 3072), mx.float16), pw, "cuda", config=small)
+        assert calls == [("ternary_decode", 128)] * 24
+
+
+def test_config_rejects_unhashable_values():
+    with pytest.raises(BonsaiError, match="hashable"):
+        replace(CFG, source_patches=[("binary_gemm.metal", "a", "b")])
+
+
+def test_source_patches_change_the_text_and_the_kernel_name():
+    body = kernels.metal_source("binary_gemv")[1]
+    line = next(ln for ln in body.splitlines() if len(ln) > 20)
+    patched = replace(CFG, source_patches=(("binary_gemv.metal", line, line + "\nconstexpr int variant = 1;"),))
+    assert CFG.name_suffix == "" and patched.name_suffix.startswith("_p")
+    assert kernels.metal_source("binary_gemv", patched)[1] == body.replace(line, line + "\nconstexpr int variant = 1;", 1)
+    assert kernels.metal_source("ternary_gemv", patched) == kernels.metal_source("ternary_gemv")
+    assert kernels.metal_source("binary_gemv") == (kernels.metal_source("binary_gemv")[0], body)  # default untouched
+    missing = replace(CFG, source_patches=(("binary_gemv.metal", "no such text", ""),))
+    with pytest.raises(BonsaiError, match="source patch target not found in binary_gemv.metal"):
+        kernels.metal_source("binary_gemv", missing)
+
+
+def test_user_errors_are_bonsai_errors():
+    pw = random_weight(np.random.default_rng(0), "binary", 64, 256)[2]
+    with pytest.raises(BonsaiError, match="K must be a positive multiple of 128"):
+        kernels.plan("binary", 1, 64, 200, mx.float16, "metal")
+    with pytest.raises(BonsaiError, match="no kernel for packed format 'ternary2'"):
+        kernels.plan("ternary2", 1, 64, 256, mx.float16, "metal")
+    with pytest.raises(BonsaiError, match="no kernel for packed format 'ternary2'"):
+        kernels.choose_path(1, mx.float16, "metal", "ternary2")
+    with pytest.raises(BonsaiError, match="backend must be 'metal' or 'cuda'"):
+        kernels.plan("binary", 1, 64, 256, mx.float16, "cpu")
+    with pytest.raises(BonsaiError, match="the CUDA GEMM takes float16/bfloat16"):
+        kernels.plan("binary", 64, 64, 256, mx.float32, "cuda", path="gemm")
+    with pytest.raises(BonsaiError, match="need rows > 0"):
+        kernels.decode_plan("binary", 0, 256, mx.float16, "cuda")
+    with pytest.raises(BonsaiError, match="input has 128 features"):
+        kernels.packed_matmul(mx.zeros((1, 128), mx.float16), pw, "metal")
+    with pytest.raises(BonsaiError, match="input must be float16, bfloat16 or float32"):
+        kernels.packed_matmul(mx.zeros((1, 256), mx.int32), pw, "metal")
+    if not mx.cuda.is_available():
+        with pytest.raises(BonsaiError, match="'cuda' is not available"):
+            kernels.packed_matmul(mx.zeros((1, 256), mx.float16), pw, "cuda")
+    if not mx.metal.is_available():
+        with pytest.raises(BonsaiError, match="'metal' is not available"):
+            kernels.decode_slab(pw, 0, 8, mx.float16, "metal")
+
+
+def test_kernels_import_only_errors_and_find_metal_next_to_themselves():
+    # Imports go packed_linear -> kernels, never back: kernels imports nothing else of the package.
+    tree = ast.parse(Path(kernels.__file__).read_text())
+    ours = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and (n.level or "bonsai" in (n.module or ""))]
+    assert [(n.level, n.module) for n in ours] == [(1, "errors")]
+    assert not any(isinstance(n, ast.Import) and any("bonsai" in a.name for a in n.names) for n in ast.walk(tree))
+    here = Path(kernels.__file__).parent
+    assert kernels.metal_dir() in (here / "metal", here.parent / "metal")
+
+
 def _harness_kernels(calls):
     """Stand-in for kernels._kernel_object that runs the Metal source in the harness, with the
     arguments the launcher gives MLX."""
-    def make(backend, kernel):
+    def make(backend, kernel, config=CFG):
         inputs_n, outputs_n = kernels.io_names(kernel)
-        header, body = kernels.metal_source(kernel)
+        header, body = kernels.metal_source(kernel, config)
 
         def call(inputs, template, grid, threadgroup, output_shapes, output_dtypes):
             calls.append((kernel, inputs[0].shape[0]))
@@ -256,15 +353,15 @@ def _harness_kernels(calls):
 def test_slab_path_end_to_end_in_the_harness(monkeypatch, fmt, dtype):
     # packed_matmul's slab path with the decode kernels run by the harness: slicing, row offsets,
     # the ragged last slab, MLX's matmul and the concatenation along N. 128-row slabs of K = 256.
-    monkeypatch.setattr(kernels, "SLAB_MAX_ELEMENTS", 128 * 256)
+    config = replace(CFG, slab_max_elements=128 * 256)
     calls = []
     monkeypatch.setattr(kernels, "_kernel_object", _harness_kernels(calls))
     rng = np.random.default_rng(7)
     N, K = 300, 256
     t, s, pw = slab_weight(rng, fmt, N, K)
-    x = mx.array(rng.standard_normal((2, kernels.SLAB_MIN_M[fmt] // 2, K)).astype(np.float32)).astype(DTYPES[dtype])
-    y = kernels.packed_matmul(x, pw, "metal")
-    assert y.shape == (2, kernels.SLAB_MIN_M[fmt] // 2, N) and y.dtype == DTYPES[dtype]
+    x = mx.array(rng.standard_normal((2, CFG.slab_min_m[fmt] // 2, K)).astype(np.float32)).astype(DTYPES[dtype])
+    y = kernels.packed_matmul(x, pw, "metal", config=config)
+    assert y.shape == (2, CFG.slab_min_m[fmt] // 2, N) and y.dtype == DTYPES[dtype]
     assert calls == [(f"{fmt}_decode", 128), (f"{fmt}_decode", 128), (f"{fmt}_decode", 44)]
     ref = to_numpy(x).reshape(-1, K).astype(np.float64) @ dense(t, s).T
     assert rel_err(to_numpy(y).reshape(-1, N), ref) < TOL[dtype]
@@ -275,21 +372,21 @@ def test_slab_path_holds_one_slab_at_a_time(monkeypatch):
     # holds many slabs at once. The decode is stood in for by packing.dequantize of the same rows
     # (lazy MLX ops, so MLX schedules it as it would the kernel); 128 slabs of 64 rows, M = 16.
     # Measured on this machine: 1.7 MiB extra at peak chained, 7.5 MiB unchained; dense W is 16 MiB.
-    def lazy_decode(backend, kernel):
+    def lazy_decode(backend, kernel, config=CFG):
         def call(inputs, template, grid, threadgroup, output_shapes, output_dtypes):
             rows = packing.PackedWeight(kernel.split("_")[0], inputs[0], inputs[1], tuple(output_shapes[0]))
             return [packing.dequantize(rows, output_dtypes[0])]
         return call
 
     monkeypatch.setattr(kernels, "_kernel_object", lazy_decode)
-    monkeypatch.setattr(kernels, "SLAB_MAX_ELEMENTS", 64 * 1024)
+    config = replace(CFG, slab_max_elements=64 * 1024)
     N, K = 8192, 1024
     pw = random_weight(np.random.default_rng(5), "binary", N, K)[2]
     x = mx.array(np.random.default_rng(6).standard_normal((16, K)).astype(np.float16))
     mx.eval(pw.data, pw.scales, x)
     mx.reset_peak_memory()
     base = mx.get_active_memory()
-    mx.eval(kernels.packed_matmul(x, pw, "metal", path="slab"))
+    mx.eval(kernels.packed_matmul(x, pw, "metal", path="slab", config=config))
     extra = mx.get_peak_memory() - base
     assert extra < N * K * 2 / 6, f"peak extra {extra / 2**20:.1f} MiB"
 

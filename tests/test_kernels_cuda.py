@@ -11,6 +11,7 @@ oracle and the reference path.
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -79,8 +80,8 @@ def test_cuda_decode_matches_packing_dequantize_bit_for_bit(fmt, N, n0, n1, K, d
     assert bad.size == 0, f"{len(bad)} elements differ, first at {tuple(bad[0])}"
 
 
-# Slab path, forced with path="slab" whatever SLAB_MIN_M is: (M, N, K, slab cap in weights or None
-# for the module's): many slabs with a ragged last one, a klein shape at the real cap, and M = 40.
+# Slab path, forced with path="slab" whatever slab_min_m is: (M, N, K, slab cap in weights or None
+# for the default config's): many slabs with a ragged last one, a klein shape at the real cap, and M = 40.
 SLAB_CASES = [
     (1024, 640, 3072, 128 * 3072),
     (1536, 390, 1152, 128 * 1152),
@@ -92,16 +93,15 @@ SLAB_CASES = [
 @pytest.mark.parametrize("fmt", kernels.FORMATS)
 @pytest.mark.parametrize("dtype", ("float16", "bfloat16"))
 @pytest.mark.parametrize("M,N,K,cap", SLAB_CASES)
-def test_cuda_slab_path_matches_oracle_and_reference(monkeypatch, fmt, dtype, M, N, K, cap):
-    if cap is not None:
-        monkeypatch.setattr(kernels, "SLAB_MAX_ELEMENTS", cap)
+def test_cuda_slab_path_matches_oracle_and_reference(fmt, dtype, M, N, K, cap):
+    config = kernels.DEFAULT_CONFIG if cap is None else replace(kernels.DEFAULT_CONFIG, slab_max_elements=cap)
     rng = np.random.default_rng(abs(hash((fmt, M, N, K, dtype))) % 2**32)
     t, s, pw = random_weight(rng, fmt, N, K)
     x = mx.array(rng.standard_normal((M, K)).astype(np.float32)).astype(DTYPES[dtype])
-    rows = kernels.plan(fmt, M, N, K, x.dtype, "cuda", "slab").slab_rows
+    rows = kernels.plan(fmt, M, N, K, x.dtype, "cuda", "slab", config).slab_rows
     assert len(kernels.slab_ranges(N, rows)) >= 2
     mx.eval(mx.full((M * N * 4,), float("nan")))
-    y = to_numpy(kernels.packed_matmul(x, pw, "cuda", path="slab")).astype(np.float64)
+    y = to_numpy(kernels.packed_matmul(x, pw, "cuda", path="slab", config=config)).astype(np.float64)
     assert np.isfinite(y).all()
     # Bound: MLX's matmul accumulates in float32; the slab holds W exactly in float16, and with each
     # scale rounded once to bfloat16 (<= 2^-9 relative) in bfloat16; the output rounds once. So the
@@ -116,7 +116,7 @@ def test_cuda_slab_path_matches_oracle_and_reference(monkeypatch, fmt, dtype, M,
 def test_cuda_slab_path_is_chosen_at_slab_min_m_and_compiles(fmt):
     rng = np.random.default_rng(3)
     t, s, pw = random_weight(rng, fmt, 640, 1152)
-    M = kernels.SLAB_MIN_M[fmt]
+    M = kernels.DEFAULT_CONFIG.slab_min_m[fmt]
     assert kernels.plan(fmt, M, 640, 1152, mx.float16, "cuda").slab_rows > 0
     x = mx.array(rng.standard_normal((M, 1152)).astype(np.float32)).astype(mx.float16)
     y = kernels.packed_matmul(x, pw, "cuda")

@@ -5,9 +5,9 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-import bonsai_mlx.packed_linear as pl
+from bonsai_mlx import kernels
 from bonsai_mlx.errors import BonsaiError
-from bonsai_mlx.packed_linear import PackedLinear, get_backend, packed_matmul_reference, register_backend
+from bonsai_mlx.packed_linear import PackedLinear, auto_backend, get_backend, packed_matmul_reference
 from bonsai_mlx.packing import dequantize, pack_binary, pack_ternary, quantize, to_mlx_affine
 
 RNG = np.random.default_rng(1)
@@ -107,15 +107,6 @@ def test_mlx_quantized_matmul_bits2_agrees_for_ternary():
 
 # ------------------------------------------------------------------------------ PackedLinear
 
-@pytest.fixture
-def clean_registry():
-    saved = dict(pl._LAUNCHERS)
-    pl._LAUNCHERS.clear()
-    yield
-    pl._LAUNCHERS.clear()
-    pl._LAUNCHERS.update(saved)
-
-
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_packed_linear_from_dense_and_call(fmt):
     w = RNG.normal(scale=0.02, size=(64, 256)).astype(np.float32)
@@ -155,27 +146,96 @@ def test_packed_linear_validates_like_packed_weight():
         PackedLinear(mx.zeros((4, 4), mx.uint32), mx.zeros((4, 1), mx.float32), "binary", (4, 128))
 
 
-def test_backend_registry(clean_registry):
+def _expected_auto():
+    if mx.metal.is_available():
+        return "metal"
+    if mx.cuda.is_available():
+        return "cuda"
+    return "reference"
+
+
+def test_auto_picks_the_device_backend():
+    # Whatever this machine has: Metal on a Mac, CUDA on NVIDIA, the reference elsewhere.
+    want = _expected_auto()
+    assert auto_backend() == want
+    assert get_backend("auto") is get_backend(want)
+    assert get_backend("reference") is packed_matmul_reference
+    if want == "metal":
+        assert get_backend("auto") is kernels.metal_matmul
+    elif want == "cuda":
+        assert get_backend("auto") is kernels.cuda_matmul
+
+
+@pytest.mark.parametrize("gpu", ["metal", "cuda"])
+def test_auto_follows_the_available_back_end(monkeypatch, gpu):
+    # The choice itself, for each back-end MLX may report (Metal is checked first).
+    monkeypatch.setattr(mx.metal, "is_available", lambda: gpu == "metal")
+    monkeypatch.setattr(mx.cuda, "is_available", lambda: gpu == "cuda")
+    assert auto_backend() == gpu
+    assert get_backend("auto") is getattr(kernels, f"{gpu}_matmul")
+    monkeypatch.setattr(mx.metal, "is_available", lambda: False)
+    monkeypatch.setattr(mx.cuda, "is_available", lambda: False)
+    assert auto_backend() == "reference" and get_backend("auto") is packed_matmul_reference
+
+
+def test_backend_errors(monkeypatch):
     pw = random_weight("binary", 16, 128)
-    x = mx.array(RNG.normal(size=(2, 128)).astype(np.float32))
-    assert get_backend("auto") is packed_matmul_reference
-    with pytest.raises(BonsaiError, match="backend 'metal' is not available: no launcher registered"):
-        PackedLinear.from_packed(pw, backend="metal")
     with pytest.raises(BonsaiError, match="unknown backend 'tpu'"):
         PackedLinear.from_packed(pw, backend="tpu")
-    with pytest.raises(BonsaiError, match="'metal' or 'cuda'"):
-        register_backend("reference", lambda x, pw: x)
+    monkeypatch.setattr(mx.metal, "is_available", lambda: False)
+    monkeypatch.setattr(mx.cuda, "is_available", lambda: False)
+    for gpu in ("metal", "cuda"):
+        with pytest.raises(BonsaiError, match=f"backend '{gpu}' is not available"):
+            PackedLinear.from_packed(pw, backend=gpu)
+    with pytest.raises(BonsaiError, match="Metal or CUDA back-end"):
+        kernels.packed_matmul(mx.zeros((1, 128), mx.float16), pw)
 
+
+def test_packed_linear_calls_the_backend_launcher(monkeypatch):
+    # A GPU backend resolves to its kernels launcher; stand one in (and the back-end it needs)
+    # and check the layer hands it x and the packed weight, then adds nothing else.
+    pw = random_weight("binary", 16, 128)
+    x = mx.array(RNG.normal(size=(2, 128)).astype(np.float32))
     calls = []
 
     def fake(x, got):
         calls.append(got)
         return packed_matmul_reference(x, got) * 2
 
-    register_backend("metal", fake)
+    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+    monkeypatch.setattr(kernels, "metal_matmul", fake)
     layer = PackedLinear.from_packed(pw, backend="metal")
     y = layer(x)
     assert len(calls) == 1 and calls[0].fmt == "binary" and calls[0].shape == (16, 128)
     np.testing.assert_array_equal(np.array(y), 2 * np.array(packed_matmul_reference(x, pw)))
-    assert PackedLinear.from_packed(pw)(x).shape == (2, 16)  # auto still uses the reference
+    assert PackedLinear.from_packed(pw, backend="reference")(x).shape == (2, 16)
+    assert len(calls) == 1
     assert isinstance(layer, nn.Module)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_rows_computes_the_slice_of_the_full_output(fmt):
+    pw = random_weight(fmt, 40, 384)
+    x = mx.array(RNG.normal(size=(2, 3, 384)).astype(np.float32))
+    for bias in (None, mx.array(RNG.normal(size=(40,)).astype(np.float32))):
+        layer = PackedLinear.from_packed(pw, bias=bias, backend="reference")
+        full = np.array(layer(x))
+        for r0, r1 in ((0, 40), (0, 13), (13, 29), (39, 40)):
+            part = layer.rows(r0, r1)
+            assert (part.out_features, part.in_features, part.fmt, part.backend) == (r1 - r0, 384, fmt, "reference")
+            assert ("bias" in part) == (bias is not None)
+            y = part(x)
+            assert y.shape == (2, 3, r1 - r0)
+            np.testing.assert_allclose(np.array(y), full[..., r0:r1], rtol=1e-6, atol=1e-6)
+
+
+def test_rows_slices_views_and_checks_the_range():
+    pw = random_weight("ternary", 24, 256)
+    layer = PackedLinear.from_packed(pw, bias=mx.zeros((24,)), backend="reference")
+    part = layer.rows(8, 16)
+    np.testing.assert_array_equal(np.array(part.weight), np.array(pw.data)[8:16])
+    np.testing.assert_array_equal(np.array(part.scales), np.array(pw.scales)[8:16])
+    assert part.trainable_parameters() == {}
+    for r0, r1 in ((-1, 4), (4, 4), (5, 3), (0, 25)):
+        with pytest.raises(BonsaiError, match=r"0 <= r0 < r1 <= 24"):
+            layer.rows(r0, r1)
