@@ -93,12 +93,6 @@ def forward_flops(cfg: TransformerConfig, L_img: int, L_txt: int) -> float:
 
 
 
-def on_cpu() -> bool:
-    """MLX's CPU back-end: its quantized matmul is too slow for a full-size encoder (see
-    Qwen3TextEncoder.dequantize_matmuls)."""
-    return mx.default_device() == mx.cpu
-
-
 # Peak-memory targets for a whole generation (bytes): the budgets the planner must accept.
 PEAK_TARGETS = {("binary", 512): 1.5e9, ("binary", 1024): 1.9e9, ("ternary", 512): 1.8e9, ("ternary", 1024): 2.2e9}
 PROMPTS = ("a bonsai tree on a wooden desk, morning light, photograph",
@@ -114,7 +108,7 @@ def _budget(label, fmt: str, size: int):
 
 def bench_generate(root, fmts=("binary", "ternary"), sizes=(512, 1024), steps=4, dtype="bfloat16",
                    budgets=("auto", "target", "none"), seed=0, log=print, pack_kwargs=None,
-                   text_layers=(9, 18, 27), generations=2) -> dict:
+                   text_layers=(9, 18, 27), generations=2, checkpoint=None) -> dict:
     """Full generations on random weights at the real shapes, written to disk and loaded
     the way real weights load, under each of `budgets` ("auto": the default plan,
     "target": the format and size's peak target, "none": no limit, or a size). Each
@@ -122,7 +116,8 @@ def bench_generate(root, fmts=("binary", "ternary"), sizes=(512, 1024), steps=4,
     (the first includes the cold start; later ones show the steady state, reloads
     included). Per stage: time, peak (`mx.get_peak_memory`) and mean-active memory (50 ms
     samples of `mx.get_active_memory`); per step: time. Also streamed vs resident text
-    encoding in the same run."""
+    encoding in the same run. `checkpoint(result)` is called after every run (to save
+    partial results)."""
     from pathlib import Path
 
     from .memory import GB, describe, parse_budget
@@ -174,6 +169,8 @@ def bench_generate(root, fmts=("binary", "ternary"), sizes=(512, 1024), steps=4,
                         f"{result.memory['mean_active_gb']:.3f} GB, {result.timings['total_s']:.2f} s "
                         f"({', '.join(f'{k} {v:.3f}' for k, v in result.timings.items())})")
                 out["runs"].append(run)
+                if checkpoint:
+                    checkpoint(out)
                 del pipe
         out[f"text_stream_vs_resident_{fmt}"] = bench_text_streaming(pack, dtype, PROMPTS[0], text_layers)
     return out

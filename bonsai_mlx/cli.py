@@ -114,7 +114,9 @@ def _cmd_bench_generate(args) -> None:
 
     root = args.dir or tempfile.mkdtemp(prefix="bonsai-bench-")
     result = bench_generate(root, fmts=args.formats, sizes=args.sizes, steps=args.steps, dtype=args.dtype,
-                            budgets=args.budgets, generations=args.generations)
+                            budgets=args.budgets, generations=args.generations,
+                            checkpoint=(lambda r: Path(args.json).write_text(json.dumps(r, indent=2, default=str)))
+                            if args.json else None)
     print(json.dumps(result, indent=2, default=str))
     if args.json:
         with open(args.json, "w") as f:

@@ -19,6 +19,9 @@ class Execution:
     token_chunk: int | None = None  # tokens per pass through token-wise parts (MLPs, projections)
     attention_rows: int | None = None  # query rows per attention call (only where scores materialise)
     sync: bool = False  # evaluate block by block and chunk by chunk
+    # Running in parts, a reduction over a large activation (the VAE's GroupNorm statistics)
+    # works on blocks of rows whose float32 copy has at most this many elements.
+    reduce_block: int = 1 << 25
 
     def chunks(self, length: int) -> list[tuple[int, int]]:
         """Row ranges [r0, r1) covering `length` tokens `token_chunk` at a time."""
@@ -28,6 +31,13 @@ class Execution:
     def settle(self, *arrays) -> None:
         """Evaluate now when running in parts; otherwise leave the graph to grow."""
         if self.sync:
+            mx.eval(*arrays)
+
+    def settle_between_chunks(self, length: int, *arrays) -> None:
+        """Evaluate now when a token-wise pass over `length` tokens goes in more than one
+        chunk: what the chunks share must exist before they run. With one chunk, the block's
+        own evaluation covers it, and an evaluation here would only stall the device."""
+        if self.sync and len(self.chunks(length)) > 1:
             mx.eval(*arrays)
 
 

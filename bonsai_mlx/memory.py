@@ -298,7 +298,7 @@ def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batch
     latent_px = (height // 8) * (width // 8)
     mid = fp.vae_mid_fixed + fp.vae_mid_per_pixel * latent_px + vae_scores_bytes(latent_px)
     up = (latent_px * fp.vae_mid_channels * s + fp.vae_up_fixed + fp.vae_up_per_pixel * th * tw
-          + height * width * 4 * 4 * 2)
+          + 4 * min(Execution().reduce_block, th * tw * fp.vae_mid_channels) + height * width * 4 * 4 * 2)
     decode = resident + max(mid, up)
     if plan.transformer_in_decode:
         decode += fp.transformer_bytes
@@ -412,8 +412,10 @@ def calibrate_vae(vae) -> tuple[float, float, float, float]:
     32x32 latent windows, the mid block on 16x16 and 32x32 latents (less its attention's
     measured scratch: `estimate` adds scores for the real size). Backends differ by
     several x (MLX's CPU convolution unfolds 3x3 patches, GPU kernels do not), so this
-    is measured; it resets the peak-memory counter."""
-    dec, ex = vae.decoder, Execution(sync=True)
+    is measured; it resets the peak-memory counter. The GroupNorm statistics' float32
+    row blocks are bounded in size, not in pixels: they are measured here at a block
+    small enough to be bounded at these sizes too, and `estimate` adds the real block."""
+    dec, ex = vae.decoder, Execution(sync=True, reduce_block=1 << 16)
     C_lat, C_mid = vae.config.latent_channels, vae.config.decoder_channels[-1]
     up, mid = [], []
     for side in (16, 32):

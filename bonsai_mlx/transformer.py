@@ -20,8 +20,7 @@ import numpy as np
 from .attention import sdpa
 from .config import TransformerConfig
 from .execution import ONE_GRAPH, Execution, TokenBuffer, by_chunks
-from .packed_linear import PackedLinear, get_backend
-from .packing import PackedWeight
+from .packed_linear import PackedLinear
 
 FP16_MAX = 65504.0
 
@@ -116,14 +115,11 @@ def linear_rows(linear, x: mx.array, r0: int, r1: int) -> mx.array:
     """x @ W[r0:r1].T (+ bias): output rows of a linear are independent, so a fused
     projection can run part by part without computing (or holding) the other parts."""
     if isinstance(linear, PackedLinear):
-        pw = linear.packed
-        part = PackedWeight(pw.fmt, pw.data[r0:r1], pw.scales[r0:r1], (r1 - r0, pw.shape[1]))
-        y = get_backend(linear.backend)(x, part)
-    elif type(linear) is nn.Linear:
+        return linear.rows(r0, r1)(x)
+    if type(linear) is nn.Linear:
         y = x @ linear.weight[r0:r1].T
-    else:  # any other layer type: correct, without the saving
-        return linear(x)[..., r0:r1]
-    return y + linear.bias[r0:r1].astype(y.dtype) if "bias" in linear else y
+        return y + linear.bias[r0:r1].astype(y.dtype) if "bias" in linear else y
+    return linear(x)[..., r0:r1]  # any other layer type: correct, without the saving
 
 
 def gated_ff(ff, x, shift, scale, gate, eps, ex: Execution):
@@ -216,7 +212,7 @@ class JointAttention(nn.Module):
                 bufs[2].write(off + r0, off + r1, pv(xc).reshape(B, r1 - r0, self.heads, -1))
         o = attention(*(b.value for b in bufs), ex.attention_rows)  # [B, L_txt + L_img, D]
         del bufs
-        ex.settle(o)
+        ex.settle_between_chunks(L, o)
         return by_chunks(self.to_out[0], o[:, L_txt:], ex), by_chunks(self.to_add_out, o[:, :L_txt], ex)
 
 
@@ -269,7 +265,7 @@ class ParallelAttention(nn.Module):
             bufs[2].write(r0, r1, vc)
         o = attention(*(b.value for b in bufs), ex.attention_rows)
         del bufs  # q, k, v die with the attention's evaluation
-        ex.settle(o)
+        ex.settle_between_chunks(L, o)
         out = TokenBuffer((B, L, D), x.dtype, ex)
         for r0, r1 in ex.chunks(L):
             m = swiglu(linear_rows(proj, x[:, r0:r1], 3 * D, proj_rows(proj)))  # [B, c, F]

@@ -146,11 +146,6 @@ class GroupNorm(nn.Module):
         return fn(x.reshape(B, H * W, C), mean, inv, self.weight, self.bias).reshape(B, H, W, C)
 
 
-# float32 copies of an activation made at once while measuring its statistics, in elements:
-# running in parts, larger activations are reduced in row blocks of about this size.
-_STATS_BLOCK = 1 << 25
-
-
 def group_stats(x, groups: int, ex: Execution = ONE_GRAPH):
     """x [B, H, W, C] -> float32 mean and biased variance [B, G] over (H, W, C/G).
 
@@ -160,11 +155,11 @@ def group_stats(x, groups: int, ex: Execution = ONE_GRAPH):
     then over each group's channels. Two passes (mean, then squared deviations): no
     E[x^2] - E[x]^2 cancellation. Running in parts, the mean is evaluated before the
     deviations exist, and each pass works on row blocks so that its float32 copy stays
-    near _STATS_BLOCK elements.
+    near `ex.reduce_block` elements.
     """
     B, H, W, C = x.shape
     n = H * W * (C // groups)
-    rows = H if not ex.sync else max(1, min(H, _STATS_BLOCK // max(1, B * W * C)))
+    rows = H if not ex.sync else max(1, min(H, ex.reduce_block // max(1, B * W * C)))
     blocks = [x[:, r:r + rows].reshape(B, -1, C) for r in range(0, H, rows)]
     total = sum(mx.sum(b.astype(mx.float32), axis=1) for b in blocks)  # [B, C]
     mean = mx.sum(total.reshape(B, groups, -1), axis=-1) / n  # [B, G]

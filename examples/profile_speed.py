@@ -101,11 +101,12 @@ def section_vae(tiny):
         lat = size // 8
         z = mx.random.normal((1, lat, lat, 32)).astype(mx.float16)
         mx.eval(z)
-        dec.eval_per_block = False
-        timeit(f"vae decode {size} (whole, one graph)", lambda: vae.decode(z), runs=3)
-        dec.eval_per_block = True
-        timeit(f"vae decode {size} (whole, block by block)", lambda: vae.decode(z), runs=3)
-        dec.eval_per_block = False
+        from bonsai_mlx.execution import Execution
+        timeit(f"vae decode {size} (whole, one graph)", lambda: vae.decode(z), runs=5)
+        timeit(f"vae decode {size} (whole, block by block)", lambda: vae.decode(z, execution=Execution(sync=True)),
+               runs=5)
+        timeit(f"vae decode {size} (256 px exact tiles, block by block)",
+               lambda: vae.decode(z, tile_size=256, overlap=16, execution=Execution(sync=True)), runs=1, warmup=1)
         # part by part
         h = dec.conv_in(z)
         mx.eval(h)
@@ -119,8 +120,9 @@ def section_vae(tiny):
             for j, r in enumerate(b.resnets):
                 xin = x
                 timeit(f"vae {size} up{i} resnet{j} in={list(xin.shape)}", lambda: r(xin))
-                timeit(f"vae {size} up{i} resnet{j} norm1", lambda: r.norm1(xin, silu=True))
-                timeit(f"vae {size} up{i} resnet{j} conv1", lambda: r.conv1(xin))
+                if j == 0:
+                    timeit(f"vae {size} up{i} resnet{j} norm1", lambda: r.norm1(xin, silu=True))
+                    timeit(f"vae {size} up{i} resnet{j} conv1", lambda: r.conv1(xin))
                 x = r(xin)
                 mx.eval(x)
             if "upsamplers" in b:
@@ -146,9 +148,7 @@ def section_vae(tiny):
         ref.set_dtype(mx.float16)
         tag = f"{side}x{side}x{c}"
         timeit(f"gn current {tag}", lambda: gn(a, silu=True))
-        gn.sync = True
-        timeit(f"gn current sync {tag}", lambda: gn(a, silu=True))
-        gn.sync = False
+        timeit(f"gn current sync {tag}", lambda: gn(a, silu=True, ex=Execution(sync=True)))
         timeit(f"gn colreduce {tag}", lambda: gn_colreduce(a, 32, w, b))
         cc = mx.compile(lambda a, w, b: gn_colreduce(a, 32, w, b))
         timeit(f"gn colreduce compiled {tag}", lambda: cc(a, w, b))

@@ -189,14 +189,17 @@ def test_smallest_budget_is_honoured(pipe):
     assert not pipe.text_encoder.resident  # evicted before denoising under a budget
 
 
-def test_dequantized_encoder_is_counted(pipe):
+def test_dequantized_encoder_is_counted(pipe, monkeypatch):
     """The CPU speed path holds dense encoder weights: the text stage's estimate grows by them."""
+    from bonsai_mlx.text_encoder import load_text_encoder
+
+    te = pipe.text_encoder
     plain = pipe.footprint()
-    pipe.text_encoder.dequantize_matmuls = True
-    try:
-        fp = pipe.footprint()
-    finally:
-        pipe.text_encoder.dequantize_matmuls = False
+    monkeypatch.setattr(pipe.models, "text_encoder", load_text_encoder(
+        te.weights.directory, dtype=te.dtype, layers=te.config.layers, tokenizer_path=te.tokenizer.name_or_path,
+        resident=False, dequantize_matmuls=True))
+    fp = pipe.footprint()
+    monkeypatch.undo()
     args = pipe.text_encoder.config.args
     assert fp.text_dequant_bytes >= args.intermediate_size * args.hidden_size * 4 > 0 == plain.text_dequant_bytes
     plan = MemoryPlan(stream_text_encoder=True, keep_text_encoder=False, sync=True)

@@ -111,8 +111,8 @@ def test_tiny_pack_generates(tiny_pack):
 
     # loaded on its own: whether the pipeline keeps the encoder resident is its business
     enc = load_text_encoder(root, layers=TEXT_LAYERS)
-    assert isinstance(enc._embed, nn.QuantizedEmbedding)
-    for block in enc._blocks:
+    assert isinstance(enc.weights.embedding(), nn.QuantizedEmbedding)
+    for block in map(enc.weights.layer, range(enc.config.num_layers_needed)):
         for lin in (block.self_attn.q_proj, block.self_attn.o_proj, block.mlp.down_proj):
             assert isinstance(lin, nn.QuantizedLinear) and (lin.bits, lin.group_size) == (4, 64)
 
