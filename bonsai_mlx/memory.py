@@ -190,12 +190,13 @@ class MemoryPlan:
     token_chunk: int | None = None  # tokens per pass through the token-wise parts
     attention_rows: int | None = None  # query rows per attention call; None = one call
     sync: bool = False  # evaluate block by block (bounded activations, a sync per block)
+    overlap: bool = False  # with sync: two parts in flight, so the device never waits for the host
     estimated_peak_bytes: int = 0
     stage_estimates: dict = field(default_factory=dict)
 
     @property
     def execution(self) -> Execution:
-        return Execution(self.token_chunk, self.attention_rows, self.sync)
+        return Execution(self.token_chunk, self.attention_rows, self.sync, self.overlap)
 
     @property
     def releases_transformer(self) -> bool:
@@ -246,7 +247,8 @@ ATTENTION_ROWS = (None, 1024, 512, 256)
 # re-run the decoder's up path once per GroupNorm to share whole-image statistics.
 COST_STREAM_TEXT = 0.5
 COST_RELOAD_TRANSFORMER = 1.0
-COST_TOKEN_CHUNK = {None: 0, 4096: 0.05, 2048: 0.1, 1024: 0.3, 512: 0.6, 256: 1.2}
+COST_STRICT = 0.3  # the device idles at every evaluation while the host builds the next part
+COST_TOKEN_CHUNK = {None: 0, 4096: 0.1, 2048: 0.2, 1024: 0.4, 512: 0.8, 256: 1.6}
 COST_ATTENTION_ROWS = {None: 0, 1024: 0.1, 512: 0.2, 256: 0.4}
 COST_VAE_TILE = {None: 0, 1024: 20, 768: 25, 512: 30, 384: 40, 256: 60, 128: 120}
 
@@ -282,7 +284,8 @@ def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batch
     rows = plan.attention_rows or L
     scores = 0 if fp.fused_attention else 2 * _attention_scores(fp.transformer_heads, rows, L)
     resident = fp.vae_bytes + fp.cached_prompt_bytes  # the VAE (small) stays through every stage
-    denoise = (resident + fp.transformer_bytes + held + chunk + matmul + scores
+    in_flight = 2 if plan.overlap else 1  # parts whose temporaries live at once
+    denoise = (resident + fp.transformer_bytes + in_flight * (held + chunk + matmul + scores)
                + cfg_batches * fp.text_len * D * s * 2 + L_img * 128 * 4 * 3)
     text_act = fp.text_len * fp.text_hidden * 4 * 10 + _attention_scores(fp.text_heads, fp.text_len, fp.text_len)
     text = (resident + (fp.text_stream_bytes if plan.stream_text_encoder else fp.text_resident_bytes) + text_act
@@ -296,9 +299,10 @@ def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batch
     tile = plan.vae_tile or max(width, height)
     th, tw = (min(tile + 2 * VAE_MARGIN, height), min(tile + 2 * VAE_MARGIN, width)) if plan.vae_tile else (height, width)
     latent_px = (height // 8) * (width // 8)
-    mid = fp.vae_mid_fixed + fp.vae_mid_per_pixel * latent_px + vae_scores_bytes(latent_px)
-    up = (latent_px * fp.vae_mid_channels * s + fp.vae_up_fixed + fp.vae_up_per_pixel * th * tw
-          + 4 * min(Execution().reduce_block, th * tw * fp.vae_mid_channels) + height * width * 4 * 4 * 2)
+    mid = in_flight * (fp.vae_mid_fixed + fp.vae_mid_per_pixel * latent_px) + vae_scores_bytes(latent_px)
+    up = (latent_px * fp.vae_mid_channels * s + in_flight * (fp.vae_up_fixed + fp.vae_up_per_pixel * th * tw)
+          + 4 * in_flight * min(Execution().reduce_block, th * tw * fp.vae_mid_channels)
+          + height * width * 4 * 4 * 2)
     decode = resident + max(mid, up)
     if plan.transformer_in_decode:
         decode += fp.transformer_bytes
@@ -312,7 +316,7 @@ def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batch
 def plan_cost(plan: MemoryPlan) -> float:
     """Rough seconds a plan adds to a generation over the unconstrained run."""
     return (COST_STREAM_TEXT * plan.stream_text_encoder + COST_RELOAD_TRANSFORMER * plan.releases_transformer
-            + COST_TOKEN_CHUNK[plan.token_chunk] + COST_ATTENTION_ROWS[plan.attention_rows]
+            + COST_STRICT * (plan.sync and not plan.overlap) + COST_TOKEN_CHUNK[plan.token_chunk] + COST_ATTENTION_ROWS[plan.attention_rows]
             + COST_VAE_TILE[plan.vae_tile])
 
 
@@ -325,9 +329,9 @@ def candidate_plans(width: int, height: int, fused_attention: bool = True, strea
     chunks = [c for c in TOKEN_CHUNKS if c is None or c < L]
     rows = ATTENTION_ROWS if not fused_attention else (None,)
     keeps = ((True, True), (True, False), (False, True), (False, False))
-    plans = [MemoryPlan(stream, False, in_text, in_decode, tile, chunk, r, sync=True)
+    plans = [MemoryPlan(stream, False, in_text, in_decode, tile, chunk, r, sync=True, overlap=overlap)
              for stream in ((True,) if stream_only else (False, True)) for in_text, in_decode in keeps
-             for tile in tiles for chunk in chunks for r in rows]
+             for tile in tiles for chunk in chunks for r in rows for overlap in (True, False)]
     return sorted(plans, key=plan_cost)
 
 
@@ -383,7 +387,7 @@ def describe(plan: MemoryPlan) -> str:
     if plan.attention_rows:
         parts.append(f"attention in chunks of {plan.attention_rows} queries")
     if plan.sync:
-        parts.append("block by block")
+        parts.append("block by block" + (", two blocks in flight" if plan.overlap else ""))
     return ", ".join(parts)
 
 
@@ -427,8 +431,8 @@ def calibrate_vae(vae) -> tuple[float, float, float, float]:
         # size: the scores grow as L^2 here but are chunked at real sizes, where `estimate`
         # adds its own (generous) model of them.
         sdpa = max(_scratch_peak(lambda: mx.fast.scaled_dot_product_attention(q, q, q, scale=1.0)) - q.nbytes, 0)
-        mid.append(_scratch_peak(lambda: dec.mid(z, ex)) - sdpa)
-        up.append(_scratch_peak(lambda: dec.up(h, ex=ex)))
+        mid.append(_scratch_peak(lambda: dec.mid(z, ex.pace())) - sdpa)
+        up.append(_scratch_peak(lambda: dec.up(h, pace=ex.pace())))
         del z, h, q
     f = vae.decoder_factor
     return (*_fit_line((16 * f) ** 2, (32 * f) ** 2, *up), *_fit_line(16**2, 32**2, *mid))

@@ -201,18 +201,20 @@ class JointAttention(nn.Module):
         concatenated. Returns the image and text outputs."""
         B, L_txt, D = txt.shape
         L = L_txt + img.shape[1]
-        bufs = [TokenBuffer((B, L, self.heads, D // self.heads), txt.dtype, ex) for _ in range(3)]
+        chunked = len(ex.chunks(max(L_txt, img.shape[1]))) > 1
+        bufs = [TokenBuffer((B, L, self.heads, D // self.heads), txt.dtype) for _ in range(3)]
+        pace = ex.pace(chunked)
         for x, off, pq, pk, pv, nq, nk in (
                 (txt, 0, self.add_q_proj, self.add_k_proj, self.add_v_proj, self.norm_added_q, self.norm_added_k),
                 (img, L_txt, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)):
             for r0, r1 in ex.chunks(x.shape[1]):
-                xc, rot = x[:, r0:r1], tuple(t[off + r0:off + r1] for t in rope)
-                bufs[0].write(off + r0, off + r1, apply_rope(nq(pq(xc).reshape(B, r1 - r0, self.heads, -1)), rot))
-                bufs[1].write(off + r0, off + r1, apply_rope(nk(pk(xc).reshape(B, r1 - r0, self.heads, -1)), rot))
-                bufs[2].write(off + r0, off + r1, pv(xc).reshape(B, r1 - r0, self.heads, -1))
+                xc, rot, rows = x[:, r0:r1], tuple(t[off + r0:off + r1] for t in rope), (off + r0, off + r1)
+                pace(bufs[0].write(*rows, apply_rope(nq(pq(xc).reshape(B, r1 - r0, self.heads, -1)), rot)),
+                     bufs[1].write(*rows, apply_rope(nk(pk(xc).reshape(B, r1 - r0, self.heads, -1)), rot)),
+                     bufs[2].write(*rows, pv(xc).reshape(B, r1 - r0, self.heads, -1)))
         o = attention(*(b.value for b in bufs), ex.attention_rows)  # [B, L_txt + L_img, D]
         del bufs
-        ex.settle_between_chunks(L, o)
+        pace(o)  # the output projections' chunks all read it
         return by_chunks(self.to_out[0], o[:, L_txt:], ex), by_chunks(self.to_add_out, o[:, :L_txt], ex)
 
 
@@ -255,21 +257,21 @@ class ParallelAttention(nn.Module):
         in all) are ever held for every token, never the MLP's [B, L, 2F] / [B, L, F]."""
         B, L, _ = x.shape
         D, proj = self.dim, self.to_qkv_mlp_proj
-        bufs = [TokenBuffer((B, L, self.heads, D // self.heads), x.dtype, ex) for _ in range(3)]
+        bufs = [TokenBuffer((B, L, self.heads, D // self.heads), x.dtype) for _ in range(3)]
+        pace = ex.pace(len(ex.chunks(L)) > 1)
         for r0, r1 in ex.chunks(L):
             h = linear_rows(proj, x[:, r0:r1], 0, 3 * D)  # [B, c, 3D]
             qc, kc, vc = (h[..., i * D:(i + 1) * D].reshape(B, r1 - r0, self.heads, -1) for i in range(3))
             rot = tuple(t[r0:r1] for t in rope)
-            bufs[0].write(r0, r1, apply_rope(self.norm_q(qc), rot))
-            bufs[1].write(r0, r1, apply_rope(self.norm_k(kc), rot))
-            bufs[2].write(r0, r1, vc)
+            pace(bufs[0].write(r0, r1, apply_rope(self.norm_q(qc), rot)),
+                 bufs[1].write(r0, r1, apply_rope(self.norm_k(kc), rot)), bufs[2].write(r0, r1, vc))
         o = attention(*(b.value for b in bufs), ex.attention_rows)
         del bufs  # q, k, v die with the attention's evaluation
-        ex.settle_between_chunks(L, o)
-        out = TokenBuffer((B, L, D), x.dtype, ex)
+        pace(o)
+        out = TokenBuffer((B, L, D), x.dtype)
         for r0, r1 in ex.chunks(L):
             m = swiglu(linear_rows(proj, x[:, r0:r1], 3 * D, proj_rows(proj)))  # [B, c, F]
-            out.write(r0, r1, self.to_out(mx.concatenate([o[:, r0:r1], m], axis=-1)))
+            pace(out.write(r0, r1, self.to_out(mx.concatenate([o[:, r0:r1], m], axis=-1))))
         return out.value
 
 
@@ -367,15 +369,16 @@ class Flux2Transformer(nn.Module):
         mod_single = self.single_stream_modulation(temb)
         img, txt = self.x_embedder(hidden_states), ctx.txt
 
+        pace = ex.pace()
         for block in self.transformer_blocks:
             img, txt = block(img, txt, mod_img, mod_txt, ctx.rope, ex)
-            ex.settle(img, txt)
+            pace(img, txt)
 
         L_txt = txt.shape[1]
         x = mx.concatenate([txt, img], axis=1)
         for block in self.single_transformer_blocks:
             x = block(x, mod_single, ctx.rope, ex)
-            ex.settle(x)
+            pace(x)
 
         return self.proj_out(self.norm_out(x[:, L_txt:], temb))
 

@@ -19,7 +19,9 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .attention import sdpa
-from .execution import ONE_GRAPH, Execution
+from .execution import ONE_GRAPH, Execution, Pace
+
+WHOLE = ONE_GRAPH.pace()  # one graph: evaluates nothing by itself
 from .errors import BonsaiError, ConfigError, WeightsError
 
 # diffusers hard-codes these inside Encoder/Decoder; they are not config fields.
@@ -135,10 +137,10 @@ class GroupNorm(nn.Module):
         self.weight = mx.ones((channels,))
         self.bias = mx.zeros((channels,))
 
-    def __call__(self, x, tile=None, silu: bool = False, ex: Execution = ONE_GRAPH):
+    def __call__(self, x, tile=None, silu: bool = False, pace: Pace = WHOLE):
         """GroupNorm of x [B, H, W, C], followed by SiLU when `silu` (fused: one pass)."""
         B, H, W, C = x.shape
-        mean, var = group_stats(x, self.groups, ex) if tile is None else tile.stats(x, self.groups, ex)
+        mean, var = group_stats(x, self.groups, pace) if tile is None else tile.stats(x, self.groups, pace)
         per = C // self.groups  # group statistics [B, G] -> per-channel [B, 1, C]
         mean = mx.repeat(mean, per, axis=-1)[:, None]
         inv = mx.repeat(mx.rsqrt(var + _NORM_EPS), per, axis=-1)[:, None]
@@ -146,27 +148,32 @@ class GroupNorm(nn.Module):
         return fn(x.reshape(B, H * W, C), mean, inv, self.weight, self.bias).reshape(B, H, W, C)
 
 
-def group_stats(x, groups: int, ex: Execution = ONE_GRAPH):
+def group_stats(x, groups: int, pace: Pace = WHOLE):
     """x [B, H, W, C] -> float32 mean and biased variance [B, G] over (H, W, C/G).
 
     Reduces over the pixels first, a column reduction with one output per channel that
     the GPU back-ends split over many threadgroups (a reduction over the pixels and a
     group's channels at once runs one threadgroup per group, hundreds of times slower),
     then over each group's channels. Two passes (mean, then squared deviations): no
-    E[x^2] - E[x]^2 cancellation. Running in parts, the mean is evaluated before the
-    deviations exist, and each pass works on row blocks so that its float32 copy stays
-    near `ex.reduce_block` elements.
+    E[x^2] - E[x]^2 cancellation. Running in parts, each pass works on row blocks whose
+    float32 copies stay near `reduce_block` elements, evaluated block by block, and the
+    mean exists before the deviations do.
     """
     B, H, W, C = x.shape
     n = H * W * (C // groups)
-    rows = H if not ex.sync else max(1, min(H, ex.reduce_block // max(1, B * W * C)))
+    rows = H if not pace.active else max(1, min(H, pace.execution.reduce_block // max(1, B * W * C)))
     blocks = [x[:, r:r + rows].reshape(B, -1, C) for r in range(0, H, rows)]
-    total = sum(mx.sum(b.astype(mx.float32), axis=1) for b in blocks)  # [B, C]
-    mean = mx.sum(total.reshape(B, groups, -1), axis=-1) / n  # [B, G]
-    ex.settle(mean)
+
+    def over_blocks(fn):  # the sum over the row blocks of fn(block) [B, C], paced block by block
+        total = None
+        for b in blocks:
+            total = fn(b) if total is None else total + fn(b)
+            pace(total)
+        return total
+
+    mean = mx.sum(over_blocks(lambda b: mx.sum(b.astype(mx.float32), axis=1)).reshape(B, groups, -1), axis=-1) / n
     mean_c = mx.repeat(mean, C // groups, axis=-1)[:, None]
-    dev = sum(mx.sum(_square_dev(b, mean_c), axis=1) for b in blocks)
-    var = mx.sum(dev.reshape(B, groups, -1), axis=-1) / n
+    var = mx.sum(over_blocks(lambda b: mx.sum(_square_dev(b, mean_c), axis=1)).reshape(B, groups, -1), axis=-1) / n
     return mean, var
 
 
@@ -198,10 +205,10 @@ class ResnetBlock(nn.Module):
         if cin != cout:
             self.conv_shortcut = nn.Conv2d(cin, cout, 1)
 
-    def __call__(self, x, tile=None, ex: Execution = ONE_GRAPH):
-        h = self.conv1(self.norm1(x, tile, silu=True, ex=ex))
-        ex.settle(h)
-        h = self.conv2(self.norm2(h, tile, silu=True, ex=ex))
+    def __call__(self, x, tile=None, pace: Pace = WHOLE):
+        h = self.conv1(self.norm1(x, tile, silu=True, pace=pace))
+        pace(h)
+        h = self.conv2(self.norm2(h, tile, silu=True, pace=pace))
         if "conv_shortcut" in self:
             x = self.conv_shortcut(x)
         return x + h
@@ -218,12 +225,12 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(channels, channels)
         self.to_out = [nn.Linear(channels, channels)]
 
-    def __call__(self, x, ex: Execution = ONE_GRAPH):
+    def __call__(self, x, pace: Pace = WHOLE):
         B, H, W, C = x.shape
-        h = self.group_norm(x, ex=ex).reshape(B, 1, H * W, C)  # one head of dim C
+        h = self.group_norm(x, pace=pace).reshape(B, 1, H * W, C)  # one head of dim C
         q, k, v = self.to_q(h), self.to_k(h), self.to_v(h)
         # No fused kernel takes a 512-wide head, so each query chunk materialises its scores.
-        out = sdpa(q, k, v, C ** -0.5, rows=max(1, _MAX_SCORES // (H * W)), sync=ex.sync)
+        out = sdpa(q, k, v, C ** -0.5, rows=max(1, _MAX_SCORES // (H * W)), sync=pace.active)
         return x + self.to_out[0](out).reshape(B, H, W, C)
 
 
@@ -270,10 +277,10 @@ class UpBlock(nn.Module):
         if upsample:
             self.upsamplers = [Upsample(cout)]
 
-    def __call__(self, x, tile=None, ex: Execution = ONE_GRAPH):
+    def __call__(self, x, tile=None, pace: Pace = WHOLE):
         for r in self.resnets:
-            x = r(x, tile, ex)
-            ex.settle(x)  # one resnet's temporaries at a time
+            x = r(x, tile, pace)
+            pace(x)  # one resnet's temporaries at a time
         if "upsamplers" in self:
             x = self.upsamplers[0](x)
         return x
@@ -286,13 +293,13 @@ class MidBlock(nn.Module):
         if attention:
             self.attentions = [Attention(channels, groups)]
 
-    def __call__(self, x, ex: Execution = ONE_GRAPH):
-        x = self.resnets[0](x, ex=ex)
-        ex.settle(x)
+    def __call__(self, x, pace: Pace = WHOLE):
+        x = self.resnets[0](x, pace=pace)
+        pace(x)
         if "attentions" in self:
-            x = self.attentions[0](x, ex)
-            ex.settle(x)
-        return self.resnets[1](x, ex=ex)
+            x = self.attentions[0](x, pace)
+            pace(x)
+        return self.resnets[1](x, pace=pace)
 
 
 class Encoder(nn.Module):
@@ -323,9 +330,10 @@ class Decoder(nn.Module):
 
     Split in two so tiled decoding can run the global part (conv_in + mid block with
     its attention over all positions) once and only the local, memory-hungry up path per
-    tile. Running in parts (`ex.sync`), it evaluates block by block, resnet by resnet and
-    each GroupNorm's mean before its variance: MLX otherwise schedules the whole decoder
-    at once, which holds many blocks' activations together.
+    tile. Running in parts (a `Pace` of an Execution with sync), it evaluates block by
+    block, resnet by resnet and each GroupNorm's statistics row block by row block: MLX
+    otherwise schedules the whole decoder at once, which holds many blocks' activations
+    together.
     """
 
     def __init__(self, cfg: VAEConfig):
@@ -340,21 +348,22 @@ class Decoder(nn.Module):
         self.conv_norm_out = GroupNorm(g, ch[-1])
         self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
 
-    def mid(self, z, ex: Execution = ONE_GRAPH):
+    def mid(self, z, pace: Pace = WHOLE):
         h = self.conv_in(z)
-        ex.settle(h)
-        h = self.mid_block(h, ex)
-        ex.settle(h)
+        pace(h)
+        h = self.mid_block(h, pace)
+        pace(h)
         return h
 
-    def up(self, x, tile=None, ex: Execution = ONE_GRAPH):
+    def up(self, x, tile=None, pace: Pace = WHOLE):
         for b in self.up_blocks:
-            x = b(x, tile, ex)
-            ex.settle(x)
-        return self.conv_out(self.conv_norm_out(x, tile, silu=True, ex=ex))
+            x = b(x, tile, pace)
+            pace(x)
+        return self.conv_out(self.conv_norm_out(x, tile, silu=True, pace=pace))
 
-    def __call__(self, z, ex: Execution = ONE_GRAPH):
-        return self.up(self.mid(z, ex), ex=ex)
+    def __call__(self, z, execution: Execution = ONE_GRAPH):
+        pace = execution.pace()
+        return self.up(self.mid(z, pace), pace=pace)
 
 
 class _BatchNormStats(nn.Module):
@@ -527,18 +536,18 @@ class _TileNorms:
         self.fixed, self.record, self.core, self.tile_h = fixed or [], record, core, tile_h
         self.i = 0
 
-    def stats(self, x, groups: int, ex: Execution = ONE_GRAPH):
+    def stats(self, x, groups: int, pace: Pace = WHOLE):
         i, self.i = self.i, self.i + 1
         if i < len(self.fixed):
             return self.fixed[i]
         if self.record is None:
-            return group_stats(x, groups, ex)
+            return group_stats(x, groups, pace)
         s = x.shape[1] // self.tile_h  # this layer's upsampling relative to the latent window
         y0, y1, x0, x1 = (c * s for c in self.core)
         part = x[:, y0:y1, x0:x1]
         n = part.shape[1] * part.shape[2] * (part.shape[3] // groups)
         if n:
-            mean, var = group_stats(part, groups, ex)
+            mean, var = group_stats(part, groups, pace)
             _merge(self.record, n, mean, var * n)
         raise _Stop
 
@@ -624,7 +633,8 @@ def _decode_tiled(decoder: Decoder, z, f: int, tile_size: int, overlap: int, til
                           f"got tile_size={tile_size}, overlap={overlap}")
     if tile_stats not in ("exact", "tile"):
         raise BonsaiError(f"tile_stats must be 'exact' or 'tile', got {tile_stats!r}")
-    h = decoder.mid(z, ex)
+    pace = ex.pace()
+    h = decoder.mid(z, pace)
     mx.eval(h)
     B, H, W, _ = h.shape
     T, O, R = tile_size // f, overlap // f, _receptive_radius(decoder)
@@ -639,7 +649,7 @@ def _decode_tiled(decoder: Decoder, z, f: int, tile_size: int, overlap: int, til
         if norms.core is not None:
             y0, y1, x0, x1 = norms.core
             norms.core = (y0 + a - a0, y1 + a - a0, x0 + b - b0, x1 + b - b0)
-        y = decoder.up(h[:, a0:a1, b0:b1], norms, ex)
+        y = decoder.up(h[:, a0:a1, b0:b1], norms, pace)
         return y[:, (a - a0) * f:(a - a0 + th) * f, (b - b0) * f:(b - b0 + tw) * f]
 
     stats = []

@@ -84,7 +84,7 @@ def gn_layernorm(x, groups, weight, bias, silu=True):
     return nn.silu(y) if silu else y
 
 
-def section_vae(tiny):
+def section_vae(tiny, quick=False):
     from bonsai_mlx.vae import AutoencoderKLFlux2, GroupNorm, VAEConfig
     from bonsai_mlx.random_weights import FLUX2_VAE
 
@@ -105,6 +105,10 @@ def section_vae(tiny):
         timeit(f"vae decode {size} (whole, one graph)", lambda: vae.decode(z), runs=5)
         timeit(f"vae decode {size} (whole, block by block)", lambda: vae.decode(z, execution=Execution(sync=True)),
                runs=5)
+        timeit(f"vae decode {size} (whole, block by block, two in flight)",
+               lambda: vae.decode(z, execution=Execution(sync=True, overlap=True)), runs=5)
+        if quick:
+            continue
         timeit(f"vae decode {size} (256 px exact tiles, block by block)",
                lambda: vae.decode(z, tile_size=256, overlap=16, execution=Execution(sync=True)), runs=1, warmup=1)
         # part by part
@@ -133,6 +137,8 @@ def section_vae(tiny):
         xin = x
         timeit(f"vae {size} norm_out+conv_out", lambda: dec.conv_out(dec.conv_norm_out(xin, silu=True)))
         del x, xin, h
+    if quick:
+        return
     # GroupNorm variants at the decoder's shapes
     shapes = [(64, 512), (128, 512), (256, 256), (512, 128), (512, 256), (1024, 128)]
     if tiny:
@@ -148,7 +154,7 @@ def section_vae(tiny):
         ref.set_dtype(mx.float16)
         tag = f"{side}x{side}x{c}"
         timeit(f"gn current {tag}", lambda: gn(a, silu=True))
-        timeit(f"gn current sync {tag}", lambda: gn(a, silu=True, ex=Execution(sync=True)))
+        timeit(f"gn current sync {tag}", lambda: gn(a, silu=True, pace=Execution(sync=True).pace()))
         timeit(f"gn colreduce {tag}", lambda: gn_colreduce(a, 32, w, b))
         cc = mx.compile(lambda a, w, b: gn_colreduce(a, 32, w, b))
         timeit(f"gn colreduce compiled {tag}", lambda: cc(a, w, b))
@@ -165,7 +171,7 @@ def section_vae(tiny):
 
 # ----------------------------------------------------------------------------- transformer
 
-def section_dit(tiny, root):
+def section_dit(tiny, root, quick=False):
     from bonsai_mlx import kernels
     from bonsai_mlx import transformer as T
     from bonsai_mlx.benchmark import klein_inputs, random_transformer
@@ -188,8 +194,11 @@ def section_dit(tiny, root):
     from bonsai_mlx.execution import Execution
 
     settings = [("one graph", Execution()), ("block by block", Execution(sync=True)),
+                ("block by block, two in flight", Execution(sync=True, overlap=True)),
                 ("block by block, 2048-token chunks", Execution(2048, None, True)),
-                ("block by block, 512-token chunks", Execution(512, None, True))]
+                ("block by block, 2048-token chunks, two in flight", Execution(2048, None, True, True)),
+                ("block by block, 512-token chunks", Execution(512, None, True)),
+                ("block by block, 512-token chunks, two in flight", Execution(512, None, True, True))]
     for size in sizes:
         inp = klein_inputs(cfg, size, size, txt_len, mx.bfloat16)
         mx.eval(inp)
@@ -200,6 +209,8 @@ def section_dit(tiny, root):
                 if name == "dense" and ex.token_chunk:
                     continue
                 timeit(f"dit step {size} {name} {label}", lambda: m.forward(inp[0], inp[2], ctx, execution=ex), runs=5)
+    if quick:
+        return
     # linears by path at the real shapes
     D, F = cfg.inner_dim, cfg.mlp_hidden_dim
     shapes = [(D, D), (2 * F, D), (D, F), (3 * D + 2 * F, D), (D, D + F)]
@@ -292,13 +303,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sections", nargs="+", default=["vae", "dit", "load"])
     ap.add_argument("--tiny", action="store_true", help="small shapes: a smoke test of this script")
+    ap.add_argument("--quick", action="store_true", help="whole decodes and steps only")
     ap.add_argument("--root", default="/tmp/bench", help="random packs written by `benchmark generate --dir`")
     a = ap.parse_args()
     record("device", device=str(mx.default_device()), mlx=mx.__version__)
     for s in a.sections:
         t = time.perf_counter()
         try:
-            {"vae": lambda: section_vae(a.tiny), "dit": lambda: section_dit(a.tiny, a.root),
+            {"vae": lambda: section_vae(a.tiny, a.quick), "dit": lambda: section_dit(a.tiny, a.root, a.quick),
              "load": lambda: section_load(a.root)}[s]()
         except Exception as e:  # noqa: BLE001
             import traceback

@@ -74,7 +74,7 @@ def test_candidates_are_tried_cheapest_first():
     first = plans[0]  # nothing that costs time: whole decode, no chunks, encoder loaded whole
     assert (first.vae_tile, first.token_chunk, first.stream_text_encoder, first.releases_transformer) == (
         None, None, False, False)
-    assert first.sync and not first.keep_text_encoder
+    assert first.sync and first.overlap and not first.keep_text_encoder
     assert all(p.attention_rows is None for p in plans)  # chunks only where scores materialise
     assert plan_cost(MemoryPlan(vae_tile=1024)) > plan_cost(MemoryPlan(token_chunk=256, stream_text_encoder=True,
                                                                        transformer_in_decode=False))
@@ -143,7 +143,7 @@ def test_auto_is_frugal_at_no_cost_and_none_lifts_every_limit(pipe):
     W, H = 256, 256
     auto = pipe.plan(W, H)  # the pipeline's default budget
     assert pipe.memory_budget == AUTO
-    assert auto.sync and auto.stream_text_encoder and not auto.keep_text_encoder
+    assert auto.sync and auto.overlap and auto.stream_text_encoder and not auto.keep_text_encoder
     assert not auto.releases_transformer and auto.vae_tile is None and auto.token_chunk is None
     assert pipe.plan(W, H, memory_budget=None) == UNCONSTRAINED == pipe.plan(W, H, memory_budget="none")
     a = pipe.generate("a maple at dusk", width=W, height=H, seed=4)

@@ -88,9 +88,11 @@ def test_memory_saving_modes_change_nothing(saved):
     inputs = fx.make_inputs("tiny_a", batch=2, grid=(4, 6), txt_len=9)
     model = load_transformer(directory, dtype=mx.float32)
     plain = run(model, inputs, mx.float32)
-    chunked = run(model, inputs, mx.float32, execution=Execution(token_chunk=5, attention_rows=7, sync=True))
-    np.testing.assert_allclose(chunked, plain, rtol=0, atol=1e-5 * np.abs(plain).max())
-    assert rel_err(chunked, fx.reference_forward(ref_model, inputs)) <= BOUNDS["float32"]
+    for ex in (Execution(token_chunk=5, attention_rows=7, sync=True), Execution(sync=True, overlap=True),
+               Execution(token_chunk=5, sync=True, overlap=True)):
+        chunked = run(model, inputs, mx.float32, execution=ex)
+        np.testing.assert_allclose(chunked, plain, rtol=0, atol=1e-5 * np.abs(plain).max())
+        assert rel_err(chunked, fx.reference_forward(ref_model, inputs)) <= BOUNDS["float32"]
 
 
 def test_linear_rows_equals_slicing_the_full_output():

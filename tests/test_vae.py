@@ -23,6 +23,7 @@ from diffusers import AutoencoderKLFlux2 as RefVAE  # noqa: E402
 from diffusers.pipelines.flux2.pipeline_flux2_klein import Flux2KleinPipeline as RefPipe  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
+from bonsai_mlx.execution import Execution
 from bonsai_mlx.errors import BonsaiError, ConfigError, WeightsError  # noqa: E402
 from bonsai_mlx.vae import load_vae, patchify, unpatchify  # noqa: E402
 
@@ -111,6 +112,23 @@ def test_decode_matches_diffusers(vae_dirs, name, dtype):
     # The clamp hides errors in saturated pixels, so also check the raw decoder output.
     z = unpatchify(ours.denormalize(mx.array(tokens.numpy()).reshape(2, h, w, -1)))
     assert rel_err(np.array(ours.decode(z)), nhwc(raw)) <= REL[dtype]
+
+
+@pytest.mark.parametrize("ex", [Execution(sync=True), Execution(sync=True, overlap=True),
+                                Execution(sync=True, overlap=True, reduce_block=64)])
+def test_decoding_in_parts_matches_diffusers(vae_dirs, ex):
+    """Block by block, two parts in flight, GroupNorm statistics over many row blocks
+    (reduce_block=64 elements: every row its own block): the reference's image within the
+    same bound, and our own whole-graph image up to float rounding."""
+    ref, ours = ref_model(vae_dirs["small4"]), load_vae(vae_dirs["small4"], dtype=mx.float32)
+    f = 2 * ours.decoder_factor
+    torch.manual_seed(3)
+    tokens = torch.randn(1, 5 * 3, ours.config.patched_channels)
+    _, img = ref_decode_tokens(ref, tokens, 5, 3)
+    whole = np.array(ours.decode_tokens(mx.array(tokens.numpy()), 5 * f, 3 * f))
+    parts = np.array(ours.decode_tokens(mx.array(tokens.numpy()), 5 * f, 3 * f, execution=ex))
+    assert rel_err(parts, nhwc(img)) <= REL[mx.float32]
+    np.testing.assert_allclose(parts, whole, rtol=0, atol=1e-5)
 
 
 def test_decoder_only_checkpoint(vae_dirs):
