@@ -239,6 +239,7 @@ class Footprint:
 OVERHEAD = 48 * 2**20  # allocator slack, small arrays, ids, schedules
 VAE_MARGIN = 104  # pixels of context a decoder tile needs on each side (FLUX.2 VAE)
 SAFETY = 1.10
+OVERLAP_BLOCKS, OVERLAP_DECODER = 4, 2  # see `estimate`
 TOKEN_CHUNKS = (None, 4096, 2048, 1024, 512, 256)
 VAE_TILES = (1024, 768, 512, 384, 256, 128)
 ATTENTION_ROWS = (None, 1024, 512, 256)
@@ -284,7 +285,13 @@ def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batch
     rows = plan.attention_rows or L
     scores = 0 if fp.fused_attention else 2 * _attention_scores(fp.transformer_heads, rows, L)
     resident = fp.vae_bytes + fp.cached_prompt_bytes  # the VAE (small) stays through every stage
-    in_flight = 2 if plan.overlap else 1  # parts whose temporaries live at once
+    # Parts whose temporaries live at once. Overlapped, MLX allocates a part's buffers when
+    # it is queued and frees them when the device is done with it, so two to three blocks'
+    # temporaries coexist, each holding all its intermediates, not only the live ones: on
+    # an H200 a block-by-block 4-step run at 512 / 1024 px peaked 1.22 / 2.84 GB above the
+    # weights overlapped against 0.30 / 1.00 GB of the terms above, hence 4 (examples/
+    # profile_speed.py, docs/benchmarks.md). The decoder's parts are smaller: 2.
+    in_flight = OVERLAP_BLOCKS if plan.overlap else 1
     denoise = (resident + fp.transformer_bytes + in_flight * (held + chunk + matmul + scores)
                + cfg_batches * fp.text_len * D * s * 2 + L_img * 128 * 4 * 3)
     text_act = fp.text_len * fp.text_hidden * 4 * 10 + _attention_scores(fp.text_heads, fp.text_len, fp.text_len)
@@ -299,6 +306,7 @@ def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batch
     tile = plan.vae_tile or max(width, height)
     th, tw = (min(tile + 2 * VAE_MARGIN, height), min(tile + 2 * VAE_MARGIN, width)) if plan.vae_tile else (height, width)
     latent_px = (height // 8) * (width // 8)
+    in_flight = OVERLAP_DECODER if plan.overlap else 1
     mid = in_flight * (fp.vae_mid_fixed + fp.vae_mid_per_pixel * latent_px) + vae_scores_bytes(latent_px)
     up = (latent_px * fp.vae_mid_channels * s + in_flight * (fp.vae_up_fixed + fp.vae_up_per_pixel * th * tw)
           + 4 * in_flight * min(Execution().reduce_block, th * tw * fp.vae_mid_channels)

@@ -20,6 +20,7 @@ import mlx.nn as nn
 from bonsai_mlx.random_weights import write_random_pack
 from bonsai_mlx.pipeline import BonsaiPipeline, image_ids, text_ids
 from bonsai_mlx.benchmark import klein_inputs
+from bonsai_mlx.execution import Execution
 from bonsai_mlx.memory import smallest_plan
 from bonsai_mlx import transformer as T
 
@@ -59,16 +60,13 @@ for size in (512, 1024):
     print(p, flush=True)
 
 def section_transformer():
-    def setp(attn, tok, per_block=True, sync=True):
-        m.set_attention_chunk(attn); m.set_token_chunk(tok, sync=sync); m.eval_per_block = per_block
-
     for size in (1024, 512):
         inp = klein_inputs(m.config, size, size, 512, mx.bfloat16); mx.eval(inp)
         for attn, tok in ((None, 512), (None, 256), (None, None)):
-            setp(attn, tok)
-            delta(f"forward {size} attn={attn} tok={tok}", lambda: m(*inp))
-        setp(None, 512)
-        delta(f"forward {size} timed again attn=None tok=512", lambda: m(*inp))
+            ex = Execution(tok, attn, sync=True)
+            delta(f"forward {size} attn={attn} tok={tok}", lambda: m(*inp, execution=ex))
+        ex = Execution(512, None, sync=True)
+        delta(f"forward {size} timed again attn=None tok=512", lambda: m(*inp, execution=ex))
     dump()
 
     D, H = 3072, 24
@@ -79,22 +77,21 @@ def section_transformer():
         qt, kt, vt = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
         qc, kc, vc = (mx.contiguous(a) for a in (qt, kt, vt)); mx.eval(qc, kc, vc)
         delta(f"sdpa contiguous L={L}", lambda: mx.fast.scaled_dot_product_attention(qc, kc, vc, scale=128**-0.5))
-        cos, sin = T.rope_tables(mx.zeros((L, 4), dtype=mx.int32) + mx.arange(L)[:, None].astype(mx.int32), (32, 32, 32, 32), 2000.0)
-        mx.eval(cos, sin)
-        for ch in (None,):
-            delta(f"rope L={L} chunk={ch}", lambda: T.apply_rope(q, cos, sin))
+        rot = T.rope_rotation(mx.zeros((L, 4), dtype=mx.int32) + mx.arange(L)[:, None].astype(mx.int32), (32, 32, 32, 32), 2000.0)
+        mx.eval(rot)
+        delta(f"rope L={L}", lambda: T.apply_rope(q, rot))
         del q, k, v, qt, kt, vt, qc, kc, vc
         x = mx.random.normal((1, L, D)).astype(mx.bfloat16); mx.eval(x)
-        rope = T.rope_tables(mx.concatenate([text_ids(512), image_ids((L - 512) // 64, 64)]) if L > 512 else text_ids(L), m.config.axes_dims_rope, m.config.rope_theta)
+        rope = T.rope_rotation(mx.concatenate([text_ids(512), image_ids((L - 512) // 64, 64)]) if L > 512 else text_ids(L), m.config.axes_dims_rope, m.config.rope_theta)
         mx.eval(rope)
         temb = mx.random.normal((1, D)).astype(mx.bfloat16)
         ms = m.single_stream_modulation(temb); mi = m.double_stream_modulation_img(temb); mt = m.double_stream_modulation_txt(temb)
         mx.eval(ms, mi, mt)
         sb, db = m.single_transformer_blocks[0], m.transformer_blocks[0]
         for attn, tok in ((None, 512), (None, None)):
-            setp(attn, tok)
-            delta(f"single block L={L} attn={attn} tok={tok}", lambda: sb(x, ms, rope))
-            delta(f"double block L={L} attn={attn} tok={tok}", lambda: db(x[:, 512:], x[:, :512], mi, mt, rope))
+            ex = Execution(tok, attn, sync=True)
+            delta(f"single block L={L} attn={attn} tok={tok}", lambda: sb(x, ms, rope, ex))
+            delta(f"double block L={L} attn={attn} tok={tok}", lambda: db(x[:, 512:], x[:, :512], mi, mt, rope, ex))
         lin = sb.attn.to_qkv_mlp_proj
         for M in (512, 1536):
             delta(f"packed linear M={M} N=27648", lambda: lin(x[:, :M]))
@@ -106,15 +103,15 @@ def section_vae():
     for size in (512, 1024):
         lat = size // 8
         z = mx.random.normal((1, lat, lat, 32)).astype(mx.float16); mx.eval(z)
-        dec.eval_per_block = True
-        h = delta(f"vae mid {size}", lambda: dec.mid(z))
+        pace = Execution(sync=True).pace()
+        h = delta(f"vae mid {size}", lambda: dec.mid(z, pace))
         for tile in (128, 256):
             w = min(tile // 8 + 26, lat)
             hw = h[:, :w, :w]; mx.eval(hw)
             x = hw
             for i, b in enumerate(dec.up_blocks):
-                x = delta(f"vae up block {i} tile={tile} size={size} in={list(x.shape)}", lambda: b(x))
-            delta(f"vae conv_out tile={tile} in={list(x.shape)}", lambda: dec.conv_out(nn.silu(dec.conv_norm_out(x))))
+                x = delta(f"vae up block {i} tile={tile} size={size} in={list(x.shape)}", lambda: b(x, pace=pace))
+            delta(f"vae conv_out tile={tile} in={list(x.shape)}", lambda: dec.conv_out(dec.conv_norm_out(x, silu=True)))
         del h
     c256 = nn.Conv2d(256, 256, 3, padding=1); c256.set_dtype(mx.float16) if hasattr(c256, "set_dtype") else None
     c256.update({"weight": c256.weight.astype(mx.float16), "bias": c256.bias.astype(mx.float16)})
@@ -134,9 +131,8 @@ def section_vae():
     x1024 = mx.random.normal((1, 4096, 128)).astype(mx.float16); mx.eval(x512, x1024)
     for size, tok, tiles in ((512, x512, (None, 128, 256, 384)), (1024, x1024, (128, 256, 384, 512))):
         for tile in tiles:
-            dec.eval_per_block = True
-            ov = min(128, tile // 2) if tile else 128
-            delta(f"decode {size} tile={tile}", lambda: vae.decode_tokens(tok, size, size, tile_size=tile, overlap=ov))
+            delta(f"decode {size} tile={tile}", lambda: vae.decode_tokens(tok, size, size, tile_size=tile, overlap=16,
+                                                                          execution=Execution(sync=True)))
             dump()
 for sec in (section_transformer, section_vae):
     try:

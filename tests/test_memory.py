@@ -227,3 +227,28 @@ def test_cli_memory_budget_and_verbose(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "memory: peak" in r.stderr and "denoising:" in r.stderr and "mean-active" in r.stderr
     assert "memory plan: " in r.stderr and "estimated peaks: text_encoding" in r.stderr
+
+
+def test_estimates_cover_the_recorded_h200_peaks():
+    """Every stage of every planned generation measured on the H200 (docs/results, random
+    weights at the real shapes) peaked under what `estimate` says for its plan and footprint."""
+    import json
+    from pathlib import Path
+
+    from bonsai_mlx.memory import Footprint
+
+    runs = json.loads((Path(__file__).parent.parent / "docs/results/h200-generate-4dd7b93.json").read_text())["runs"]
+    planned = [r for r in runs if r["footprint"] is not None]
+    assert len(planned) == 8
+    for run in planned:
+        p = run["plan"]
+        plan = MemoryPlan(**{k: p[k] for k in ("stream_text_encoder", "keep_text_encoder", "transformer_in_text",
+                                               "transformer_in_decode", "vae_tile", "token_chunk", "attention_rows",
+                                               "sync")}, overlap="two blocks in flight" in p["described"])
+        est = estimate(Footprint(**run["footprint"]), run["size"], run["size"], plan)
+        for gen in run["generations"]:
+            stages = gen["memory"]["stages"]
+            for stage, bytes_ in est.items():
+                assert stages[stage]["peak_gb"] * 1e9 <= bytes_, (run["format"], run["size"], run["budget"], stage)
+            if "loading" in stages:
+                assert stages["loading"]["peak_gb"] * 1e9 <= est["denoising"]

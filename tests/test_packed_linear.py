@@ -16,7 +16,10 @@ FORMATS = ["binary", "ternary", "ternary2"]
 # ||y - y64|| / ||y64|| against a float64 matmul of the same dequantized W.
 # float32 out: the reference accumulates in fp32, error ~ sqrt(K) * 2^-24 << 1e-5 for K <= 1280.
 # fp16/bf16 out: dominated by the final rounding, <= 2^-11 / 2^-8 per element.
-REL_BOUND = {mx.float32: 1e-5, mx.float16: 1e-3, mx.bfloat16: 4e-3}
+# MLX's CUDA back-end multiplies float32 matrices in TF32 (10-bit mantissa: a 64x128 binary
+# case measured 2.2e-4 on an H200); the CPU and Metal back-ends in full float32.
+TF32 = mx.cuda.is_available() and mx.default_device() == mx.gpu
+REL_BOUND = {mx.float32: 1e-3 if TF32 else 1e-5, mx.float16: 1e-3, mx.bfloat16: 4e-3}
 
 
 def random_weight(fmt, n, k):
