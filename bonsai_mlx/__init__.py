@@ -1,7 +1,9 @@
 """bonsai-mlx: FLUX.2 [klein] with binary and ternary weights, in MLX."""
 
+from .bundle import load_bundle, verify as verify_bundle
 from .config import KLEIN_4B, KLEIN_9B, TransformerConfig
 from .errors import BonsaiError, ConfigError, WeightsError
+from .export import export_bundle
 from .loading import load_transformer
 from .memory import MemoryMonitor, MemoryPlan
 from .packed_checkpoint import convert_pipeline, save_packed

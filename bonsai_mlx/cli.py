@@ -131,6 +131,23 @@ def _cmd_convert(args) -> None:
     print(f"wrote {out}")
 
 
+def _cmd_export(args) -> None:
+    from .benchmark import DTYPES
+    from .export import export_bundle
+
+    out = export_bundle(args.source, args.output, args.format, text_bits=args.text_encoder_bits, vae=args.vae,
+                        dtype=DTYPES[args.dtype], test_vectors=args.test_vectors, overwrite=args.overwrite,
+                        text_layers=tuple(args.text_layers))
+    print(f"wrote {out}")
+
+
+def _cmd_verify(args) -> None:
+    from .bundle import verify
+
+    m = verify(args.bundle)
+    print(f"{args.bundle}: {len(m['files'])} files, sizes, sha256 and tensors match the manifest")
+
+
 def _size(value: str) -> int:
     v = int(value)
     if v <= 0 or v % 16:
@@ -200,6 +217,30 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"],
                    help="precision of the weights that stay unpacked (default bfloat16)")
     c.set_defaults(func=_cmd_convert)
+
+    e = sub.add_parser(
+        "export", help="write a bundle for Swift/iOS apps (stock mlx-swift)",
+        description="Export a model (official pack, our pack, or a diffusers directory) as a bundle an app loads "
+                    "with no Python: per-component safetensors in MLX layouts, the Metal kernels and their launch "
+                    "description, the tokenizer, and manifest.json with every file's size and sha256. The format is "
+                    "docs/export-format.md.")
+    e.add_argument("source", help="model directory, known name or repo id")
+    e.add_argument("output", help="bundle directory to write (written whole or not at all)")
+    e.add_argument("--format", default="binary", choices=["binary", "ternary"],
+                   help="packing of the transformer's block linears (dense sources are quantized)")
+    e.add_argument("--text-encoder-bits", type=int, default=4, choices=[4, 8, 16],
+                   help="MLX affine bits of the text encoder (16: unquantized)")
+    e.add_argument("--vae", default="full", choices=["full", "small"], help="small: the decoder only")
+    e.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"],
+                   help="precision of the weights that stay 16-bit")
+    e.add_argument("--text-layers", type=int, nargs="+", default=[9, 18, 27], help=argparse.SUPPRESS)
+    e.add_argument("--test-vectors", action="store_true", help="add small inputs and expected outputs for a port")
+    e.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    e.set_defaults(func=_cmd_export)
+
+    v = sub.add_parser("verify", help="check a bundle against its manifest (sizes, hashes, tensors, paths)")
+    v.add_argument("bundle")
+    v.set_defaults(func=_cmd_verify)
 
     f = sub.add_parser("forward", help="one transformer forward on random weights (smoke test, no download)")
     model_args(f)

@@ -160,20 +160,13 @@ def check_backend(backend: str) -> None:
         raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-def convert_pipeline(source: str | Path, output: str | Path, fmt: str, overwrite: bool = False,
-                     dtype=mx.bfloat16) -> Path:
-    """Write `source` (diffusers klein pipeline or PrismML pack) as a pack whose transformer
-    is in our format `fmt`, its unpacked weights stored in `dtype`; text encoder,
-    tokenizer, VAE and model_index are copied."""
-    import shutil
-
+def transformer_in_format(source: Path, fmt: str, dtype=mx.bfloat16) -> nn.Module:
+    """The transformer of a pipeline or pack directory with its block linears in our format
+    `fmt`: a dense checkpoint is quantized (post-training), an official pack converts
+    losslessly (refused when its bits cannot hold `fmt`), ternary <-> ternary2 re-encodes
+    exactly; the weights that stay unpacked are in `dtype`."""
     from .loading import _transformer_dir, load_transformer
 
-    source, output = Path(source), Path(output)
-    if not source.is_dir():
-        raise ConfigError(f"{source} is not a directory: pass a diffusers pipeline or a pack directory")
-    if output.exists() and not overwrite:
-        raise ConfigError(f"{output} exists; choose a new directory or pass --overwrite")
     tdir = _transformer_dir(source)
     already = read_quant_config(tdir)
     if already is not None and already.get("format") != "bonsai":
@@ -182,10 +175,27 @@ def convert_pipeline(source: str | Path, output: str | Path, fmt: str, overwrite
             raise ConfigError(f"{tdir} is a bits={already['bits']} pack; it converts losslessly only to "
                               f"{'binary' if already['bits'] == 1 else 'ternary/ternary2'}, not {fmt}")
     model = load_transformer(source, dtype=dtype, quantize=None if already else fmt, backend="reference")
-    if already is not None and {m.fmt for _, m in model.named_modules() if isinstance(m, PackedLinear)} != {fmt}:
-        for name, m in list(model.named_modules()):
-            if isinstance(m, PackedLinear) and m.fmt != fmt:  # ternary <-> ternary2 re-encoding is exact
-                _replace(model, name, PackedLinear.from_packed(quantize(dequantize(m.packed, mx.float32), fmt)))
+    for name, m in list(model.named_modules()):
+        if isinstance(m, PackedLinear) and m.fmt != fmt:
+            if {m.fmt, fmt} != {"ternary", "ternary2"}:
+                raise ConfigError(f"{tdir} holds {m.fmt} weights, which do not convert exactly to {fmt}")
+            _replace(model, name, PackedLinear.from_packed(quantize(dequantize(m.packed, mx.float32), fmt)))
+    return model
+
+
+def convert_pipeline(source: str | Path, output: str | Path, fmt: str, overwrite: bool = False,
+                     dtype=mx.bfloat16) -> Path:
+    """Write `source` (diffusers klein pipeline or PrismML pack) as a pack whose transformer
+    is in our format `fmt`, its unpacked weights stored in `dtype`; text encoder,
+    tokenizer, VAE and model_index are copied."""
+    import shutil
+
+    source, output = Path(source), Path(output)
+    if not source.is_dir():
+        raise ConfigError(f"{source} is not a directory: pass a diffusers pipeline or a pack directory")
+    if output.exists() and not overwrite:
+        raise ConfigError(f"{output} exists; choose a new directory or pass --overwrite")
+    model = transformer_in_format(source, fmt, dtype)
     tmp = output.with_name(output.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     save_packed(model, tmp / "transformer-packed-mflux")

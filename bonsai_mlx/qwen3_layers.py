@@ -180,8 +180,11 @@ class Qwen3Layers:
 
     # -- building --------------------------------------------------------------------
 
-    def _keys_for(self, layer: Optional[int]) -> list[str]:
+    def keys_for(self, layer: Optional[int]) -> list[str]:
         """Checkpoint keys of the embedding (layer None) or of decoder layer `layer`."""
+        return self._keys_for(layer)
+
+    def _keys_for(self, layer: Optional[int]) -> list[str]:
         if layer is None:
             return [f"model.embed_tokens{s}" for s in self._quant_suffixes("model.embed_tokens")]
         p = f"model.layers.{layer}"

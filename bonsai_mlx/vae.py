@@ -729,12 +729,16 @@ def _read_weights(path: Path) -> dict:
     return weights
 
 
-def load_vae(path, dtype=mx.float16) -> AutoencoderKLFlux2:
+def load_vae(path, dtype=mx.float16, layout: str = "diffusers") -> AutoencoderKLFlux2:
     """Load a diffusers AutoencoderKLFlux2 directory (config.json + safetensors).
 
     A checkpoint without any `encoder.*` key loads as decoder-only. The BatchNorm
-    statistics stay float32; everything else is cast to `dtype`.
+    statistics stay float32; everything else is cast to `dtype`. layout="mlx" reads
+    weights already in this module's layout (channels-last convolutions, as bundles
+    store them) instead of diffusers'.
     """
+    if layout not in ("diffusers", "mlx"):
+        raise BonsaiError(f"VAE layout must be 'diffusers' or 'mlx', got {layout!r}")
     path = Path(path)
     if not path.is_dir():
         raise WeightsError(f"VAE directory {path} does not exist")
@@ -762,7 +766,7 @@ def load_vae(path, dtype=mx.float16) -> AutoencoderKLFlux2:
     weights = {}
     bad_shapes = []
     for k in expected.keys() & raw.keys():
-        w = _to_mlx(k, raw[k])
+        w = _to_mlx(k, raw[k]) if layout == "diffusers" else raw[k]
         if w.shape != expected[k].shape:
             bad_shapes.append(f"{k}: expected {tuple(expected[k].shape)} (MLX layout), "
                               f"got {tuple(w.shape)} (from {tuple(raw[k].shape)})")

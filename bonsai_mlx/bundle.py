@@ -1,0 +1,205 @@
+"""Bundles (see export.py): the manifest, checking a bundle, and loading one.
+
+`verify` reads nothing but the manifest, the files' bytes and the safetensors headers: it
+checks that every file the manifest lists is a regular file inside the bundle with the
+stated size and sha256, that every tensor's name, shape and dtype agree with its file's
+header, and that the bundle holds nothing else. It loads no model. `load_bundle` verifies,
+then builds a pipeline from the bundle's components.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import stat
+import struct
+from pathlib import Path, PurePosixPath
+
+from .errors import BonsaiError
+
+FORMAT = "bonsai-bundle"
+VERSION = 1
+MANIFEST = "manifest.json"
+MAX_MANIFEST_BYTES = 64 << 20
+MAX_HEADER_BYTES = 100 << 20
+DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "F32": 4,
+               "U64": 8, "I64": 8, "F64": 8}
+
+
+class BundleError(BonsaiError):
+    """A bundle that is incomplete, altered, or does not match its manifest."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def safetensors_header(path: Path) -> dict[str, dict]:
+    """name -> {"dtype", "shape"} of a safetensors file, checked: the header fits the file, is
+    a JSON object of known dtypes and non-negative shapes, and the tensors' byte ranges are
+    exactly their shapes' sizes, contiguous from the header's end to the file's end."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise BundleError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > min(MAX_HEADER_BYTES, size - 8):
+            raise BundleError(f"{path}: header length {n} exceeds the file ({size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, RecursionError) as e:
+            raise BundleError(f"{path}: the safetensors header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise BundleError(f"{path}: the safetensors header is not a JSON object")
+    header.pop("__metadata__", None)
+    tensors, spans = {}, []
+    for name, t in header.items():
+        ok = (isinstance(t, dict) and t.get("dtype") in DTYPE_BYTES and isinstance(t.get("shape"), list)
+              and all(isinstance(d, int) and d >= 0 for d in t["shape"]) and isinstance(t.get("data_offsets"), list)
+              and len(t["data_offsets"]) == 2 and all(isinstance(o, int) for o in t["data_offsets"]))
+        if not ok:
+            raise BundleError(f"{path}: tensor {name!r} has a malformed header entry")
+        a, b = t["data_offsets"]
+        if b - a != math.prod(t["shape"]) * DTYPE_BYTES[t["dtype"]]:
+            raise BundleError(f"{path}: tensor {name!r}: {b - a} bytes for shape {t['shape']} {t['dtype']}")
+        spans.append((a, b, name))
+        tensors[name] = {"dtype": t["dtype"], "shape": t["shape"]}
+    end = 0
+    for a, b, name in sorted(spans):
+        if a != end:
+            raise BundleError(f"{path}: tensor {name!r} starts at byte {a}, expected {end} (overlap or gap)")
+        end = b
+    if 8 + n + end != size:
+        raise BundleError(f"{path}: the tensors end at byte {8 + n + end}, the file has {size} (truncated or padded)")
+    return tensors
+
+
+def _component(rel: str) -> str:
+    return rel.split("/", 1)[0] if "/" in rel else "bundle"
+
+
+def write_manifest(directory: Path, manifest: dict, packing: dict[str, dict[str, str]] | None = None) -> None:
+    """Add every file under `directory` (size, sha256 and, for safetensors, each tensor's
+    name, shape, dtype, packing and component) to `manifest` and write manifest.json."""
+    files = []
+    for path in sorted(p for p in Path(directory).rglob("*") if p.is_file()):
+        rel = path.relative_to(directory).as_posix()
+        if rel == MANIFEST:
+            continue
+        entry = {"path": rel, "bytes": path.stat().st_size, "sha256": _sha256(path), "component": _component(rel)}
+        if rel.endswith(".safetensors"):
+            packed = (packing or {}).get(rel, {})
+            entry["tensors"] = [{"name": k, **v, "packing": packed.get(k)}
+                                for k, v in sorted(safetensors_header(path).items())]
+        files.append(entry)
+    manifest = {**manifest, "files": files}
+    (Path(directory) / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def _regular_file(path: Path, what: str) -> os.stat_result:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise BundleError(f"{what}: {path} is missing") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise BundleError(f"{what}: {path} is a symbolic link; a bundle holds regular files only")
+    if not stat.S_ISREG(st.st_mode):
+        raise BundleError(f"{what}: {path} is not a regular file")
+    return st
+
+
+def read_manifest(directory) -> dict:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise BundleError(f"{directory} is not a bundle directory")
+    st = _regular_file(directory / MANIFEST, "manifest")
+    if st.st_size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{directory / MANIFEST} is {st.st_size} bytes, over the {MAX_MANIFEST_BYTES} limit")
+    try:
+        m = json.loads((directory / MANIFEST).read_text())
+    except (ValueError, RecursionError) as e:
+        raise BundleError(f"{directory / MANIFEST} is not valid JSON ({e})") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise BundleError(f"{directory / MANIFEST} is not a {FORMAT} manifest")
+    if m.get("format_version") != VERSION:
+        raise BundleError(f"{directory / MANIFEST}: format_version {m.get('format_version')!r}; "
+                          f"this bonsai-mlx reads version {VERSION}")
+    if not isinstance(m.get("files"), list) or not isinstance(m.get("components"), dict):
+        raise BundleError(f"{directory / MANIFEST} lacks its files or components")
+    return m
+
+
+def _inside(directory: Path, rel) -> Path:
+    if not isinstance(rel, str) or not rel:
+        raise BundleError(f"manifest entry {rel!r} is not a relative path")
+    p = PurePosixPath(rel)
+    if p.is_absolute() or ".." in p.parts or "\\" in rel:
+        raise BundleError(f"manifest entry {rel!r} leaves the bundle")
+    path = directory.joinpath(*p.parts)
+    if not path.resolve().is_relative_to(directory.resolve()):
+        raise BundleError(f"manifest entry {rel!r} resolves outside the bundle")
+    return path
+
+
+def verify(directory) -> dict:
+    """Check a bundle against its manifest (see the module's doc); returns the manifest.
+    Raises BundleError naming the first file that disagrees."""
+    directory = Path(directory)
+    m = read_manifest(directory)
+    listed = set()
+    for entry in m["files"]:
+        if not isinstance(entry, dict):
+            raise BundleError(f"{directory / MANIFEST}: a files entry is not an object")
+        rel = entry.get("path")
+        path = _inside(directory, rel)
+        listed.add(rel)
+        st = _regular_file(path, f"manifest entry {rel}")
+        if st.st_size != entry.get("bytes"):
+            raise BundleError(f"{rel}: {st.st_size} bytes, the manifest says {entry.get('bytes')} (truncated or replaced)")
+        if _sha256(path) != entry.get("sha256"):
+            raise BundleError(f"{rel}: sha256 differs from the manifest (the file was altered or swapped)")
+        if rel.endswith(".safetensors"):
+            header = safetensors_header(path)
+            stated = {t["name"]: {"dtype": t["dtype"], "shape": t["shape"]} for t in entry.get("tensors", [])}
+            if header != stated:
+                names = sorted(set(header) ^ set(stated)) or sorted(k for k in header if header[k] != stated.get(k))
+                raise BundleError(f"{rel}: tensors disagree with the manifest (first: {names[:3]})")
+    present = {p.relative_to(directory).as_posix() for p in directory.rglob("*")
+               if (p.is_file() or p.is_symlink()) and p.name != MANIFEST}
+    extra = sorted(present - listed)
+    if extra:
+        raise BundleError(f"{directory}: files the manifest does not list: {extra[:5]}")
+    return m
+
+
+def load_bundle(directory, memory_budget="auto", verify_files: bool = True):
+    """A BonsaiPipeline over a bundle (verified first unless `verify_files` is False)."""
+    import mlx.core as mx
+
+    from .loading import load_transformer
+    from .pipeline import BonsaiPipeline
+    from .text_encoder import load_text_encoder
+    from .vae import load_vae
+
+    directory = Path(directory)
+    m = verify(directory) if verify_files else read_manifest(directory)
+    c = m["components"]
+    dtype = getattr(mx, c["transformer"].get("dtype", "bfloat16"))
+
+    def loader():
+        return load_transformer(directory / c["transformer"]["dir"], dtype=dtype)
+
+    te = load_text_encoder(directory / c["text_encoder"]["dir"], dtype=dtype,
+                           layers=c["text_encoder"]["hidden_state_taps"],
+                           tokenizer_path=directory / c["tokenizer"]["dir"], resident=False)
+    vae = load_vae(directory / c["vae"]["dir"], dtype=getattr(mx, c["vae"].get("dtype", "float16")), layout="mlx")
+    return BonsaiPipeline(loader(), te, vae, is_distilled=bool(m["sampler"]["distilled"]), model=str(directory),
+                          max_sequence_length=c["text_encoder"]["max_sequence_length"],
+                          memory_budget=memory_budget, transformer_loader=loader)

@@ -1,0 +1,161 @@
+"""Bundles: export from a pack and a diffusers pipeline, load back, same images; `verify`
+catches every kind of damage before anything is loaded; an interrupted export leaves nothing."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from bonsai_mlx import BonsaiPipeline, export_bundle, load_bundle
+from bonsai_mlx.bundle import BundleError, verify
+from bonsai_mlx.random_weights import write_random_pack
+from fixtures import make_pipeline as mp
+from test_random_weights import TEXT_LAYERS, TINY
+
+
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory):
+    return write_random_pack(tmp_path_factory.mktemp("src") / "pack", "binary", **TINY)
+
+
+@pytest.fixture(scope="module")
+def bundle(pack, tmp_path_factory):
+    return export_bundle(pack, tmp_path_factory.mktemp("out") / "bundle", "binary", text_layers=TEXT_LAYERS,
+                         test_vectors=True)
+
+
+def test_bundle_gives_the_same_image_as_its_source(pack, bundle):
+    """Transformer already binary, encoder already 4-bit: only layouts change, so bit-exact."""
+    src = BonsaiPipeline.from_pretrained(pack, text_layers=TEXT_LAYERS, memory_budget=None)
+    got = load_bundle(bundle, memory_budget=None)
+    assert got.vae.has_encoder  # the full VAE by default
+    a = src.generate("a pine on a cliff", width=96, height=64, seed=3)
+    b = got.generate("a pine on a cliff", width=96, height=64, seed=3)
+    np.testing.assert_array_equal(a.array, b.array)
+
+
+def test_diffusers_source_quantized_on_export_matches_quantize_on_load(tmp_path):
+    """A dense diffusers pipeline: the bundle's transformer is the same post-training binary
+    quantization `from_pretrained(quantize=...)` makes; a 16-bit encoder keeps the prompt exact."""
+    _, src = mp.make_pipeline(tmp_path / "tiny", text_layers=(9, 18, 27))
+    out = export_bundle(src, tmp_path / "b", "binary", text_bits=16, vae="small", dtype=mx.float32)
+    ref = BonsaiPipeline.from_pretrained(src, dtype=mx.float32, quantize="binary", memory_budget=None)
+    got = load_bundle(out, memory_budget=None)
+    assert not got.vae.has_encoder  # --vae small: the decoder only
+    a = ref.generate("a juniper", width=64, height=64, seed=5)
+    b = got.generate("a juniper", width=64, height=64, seed=5)
+    np.testing.assert_allclose(b.array, a.array, rtol=0, atol=1e-5)  # float32 throughout: rounding only
+
+
+def test_manifest_describes_every_file_and_tensor(bundle):
+    m = json.loads((bundle / "manifest.json").read_text())
+    paths = {f["path"] for f in m["files"]}
+    on_disk = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert paths == on_disk
+    t = {x["name"]: x for f in m["files"] if f["path"] == "transformer/model.safetensors" for x in f["tensors"]}
+    q = t["single_transformer_blocks.0.attn.to_qkv_mlp_proj.weight"]
+    assert q["packing"] == "binary" and q["dtype"] == "U32"
+    assert t["x_embedder.weight"]["packing"] is None
+    te = m["components"]["text_encoder"]
+    assert [p["layer"] for p in te["parts"]] == [None, 0, 1, 2] and te["hidden_state_taps"] == list(TEXT_LAYERS)
+    assert te["quantization"] == {"mode": "affine", "bits": 4, "group_size": 64}
+    conv = next(x for f in m["files"] if f["path"] == "vae/vae.safetensors" for x in f["tensors"]
+                if x["name"] == "decoder.conv_in.weight")
+    assert conv["shape"][1:3] == [3, 3]  # channels-last [out, kh, kw, in]
+    assert m["sampler"]["distilled"] and m["sampler"]["default_steps"] == 4
+    assert {(p["width"], p["budget_bytes"]) for p in m["memory_plans"]} >= {(512, 1_500_000_000), (1024, 4_000_000_000)}
+    spec = json.loads((bundle / "kernels" / "kernels.json").read_text())
+    assert set(spec["kernels"]) == {"binary_gemm", "binary_gemv", "binary_gemv_fp32", "binary_decode"}
+
+
+def _copy(bundle, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(bundle, dst)
+    return dst
+
+
+def _flip(p):
+    b = bytearray(p.read_bytes())
+    b[len(b) // 2] ^= 0x01
+    p.write_bytes(bytes(b))
+
+
+DAMAGE = {
+    "truncated": (lambda b: (b / "vae/vae.safetensors").write_bytes((b / "vae/vae.safetensors").read_bytes()[:-7]),
+                  "vae/vae.safetensors"),
+    "bit flip": (lambda b: _flip(b / "transformer/model.safetensors"), "transformer/model.safetensors"),
+    "swapped": (lambda b: [os.replace(b / "text_encoder/layer_00.safetensors", b / "t"),
+                           os.replace(b / "text_encoder/layer_01.safetensors", b / "text_encoder/layer_00.safetensors"),
+                           os.replace(b / "t", b / "text_encoder/layer_01.safetensors")], "text_encoder/layer_0"),
+    "missing": (lambda b: (b / "kernels/binary_gemm.metal").unlink(), "kernels/binary_gemm.metal"),
+    "extra": (lambda b: (b / "kernels/evil.metal").write_text("x"), "kernels/evil.metal"),
+    "symlink": (lambda b: [(b / "tokenizer/tokenizer.json").unlink(),
+                           os.symlink("/etc/hostname", b / "tokenizer/tokenizer.json")], "tokenizer/tokenizer.json"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_verify_names_the_damaged_file_and_loads_nothing(bundle, tmp_path, monkeypatch, damage):
+    b = _copy(bundle, tmp_path)
+    hurt, name = DAMAGE[damage]
+    hurt(b)
+    import bonsai_mlx.loading
+    monkeypatch.setattr(bonsai_mlx.loading, "load_transformer", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(BundleError, match=name):
+        verify(b)
+    with pytest.raises(BundleError, match=name):
+        load_bundle(b)
+
+
+@pytest.mark.parametrize("path", ["../outside.bin", "/etc/passwd", "vae/../../x", "a\\b"])
+def test_manifest_paths_may_not_leave_the_bundle(bundle, tmp_path, path):
+    b = _copy(bundle, tmp_path)
+    m = json.loads((b / "manifest.json").read_text())
+    m["files"][0]["path"] = path
+    (b / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="leaves the bundle|resolves outside"):
+        verify(b)
+
+
+def test_manifest_that_disagrees_with_a_header(bundle, tmp_path):
+    b = _copy(bundle, tmp_path)
+    m = json.loads((b / "manifest.json").read_text())
+    entry = next(f for f in m["files"] if f["path"] == "vae/vae.safetensors")
+    entry["tensors"][0]["shape"] = [1, 2, 3]
+    (b / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="vae/vae.safetensors: tensors disagree"):
+        verify(b)
+
+
+def test_interrupted_export_leaves_nothing(pack, tmp_path, monkeypatch):
+    import bonsai_mlx.export as ex
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ex, "_write_vae", boom)  # midway: transformer and text encoder written
+    with pytest.raises(KeyboardInterrupt):
+        export_bundle(pack, tmp_path / "b", text_layers=TEXT_LAYERS)
+    assert list(tmp_path.iterdir()) == []  # no bundle, no partial directory
+    monkeypatch.undo()
+    export_bundle(pack, tmp_path / "b", text_layers=TEXT_LAYERS)  # a rerun succeeds
+    verify(tmp_path / "b")
+
+
+def test_cli_export_and_verify(pack, tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, "-m", "bonsai_mlx", *a], capture_output=True, text=True,
+                                    timeout=600)
+    r = run("export", str(pack), str(tmp_path / "b"), "--format", "binary", "--text-layers", *map(str, TEXT_LAYERS))
+    assert r.returncode == 0, r.stderr
+    r = run("verify", str(tmp_path / "b"))
+    assert r.returncode == 0 and "match the manifest" in r.stdout
+    (tmp_path / "b" / "kernels" / "binary_gemv.metal").write_text("tampered")
+    r = run("verify", str(tmp_path / "b"))
+    assert r.returncode == 2 and "binary_gemv.metal" in r.stderr and "Traceback" not in r.stderr
+    r = run("export", str(pack), str(tmp_path / "b"), "--text-layers", *map(str, TEXT_LAYERS))
+    assert r.returncode == 2 and "exists" in r.stderr
