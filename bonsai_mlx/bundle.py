@@ -96,7 +96,7 @@ def write_manifest(directory: Path, manifest: dict, packing: dict[str, dict[str,
         entry = {"path": rel, "bytes": path.stat().st_size, "sha256": _sha256(path), "component": _component(rel)}
         if rel.endswith(".safetensors"):
             packed = (packing or {}).get(rel, {})
-            entry["tensors"] = [{"name": k, **v, "packing": packed.get(k)}
+            entry["tensors"] = [{"name": k, **v, "packing": packed.get(k), "component": entry["component"]}
                                 for k, v in sorted(safetensors_header(path).items())]
         files.append(entry)
     manifest = {**manifest, "files": files}

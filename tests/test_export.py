@@ -159,3 +159,37 @@ def test_cli_export_and_verify(pack, tmp_path):
     assert r.returncode == 2 and "binary_gemv.metal" in r.stderr and "Traceback" not in r.stderr
     r = run("export", str(pack), str(tmp_path / "b"), "--text-layers", *map(str, TEXT_LAYERS))
     assert r.returncode == 2 and "exists" in r.stderr
+
+
+def test_every_kernel_in_the_bundle_runs_from_its_files(bundle):
+    """What an app has: the bundle's kernels/ folder. Each kernel it lists runs through the CPU
+    Metal harness with the launch kernels.json describes, against the dense weights."""
+    from bonsai_mlx import kernel_spec
+    from kernel_helpers import dense, random_weight, rel_err, to_numpy
+    from metal_harness import harness
+
+    kdir = bundle / "kernels"
+    spec = json.loads((kdir / "kernels.json").read_text())
+    rng = np.random.default_rng(11)
+    N, K = 72, 384
+    t, s, pw = random_weight(rng, "binary", N, K)
+    cases = {"binary_gemm": (40, mx.float16), "binary_gemv": (5, mx.bfloat16), "binary_gemv_fp32": (3, mx.float32),
+             "binary_decode": (None, mx.float16)}
+    assert set(cases) == set(spec["kernels"])
+    for key, (M, dtype) in cases.items():
+        e = spec["kernels"][key]
+        header = (kdir / e["header"]).read_text() if e["header"] else ""
+        names = kernel_spec.evaluate_lets(e["let"], {"M": M or 0, "N": N, "K": K, "rows": N})
+        template = [(k, dtype if v == "dtype" else kernel_spec.evaluate(v, names)) for k, v in e["template"]]
+        grid = [kernel_spec.evaluate(g, names) for g in e["grid"]]
+        if M is None:
+            inputs, shape = [pw.data, pw.scales], (N, K)
+        else:
+            x = mx.array(rng.standard_normal((M, K)).astype(np.float32)).astype(dtype)
+            inputs, shape = [x, pw.data, pw.scales], (M, N)
+        (y,) = harness.run(e["name"], e["inputs"], e["outputs"], (kdir / e["source"]).read_text(), header, inputs,
+                           [shape], [dtype], grid, e["threadgroup"], template)
+        assert harness.unwritten(y) == 0, key
+        y = mx.array(y.view(np.uint16)).view(dtype).astype(mx.float32) if dtype != mx.float32 else mx.array(y)
+        ref = dense(t, s) if M is None else to_numpy(x).astype(np.float64) @ dense(t, s).T
+        assert rel_err(np.array(y), ref) < (1e-5 if dtype == mx.float32 else 1e-2), key
