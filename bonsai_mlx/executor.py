@@ -14,7 +14,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .errors import BonsaiError
-from .memory import Footprint, MemoryMonitor, MemoryPlan, cache_limit, calibrate_vae
+from .memory import Footprint, MemoryMonitor, MemoryPlan, cache_limit, calibrate_vae, conservative_vae_scratch
 from .packed_linear import PackedLinear, auto_backend
 from .results import GenerationResult, StepEvent, to_pil
 from .scheduler import denoise, flux2_sigmas
@@ -104,13 +104,17 @@ class Models:
             self._prompts.popitem(last=False)
         return emb
 
-    def footprint(self) -> Footprint:
+    def footprint(self, calibrated: bool = True) -> Footprint:
+        """What the planner needs to know. `calibrated`: the VAE's scratch measured on this
+        device (once; seconds on a GPU, minutes on MLX's CPU wheel at full size), else
+        the conservative figures (memory.conservative_vae_scratch)."""
         cfg, te = self.transformer_info["config"], self.text_encoder
         layers = [te.weight_bytes(i) for i in range(te.config.num_layers_needed)]
         args = te.config.args
-        if self._vae_fit is None:
+        if calibrated and self._vae_fit is None:
             self._vae_fit = calibrate_vae(self.vae)
-        up_fixed, up_px, mid_fixed, mid_px = self._vae_fit
+        up_fixed, up_px, mid_fixed, mid_px = self._vae_fit if calibrated else conservative_vae_scratch(
+            self.vae.config)
         return Footprint(
             transformer_bytes=self.transformer_info["bytes"], transformer_dim=cfg.inner_dim,
             transformer_mlp=cfg.mlp_hidden_dim, transformer_heads=cfg.num_attention_heads,

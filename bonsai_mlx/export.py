@@ -191,14 +191,15 @@ def sampler_spec(is_distilled: bool) -> dict:
 
 
 def memory_plans(pipe) -> list[dict]:
-    """Plans for stated budgets and sizes, from this machine's footprint of the models with
-    the Apple GPU's fused attention and packed kernels assumed (an app follows them as
-    they are; the VAE's scratch is calibrated on the exporting device)."""
+    """Plans for stated budgets and sizes, from the models' footprint with the Apple GPU's
+    fused attention and packed kernels assumed and the VAE's scratch taken from
+    `memory.conservative_vae_scratch` (above what an H200 and this project's CPU measured;
+    an app follows the plans as they are)."""
     from dataclasses import replace
 
     from .memory import describe, plan_memory
 
-    fp = replace(pipe.footprint(), fused_attention=True, reference_matmul=False, text_dequant_bytes=0)
+    fp = replace(pipe.footprint(calibrated=False), fused_attention=True, reference_matmul=False, text_dequant_bytes=0)
     plans = []
     for size in PLAN_SIZES:
         for budget in PLAN_BUDGETS:

@@ -417,6 +417,16 @@ def _fit_line(x0: float, x1: float, y0: float, y1: float) -> tuple[float, float]
     return max(y0 - slope * x0, 0.0), slope
 
 
+def conservative_vae_scratch(config) -> tuple[float, float, float, float]:
+    """`calibrate_vae`'s four figures without measuring, chosen above what was measured for
+    the full FLUX.2 VAE in float16 (output channels 128, mid 512): on an H200 2.6 KB per
+    output pixel and 5.6 MB + 2.9 KB per latent pixel (docs/results/h200-generate-4dd7b93.json),
+    on this project's CPU 4.9 KB per output pixel and 24 MB fixed. Scaled with the channels
+    of the last up block and of the mid block for other decoders."""
+    c_out, c_mid = config.decoder_channels[0], config.decoder_channels[-1]
+    return 0.0, 64.0 * c_out, 65536.0 * c_mid, 16.0 * c_mid
+
+
 def calibrate_vae(vae) -> tuple[float, float, float, float]:
     """Peak decoder scratch on this device and dtype, as (up-path fixed bytes, bytes per
     output pixel, mid-block fixed bytes, bytes per latent pixel), each fitted to two
@@ -426,7 +436,10 @@ def calibrate_vae(vae) -> tuple[float, float, float, float]:
     several x (MLX's CPU convolution unfolds 3x3 patches, GPU kernels do not), so this
     is measured; it resets the peak-memory counter. The GroupNorm statistics' float32
     row blocks are bounded in size, not in pixels: they are measured here at a block
-    small enough to be bounded at these sizes too, and `estimate` adds the real block."""
+    small enough to be bounded at these sizes too, and `estimate` adds the real block.
+    It decodes a 256x256 window: seconds on a GPU, about 5 minutes for the full FLUX.2 VAE
+    on MLX's Linux CPU wheel (its convolutions run at 1-2 GFLOP/s), so plans that can do
+    with `conservative_vae_scratch` use that instead."""
     dec, ex = vae.decoder, Execution(sync=True, reduce_block=1 << 16)
     C_lat, C_mid = vae.config.latent_channels, vae.config.decoder_channels[-1]
     up, mid = [], []

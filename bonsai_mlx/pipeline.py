@@ -20,7 +20,8 @@ from . import executor
 from .errors import BonsaiError, WeightsError
 from .executor import Models, Request, image_ids, text_ids  # noqa: F401  (part of the API)
 from .loading import DEFAULT_VAE_REPO, MODELS, VAE_FILES, has_part, load_transformer, resolve_model  # noqa: F401
-from .memory import AUTO, UNCONSTRAINED, MemoryPlan, parse_budget, plan_memory, smallest_plan
+from .memory import (AUTO, UNCONSTRAINED, MemoryPlan, candidate_plans, parse_budget, plan_cost, plan_memory,
+                     smallest_plan)
 from .results import GenerationResult, StepEvent, to_pil  # noqa: F401  (part of the API)
 from .text_encoder import load_text_encoder
 from .vae import load_vae
@@ -66,8 +67,8 @@ class BonsaiPipeline:
     def release_transformer(self) -> None:
         self.models.release_transformer()
 
-    def footprint(self):
-        return self.models.footprint()
+    def footprint(self, calibrated: bool = True):
+        return self.models.footprint(calibrated)
 
     def plan(self, width: int = 512, height: int = 512, memory_budget="default", cfg: bool = False) -> MemoryPlan:
         """How a generation of this size would run under `memory_budget` (by default the
@@ -76,7 +77,14 @@ class BonsaiPipeline:
         budget = self.memory_budget if memory_budget == "default" else parse_budget(memory_budget)
         if budget is None:  # nothing to fit, so no footprint (its VAE calibration resets the peak)
             return UNCONSTRAINED
-        return plan_memory(self.footprint(), width, height, budget, cfg_batches=2 if cfg else 1)
+        batches = 2 if cfg else 1
+        if budget == AUTO:
+            # The device's own memory is usually far above what the cheapest plan needs: when
+            # conservative figures already fit it, the VAE needs no calibration decode.
+            plan = plan_memory(self.footprint(calibrated=False), width, height, AUTO, cfg_batches=batches)
+            if plan_cost(plan) == plan_cost(candidate_plans(width, height, stream_only=True)[0]):
+                return plan
+        return plan_memory(self.footprint(), width, height, budget, cfg_batches=batches)
 
     def smallest_plan(self, width: int = 512, height: int = 512, cfg: bool = False) -> MemoryPlan:
         """The most frugal way to run a generation of this size (and its estimated peak)."""
