@@ -14,6 +14,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .errors import BonsaiError
+from .lora import LoraSet
 from .memory import Footprint, MemoryMonitor, MemoryPlan, cache_limit, calibrate_vae
 from .packed_linear import PackedLinear, auto_backend
 from .results import GenerationResult, StepEvent, to_pil
@@ -72,6 +73,7 @@ class Models:
                                     for m in packed)}
         self._prompts: OrderedDict = OrderedDict()
         self._vae_fit = None
+        self.loras = LoraSet()  # adapters, put back on the transformer whenever it is read again
 
     def release_transformer(self) -> None:
         if self._loader is None:
@@ -82,7 +84,23 @@ class Models:
     def load_transformer(self):
         if self.transformer is None:
             self.transformer = self._loader()
+            self.loras.apply(self.transformer)
         return self.transformer
+
+    def load_lora(self, path, scale: float = 1.0, name: str | None = None) -> str:
+        """Read, check and apply a LoRA; a bad file changes nothing."""
+        info = self.transformer_info
+        lora = self.loras.load(path, scale, info["config"], info["dtype"], name)
+        self.loras.apply(self.transformer)
+        return lora.name
+
+    def set_lora_scale(self, name: str, scale: float) -> None:
+        self.loras.set_scale(name, scale)
+        self.loras.apply(self.transformer)
+
+    def unload_lora(self, name: str | None = None) -> None:
+        self.loras.remove(name)
+        self.loras.apply(self.transformer)
 
     def encode(self, prompt: str, plan: MemoryPlan) -> mx.array:
         """Prompt embeddings [1, L, D], from the cache when this prompt was encoded lately."""
@@ -112,7 +130,7 @@ class Models:
             self._vae_fit = calibrate_vae(self.vae)
         up_fixed, up_px, mid_fixed, mid_px = self._vae_fit
         return Footprint(
-            transformer_bytes=self.transformer_info["bytes"], transformer_dim=cfg.inner_dim,
+            transformer_bytes=self.transformer_info["bytes"] + self.loras.nbytes, transformer_dim=cfg.inner_dim,
             transformer_mlp=cfg.mlp_hidden_dim, transformer_heads=cfg.num_attention_heads,
             transformer_max_out=3 * cfg.inner_dim + 2 * cfg.mlp_hidden_dim,
             reference_matmul=self.transformer_info["reference_matmul"],

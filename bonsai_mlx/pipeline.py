@@ -44,6 +44,29 @@ def check_size(width: int, height: int) -> None:
             raise BonsaiError(f"{name}={v} is outside the supported range {MIN_SIZE}..{MAX_SIZE} pixels")
 
 
+def lora_specs(lora) -> list[tuple[str, float]]:
+    """[(path, scale), ...] from None, a path, or a list of paths and (path, scale) pairs;
+    each file must exist."""
+    if lora is None:
+        return []
+    items = [lora] if isinstance(lora, (str, os.PathLike)) else list(lora)
+    specs = []
+    for item in items:
+        if isinstance(item, (str, os.PathLike)):
+            item = (item, 1.0)
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise BonsaiError(f"each LoRA must be a path or a (path, scale) pair, got {item!r}")
+        path, scale = item
+        try:
+            scale = float(scale)
+        except (TypeError, ValueError):
+            raise BonsaiError(f"LoRA scale for {path} must be a number, got {scale!r}") from None
+        if not os.path.exists(path):
+            raise BonsaiError(f"LoRA file {path} does not exist")
+        specs.append((str(path), scale))
+    return specs
+
+
 class BonsaiPipeline:
     """Stages: text encoding -> denoising -> decoding, each holding what the memory plan
     says. `memory_budget`: "auto" (the default: frugal at no cost in time, capped by the
@@ -65,6 +88,27 @@ class BonsaiPipeline:
 
     def release_transformer(self) -> None:
         self.models.release_transformer()
+
+    # ---------------------------------------------------------------- LoRA
+    def load_lora(self, path: str | os.PathLike, scale: float = 1.0, name: str | None = None) -> str:
+        """Add a LoRA (diffusers, PEFT, BFL/ai-toolkit or kohya keys) at `scale`; returns its
+        name (the file's stem unless given). Packed layers get it as an adapter beside their
+        codes, never as a dense copy; several LoRAs add up. A LoRA that does not fit the
+        model is refused whole, naming the layer, and nothing changes."""
+        return self.models.load_lora(path, scale, name)
+
+    def set_lora_scale(self, name: str, scale: float) -> None:
+        """Change a loaded LoRA's scale (0 turns it off); no weights are read again."""
+        self.models.set_lora_scale(name, scale)
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Remove one LoRA, or all of them: the model is again exactly as loaded."""
+        self.models.unload_lora(name)
+
+    @property
+    def loras(self) -> list[tuple[str, str, float]]:
+        """(name, file, scale) of the loaded LoRAs, in load order."""
+        return [(lora.name, lora.source, lora.scale) for lora in self.models.loras]
 
     def footprint(self):
         return self.models.footprint()
@@ -88,7 +132,7 @@ class BonsaiPipeline:
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike, *, dtype=mx.bfloat16, vae=None,
                         quantize: str | None = None, backend: str = "auto", text_layers=(9, 18, 27),
                         revision: str | None = None, cache_dir: str | None = None, memory_budget=AUTO,
-                        vae_dtype=None) -> "BonsaiPipeline":
+                        vae_dtype=None, lora=None) -> "BonsaiPipeline":
         """Load a pipeline from a local directory or a Hugging Face repo id.
 
         Accepted layouts: PrismML's MLX packs (`transformer-packed-mflux/`,
@@ -100,8 +144,10 @@ class BonsaiPipeline:
         residual stream can exceed float16's range); the VAE runs in `vae_dtype`
         (float16 by default, float32 if dtype is float32).
         `memory_budget`: see the class; checked before anything is loaded.
+        `lora`: LoRAs to load, [(path, scale), ...] or paths (scale 1); see `load_lora`.
         """
         budget = parse_budget(memory_budget)  # validate before loading
+        loras = lora_specs(lora)
         root = resolve_model(path_or_repo_id, revision=revision, cache_dir=cache_dir)
         is_distilled = True
         index = root / "model_index.json"
@@ -127,8 +173,11 @@ class BonsaiPipeline:
                 what="the VAE (PrismML packs decode with BFL's small decoder; or pass vae=)")
         vae_dtype = vae_dtype or (mx.float32 if dtype == mx.float32 else mx.float16)
         vae_model = load_vae(vae, dtype=vae_dtype) if isinstance(vae, (str, os.PathLike)) else vae
-        return cls(loader(), text_encoder, vae_model, is_distilled=is_distilled, model=str(path_or_repo_id),
+        pipe = cls(loader(), text_encoder, vae_model, is_distilled=is_distilled, model=str(path_or_repo_id),
                    memory_budget=budget, transformer_loader=loader)
+        for path, scale in loras:
+            pipe.load_lora(path, scale)
+        return pipe
 
     # ---------------------------------------------------------------- running
     def defaults(self, steps, guidance) -> tuple[int, float]:

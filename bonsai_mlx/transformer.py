@@ -114,7 +114,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, rows: int | None = None) ->
 def linear_rows(linear, x: mx.array, r0: int, r1: int) -> mx.array:
     """x @ W[r0:r1].T (+ bias): output rows of a linear are independent, so a fused
     projection can run part by part without computing (or holding) the other parts."""
-    if isinstance(linear, PackedLinear):
+    if isinstance(linear, PackedLinear) or hasattr(linear, "rows"):  # packed layers, LoRA adapters
         return linear.rows(r0, r1)(x)
     if type(linear) is nn.Linear:
         y = x @ linear.weight[r0:r1].T
@@ -276,7 +276,7 @@ class ParallelAttention(nn.Module):
 
 
 def proj_rows(linear) -> int:
-    return linear.out_features if isinstance(linear, PackedLinear) else linear.weight.shape[0]
+    return linear.out_features if hasattr(linear, "out_features") else linear.weight.shape[0]
 
 
 class SingleStreamBlock(nn.Module):
@@ -332,7 +332,10 @@ class Flux2Transformer(nn.Module):
 
     @property
     def dtype(self):
-        return self.x_embedder.weight.dtype
+        layer = self.x_embedder
+        while "base" in layer:  # a LoRA adapter's wrapped layer
+            layer = layer.base
+        return layer.weight.dtype
 
     def __call__(self, hidden_states: mx.array, encoder_hidden_states: mx.array, timestep: mx.array,
                  img_ids: mx.array, txt_ids: mx.array, guidance: mx.array | None = None,
