@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import mlx.core as mx
@@ -15,10 +15,10 @@ from mlx.utils import tree_flatten
 
 from .errors import BonsaiError
 from .lora import LoraSet
-from .memory import Footprint, MemoryMonitor, MemoryPlan, cache_limit, calibrate_vae
+from .memory import Footprint, MemoryMonitor, MemoryPlan, cache_limit, calibrate_vae, calibrate_vae_encoder
 from .packed_linear import PackedLinear, auto_backend
 from .results import GenerationResult, StepEvent, to_pil
-from .scheduler import denoise, flux2_sigmas
+from .scheduler import denoise, first_step, flux2_sigmas, noised
 
 # Prompt embeddings kept between generations, most recent first: a repeated prompt (several
 # seeds, a --count run) is not encoded again. 8 MB each at klein's shapes.
@@ -34,6 +34,17 @@ def image_ids(h: int, w: int) -> mx.array:
     i, j = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
     z = np.zeros(h * w, np.int32)
     return mx.array(np.stack([z, i.reshape(-1), j.reshape(-1), z], axis=-1).astype(np.int32))
+
+
+def reference_ids(grids: list[tuple[int, int]]) -> mx.array:
+    """(t, i, j, 0) over each reference image's latent grid, row-major, t = 10, 20, ... per
+    image in order (Flux2KleinPipeline's _prepare_image_ids)."""
+    parts = []
+    for n, (h, w) in enumerate(grids):
+        i, j = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        t = np.full(h * w, 10 * (n + 1))
+        parts.append(np.stack([t, i.reshape(-1), j.reshape(-1), np.zeros(h * w, np.int64)], axis=-1))
+    return mx.array(np.concatenate(parts).astype(np.int32))
 
 
 def text_ids(length: int) -> mx.array:
@@ -72,7 +83,7 @@ class Models:
             "reference_matmul": any(m.backend == "reference" or (m.backend == "auto" and auto_backend() == "reference")
                                     for m in packed)}
         self._prompts: OrderedDict = OrderedDict()
-        self._vae_fit = None
+        self._vae_fit = self._vae_enc_fit = None
         self.loras = LoraSet()  # adapters, put back on the transformer whenever it is read again
 
     def release_transformer(self) -> None:
@@ -122,8 +133,13 @@ class Models:
             self._prompts.popitem(last=False)
         return emb
 
-    def footprint(self) -> Footprint:
+    def footprint(self, encoder: bool = False) -> Footprint:
+        """What the planner needs; `encoder` adds the VAE encoder's measured scratch (measured
+        once, when first asked for: only editing encodes images)."""
         cfg, te = self.transformer_info["config"], self.text_encoder
+        if encoder and self._vae_enc_fit is None and self.vae.has_encoder:
+            self._vae_enc_fit = calibrate_vae_encoder(self.vae)
+        enc_fixed, enc_px = self._vae_enc_fit if encoder and self._vae_enc_fit else (0.0, 0.0)
         layers = [te.weight_bytes(i) for i in range(te.config.num_layers_needed)]
         args = te.config.args
         if self._vae_fit is None:
@@ -145,6 +161,7 @@ class Models:
             * args.hidden_size * te.dtype.size if te.dequantize_matmuls else 0,
             dtype_bytes=self.transformer_info["dtype"].size,
             cached_prompt_bytes=PROMPT_CACHE * self.max_sequence_length * te.config.output_dim * te.dtype.size,
+            vae_enc_fixed=enc_fixed, vae_enc_per_pixel=enc_px, latent_channels=cfg.in_channels,
         )
 
 
@@ -163,6 +180,23 @@ class Request:
     model: str
     preview: Callable | None = None  # x0 tokens -> PIL image, after every `preview_every` steps
     preview_every: int = 1
+    # Editing (images.py prepares them): reference pixels [h, w, 3] in [0, 1]; the image to
+    # repaint [H, W, 3] with its per-token mask (1 repaints; None: everywhere) and strength.
+    references: list = field(default_factory=list)
+    init_image: np.ndarray | None = None
+    mask: np.ndarray | None = None
+    strength: float = 1.0
+
+    @property
+    def start(self) -> int:
+        """Steps of the schedule skipped: the run starts from the init image noised to the next."""
+        return first_step(self.steps, self.strength) if self.init_image is not None else 0
+
+    @property
+    def conditions(self) -> list:
+        """The images the transformer sees beside the noise: the init image first (diffusers'
+        inpainting conditions on it), then the references."""
+        return ([self.init_image] if self.init_image is not None else []) + list(self.references)
 
 
 def run(models: Models, req: Request, plan: MemoryPlan,
@@ -182,6 +216,15 @@ def run(models: Models, req: Request, plan: MemoryPlan,
                 te.evict()  # gone before denoising starts
         timings["text_encoding_s"] = time.perf_counter() - t_start
 
+        encoded = []
+        if req.conditions:
+            t = time.perf_counter()
+            with mon.stage("image_encoding"):
+                for pixels in req.conditions:  # one image's activations at a time
+                    encoded.append(models.vae.encode(mx.array(pixels[None])))
+                    mx.eval(encoded[-1])
+            timings["image_encoding_s"] = time.perf_counter() - t
+
         if models.transformer is None:
             t = time.perf_counter()
             with mon.stage("loading"):
@@ -194,8 +237,12 @@ def run(models: Models, req: Request, plan: MemoryPlan,
             dtype = model.dtype
             h, w = req.height // 16, req.width // 16
             img, txt = image_ids(h, w), text_ids(cond.shape[1])
-            ctx = model.prepare(cond.astype(dtype), img, txt)
-            neg_ctx = None if neg is None else model.prepare(neg.astype(dtype), img, txt)
+            refs = ref_ids = None
+            if encoded:
+                refs = mx.concatenate(encoded, axis=1).astype(dtype)
+                ref_ids = reference_ids([(p.shape[0] // 16, p.shape[1] // 16) for p in req.conditions])
+            ctx = model.prepare(cond.astype(dtype), img, txt, refs, ref_ids)
+            neg_ctx = None if neg is None else model.prepare(neg.astype(dtype), img, txt, refs, ref_ids)
 
             def velocity(x, sigma):
                 t = mx.array([sigma], dtype=mx.float32)
@@ -205,15 +252,22 @@ def run(models: Models, req: Request, plan: MemoryPlan,
                 v_neg = model.forward(x.astype(dtype), t, neg_ctx, execution=ex).astype(mx.float32)
                 return v_neg + req.guidance * (v - v_neg)
 
-            x = req.noise
-            for step in denoise(velocity, req.noise, flux2_sigmas(req.steps, h * w)):
+            sigmas = flux2_sigmas(req.steps, h * w)[req.start:]
+            x, keep = req.noise, None
+            if req.init_image is not None:  # image to image: from the image noised to the first sigma
+                x0 = encoded[0]
+                x = noised(x0, req.noise, sigmas[0])
+                if req.mask is not None:  # inpainting: after each step the kept tokens are the image at that noise
+                    m = mx.array(req.mask)[None, :, None]
+                    keep = lambda x, s: (1 - m) * noised(x0, req.noise, s) + m * x  # noqa: E731
+            n = len(sigmas) - 1
+            for step in denoise(velocity, x, sigmas, keep):
                 x = step.x
-                event = StepEvent(step.index + 1, req.steps, step.sigma, step.sigma_next,
-                                  time.perf_counter() - t_start)
-                if req.preview and ((step.index + 1) % max(1, req.preview_every) == 0 or step.index + 1 == req.steps):
+                event = StepEvent(step.index + 1, n, step.sigma, step.sigma_next, time.perf_counter() - t_start)
+                if req.preview and ((step.index + 1) % max(1, req.preview_every) == 0 or step.index + 1 == n):
                     event.preview = req.preview(step.x0)
                 yield event
-            del model, ctx, neg_ctx, step
+            del model, ctx, neg_ctx, step, encoded
             if not bool(mx.all(mx.isfinite(x))):
                 raise BonsaiError(
                     f"denoising produced non-finite values in {dtype}: the activations overflowed. "
@@ -236,4 +290,12 @@ def run(models: Models, req: Request, plan: MemoryPlan,
         seed=req.seed, steps=req.steps, guidance=req.guidance if req.use_cfg else 1.0, width=req.width,
         height=req.height, model=req.model, timings=timings, array=np.array(images.astype(mx.float32))[0],
         plan=plan, memory={**mon.report.as_dict(), "cache_limit_bytes": cache_bytes},
+        edit=edit_info(req), loras=[(lora.name, lora.source, lora.scale) for lora in models.loras],
     )
+
+
+def edit_info(req: Request) -> dict:
+    info = {"references": len(req.references)} if req.references else {}
+    if req.init_image is not None:
+        info.update(init_image=True, strength=req.strength, mask=req.mask is not None)
+    return info

@@ -18,10 +18,12 @@ from PIL import Image
 
 from . import executor
 from .errors import BonsaiError, WeightsError
+from .images import prepare_edit
 from .executor import Models, Request, image_ids, text_ids  # noqa: F401  (part of the API)
 from .loading import DEFAULT_VAE_REPO, MODELS, VAE_FILES, has_part, load_transformer, resolve_model  # noqa: F401
 from .memory import AUTO, UNCONSTRAINED, MemoryPlan, parse_budget, plan_memory, smallest_plan
 from .results import GenerationResult, StepEvent, to_pil  # noqa: F401  (part of the API)
+from .scheduler import first_step
 from .text_encoder import load_text_encoder
 from .vae import load_vae
 
@@ -113,19 +115,23 @@ class BonsaiPipeline:
     def footprint(self):
         return self.models.footprint()
 
-    def plan(self, width: int = 512, height: int = 512, memory_budget="default", cfg: bool = False) -> MemoryPlan:
+    def plan(self, width: int = 512, height: int = 512, memory_budget="default", cfg: bool = False,
+             images: tuple = ()) -> MemoryPlan:
         """How a generation of this size would run under `memory_budget` (by default the
-        pipeline's). Raises, saying the smallest budget that works, when nothing fits."""
+        pipeline's), conditioned on `images` ((width, height) of each reference or init image
+        after the resize rules). Raises, saying the smallest budget that works, when nothing fits."""
         check_size(width, height)
         budget = self.memory_budget if memory_budget == "default" else parse_budget(memory_budget)
         if budget is None:  # nothing to fit, so no footprint (its VAE calibration resets the peak)
             return UNCONSTRAINED
-        return plan_memory(self.footprint(), width, height, budget, cfg_batches=2 if cfg else 1)
+        return plan_memory(self.models.footprint(encoder=bool(images)), width, height, budget,
+                           cfg_batches=2 if cfg else 1, images=tuple(images))
 
-    def smallest_plan(self, width: int = 512, height: int = 512, cfg: bool = False) -> MemoryPlan:
+    def smallest_plan(self, width: int = 512, height: int = 512, cfg: bool = False, images: tuple = ()) -> MemoryPlan:
         """The most frugal way to run a generation of this size (and its estimated peak)."""
         check_size(width, height)
-        return smallest_plan(self.footprint(), width, height, cfg_batches=2 if cfg else 1)
+        return smallest_plan(self.models.footprint(encoder=bool(images)), width, height,
+                             cfg_batches=2 if cfg else 1, images=tuple(images))
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -209,38 +215,55 @@ class BonsaiPipeline:
         noise = mx.random.normal((1, C, h, w), key=mx.random.key(seed))
         return noise.reshape(1, C, h * w).transpose(0, 2, 1), seed
 
-    def stream(self, prompt: str, width: int = 512, height: int = 512, steps: int | None = None,
+    def stream(self, prompt: str, width: int | None = None, height: int | None = None, steps: int | None = None,
                seed: int | None = None, guidance: float | None = None, negative_prompt: str | None = None,
                latents=None, preview: bool = False, preview_every: int = 1,
-               memory_budget="default", plan: MemoryPlan | None = None) -> Iterator[StepEvent | GenerationResult]:
+               memory_budget="default", plan: MemoryPlan | None = None, *, image=None, init_image=None,
+               mask=None, strength: float | None = None) -> Iterator[StepEvent | GenerationResult]:
         """Yield a StepEvent after every denoising step, then the GenerationResult.
         Stop iterating (break / close()) to cancel: no further work is done.
-        `plan` overrides the memory plan chosen from the budget."""
+        `plan` overrides the memory plan chosen from the budget.
+
+        Editing, as diffusers' Flux2KleinPipeline / Flux2KleinInpaintPipeline (rules in images.py):
+        `image`: reference image(s), PIL images or paths, that condition the generation.
+        `init_image`: the image to start from, noised to `strength` (default 0.8: 1 starts
+        from pure noise); its size is the output's. `mask` (same size as init_image): white
+        repaints, black keeps; without it the whole image is repainted (image to image).
+        `latents` (or the seed) is the noise in every case. The size defaults to the init
+        image's, else the first reference's, else 512x512."""
         if not isinstance(prompt, str):
             raise BonsaiError(f"prompt must be a string, got {type(prompt).__name__}")
+        edit = prepare_edit(image, init_image, mask, strength, width, height, has_encoder=self.vae.has_encoder,
+                            multiple=2 * self.vae.encoder_factor if self.vae.has_encoder else 16)
+        width, height = edit.width or 512, edit.height or 512
         check_size(width, height)
         steps, guidance = self.defaults(steps, guidance)
+        if edit.init_image is not None and steps - first_step(steps, edit.strength) < 1:
+            raise BonsaiError(f"strength {edit.strength} leaves no step of {steps} to run; raise strength or steps")
         use_cfg = guidance > 1.0 and not self.is_distilled
         budget = self.memory_budget if memory_budget == "default" else parse_budget(memory_budget)
-        if plan is None:
-            plan = self.plan(width, height, budget, cfg=use_cfg)  # refuses up front when nothing fits
+        if plan is None:  # refuses up front when nothing fits
+            plan = self.plan(width, height, budget, cfg=use_cfg, images=edit.sizes)
         noise, seed = self.initial_noise(seed, latents, width, height)
         # Under a budget in bytes, freed buffers MLX keeps for reuse may fill only the
         # headroom the plan leaves (0 when the plan just fits: MLX then reuses nothing).
         cache = max(budget - plan.estimated_peak_bytes, 0) if isinstance(budget, int) else None
         req = Request(prompt, negative_prompt, width, height, steps, guidance, use_cfg, seed, noise, self.model,
-                      (lambda x0: self.preview(x0, width, height)) if preview else None, preview_every)
+                      (lambda x0: self.preview(x0, width, height)) if preview else None, preview_every,
+                      edit.references, edit.init_image, edit.mask, edit.strength)
         # Everything above runs now, so bad arguments fail at the call, not at the first next().
         return executor.run(self.models, req, plan, cache)
 
-    def generate(self, prompt: str, width: int = 512, height: int = 512, steps: int | None = None,
+    def generate(self, prompt: str, width: int | None = None, height: int | None = None, steps: int | None = None,
                  seed: int | None = None, guidance: float | None = None, negative_prompt: str | None = None,
                  latents=None, callback=None, cancel=None, memory_budget="default",
-                 plan: MemoryPlan | None = None) -> GenerationResult:
+                 plan: MemoryPlan | None = None, *, image=None, init_image=None, mask=None,
+                 strength: float | None = None) -> GenerationResult:
         """Run to the end. `callback(StepEvent)` is called after each step; `cancel()`
-        returning True stops between steps with `Cancelled`."""
+        returning True stops between steps with `Cancelled`. Editing arguments: see `stream`."""
         gen = self.stream(prompt, width, height, steps, seed, guidance, negative_prompt, latents,
-                          memory_budget=memory_budget, plan=plan)
+                          memory_budget=memory_budget, plan=plan, image=image, init_image=init_image, mask=mask,
+                          strength=strength)
         for item in gen:
             if isinstance(item, GenerationResult):
                 return item
