@@ -162,6 +162,7 @@ class Models:
             dtype_bytes=self.transformer_info["dtype"].size,
             cached_prompt_bytes=PROMPT_CACHE * self.max_sequence_length * te.config.output_dim * te.dtype.size,
             vae_enc_fixed=enc_fixed, vae_enc_per_pixel=enc_px, latent_channels=cfg.in_channels,
+            lora=any(lora.scale != 0 for lora in self.loras),
         )
 
 

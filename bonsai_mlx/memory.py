@@ -239,6 +239,7 @@ class Footprint:
     vae_enc_fixed: float = 0.0
     vae_enc_per_pixel: float = 0.0
     latent_channels: int = 128  # of a token (the transformer's input)
+    lora: bool = False  # LoRA adapters on the transformer's linears (their weights are in transformer_bytes)
 
 
 OVERHEAD = 48 * 2**20  # allocator slack, small arrays, ids, schedules
@@ -292,6 +293,8 @@ def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batch
     # partial sums (packed_linear.packed_matmul_reference). Kernels need nothing beyond y.
     N = fp.transformer_max_out
     matmul = 2 * c * N * 4 + 2 * N * 512 * 4 + c * (D + F) * 4 if fp.reference_matmul else 0
+    # A LoRA adapter's update (x A^T) B^T and the sum with the base output, beside the base's.
+    matmul += 2 * c * N * s if fp.lora else 0
     rows = plan.attention_rows or L
     scores = 0 if fp.fused_attention else 2 * _attention_scores(fp.transformer_heads, rows, L)
     resident = fp.vae_bytes + fp.cached_prompt_bytes  # the VAE (small) stays through every stage
