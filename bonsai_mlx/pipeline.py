@@ -25,7 +25,7 @@ from .memory import AUTO, UNCONSTRAINED, MemoryPlan, parse_budget, plan_memory, 
 from .results import GenerationResult, StepEvent, to_pil  # noqa: F401  (part of the API)
 from .scheduler import first_step
 from .text_encoder import load_text_encoder
-from .vae import load_vae
+from .vae import load_vae, unpack, unpatchify
 
 MIN_SIZE, MAX_SIZE = 64, 2048  # pixels per side; the multiple-of-16 rule is the VAE's x the 2x2 patch
 MAX_STEPS = 1000
@@ -69,6 +69,28 @@ def lora_specs(lora) -> list[tuple[str, float]]:
     return specs
 
 
+def load_taef2(download: bool):
+    """TAEF2 from `mlx-taef`; None when the package is missing or (without `download`) its
+    weights are not cached. A failed download is an error that says what to do."""
+    try:
+        from mlx_taef import TAEF2
+    except ImportError:
+        if download:
+            raise BonsaiError("TAEF2 previews need the optional package mlx-taef: pip install mlx-taef") from None
+        return None
+    if not download:
+        from huggingface_hub import try_to_load_from_cache
+
+        src = getattr(getattr(TAEF2, "_kernel", None), "source", None)
+        if src is None or not isinstance(try_to_load_from_cache(src.repo, src.filename, revision=src.revision), str):
+            return None
+    try:
+        return TAEF2.from_pretrained(include_encoder=False)
+    except Exception as e:  # the package's own download / conversion errors
+        raise BonsaiError(f"could not load TAEF2 for previews ({type(e).__name__}: {e}); previews can use the "
+                          "VAE instead (preview_decoder=None)") from None
+
+
 class BonsaiPipeline:
     """Stages: text encoding -> denoising -> decoding, each holding what the memory plan
     says. `memory_budget`: "auto" (the default: frugal at no cost in time, capped by the
@@ -81,6 +103,7 @@ class BonsaiPipeline:
         self.is_distilled = is_distilled
         self.model = model
         self.memory_budget = parse_budget(memory_budget)
+        self._preview_decoder = "auto"
 
     # The loaded models, for callers that use them directly.
     transformer = property(lambda self: self.models.transformer)
@@ -274,10 +297,31 @@ class BonsaiPipeline:
                 raise Cancelled(f"generation cancelled after step {item.step} of {item.steps}")
         raise BonsaiError("generation ended without a result")
 
+    @property
+    def preview_decoder(self):
+        """What previews decode with: TAEF2 (the tiny FLUX.2 autoencoder of the optional
+        `mlx-taef` package), or None: the pipeline's VAE on a reduced latent. By default
+        ("auto") TAEF2 when the package is installed and its weights are in the Hugging Face
+        cache (a preview never waits for a download); set "taef2" to download them, None for
+        the VAE, or any object with `decode(latents [B, H/8, W/8, 32]) -> [B, H, W, 3] in [0, 1]`."""
+        if isinstance(self._preview_decoder, str):
+            self._preview_decoder = load_taef2(download=self._preview_decoder == "taef2")
+        return self._preview_decoder
+
+    @preview_decoder.setter
+    def preview_decoder(self, decoder) -> None:
+        if isinstance(decoder, str) and decoder not in ("auto", "taef2"):
+            raise BonsaiError(f"preview_decoder must be 'auto', 'taef2', None or a decoder, got {decoder!r}")
+        self._preview_decoder = decoder
+
     def preview(self, x0_tokens: mx.array, width: int, height: int, max_side: int = 256) -> Image.Image:
-        """A cheap look at the current x0 estimate: the latent grid averaged down 2x2
-        at a time until the image is at most `max_side` pixels, then VAE-decoded."""
+        """A cheap look at the current x0 estimate: decoded whole by TAEF2 (see
+        `preview_decoder`), or the latent grid averaged down 2x2 at a time until the image is
+        at most `max_side` pixels, then VAE-decoded."""
         h, w = height // 16, width // 16
+        taef = self.preview_decoder if x0_tokens.shape[-1] == 128 else None  # FLUX.2's 32 channels, patched
+        if taef is not None:  # TAEF2 decodes the normalized latent, unpatchified to 32 channels
+            return to_pil(taef.decode(unpatchify(unpack(x0_tokens.astype(mx.float32), h, w))))[0]
         grid = x0_tokens.reshape(1, h, w, -1)
         while max(grid.shape[1], grid.shape[2]) * 16 > max_side and grid.shape[1] % 2 == 0 and grid.shape[2] % 2 == 0:
             grid = (grid[:, ::2, ::2] + grid[:, 1::2, ::2] + grid[:, ::2, 1::2] + grid[:, 1::2, 1::2]) / 4

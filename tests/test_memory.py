@@ -267,7 +267,7 @@ def test_editing_and_loras_are_counted_and_honoured(pipe, tmp_path):
     refs = [Image.fromarray(g.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize((s, s)) for s in (128, 192)]
     sizes = ((128, 128), (192, 192))
     fp0 = pipe.footprint()
-    D = pipe.transformer.config.inner_dim
+    D = pipe.models.transformer_info["config"].inner_dim
     save_file({"transformer.single_transformer_blocks.0.attn.to_out.lora_A.weight": torch.randn(8, 3 * D),
                "transformer.single_transformer_blocks.0.attn.to_out.lora_B.weight": torch.randn(D, 8) * 0.01},
               str(tmp_path / "l.safetensors"))
