@@ -62,49 +62,135 @@ def _output_paths(output: str, count: int) -> list[Path]:
     return [out.with_name(f"{out.stem}-{i + 1}{out.suffix}") for i in range(count)]
 
 
+def lora_arg(value: str) -> tuple[str, float]:
+    """PATH or PATH:SCALE (the scale after the last colon, when it is a number)."""
+    path, sep, scale = value.rpartition(":")
+    if sep:
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return value, 1.0
+
+
+# What a JSON line of a prompt file may set, and the type each value must have.
+JOB_KEYS = {"prompt": str, "seed": int, "width": int, "height": int, "steps": int, "guidance": (int, float),
+            "negative_prompt": str, "image": (str, list), "init_image": str, "mask": str,
+            "strength": (int, float), "output": str}
+
+
+def read_prompt_file(path: str) -> list[dict]:
+    """One job per line: plain text is a prompt; a line starting with '{' is a JSON object
+    with the keys of JOB_KEYS. Blank lines and lines starting with '#' are skipped."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise BonsaiError(f"cannot read the prompt file {path} ({e.strerror})") from None
+    jobs = []
+    for n, line in enumerate(lines, 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        if not text.startswith("{"):
+            jobs.append({"prompt": text, "line": n})
+            continue
+        try:
+            job = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise BonsaiError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(job, dict) or not isinstance(job.get("prompt"), str):
+            raise BonsaiError(f"{path}:{n}: a JSON line must be an object with a \"prompt\" string")
+        for key, value in job.items():
+            if key not in JOB_KEYS:
+                raise BonsaiError(f"{path}:{n}: unknown key {key!r}; known: {', '.join(JOB_KEYS)}")
+            if not isinstance(value, JOB_KEYS[key]) or isinstance(value, bool):
+                raise BonsaiError(f"{path}:{n}: {key} has the wrong type ({type(value).__name__})")
+        jobs.append({**job, "line": n})
+    if not jobs:
+        raise BonsaiError(f"the prompt file {path} has no prompts")
+    return jobs
+
+
+def _jobs(args) -> list[dict]:
+    """Every generation of this command, checked before the model loads: [(settings, path)]."""
+    from .images import prepare_edit
+    from .pipeline import check_size
+
+    base = {"seed": args.seed, "width": args.width, "height": args.height, "steps": args.steps,
+            "guidance": args.guidance, "negative_prompt": args.negative_prompt, "image": args.image,
+            "init_image": args.init_image, "mask": args.mask, "strength": args.strength}
+    if args.prompt_file:
+        if args.prompt is not None:
+            raise BonsaiError("give a prompt or --prompt-file, not both")
+        entries = read_prompt_file(args.prompt_file)
+    elif args.prompt is None:
+        raise BonsaiError("no prompt: give one, or --prompt-file FILE")
+    else:
+        entries = [{"prompt": args.prompt}]
+    out = Path(args.output)
+    jobs = []
+    for i, entry in enumerate(entries):
+        job = {**base, **{k: v for k, v in entry.items() if k != "line"}}
+        where = f"{args.prompt_file}:{entry['line']}: " if args.prompt_file else ""
+        if "seed" not in entry and args.seed is not None:
+            job["seed"] = args.seed + i * args.count  # each image of the run its own seed
+        try:  # the images are read and checked now, before the model loads
+            edit = prepare_edit(job["image"], job["init_image"], job["mask"], job["strength"], job["width"],
+                                job["height"])
+            check_size(edit.width or 512, edit.height or 512)
+        except BonsaiError as e:
+            raise BonsaiError(f"{where}{e}") from None
+        name = entry.get("output") or (str(out) if len(entries) == 1 else
+                                       str(out.with_name(f"{out.stem}-{i + 1:03d}{out.suffix}")))
+        paths = _output_paths(name, args.count)
+        for k, path in enumerate(paths):
+            jobs.append(({**job, "seed": None if job["seed"] is None else job["seed"] + k}, path))
+    return jobs
+
+
 def _cmd_generate(args) -> None:
     import mlx.core as mx
 
     from .benchmark import DTYPES
     from .memory import describe
-    from .pipeline import BonsaiPipeline, GenerationResult, check_size
+    from .pipeline import BonsaiPipeline, GenerationResult
 
-    check_size(args.width, args.height)  # before loading anything
-    paths = _output_paths(args.output, args.count)
+    jobs = _jobs(args)  # every prompt, size and image checked before loading anything
     if args.preview_dir:
         Path(args.preview_dir).mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
     pipe = BonsaiPipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype], vae=args.vae,
                                           quantize=args.quantize, backend=args.backend,
-                                          memory_budget=args.memory_budget)
-    plan = pipe.plan(args.width, args.height)  # refuses now, before any image work, if the budget is too small
+                                          memory_budget=args.memory_budget, lora=args.lora)
     if args.verbose:
-        est = ", ".join(f"{k} {v / 1e9:.3f} GB" for k, v in plan.stage_estimates.items())
-        print(f"memory plan: {describe(plan)}" + (f" (estimated peaks: {est})" if est else ""), file=sys.stderr)
         print(f"loaded {args.model} in {time.perf_counter() - t:.1f} s on {mx.default_device()}", file=sys.stderr)
-    seed = args.seed
-    for n, path in enumerate(paths):
-        run_seed = None if seed is None else seed + n
-        stream = pipe.stream(args.prompt, width=args.width, height=args.height, steps=args.steps, seed=run_seed,
-                             guidance=args.guidance, negative_prompt=args.negative_prompt,
-                             preview=bool(args.preview_dir))
+    for n, (job, path) in enumerate(jobs):
+        settings = {k: job[k] for k in ("width", "height", "steps", "seed", "guidance", "negative_prompt")}
+        edit = {k: job[k] for k in ("image", "init_image", "mask", "strength")}
+        stream = pipe.stream(job["prompt"], **settings, preview=bool(args.preview_dir), **edit)
         bar = None
         for event in stream:
             if isinstance(event, GenerationResult):
                 event.save(path)
                 print(f"wrote {path} (seed {event.seed}, {event.timings['total_s']:.1f} s)")
                 if args.verbose:
-                    print(f"timings: {json.dumps(event.timings)}", file=sys.stderr)
-                    mem = event.memory
-                    print(f"memory: peak {mem['peak_gb']:.3f} GB, mean-active {mem['mean_active_gb']:.3f} GB", file=sys.stderr)
-                    for name, st in mem["stages"].items():
-                        print(f"  {name}: {st['seconds']:.2f} s, peak {st['peak_gb']:.3f} GB, "
-                              f"mean-active {st['mean_active_gb']:.3f} GB", file=sys.stderr)
+                    _report(event, describe)
                 continue
-            bar = bar or ProgressBar(event.steps, f"image {n + 1}/{len(paths)}")
+            bar = bar or ProgressBar(event.steps, f"image {n + 1}/{len(jobs)}")
             bar.update(event.step, f"sigma {event.sigma_next:.3f} {event.elapsed:.1f}s")
             if event.preview is not None:
                 event.preview.save(Path(args.preview_dir) / f"{path.stem}-step{event.step:03d}.png")
+
+
+def _report(result, describe) -> None:
+    est = ", ".join(f"{k} {v / 1e9:.3f} GB" for k, v in result.plan.stage_estimates.items())
+    print(f"memory plan: {describe(result.plan)}" + (f" (estimated peaks: {est})" if est else ""), file=sys.stderr)
+    print(f"timings: {json.dumps(result.timings)}", file=sys.stderr)
+    mem = result.memory
+    print(f"memory: peak {mem['peak_gb']:.3f} GB, mean-active {mem['mean_active_gb']:.3f} GB", file=sys.stderr)
+    for name, st in mem["stages"].items():
+        print(f"  {name}: {st['seconds']:.2f} s, peak {st['peak_gb']:.3f} GB, "
+              f"mean-active {st['mean_active_gb']:.3f} GB", file=sys.stderr)
 
 
 def _cmd_bench_generate(args) -> None:
@@ -175,13 +261,35 @@ def build_parser() -> argparse.ArgumentParser:
                     "diffusers FLUX.2 klein folder), a Hugging Face repo id, or one of: "
                     "bonsai-binary, bonsai-ternary. Downloads go to the Hugging Face cache; set HF_HUB_OFFLINE=1 "
                     "to use only what is cached.",
-        epilog='example: python -m bonsai_mlx generate "a bonsai tree at dawn" -o bonsai.png --seed 7',
+        epilog='example: python -m bonsai_mlx generate "a bonsai tree at dawn" -o bonsai.png --seed 7\n'
+               '  python -m bonsai_mlx generate "make it autumn" --image tree.png --vae VAE_DIR -o autumn.png\n'
+               '  python -m bonsai_mlx generate "a koi pond" --init-image garden.png --mask pond.png --strength 0.9\n'
+               '  python -m bonsai_mlx generate --prompt-file prompts.jsonl --lora style.safetensors:0.8 -o out.png',
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    g.add_argument("prompt", help="what to draw")
-    g.add_argument("-o", "--output", default="bonsai.png", help="PNG to write (with --count N: NAME-1.png ...)")
+    g.add_argument("prompt", nargs="?", default=None, help="what to draw (or use --prompt-file)")
+    g.add_argument("-o", "--output", default="bonsai.png",
+                   help="PNG to write (with --count N: NAME-1.png ...; with --prompt-file: NAME-001.png ...)")
+    g.add_argument("--prompt-file", default=None,
+                   help="run many prompts with one load of the model: one prompt per line, or JSON lines with "
+                        '"prompt" and any of seed, width, height, steps, guidance, negative_prompt, image, '
+                        "init_image, mask, strength, output; blank and '#' lines are skipped")
     g.add_argument("--model", default="bonsai-binary", help="model directory, repo id or name (default: bonsai-binary)")
-    g.add_argument("--width", type=_size, default=512, help="pixels, a multiple of 16 in 64..2048 (default 512)")
-    g.add_argument("--height", type=_size, default=512, help="pixels, a multiple of 16 in 64..2048 (default 512)")
+    g.add_argument("--width", type=_size, default=None,
+                   help="pixels, a multiple of 16 in 64..2048 (default 512, or the first reference image's width)")
+    g.add_argument("--height", type=_size, default=None,
+                   help="pixels, a multiple of 16 in 64..2048 (default 512, or the first reference image's height)")
+    g.add_argument("--image", action="append", default=None, metavar="PATH",
+                   help="reference image to edit from or combine (repeatable); at least 64 px a side")
+    g.add_argument("--init-image", default=None, metavar="PATH",
+                   help="image to start from (image to image; with --mask, inpainting); sets the output size")
+    g.add_argument("--mask", default=None, metavar="PATH",
+                   help="inpainting mask, the init image's size: white is repainted, black kept")
+    g.add_argument("--strength", type=float, default=None,
+                   help="how much of the init image is repainted, 0..1 (default 0.8; 1 starts from pure noise)")
+    g.add_argument("--lora", action="append", default=None, type=lora_arg, metavar="PATH[:SCALE]",
+                   help="LoRA file (diffusers, PEFT, BFL/ai-toolkit or kohya keys) and its scale (default 1); "
+                        "repeatable, the LoRAs add up")
     g.add_argument("--steps", type=int, default=None, help="denoising steps (default: 4 distilled, 50 base)")
     g.add_argument("--seed", type=int, default=None, help="random seed (default: random; printed)")
     g.add_argument("--guidance", type=float, default=None,

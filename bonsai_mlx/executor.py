@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import mlx.core as mx
@@ -14,10 +14,12 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .errors import BonsaiError
-from .memory import Footprint, MemoryMonitor, MemoryPlan, cache_limit, calibrate_vae, conservative_vae_scratch
+from .lora import LoraSet
+from .memory import (Footprint, MemoryMonitor, MemoryPlan, cache_limit, calibrate_vae, calibrate_vae_encoder,
+                     conservative_vae_scratch)
 from .packed_linear import PackedLinear, auto_backend
 from .results import GenerationResult, StepEvent, to_pil
-from .scheduler import denoise, flux2_sigmas
+from .scheduler import denoise, first_step, flux2_sigmas, noised
 
 # Prompt embeddings kept between generations, most recent first: a repeated prompt (several
 # seeds, a --count run) is not encoded again. 8 MB each at klein's shapes.
@@ -33,6 +35,17 @@ def image_ids(h: int, w: int) -> mx.array:
     i, j = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
     z = np.zeros(h * w, np.int32)
     return mx.array(np.stack([z, i.reshape(-1), j.reshape(-1), z], axis=-1).astype(np.int32))
+
+
+def reference_ids(grids: list[tuple[int, int]]) -> mx.array:
+    """(t, i, j, 0) over each reference image's latent grid, row-major, t = 10, 20, ... per
+    image in order (Flux2KleinPipeline's _prepare_image_ids)."""
+    parts = []
+    for n, (h, w) in enumerate(grids):
+        i, j = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        t = np.full(h * w, 10 * (n + 1))
+        parts.append(np.stack([t, i.reshape(-1), j.reshape(-1), np.zeros(h * w, np.int64)], axis=-1))
+    return mx.array(np.concatenate(parts).astype(np.int32))
 
 
 def text_ids(length: int) -> mx.array:
@@ -71,7 +84,8 @@ class Models:
             "reference_matmul": any(m.backend == "reference" or (m.backend == "auto" and auto_backend() == "reference")
                                     for m in packed)}
         self._prompts: OrderedDict = OrderedDict()
-        self._vae_fit = None
+        self._vae_fit = self._vae_enc_fit = None
+        self.loras = LoraSet()  # adapters, put back on the transformer whenever it is read again
 
     def release_transformer(self) -> None:
         if self._loader is None:
@@ -82,7 +96,23 @@ class Models:
     def load_transformer(self):
         if self.transformer is None:
             self.transformer = self._loader()
+            self.loras.apply(self.transformer)
         return self.transformer
+
+    def load_lora(self, path, scale: float = 1.0, name: str | None = None) -> str:
+        """Read, check and apply a LoRA; a bad file changes nothing."""
+        info = self.transformer_info
+        lora = self.loras.load(path, scale, info["config"], info["dtype"], name)
+        self.loras.apply(self.transformer)
+        return lora.name
+
+    def set_lora_scale(self, name: str, scale: float) -> None:
+        self.loras.set_scale(name, scale)
+        self.loras.apply(self.transformer)
+
+    def unload_lora(self, name: str | None = None) -> None:
+        self.loras.remove(name)
+        self.loras.apply(self.transformer)
 
     def encode(self, prompt: str, plan: MemoryPlan) -> mx.array:
         """Prompt embeddings [1, L, D], from the cache when this prompt was encoded lately."""
@@ -104,11 +134,16 @@ class Models:
             self._prompts.popitem(last=False)
         return emb
 
-    def footprint(self, calibrated: bool = True) -> Footprint:
+    def footprint(self, calibrated: bool = True, encoder: bool = False) -> Footprint:
         """What the planner needs to know. `calibrated`: the VAE's scratch measured on this
         device (once; seconds on a GPU, minutes on MLX's CPU wheel at full size), else
-        the conservative figures (memory.conservative_vae_scratch)."""
+        the conservative figures (memory.conservative_vae_scratch). `encoder` adds the VAE
+        encoder's measured scratch (measured once, when first asked for: only editing
+        encodes images)."""
         cfg, te = self.transformer_info["config"], self.text_encoder
+        if encoder and self._vae_enc_fit is None and self.vae.has_encoder:
+            self._vae_enc_fit = calibrate_vae_encoder(self.vae)
+        enc_fixed, enc_px = self._vae_enc_fit if encoder and self._vae_enc_fit else (0.0, 0.0)
         layers = [te.weight_bytes(i) for i in range(te.config.num_layers_needed)]
         args = te.config.args
         if calibrated and self._vae_fit is None:
@@ -116,7 +151,7 @@ class Models:
         up_fixed, up_px, mid_fixed, mid_px = self._vae_fit if calibrated else conservative_vae_scratch(
             self.vae.config)
         return Footprint(
-            transformer_bytes=self.transformer_info["bytes"], transformer_dim=cfg.inner_dim,
+            transformer_bytes=self.transformer_info["bytes"] + self.loras.nbytes, transformer_dim=cfg.inner_dim,
             transformer_mlp=cfg.mlp_hidden_dim, transformer_heads=cfg.num_attention_heads,
             transformer_max_out=3 * cfg.inner_dim + 2 * cfg.mlp_hidden_dim,
             reference_matmul=self.transformer_info["reference_matmul"],
@@ -131,6 +166,8 @@ class Models:
             * args.hidden_size * te.dtype.size if te.dequantize_matmuls else 0,
             dtype_bytes=self.transformer_info["dtype"].size,
             cached_prompt_bytes=PROMPT_CACHE * self.max_sequence_length * te.config.output_dim * te.dtype.size,
+            vae_enc_fixed=enc_fixed, vae_enc_per_pixel=enc_px, latent_channels=cfg.in_channels,
+            lora=any(lora.scale != 0 for lora in self.loras),
         )
 
 
@@ -149,6 +186,23 @@ class Request:
     model: str
     preview: Callable | None = None  # x0 tokens -> PIL image, after every `preview_every` steps
     preview_every: int = 1
+    # Editing (images.py prepares them): reference pixels [h, w, 3] in [0, 1]; the image to
+    # repaint [H, W, 3] with its per-token mask (1 repaints; None: everywhere) and strength.
+    references: list = field(default_factory=list)
+    init_image: np.ndarray | None = None
+    mask: np.ndarray | None = None
+    strength: float = 1.0
+
+    @property
+    def start(self) -> int:
+        """Steps of the schedule skipped: the run starts from the init image noised to the next."""
+        return first_step(self.steps, self.strength) if self.init_image is not None else 0
+
+    @property
+    def conditions(self) -> list:
+        """The images the transformer sees beside the noise: the init image first (diffusers'
+        inpainting conditions on it), then the references."""
+        return ([self.init_image] if self.init_image is not None else []) + list(self.references)
 
 
 def run(models: Models, req: Request, plan: MemoryPlan,
@@ -168,6 +222,15 @@ def run(models: Models, req: Request, plan: MemoryPlan,
                 te.evict()  # gone before denoising starts
         timings["text_encoding_s"] = time.perf_counter() - t_start
 
+        encoded = []
+        if req.conditions:
+            t = time.perf_counter()
+            with mon.stage("image_encoding"):
+                for pixels in req.conditions:  # one image's activations at a time
+                    encoded.append(models.vae.encode(mx.array(pixels[None])))
+                    mx.eval(encoded[-1])
+            timings["image_encoding_s"] = time.perf_counter() - t
+
         if models.transformer is None:
             t = time.perf_counter()
             with mon.stage("loading"):
@@ -180,8 +243,12 @@ def run(models: Models, req: Request, plan: MemoryPlan,
             dtype = model.dtype
             h, w = req.height // 16, req.width // 16
             img, txt = image_ids(h, w), text_ids(cond.shape[1])
-            ctx = model.prepare(cond.astype(dtype), img, txt)
-            neg_ctx = None if neg is None else model.prepare(neg.astype(dtype), img, txt)
+            refs = ref_ids = None
+            if encoded:
+                refs = mx.concatenate(encoded, axis=1).astype(dtype)
+                ref_ids = reference_ids([(p.shape[0] // 16, p.shape[1] // 16) for p in req.conditions])
+            ctx = model.prepare(cond.astype(dtype), img, txt, refs, ref_ids)
+            neg_ctx = None if neg is None else model.prepare(neg.astype(dtype), img, txt, refs, ref_ids)
 
             def velocity(x, sigma):
                 t = mx.array([sigma], dtype=mx.float32)
@@ -191,15 +258,22 @@ def run(models: Models, req: Request, plan: MemoryPlan,
                 v_neg = model.forward(x.astype(dtype), t, neg_ctx, execution=ex).astype(mx.float32)
                 return v_neg + req.guidance * (v - v_neg)
 
-            x = req.noise
-            for step in denoise(velocity, req.noise, flux2_sigmas(req.steps, h * w)):
+            sigmas = flux2_sigmas(req.steps, h * w)[req.start:]
+            x, keep = req.noise, None
+            if req.init_image is not None:  # image to image: from the image noised to the first sigma
+                x0 = encoded[0]
+                x = noised(x0, req.noise, sigmas[0])
+                if req.mask is not None:  # inpainting: after each step the kept tokens are the image at that noise
+                    m = mx.array(req.mask)[None, :, None]
+                    keep = lambda x, s: (1 - m) * noised(x0, req.noise, s) + m * x  # noqa: E731
+            n = len(sigmas) - 1
+            for step in denoise(velocity, x, sigmas, keep):
                 x = step.x
-                event = StepEvent(step.index + 1, req.steps, step.sigma, step.sigma_next,
-                                  time.perf_counter() - t_start)
-                if req.preview and ((step.index + 1) % max(1, req.preview_every) == 0 or step.index + 1 == req.steps):
+                event = StepEvent(step.index + 1, n, step.sigma, step.sigma_next, time.perf_counter() - t_start)
+                if req.preview and ((step.index + 1) % max(1, req.preview_every) == 0 or step.index + 1 == n):
                     event.preview = req.preview(step.x0)
                 yield event
-            del model, ctx, neg_ctx, step
+            del model, ctx, neg_ctx, step, encoded
             if not bool(mx.all(mx.isfinite(x))):
                 raise BonsaiError(
                     f"denoising produced non-finite values in {dtype}: the activations overflowed. "
@@ -222,4 +296,12 @@ def run(models: Models, req: Request, plan: MemoryPlan,
         seed=req.seed, steps=req.steps, guidance=req.guidance if req.use_cfg else 1.0, width=req.width,
         height=req.height, model=req.model, timings=timings, array=np.array(images.astype(mx.float32))[0],
         plan=plan, memory={**mon.report.as_dict(), "cache_limit_bytes": cache_bytes},
+        edit=edit_info(req), loras=[(lora.name, lora.source, lora.scale) for lora in models.loras],
     )
+
+
+def edit_info(req: Request) -> dict:
+    info = {"references": len(req.references)} if req.references else {}
+    if req.init_image is not None:
+        info.update(init_image=True, strength=req.strength, mask=req.mask is not None)
+    return info

@@ -234,6 +234,12 @@ class Footprint:
     text_dequant_bytes: int = 0  # dense weights alive at once when the encoder dequantizes per matmul
     dtype_bytes: int = 2
     cached_prompt_bytes: int = 0  # prompt embeddings kept between generations
+    # Measured like the decoder (calibrate_vae_encoder), only when images are to be encoded:
+    # the encoder's peak scratch, fixed plus per input pixel.
+    vae_enc_fixed: float = 0.0
+    vae_enc_per_pixel: float = 0.0
+    latent_channels: int = 128  # of a token (the transformer's input)
+    lora: bool = False  # LoRA adapters on the transformer's linears (their weights are in transformer_bytes)
 
 
 OVERHEAD = 48 * 2**20  # allocator slack, small arrays, ids, schedules
@@ -265,11 +271,16 @@ def vae_scores_bytes(latent_px: int) -> int:
     return rows * latent_px * 10
 
 
-def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batches: int = 1) -> dict:
-    """Bytes at the peak of each stage under `plan` (run block by block: `plan.sync`)."""
+def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batches: int = 1,
+             images: tuple = ()) -> dict:
+    """Bytes at the peak of each stage under `plan` (run block by block: `plan.sync`).
+    `images`: (width, height) of the images the transformer is conditioned on (references,
+    the init image), each encoded by the VAE in a stage of its own and joining the image
+    tokens at every step."""
     s = fp.dtype_bytes
     L_img = (width // 16) * (height // 16)
-    L = L_img + fp.text_len
+    L_ref = sum((w // 16) * (h // 16) for w, h in images)
+    L = L_img + L_ref + fp.text_len
     D, F = fp.transformer_dim, fp.transformer_mlp
     c = min(plan.token_chunk or L, L)
     # Held for every token inside a block (transformer.py): its input and modulated input,
@@ -282,6 +293,8 @@ def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batch
     # partial sums (packed_linear.packed_matmul_reference). Kernels need nothing beyond y.
     N = fp.transformer_max_out
     matmul = 2 * c * N * 4 + 2 * N * 512 * 4 + c * (D + F) * 4 if fp.reference_matmul else 0
+    # A LoRA adapter's update (x A^T) B^T and the sum with the base output, beside the base's.
+    matmul += 2 * c * N * s if fp.lora else 0
     rows = plan.attention_rows or L
     scores = 0 if fp.fused_attention else 2 * _attention_scores(fp.transformer_heads, rows, L)
     resident = fp.vae_bytes + fp.cached_prompt_bytes  # the VAE (small) stays through every stage
@@ -292,8 +305,10 @@ def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batch
     # weights overlapped against 0.30 / 1.00 GB of the terms above, hence 4 (examples/
     # profile_speed.py, docs/benchmarks.md). The decoder's parts are smaller: 2.
     in_flight = OVERLAP_BLOCKS if plan.overlap else 1
+    # Encoded condition tokens (float32) and, per CFG batch, their embedding, beside the text's.
+    refs = L_ref * fp.latent_channels * 4 + cfg_batches * L_ref * D * s
     denoise = (resident + fp.transformer_bytes + in_flight * (held + chunk + matmul + scores)
-               + cfg_batches * fp.text_len * D * s * 2 + L_img * 128 * 4 * 3)
+               + cfg_batches * fp.text_len * D * s * 2 + L_img * fp.latent_channels * 4 * 3 + refs)
     text_act = fp.text_len * fp.text_hidden * 4 * 10 + _attention_scores(fp.text_heads, fp.text_len, fp.text_len)
     text = (resident + (fp.text_stream_bytes if plan.stream_text_encoder else fp.text_resident_bytes) + text_act
             + fp.text_dequant_bytes)
@@ -317,8 +332,14 @@ def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batch
     if plan.keep_text_encoder and not plan.stream_text_encoder:
         denoise += fp.text_resident_bytes
         decode += fp.text_resident_bytes
-    return {k: int(SAFETY * v + OVERHEAD) for k, v in
-            (("text_encoding", text), ("denoising", denoise), ("decoding", decode))}
+    stages = [("text_encoding", text), ("denoising", denoise), ("decoding", decode)]
+    if images:  # one image at a time, after the text, with what the text stage left resident
+        encode = (resident + max(fp.vae_enc_fixed + fp.vae_enc_per_pixel * w * h for w, h in images)
+                  + L_ref * fp.latent_channels * 4)
+        encode += fp.transformer_bytes if plan.transformer_in_text else 0
+        encode += fp.text_resident_bytes if plan.keep_text_encoder and not plan.stream_text_encoder else 0
+        stages.insert(1, ("image_encoding", encode))
+    return {k: int(SAFETY * v + OVERHEAD) for k, v in stages}
 
 
 def plan_cost(plan: MemoryPlan) -> float:
@@ -328,11 +349,12 @@ def plan_cost(plan: MemoryPlan) -> float:
             + COST_VAE_TILE[plan.vae_tile])
 
 
-def candidate_plans(width: int, height: int, fused_attention: bool = True, stream_only: bool = False):
+def candidate_plans(width: int, height: int, fused_attention: bool = True, stream_only: bool = False,
+                    extra_tokens: int = 0):
     """Every budgeted plan for this size, cheapest in time first. Attention chunks only
     where the attention materialises its scores (chunks cost memory next to a fused
     kernel); tiles only smaller than the image."""
-    side, L = max(width, height), (width // 16) * (height // 16) + 512
+    side, L = max(width, height), (width // 16) * (height // 16) + 512 + extra_tokens
     tiles = [None] + [t for t in VAE_TILES if t < side]
     chunks = [c for c in TOKEN_CHUNKS if c is None or c < L]
     rows = ATTENTION_ROWS if not fused_attention else (None,)
@@ -347,31 +369,37 @@ def _with_estimate(plan: MemoryPlan, est: dict) -> MemoryPlan:
     return replace(plan, estimated_peak_bytes=max(est.values()), stage_estimates=est)
 
 
-def smallest_plan(fp: Footprint, width: int, height: int, cfg_batches: int = 1) -> MemoryPlan:
+def _extra_tokens(images) -> int:
+    return sum((w // 16) * (h // 16) for w, h in images)
+
+
+def smallest_plan(fp: Footprint, width: int, height: int, cfg_batches: int = 1, images: tuple = ()) -> MemoryPlan:
     """The plan with the lowest estimated peak (the slowest, most frugal one)."""
     def rank(p):  # lowest peak first; among equal peaks, the lowest other stages, then the cheapest
-        e = estimate(fp, width, height, p, cfg_batches)
+        e = estimate(fp, width, height, p, cfg_batches, images)
         return max(e.values()), sum(e.values()), plan_cost(p)
 
-    best = min(candidate_plans(width, height, fp.fused_attention), key=rank)
-    return _with_estimate(best, estimate(fp, width, height, best, cfg_batches))
+    best = min(candidate_plans(width, height, fp.fused_attention, extra_tokens=_extra_tokens(images)), key=rank)
+    return _with_estimate(best, estimate(fp, width, height, best, cfg_batches, images))
 
 
-def plan_memory(fp: Footprint, width: int, height: int, budget, cfg_batches: int = 1) -> MemoryPlan:
+def plan_memory(fp: Footprint, width: int, height: int, budget, cfg_batches: int = 1,
+                images: tuple = ()) -> MemoryPlan:
     """The cheapest plan in time whose estimated peak fits `budget` (bytes, or AUTO: the
     plans that stream the text encoder, under `device_cap()`). Refuses, naming the
-    smallest budget that works, when none fits."""
+    smallest budget that works, when none fits. `images`: see `estimate`."""
     auto = budget == AUTO
     limit = device_cap() if auto else budget
-    for p in candidate_plans(width, height, fp.fused_attention, stream_only=auto):
-        est = estimate(fp, width, height, p, cfg_batches)
+    for p in candidate_plans(width, height, fp.fused_attention, stream_only=auto, extra_tokens=_extra_tokens(images)):
+        est = estimate(fp, width, height, p, cfg_batches, images)
         if max(est.values()) <= limit:
             return _with_estimate(p, est)
-    best = smallest_plan(fp, width, height, cfg_batches)
+    best = smallest_plan(fp, width, height, cfg_batches, images)
     need = math.ceil(best.estimated_peak_bytes / 1e6) / 1e3  # GB, rounded up so that it fits
     what = f"this device's memory ({limit / GB:.2f} GB usable)" if auto else f"a memory budget of {limit / GB:.2f} GB"
+    refs = f" with {len(images)} conditioning image{'s' if len(images) > 1 else ''}" if images else ""
     raise BonsaiError(
-        f"a {width}x{height} generation does not fit {what}: the smallest plan "
+        f"a {width}x{height} generation{refs} does not fit {what}: the smallest plan "
         f"({describe(best)}) needs about {need:.3f} GB "
         f"(peak stage: {max(best.stage_estimates, key=best.stage_estimates.get)}). "
         f"Use a budget of at least {need:.3f} GB or a smaller image."
@@ -457,3 +485,16 @@ def calibrate_vae(vae) -> tuple[float, float, float, float]:
         del z, h, q
     f = vae.decoder_factor
     return (*_fit_line((16 * f) ** 2, (32 * f) ** 2, *up), *_fit_line(16**2, 32**2, *mid))
+
+
+def calibrate_vae_encoder(vae) -> tuple[float, float]:
+    """Peak scratch of `vae.encode` on this device and dtype as (fixed bytes, bytes per input
+    pixel), fitted to encodes of 128x128 and 256x256 images (one graph, as the executor runs
+    it); it resets the peak-memory counter."""
+    peaks = []
+    for side in (128, 256):
+        x = mx.zeros((1, side, side, 3), dtype=mx.float32)
+        mx.eval(x)
+        peaks.append(_scratch_peak(lambda: vae.encode(x)))
+        del x
+    return _fit_line(128**2, 256**2, *peaks)

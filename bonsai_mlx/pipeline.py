@@ -18,13 +18,15 @@ from PIL import Image
 
 from . import executor
 from .errors import BonsaiError, WeightsError
+from .images import prepare_edit
 from .executor import Models, Request, image_ids, text_ids  # noqa: F401  (part of the API)
 from .loading import DEFAULT_VAE_REPO, MODELS, VAE_FILES, has_part, load_transformer, resolve_model  # noqa: F401
 from .memory import (AUTO, UNCONSTRAINED, MemoryPlan, candidate_plans, parse_budget, plan_cost, plan_memory,
                      smallest_plan)
 from .results import GenerationResult, StepEvent, to_pil  # noqa: F401  (part of the API)
+from .scheduler import first_step
 from .text_encoder import load_text_encoder
-from .vae import load_vae
+from .vae import load_vae, unpack, unpatchify
 
 MIN_SIZE, MAX_SIZE = 64, 2048  # pixels per side; the multiple-of-16 rule is the VAE's x the 2x2 patch
 MAX_STEPS = 1000
@@ -45,6 +47,51 @@ def check_size(width: int, height: int) -> None:
             raise BonsaiError(f"{name}={v} is outside the supported range {MIN_SIZE}..{MAX_SIZE} pixels")
 
 
+def lora_specs(lora) -> list[tuple[str, float]]:
+    """[(path, scale), ...] from None, a path, or a list of paths and (path, scale) pairs;
+    each file must exist."""
+    if lora is None:
+        return []
+    items = [lora] if isinstance(lora, (str, os.PathLike)) else list(lora)
+    specs = []
+    for item in items:
+        if isinstance(item, (str, os.PathLike)):
+            item = (item, 1.0)
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise BonsaiError(f"each LoRA must be a path or a (path, scale) pair, got {item!r}")
+        path, scale = item
+        try:
+            scale = float(scale)
+        except (TypeError, ValueError):
+            raise BonsaiError(f"LoRA scale for {path} must be a number, got {scale!r}") from None
+        if not os.path.exists(path):
+            raise BonsaiError(f"LoRA file {path} does not exist")
+        specs.append((str(path), scale))
+    return specs
+
+
+def load_taef2(download: bool):
+    """TAEF2 from `mlx-taef`; None when the package is missing or (without `download`) its
+    weights are not cached. A failed download is an error that says what to do."""
+    try:
+        from mlx_taef import TAEF2
+    except ImportError:
+        if download:
+            raise BonsaiError("TAEF2 previews need the optional package mlx-taef: pip install mlx-taef") from None
+        return None
+    if not download:
+        from huggingface_hub import try_to_load_from_cache
+
+        src = getattr(getattr(TAEF2, "_kernel", None), "source", None)
+        if src is None or not isinstance(try_to_load_from_cache(src.repo, src.filename, revision=src.revision), str):
+            return None
+    try:
+        return TAEF2.from_pretrained(include_encoder=False)
+    except Exception as e:  # the package's own download / conversion errors
+        raise BonsaiError(f"could not load TAEF2 for previews ({type(e).__name__}: {e}); previews can use the "
+                          "VAE instead (preview_decoder=None)") from None
+
+
 class BonsaiPipeline:
     """Stages: text encoding -> denoising -> decoding, each holding what the memory plan
     says. `memory_budget`: "auto" (the default: frugal at no cost in time, capped by the
@@ -57,6 +104,7 @@ class BonsaiPipeline:
         self.is_distilled = is_distilled
         self.model = model
         self.memory_budget = parse_budget(memory_budget)
+        self._preview_decoder = "auto"
 
     # The loaded models, for callers that use them directly.
     transformer = property(lambda self: self.models.transformer)
@@ -67,36 +115,61 @@ class BonsaiPipeline:
     def release_transformer(self) -> None:
         self.models.release_transformer()
 
+    # ---------------------------------------------------------------- LoRA
+    def load_lora(self, path: str | os.PathLike, scale: float = 1.0, name: str | None = None) -> str:
+        """Add a LoRA (diffusers, PEFT, BFL/ai-toolkit or kohya keys) at `scale`; returns its
+        name (the file's stem unless given). Packed layers get it as an adapter beside their
+        codes, never as a dense copy; several LoRAs add up. A LoRA that does not fit the
+        model is refused whole, naming the layer, and nothing changes."""
+        return self.models.load_lora(path, scale, name)
+
+    def set_lora_scale(self, name: str, scale: float) -> None:
+        """Change a loaded LoRA's scale (0 turns it off); no weights are read again."""
+        self.models.set_lora_scale(name, scale)
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Remove one LoRA, or all of them: the model is again exactly as loaded."""
+        self.models.unload_lora(name)
+
+    @property
+    def loras(self) -> list[tuple[str, str, float]]:
+        """(name, file, scale) of the loaded LoRAs, in load order."""
+        return [(lora.name, lora.source, lora.scale) for lora in self.models.loras]
+
     def footprint(self, calibrated: bool = True):
         return self.models.footprint(calibrated)
 
-    def plan(self, width: int = 512, height: int = 512, memory_budget="default", cfg: bool = False) -> MemoryPlan:
+    def plan(self, width: int = 512, height: int = 512, memory_budget="default", cfg: bool = False,
+             images: tuple = ()) -> MemoryPlan:
         """How a generation of this size would run under `memory_budget` (by default the
-        pipeline's). Raises, saying the smallest budget that works, when nothing fits."""
+        pipeline's), conditioned on `images` ((width, height) of each reference or init image
+        after the resize rules). Raises, saying the smallest budget that works, when nothing fits."""
         check_size(width, height)
         budget = self.memory_budget if memory_budget == "default" else parse_budget(memory_budget)
         if budget is None:  # nothing to fit, so no footprint (its VAE calibration resets the peak)
             return UNCONSTRAINED
-        batches = 2 if cfg else 1
-        if budget == AUTO:
+        batches, images = 2 if cfg else 1, tuple(images)
+        if budget == AUTO and not images:
             # The device's own memory is usually far above what the cheapest plan needs: when
             # conservative figures already fit it, the VAE needs no calibration decode.
             plan = plan_memory(self.footprint(calibrated=False), width, height, AUTO, cfg_batches=batches)
             if plan_cost(plan) == plan_cost(candidate_plans(width, height, stream_only=True)[0]):
                 return plan
-        return plan_memory(self.footprint(), width, height, budget, cfg_batches=batches)
+        return plan_memory(self.models.footprint(encoder=bool(images)), width, height, budget,
+                           cfg_batches=batches, images=images)
 
-    def smallest_plan(self, width: int = 512, height: int = 512, cfg: bool = False) -> MemoryPlan:
+    def smallest_plan(self, width: int = 512, height: int = 512, cfg: bool = False, images: tuple = ()) -> MemoryPlan:
         """The most frugal way to run a generation of this size (and its estimated peak)."""
         check_size(width, height)
-        return smallest_plan(self.footprint(), width, height, cfg_batches=2 if cfg else 1)
+        return smallest_plan(self.models.footprint(encoder=bool(images)), width, height,
+                             cfg_batches=2 if cfg else 1, images=tuple(images))
 
     # ---------------------------------------------------------------- loading
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike, *, dtype=mx.bfloat16, vae=None,
                         quantize: str | None = None, backend: str = "auto", text_layers=(9, 18, 27),
                         revision: str | None = None, cache_dir: str | None = None, memory_budget=AUTO,
-                        vae_dtype=None) -> "BonsaiPipeline":
+                        vae_dtype=None, lora=None) -> "BonsaiPipeline":
         """Load a pipeline from a local directory or a Hugging Face repo id.
 
         Accepted layouts: PrismML's MLX packs (`transformer-packed-mflux/`,
@@ -108,8 +181,10 @@ class BonsaiPipeline:
         residual stream can exceed float16's range); the VAE runs in `vae_dtype`
         (float16 by default, float32 if dtype is float32).
         `memory_budget`: see the class; checked before anything is loaded.
+        `lora`: LoRAs to load, [(path, scale), ...] or paths (scale 1); see `load_lora`.
         """
         budget = parse_budget(memory_budget)  # validate before loading
+        loras = lora_specs(lora)
         root = resolve_model(path_or_repo_id, revision=revision, cache_dir=cache_dir)
         is_distilled = True
         index = root / "model_index.json"
@@ -135,8 +210,11 @@ class BonsaiPipeline:
                 what="the VAE (PrismML packs decode with BFL's small decoder; or pass vae=)")
         vae_dtype = vae_dtype or (mx.float32 if dtype == mx.float32 else mx.float16)
         vae_model = load_vae(vae, dtype=vae_dtype) if isinstance(vae, (str, os.PathLike)) else vae
-        return cls(loader(), text_encoder, vae_model, is_distilled=is_distilled, model=str(path_or_repo_id),
+        pipe = cls(loader(), text_encoder, vae_model, is_distilled=is_distilled, model=str(path_or_repo_id),
                    memory_budget=budget, transformer_loader=loader)
+        for path, scale in loras:
+            pipe.load_lora(path, scale)
+        return pipe
 
     # ---------------------------------------------------------------- running
     def defaults(self, steps, guidance) -> tuple[int, float]:
@@ -168,38 +246,55 @@ class BonsaiPipeline:
         noise = mx.random.normal((1, C, h, w), key=mx.random.key(seed))
         return noise.reshape(1, C, h * w).transpose(0, 2, 1), seed
 
-    def stream(self, prompt: str, width: int = 512, height: int = 512, steps: int | None = None,
+    def stream(self, prompt: str, width: int | None = None, height: int | None = None, steps: int | None = None,
                seed: int | None = None, guidance: float | None = None, negative_prompt: str | None = None,
                latents=None, preview: bool = False, preview_every: int = 1,
-               memory_budget="default", plan: MemoryPlan | None = None) -> Iterator[StepEvent | GenerationResult]:
+               memory_budget="default", plan: MemoryPlan | None = None, *, image=None, init_image=None,
+               mask=None, strength: float | None = None) -> Iterator[StepEvent | GenerationResult]:
         """Yield a StepEvent after every denoising step, then the GenerationResult.
         Stop iterating (break / close()) to cancel: no further work is done.
-        `plan` overrides the memory plan chosen from the budget."""
+        `plan` overrides the memory plan chosen from the budget.
+
+        Editing, as diffusers' Flux2KleinPipeline / Flux2KleinInpaintPipeline (rules in images.py):
+        `image`: reference image(s), PIL images or paths, that condition the generation.
+        `init_image`: the image to start from, noised to `strength` (default 0.8: 1 starts
+        from pure noise); its size is the output's. `mask` (same size as init_image): white
+        repaints, black keeps; without it the whole image is repainted (image to image).
+        `latents` (or the seed) is the noise in every case. The size defaults to the init
+        image's, else the first reference's, else 512x512."""
         if not isinstance(prompt, str):
             raise BonsaiError(f"prompt must be a string, got {type(prompt).__name__}")
+        edit = prepare_edit(image, init_image, mask, strength, width, height, has_encoder=self.vae.has_encoder,
+                            multiple=2 * self.vae.encoder_factor if self.vae.has_encoder else 16)
+        width, height = edit.width or 512, edit.height or 512
         check_size(width, height)
         steps, guidance = self.defaults(steps, guidance)
+        if edit.init_image is not None and steps - first_step(steps, edit.strength) < 1:
+            raise BonsaiError(f"strength {edit.strength} leaves no step of {steps} to run; raise strength or steps")
         use_cfg = guidance > 1.0 and not self.is_distilled
         budget = self.memory_budget if memory_budget == "default" else parse_budget(memory_budget)
-        if plan is None:
-            plan = self.plan(width, height, budget, cfg=use_cfg)  # refuses up front when nothing fits
+        if plan is None:  # refuses up front when nothing fits
+            plan = self.plan(width, height, budget, cfg=use_cfg, images=edit.sizes)
         noise, seed = self.initial_noise(seed, latents, width, height)
         # Under a budget in bytes, freed buffers MLX keeps for reuse may fill only the
         # headroom the plan leaves (0 when the plan just fits: MLX then reuses nothing).
         cache = max(budget - plan.estimated_peak_bytes, 0) if isinstance(budget, int) else None
         req = Request(prompt, negative_prompt, width, height, steps, guidance, use_cfg, seed, noise, self.model,
-                      (lambda x0: self.preview(x0, width, height)) if preview else None, preview_every)
+                      (lambda x0: self.preview(x0, width, height)) if preview else None, preview_every,
+                      edit.references, edit.init_image, edit.mask, edit.strength)
         # Everything above runs now, so bad arguments fail at the call, not at the first next().
         return executor.run(self.models, req, plan, cache)
 
-    def generate(self, prompt: str, width: int = 512, height: int = 512, steps: int | None = None,
+    def generate(self, prompt: str, width: int | None = None, height: int | None = None, steps: int | None = None,
                  seed: int | None = None, guidance: float | None = None, negative_prompt: str | None = None,
                  latents=None, callback=None, cancel=None, memory_budget="default",
-                 plan: MemoryPlan | None = None) -> GenerationResult:
+                 plan: MemoryPlan | None = None, *, image=None, init_image=None, mask=None,
+                 strength: float | None = None) -> GenerationResult:
         """Run to the end. `callback(StepEvent)` is called after each step; `cancel()`
-        returning True stops between steps with `Cancelled`."""
+        returning True stops between steps with `Cancelled`. Editing arguments: see `stream`."""
         gen = self.stream(prompt, width, height, steps, seed, guidance, negative_prompt, latents,
-                          memory_budget=memory_budget, plan=plan)
+                          memory_budget=memory_budget, plan=plan, image=image, init_image=init_image, mask=mask,
+                          strength=strength)
         for item in gen:
             if isinstance(item, GenerationResult):
                 return item
@@ -210,10 +305,31 @@ class BonsaiPipeline:
                 raise Cancelled(f"generation cancelled after step {item.step} of {item.steps}")
         raise BonsaiError("generation ended without a result")
 
+    @property
+    def preview_decoder(self):
+        """What previews decode with: TAEF2 (the tiny FLUX.2 autoencoder of the optional
+        `mlx-taef` package), or None: the pipeline's VAE on a reduced latent. By default
+        ("auto") TAEF2 when the package is installed and its weights are in the Hugging Face
+        cache (a preview never waits for a download); set "taef2" to download them, None for
+        the VAE, or any object with `decode(latents [B, H/8, W/8, 32]) -> [B, H, W, 3] in [0, 1]`."""
+        if isinstance(self._preview_decoder, str):
+            self._preview_decoder = load_taef2(download=self._preview_decoder == "taef2")
+        return self._preview_decoder
+
+    @preview_decoder.setter
+    def preview_decoder(self, decoder) -> None:
+        if isinstance(decoder, str) and decoder not in ("auto", "taef2"):
+            raise BonsaiError(f"preview_decoder must be 'auto', 'taef2', None or a decoder, got {decoder!r}")
+        self._preview_decoder = decoder
+
     def preview(self, x0_tokens: mx.array, width: int, height: int, max_side: int = 256) -> Image.Image:
-        """A cheap look at the current x0 estimate: the latent grid averaged down 2x2
-        at a time until the image is at most `max_side` pixels, then VAE-decoded."""
+        """A cheap look at the current x0 estimate: decoded whole by TAEF2 (see
+        `preview_decoder`), or the latent grid averaged down 2x2 at a time until the image is
+        at most `max_side` pixels, then VAE-decoded."""
         h, w = height // 16, width // 16
+        taef = self.preview_decoder if x0_tokens.shape[-1] == 128 else None  # FLUX.2's 32 channels, patched
+        if taef is not None:  # TAEF2 decodes the normalized latent, unpatchified to 32 channels
+            return to_pil(taef.decode(unpatchify(unpack(x0_tokens.astype(mx.float32), h, w))))[0]
         grid = x0_tokens.reshape(1, h, w, -1)
         while max(grid.shape[1], grid.shape[2]) * 16 > max_side and grid.shape[1] % 2 == 0 and grid.shape[2] % 2 == 0:
             grid = (grid[:, ::2, ::2] + grid[:, 1::2, ::2] + grid[:, ::2, 1::2] + grid[:, 1::2, 1::2]) / 4

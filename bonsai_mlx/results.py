@@ -37,13 +37,20 @@ class GenerationResult:
     array: np.ndarray | None = None  # float32 [H, W, 3] in [0, 1], before 8-bit rounding
     memory: dict = field(default_factory=dict)  # MemoryReport.as_dict(): peak / mean-active per stage
     plan: object = None  # the MemoryPlan it ran under
+    edit: dict = field(default_factory=dict)  # reference count, init image, strength, mask (when editing)
+    loras: list = field(default_factory=list)  # (name, file, scale) of the LoRAs applied
 
     def metadata(self) -> dict:
-        return {
+        meta = {
             "prompt": self.prompt, "negative_prompt": self.negative_prompt, "seed": self.seed,
             "steps": self.steps, "guidance": self.guidance, "width": self.width, "height": self.height,
             "model": self.model, "timings": self.timings, "memory": self.memory, "software": "bonsai-mlx",
         }
+        if self.edit:
+            meta["edit"] = self.edit
+        if self.loras:
+            meta["loras"] = [{"name": n, "file": f, "scale": s} for n, f, s in self.loras]
+        return meta
 
     def save(self, path: str | Path) -> Path:
         """Write a PNG with the settings in its text chunks, atomically: the image appears

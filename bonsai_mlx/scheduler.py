@@ -85,15 +85,31 @@ class DenoiseStep:
 
 
 def denoise(velocity: Callable[[mx.array, float], mx.array], x: mx.array,
-            sigmas: list[float]) -> Iterator[DenoiseStep]:
-    """Euler steps of the rectified flow from the noise `x` down `sigmas`, one per yield.
+            sigmas: list[float], after_step: Callable[[mx.array, float], mx.array] | None = None
+            ) -> Iterator[DenoiseStep]:
+    """Euler steps of the rectified flow from `x` down `sigmas`, one per yield.
 
     `velocity(x, sigma)` is the model; the sample stays float32 between steps (see
-    `euler_step`). Stop iterating to stop sampling: nothing more is computed.
+    `euler_step`). `after_step(x, sigma_next)` replaces each step's sample (inpainting puts
+    the kept region back). Stop iterating to stop sampling: nothing more is computed.
     """
     x = x.astype(mx.float32)
     for i, (sigma, sigma_next) in enumerate(zip(sigmas, sigmas[1:])):
         v = velocity(x, sigma).astype(mx.float32)
         x = euler_step(x, v, sigma, sigma_next)
+        if after_step is not None:
+            x = after_step(x, sigma_next)
         mx.eval(x)
         yield DenoiseStep(i, sigma, sigma_next, x, v)
+
+
+def noised(x0: mx.array, noise: mx.array, sigma: float) -> mx.array:
+    """The flow's sample at noise level sigma: sigma * noise + (1 - sigma) * x0 (diffusers'
+    FlowMatchEulerDiscreteScheduler.scale_noise), float32."""
+    return sigma * noise.astype(mx.float32) + (1.0 - sigma) * x0.astype(mx.float32)
+
+
+def first_step(num_steps: int, strength: float) -> int:
+    """How many of `num_steps` an image-to-image run skips at `strength` in [0, 1]: diffusers'
+    get_timesteps (the run starts from the image noised to that step's sigma)."""
+    return int(max(num_steps - min(num_steps * strength, num_steps), 0))

@@ -114,7 +114,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, rows: int | None = None) ->
 def linear_rows(linear, x: mx.array, r0: int, r1: int) -> mx.array:
     """x @ W[r0:r1].T (+ bias): output rows of a linear are independent, so a fused
     projection can run part by part without computing (or holding) the other parts."""
-    if isinstance(linear, PackedLinear):
+    if isinstance(linear, PackedLinear) or hasattr(linear, "rows"):  # packed layers, LoRA adapters
         return linear.rows(r0, r1)(x)
     if type(linear) is nn.Linear:
         y = x @ linear.weight[r0:r1].T
@@ -276,7 +276,7 @@ class ParallelAttention(nn.Module):
 
 
 def proj_rows(linear) -> int:
-    return linear.out_features if isinstance(linear, PackedLinear) else linear.weight.shape[0]
+    return linear.out_features if hasattr(linear, "out_features") else linear.weight.shape[0]
 
 
 class SingleStreamBlock(nn.Module):
@@ -304,9 +304,11 @@ class NormOut(nn.Module):
 
 
 class Context(NamedTuple):
-    """What a forward needs of the prompt and the positions, the same at every step."""
+    """What a forward needs of the prompt, the reference images and the positions, the same
+    at every step."""
     txt: mx.array  # context_embedder(encoder_hidden_states) [B, L_txt, D]
-    rope: tuple[mx.array, mx.array]  # rope_rotation for the text then image positions
+    rope: tuple[mx.array, mx.array]  # rope_rotation for the text, image, then reference positions
+    ref: mx.array | None = None  # x_embedder(reference tokens) [1, L_ref, D], after the image tokens
 
 
 class Flux2Transformer(nn.Module):
@@ -332,7 +334,10 @@ class Flux2Transformer(nn.Module):
 
     @property
     def dtype(self):
-        return self.x_embedder.weight.dtype
+        layer = self.x_embedder
+        while "base" in layer:  # a LoRA adapter's wrapped layer
+            layer = layer.base
+        return layer.weight.dtype
 
     def __call__(self, hidden_states: mx.array, encoder_hidden_states: mx.array, timestep: mx.array,
                  img_ids: mx.array, txt_ids: mx.array, guidance: mx.array | None = None,
@@ -341,13 +346,19 @@ class Flux2Transformer(nn.Module):
         ctx = self.prepare(encoder_hidden_states, img_ids, txt_ids)
         return self.forward(hidden_states, timestep, ctx, guidance, execution)
 
-    def prepare(self, encoder_hidden_states: mx.array, img_ids: mx.array, txt_ids: mx.array) -> Context:
+    def prepare(self, encoder_hidden_states: mx.array, img_ids: mx.array, txt_ids: mx.array,
+                reference: mx.array | None = None, reference_ids: mx.array | None = None) -> Context:
+        """`reference` [1, L_ref, C]: clean latent tokens of reference images with their
+        `reference_ids` (t, i, j, 0), t = 10, 20, ... per image. They join the image tokens
+        at every step, as Flux2KleinPipeline appends them, and are embedded once here (the
+        embedding is token-wise, so that equals embedding them with the image each step)."""
         # Batched ids are assumed equal across the batch, as in the reference.
-        img_ids = img_ids[0] if img_ids.ndim == 3 else img_ids
-        txt_ids = txt_ids[0] if txt_ids.ndim == 3 else txt_ids
-        rope = rope_rotation(mx.concatenate([txt_ids, img_ids], axis=0), self.config.axes_dims_rope,
-                             self.config.rope_theta)
-        return Context(self.context_embedder(encoder_hidden_states), rope)
+        ids = [t[0] if t.ndim == 3 else t for t in (txt_ids, img_ids)]
+        if reference is not None:
+            ids.append(reference_ids[0] if reference_ids.ndim == 3 else reference_ids)
+        rope = rope_rotation(mx.concatenate(ids, axis=0), self.config.axes_dims_rope, self.config.rope_theta)
+        ref = None if reference is None else self.x_embedder(reference)
+        return Context(self.context_embedder(encoder_hidden_states), rope, ref)
 
     def forward(self, hidden_states: mx.array, timestep: mx.array, ctx: Context, guidance: mx.array | None = None,
                 execution: Execution = ONE_GRAPH) -> mx.array:
@@ -368,6 +379,9 @@ class Flux2Transformer(nn.Module):
         mod_txt = self.double_stream_modulation_txt(temb)
         mod_single = self.single_stream_modulation(temb)
         img, txt = self.x_embedder(hidden_states), ctx.txt
+        L_img = img.shape[1]
+        if ctx.ref is not None:  # reference tokens ride along; only the image tokens come out
+            img = mx.concatenate([img, mx.broadcast_to(ctx.ref, (img.shape[0], *ctx.ref.shape[1:]))], axis=1)
 
         pace = ex.pace()
         for block in self.transformer_blocks:
@@ -380,7 +394,7 @@ class Flux2Transformer(nn.Module):
             x = block(x, mod_single, ctx.rope, ex)
             pace(x)
 
-        return self.proj_out(self.norm_out(x[:, L_txt:], temb))
+        return self.proj_out(self.norm_out(x[:, L_txt:L_txt + L_img], temb))
 
 
 def check_inputs(cfg: TransformerConfig, hidden_states, encoder_hidden_states, timestep, img_ids, txt_ids):

@@ -69,6 +69,20 @@ def block_linear_names(num_layers: int, num_single_layers: int) -> list[str]:
     return names
 
 
+def bfl_module_to_diffusers(name: str) -> tuple[str, ...] | None:
+    """The diffusers module(s) of a BFL module path (no parameter suffix): one, or three for
+    a double block's fused qkv (its rows split q, k, v in that order); None if unknown."""
+    m = re.fullmatch(r"(double_blocks|single_blocks)\.(\d+)\.(.+)", name)
+    if m is None:
+        return (_TOP_LEVEL[name],) if name in _TOP_LEVEL else None
+    kind, idx, inner = m.groups()
+    if kind == "double_blocks":
+        if inner in _DOUBLE_QKV:
+            return tuple(f"transformer_blocks.{idx}.{n}" for n in _DOUBLE_QKV[inner])
+        return (f"transformer_blocks.{idx}.{_DOUBLE[inner]}",) if inner in _DOUBLE else None
+    return (f"single_transformer_blocks.{idx}.{_SINGLE[inner]}",) if inner in _SINGLE else None
+
+
 def is_bfl_checkpoint(keys) -> bool:
     return any(k.startswith(("double_blocks.", "single_blocks.", "img_in.", "final_layer.")) for k in keys)
 

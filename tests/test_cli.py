@@ -94,3 +94,63 @@ def test_interrupted_save_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         result.save(tmp_path / "out.png")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_prompt_file_runs_every_prompt_with_one_load(model_dir, tmp_path):
+    """Plain and JSON lines (per-prompt seed, size, reference image, inpainting, output) and a
+    LoRA, in one process that loads the model once."""
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    g = np.random.default_rng(0)
+    pic = Image.fromarray(g.integers(0, 256, (4, 6, 3), dtype=np.uint8))
+    pic.resize((100, 70)).save(tmp_path / "ref.png")
+    pic.resize((64, 64)).save(tmp_path / "init.png")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    mask.save(tmp_path / "mask.png")
+    save_file({"transformer.x_embedder.lora_A.weight": torch.randn(2, 16),
+               "transformer.x_embedder.lora_B.weight": torch.randn(128, 2) * 0.1}, str(tmp_path / "style.safetensors"))
+    lines = ["a plain prompt", "# a comment", "",
+             json.dumps({"prompt": "edit it", "image": str(tmp_path / "ref.png"), "seed": 3}),
+             json.dumps({"prompt": "repaint", "init_image": str(tmp_path / "init.png"),
+                         "mask": str(tmp_path / "mask.png"), "strength": 0.75, "output": str(tmp_path / "mine.png")}),
+             json.dumps({"prompt": "wide", "width": 96, "height": 64})]
+    (tmp_path / "prompts.txt").write_text("\n".join(lines))
+    r = cli("generate", "--prompt-file", tmp_path / "prompts.txt", "-o", tmp_path / "img.png", "--model", model_dir,
+            "--seed", 10, "--lora", f"{tmp_path / 'style.safetensors'}:0.5", "--width", 64, "--height", 64,
+            "--dtype", "float32", "-v")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("loaded ") == 1  # one load for every prompt
+    expect = [("img-001.png", "a plain prompt", 10, (64, 64)), ("img-002.png", "edit it", 3, (64, 64)),
+              ("mine.png", "repaint", 12, (64, 64)), ("img-004.png", "wide", 13, (96, 64))]
+    for name, prompt, seed, size in expect:
+        img = Image.open(tmp_path / name)
+        meta = json.loads(img.text["parameters"])
+        assert img.size == size and meta["prompt"] == prompt and meta["seed"] == seed, (name, meta)
+        assert meta["loras"] == [{"name": "style", "file": str(tmp_path / "style.safetensors"), "scale": 0.5}]
+    assert json.loads(Image.open(tmp_path / "img-002.png").text["edit"]) == {"references": 1}
+    assert json.loads(Image.open(tmp_path / "mine.png").text["edit"]) == {"init_image": True, "strength": 0.75,
+                                                                          "mask": True}
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"prompt": "x", "colour": "red"}', "prompts.txt:2: unknown key 'colour'"),
+    ('{"prompt": "x", "seed": "7"}', "prompts.txt:2: seed has the wrong type"),
+    ('{"prompt": "x", "image": "nowhere.png"}', "prompts.txt:2: reference image nowhere.png does not exist"),
+    ('{"prompt": "x", "mask": "m.png"}', "prompts.txt:2: a mask needs an init image"),
+    ("{not json", "prompts.txt:2: not valid JSON"),
+])
+def test_bad_prompt_files_fail_before_loading(tmp_path, line, message, capsys, monkeypatch):
+    from bonsai_mlx.cli import main
+
+    (tmp_path / "prompts.txt").write_text("fine\n" + line + "\n")
+    monkeypatch.chdir(tmp_path)
+    # the model does not exist: a prompt-file error must come first, before any loading
+    with pytest.raises(SystemExit) as stop:
+        main(["generate", "--prompt-file", str(tmp_path / "prompts.txt"), "-o", str(tmp_path / "o.png"),
+              "--model", str(tmp_path / "nowhere")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and message in err, err
+    assert not list(tmp_path.glob("*.png"))

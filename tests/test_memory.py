@@ -252,3 +252,43 @@ def test_estimates_cover_the_recorded_h200_peaks():
                 assert stages[stage]["peak_gb"] * 1e9 <= bytes_, (run["format"], run["size"], run["budget"], stage)
             if "loading" in stages:
                 assert stages["loading"]["peak_gb"] * 1e9 <= est["denoising"]
+
+
+def test_editing_and_loras_are_counted_and_honoured(pipe, tmp_path):
+    """Reference tokens, the VAE encoder's stage and a LoRA's weights enter the plan: a budget
+    that fits plain generation but not the references is refused up front, naming them; the
+    smallest budget that fits them holds every measured stage peak under its estimate."""
+    import torch
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    W, H = 128, 128
+    g = np.random.default_rng(2)
+    refs = [Image.fromarray(g.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize((s, s)) for s in (128, 192)]
+    sizes = ((128, 128), (192, 192))
+    fp0 = pipe.footprint()
+    D = pipe.models.transformer_info["config"].inner_dim
+    save_file({"transformer.single_transformer_blocks.0.attn.to_out.lora_A.weight": torch.randn(8, 3 * D),
+               "transformer.single_transformer_blocks.0.attn.to_out.lora_B.weight": torch.randn(D, 8) * 0.01},
+              str(tmp_path / "l.safetensors"))
+    pipe.load_lora(tmp_path / "l.safetensors")
+    try:
+        fp = pipe.models.footprint(encoder=True)
+        assert fp.transformer_bytes == fp0.transformer_bytes + (8 * 3 * D + D * 8) * 4 and fp.lora
+        assert fp.vae_enc_per_pixel > 0
+        plain = pipe.plan(W, H, memory_budget="100GB")
+        edit = pipe.plan(W, H, memory_budget="100GB", images=sizes)
+        assert "image_encoding" in edit.stage_estimates and "image_encoding" not in plain.stage_estimates
+        p0, g_plain = smallest_plan(pipe, W, H)
+        with pytest.raises(BonsaiError, match="at least") as e:
+            pipe.plan(W, H, memory_budget=1, images=sizes)
+        g_edit = float(str(e.value).split("at least ")[1].split(" GB")[0])
+        assert g_edit > g_plain
+        with pytest.raises(BonsaiError, match="with 2 conditioning images does not fit a memory budget"):
+            pipe.stream("x", memory_budget=f"{g_plain}GB", image=refs, width=W, height=H)
+        result = pipe.generate("a pine in snow", width=W, height=H, seed=3, memory_budget=f"{g_edit}GB", image=refs)
+        assert result.memory["peak_gb"] <= g_edit
+        for stage, est in result.plan.stage_estimates.items():
+            assert result.memory["stages"][stage]["peak_gb"] * 1e9 <= est, stage
+    finally:
+        pipe.unload_lora()

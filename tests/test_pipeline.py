@@ -148,3 +148,33 @@ def test_repo_id_resolves_from_the_hf_cache_offline(distilled, tmp_path, monkeyp
     pipe = ours("test-org/tiny-klein", cache_dir=str(tmp_path / "cache"))
     a = pipe.generate(PROMPT, width=W, height=H, seed=1).array
     np.testing.assert_array_equal(a, ours(path).generate(PROMPT, width=W, height=H, seed=1).array)
+
+
+def test_taef2_previews_when_available(distilled, monkeypatch, tmp_path):
+    """With mlx-taef, previews of FLUX.2 latents (32 channels) decode the whole latent with
+    TAEF2 (random weights here: the real ones are a download), laid out as mlx-taef's own
+    FLUX.2 unpack lays it out. Without its weights in the cache, "auto" keeps the VAE
+    previews, and so does a model with other latent channels (the tiny one: 4)."""
+    pytest.importorskip("mlx_taef")
+    import huggingface_hub.constants as c
+    from mlx_taef import TAEF2
+    from mlx_taef.kernels._types import UnpackContext
+    from mlx_taef.kernels.flux import unpack_flux2_latent
+
+    _, path = distilled
+    pipe = ours(path)
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    assert pipe.preview_decoder is None  # auto, nothing cached: the VAE
+    taef = TAEF2()
+    taef._decoder_loaded = True  # random weights, loaded as far as decode() is concerned
+    pipe.preview_decoder = taef
+    x0 = mx.random.normal((1, 24, 128), key=mx.random.key(1))
+    want = np.array(taef.decode(unpack_flux2_latent(x0, UnpackContext(latent_height=4, latent_width=6))))[0]
+    got = np.asarray(pipe.preview(x0, W, H)).astype(np.float32)
+    assert got.shape == (H, W, 3) and np.abs(got - (want * 255).round()).max() <= 1  # 8-bit rounding only
+    plain = pipe.generate(PROMPT, width=W, height=H, seed=7)  # 16-channel tokens: VAE previews, as before
+    events = list(pipe.stream(PROMPT, width=W, height=H, seed=7, preview=True))
+    assert all(e.preview is not None for e in events[:-1])
+    np.testing.assert_array_equal(events[-1].array, plain.array)
+    with pytest.raises(BonsaiError, match="preview_decoder must be"):
+        pipe.preview_decoder = "tiny"
