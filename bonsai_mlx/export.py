@@ -208,7 +208,10 @@ def memory_plans(pipe) -> list[dict]:
             except BonsaiError as e:
                 plans.append({"width": size, "height": size, "budget_bytes": int(budget), "refused": str(e)})
                 continue
+            stages = ["text_encoding"] + (["reload_transformer"] if p.releases_transformer else []) + [
+                "denoising", "decoding"]
             plans.append({"width": size, "height": size, "budget_bytes": int(budget), "described": describe(p),
+                          "stages": stages,
                           "stream_text_encoder": p.stream_text_encoder,
                           "transformer_in_text": p.transformer_in_text,
                           "transformer_in_decode": p.transformer_in_decode, "vae_tile": p.vae_tile,

@@ -69,6 +69,8 @@ def test_manifest_describes_every_file_and_tensor(bundle):
     assert conv["shape"][1:3] == [3, 3]  # channels-last [out, kh, kw, in]
     assert m["sampler"]["distilled"] and m["sampler"]["default_steps"] == 4
     assert {(p["width"], p["budget_bytes"]) for p in m["memory_plans"]} >= {(512, 1_500_000_000), (1024, 4_000_000_000)}
+    for p in m["memory_plans"]:
+        assert "refused" in p or p["stages"][0] == "text_encoding" and p["stages"][-2:] == ["denoising", "decoding"]
     spec = json.loads((bundle / "kernels" / "kernels.json").read_text())
     assert set(spec["kernels"]) == {"binary_gemm", "binary_gemv", "binary_gemv_fp32", "binary_decode"}
 
