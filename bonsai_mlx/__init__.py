@@ -4,7 +4,8 @@ from .config import KLEIN_4B, KLEIN_9B, TransformerConfig
 from .errors import BonsaiError, ConfigError, WeightsError
 from .loading import load_transformer
 from .memory import MemoryMonitor, MemoryPlan
-from .packed_checkpoint import convert_pipeline, save_packed
+from .convert import convert_pipeline
+from .packed_checkpoint import save_packed
 from .pipeline import BonsaiPipeline, Cancelled, GenerationResult, StepEvent
 from .text_encoder import load_text_encoder
 from .transformer import Flux2Transformer

@@ -125,7 +125,7 @@ def _cmd_bench_generate(args) -> None:
 
 def _cmd_convert(args) -> None:
     from .benchmark import DTYPES
-    from .packed_checkpoint import convert_pipeline
+    from .convert import convert_pipeline
 
     out = convert_pipeline(args.source, args.output, args.format, overwrite=args.overwrite, dtype=DTYPES[args.dtype])
     print(f"wrote {out}")
