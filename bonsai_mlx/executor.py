@@ -40,6 +40,10 @@ def text_ids(length: int) -> mx.array:
     return mx.array(np.stack([z, z, z, np.arange(length, dtype=np.int32)], axis=-1))
 
 
+def dtype_name(dtype) -> str:
+    return str(dtype).rpartition(".")[2]  # "bfloat16", not "mlx.core.bfloat16"
+
+
 def all_finite(x: mx.array) -> bool:
     return bool(mx.all(mx.isfinite(x)))
 
@@ -100,7 +104,7 @@ class Models:
         mx.eval(emb)
         if not all_finite(emb):
             raise NonFiniteError(
-                f"text encoding produced NaN or Inf in {emb.dtype}: "
+                f"text encoding produced NaN or Inf in {dtype_name(emb.dtype)}: "
                 + ("Qwen3's activations exceed float16's range; use dtype bfloat16 (the default) or float32"
                    if emb.dtype == mx.float16 else "the text encoder's weights may hold NaN or Inf"),
                 "text encoding")
@@ -197,7 +201,7 @@ def run(models: Models, req: Request, plan: MemoryPlan,
                 x = step.x
                 if not all_finite(x):  # [1, L, C]: a cheap reduction next to a transformer forward
                     raise NonFiniteError(
-                        f"denoising step {step.index + 1} of {req.steps} produced NaN or Inf in {dtype}: "
+                        f"denoising step {step.index + 1} of {req.steps} produced NaN or Inf in {dtype_name(dtype)}: "
                         + ("the activations overflowed; run with dtype bfloat16 or float32 (--dtype)"
                            if dtype == mx.float16 else "the transformer's weights may hold NaN or Inf"),
                         "denoising", step.index + 1)
@@ -218,7 +222,7 @@ def run(models: Models, req: Request, plan: MemoryPlan,
                                        overlap=VAE_TILE_OVERLAP, execution=ex)
             mx.eval(images)
             if not all_finite(images):
-                raise NonFiniteError(f"decoding produced NaN or Inf in {vae.dtype}: the VAE's activations "
+                raise NonFiniteError(f"decoding produced NaN or Inf in {dtype_name(vae.dtype)}: the VAE's activations "
                                      "overflowed or its weights hold NaN or Inf; try vae_dtype float32", "decoding")
         timings["decoding_s"] = time.perf_counter() - t_decode
         timings["total_s"] = time.perf_counter() - t_start

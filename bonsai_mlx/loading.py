@@ -17,7 +17,7 @@ from .config import TransformerConfig, preset
 from .errors import BonsaiError, ConfigError, UnsafeFileError, WeightsError
 from .packed_checkpoint import (QUANT_CONFIG, check_backend, pack_model_from_checkpoint, packed_params,
                                 quantize_model, read_quant_config)
-from .safe_files import PICKLE_SUFFIXES, ModelFolder, in_file, load_shards, shard_files
+from .safe_files import PICKLE_SUFFIXES, ModelFolder, files_named, in_file, load_shards, shard_files
 from .text_encoder import ENCODER_SUBDIRS
 from .transformer import Flux2Transformer
 from .weight_names import bfl_to_diffusers, is_bfl_checkpoint
@@ -172,7 +172,8 @@ def _read_folder(folder: ModelFolder, cfg):
         if not folder.exists("config.json"):
             raise WeightsError(f"{folder.path} has no config.json: a diffusers transformer directory needs one")
         cfg = TransformerConfig.from_json(folder.file("config.json", "transformer config"))
-    return cfg, qc, load_shards(shard_files(folder, what="transformer weights"))
+    files = shard_files(folder, what="transformer weights")
+    return cfg, qc, load_shards(files), files_named(files)
 
 
 def _read_file(path: Path, cfg):
@@ -224,9 +225,7 @@ def load_transformer(path, dtype=mx.float16, config=None, quantize: str | None =
         )
     qc = None
     if path.is_dir():
-        folder = transformer_folder(ModelFolder(path))
-        source = folder.path
-        cfg, qc, weights = _read_folder(folder, cfg)
+        cfg, qc, weights, source = _read_folder(transformer_folder(ModelFolder(path)), cfg)
     else:
         source = path
         cfg, weights = _read_file(path, cfg)

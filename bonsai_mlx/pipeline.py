@@ -24,12 +24,10 @@ from .memory import AUTO, UNCONSTRAINED, MemoryPlan, parse_budget, plan_memory, 
 from .results import GenerationResult, StepEvent, to_pil  # noqa: F401  (part of the API)
 from .safe_files import ModelFolder, read_json
 from .text_encoder import load_text_encoder
-from .validate import brief, is_int
+from .validate import MAX_SEED, MAX_STEPS, brief, is_int
 from .vae import load_vae
 
 MIN_SIZE, MAX_SIZE = 64, 2048  # pixels per side; the multiple-of-16 rule is the VAE's x the 2x2 patch
-MAX_STEPS = 1000
-MAX_SEED = 2**64 - 1  # mx.random.key takes a uint64
 MAX_PROMPT_CHARS = 100_000  # far past the 512 tokens the encoder reads; bounds the tokenizer's work
 
 
@@ -205,6 +203,10 @@ class BonsaiPipeline:
             if text is not None and len(text) > MAX_PROMPT_CHARS:
                 raise BonsaiError(f"{name} is {len(text):,} characters; at most {MAX_PROMPT_CHARS:,} are accepted "
                                   "(the text encoder reads 512 tokens)")
+            try:
+                (text or "").encode("utf-8")
+            except UnicodeEncodeError as e:  # lone surrogates, e.g. from command-line bytes that are not UTF-8
+                raise BonsaiError(f"{name} is not valid text: {e.reason} at character {e.start}; pass UTF-8") from None
         check_size(width, height)
         check_seed(seed)
         steps, guidance = self.defaults(steps, guidance)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .errors import ConfigError, UnsafeFileError, WeightsError
+from .errors import BonsaiError, ConfigError, UnsafeFileError, WeightsError
 from .validate import brief, is_int
 
 MAX_CONFIG_BYTES = 1 << 20  # config.json, quantization_config.json, model_index.json, tokenizer_config.json
@@ -287,7 +287,7 @@ def _tensor_info(path: Path, name: str, entry) -> TensorInfo:
         raise WeightsError(f"{where} must be an object with exactly dtype, shape and data_offsets, "
                            f"got {brief(entry)}")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in DTYPE_BYTES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
         raise WeightsError(f"{where} has dtype {brief(dtype)}; supported: {', '.join(DTYPE_BYTES)}")
     if (not isinstance(shape, list) or len(shape) > MAX_DIMS
             or not all(is_int(d) and 0 <= d <= MAX_DIM for d in shape)):
@@ -416,6 +416,13 @@ def shard_files(folder: ModelFolder, preferred: tuple[str, ...] = (), what: str 
     return files
 
 
+def files_named(files: list[Path]) -> str:
+    """How messages name a checkpoint: its file, or its folder and every shard's name."""
+    if len(files) == 1:
+        return str(files[0])
+    return f"{files[0].parent} ({', '.join(f.name for f in files)})"
+
+
 def load_shards(files: list[Path]) -> dict[str, mx.array]:
     """Lazy arrays of every shard, each header validated before mx.load sees its file."""
     headers = read_headers(files)  # also refuses a weight that two shards hold
@@ -441,10 +448,14 @@ def read_headers(files: list[Path]) -> dict[str, tuple[Path, TensorInfo]]:
 
 @contextmanager
 def in_file(path):
-    """Name `path` in the WeightsError/ConfigError raised inside, unless it already does."""
+    """Name `path` in the BonsaiError raised inside, unless it already does."""
     try:
         yield
-    except (WeightsError, ConfigError) as e:
+    except (WeightsError, ConfigError, UnsafeFileError) as e:
         if str(path) in str(e):
             raise
         raise type(e)(f"{path}: {e}") from None
+    except BonsaiError as e:  # packing's checks raise the base class
+        if str(path) in str(e) or type(e) is not BonsaiError:
+            raise
+        raise WeightsError(f"{path}: {e}") from None

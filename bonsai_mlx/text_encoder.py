@@ -29,7 +29,7 @@ from mlx_lm.models import qwen3
 from .errors import BonsaiError, ConfigError, PromptTruncatedWarning, WeightsError
 from .qwen3_layers import Qwen3Layers
 from .safe_files import ModelFolder, in_file, read_json
-from .tokenizer import has_tokenizer, load_tokenizer
+from .tokenizer import describe, has_tokenizer, load_tokenizer
 from .validate import brief, is_int, is_real
 
 DEFAULT_LAYERS = (9, 18, 27)
@@ -149,7 +149,8 @@ class Qwen3TextEncoder:
     """Prompt encoding: the tokenizer and chat template, and the hidden-state taps over
     the layers of `weights` (a Qwen3Layers, resident or streamed)."""
 
-    def __init__(self, config: TextEncoderConfig, weights: Qwen3Layers, tokenizer, tokenizer_path=None):
+    def __init__(self, config: TextEncoderConfig, weights: Qwen3Layers, tokenizer, tokenizer_path: str | None = None):
+        """tokenizer_path: how messages name the tokenizer (its folder and files)."""
         self.config = config
         self.weights = weights
         self.tokenizer = tokenizer
@@ -204,7 +205,7 @@ class Qwen3TextEncoder:
             raise BonsaiError("prompts must be strings")
         if not isinstance(max_length, int) or max_length < 1:
             raise BonsaiError(f"max_length must be a positive integer, got {max_length!r}")
-        where = self.tokenizer_path or "the tokenizer"
+        where = f"the tokenizer in {self.tokenizer_path}" if self.tokenizer_path else "the tokenizer"
         try:
             texts = [
                 self.tokenizer.apply_chat_template(
@@ -351,7 +352,7 @@ def load_text_encoder(
     weights = Qwen3Layers(weights_dir, config.args, config.num_layers_needed, config.needs_final_norm,
                           config.quantization, dtype, dequantize_matmuls)
     tokenizer = load_tokenizer(tok_dir, config.args.vocab_size)
-    encoder = Qwen3TextEncoder(config, weights, tokenizer, tok_dir.path)
+    encoder = Qwen3TextEncoder(config, weights, tokenizer, describe(tok_dir))
     if resident:
         encoder.load()
     return encoder

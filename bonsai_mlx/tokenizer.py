@@ -27,6 +27,12 @@ def has_tokenizer(folder) -> bool:
     return any(os.path.lexists(folder / f) for f in TOKENIZER_FILES)
 
 
+def describe(folder: ModelFolder) -> str:
+    """The folder and the tokenizer files in it, as messages name a tokenizer."""
+    present = [n for n in (*_JSON_FILES, *_OTHER_FILES) if folder.exists(n)]
+    return f"{folder.path} ({', '.join(sorted(present))})"
+
+
 def check_tokenizer_files(folder: ModelFolder) -> None:
     for name in _JSON_FILES:
         if folder.exists(name):
@@ -54,8 +60,8 @@ def load_tokenizer(folder: ModelFolder, vocab_rows: int):
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:  # transformers raises many types; the Rust tokenizers panic as BaseException
-        raise WeightsError(f"could not load the tokenizer from {folder.path}: {type(e).__name__}: {e}") from None
-    where = folder.path
+        raise WeightsError(f"could not load the tokenizer from {describe(folder)}: {type(e).__name__}: {e}") from None
+    where = describe(folder)
     if getattr(tokenizer, "pad_token_id", None) is None:
         raise ConfigError(f"the tokenizer in {where} has no pad token; klein pads prompts to a fixed length")
     if getattr(tokenizer, "padding_side", "right") != "right":

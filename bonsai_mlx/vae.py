@@ -22,7 +22,7 @@ from .execution import ONE_GRAPH, Execution, Pace
 
 WHOLE = ONE_GRAPH.pace()  # one graph: evaluates nothing by itself
 from .errors import BonsaiError, ConfigError, WeightsError
-from .safe_files import ModelFolder, in_file, load_shards, read_json, shard_files
+from .safe_files import ModelFolder, files_named, in_file, load_shards, read_json, shard_files
 from .validate import brief, is_int, is_real
 
 # diffusers hard-codes these inside Encoder/Decoder; they are not config fields.
@@ -718,8 +718,9 @@ def _list(names, limit=20):
     return ", ".join(names[:limit]) + more
 
 
-def _read_weights(folder: ModelFolder) -> dict:
-    return load_shards(shard_files(folder, preferred=("diffusion_pytorch_model.safetensors",), what="VAE weights"))
+def _read_weights(folder: ModelFolder) -> tuple[dict, str]:
+    files = shard_files(folder, preferred=("diffusion_pytorch_model.safetensors",), what="VAE weights")
+    return load_shards(files), files_named(files)
 
 
 def load_vae(path, dtype=mx.float16) -> AutoencoderKLFlux2:
@@ -738,7 +739,8 @@ def load_vae(path, dtype=mx.float16) -> AutoencoderKLFlux2:
     with in_file(cfg_file):
         config = VAEConfig.from_dict(read_json(cfg_file, "VAE config"))
 
-    raw = {k: v for k, v in _read_weights(folder).items() if k not in _IGNORED_KEYS}
+    raw, source = _read_weights(folder)
+    raw = {k: v for k, v in raw.items() if k not in _IGNORED_KEYS}
     has_encoder = any(k.startswith("encoder.") for k in raw)
     model = AutoencoderKLFlux2(config, has_encoder=has_encoder)
     expected = dict(tree_flatten(model.parameters()))
@@ -764,7 +766,7 @@ def load_vae(path, dtype=mx.float16) -> AutoencoderKLFlux2:
     if bad_shapes:
         problems.append(f"shape mismatches ({len(bad_shapes)}): " + "; ".join(sorted(bad_shapes)[:20]))
     if problems:
-        raise WeightsError(f"VAE weights in {path} do not fit its config.json: " + " | ".join(problems))
+        raise WeightsError(f"VAE weights in {source} do not fit its config.json: " + " | ".join(problems))
     model.update(tree_unflatten(list(weights.items())))
     mx.eval(model.parameters())
     return model

@@ -1,8 +1,12 @@
-"""Small checks shared by the config validators: value types and short value reprs."""
+"""Small checks shared by the validators: value types, short value reprs, and the bounds
+of a generation's arguments (checked by the pipeline and, before loading, by the CLI)."""
 
 from __future__ import annotations
 
 import math
+
+MAX_STEPS = 1000
+MAX_SEED = 2**64 - 1  # mx.random.key takes a uint64
 
 
 def is_int(v) -> bool:
