@@ -35,6 +35,38 @@ class Cancelled(BonsaiError):
     """Raised by `generate` when its `cancel` callback asked to stop."""
 
 
+# MLX's Metal and CUDA back-ends are not thread-safe (evaluation encodes into the stream's
+# shared command buffer on the calling thread), so on a GPU one generation at a time runs
+# in the process, whatever the pipeline; the others wait their turn. MLX's CPU back-end runs
+# each stream's work on its own scheduler thread: generations of different pipelines run
+# concurrently there and give the images sequential runs give (docs/robustness.md).
+_DEVICE_TURN = threading.Lock()
+_device_holder: int | None = None  # the thread whose generation holds the turn
+
+
+def serialized_device() -> bool:
+    """Whether generations must take turns on the default device (a GPU)."""
+    return mx.default_device() != mx.cpu
+
+
+def _take_device() -> bool:
+    global _device_holder
+    if not serialized_device():
+        return False
+    if _device_holder == threading.get_ident():
+        raise PipelineBusyError("this thread has another generation open on the GPU; finish or close it first "
+                                "(MLX's GPU back-ends run one generation at a time)")
+    _DEVICE_TURN.acquire()
+    _device_holder = threading.get_ident()
+    return True
+
+
+def _give_device() -> None:
+    global _device_holder
+    _device_holder = None
+    _DEVICE_TURN.release()
+
+
 def check_seed(seed) -> None:
     if seed is not None and (not is_int(seed) and not isinstance(seed, np.integer) or not 0 <= seed <= MAX_SEED):
         raise BonsaiError(f"seed must be an integer in 0..{MAX_SEED} (2**64 - 1), got {brief(seed)}")
@@ -225,16 +257,21 @@ class BonsaiPipeline:
 
     def _one_at_a_time(self, run: Iterator) -> Iterator:
         """`run`, holding this pipeline from its first step until it ends or is closed; a
-        generation asked for meanwhile (from any thread) is refused, not queued."""
+        generation asked for meanwhile (from any thread) is refused, not queued. On a GPU,
+        generations of all pipelines also take turns (see `serialized_device`)."""
         if not self._busy.acquire(blocking=False):
             run.close()
             raise PipelineBusyError(
                 "this pipeline is already running a generation; wait for it to finish (or close its stream), "
                 "or use one pipeline per thread")
+        shared = False
         try:
+            shared = _take_device()
             yield from run
         finally:
             run.close()
+            if shared:
+                _give_device()
             self._busy.release()
 
     def generate(self, prompt: str, width: int = 512, height: int = 512, steps: int | None = None,

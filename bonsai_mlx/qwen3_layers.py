@@ -61,6 +61,59 @@ class WeightIndex:
         return out
 
 
+def check_shapes(index: WeightIndex, a: qwen3.ModelArgs, quantization: Optional[dict], num_layers: int,
+                 final_norm: bool) -> None:
+    """Every needed tensor's shape and dtype against the config (and, for quantized layers,
+    weight, scales and biases against each other and the quantization), from the headers
+    alone: a mismatch is refused before any module is built."""
+    q_out, kv_out = a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
+    linears = {"self_attn.q_proj": (q_out, a.hidden_size), "self_attn.k_proj": (kv_out, a.hidden_size),
+               "self_attn.v_proj": (kv_out, a.hidden_size), "self_attn.o_proj": (a.hidden_size, q_out),
+               "mlp.gate_proj": (a.intermediate_size, a.hidden_size),
+               "mlp.up_proj": (a.intermediate_size, a.hidden_size),
+               "mlp.down_proj": (a.hidden_size, a.intermediate_size)}
+    norms = {"input_layernorm": a.hidden_size, "post_attention_layernorm": a.hidden_size,
+             "self_attn.q_norm": a.head_dim, "self_attn.k_norm": a.head_dim}
+    _check_matrix(index, quantization, "model.embed_tokens", (a.vocab_size, a.hidden_size))
+    for i in range(num_layers):
+        for name, shape in linears.items():
+            _check_matrix(index, quantization, f"model.layers.{i}.{name}", shape)
+        for name, n in norms.items():
+            _check_tensor(index, f"model.layers.{i}.{name}.weight", (n,), FLOAT_DTYPES)
+    if final_norm:
+        _check_tensor(index, "model.norm.weight", (a.hidden_size,), FLOAT_DTYPES)
+
+
+def _check_tensor(index: WeightIndex, key: str, shape: tuple[int, ...], dtypes) -> None:
+    f, got, dt = index.entries[key]
+    if got != tuple(shape) or dt not in dtypes:
+        raise WeightsError(f"{f}: {key} is {dt} {list(got)}, but the text encoder config needs "
+                           f"{' or '.join(dtypes)} {list(shape)}; check that config.json belongs to these weights")
+
+
+def _check_matrix(index: WeightIndex, quantization: Optional[dict], prefix: str, shape: tuple[int, int]) -> None:
+    """A dense [out, in] weight, or an MLX affine-quantized one: weight uint32
+    [out, in * bits / 32], scales and biases [out, in / group_size]."""
+    out_dims, in_dims = shape
+    if f"{prefix}.scales" not in index:
+        _check_tensor(index, f"{prefix}.weight", shape, FLOAT_DTYPES)
+        return
+    q = quantization or {}
+    params = q.get(prefix) if isinstance(q.get(prefix), dict) else q
+    bits, group = params.get("bits"), params.get("group_size")
+    f = index.entries[f"{prefix}.scales"][0]
+    if not params or in_dims % group or (in_dims * bits) % 32:
+        raise WeightsError(f"{f}: {prefix} is stored quantized, but the config's quantization "
+                           f"(bits={bits}, group_size={group}) does not fit its {in_dims} input features; "
+                           "check config.json")
+    _check_tensor(index, f"{prefix}.weight", (out_dims, in_dims * bits // 32), ("U32",))
+    _check_tensor(index, f"{prefix}.scales", (out_dims, in_dims // group), FLOAT_DTYPES)
+    if f"{prefix}.biases" in index:
+        _check_tensor(index, f"{prefix}.biases", (out_dims, in_dims // group), FLOAT_DTYPES)
+    elif params.get("mode", "affine") == "affine":
+        raise WeightsError(f"{f}: {prefix} is affine-quantized but has no {prefix}.biases")
+
+
 class Qwen3Layers:
     """The embedding, decoder layers 0..num_layers-1 and (if `final_norm`) the final norm
     of a Qwen3 checkpoint in `directory`, cast to `dtype`.
@@ -87,7 +140,7 @@ class Qwen3Layers:
         if final_norm:
             keys.append("model.norm.weight")
         self.index.require(keys, "keys the encoder needs")
-        self._check_shapes(num_layers, final_norm)
+        check_shapes(self.index, args, quantization, num_layers, final_norm)
         self.quantized = any(k.endswith(".scales") for k in keys)
         if dequantize_matmuls is None:
             dequantize_matmuls = self.quantized and mx.default_device() == mx.cpu
@@ -150,57 +203,6 @@ class Qwen3Layers:
                 n *= d
             total += n * (self.dtype.size if dt in FLOAT_DTYPES else DTYPE_BYTES[dt])
         return total
-
-    # -- checking ----------------------------------------------------------------------
-
-    def _check_shapes(self, num_layers: int, final_norm: bool) -> None:
-        """Every needed tensor's shape and dtype against the config (and, for quantized
-        layers, weight, scales and biases against each other and the quantization), from
-        the headers alone: a mismatch is refused before any module is built."""
-        a = self.args
-        q_out, kv_out = a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
-        linears = {"self_attn.q_proj": (q_out, a.hidden_size), "self_attn.k_proj": (kv_out, a.hidden_size),
-                   "self_attn.v_proj": (kv_out, a.hidden_size), "self_attn.o_proj": (a.hidden_size, q_out),
-                   "mlp.gate_proj": (a.intermediate_size, a.hidden_size),
-                   "mlp.up_proj": (a.intermediate_size, a.hidden_size),
-                   "mlp.down_proj": (a.hidden_size, a.intermediate_size)}
-        norms = {"input_layernorm": a.hidden_size, "post_attention_layernorm": a.hidden_size,
-                 "self_attn.q_norm": a.head_dim, "self_attn.k_norm": a.head_dim}
-        self._check_matrix("model.embed_tokens", (a.vocab_size, a.hidden_size))
-        for i in range(num_layers):
-            for name, shape in linears.items():
-                self._check_matrix(f"model.layers.{i}.{name}", shape)
-            for name, n in norms.items():
-                self._check_tensor(f"model.layers.{i}.{name}.weight", (n,), FLOAT_DTYPES)
-        if final_norm:
-            self._check_tensor("model.norm.weight", (a.hidden_size,), FLOAT_DTYPES)
-
-    def _check_tensor(self, key: str, shape: tuple[int, ...], dtypes) -> None:
-        f, got, dt = self.index.entries[key]
-        if got != tuple(shape) or dt not in dtypes:
-            raise WeightsError(f"{f}: {key} is {dt} {list(got)}, but the text encoder config needs "
-                               f"{' or '.join(dtypes)} {list(shape)}; check that config.json belongs to these weights")
-
-    def _check_matrix(self, prefix: str, shape: tuple[int, int]) -> None:
-        """A dense [out, in] weight, or an MLX affine-quantized one: weight uint32
-        [out, in * bits / 32], scales and biases [out, in / group_size]."""
-        out_dims, in_dims = shape
-        if f"{prefix}.scales" not in self.index:
-            self._check_tensor(f"{prefix}.weight", shape, FLOAT_DTYPES)
-            return
-        q = self.quantization or {}
-        params = q.get(prefix) if isinstance(q.get(prefix), dict) else q
-        bits, group = params.get("bits"), params.get("group_size")
-        f = self.index.entries[f"{prefix}.scales"][0]
-        if not params or in_dims % group or (in_dims * bits) % 32:
-            raise WeightsError(f"{f}: {prefix} is stored quantized, but the config's quantization "
-                               f"(bits={bits}, group_size={group}) does not fit its {in_dims} input features")
-        self._check_tensor(f"{prefix}.weight", (out_dims, in_dims * bits // 32), ("U32",))
-        self._check_tensor(f"{prefix}.scales", (out_dims, in_dims // group), FLOAT_DTYPES)
-        if f"{prefix}.biases" in self.index:
-            self._check_tensor(f"{prefix}.biases", (out_dims, in_dims // group), FLOAT_DTYPES)
-        elif params.get("mode", "affine") == "affine":
-            raise WeightsError(f"{f}: {prefix} is affine-quantized but has no {prefix}.biases")
 
     # -- building --------------------------------------------------------------------
 

@@ -71,9 +71,13 @@ def load_tokenizer(folder: ModelFolder, vocab_rows: int):
                            f"but the text encoder's embedding has {vocab_rows} rows: they do not belong together")
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError(f"the tokenizer in {where} has no chat template; klein wraps prompts in Qwen3's")
+    probe = "a bonsai probe 7f3a"
     try:
-        tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True,
-                                      enable_thinking=False)
+        text = tokenizer.apply_chat_template([{"role": "user", "content": probe}], tokenize=False,
+                                             add_generation_prompt=True, enable_thinking=False)
     except Exception as e:  # jinja2 errors of a broken template
         raise ConfigError(f"the chat template of the tokenizer in {where} does not render: {e}") from None
+    if not isinstance(text, str) or probe not in text:
+        raise ConfigError(f"the chat template of the tokenizer in {where} leaves the prompt out of what it "
+                          "renders; every image would ignore its prompt")
     return tokenizer

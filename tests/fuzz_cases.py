@@ -384,6 +384,31 @@ def mutate_safetensors(rng, data: bytes):
     return _raw(header, body), what
 
 
+# Mutation descriptions by their first word -> the family the outcome table counts.
+FAMILIES = {
+    "reshaped": "tensors changed, header valid", "dropped": "tensors changed, header valid",
+    "added": "tensors changed, header valid", "renamed": "tensors changed, header valid",
+    "duplicated": "header invalid", "retyped": "tensors changed, header valid",
+    "wrote": "tensor data changed", "swapped": "tensor data changed",
+    "dtype": "header invalid", "shape": "header invalid", "data_offsets": "header invalid",
+    "removed": "header invalid", "__metadata__": "header invalid", "header": "header invalid",
+    "flipped": "bytes flipped", "truncated": "truncated or extended", "appended": "truncated or extended",
+    "set": "JSON value changed", "deleted": "JSON key deleted", "nested": "JSON nested deeply",
+    "vocab": "JSON value changed", "weight_map": "index entry changed",
+    "replaced": "file replaced", "template": "file replaced",
+}
+
+
+def family(target, what: str) -> str:
+    if what.startswith("replaced by "):
+        return "not a regular file / link"
+    if what.startswith("added") and target[2] != "safetensors":
+        return "JSON key added"
+    if what.startswith("added token"):
+        return "JSON value changed"
+    return FAMILIES.get(what.split(" ")[0].split("[")[0], what)
+
+
 FILE_KINDS = ["fifo", "folder", "symlink out", "symlink loop", "dangling symlink", "empty"]
 
 
@@ -486,6 +511,7 @@ def run_case(base: Path, work: Path, seed: int, i: int) -> dict:
     except Exception:  # a bug of this harness: reported as a failure, the worker goes on
         import traceback
         return {**out, "outcome": "harness error", "where": traceback.format_exc()[-1200:]}
+    out["family"] = family(target, out["mutation"])
     signal.alarm(CASE_SECONDS)
     try:
         out["outcome"] = load_case(case, target)

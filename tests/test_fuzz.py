@@ -78,9 +78,13 @@ def table(results: list[dict]) -> dict:
     by_target = collections.defaultdict(collections.Counter)
     for r in results:
         by_target[r["target"]][r["outcome"]] += 1
+    by_family = collections.defaultdict(collections.Counter)
+    for r in results:
+        by_family[r.get("family", "?")][r["outcome"]] += 1
     errors = collections.Counter(r["error"] for r in results if r["outcome"] == "refused")
     return {"cases": len(results), "seed": SEED, "outcomes": dict(by_outcome), "errors": dict(errors),
             "by_target": {t: dict(c) for t, c in sorted(by_target.items())},
+            "by_family": {f: dict(c) for f, c in sorted(by_family.items())},
             "failures": [r for r in results if r["outcome"] not in OK]}
 
 

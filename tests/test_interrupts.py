@@ -211,3 +211,31 @@ def test_two_pipelines_in_two_threads_match_sequential_runs(tiny, pipe, referenc
         assert not errors and not any(t.is_alive() for t in threads)
         for s in (1, 2):
             np.testing.assert_array_equal(out[s], reference[s])
+
+
+def test_on_a_gpu_pipelines_in_threads_take_turns(tiny, pipe, reference, monkeypatch):
+    """MLX's GPU back-ends are not thread-safe: there, generations run one at a time."""
+    import bonsai_mlx.pipeline as pl
+    monkeypatch.setattr(pl, "serialized_device", lambda: True)
+    other = ours(tiny)
+    log, lock, out = [], threading.Lock(), {}
+
+    def go(p, seed):
+        def note(event):
+            with lock:
+                log.append((seed, event.step))
+        out[seed] = p.generate(PROMPT, width=W, height=H, seed=seed, callback=note).array
+
+    threads = [threading.Thread(target=go, args=(p, s)) for p, s in ((pipe, 1), (other, 2))]
+    [t.start() for t in threads]
+    [t.join(120) for t in threads]
+    first = log[0][0]
+    assert [s for s, _ in log] == [first] * 4 + [3 - first] * 4  # no interleaving
+    for s in (1, 2):
+        np.testing.assert_array_equal(out[s], reference[s])
+    # One thread holding a generation open cannot start another on the GPU (it would wait on itself).
+    stream = other.stream(PROMPT, width=W, height=H, seed=1)
+    next(stream)
+    with pytest.raises(PipelineBusyError, match="this thread has another generation open"):
+        pipe.generate(PROMPT, width=W, height=H, seed=1)
+    stream.close()

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import struct
 import threading
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 from safetensors.numpy import save_file
 
 from bonsai_mlx.errors import ConfigError, UnsafeFileError, WeightsError
@@ -237,3 +239,21 @@ def test_pickled_weights_are_refused_with_what_to_do(tmp_path):
     (d / "model.pt").write_bytes(b"\x80\x04")
     with pytest.raises(UnsafeFileError, match="model.pt is a pickled checkpoint.*Convert it to safetensors"):
         load_transformer(d / "model.pt")
+
+
+def test_a_vae_in_hugging_face_cache_layout_loads_like_the_plain_folder(tmp_path):
+    """Snapshot files are symlinks into the repo's blobs/, as huggingface_hub stores them."""
+    from bonsai_mlx import load_vae
+    from fixtures import make_vae
+
+    plain = make_vae.make_vae(tmp_path / "plain", "small3")
+    repo = tmp_path / "hub" / "models--org--vae"
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / "0123" / "vae"
+    snap.mkdir(parents=True)
+    for i, f in enumerate(sorted(plain.iterdir())):
+        shutil.copy(f, repo / "blobs" / f"sha{i}")
+        (snap / f.name).symlink_to(f"../../../blobs/sha{i}")
+    a, b = load_vae(plain, dtype=mx.float32), load_vae(snap, dtype=mx.float32)
+    for (ka, va), (kb, vb) in zip(sorted(tree_flatten(a.parameters())), sorted(tree_flatten(b.parameters()))):
+        assert ka == kb and mx.array_equal(va, vb)

@@ -171,3 +171,10 @@ def test_long_prompts_warn_how_many_tokens_are_dropped(tiny):
 def test_pipeline_models_must_fit_each_other(tiny):
     with pytest.raises(ConfigError, match="the text encoder gives 128 features per token .* reads 192"):
         BonsaiPipeline.from_pretrained(tiny, dtype=mx.float32, text_layers=(1, 2))
+
+
+def test_a_chat_template_that_drops_the_prompt_is_refused(tiny, tmp_path):
+    shutil.copytree(tiny, tmp_path / "p")
+    (tmp_path / "p" / "tokenizer" / "chat_template.jinja").write_text("<|im_start|>user\nhello<|im_end|>\n")
+    with pytest.raises(ConfigError, match="chat template .* leaves the prompt out"):
+        load_text_encoder(tmp_path / "p", layers=mp.TEXT_LAYERS, resident=False)
