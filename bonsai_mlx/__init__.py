@@ -1,10 +1,11 @@
 """bonsai-mlx: FLUX.2 [klein] with binary and ternary weights, in MLX."""
 
 from .config import KLEIN_4B, KLEIN_9B, TransformerConfig
-from .errors import BonsaiError, ConfigError, WeightsError
+from .convert import convert_pipeline
+from .errors import (BonsaiError, ConfigError, NonFiniteError, PipelineBusyError, UnsafeFileError,
+                     WeightsError)
 from .loading import load_transformer
 from .memory import MemoryMonitor, MemoryPlan
-from .convert import convert_pipeline
 from .packed_checkpoint import save_packed
 from .pipeline import BonsaiPipeline, Cancelled, GenerationResult, StepEvent
 from .text_encoder import load_text_encoder

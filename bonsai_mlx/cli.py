@@ -322,13 +322,19 @@ def _fail(message: str, code: int = 2):
     sys.exit(code)
 
 
+_warned: set[str] = set()
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None):
-    print(f"warning: {_one_line(message)}", file=sys.stderr)
+    text = _one_line(message)
+    if text not in _warned:  # a warning raised once per layer is shown once
+        _warned.add(text)
+        print(f"warning: {text}", file=sys.stderr)
 
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    warnings.showwarning = _show_warning  # one line each, like the errors
+    shown, warnings.showwarning = warnings.showwarning, _show_warning  # one line each, like the errors
     try:
         args.func(args)
     except BonsaiError as e:
@@ -340,3 +346,5 @@ def main(argv=None) -> None:
     except KeyboardInterrupt:
         print("cancelled", file=sys.stderr)
         sys.exit(130)
+    finally:
+        warnings.showwarning = shown

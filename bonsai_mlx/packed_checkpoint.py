@@ -26,7 +26,7 @@ from .errors import ConfigError, WeightsError
 from .safe_files import ModelFolder, read_json
 from .validate import brief, is_int
 from .packed_linear import BACKENDS, PackedLinear
-from .packing import FORMATS, GROUP_SIZE, PackedWeight, data_shape, dequantize, from_mlx_affine, quantize
+from .packing import FORMATS, GROUP_SIZE, PackedWeight, data_shape, from_mlx_affine, quantize
 from .weight_names import block_linear_names
 
 QUANT_CONFIG = "quantization_config.json"

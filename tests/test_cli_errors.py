@@ -1,7 +1,6 @@
 """Every user error of the command line is one line on stderr and exit code 2, checked
 before anything loads where it can be; nothing is written under a final name."""
 
-import json
 import shutil
 
 import numpy as np
@@ -99,3 +98,15 @@ def test_nan_weights_stop_the_generation_and_nothing_is_written(capsys, tiny, tm
     assert code == 2, err
     assert len(err) == 1 and err[0].startswith("error: denoising step 1 of 4 produced NaN or Inf in bfloat16"), err
     assert not [p for p in tmp_path.iterdir() if p.suffix == ".png" or p.name.endswith(".partial")]
+
+
+def test_ternary2_on_a_gpu_warns_once_in_one_line(capsys, tiny, tmp_path, monkeypatch):
+    """What a GPU machine prints, with MLX's availability answer faked on this one."""
+    import mlx.core as mx
+    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+    code, err, out = run(capsys, "generate", "x", "-o", tmp_path / "o.png", "--model", tiny, "--width", 64,
+                         "--height", 64, "--seed", 1, "--steps", 1, "--quantize", "ternary2", "--dtype", "float32")
+    assert code == 0, err
+    assert [e for e in err if not e.startswith("image 1/1 [")] == ["warning: ternary2 weights have no metal kernels: they run on the reference matmul (slower). "
+                   "Pack as binary or ternary to use the kernels."]
+    assert (tmp_path / "o.png").exists()

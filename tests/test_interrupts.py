@@ -1,8 +1,6 @@
 """Generations that go wrong or are stopped: NaN/Inf named by stage and step, interrupted
 generate and convert leaving nothing half-written, and pipelines used from threads."""
 
-import os
-import shutil
 import threading
 
 import mlx.core as mx
