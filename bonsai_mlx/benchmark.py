@@ -12,6 +12,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import TransformerConfig
+from .errors import BonsaiError, NonFiniteError
 from .transformer import Flux2Transformer
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -51,9 +52,21 @@ def klein_inputs(cfg: TransformerConfig, width: int, height: int, txt_len: int, 
     return x, txt, mx.full((batch,), 0.75), img_ids, txt_ids
 
 
+def dtype_named(name: str):
+    try:
+        return DTYPES[name]
+    except (KeyError, TypeError):
+        raise BonsaiError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}") from None
+
+
 def bench_forward(cfg: TransformerConfig, width=512, height=512, txt_len=512, dtype="float16",
                   runs: int = 1, warmup: int = 0, log=print, seed: int = 0) -> dict:
-    dt = DTYPES[dtype]
+    dt = dtype_named(dtype)
+    if not all(isinstance(v, int) and v > 0 for v in (width, height, txt_len)) or width % 16 or height % 16:
+        raise BonsaiError(f"width and height must be positive multiples of 16 and text tokens positive, "
+                          f"got {width}x{height}, {txt_len}")
+    if not (isinstance(runs, int) and runs >= 1 and isinstance(warmup, int) and warmup >= 0):
+        raise BonsaiError(f"runs must be at least 1 and warmup at least 0, got {runs}, {warmup}")
     mx.reset_peak_memory()
     t0 = time.perf_counter()
     model = random_transformer(cfg, dt, seed=seed)
@@ -72,7 +85,9 @@ def bench_forward(cfg: TransformerConfig, width=512, height=512, txt_len=512, dt
         mx.synchronize()
         times.append(time.perf_counter() - t)
         log(f"forward {i + 1}/{runs}: {times[-1]:.2f} s")
-    assert bool(mx.all(mx.isfinite(out))), "forward produced non-finite values"
+    if not bool(mx.all(mx.isfinite(out))):
+        raise NonFiniteError(f"the {dtype} forward on random weights produced NaN or Inf; try float32 or bfloat16",
+                             "forward")
     return dict(
         model_params=sum(v.size for _, v in tree_flatten(model.parameters())),
         weight_bytes=weight_bytes, width=width, height=height, image_tokens=(width // 16) * (height // 16),
@@ -137,7 +152,7 @@ def bench_generate(root, fmts=("binary", "ternary"), sizes=(512, 1024), steps=4,
                 mx.clear_cache()
                 mx.reset_peak_memory()
                 t_cold = time.perf_counter()
-                pipe = BonsaiPipeline.from_pretrained(pack, dtype=DTYPES[dtype], text_layers=text_layers,
+                pipe = BonsaiPipeline.from_pretrained(pack, dtype=dtype_named(dtype), text_layers=text_layers,
                                                       memory_budget=budget)
                 run = {"format": fmt, "size": size, "budget": label,
                        "budget_gb": budget / GB if isinstance(budget, int) else budget,
@@ -182,7 +197,7 @@ def bench_text_streaming(pack, dtype, prompt, text_layers=(9, 18, 27)) -> dict:
     from .memory import GB
     from .text_encoder import load_text_encoder
 
-    te = load_text_encoder(pack, dtype=DTYPES[dtype], layers=text_layers, resident=False)
+    te = load_text_encoder(pack, dtype=dtype_named(dtype), layers=text_layers, resident=False)
     res = {}
     for mode in ("streamed", "resident"):
         mx.clear_cache()

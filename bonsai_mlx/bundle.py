@@ -11,21 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import stat
-import struct
 from pathlib import Path, PurePosixPath
 
 from .errors import BonsaiError
+from .safe_files import read_json, read_safetensors_header
 
 FORMAT = "bonsai-bundle"
 VERSION = 1
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 64 << 20
-MAX_HEADER_BYTES = 100 << 20
-DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "F32": 4,
-               "U64": 8, "I64": 8, "F64": 8}
 
 
 class BundleError(BonsaiError):
@@ -41,44 +37,14 @@ def _sha256(path: Path) -> str:
 
 
 def safetensors_header(path: Path) -> dict[str, dict]:
-    """name -> {"dtype", "shape"} of a safetensors file, checked: the header fits the file, is
-    a JSON object of known dtypes and non-negative shapes, and the tensors' byte ranges are
-    exactly their shapes' sizes, contiguous from the header's end to the file's end."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise BundleError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > min(MAX_HEADER_BYTES, size - 8):
-            raise BundleError(f"{path}: header length {n} exceeds the file ({size} bytes)")
-        try:
-            header = json.loads(f.read(n))
-        except (ValueError, RecursionError) as e:
-            raise BundleError(f"{path}: the safetensors header is not JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise BundleError(f"{path}: the safetensors header is not a JSON object")
-    header.pop("__metadata__", None)
-    tensors, spans = {}, []
-    for name, t in header.items():
-        ok = (isinstance(t, dict) and t.get("dtype") in DTYPE_BYTES and isinstance(t.get("shape"), list)
-              and all(isinstance(d, int) and d >= 0 for d in t["shape"]) and isinstance(t.get("data_offsets"), list)
-              and len(t["data_offsets"]) == 2 and all(isinstance(o, int) for o in t["data_offsets"]))
-        if not ok:
-            raise BundleError(f"{path}: tensor {name!r} has a malformed header entry")
-        a, b = t["data_offsets"]
-        if b - a != math.prod(t["shape"]) * DTYPE_BYTES[t["dtype"]]:
-            raise BundleError(f"{path}: tensor {name!r}: {b - a} bytes for shape {t['shape']} {t['dtype']}")
-        spans.append((a, b, name))
-        tensors[name] = {"dtype": t["dtype"], "shape": t["shape"]}
-    end = 0
-    for a, b, name in sorted(spans):
-        if a != end:
-            raise BundleError(f"{path}: tensor {name!r} starts at byte {a}, expected {end} (overlap or gap)")
-        end = b
-    if 8 + n + end != size:
-        raise BundleError(f"{path}: the tensors end at byte {8 + n + end}, the file has {size} (truncated or padded)")
-    return tensors
+    """name -> {"dtype", "shape"} of a safetensors file whose header `safe_files` has checked
+    (it fits the file, known dtypes, byte ranges exactly their shapes' sizes, tiling the data
+    with no gap, overlap or trailing byte)."""
+    try:
+        header = read_safetensors_header(path)
+    except BonsaiError as e:
+        raise BundleError(str(e)) from None
+    return {name: {"dtype": t.dtype, "shape": list(t.shape)} for name, t in header.items()}
 
 
 def _component(rel: str) -> str:
@@ -119,14 +85,9 @@ def read_manifest(directory) -> dict:
     directory = Path(directory)
     if not directory.is_dir():
         raise BundleError(f"{directory} is not a bundle directory")
-    st = _regular_file(directory / MANIFEST, "manifest")
-    if st.st_size > MAX_MANIFEST_BYTES:
-        raise BundleError(f"{directory / MANIFEST} is {st.st_size} bytes, over the {MAX_MANIFEST_BYTES} limit")
-    try:
-        m = json.loads((directory / MANIFEST).read_text())
-    except (ValueError, RecursionError) as e:
-        raise BundleError(f"{directory / MANIFEST} is not valid JSON ({e})") from None
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
+    _regular_file(directory / MANIFEST, "manifest")
+    m = read_json(directory / MANIFEST, "bundle manifest", cap=MAX_MANIFEST_BYTES, error=BundleError)
+    if m.get("format") != FORMAT:
         raise BundleError(f"{directory / MANIFEST} is not a {FORMAT} manifest")
     if m.get("format_version") != VERSION:
         raise BundleError(f"{directory / MANIFEST}: format_version {m.get('format_version')!r}; "

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from .config import PRESETS, preset
 from .errors import BonsaiError
+from .validate import MAX_SEED, MAX_STEPS
+
+MAX_COUNT = 10_000  # images per generate command
 
 
 def _cmd_forward(args) -> None:
@@ -51,15 +57,36 @@ class ProgressBar:
         self.stream.flush()
 
 
-def _output_paths(output: str, count: int) -> list[Path]:
-    out = Path(output)
+def _output_paths(output: str, count: int, seed: int | None) -> list[Path]:
+    out = Path(output).expanduser()
+    if out.is_dir():
+        raise BonsaiError(f"{output} is a folder; -o names the PNG file to write, such as {out / 'bonsai.png'}")
     if out.suffix.lower() != ".png":
         raise BonsaiError(f"output {output!r} must end in .png (images are written as PNG with their settings)")
-    if not out.parent.exists():
+    if not out.parent.is_dir():
         raise BonsaiError(f"the folder {out.parent} does not exist; create it first")
-    if count == 1:
-        return [out]
-    return [out.with_name(f"{out.stem}-{i + 1}{out.suffix}") for i in range(count)]
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise BonsaiError(f"the folder {out.parent} is not writable")
+    if seed is not None and seed + count - 1 > MAX_SEED:
+        raise BonsaiError(f"--seed {seed} with --count {count} runs past the largest seed {MAX_SEED}")
+    paths = [out] if count == 1 else [out.with_name(f"{out.stem}-{i + 1}{out.suffix}") for i in range(count)]
+    for p in paths:
+        if p.is_dir():
+            raise BonsaiError(f"{p} is a folder; -o names the PNG file to write")
+    return paths
+
+
+def _preview_dir(name: str | None) -> Path | None:
+    if not name:
+        return None
+    d = Path(name).expanduser()
+    if os.path.lexists(d) and not d.is_dir():
+        raise BonsaiError(f"--preview-dir {name} exists and is not a folder")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BonsaiError(f"cannot create the preview folder {name}: {e.strerror}") from None
+    return d
 
 
 def lora_arg(value: str) -> tuple[str, float]:
@@ -142,7 +169,7 @@ def _jobs(args) -> list[dict]:
             raise BonsaiError(f"{where}{e}") from None
         name = entry.get("output") or (str(out) if len(entries) == 1 else
                                        str(out.with_name(f"{out.stem}-{i + 1:03d}{out.suffix}")))
-        paths = _output_paths(name, args.count)
+        paths = _output_paths(name, args.count, job["seed"])
         for k, path in enumerate(paths):
             jobs.append(({**job, "seed": None if job["seed"] is None else job["seed"] + k}, path))
     return jobs
@@ -152,12 +179,13 @@ def _cmd_generate(args) -> None:
     import mlx.core as mx
 
     from .benchmark import DTYPES
-    from .memory import describe
+    from .memory import describe, parse_budget
     from .pipeline import BonsaiPipeline, GenerationResult
+    from .results import write_png
 
+    parse_budget(args.memory_budget)
     jobs = _jobs(args)  # every prompt, size and image checked before loading anything
-    if args.preview_dir:
-        Path(args.preview_dir).mkdir(parents=True, exist_ok=True)
+    previews = _preview_dir(args.preview_dir)
     t = time.perf_counter()
     pipe = BonsaiPipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype], vae=args.vae,
                                           quantize=args.quantize, backend=args.backend,
@@ -167,7 +195,7 @@ def _cmd_generate(args) -> None:
     for n, (job, path) in enumerate(jobs):
         settings = {k: job[k] for k in ("width", "height", "steps", "seed", "guidance", "negative_prompt")}
         edit = {k: job[k] for k in ("image", "init_image", "mask", "strength")}
-        stream = pipe.stream(job["prompt"], **settings, preview=bool(args.preview_dir), **edit)
+        stream = pipe.stream(job["prompt"], **settings, preview=previews is not None, **edit)
         bar = None
         for event in stream:
             if isinstance(event, GenerationResult):
@@ -179,7 +207,7 @@ def _cmd_generate(args) -> None:
             bar = bar or ProgressBar(event.steps, f"image {n + 1}/{len(jobs)}")
             bar.update(event.step, f"sigma {event.sigma_next:.3f} {event.elapsed:.1f}s")
             if event.preview is not None:
-                event.preview.save(Path(args.preview_dir) / f"{path.stem}-step{event.step:03d}.png")
+                write_png(event.preview, previews / f"{path.stem}-step{event.step:03d}.png")
 
 
 def _report(result, describe) -> None:
@@ -211,7 +239,7 @@ def _cmd_bench_generate(args) -> None:
 
 def _cmd_convert(args) -> None:
     from .benchmark import DTYPES
-    from .packed_checkpoint import convert_pipeline
+    from .convert import convert_pipeline
 
     out = convert_pipeline(args.source, args.output, args.format, overwrite=args.overwrite, dtype=DTYPES[args.dtype])
     print(f"wrote {out}")
@@ -235,24 +263,71 @@ def _cmd_verify(args) -> None:
 
 
 def _size(value: str) -> int:
-    v = int(value)
-    if v <= 0 or v % 16:
+    v = _int_in(value, 1, 1 << 20, "a size")
+    if v % 16:
         raise argparse.ArgumentTypeError(f"{v} is not a positive multiple of 16")
     return v
 
 
+def _int_in(value: str, lo: int, hi: int, what: str) -> int:
+    try:
+        v = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if not lo <= v <= hi:
+        raise argparse.ArgumentTypeError(f"{what} must be in {lo}..{hi}, got {v}")
+    return v
+
+
+def _count(value: str) -> int:
+    return _int_in(value, 1, MAX_COUNT, "--count")
+
+
+def _seed(value: str) -> int:
+    return _int_in(value, 0, MAX_SEED, "--seed")
+
+
+def _steps(value: str) -> int:
+    return _int_in(value, 1, MAX_STEPS, "--steps")
+
+
+def _positive(value: str) -> int:
+    return _int_in(value, 1, 1 << 20, "the value")
+
+
+def _non_negative(value: str) -> int:
+    return _int_in(value, 0, 1 << 20, "the value")
+
+
+def _guidance(value: str) -> float:
+    try:
+        v = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"guidance must be a finite number >= 0, got {value}")
+    return v
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line and exit code 2, like every other user error."""
+
+    def error(self, message: str):
+        _fail(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m bonsai_mlx",
         description="Bonsai Image 4B (FLUX.2 klein with binary/ternary weights) on MLX.",
     )
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     def model_args(sp, default="klein-4b"):
         sp.add_argument("--model", default=default, choices=sorted(PRESETS), help="architecture preset")
         sp.add_argument("--width", type=_size, default=512, help="image width in pixels (multiple of 16)")
         sp.add_argument("--height", type=_size, default=512, help="image height in pixels (multiple of 16)")
-        sp.add_argument("--text-tokens", type=int, default=512, help="text sequence length")
+        sp.add_argument("--text-tokens", type=_positive, default=512, help="text sequence length")
         sp.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
 
     g = sub.add_parser(
@@ -290,12 +365,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora", action="append", default=None, type=lora_arg, metavar="PATH[:SCALE]",
                    help="LoRA file (diffusers, PEFT, BFL/ai-toolkit or kohya keys) and its scale (default 1); "
                         "repeatable, the LoRAs add up")
-    g.add_argument("--steps", type=int, default=None, help="denoising steps (default: 4 distilled, 50 base)")
-    g.add_argument("--seed", type=int, default=None, help="random seed (default: random; printed)")
-    g.add_argument("--guidance", type=float, default=None,
+    g.add_argument("--steps", type=_steps, default=None,
+                   help=f"denoising steps, 1..{MAX_STEPS} (default: 4 distilled, 50 base)")
+    g.add_argument("--seed", type=_seed, default=None, help="random seed, 0..2**64-1 (default: random; printed)")
+    g.add_argument("--guidance", type=_guidance, default=None,
                    help="classifier-free guidance for base models (default 4.0); distilled models ignore it")
     g.add_argument("--negative-prompt", default=None, help="what to steer away from (base models with guidance)")
-    g.add_argument("--count", type=int, default=1, help="number of images, seeds counting up from --seed")
+    g.add_argument("--count", type=_count, default=1,
+                   help=f"number of images, 1..{MAX_COUNT}, seeds counting up from --seed")
     g.add_argument("--preview-dir", default=None, help="save a small preview after every step into this folder")
     g.add_argument("--vae", default=None, help="VAE directory, for packs that ship none")
     g.add_argument("--quantize", choices=["binary", "ternary", "ternary2"], default=None,
@@ -352,15 +429,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("forward", help="one transformer forward on random weights (smoke test, no download)")
     model_args(f)
-    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--seed", type=_seed, default=0)
     f.set_defaults(func=_cmd_forward)
 
     b = sub.add_parser("benchmark", help="measure speed and memory on random weights at the real shapes")
     bsub = b.add_subparsers(dest="what", required=True, metavar="WHAT")
     bf = bsub.add_parser("forward", help="time full-size transformer forwards")
     model_args(bf)
-    bf.add_argument("--runs", type=int, default=1)
-    bf.add_argument("--warmup", type=int, default=0)
+    bf.add_argument("--runs", type=_positive, default=1)
+    bf.add_argument("--warmup", type=_non_negative, default=0)
     bf.add_argument("--json", help="also write the result to this file")
     bf.set_defaults(func=_cmd_bench_forward)
     bg = bsub.add_parser("generate", help="full generations on random weights at the real shapes (no download)",
@@ -369,13 +446,13 @@ def build_parser() -> argparse.ArgumentParser:
                                      "per-stage time, peak and mean-active memory.")
     bg.add_argument("--formats", nargs="+", default=["binary", "ternary"], choices=["binary", "ternary"])
     bg.add_argument("--sizes", nargs="+", type=_size, default=[512, 1024])
-    bg.add_argument("--steps", type=int, default=4)
+    bg.add_argument("--steps", type=_steps, default=4)
     bg.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"])
     bg.add_argument("--budgets", nargs="+", default=["auto", "target", "none"],
                     help="memory budgets to run, each with a fresh pipeline: 'auto' (the default plan), 'target' "
                          "(the peak target per format and size: binary 1.5 / 1.9 GB, ternary 1.8 / 2.2 GB at "
                          "512 / 1024), 'none', or sizes like 1.5GB")
-    bg.add_argument("--generations", type=int, default=2,
+    bg.add_argument("--generations", type=_positive, default=2,
                     help="generations per budget (new prompt each); the first includes the cold start")
     bg.add_argument("--dir", help="where to write the random packs (reused if present; default: a temp dir)")
     bg.add_argument("--json", help="also write the result to this file")
@@ -383,15 +460,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line(message: str) -> str:
+    text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+    encoding = getattr(sys.stderr, "encoding", None) or "utf-8"
+    return text.encode(encoding, "backslashreplace").decode(encoding, "replace")
+
+
+def _fail(message: str, code: int = 2):
+    print(f"error: {_one_line(message)}", file=sys.stderr)
+    sys.exit(code)
+
+
+_warned: set[str] = set()
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    text = _one_line(message)
+    if text not in _warned:  # a warning raised once per layer is shown once
+        _warned.add(text)
+        print(f"warning: {text}", file=sys.stderr)
+
+
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    if getattr(args, "count", 1) < 1:
-        build_parser().error("--count must be at least 1")
+    shown, warnings.showwarning = warnings.showwarning, _show_warning  # one line each, like the errors
     try:
         args.func(args)
     except BonsaiError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(e))
+    except OSError as e:  # the disk: a full or read-only folder, a vanished file
+        _fail(f"{e.strerror or e}: {e.filename}" if e.filename else str(e))
+    except MemoryError:
+        _fail("out of memory; try a smaller image or a --memory-budget")
     except KeyboardInterrupt:
         print("cancelled", file=sys.stderr)
         sys.exit(130)
+    finally:
+        warnings.showwarning = shown

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field, fields
+import os
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from .errors import ConfigError
+from .safe_files import read_json
+from .validate import brief, is_int, is_real
+
+# Bounds no FLUX.2 transformer comes near (klein 9B: 4096 wide, 8 + 24 blocks); a config
+# beyond them is refused before any layer is built.
+MAX_WIDTH = 1 << 16
+MAX_BLOCKS = 1024
+MAX_MLP_RATIO = 64
 
 
 @dataclass(frozen=True)
@@ -29,7 +37,11 @@ class TransformerConfig:
     guidance_embeds: bool = False
 
     def __post_init__(self):
-        object.__setattr__(self, "axes_dims_rope", tuple(int(a) for a in self.axes_dims_rope))
+        axes = self.axes_dims_rope
+        if not isinstance(axes, (list, tuple)) or not 1 <= len(axes) <= 8 or not all(is_int(a) for a in axes):
+            raise ConfigError(f"Unsupported transformer config: axes_dims_rope must be a list of 1 to 8 integers, "
+                              f"got {brief(axes)}")
+        object.__setattr__(self, "axes_dims_rope", tuple(int(a) for a in axes))
         self.validate()
 
     @property
@@ -50,17 +62,32 @@ class TransformerConfig:
         for name in ("in_channels", "num_attention_heads", "attention_head_dim",
                      "joint_attention_dim", "timestep_guidance_channels", "patch_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                problems.append(f"{name} must be a positive integer, got {value!r}")
+            if not is_int(value) or not 0 < value <= MAX_WIDTH:
+                problems.append(f"{name} must be a positive integer up to {MAX_WIDTH}, got {brief(value)}")
         for name in ("num_layers", "num_single_layers"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                problems.append(f"{name} must be a non-negative integer, got {value!r}")
-        if self.out_channels is not None and (not isinstance(self.out_channels, int) or self.out_channels <= 0):
-            problems.append(f"out_channels must be a positive integer or null, got {self.out_channels!r}")
-        if not self.mlp_ratio > 0:
-            problems.append(f"mlp_ratio must be positive, got {self.mlp_ratio!r}")
-        if isinstance(self.attention_head_dim, int) and self.attention_head_dim % 2:
+            if not is_int(value) or not 0 <= value <= MAX_BLOCKS:
+                problems.append(f"{name} must be an integer in 0..{MAX_BLOCKS}, got {brief(value)}")
+        if self.out_channels is not None and (not is_int(self.out_channels)
+                                              or not 0 < self.out_channels <= MAX_WIDTH):
+            problems.append(f"out_channels must be a positive integer up to {MAX_WIDTH} or null, "
+                            f"got {brief(self.out_channels)}")
+        if not is_real(self.mlp_ratio) or not 0 < self.mlp_ratio <= MAX_MLP_RATIO:
+            problems.append(f"mlp_ratio must be a number in (0, {MAX_MLP_RATIO}], got {brief(self.mlp_ratio)}")
+        if not is_real(self.rope_theta) or not self.rope_theta > 0:
+            problems.append(f"rope_theta must be a positive number, got {brief(self.rope_theta)}")
+        if not is_real(self.eps) or not 0 < self.eps < 1:
+            problems.append(f"eps must be a number in (0, 1), got {brief(self.eps)}")
+        if not isinstance(self.guidance_embeds, bool):
+            problems.append(f"guidance_embeds must be true or false, got {brief(self.guidance_embeds)}")
+        if problems:  # the checks below need the numbers above to be numbers
+            raise ConfigError("Unsupported transformer config:\n  - " + "\n  - ".join(problems))
+        if self.inner_dim > MAX_WIDTH or self.mlp_hidden_dim > 4 * MAX_WIDTH:
+            problems.append(f"num_attention_heads x attention_head_dim = {self.inner_dim} (MLP {self.mlp_hidden_dim}) "
+                            f"is wider than any FLUX.2 model (at most {MAX_WIDTH})")
+        if self.mlp_hidden_dim < 1:
+            problems.append(f"mlp_ratio {self.mlp_ratio} leaves an MLP of {self.mlp_hidden_dim} features")
+        if self.attention_head_dim % 2:
             problems.append(f"attention_head_dim must be even for RoPE, got {self.attention_head_dim}")
         if sum(self.axes_dims_rope) != self.attention_head_dim:
             problems.append(
@@ -96,20 +123,20 @@ class TransformerConfig:
         try:
             return cls(**kwargs)
         except TypeError as e:  # e.g. a list where a number belongs
-            raise ConfigError(f"config values have the wrong types: {e}") from e
+            raise ConfigError(f"config values have the wrong types: {e}") from None
 
     @classmethod
     def from_json(cls, path: str | Path) -> "TransformerConfig":
+        """The config in `path`, read through safe_files (bounded, a JSON object); errors
+        name the file."""
         path = Path(path)
+        if not os.path.lexists(path):
+            raise ConfigError(f"{path} does not exist: a diffusers transformer directory needs a config.json")
+        d = read_json(path, "transformer config")
         try:
-            d = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path} does not exist: a diffusers transformer directory needs a config.json") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON ({e}); re-download or fix the file") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"{path} must hold a JSON object")
-        return cls.from_dict(d)
+            return cls.from_dict(d)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -13,7 +13,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .errors import BonsaiError
+from .errors import BonsaiError, NonFiniteError
 from .lora import LoraSet
 from .memory import (Footprint, MemoryMonitor, MemoryPlan, cache_limit, calibrate_vae, calibrate_vae_encoder,
                      conservative_vae_scratch)
@@ -51,6 +51,14 @@ def reference_ids(grids: list[tuple[int, int]]) -> mx.array:
 def text_ids(length: int) -> mx.array:
     z = np.zeros(length, np.int32)
     return mx.array(np.stack([z, z, z, np.arange(length, dtype=np.int32)], axis=-1))
+
+
+def dtype_name(dtype) -> str:
+    return str(dtype).rpartition(".")[2]  # "bfloat16", not "mlx.core.bfloat16"
+
+
+def all_finite(x: mx.array) -> bool:
+    return bool(mx.all(mx.isfinite(x)))
 
 
 def nbytes(module) -> int:
@@ -124,11 +132,12 @@ class Models:
         emb = te.encode([prompt], max_length=self.max_sequence_length, stream=plan.stream_text_encoder,
                         sync=plan.sync)
         mx.eval(emb)
-        if not bool(mx.all(mx.isfinite(emb))):
-            raise BonsaiError(
-                f"the text encoder overflowed in {emb.dtype} (Qwen3's activations exceed float16's range); "
-                "use dtype bfloat16 (the default) or float32"
-            )
+        if not all_finite(emb):
+            raise NonFiniteError(
+                f"text encoding produced NaN or Inf in {dtype_name(emb.dtype)}: "
+                + ("Qwen3's activations exceed float16's range; use dtype bfloat16 (the default) or float32"
+                   if emb.dtype == mx.float16 else "the text encoder's weights may hold NaN or Inf"),
+                "text encoding")
         self._prompts[key] = emb
         while len(self._prompts) > PROMPT_CACHE:
             self._prompts.popitem(last=False)
@@ -269,16 +278,17 @@ def run(models: Models, req: Request, plan: MemoryPlan,
             n = len(sigmas) - 1
             for step in denoise(velocity, x, sigmas, keep):
                 x = step.x
+                if not all_finite(x):  # [1, L, C]: a cheap reduction next to a transformer forward
+                    raise NonFiniteError(
+                        f"denoising step {step.index + 1} of {n} produced NaN or Inf in {dtype_name(dtype)}: "
+                        + ("the activations overflowed; run with dtype bfloat16 or float32 (--dtype)"
+                           if dtype == mx.float16 else "the transformer's weights may hold NaN or Inf"),
+                        "denoising", step.index + 1)
                 event = StepEvent(step.index + 1, n, step.sigma, step.sigma_next, time.perf_counter() - t_start)
                 if req.preview and ((step.index + 1) % max(1, req.preview_every) == 0 or step.index + 1 == n):
                     event.preview = req.preview(step.x0)
                 yield event
             del model, ctx, neg_ctx, step, encoded
-            if not bool(mx.all(mx.isfinite(x))):
-                raise BonsaiError(
-                    f"denoising produced non-finite values in {dtype}: the activations overflowed. "
-                    "Run with dtype bfloat16 or float32 (--dtype)."
-                )
         timings["denoising_s"] = time.perf_counter() - t_denoise
 
         t_decode = time.perf_counter()
@@ -289,6 +299,9 @@ def run(models: Models, req: Request, plan: MemoryPlan,
             images = vae.decode_tokens(x.astype(vae.dtype), req.height, req.width, tile_size=plan.vae_tile,
                                        overlap=VAE_TILE_OVERLAP, execution=ex)
             mx.eval(images)
+            if not all_finite(images):
+                raise NonFiniteError(f"decoding produced NaN or Inf in {dtype_name(vae.dtype)}: the VAE's activations "
+                                     "overflowed or its weights hold NaN or Inf; try vae_dtype float32", "decoding")
         timings["decoding_s"] = time.perf_counter() - t_decode
         timings["total_s"] = time.perf_counter() - t_start
     yield GenerationResult(

@@ -32,7 +32,8 @@ from mlx.utils import tree_flatten
 
 from . import bundle, kernel_spec
 from .errors import BonsaiError
-from .packed_checkpoint import save_packed, transformer_in_format
+from .convert import transformer_in_format
+from .packed_checkpoint import save_packed
 from .packed_linear import PackedLinear
 from .scheduler import compute_empirical_mu
 

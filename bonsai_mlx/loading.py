@@ -6,7 +6,6 @@ into the model's parameters, so a checkpoint is never held twice.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -15,9 +14,10 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import TransformerConfig, preset
-from .errors import BonsaiError, ConfigError, WeightsError
+from .errors import BonsaiError, ConfigError, UnsafeFileError, WeightsError
 from .packed_checkpoint import (QUANT_CONFIG, check_backend, pack_model_from_checkpoint, packed_params,
                                 quantize_model, read_quant_config)
+from .safe_files import PICKLE_SUFFIXES, ModelFolder, files_named, in_file, load_shards, shard_files
 from .text_encoder import ENCODER_SUBDIRS
 from .transformer import Flux2Transformer
 from .weight_names import bfl_to_diffusers, is_bfl_checkpoint
@@ -31,49 +31,6 @@ def _listing(names) -> str:
     names = sorted(names)
     shown = ", ".join(names[:_MAX_LISTED])
     return shown + (f", ... ({len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else "")
-
-
-def read_safetensors(path: Path) -> dict[str, mx.array]:
-    try:
-        return mx.load(str(path), format="safetensors")
-    except Exception as e:  # mlx raises RuntimeError/ValueError with terse texts
-        raise WeightsError(
-            f"could not read {path} as safetensors ({e}). The file is corrupt or incomplete: "
-            "delete it and download it again."
-        ) from None
-
-
-def safetensors_files(directory: Path) -> list[Path]:
-    """The shard files of a diffusers model directory, via its index when it has one."""
-    indexes = sorted(directory.glob("*.safetensors.index.json"))
-    if indexes:
-        try:
-            weight_map = json.loads(indexes[0].read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise WeightsError(f"{indexes[0]} is not a valid safetensors index ({e}); download it again") from None
-        files = [directory / f for f in sorted(set(weight_map.values()))]
-        missing = [f.name for f in files if not f.exists()]
-        if missing:
-            raise WeightsError(
-                f"{directory} is incomplete: its index names shard files that are not there: {_listing(missing)}. "
-                "Download the missing shards."
-            )
-        return files
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise WeightsError(f"{directory} holds no *.safetensors file: download the transformer weights into it")
-    return files
-
-
-def read_checkpoint(files: list[Path]) -> dict[str, mx.array]:
-    weights: dict[str, mx.array] = {}
-    for f in files:
-        shard = read_safetensors(f)
-        clash = weights.keys() & shard.keys()
-        if clash:
-            raise WeightsError(f"{f.name} repeats weights already read from another shard: {_listing(clash)}")
-        weights.update(shard)
-    return weights
 
 
 def infer_bfl_config(weights: dict[str, mx.array]) -> TransformerConfig:
@@ -97,11 +54,16 @@ def infer_bfl_config(weights: dict[str, mx.array]) -> TransformerConfig:
         joint = weights["txt_in.weight"].shape[1]
     except KeyError as e:
         raise WeightsError(f"this does not look like a FLUX.2 checkpoint: weight {e} is missing") from None
+    except (ValueError, IndexError):  # a tensor of the wrong rank
+        raise WeightsError("this does not look like a FLUX.2 checkpoint: its embedding and block weights do not "
+                           "have the ranks of FLUX.2's") from None
     if head_dim != 128:
         raise ConfigError(
             f"this BFL checkpoint has {head_dim}-dim heads; its RoPE axes cannot be inferred. "
             "Pass config=TransformerConfig(...) (or a preset name) to load_transformer."
         )
+    if D < head_dim or hidden < 1:
+        raise WeightsError(f"this does not look like a FLUX.2 checkpoint: width {D}, MLP width {hidden}")
     ratio = hidden / D
     if int(D * ratio) != hidden:  # keep diffusers' int(D * ratio) landing on `hidden`
         ratio = (hidden + 0.5) / D
@@ -113,7 +75,32 @@ def infer_bfl_config(weights: dict[str, mx.array]) -> TransformerConfig:
     )
 
 
-def check_weights(model: nn.Module, weights: dict[str, mx.array], packed: set[str] = frozenset()) -> None:
+def check_blocks(cfg: TransformerConfig, weights: dict[str, mx.array], source) -> None:
+    """The config's block counts against the blocks the checkpoint holds, before a model is
+    built: a config asking for more (or fewer) blocks than the files have is refused here."""
+    for prefix, field in (("transformer_blocks.", "num_layers"), ("single_transformer_blocks.", "num_single_layers")):
+        found = {k[len(prefix):].split(".", 1)[0] for k in weights if k.startswith(prefix)}
+        want = getattr(cfg, field)
+        if found != {str(i) for i in range(want)}:
+            shown = sorted(found, key=lambda i: (len(i), i))
+            raise ConfigError(
+                f"{source}: the config says {field}={want}, but the checkpoint holds {prefix}* blocks "
+                f"{_listing(shown) if shown else '(none)'}; check that config.json belongs to these weights")
+
+
+def check_size(model: nn.Module, weights: dict[str, mx.array], source) -> None:
+    """Refuse a config whose model has more parameters than the files could encode at one
+    bit each (binary packs are the smallest: 1.125 bits), before anything is evaluated."""
+    params = sum(p.size for _, p in tree_flatten(model.parameters()))
+    stored = sum(w.nbytes for w in weights.values())
+    if params > 8 * stored:
+        raise ConfigError(
+            f"{source}: the config describes a model of {params:,} parameters, but the files hold only "
+            f"{stored:,} bytes of tensors; check that config.json belongs to these weights")
+
+
+def check_weights(model: nn.Module, weights: dict[str, mx.array], packed: set[str] = frozenset(),
+                  source="the checkpoint") -> None:
     """Raise one error listing every missing, unexpected and mis-shaped weight."""
     expected = dict(tree_flatten(model.parameters()))
     missing = expected.keys() - weights.keys()
@@ -133,14 +120,14 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array], packed: set[st
         problems.append("shape mismatches:\n    " + "\n    ".join(shown))
     if problems:
         raise WeightsError(
-            "the checkpoint does not fit the model config:\n  - " + "\n  - ".join(problems)
+            f"{source} does not fit the model config:\n  - " + "\n  - ".join(problems)
             + "\nCheck that config.json belongs to these weights (or pass the right config)."
         )
     not_float = sorted(k for k, w in weights.items()
                        if not mx.issubdtype(w.dtype, mx.floating) and k.rpartition(".")[0] not in packed)
     if not_float:
         raise WeightsError(
-            f"weights that are not floating point in a dense checkpoint: {_listing(not_float)}. "
+            f"{source}: weights that are not floating point in a dense checkpoint: {_listing(not_float)}. "
             "If this is a packed (binary/ternary) checkpoint, load its directory with its quantization_config.json."
         )
 
@@ -169,14 +156,45 @@ def _resolve_config(config) -> TransformerConfig | None:
     raise ConfigError(f"config must be a TransformerConfig, a preset name or a dict, got {type(config).__name__}")
 
 
-def _transformer_dir(path: Path) -> Path:
-    """Accept a pack or pipeline root as well as the transformer directory itself."""
-    if (path / "config.json").exists():
-        return path
+def transformer_folder(root: ModelFolder) -> ModelFolder:
+    """The transformer folder of a pack or pipeline root (or the root itself, when it is one)."""
+    if root.exists("config.json"):
+        return root
     for sub in TRANSFORMER_SUBDIRS:
-        if (path / sub / "config.json").exists():
-            return path / sub
-    return path
+        if os.path.lexists(root.path / sub / "config.json"):
+            return root.subfolder(sub)
+    return root
+
+
+def _read_folder(folder: ModelFolder, cfg):
+    qc = read_quant_config(folder)
+    if cfg is None:
+        if not folder.exists("config.json"):
+            raise WeightsError(f"{folder.path} has no config.json: a diffusers transformer directory needs one")
+        cfg = TransformerConfig.from_json(folder.file("config.json", "transformer config"))
+    files = shard_files(folder, what="transformer weights")
+    return cfg, qc, load_shards(files), files_named(files)
+
+
+def _read_file(path: Path, cfg):
+    """A single-file checkpoint: BFL names (config inferred) or diffusers names (config.json
+    beside it); the folder holding it is the model directory."""
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise UnsafeFileError(f"{path} is a pickled checkpoint; bonsai_mlx never unpickles weights (loading a "
+                              "pickle can run code). Convert it to safetensors first.")
+    if path.suffix.lower() != ".safetensors":
+        raise WeightsError(f"{path} is not a .safetensors file; pass a .safetensors checkpoint or a directory")
+    folder = ModelFolder(path.parent)
+    weights = load_shards([folder.file(path.name, "safetensors checkpoint")])
+    if is_bfl_checkpoint(weights):
+        with in_file(path):
+            cfg = cfg or infer_bfl_config(weights)
+            weights = bfl_to_diffusers(weights)
+    elif cfg is None:
+        if not folder.exists("config.json"):
+            raise ConfigError(f"{path} has diffusers weight names but no config.json beside it; pass config=")
+        cfg = TransformerConfig.from_json(folder.file("config.json", "transformer config"))
+    return cfg, weights
 
 
 def load_transformer(path, dtype=mx.float16, config=None, quantize: str | None = None,
@@ -192,46 +210,38 @@ def load_transformer(path, dtype=mx.float16, config=None, quantize: str | None =
     checkpoint on load (post-training quantization, rules in docs/formats.md).
     backend: packed matmul backend ("auto", "reference", "metal", "cuda").
     dtype: of activations and 16-bit weights; packed scales stay fp16.
+    Every file is read through safe_files; the config is checked against the tensors'
+    shapes before a layer is built.
     """
     path = Path(path).expanduser()
     cfg = _resolve_config(config)
     check_backend(backend)
-    if not path.exists():
+    if dtype not in (mx.float16, mx.bfloat16, mx.float32):
+        raise BonsaiError(f"dtype must be mx.float16, mx.bfloat16 or mx.float32, got {dtype}")
+    if not os.path.lexists(path):
         raise WeightsError(
             f"{path} does not exist. Pass a diffusers transformer directory (config.json + *.safetensors) "
             "or a FLUX.2 .safetensors checkpoint."
         )
     qc = None
     if path.is_dir():
-        path = _transformer_dir(path)
-        qc = read_quant_config(path)
-        if cfg is None:
-            if not (path / "config.json").exists():
-                raise WeightsError(f"{path} has no config.json: a diffusers transformer directory needs one")
-            cfg = TransformerConfig.from_json(path / "config.json")
-        weights = read_checkpoint(safetensors_files(path))
+        cfg, qc, weights, source = _read_folder(transformer_folder(ModelFolder(path)), cfg)
     else:
-        weights = read_safetensors(path)
-        if is_bfl_checkpoint(weights):
-            cfg = cfg or infer_bfl_config(weights)
-            weights = bfl_to_diffusers(weights)
-        elif cfg is None:
-            sibling = path.parent / "config.json"
-            if not sibling.exists():
-                raise ConfigError(f"{path} has diffusers weight names but no config.json beside it; pass config=")
-            cfg = TransformerConfig.from_json(sibling)
-    if dtype not in (mx.float16, mx.bfloat16, mx.float32):
-        raise ValueError(f"dtype must be mx.float16, mx.bfloat16 or mx.float32, got {dtype}")
+        source = path
+        cfg, weights = _read_file(path, cfg)
+    check_blocks(cfg, weights, source)
     model = Flux2Transformer(cfg)  # parameters are lazy and never evaluated before replacement
+    check_size(model, weights, source)
     packed: set[str] = set()
-    if qc is not None:
-        if quantize:
-            raise ConfigError(f"{path} is already packed ({QUANT_CONFIG}); drop quantize={quantize!r}")
-        packed = pack_model_from_checkpoint(model, weights, qc, backend)
-    elif quantize:
-        packed = quantize_model(model, weights, quantize, backend)
+    with in_file(source):
+        if qc is not None:
+            if quantize:
+                raise ConfigError(f"{source} is already packed ({QUANT_CONFIG}); drop quantize={quantize!r}")
+            packed = pack_model_from_checkpoint(model, weights, qc, backend)
+        elif quantize:
+            packed = quantize_model(model, weights, quantize, backend)
     weights.update(packed_params(model, packed))
-    check_weights(model, weights, packed)
+    check_weights(model, weights, packed, source)
     materialize(model, weights, dtype, packed)
     model.eval()
     return model
@@ -282,7 +292,8 @@ def resolve_model(name: str | os.PathLike, *, revision=None, cache_dir=None, fil
     from huggingface_hub.utils import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        local = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=list(files))
+        local = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=list(files),
+                                  ignore_patterns=[f"*{s}" for s in PICKLE_SUFFIXES])  # never read: not fetched
     except LocalEntryNotFoundError:
         raise WeightsError(
             f"{what} ({repo_id}) is not in the Hugging Face cache and downloads are off (HF_HUB_OFFLINE) or the "

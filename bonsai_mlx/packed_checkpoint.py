@@ -15,6 +15,7 @@ A dense checkpoint can also be quantized on load (post-training, packing.quantiz
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import mlx.core as mx
@@ -22,41 +23,51 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .errors import ConfigError, WeightsError
+from .safe_files import ModelFolder, read_json
+from .validate import brief, is_int
 from .packed_linear import BACKENDS, PackedLinear
-from .packing import FORMATS, GROUP_SIZE, PackedWeight, data_shape, dequantize, from_mlx_affine, quantize
+from .packing import FORMATS, GROUP_SIZE, PackedWeight, data_shape, from_mlx_affine, quantize
 from .weight_names import block_linear_names
 
 QUANT_CONFIG = "quantization_config.json"
 
 
-def read_quant_config(directory: Path) -> dict | None:
-    path = directory / QUANT_CONFIG
-    if not path.exists():
+def read_quant_config(folder: ModelFolder) -> dict | None:
+    """The folder's quantization_config.json (bounded, validated), or None without one."""
+    if not folder.exists(QUANT_CONFIG):
         return None
-    try:
-        qc = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON ({e}); download it again") from None
-    if not isinstance(qc, dict):
-        raise ConfigError(f"{path} must hold a JSON object")
+    path = folder.file(QUANT_CONFIG, "quantization config")
+    qc = read_json(path, "quantization config")
     if qc.get("format") == "bonsai":
         if qc.get("weight_format") not in FORMATS:
-            raise ConfigError(f"{path}: weight_format must be one of {FORMATS}, got {qc.get('weight_format')!r}")
-    elif qc.get("bits") not in (1, 2):
+            raise ConfigError(f"{path}: weight_format must be one of {FORMATS}, got {brief(qc.get('weight_format'))}")
+    elif qc.get("bits") not in (1, 2) or not is_int(qc.get("bits")):
         raise ConfigError(
-            f"{path}: bits={qc.get('bits')!r}; Bonsai packs are bits=1 (binary) or bits=2 (ternary). "
+            f"{path}: bits={brief(qc.get('bits'))}; Bonsai packs are bits=1 (binary) or bits=2 (ternary). "
             "Other MLX quantizations are not binary/ternary and are not supported."
         )
-    if qc.get("group_size", GROUP_SIZE) != GROUP_SIZE:
-        raise ConfigError(f"{path}: group_size={qc.get('group_size')}; Bonsai packs use {GROUP_SIZE}")
+    group = qc.get("group_size", GROUP_SIZE)
+    if group != GROUP_SIZE or not is_int(group):
+        raise ConfigError(f"{path}: group_size={brief(group)}; Bonsai packs use {GROUP_SIZE}")
+    skip = qc.get("skip_patterns", [])
+    if not isinstance(skip, list) or not all(isinstance(p, str) for p in skip):
+        raise ConfigError(f"{path}: skip_patterns must be a list of strings, got {brief(skip)}")
     return qc
 
 
 def _module(model: nn.Module, path: str):
+    """(parent, last name, module) at the dotted `path`; KeyError/IndexError when it names
+    no submodule. Only children are followed (modules are dicts of them): a name read
+    from a file never reaches other attributes."""
     parent, obj = None, model
     for part in path.split("."):
         parent = obj
-        obj = obj[int(part)] if isinstance(obj, list) else obj[part] if isinstance(obj, dict) else getattr(obj, part)
+        if isinstance(obj, list) and part.isascii() and part.isdigit():
+            obj = obj[int(part)]
+        elif isinstance(obj, dict):
+            obj = obj[part]
+        else:
+            raise KeyError(path)
     return parent, part, obj
 
 
@@ -149,63 +160,17 @@ def save_packed(model: nn.Module, directory: str | Path) -> Path:
     (directory / QUANT_CONFIG).write_text(
         json.dumps({"format": "bonsai", "weight_format": fmts.pop(), "group_size": GROUP_SIZE}, indent=2))
     weights = dict(tree_flatten(model.parameters()))
-    tmp = directory / "model.partial.safetensors"  # renamed when complete: no half-written pack
-    mx.save_safetensors(str(tmp), weights, metadata={"format": "mlx"})
-    tmp.replace(directory / "model.safetensors")
+    # Written under a name no loader reads, renamed when complete: no half-written pack.
+    tmp = directory / f".model.safetensors.{os.getpid()}.partial"
+    try:
+        with open(tmp, "wb") as fh:  # a file object: MLX appends .safetensors to names
+            mx.save_safetensors(fh, weights, metadata={"format": "mlx"})
+        os.replace(tmp, directory / "model.safetensors")
+    finally:
+        tmp.unlink(missing_ok=True)
     return directory
 
 
 def check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
-
-
-def transformer_in_format(source: Path, fmt: str, dtype=mx.bfloat16) -> nn.Module:
-    """The transformer of a pipeline or pack directory with its block linears in our format
-    `fmt`: a dense checkpoint is quantized (post-training), an official pack converts
-    losslessly (refused when its bits cannot hold `fmt`), ternary <-> ternary2 re-encodes
-    exactly; the weights that stay unpacked are in `dtype`."""
-    from .loading import _transformer_dir, load_transformer
-
-    tdir = _transformer_dir(source)
-    already = read_quant_config(tdir)
-    if already is not None and already.get("format") != "bonsai":
-        want_bits = 1 if fmt == "binary" else 2
-        if already["bits"] != want_bits:
-            raise ConfigError(f"{tdir} is a bits={already['bits']} pack; it converts losslessly only to "
-                              f"{'binary' if already['bits'] == 1 else 'ternary/ternary2'}, not {fmt}")
-    model = load_transformer(source, dtype=dtype, quantize=None if already else fmt, backend="reference")
-    for name, m in list(model.named_modules()):
-        if isinstance(m, PackedLinear) and m.fmt != fmt:
-            if {m.fmt, fmt} != {"ternary", "ternary2"}:
-                raise ConfigError(f"{tdir} holds {m.fmt} weights, which do not convert exactly to {fmt}")
-            _replace(model, name, PackedLinear.from_packed(quantize(dequantize(m.packed, mx.float32), fmt)))
-    return model
-
-
-def convert_pipeline(source: str | Path, output: str | Path, fmt: str, overwrite: bool = False,
-                     dtype=mx.bfloat16) -> Path:
-    """Write `source` (diffusers klein pipeline or PrismML pack) as a pack whose transformer
-    is in our format `fmt`, its unpacked weights stored in `dtype`; text encoder,
-    tokenizer, VAE and model_index are copied."""
-    import shutil
-
-    source, output = Path(source), Path(output)
-    if not source.is_dir():
-        raise ConfigError(f"{source} is not a directory: pass a diffusers pipeline or a pack directory")
-    if output.exists() and not overwrite:
-        raise ConfigError(f"{output} exists; choose a new directory or pass --overwrite")
-    model = transformer_in_format(source, fmt, dtype)
-    tmp = output.with_name(output.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_packed(model, tmp / "transformer-packed-mflux")
-    for part in ("text_encoder-mlx-4bit", "text_encoder", "tokenizer", "vae", "model_index.json"):
-        src = source / part
-        if src.is_dir():
-            shutil.copytree(src, tmp / part)
-        elif src.is_file():
-            shutil.copy2(src, tmp / part)
-    if output.exists():
-        shutil.rmtree(output)
-    tmp.rename(output)
-    return output

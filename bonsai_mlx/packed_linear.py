@@ -9,12 +9,13 @@ needs the kernel sources, and kernels never imports it.
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from .errors import BonsaiError
+from .errors import BackendFallbackWarning, BonsaiError
 from .packing import GROUP_SIZE, PackedWeight, dequantize_columns, quantize
 
 # A launcher computes y = x @ W.T for x [..., K] and returns y [..., N] in x.dtype.
@@ -68,6 +69,31 @@ def auto_backend() -> str:
     return "reference"
 
 
+def resolve_backend(backend: str, fmt: str) -> str:
+    """The backend a layer of packed format `fmt` runs on when asked for `backend`.
+
+    The GPU kernels cover binary and ternary only. "auto" on a GPU falls back to the
+    reference matmul for other formats (ternary2), with a BackendFallbackWarning; asking
+    for "metal" or "cuda" by name for them is refused: a run that picked a kernel
+    backend explicitly would otherwise get the slow path silently."""
+    if backend not in BACKENDS:
+        raise BonsaiError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    name = auto_backend() if backend == "auto" else backend
+    if name in ("metal", "cuda"):
+        from .kernels import FORMATS as KERNEL_FORMATS  # GPU only: reference-only callers never load it
+
+        if fmt not in KERNEL_FORMATS:
+            if backend == "auto":
+                warnings.warn(BackendFallbackWarning(
+                    f"{fmt} weights have no {name} kernels: they run on the reference matmul (slower). "
+                    f"Pack as {' or '.join(KERNEL_FORMATS)} to use the kernels."), stacklevel=3)
+                return "reference"
+            raise BonsaiError(f"the {name} backend has no kernels for {fmt} weights; use backend 'auto' (it runs "
+                              f"{fmt} on the reference matmul) or 'reference', or pack as "
+                              f"{' or '.join(KERNEL_FORMATS)}")
+    return backend
+
+
 def get_backend(name: str) -> Launcher:
     """The launcher that `PackedLinear(backend=name)` would call; BonsaiError for an unknown
     name or a GPU backend that this MLX lacks."""
@@ -105,6 +131,7 @@ class PackedLinear(nn.Module):
             if bias.shape != (self.out_features,):
                 raise BonsaiError(f"bias must have shape [{self.out_features}], got {list(bias.shape)}")
             self.bias = bias
+        backend = resolve_backend(backend, fmt)
         get_backend(backend)  # fail at construction on an unknown or unavailable backend
         self.backend = backend
         self.freeze()  # packed codes are not trainable

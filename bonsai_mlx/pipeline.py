@@ -8,8 +8,8 @@ steps, so a caller can show progress and previews, and cancel.
 
 from __future__ import annotations
 
-import json
 import os
+import threading
 from typing import Iterator
 
 import mlx.core as mx
@@ -17,23 +17,82 @@ import numpy as np
 from PIL import Image
 
 from . import executor
-from .errors import BonsaiError, WeightsError
+from .errors import BonsaiError, ConfigError, PipelineBusyError, WeightsError
 from .images import prepare_edit
 from .executor import Models, Request, image_ids, text_ids  # noqa: F401  (part of the API)
 from .loading import DEFAULT_VAE_REPO, MODELS, VAE_FILES, has_part, load_transformer, resolve_model  # noqa: F401
 from .memory import (AUTO, UNCONSTRAINED, MemoryPlan, candidate_plans, parse_budget, plan_cost, plan_memory,
                      smallest_plan)
 from .results import GenerationResult, StepEvent, to_pil  # noqa: F401  (part of the API)
+from .safe_files import ModelFolder, read_json
 from .scheduler import first_step
 from .text_encoder import load_text_encoder
+from .validate import MAX_SEED, MAX_STEPS, brief, is_int
 from .vae import load_vae, unpack, unpatchify
 
 MIN_SIZE, MAX_SIZE = 64, 2048  # pixels per side; the multiple-of-16 rule is the VAE's x the 2x2 patch
-MAX_STEPS = 1000
+MAX_PROMPT_CHARS = 100_000  # far past the 512 tokens the encoder reads; bounds the tokenizer's work
 
 
 class Cancelled(BonsaiError):
     """Raised by `generate` when its `cancel` callback asked to stop."""
+
+
+# MLX's Metal and CUDA back-ends are not thread-safe (evaluation encodes into the stream's
+# shared command buffer on the calling thread), so on a GPU one generation at a time runs
+# in the process, whatever the pipeline; the others wait their turn. MLX's CPU back-end runs
+# each stream's work on its own scheduler thread: generations of different pipelines run
+# concurrently there and give the images sequential runs give (docs/robustness.md).
+_DEVICE_TURN = threading.Lock()
+_device_holder: int | None = None  # the thread whose generation holds the turn
+
+
+def serialized_device() -> bool:
+    """Whether generations must take turns on the default device (a GPU)."""
+    return mx.default_device() != mx.cpu
+
+
+def _take_device() -> bool:
+    global _device_holder
+    if not serialized_device():
+        return False
+    if _device_holder == threading.get_ident():
+        raise PipelineBusyError("this thread has another generation open on the GPU; finish or close it first "
+                                "(MLX's GPU back-ends run one generation at a time)")
+    _DEVICE_TURN.acquire()
+    _device_holder = threading.get_ident()
+    return True
+
+
+def _give_device() -> None:
+    global _device_holder
+    _device_holder = None
+    _DEVICE_TURN.release()
+
+
+def check_seed(seed) -> None:
+    if seed is not None and (not is_int(seed) and not isinstance(seed, np.integer) or not 0 <= seed <= MAX_SEED):
+        raise BonsaiError(f"seed must be an integer in 0..{MAX_SEED} (2**64 - 1), got {brief(seed)}")
+
+
+def check_models(transformer, text_encoder, vae) -> None:
+    """The three models must fit each other: the text features the transformer reads, the
+    latent channels it denoises and the VAE decodes, and the VAE's 8x upsampling (with
+    the 2x2 patches, one token per 16x16 pixels). Otherwise images would be wrong."""
+    cfg = transformer.config
+    problems = []
+    if text_encoder.config.output_dim != cfg.joint_attention_dim:
+        problems.append(f"the text encoder gives {text_encoder.config.output_dim} features per token (layers "
+                        f"{list(text_encoder.config.layers)}), the transformer reads {cfg.joint_attention_dim}")
+    latent = vae.config.patched_channels
+    if cfg.in_channels != latent or cfg.out_dim != latent:
+        problems.append(f"the transformer denoises {cfg.in_channels} -> {cfg.out_dim} channels, the VAE decodes "
+                        f"{latent} (4 x latent_channels)")
+    if vae.decoder_factor != 8:
+        problems.append(f"the VAE upsamples {vae.decoder_factor}x; FLUX.2's upsamples 8x")
+    if problems:
+        raise ConfigError("the models do not fit together: " + "; ".join(problems)
+                          + ". Check that they come from the same FLUX.2 klein pipeline.")
 
 
 def check_size(width: int, height: int) -> None:
@@ -100,7 +159,10 @@ class BonsaiPipeline:
 
     def __init__(self, transformer, text_encoder, vae, *, is_distilled: bool = True, model: str = "local",
                  max_sequence_length: int = 512, memory_budget=AUTO, transformer_loader=None):
+        check_models(transformer, text_encoder, vae)
         self.models = Models(transformer, text_encoder, vae, transformer_loader, max_sequence_length)
+        # One generation at a time: the stages share the models and what is resident.
+        self._busy = threading.Lock()
         self.is_distilled = is_distilled
         self.model = model
         self.memory_budget = parse_budget(memory_budget)
@@ -187,12 +249,12 @@ class BonsaiPipeline:
         loras = lora_specs(lora)
         root = resolve_model(path_or_repo_id, revision=revision, cache_dir=cache_dir)
         is_distilled = True
-        index = root / "model_index.json"
-        if index.exists():
-            try:
-                is_distilled = bool(json.loads(index.read_text()).get("is_distilled", False))
-            except json.JSONDecodeError as e:
-                raise WeightsError(f"{index} is not valid JSON ({e})") from None
+        folder = ModelFolder(root)
+        if folder.exists("model_index.json"):
+            index = folder.file("model_index.json", "pipeline index")
+            is_distilled = read_json(index, "pipeline index").get("is_distilled", False)
+            if not isinstance(is_distilled, bool):
+                raise ConfigError(f"{index}: is_distilled must be true or false, got {brief(is_distilled)}")
         missing = [s for s in ("transformer", "text encoder", "tokenizer") if not has_part(root, s)]
         if missing:
             raise WeightsError(
@@ -262,12 +324,21 @@ class BonsaiPipeline:
         repaints, black keeps; without it the whole image is repainted (image to image).
         `latents` (or the seed) is the noise in every case. The size defaults to the init
         image's, else the first reference's, else 512x512."""
-        if not isinstance(prompt, str):
-            raise BonsaiError(f"prompt must be a string, got {type(prompt).__name__}")
+        for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+            if text is not None and not isinstance(text, str) or name == "prompt" and text is None:
+                raise BonsaiError(f"{name} must be a string, got {type(text).__name__}")
+            if text is not None and len(text) > MAX_PROMPT_CHARS:
+                raise BonsaiError(f"{name} is {len(text):,} characters; at most {MAX_PROMPT_CHARS:,} are accepted "
+                                  "(the text encoder reads 512 tokens)")
+            try:
+                (text or "").encode("utf-8")
+            except UnicodeEncodeError as e:  # lone surrogates, e.g. from command-line bytes that are not UTF-8
+                raise BonsaiError(f"{name} is not valid text: {e.reason} at character {e.start}; pass UTF-8") from None
         edit = prepare_edit(image, init_image, mask, strength, width, height, has_encoder=self.vae.has_encoder,
                             multiple=2 * self.vae.encoder_factor if self.vae.has_encoder else 16)
         width, height = edit.width or 512, edit.height or 512
         check_size(width, height)
+        check_seed(seed)
         steps, guidance = self.defaults(steps, guidance)
         if edit.init_image is not None and steps - first_step(steps, edit.strength) < 1:
             raise BonsaiError(f"strength {edit.strength} leaves no step of {steps} to run; raise strength or steps")
@@ -283,7 +354,26 @@ class BonsaiPipeline:
                       (lambda x0: self.preview(x0, width, height)) if preview else None, preview_every,
                       edit.references, edit.init_image, edit.mask, edit.strength)
         # Everything above runs now, so bad arguments fail at the call, not at the first next().
-        return executor.run(self.models, req, plan, cache)
+        return self._one_at_a_time(executor.run(self.models, req, plan, cache))
+
+    def _one_at_a_time(self, run: Iterator) -> Iterator:
+        """`run`, holding this pipeline from its first step until it ends or is closed; a
+        generation asked for meanwhile (from any thread) is refused, not queued. On a GPU,
+        generations of all pipelines also take turns (see `serialized_device`)."""
+        if not self._busy.acquire(blocking=False):
+            run.close()
+            raise PipelineBusyError(
+                "this pipeline is already running a generation; wait for it to finish (or close its stream), "
+                "or use one pipeline per thread")
+        shared = False
+        try:
+            shared = _take_device()
+            yield from run
+        finally:
+            run.close()
+            if shared:
+                _give_device()
+            self._busy.release()
 
     def generate(self, prompt: str, width: int | None = None, height: int | None = None, steps: int | None = None,
                  seed: int | None = None, guidance: float | None = None, negative_prompt: str | None = None,

@@ -10,8 +10,6 @@ the memory-mapped files.
 
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -21,33 +19,19 @@ from mlx.utils import tree_unflatten
 from mlx_lm.models import qwen3
 
 from .errors import WeightsError
-
-_INT_BYTES = {"U8": 1, "I8": 1, "U16": 2, "I16": 2, "U32": 4, "I32": 4, "U64": 8, "I64": 8, "BOOL": 1}
-_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+from .safe_files import DTYPE_BYTES, FLOAT_DTYPES, ModelFolder, load_safetensors, read_headers, shard_files
 
 
 class WeightIndex:
-    """Which safetensors file holds each key, read from the file headers only."""
+    """Which safetensors file holds each key, read from the validated file headers only."""
 
-    def __init__(self, directory: Path):
-        files = sorted(directory.glob("*.safetensors"))
-        if not files:
-            raise WeightsError(f"no .safetensors files in {directory}")
-        index = directory / "model.safetensors.index.json"
-        if index.exists():
-            try:
-                wanted = set(json.loads(index.read_text())["weight_map"].values())
-            except (json.JSONDecodeError, KeyError, AttributeError) as e:
-                raise WeightsError(f"{index} is not a safetensors index ({e})") from None
-            missing = sorted(f for f in wanted if not (directory / f).exists())
-            if missing:
-                raise WeightsError(f"{index} names files that are missing: {missing}")
-            files = [directory / f for f in sorted(wanted)]
-        self.files = files
-        self.entries: dict[str, tuple[Path, tuple[int, ...], str]] = {}
-        for f in files:
-            for key, (shape, dtype) in _read_header(f).items():
-                self.entries[key] = (f, shape, dtype)
+    def __init__(self, folder: ModelFolder):
+        self.folder = folder
+        self.files = shard_files(folder, what="text encoder weights")
+        headers = read_headers(self.files)
+        self.entries: dict[str, tuple[Path, tuple[int, ...], str]] = {
+            k: (f, t.shape, t.dtype) for k, (f, t) in headers.items()}
+        self._headers = {f: {k: t for k, (g, t) in headers.items() if g == f} for f in self.files}
 
     def __contains__(self, key: str) -> bool:
         return key in self.entries
@@ -60,7 +44,7 @@ class WeightIndex:
         if missing:
             more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
             raise WeightsError(
-                f"text encoder weights lack {what}: {missing[:5]}{more}; "
+                f"text encoder weights in {self.folder.path} lack {what}: {missing[:5]}{more}; "
                 f"files: {[f.name for f in self.files]}"
             )
 
@@ -72,22 +56,62 @@ class WeightIndex:
             by_file.setdefault(self.entries[k][0], []).append(k)
         out = {}
         for f, ks in by_file.items():
-            try:
-                arrays = mx.load(str(f))
-            except Exception as e:  # mlx raises RuntimeError/ValueError on corrupt files
-                raise WeightsError(f"could not read {f}: {e}") from None
+            arrays = load_safetensors(f, self._headers[f])
             out.update((k, arrays[k]) for k in ks)
         return out
 
 
-def _read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
-    try:
-        with open(path, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-        return {k: (tuple(v["shape"]), v["dtype"]) for k, v in header.items() if k != "__metadata__"}
-    except (OSError, struct.error, json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise WeightsError(f"{path} is not a readable safetensors file ({e})") from None
+def check_shapes(index: WeightIndex, a: qwen3.ModelArgs, quantization: Optional[dict], num_layers: int,
+                 final_norm: bool) -> None:
+    """Every needed tensor's shape and dtype against the config (and, for quantized layers,
+    weight, scales and biases against each other and the quantization), from the headers
+    alone: a mismatch is refused before any module is built."""
+    q_out, kv_out = a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
+    linears = {"self_attn.q_proj": (q_out, a.hidden_size), "self_attn.k_proj": (kv_out, a.hidden_size),
+               "self_attn.v_proj": (kv_out, a.hidden_size), "self_attn.o_proj": (a.hidden_size, q_out),
+               "mlp.gate_proj": (a.intermediate_size, a.hidden_size),
+               "mlp.up_proj": (a.intermediate_size, a.hidden_size),
+               "mlp.down_proj": (a.hidden_size, a.intermediate_size)}
+    norms = {"input_layernorm": a.hidden_size, "post_attention_layernorm": a.hidden_size,
+             "self_attn.q_norm": a.head_dim, "self_attn.k_norm": a.head_dim}
+    _check_matrix(index, quantization, "model.embed_tokens", (a.vocab_size, a.hidden_size))
+    for i in range(num_layers):
+        for name, shape in linears.items():
+            _check_matrix(index, quantization, f"model.layers.{i}.{name}", shape)
+        for name, n in norms.items():
+            _check_tensor(index, f"model.layers.{i}.{name}.weight", (n,), FLOAT_DTYPES)
+    if final_norm:
+        _check_tensor(index, "model.norm.weight", (a.hidden_size,), FLOAT_DTYPES)
+
+
+def _check_tensor(index: WeightIndex, key: str, shape: tuple[int, ...], dtypes) -> None:
+    f, got, dt = index.entries[key]
+    if got != tuple(shape) or dt not in dtypes:
+        raise WeightsError(f"{f}: {key} is {dt} {list(got)}, but the text encoder config needs "
+                           f"{' or '.join(dtypes)} {list(shape)}; check that config.json belongs to these weights")
+
+
+def _check_matrix(index: WeightIndex, quantization: Optional[dict], prefix: str, shape: tuple[int, int]) -> None:
+    """A dense [out, in] weight, or an MLX affine-quantized one: weight uint32
+    [out, in * bits / 32], scales and biases [out, in / group_size]."""
+    out_dims, in_dims = shape
+    if f"{prefix}.scales" not in index:
+        _check_tensor(index, f"{prefix}.weight", shape, FLOAT_DTYPES)
+        return
+    q = quantization or {}
+    params = q.get(prefix) if isinstance(q.get(prefix), dict) else q
+    bits, group = params.get("bits"), params.get("group_size")
+    f = index.entries[f"{prefix}.scales"][0]
+    if not params or in_dims % group or (in_dims * bits) % 32:
+        raise WeightsError(f"{f}: {prefix} is stored quantized, but the config's quantization "
+                           f"(bits={bits}, group_size={group}) does not fit its {in_dims} input features; "
+                           "check config.json")
+    _check_tensor(index, f"{prefix}.weight", (out_dims, in_dims * bits // 32), ("U32",))
+    _check_tensor(index, f"{prefix}.scales", (out_dims, in_dims // group), FLOAT_DTYPES)
+    if f"{prefix}.biases" in index:
+        _check_tensor(index, f"{prefix}.biases", (out_dims, in_dims // group), FLOAT_DTYPES)
+    elif params.get("mode", "affine") == "affine":
+        raise WeightsError(f"{f}: {prefix} is affine-quantized but has no {prefix}.biases")
 
 
 class Qwen3Layers:
@@ -102,19 +126,21 @@ class Qwen3Layers:
     device: on exactly when MLX's default device is the CPU and the checkpoint is quantized.
     """
 
-    def __init__(self, directory: Path, args: qwen3.ModelArgs, num_layers: int, final_norm: bool,
+    def __init__(self, directory: Path | ModelFolder, args: qwen3.ModelArgs, num_layers: int, final_norm: bool,
                  quantization: Optional[dict], dtype: mx.Dtype, dequantize_matmuls: Optional[bool] = None):
-        self.directory = Path(directory)
+        folder = directory if isinstance(directory, ModelFolder) else ModelFolder(directory)
+        self.directory = folder.path
         self.args = args
         self.num_layers = num_layers
         self.has_final_norm = final_norm
         self.quantization = quantization
         self.dtype = dtype
-        self.index = WeightIndex(self.directory)
+        self.index = WeightIndex(folder)
         keys = self._keys_for(None) + [k for i in range(num_layers) for k in self._keys_for(i)]
         if final_norm:
             keys.append("model.norm.weight")
         self.index.require(keys, "keys the encoder needs")
+        check_shapes(self.index, args, quantization, num_layers, final_norm)
         self.quantized = any(k.endswith(".scales") for k in keys)
         if dequantize_matmuls is None:
             dequantize_matmuls = self.quantized and mx.default_device() == mx.cpu
@@ -175,7 +201,7 @@ class Qwen3Layers:
             n = 1
             for d in shape:
                 n *= d
-            total += n * (self.dtype.size if dt in _FLOAT_DTYPES else _INT_BYTES.get(dt, 4))
+            total += n * (self.dtype.size if dt in FLOAT_DTYPES else DTYPE_BYTES[dt])
         return total
 
     # -- building --------------------------------------------------------------------
@@ -229,7 +255,7 @@ class Qwen3Layers:
         try:
             module.load_weights(cast, strict=True)
         except ValueError as e:  # wrong shapes, or a quantized/dense mismatch
-            raise WeightsError(f"text encoder weights do not fit this Qwen3 config: {e}") from None
+            raise WeightsError(f"text encoder weights in {self.directory} do not fit this Qwen3 config: {e}") from None
         return module.eval()
 
     def _build_embedding(self) -> nn.Module:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,13 +61,19 @@ class GenerationResult:
         for k, v in self.metadata().items():
             info.add_text(k, v if isinstance(v, str) else json.dumps(v))
         info.add_text("parameters", json.dumps(self.metadata()))
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        try:
-            self.image.save(tmp, format="PNG", pnginfo=info)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
+        return write_png(self.image, path, info)
+
+
+def write_png(image: Image.Image, path: str | Path, info: PngImagePlugin.PngInfo | None = None) -> Path:
+    """Write `image` as a PNG atomically: it appears complete under `path` or not at all."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
+    try:
+        image.save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def to_pil(images: mx.array) -> list[Image.Image]:

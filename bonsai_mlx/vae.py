@@ -8,7 +8,6 @@ only conversion is the conv weight layout (see `_to_mlx`).
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from dataclasses import dataclass, fields
@@ -23,12 +22,17 @@ from .execution import ONE_GRAPH, Execution, Pace
 
 WHOLE = ONE_GRAPH.pace()  # one graph: evaluates nothing by itself
 from .errors import BonsaiError, ConfigError, WeightsError
+from .safe_files import ModelFolder, files_named, in_file, load_shards, read_json, shard_files
+from .validate import brief, is_int, is_real
 
 # diffusers hard-codes these inside Encoder/Decoder; they are not config fields.
 _NORM_EPS = 1e-6
 # Attention scores are materialised per query chunk; cap one chunk at this many scores
 # so the mid-block attention stays bounded for large latents (exact, just chunked).
 _MAX_SCORES = 1 << 24
+# Bounds far above any FLUX.2 VAE (4 blocks of at most 512 channels, 2 layers per block);
+# a config beyond them is refused before any layer is built.
+MAX_VAE_BLOCKS, MAX_VAE_CHANNELS, MAX_VAE_LAYERS = 8, 8192, 16
 
 
 @dataclass(frozen=True)
@@ -48,26 +52,35 @@ class VAEConfig:
     batch_norm_eps: float = 1e-4
 
     def __post_init__(self):
-        object.__setattr__(self, "block_out_channels", tuple(int(c) for c in self.block_out_channels))
-        if self.decoder_block_out_channels is not None:
-            object.__setattr__(self, "decoder_block_out_channels",
-                               tuple(int(c) for c in self.decoder_block_out_channels))
         problems = []
-        for name, chans in (("block_out_channels", self.block_out_channels),
-                            ("decoder_block_out_channels", self.decoder_channels)):
-            if not chans or any(c <= 0 for c in chans):
-                problems.append(f"{name} must be non-empty positive integers, got {chans!r}")
-            elif any(c % self.norm_num_groups for c in chans):
-                problems.append(f"every entry of {name} {chans} must be divisible by "
-                                f"norm_num_groups={self.norm_num_groups}")
+        for name in ("block_out_channels", "decoder_block_out_channels"):
+            chans = getattr(self, name)
+            if chans is None and name == "decoder_block_out_channels":
+                continue
+            if (not isinstance(chans, (list, tuple)) or not 1 <= len(chans) <= MAX_VAE_BLOCKS
+                    or not all(is_int(c) and 0 < c <= MAX_VAE_CHANNELS for c in chans)):
+                problems.append(f"{name} must be a list of 1 to {MAX_VAE_BLOCKS} integers in 1..{MAX_VAE_CHANNELS}, "
+                                f"got {brief(chans)}")
+            else:
+                object.__setattr__(self, name, tuple(chans))
         for name in ("in_channels", "out_channels", "latent_channels", "norm_num_groups"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v <= 0:
-                problems.append(f"{name} must be a positive integer, got {v!r}")
-        if not isinstance(self.layers_per_block, int) or self.layers_per_block < 0:
-            problems.append(f"layers_per_block must be a non-negative integer, got {self.layers_per_block!r}")
-        if not self.batch_norm_eps > 0:
-            problems.append(f"batch_norm_eps must be > 0, got {self.batch_norm_eps!r}")
+            if not is_int(v) or not 0 < v <= MAX_VAE_CHANNELS:
+                problems.append(f"{name} must be an integer in 1..{MAX_VAE_CHANNELS}, got {brief(v)}")
+        if not is_int(self.layers_per_block) or not 0 <= self.layers_per_block <= MAX_VAE_LAYERS:
+            problems.append(f"layers_per_block must be an integer in 0..{MAX_VAE_LAYERS}, "
+                            f"got {brief(self.layers_per_block)}")
+        for name in ("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"{name} must be true or false, got {brief(getattr(self, name))}")
+        if not is_real(self.batch_norm_eps) or not self.batch_norm_eps > 0:
+            problems.append(f"batch_norm_eps must be a number > 0, got {brief(self.batch_norm_eps)}")
+        if not problems:  # divisibility needs the numbers above to be numbers
+            for name, chans in (("block_out_channels", self.block_out_channels),
+                                ("decoder_block_out_channels", self.decoder_channels)):
+                if any(c % self.norm_num_groups for c in chans):
+                    problems.append(f"every entry of {name} {list(chans)} must be divisible by "
+                                    f"norm_num_groups={self.norm_num_groups}")
         if problems:
             raise ConfigError("Bad AutoencoderKLFlux2 config: " + "; ".join(problems))
 
@@ -88,25 +101,31 @@ class VAEConfig:
 
         cls_name = d.get("_class_name", "AutoencoderKLFlux2")
         if cls_name != "AutoencoderKLFlux2":
-            bad(f"_class_name is {cls_name!r}, expected 'AutoencoderKLFlux2'")
+            bad(f"_class_name is {brief(cls_name)}, expected 'AutoencoderKLFlux2'")
+        for key in ("block_out_channels", "down_block_types", "up_block_types", "patch_size"):
+            if key in d and not isinstance(d[key], list):
+                bad(f"{key} must be a list, got {brief(d[key])}")
+        dec = d.get("decoder_block_out_channels")
+        if dec is not None and not isinstance(dec, list):
+            bad(f"decoder_block_out_channels must be a list or null, got {brief(dec)}")
         n_enc = len(d.get("block_out_channels", cls.block_out_channels))
-        n_dec = len(d.get("decoder_block_out_channels") or d.get("block_out_channels", cls.block_out_channels))
+        n_dec = len(dec or d.get("block_out_channels", cls.block_out_channels))
         down = tuple(d.get("down_block_types", ("DownEncoderBlock2D",) * n_enc))
         up = tuple(d.get("up_block_types", ("UpDecoderBlock2D",) * n_dec))
         if any(t != "DownEncoderBlock2D" for t in down):
-            bad(f"down_block_types {down}: only DownEncoderBlock2D is implemented")
+            bad(f"down_block_types {brief(down)}: only DownEncoderBlock2D is implemented")
         if any(t != "UpDecoderBlock2D" for t in up):
-            bad(f"up_block_types {up}: only UpDecoderBlock2D is implemented")
+            bad(f"up_block_types {brief(up)}: only UpDecoderBlock2D is implemented")
         # diffusers zips block types with channels; a length mismatch builds a different net.
         if len(down) != n_enc:
             bad(f"{len(down)} down_block_types for {n_enc} block_out_channels")
         if len(up) != n_dec:
             bad(f"{len(up)} up_block_types for {n_dec} decoder block channels")
         if d.get("act_fn", "silu") not in ("silu", "swish"):
-            bad(f"act_fn {d['act_fn']!r}: only silu is implemented")
+            bad(f"act_fn {brief(d['act_fn'])}: only silu is implemented")
         # Flux2 pipelines patchify 2x2 by hand whatever this says; anything else would not match.
         if tuple(d.get("patch_size", (2, 2))) != (2, 2):
-            bad(f"patch_size {d['patch_size']!r}: the FLUX.2 latent packing is 2x2")
+            bad(f"patch_size {brief(d['patch_size'])}: the FLUX.2 latent packing is 2x2")
         # sample_size and batch_norm_momentum only matter for diffusers' own tiling and training.
         ignored = {"down_block_types", "up_block_types", "act_fn", "patch_size", "sample_size",
                    "batch_norm_momentum", "force_upcast"}
@@ -114,12 +133,7 @@ class VAEConfig:
         unknown = sorted(k for k in d if not k.startswith("_") and k not in known | ignored)
         if unknown:
             warnings.warn(f"vae config keys ignored (not AutoencoderKLFlux2 fields): {unknown}")
-        try:
-            return cls(**{k: d[k] for k in known if k in d})
-        except (TypeError, ValueError) as e:
-            if isinstance(e, ConfigError):
-                raise
-            raise ConfigError(f"Bad AutoencoderKLFlux2 config: {e}") from e
+        return cls(**{k: d[k] for k in known if k in d})
 
 
 # ----------------------------------------------------------------------------- layers
@@ -688,7 +702,8 @@ def _to_mlx(name: str, w: mx.array) -> mx.array:
     """The one place where diffusers tensors become MLX parameters."""
     if w.ndim == 4:
         if ".attentions." in name:
-            return w.reshape(w.shape[0], w.shape[1])  # legacy 1x1-conv attention projections
+            # legacy 1x1-conv attention projections; any other kernel is left for the shape check
+            return w.reshape(w.shape[0], w.shape[1]) if w.shape[2:] == (1, 1) else w
         return w.transpose(0, 2, 3, 1)  # conv [out, in, kh, kw] -> [out, kh, kw, in]
     return w
 
@@ -703,30 +718,9 @@ def _list(names, limit=20):
     return ", ".join(names[:limit]) + more
 
 
-def _read_weights(path: Path) -> dict:
-    index = path / "diffusion_pytorch_model.safetensors.index.json"
-    single = path / "diffusion_pytorch_model.safetensors"
-    if index.exists():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError) as e:
-            raise WeightsError(f"{index} is not a valid safetensors index: {e}") from e
-        files = [path / s for s in shards]
-    elif single.exists():
-        files = [single]
-    else:
-        files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise WeightsError(f"no .safetensors weights in {path} (expected diffusion_pytorch_model.safetensors)")
-    weights = {}
-    for f in files:
-        if not f.exists():
-            raise WeightsError(f"weight shard {f} listed in the index is missing")
-        try:
-            weights.update(mx.load(str(f)))
-        except Exception as e:  # mlx raises plain RuntimeError/ValueError for corrupt files
-            raise WeightsError(f"cannot read {f}: {e}") from e
-    return weights
+def _read_weights(folder: ModelFolder) -> tuple[dict, str]:
+    files = shard_files(folder, preferred=("diffusion_pytorch_model.safetensors",), what="VAE weights")
+    return load_shards(files), files_named(files)
 
 
 def load_vae(path, dtype=mx.float16, layout: str = "diffusers") -> AutoencoderKLFlux2:
@@ -739,19 +733,18 @@ def load_vae(path, dtype=mx.float16, layout: str = "diffusers") -> AutoencoderKL
     """
     if layout not in ("diffusers", "mlx"):
         raise BonsaiError(f"VAE layout must be 'diffusers' or 'mlx', got {layout!r}")
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_dir():
         raise WeightsError(f"VAE directory {path} does not exist")
-    cfg_file = path / "config.json"
-    if not cfg_file.exists():
-        raise WeightsError(f"{cfg_file} is missing; expected a diffusers VAE directory")
-    try:
-        cfg_dict = json.loads(cfg_file.read_text())
-    except ValueError as e:
-        raise ConfigError(f"{cfg_file} is not valid JSON: {e}") from e
-    config = VAEConfig.from_dict(cfg_dict)
+    folder = ModelFolder(path)
+    if not folder.exists("config.json"):
+        raise WeightsError(f"{path / 'config.json'} is missing; expected a diffusers VAE directory")
+    cfg_file = folder.file("config.json", "VAE config")
+    with in_file(cfg_file):
+        config = VAEConfig.from_dict(read_json(cfg_file, "VAE config"))
 
-    raw = {k: v for k, v in _read_weights(path).items() if k not in _IGNORED_KEYS}
+    raw, source = _read_weights(folder)
+    raw = {k: v for k, v in raw.items() if k not in _IGNORED_KEYS}
     has_encoder = any(k.startswith("encoder.") for k in raw)
     model = AutoencoderKLFlux2(config, has_encoder=has_encoder)
     expected = dict(tree_flatten(model.parameters()))
@@ -763,6 +756,9 @@ def load_vae(path, dtype=mx.float16, layout: str = "diffusers") -> AutoencoderKL
         problems.append(f"missing keys ({len(missing)}): {_list(missing)}")
     if unexpected:
         problems.append(f"unexpected keys ({len(unexpected)}): {_list(unexpected)}")
+    not_float = sorted(k for k, w in raw.items() if not mx.issubdtype(w.dtype, mx.floating))
+    if not_float:
+        problems.append(f"weights that are not floating point: {_list(not_float)}")
     weights = {}
     bad_shapes = []
     for k in expected.keys() & raw.keys():
@@ -774,7 +770,7 @@ def load_vae(path, dtype=mx.float16, layout: str = "diffusers") -> AutoencoderKL
     if bad_shapes:
         problems.append(f"shape mismatches ({len(bad_shapes)}): " + "; ".join(sorted(bad_shapes)[:20]))
     if problems:
-        raise WeightsError(f"VAE weights in {path} do not fit its config.json: " + " | ".join(problems))
+        raise WeightsError(f"VAE weights in {source} do not fit its config.json: " + " | ".join(problems))
     model.update(tree_unflatten(list(weights.items())))
     mx.eval(model.parameters())
     return model

@@ -13,6 +13,8 @@ import re
 
 import mlx.core as mx
 
+from .errors import WeightsError
+
 # Whole-prefix renames outside the blocks (BFL -> diffusers).
 _TOP_LEVEL = {
     "img_in": "x_embedder",
@@ -91,30 +93,39 @@ def bfl_to_diffusers(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     """Rename a BFL FLUX.2 state dict to diffusers names. Unknown keys pass through
     unchanged, so the loader reports them as unexpected instead of dropping them."""
     out = {}
+
+    def put(name, w):
+        if name in out:
+            raise WeightsError(f"two weights of this BFL checkpoint map to {name}: it is not a FLUX.2 checkpoint")
+        out[name] = w
+
     for key, w in weights.items():
         m = _BLOCK_KEY.match(key)
-        if m:
+        if m and w.ndim:
             kind, idx, inner, param = m.groups()
             param = "weight" if param == "scale" else param
             if kind == "double_blocks" and inner in _DOUBLE_QKV:
                 if w.shape[0] % 3:
-                    out[key] = w  # leave it for the shape check to report
+                    put(key, w)  # left for the shape check to report
                     continue
                 for name, part in zip(_DOUBLE_QKV[inner], mx.split(w, 3, axis=0)):
-                    out[f"transformer_blocks.{idx}.{name}.{param}"] = part
+                    put(f"transformer_blocks.{idx}.{name}.{param}", part)
                 continue
             table, prefix = (_DOUBLE, "transformer_blocks") if kind == "double_blocks" else (_SINGLE, "single_transformer_blocks")
             if inner in table:
-                out[f"{prefix}.{idx}.{table[inner]}.{param}"] = w
+                put(f"{prefix}.{idx}.{table[inner]}.{param}", w)
                 continue
-            out[key] = w
+            put(key, w)
             continue
         base, _, param = key.rpartition(".")
-        if base in _TOP_LEVEL:
+        if base in _TOP_LEVEL and w.ndim:
             if base == "final_layer.adaLN_modulation.1":
+                if w.shape[0] % 2:
+                    put(key, w)  # left for the shape check to report
+                    continue
                 shift, scale = mx.split(w, 2, axis=0)
                 w = mx.concatenate([scale, shift], axis=0)
-            out[f"{_TOP_LEVEL[base]}.{param}"] = w
+            put(f"{_TOP_LEVEL[base]}.{param}", w)
         else:
-            out[key] = w
+            put(key, w)
     return out

@@ -53,7 +53,7 @@ def test_same_seed_same_image(model_dir, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--width", "100"], "100 is not a positive multiple of 16"),
     (["--height", "4096"], "outside the supported range"),
-    (["--count", "0"], "--count must be at least 1"),
+    (["--count", "0"], "--count must be in 1..10000"),
 ])
 def test_bad_sizes_are_clear_errors(model_dir, tmp_path, args, message):
     r = cli("generate", "x", "-o", tmp_path / "o.png", "--model", model_dir, *args)

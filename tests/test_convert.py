@@ -11,7 +11,7 @@ import pytest
 
 from bonsai_mlx import BonsaiPipeline
 from bonsai_mlx.errors import ConfigError
-from bonsai_mlx.packed_checkpoint import convert_pipeline
+from bonsai_mlx.convert import convert_pipeline
 from bonsai_mlx.packed_linear import PackedLinear
 from fixtures import make_packs
 from fixtures import make_pipeline as mp

@@ -242,3 +242,40 @@ def test_rows_slices_views_and_checks_the_range():
     for r0, r1 in ((-1, 4), (4, 4), (5, 3), (0, 25)):
         with pytest.raises(BonsaiError, match=r"0 <= r0 < r1 <= 24"):
             layer.rows(r0, r1)
+
+
+# ---- formats without GPU kernels (ternary2) ---------------------------------------------------
+
+def test_ternary2_on_the_cpu_runs_the_reference_without_a_warning():
+    import warnings
+
+    from bonsai_mlx.errors import BackendFallbackWarning
+    if auto_backend() != "reference":
+        pytest.skip("checks the CPU's choice")
+    pw = random_weight("ternary2", 64, 256)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BackendFallbackWarning)
+        lin = PackedLinear.from_packed(pw)
+    x = mx.array(RNG.standard_normal((3, 256)).astype(np.float32))
+    np.testing.assert_array_equal(np.array(lin(x)), np.array(packed_matmul_reference(x, pw)))
+
+
+@pytest.mark.parametrize("gpu", ["metal", "cuda"])
+def test_ternary2_on_a_gpu_falls_back_under_auto_and_is_refused_by_name(monkeypatch, gpu):
+    """What a GPU machine decides, with MLX's availability answers faked on this one."""
+    from bonsai_mlx.errors import BackendFallbackWarning
+    monkeypatch.setattr(mx.metal, "is_available", lambda: gpu == "metal")
+    monkeypatch.setattr(mx.cuda, "is_available", lambda: gpu == "cuda")
+    assert auto_backend() == gpu
+    pw = random_weight("ternary2", 64, 256)
+    with pytest.warns(BackendFallbackWarning, match=f"ternary2 weights have no {gpu} kernels: they run on the "
+                                                    "reference matmul"):
+        lin = PackedLinear.from_packed(pw)
+    assert lin.backend == "reference" and get_backend(lin.backend) is packed_matmul_reference
+    x = mx.array(RNG.standard_normal((3, 256)).astype(np.float32))
+    np.testing.assert_array_equal(np.array(lin(x)), np.array(packed_matmul_reference(x, pw)))
+    with pytest.raises(BonsaiError, match=f"the {gpu} backend has no kernels for ternary2 weights"):
+        PackedLinear.from_packed(pw, backend=gpu)
+    # Formats with kernels keep them.
+    binary = PackedLinear.from_packed(random_weight("binary", 64, 256))
+    assert binary.backend == "auto" and get_backend(binary.backend) is kernels.launcher(gpu)

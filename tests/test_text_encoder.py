@@ -26,7 +26,7 @@ pytest.importorskip("diffusers")
 from diffusers.pipelines.flux2.pipeline_flux2_klein import Flux2KleinPipeline  # noqa: E402
 from transformers import AutoTokenizer, Qwen3ForCausalLM  # noqa: E402
 
-from bonsai_mlx.errors import BonsaiError, ConfigError, WeightsError  # noqa: E402
+from bonsai_mlx.errors import BonsaiError, ConfigError, PromptTruncatedWarning, WeightsError  # noqa: E402
 from bonsai_mlx.text_encoder import load_text_encoder  # noqa: E402
 
 FP32_BOUND = 1e-4
@@ -123,7 +123,13 @@ def test_template_and_padding(enc_small):
 
 
 def test_truncation_cuts_the_template(enc_small):
-    ids, mask = enc_small.tokenize("the quick brown fox jumps over the lazy dog " * 4, max_length=16)
+    prompt = "the quick brown fox jumps over the lazy dog " * 4
+    tok = enc_small.tokenizer  # the count below is transformers' own, untruncated
+    full = len(tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True, add_generation_prompt=True,
+                                       enable_thinking=False, return_dict=True)["input_ids"])
+    assert full > 16
+    with pytest.warns(PromptTruncatedWarning, match=f"is {full} tokens .* its last {full - 16} tokens are dropped"):
+        ids, mask = enc_small.tokenize(prompt, max_length=16)
     assert np.array(mask).all()
     think_end = enc_small.tokenizer.convert_tokens_to_ids("</think>")
     assert think_end not in np.array(ids).tolist()[0]
