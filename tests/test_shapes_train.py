@@ -143,6 +143,24 @@ def test_batches_are_pure_functions_of_seed_stage_and_step():
         batches.batch(0, "pretrain", 0, 1)
 
 
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_worker_processes_deliver_the_steps_in_order(context, monkeypatch):
+    import multiprocessing
+
+    monkeypatch.setattr(torch.utils.data.DataLoader, "__init__", _with_context(multiprocessing.get_context(context)))
+    feed = train.Feed(batches.StepBatch(0, "vae", 2), total=6, workers=2)
+    for k in (3, 4, 5):  # a resumed run starts mid-way
+        images, prompts, tseed = feed(k)
+        want = batches.batch(0, "vae", k, 2)
+        assert np.array_equal(images.numpy(), want[0]) and list(prompts) == want[1] and tseed == want[2]
+
+
+def _with_context(ctx, _init=torch.utils.data.DataLoader.__init__):
+    def init(self, *a, **kw):
+        _init(self, *a, multiprocessing_context=ctx, **kw)
+    return init
+
+
 def test_learning_rate_schedule():
     cfg = LoopConfig(steps=1000, lr=1e-3, warmup=100)
     assert cfg.lr_at(0) == pytest.approx(1e-5) and cfg.lr_at(99) == pytest.approx(1e-3)

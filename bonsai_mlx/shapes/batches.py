@@ -6,6 +6,8 @@ batches an uninterrupted run would, and data loader workers may build steps in a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from ..errors import BonsaiError
@@ -35,3 +37,17 @@ def batch(seed: int, stage: str, step: int, size: int, prompt_dropout: float = 0
         images.append(image)
         prompts.append("" if rng.random() < prompt_dropout else spec.prompt)
     return np.stack(images), prompts, int(rng.integers(2**63))
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """batch(seed, stage, k, size, prompt_dropout) as a picklable callable of k, for data
+    loader workers however they are started (fork, spawn or forkserver)."""
+
+    seed: int
+    stage: str
+    size: int
+    prompt_dropout: float = 0.0
+
+    def __call__(self, step: int):
+        return batch(self.seed, self.stage, step, self.size, self.prompt_dropout)

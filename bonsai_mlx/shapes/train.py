@@ -10,7 +10,7 @@ Every stage checkpoints every --checkpoint-every steps and when --max-minutes ru
 `--resume` continues from the newest checkpoint. The first stage writes RUN/run.json (size,
 seed) and the frozen text side: the tokenizer (tokenizer.py) and a Qwen3 initialised from
 the seed. The text encoder stays frozen: the prompts are a few hundred templated strings
-over ~40 words, a fixed random Qwen3 already gives every token and position a distinct,
+over 27 words, a fixed random Qwen3 already gives every token and position a distinct,
 deterministic feature that the DiT's text projection and joint attention learn to read
 (klein too trains its DiT against a frozen Qwen3), the embeddings can be computed once per
 prompt, and the FP / binary / ternary models share one encoder, so their scores compare
@@ -36,7 +36,7 @@ import torch
 from ..errors import BonsaiError
 from ..scheduler import compute_empirical_mu
 from . import qat
-from .batches import batch
+from .batches import StepBatch, batch
 from .configs import MAX_SEQUENCE_LENGTH, size as model_size
 from .models import (PromptEmbeddings, build_transformer, build_vae, export_pipeline, images_to_tensor,
                      latent_tokens, load_part, patchify, position_ids, prepare_text_side)
@@ -95,7 +95,7 @@ def _run_meta(run: Path, size: str, seed: int) -> dict:
 def vae_stage(run: Path, a, loop: LoopConfig, log) -> bool:
     cfg = model_size(a.size)
     vae = build_vae(cfg["vae"], a.seed).to(a.device).train()
-    feed = Feed(lambda k: batch(a.seed, "vae", k, a.batch), loop.steps, a.workers)
+    feed = Feed(StepBatch(a.seed, "vae", a.batch), loop.steps, a.workers)
 
     def loss_at(step):
         images, _, tseed = feed(step)
@@ -148,7 +148,7 @@ def dit_stage(run: Path, a, loop: LoopConfig, log, fmt: str | None) -> bool:
         qat.attach(model, fmt)
     model.train()
     grid = IMAGE_SIZE // 16
-    feed = Feed(lambda k: batch(a.seed, stage, k, a.batch, a.prompt_dropout), loop.steps, a.workers)
+    feed = Feed(StepBatch(a.seed, stage, a.batch, a.prompt_dropout), loop.steps, a.workers)
 
     def loss_at(step):
         images, prompts, tseed = feed(step)
