@@ -6,8 +6,8 @@
     python -m bonsai_mlx.shapes.train qat-ternary RUN
     python -m bonsai_mlx.shapes.train export RUN --weights fp|binary|ternary --out DIR
 
-Every stage checkpoints every --checkpoint-every steps and when --max-minutes runs out;
-`--resume` continues from the newest checkpoint. The first stage writes RUN/run.json (size,
+Every stage checkpoints every --checkpoint-every steps and when --max-minutes runs out
+(then it exits with status 3); `--resume` continues from the newest checkpoint. The first stage writes RUN/run.json (size,
 seed) and the frozen text side: the tokenizer (tokenizer.py) and a Qwen3 initialised from
 the seed. The text encoder stays frozen: the prompts are a few hundred templated strings
 over 27 words, a fixed random Qwen3 already gives every token and position a distinct,
