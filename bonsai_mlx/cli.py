@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .config import PRESETS, preset
 from .errors import BonsaiError
+from .shapes.scenes import evaluation_specs
 from .validate import MAX_SEED, MAX_STEPS
 
 MAX_COUNT = 10_000  # images per generate command
@@ -262,6 +263,18 @@ def _cmd_verify(args) -> None:
     print(f"{args.bundle}: {len(m['files'])} files, sizes, sha256 and tensors match the manifest")
 
 
+def _cmd_eval_shapes(args) -> None:
+    from .benchmark import DTYPES
+    from .shapes.evaluate import eval_shapes
+
+    report = eval_shapes(args.model, args.out, count=args.count, seed=args.seed, size=args.size, steps=args.steps,
+                         guidance=args.guidance, dtype=DTYPES[args.dtype], quantize=args.quantize,
+                         log=lambda line: print(line, file=sys.stderr))
+    cats = ", ".join(f"{c} {v['score']:.3f}" for c, v in report["categories"].items())
+    print(f"overall {report['overall']:.3f} over {report['images']} images ({cats}); wrote {args.out}/report.json "
+          f"and {args.out}/grid.png")
+
+
 def _size(value: str) -> int:
     v = _int_in(value, 1, 1 << 20, "a size")
     if v % 16:
@@ -426,6 +439,26 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check a bundle against its manifest (sizes, hashes, tensors, paths)")
     v.add_argument("bundle")
     v.set_defaults(func=_cmd_verify)
+
+    es = sub.add_parser(
+        "eval-shapes", help="score a model on the held-out prompts of the coloured-shapes task",
+        description="Generate one image per held-out prompt of the shapes task (GenEval-like categories: single "
+                    "object, two objects, counting, colours, position, colour attribution) with seeds SEED, "
+                    "SEED+1, ..., score each by image analysis, and write report.json, grid.png and the images "
+                    "into OUT. Rules and split: docs/quality.md.")
+    es.add_argument("--model", default="bonsai-binary", help="model directory, repo id or name (default: bonsai-binary)")
+    held_out = len(evaluation_specs())
+    es.add_argument("--count", type=int, default=held_out,
+                    help=f"evaluate the first N prompts, categories interleaved (default: all {held_out})")
+    es.add_argument("--seed", type=int, default=0, help="seed of the first image (default 0)")
+    es.add_argument("--out", default="eval-shapes", help="output folder (default: eval-shapes)")
+    es.add_argument("--size", type=_size, default=128, help="image side in pixels (default 128, the task's size)")
+    es.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    es.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the model's)")
+    es.add_argument("--quantize", choices=["binary", "ternary", "ternary2"], default=None,
+                    help="pack a dense transformer's block linears on load")
+    es.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"])
+    es.set_defaults(func=_cmd_eval_shapes)
 
     f = sub.add_parser("forward", help="one transformer forward on random weights (smoke test, no download)")
     model_args(f)
