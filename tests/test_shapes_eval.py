@@ -88,4 +88,4 @@ def test_eval_shapes_cli_on_a_tiny_random_pipeline(tmp_path):
     r = cli("eval-shapes", "--model", tmp_path / "nowhere", "--out", tmp_path / "e2")
     assert r.returncode == 2 and "error:" in r.stderr and "Traceback" not in r.stderr
     r = cli("eval-shapes", "--model", model, "--out", tmp_path / "e3", "--count", 0)
-    assert r.returncode == 2 and "--count must be at least 1" in r.stderr
+    assert r.returncode == 2 and "count must be a positive number of prompts" in r.stderr and "Traceback" not in r.stderr
