@@ -15,6 +15,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from .errors import BonsaiError, ConfigError
+from .layouts import OUR_PACK, PACK_COPIED
 from .loading import load_transformer, transformer_folder
 from .packed_checkpoint import QUANT_CONFIG, _replace, read_quant_config, save_packed
 from .packed_linear import PackedLinear
@@ -22,8 +23,8 @@ from .packing import FORMATS, dequantize, quantize
 from .safe_files import ModelFolder, check_regular, read_json
 
 # What a pack holds besides its transformer, copied as is.
-COPIED_PARTS = ("text_encoder-mlx-4bit", "text_encoder", "tokenizer", "vae", "model_index.json")
-PACK_TRANSFORMER = "transformer-packed-mflux"
+COPIED_PARTS = PACK_COPIED
+PACK_TRANSFORMER = OUR_PACK.transformer
 
 
 def is_our_pack(directory: Path) -> bool:

@@ -32,6 +32,7 @@ from mlx.utils import tree_flatten
 
 from . import bundle, kernel_spec
 from .errors import BonsaiError
+from .layouts import BUNDLE, BUNDLE_KERNELS, BUNDLE_VECTORS
 from .convert import transformer_in_format
 from .packed_checkpoint import save_packed
 from .packed_linear import PackedLinear
@@ -71,30 +72,30 @@ def export_bundle(source, output, fmt: str = "binary", text_bits: int = 4, vae: 
     tmp = output.with_name(f".{output.name}.{os.getpid()}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        save_packed(transformer, tmp / "transformer")
-        layers = _write_text_encoder(pipe.text_encoder, tmp / "text_encoder", text_bits, dtype)
-        pipe.text_encoder.tokenizer.save_pretrained(str(tmp / "tokenizer"))
-        _write_vae(pipe.vae, tmp / "vae", decoder_only=vae == "small")
-        kernel_spec.write_kernels(tmp / "kernels", (fmt,))
+        save_packed(transformer, tmp / BUNDLE.transformer)
+        layers = _write_text_encoder(pipe.text_encoder, tmp / BUNDLE.text_encoder, text_bits, dtype)
+        pipe.text_encoder.tokenizer.save_pretrained(str(tmp / BUNDLE.tokenizer))
+        _write_vae(pipe.vae, tmp / BUNDLE.vae, decoder_only=vae == "small")
+        kernel_spec.write_kernels(tmp / BUNDLE_KERNELS, (fmt,))
         if test_vectors:
             from .vectors import write_vectors
 
-            write_vectors(tmp / "vectors", transformer, pipe, fmt)
+            write_vectors(tmp / BUNDLE_VECTORS, transformer, pipe, fmt)
         manifest = {
             "format": bundle.FORMAT, "format_version": bundle.VERSION, "software": "bonsai-mlx",
             "components": {
-                "transformer": {"dir": "transformer", "config": transformer.config.to_dict(), "packing": fmt,
+                "transformer": {"dir": BUNDLE.transformer, "config": transformer.config.to_dict(), "packing": fmt,
                                 "group_size": 128, "dtype": str(dtype).split(".")[-1]},
                 "text_encoder": _text_component(pipe, layers, text_bits, dtype),
-                "tokenizer": {"dir": "tokenizer"},
-                "vae": {"dir": "vae", "config": json.loads((tmp / "vae" / "config.json").read_text()),
+                "tokenizer": {"dir": BUNDLE.tokenizer},
+                "vae": {"dir": BUNDLE.vae, "config": json.loads((tmp / BUNDLE.vae / "config.json").read_text()),
                         "variant": vae, "layout": "mlx", "dtype": str(pipe.vae.dtype).split(".")[-1]},
-                "kernels": {"dir": "kernels", "spec": "kernels/kernels.json"},
+                "kernels": {"dir": BUNDLE_KERNELS, "spec": f"{BUNDLE_KERNELS}/kernels.json"},
             },
             "sampler": sampler_spec(pipe.is_distilled),
             "memory_plans": memory_plans(pipe),
         }
-        packing = {"transformer/model.safetensors": {n: fmt for n in packed_tensor_names(transformer)}}
+        packing = {f"{BUNDLE.transformer}/model.safetensors": {n: fmt for n in packed_tensor_names(transformer)}}
         bundle.write_manifest(tmp, manifest, packing)
         if output.exists():
             shutil.rmtree(output)
@@ -127,12 +128,12 @@ def _write_text_encoder(te, directory: Path, bits: int, dtype) -> list[dict]:
         tensors = _text_tensors(w.index.load(w.keys_for(layer)), w.quantized, bits, dtype)
         mx.save_safetensors(str(directory / f"{name}.safetensors"), tensors)
         weight_map.update((k, f"{name}.safetensors") for k in tensors)
-        written.append({"part": name, "layer": layer, "file": f"text_encoder/{name}.safetensors"})
+        written.append({"part": name, "layer": layer, "file": f"{BUNDLE.text_encoder}/{name}.safetensors"})
     if cfg.needs_final_norm:
         norm = {"model.norm.weight": w.index.load(["model.norm.weight"])["model.norm.weight"].astype(dtype)}
         mx.save_safetensors(str(directory / "norm.safetensors"), norm)
         weight_map["model.norm.weight"] = "norm.safetensors"
-        written.append({"part": "norm", "layer": None, "file": "text_encoder/norm.safetensors"})
+        written.append({"part": "norm", "layer": None, "file": f"{BUNDLE.text_encoder}/norm.safetensors"})
     (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}, indent=1))
     return written
 
@@ -167,7 +168,7 @@ def _write_vae(vae, directory: Path, decoder_only: bool) -> None:
 def _text_component(pipe, layers: list[dict], bits: int, dtype) -> dict:
     te = pipe.text_encoder
     return {
-        "dir": "text_encoder", "config": json.loads((te.weights.directory / "config.json").read_text()),
+        "dir": BUNDLE.text_encoder, "config": json.loads((te.weights.directory / "config.json").read_text()),
         "quantization": None if bits == 16 else {"mode": "affine", "bits": bits, "group_size": TEXT_GROUP_SIZE},
         "dtype": str(dtype).split(".")[-1], "parts": layers,
         "hidden_state_taps": list(te.config.layers), "max_sequence_length": pipe.max_sequence_length,

@@ -18,13 +18,12 @@ from .errors import BonsaiError, ConfigError, UnsafeFileError, WeightsError
 from .packed_checkpoint import (QUANT_CONFIG, check_backend, pack_model_from_checkpoint, packed_params,
                                 quantize_model, read_quant_config)
 from .safe_files import PICKLE_SUFFIXES, ModelFolder, files_named, in_file, load_shards, shard_files
-from .text_encoder import ENCODER_SUBDIRS
+from .layouts import ENCODER_SUBDIRS, MODEL_INDEX, TOKENIZER_SUBDIRS, TRANSFORMER_SUBDIRS, VAE_SUBDIRS
 from .transformer import Flux2Transformer
 from .weight_names import bfl_to_diffusers, is_bfl_checkpoint
 
 _MAX_LISTED = 12
 # Where a pack (PrismML's MLX layout) or a diffusers pipeline keeps its transformer.
-TRANSFORMER_SUBDIRS = ("transformer-packed-mflux", "transformer")
 
 
 def _listing(names) -> str:
@@ -257,8 +256,8 @@ MODELS = {
 # PrismML's packs ship no VAE; they decode with BFL's small decoder.
 DEFAULT_VAE_REPO = "black-forest-labs/FLUX.2-small-decoder"
 # What a pipeline reads; repos also hold root-level single-file checkpoints we never need.
-PIPELINE_FILES = ["model_index.json"] + [
-    f"{d}/*" for d in (*TRANSFORMER_SUBDIRS, *ENCODER_SUBDIRS, "tokenizer", "vae")]
+PIPELINE_FILES = [MODEL_INDEX] + [
+    f"{d}/*" for d in (*TRANSFORMER_SUBDIRS, *ENCODER_SUBDIRS, *TOKENIZER_SUBDIRS, *VAE_SUBDIRS)]
 VAE_FILES = ["*.json", "*.safetensors", "vae/*"]
 
 
@@ -266,7 +265,7 @@ def has_part(root: Path, part: str) -> bool:
     subdirs = {
         "transformer": TRANSFORMER_SUBDIRS,
         "text encoder": ENCODER_SUBDIRS,
-        "tokenizer": ("tokenizer", *ENCODER_SUBDIRS),
+        "tokenizer": (*TOKENIZER_SUBDIRS, *ENCODER_SUBDIRS),
     }[part]
     return any((root / s).is_dir() for s in subdirs)
 

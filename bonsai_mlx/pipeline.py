@@ -19,6 +19,7 @@ from PIL import Image
 from . import executor
 from .errors import BonsaiError, ConfigError, PipelineBusyError, WeightsError
 from .images import prepare_edit
+from .layouts import DIFFUSERS, MODEL_INDEX
 from .executor import Models, Request, image_ids, text_ids  # noqa: F401  (part of the API)
 from .loading import DEFAULT_VAE_REPO, MODELS, VAE_FILES, has_part, load_transformer, resolve_model  # noqa: F401
 from .memory import (AUTO, UNCONSTRAINED, MemoryPlan, candidate_plans, parse_budget, plan_cost, plan_memory,
@@ -250,8 +251,8 @@ class BonsaiPipeline:
         root = resolve_model(path_or_repo_id, revision=revision, cache_dir=cache_dir)
         is_distilled = True
         folder = ModelFolder(root)
-        if folder.exists("model_index.json"):
-            index = folder.file("model_index.json", "pipeline index")
+        if folder.exists(MODEL_INDEX):
+            index = folder.file(MODEL_INDEX, "pipeline index")
             is_distilled = read_json(index, "pipeline index").get("is_distilled", False)
             if not isinstance(is_distilled, bool):
                 raise ConfigError(f"{index}: is_distilled must be true or false, got {brief(is_distilled)}")
@@ -267,7 +268,7 @@ class BonsaiPipeline:
 
         text_encoder = load_text_encoder(root, dtype=dtype, layers=text_layers, resident=False)
         if vae is None:
-            vae = root / "vae" if (root / "vae" / "config.json").exists() else resolve_model(
+            vae = root / DIFFUSERS.vae if (root / DIFFUSERS.vae / "config.json").exists() else resolve_model(
                 DEFAULT_VAE_REPO, cache_dir=cache_dir, files=VAE_FILES,
                 what="the VAE (PrismML packs decode with BFL's small decoder; or pass vae=)")
         vae_dtype = vae_dtype or (mx.float32 if dtype == mx.float32 else mx.float16)

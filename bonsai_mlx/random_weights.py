@@ -40,16 +40,16 @@ import numpy as np
 
 from .config import KLEIN_4B, TransformerConfig
 from .errors import ConfigError
+from .layouts import OFFICIAL_PACK, OUR_PACK
 from .weight_names import block_linear_names
 
 GROUP_SIZE = 128  # Bonsai's scale group along K
 PACK_BITS = {"binary": 1, "ternary": 2}  # bits of PrismML's MLX affine packs
 TEXT_BITS, TEXT_GROUP_SIZE = 4, 64  # text_encoder-mlx-4bit: nn.quantize(bits=4, group_size=64)
 
-TRANSFORMER_DIR = "transformer-packed-mflux"
-TEXT_DIR = "text_encoder-mlx-4bit"
-TOKENIZER_DIR = "tokenizer"
-VAE_DIR = "vae"
+# PrismML's layout, plus the VAE folder they leave out.
+TRANSFORMER_DIR, TEXT_DIR, TOKENIZER_DIR = OFFICIAL_PACK.transformer, OFFICIAL_PACK.text_encoder, OFFICIAL_PACK.tokenizer
+VAE_DIR = OUR_PACK.vae
 
 # Qwen3-4B (not the 2507 build), in transformers' config.json names.
 QWEN3_4B = dict(

@@ -27,6 +27,7 @@ import numpy as np
 from mlx_lm.models import qwen3
 
 from .errors import BonsaiError, ConfigError, PromptTruncatedWarning, WeightsError
+from .layouts import ENCODER_SUBDIRS  # noqa: F401  (re-exported: where pipelines keep their encoder)
 from .qwen3_layers import Qwen3Layers
 from .safe_files import ModelFolder, in_file, read_json
 from .tokenizer import describe, has_tokenizer, load_tokenizer
@@ -36,7 +37,6 @@ DEFAULT_LAYERS = (9, 18, 27)
 DEFAULT_MAX_LENGTH = 512
 
 # Subfolders tried, in order, when `path` is a pack or diffusers root.
-ENCODER_SUBDIRS = ("text_encoder-mlx-4bit", "text_encoder")
 
 
 @dataclass(frozen=True)
