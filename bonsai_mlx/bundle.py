@@ -94,18 +94,47 @@ def read_manifest(directory) -> dict:
                           f"this bonsai-mlx reads version {VERSION}")
     if not isinstance(m.get("files"), list) or not isinstance(m.get("components"), dict):
         raise BundleError(f"{directory / MANIFEST} lacks its files or components")
+    _check_components(directory / MANIFEST, m)
     return m
+
+
+_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def _check_components(path: Path, m: dict) -> None:
+    """What `load_bundle` reads from the manifest, checked for type and range."""
+    from .layouts import BUNDLE
+
+    def fail(what):
+        raise BundleError(f"{path}: {what}")
+
+    c = m["components"]
+    for part in ("transformer", "text_encoder", "tokenizer", "vae"):
+        if not isinstance(c.get(part), dict) or c[part].get("dir") != getattr(BUNDLE, part):
+            fail(f"components.{part} must be an object with dir {getattr(BUNDLE, part)!r}")
+    for part in ("transformer", "vae"):
+        if c[part].get("dtype", "float16") not in _DTYPES:
+            fail(f"components.{part}.dtype must be one of {_DTYPES}, got {c[part].get('dtype')!r}")
+    te = c["text_encoder"]
+    taps, length = te.get("hidden_state_taps"), te.get("max_sequence_length")
+    if not (isinstance(taps, list) and taps and all(type(t) is int and 0 <= t <= 1024 for t in taps)):
+        fail(f"components.text_encoder.hidden_state_taps must be a list of layer indices, got {taps!r}")
+    if not (type(length) is int and 1 <= length <= 8192):
+        fail(f"components.text_encoder.max_sequence_length must be an integer in 1..8192, got {length!r}")
+    sampler = m.get("sampler")
+    if not (isinstance(sampler, dict) and isinstance(sampler.get("distilled"), bool)):
+        fail("sampler.distilled must be true or false")
 
 
 def _inside(directory: Path, rel) -> Path:
     if not isinstance(rel, str) or not rel:
-        raise BundleError(f"manifest entry {rel!r} is not a relative path")
+        raise BundleError(f"{MANIFEST} entry {rel!r} is not a relative path")
     p = PurePosixPath(rel)
-    if p.is_absolute() or ".." in p.parts or "\\" in rel:
-        raise BundleError(f"manifest entry {rel!r} leaves the bundle")
+    if p.is_absolute() or ".." in p.parts or "\\" in rel or "\0" in rel:
+        raise BundleError(f"{MANIFEST} entry {rel!r} leaves the bundle")
     path = directory.joinpath(*p.parts)
     if not path.resolve().is_relative_to(directory.resolve()):
-        raise BundleError(f"manifest entry {rel!r} resolves outside the bundle")
+        raise BundleError(f"{MANIFEST} entry {rel!r} resolves outside the bundle")
     return path
 
 
@@ -120,23 +149,26 @@ def verify(directory) -> dict:
             raise BundleError(f"{directory / MANIFEST}: a files entry is not an object")
         rel = entry.get("path")
         path = _inside(directory, rel)
+        if rel in listed:
+            raise BundleError(f"{directory / MANIFEST} lists {rel} twice")
         listed.add(rel)
         st = _regular_file(path, f"manifest entry {rel}")
         if st.st_size != entry.get("bytes"):
-            raise BundleError(f"{rel}: {st.st_size} bytes, the manifest says {entry.get('bytes')} (truncated or replaced)")
+            raise BundleError(f"{rel}: {st.st_size} bytes, {MANIFEST} says {entry.get('bytes')!r} "
+                              "(the file is truncated or replaced, or the manifest altered)")
         if _sha256(path) != entry.get("sha256"):
-            raise BundleError(f"{rel}: sha256 differs from the manifest (the file was altered or swapped)")
+            raise BundleError(f"{rel}: sha256 differs from {MANIFEST} (the file or the manifest was altered)")
         if rel.endswith(".safetensors"):
             header = safetensors_header(path)
             stated = {t["name"]: {"dtype": t["dtype"], "shape": t["shape"]} for t in entry.get("tensors", [])}
             if header != stated:
                 names = sorted(set(header) ^ set(stated)) or sorted(k for k in header if header[k] != stated.get(k))
-                raise BundleError(f"{rel}: tensors disagree with the manifest (first: {names[:3]})")
+                raise BundleError(f"{rel}: tensors disagree with {MANIFEST} (first: {names[:3]})")
     present = {p.relative_to(directory).as_posix() for p in directory.rglob("*")
                if (p.is_file() or p.is_symlink()) and p.name != MANIFEST}
     extra = sorted(present - listed)
     if extra:
-        raise BundleError(f"{directory}: files the manifest does not list: {extra[:5]}")
+        raise BundleError(f"{directory / MANIFEST} does not list these files of the bundle: {extra[:5]}")
     return m
 
 

@@ -46,6 +46,11 @@ TARGETS = [
     ("text", "tokenizer/chat_template.jinja", "text"),
     ("text4", "text_encoder-mlx-4bit/config.json", "config"),
     ("text4", "text_encoder-mlx-4bit/model.safetensors", "safetensors"),
+    ("bundle", "manifest.json", "config"),
+    ("bundle", "transformer/model.safetensors", "safetensors"),
+    ("bundle", "text_encoder/layer_01.safetensors", "safetensors"),
+    ("bundle", "vae/vae.safetensors", "safetensors"),
+    ("bundle", "kernels/kernels.json", "config"),
 ]
 CASE_SECONDS = 20  # in-process bound on one case (the parent also watches the process)
 BFL_CONFIG = dict(in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=128, num_attention_heads=1,
@@ -89,6 +94,14 @@ def build_bases(base: Path) -> Path:
     from bonsai_mlx import load_transformer, save_packed
     save_packed(load_transformer(base / "dense", dtype=mx.float32, quantize="ternary2", backend="reference"),
                 base / "bonsai" / "transformer-packed-mflux")
+
+    from bonsai_mlx import export_bundle
+    from bonsai_mlx.random_weights import write_random_pack
+    from test_random_weights import TEXT_LAYERS, TINY
+
+    pack = write_random_pack(base / "_pack", "binary", **TINY)
+    export_bundle(pack, base / "bundle", "binary", text_layers=TEXT_LAYERS)
+    shutil.rmtree(pack)
     return base
 
 
@@ -480,13 +493,16 @@ def load_case(case: Path, target) -> str:
 
     import mlx.core as mx
 
-    from bonsai_mlx import load_transformer, load_vae
+    from bonsai_mlx import load_bundle, load_transformer, load_vae
     from bonsai_mlx.text_encoder import load_text_encoder
 
     name, rel, _ = target
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if name == "vae":
+        if name == "bundle":
+            pipe = load_bundle(case, memory_budget=None)
+            mx.eval(pipe.transformer.parameters(), pipe.vae.parameters())
+        elif name == "vae":
             model = load_vae(case / "vae", dtype=mx.float32)
             mx.eval(model.parameters())
         elif name in ("text", "text4"):
