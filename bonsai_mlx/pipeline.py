@@ -152,6 +152,113 @@ def load_taef2(download: bool):
                           "VAE instead (preview_decoder=None)") from None
 
 
+
+def sampling_defaults(is_distilled: bool, steps, guidance) -> tuple[int, float]:
+    """Steps and guidance, the model's defaults where None (distilled: 4 and 1.0; base: 50 and 4.0)."""
+    steps = (4 if is_distilled else 50) if steps is None else steps
+    guidance = (1.0 if is_distilled else 4.0) if guidance is None else float(guidance)
+    if not isinstance(steps, (int, np.integer)) or not 1 <= steps <= MAX_STEPS:
+        raise BonsaiError(f"steps must be an integer in 1..{MAX_STEPS}, got {steps!r}")
+    if guidance < 0 or not np.isfinite(guidance):
+        raise BonsaiError(f"guidance must be a finite number >= 0, got {guidance}")
+    return int(steps), guidance
+
+
+def check_prompts(prompt, negative_prompt) -> None:
+    for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+        if text is not None and not isinstance(text, str) or name == "prompt" and text is None:
+            raise BonsaiError(f"{name} must be a string, got {type(text).__name__}")
+        if text is not None and len(text) > MAX_PROMPT_CHARS:
+            raise BonsaiError(f"{name} is {len(text):,} characters; at most {MAX_PROMPT_CHARS:,} are accepted "
+                              "(the text encoder reads 512 tokens)")
+        try:
+            (text or "").encode("utf-8")
+        except UnicodeEncodeError as e:  # lone surrogates, e.g. from command-line bytes that are not UTF-8
+            raise BonsaiError(f"{name} is not valid text: {e.reason} at character {e.start}; pass UTF-8") from None
+
+
+def initial_noise(channels: int, seed: int | None, latents, width: int, height: int) -> tuple[mx.array, int | None]:
+    """[1, L, C] tokens of N(0, 1) noise, drawn as [1, C, H/16, W/16] and packed row-major
+    (the reference's layout), from `seed` or from caller-supplied `latents`."""
+    C, h, w = channels, height // 16, width // 16
+    if latents is not None:
+        lat = mx.array(latents).astype(mx.float32)
+        if lat.shape == (1, C, h, w) or lat.shape == (C, h, w):
+            return lat.reshape(1, C, h * w).transpose(0, 2, 1), seed
+        if lat.shape == (1, h * w, C) or lat.shape == (h * w, C):
+            return lat.reshape(1, h * w, C), seed
+        raise BonsaiError(
+            f"latents for a {width}x{height} image must be [1, {C}, {h}, {w}] or [1, {h * w}, {C}], "
+            f"got {list(lat.shape)}"
+        )
+    if seed is None:
+        seed = int.from_bytes(os.urandom(4), "little")
+    noise = mx.random.normal((1, C, h, w), key=mx.random.key(seed))
+    return noise.reshape(1, C, h * w).transpose(0, 2, 1), seed
+
+
+def one_at_a_time(lock, run: Iterator) -> Iterator:
+    """`run`, holding `lock` (a pipeline's) from its first step until it ends or is closed; a
+    generation asked for meanwhile (from any thread) is refused, not queued. On a GPU,
+    generations of all pipelines also take turns (see `serialized_device`)."""
+    if not lock.acquire(blocking=False):
+        run.close()
+        raise PipelineBusyError(
+            "this pipeline is already running a generation; wait for it to finish (or close its stream), "
+            "or use one pipeline per thread")
+    shared = False
+    try:
+        shared = _take_device()
+        yield from run
+    finally:
+        run.close()
+        if shared:
+            _give_device()
+        lock.release()
+
+
+def open_parts(root, dtype, vae, text_layers, cache_dir, vae_dtype):
+    """(is_distilled, text encoder, VAE) of the pipeline or pack at `root`; the VAE from `vae`
+    (a directory or a model) when given, else the pipeline's own, else BFL's small decoder."""
+    is_distilled = True
+    folder = ModelFolder(root)
+    if folder.exists(MODEL_INDEX):
+        index = folder.file(MODEL_INDEX, "pipeline index")
+        is_distilled = read_json(index, "pipeline index").get("is_distilled", False)
+        if not isinstance(is_distilled, bool):
+            raise ConfigError(f"{index}: is_distilled must be true or false, got {brief(is_distilled)}")
+    missing = [s for s in ("transformer", "text encoder", "tokenizer") if not has_part(root, s)]
+    if missing:
+        raise WeightsError(
+            f"{root} is not a FLUX.2 klein pipeline or Bonsai pack: no {', '.join(missing)} found. Expected "
+            "transformer-packed-mflux/ or transformer/, text_encoder-mlx-4bit/ or text_encoder/, and tokenizer/."
+        )
+    text_encoder = load_text_encoder(root, dtype=dtype, layers=text_layers, resident=False)
+    if vae is None:
+        vae = root / DIFFUSERS.vae if (root / DIFFUSERS.vae / "config.json").exists() else resolve_model(
+            DEFAULT_VAE_REPO, cache_dir=cache_dir, files=VAE_FILES,
+            what="the VAE (PrismML packs decode with BFL's small decoder; or pass vae=)")
+    vae_dtype = vae_dtype or (mx.float32 if dtype == mx.float32 else mx.float16)
+    vae_model = load_vae(vae, dtype=vae_dtype) if isinstance(vae, (str, os.PathLike)) else vae
+    return is_distilled, text_encoder, vae_model
+
+
+def preview_image(vae, taef, x0_tokens: mx.array, width: int, height: int, max_side: int = 256) -> Image.Image:
+    """A cheap look at the current x0 estimate: decoded whole by TAEF2 (`taef`, see
+    `BonsaiPipeline.preview_decoder`), or the latent grid averaged down 2x2 at a time until
+    the image is at most `max_side` pixels, then VAE-decoded."""
+    h, w = height // 16, width // 16
+    taef = taef if x0_tokens.shape[-1] == 128 else None  # FLUX.2's 32 channels, patched
+    if taef is not None:  # TAEF2 decodes the normalized latent, unpatchified to 32 channels
+        return to_pil(taef.decode(unpatchify(unpack(x0_tokens.astype(mx.float32), h, w))))[0]
+    grid = x0_tokens.reshape(1, h, w, -1)
+    while max(grid.shape[1], grid.shape[2]) * 16 > max_side and grid.shape[1] % 2 == 0 and grid.shape[2] % 2 == 0:
+        grid = (grid[:, ::2, ::2] + grid[:, 1::2, ::2] + grid[:, ::2, 1::2] + grid[:, 1::2, 1::2]) / 4
+    gh, gw = grid.shape[1], grid.shape[2]
+    img = vae.decode_tokens(grid.reshape(1, gh * gw, -1).astype(vae.dtype), gh * 16, gw * 16)
+    return to_pil(img)[0]
+
+
 class BonsaiPipeline:
     """Stages: text encoding -> denoising -> decoding, each holding what the memory plan
     says. `memory_budget`: "auto" (the default: frugal at no cost in time, capped by the
@@ -249,30 +356,11 @@ class BonsaiPipeline:
         budget = parse_budget(memory_budget)  # validate before loading
         loras = lora_specs(lora)
         root = resolve_model(path_or_repo_id, revision=revision, cache_dir=cache_dir)
-        is_distilled = True
-        folder = ModelFolder(root)
-        if folder.exists(MODEL_INDEX):
-            index = folder.file(MODEL_INDEX, "pipeline index")
-            is_distilled = read_json(index, "pipeline index").get("is_distilled", False)
-            if not isinstance(is_distilled, bool):
-                raise ConfigError(f"{index}: is_distilled must be true or false, got {brief(is_distilled)}")
-        missing = [s for s in ("transformer", "text encoder", "tokenizer") if not has_part(root, s)]
-        if missing:
-            raise WeightsError(
-                f"{root} is not a FLUX.2 klein pipeline or Bonsai pack: no {', '.join(missing)} found. Expected "
-                "transformer-packed-mflux/ or transformer/, text_encoder-mlx-4bit/ or text_encoder/, and tokenizer/."
-            )
 
         def loader():
             return load_transformer(root, dtype=dtype, quantize=quantize, backend=backend)
 
-        text_encoder = load_text_encoder(root, dtype=dtype, layers=text_layers, resident=False)
-        if vae is None:
-            vae = root / DIFFUSERS.vae if (root / DIFFUSERS.vae / "config.json").exists() else resolve_model(
-                DEFAULT_VAE_REPO, cache_dir=cache_dir, files=VAE_FILES,
-                what="the VAE (PrismML packs decode with BFL's small decoder; or pass vae=)")
-        vae_dtype = vae_dtype or (mx.float32 if dtype == mx.float32 else mx.float16)
-        vae_model = load_vae(vae, dtype=vae_dtype) if isinstance(vae, (str, os.PathLike)) else vae
+        is_distilled, text_encoder, vae_model = open_parts(root, dtype, vae, text_layers, cache_dir, vae_dtype)
         pipe = cls(loader(), text_encoder, vae_model, is_distilled=is_distilled, model=str(path_or_repo_id),
                    memory_budget=budget, transformer_loader=loader)
         for path, scale in loras:
@@ -280,35 +368,6 @@ class BonsaiPipeline:
         return pipe
 
     # ---------------------------------------------------------------- running
-    def defaults(self, steps, guidance) -> tuple[int, float]:
-        steps = (4 if self.is_distilled else 50) if steps is None else steps
-        guidance = (1.0 if self.is_distilled else 4.0) if guidance is None else float(guidance)
-        if not isinstance(steps, (int, np.integer)) or not 1 <= steps <= MAX_STEPS:
-            raise BonsaiError(f"steps must be an integer in 1..{MAX_STEPS}, got {steps!r}")
-        if guidance < 0 or not np.isfinite(guidance):
-            raise BonsaiError(f"guidance must be a finite number >= 0, got {guidance}")
-        return int(steps), guidance
-
-    def initial_noise(self, seed: int | None, latents, width: int, height: int) -> tuple[mx.array, int | None]:
-        """[1, L, C] tokens of N(0, 1) noise, drawn as [1, C, H/16, W/16] and packed row-major
-        (the reference's layout), from `seed` or from caller-supplied `latents`."""
-        C = self.models.transformer_info["config"].in_channels
-        h, w = height // 16, width // 16
-        if latents is not None:
-            lat = mx.array(latents).astype(mx.float32)
-            if lat.shape == (1, C, h, w) or lat.shape == (C, h, w):
-                return lat.reshape(1, C, h * w).transpose(0, 2, 1), seed
-            if lat.shape == (1, h * w, C) or lat.shape == (h * w, C):
-                return lat.reshape(1, h * w, C), seed
-            raise BonsaiError(
-                f"latents for a {width}x{height} image must be [1, {C}, {h}, {w}] or [1, {h * w}, {C}], "
-                f"got {list(lat.shape)}"
-            )
-        if seed is None:
-            seed = int.from_bytes(os.urandom(4), "little")
-        noise = mx.random.normal((1, C, h, w), key=mx.random.key(seed))
-        return noise.reshape(1, C, h * w).transpose(0, 2, 1), seed
-
     def stream(self, prompt: str, width: int | None = None, height: int | None = None, steps: int | None = None,
                seed: int | None = None, guidance: float | None = None, negative_prompt: str | None = None,
                latents=None, preview: bool = False, preview_every: int = 1,
@@ -325,29 +384,20 @@ class BonsaiPipeline:
         repaints, black keeps; without it the whole image is repainted (image to image).
         `latents` (or the seed) is the noise in every case. The size defaults to the init
         image's, else the first reference's, else 512x512."""
-        for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
-            if text is not None and not isinstance(text, str) or name == "prompt" and text is None:
-                raise BonsaiError(f"{name} must be a string, got {type(text).__name__}")
-            if text is not None and len(text) > MAX_PROMPT_CHARS:
-                raise BonsaiError(f"{name} is {len(text):,} characters; at most {MAX_PROMPT_CHARS:,} are accepted "
-                                  "(the text encoder reads 512 tokens)")
-            try:
-                (text or "").encode("utf-8")
-            except UnicodeEncodeError as e:  # lone surrogates, e.g. from command-line bytes that are not UTF-8
-                raise BonsaiError(f"{name} is not valid text: {e.reason} at character {e.start}; pass UTF-8") from None
+        check_prompts(prompt, negative_prompt)
         edit = prepare_edit(image, init_image, mask, strength, width, height, has_encoder=self.vae.has_encoder,
                             multiple=2 * self.vae.encoder_factor if self.vae.has_encoder else 16)
         width, height = edit.width or 512, edit.height or 512
         check_size(width, height)
         check_seed(seed)
-        steps, guidance = self.defaults(steps, guidance)
+        steps, guidance = sampling_defaults(self.is_distilled, steps, guidance)
         if edit.init_image is not None and steps - first_step(steps, edit.strength) < 1:
             raise BonsaiError(f"strength {edit.strength} leaves no step of {steps} to run; raise strength or steps")
         use_cfg = guidance > 1.0 and not self.is_distilled
         budget = self.memory_budget if memory_budget == "default" else parse_budget(memory_budget)
         if plan is None:  # refuses up front when nothing fits
             plan = self.plan(width, height, budget, cfg=use_cfg, images=edit.sizes)
-        noise, seed = self.initial_noise(seed, latents, width, height)
+        noise, seed = initial_noise(self.models.transformer_info["config"].in_channels, seed, latents, width, height)
         # Under a budget in bytes, freed buffers MLX keeps for reuse may fill only the
         # headroom the plan leaves (0 when the plan just fits: MLX then reuses nothing).
         cache = max(budget - plan.estimated_peak_bytes, 0) if isinstance(budget, int) else None
@@ -355,26 +405,7 @@ class BonsaiPipeline:
                       (lambda x0: self.preview(x0, width, height)) if preview else None, preview_every,
                       edit.references, edit.init_image, edit.mask, edit.strength)
         # Everything above runs now, so bad arguments fail at the call, not at the first next().
-        return self._one_at_a_time(executor.run(self.models, req, plan, cache))
-
-    def _one_at_a_time(self, run: Iterator) -> Iterator:
-        """`run`, holding this pipeline from its first step until it ends or is closed; a
-        generation asked for meanwhile (from any thread) is refused, not queued. On a GPU,
-        generations of all pipelines also take turns (see `serialized_device`)."""
-        if not self._busy.acquire(blocking=False):
-            run.close()
-            raise PipelineBusyError(
-                "this pipeline is already running a generation; wait for it to finish (or close its stream), "
-                "or use one pipeline per thread")
-        shared = False
-        try:
-            shared = _take_device()
-            yield from run
-        finally:
-            run.close()
-            if shared:
-                _give_device()
-            self._busy.release()
+        return one_at_a_time(self._busy, executor.run(self.models, req, plan, cache))
 
     def generate(self, prompt: str, width: int | None = None, height: int | None = None, steps: int | None = None,
                  seed: int | None = None, guidance: float | None = None, negative_prompt: str | None = None,
@@ -414,16 +445,5 @@ class BonsaiPipeline:
         self._preview_decoder = decoder
 
     def preview(self, x0_tokens: mx.array, width: int, height: int, max_side: int = 256) -> Image.Image:
-        """A cheap look at the current x0 estimate: decoded whole by TAEF2 (see
-        `preview_decoder`), or the latent grid averaged down 2x2 at a time until the image is
-        at most `max_side` pixels, then VAE-decoded."""
-        h, w = height // 16, width // 16
-        taef = self.preview_decoder if x0_tokens.shape[-1] == 128 else None  # FLUX.2's 32 channels, patched
-        if taef is not None:  # TAEF2 decodes the normalized latent, unpatchified to 32 channels
-            return to_pil(taef.decode(unpatchify(unpack(x0_tokens.astype(mx.float32), h, w))))[0]
-        grid = x0_tokens.reshape(1, h, w, -1)
-        while max(grid.shape[1], grid.shape[2]) * 16 > max_side and grid.shape[1] % 2 == 0 and grid.shape[2] % 2 == 0:
-            grid = (grid[:, ::2, ::2] + grid[:, 1::2, ::2] + grid[:, ::2, 1::2] + grid[:, 1::2, 1::2]) / 4
-        gh, gw = grid.shape[1], grid.shape[2]
-        img = self.vae.decode_tokens(grid.reshape(1, gh * gw, -1).astype(self.vae.dtype), gh * 16, gw * 16)
-        return to_pil(img)[0]
+        """A cheap look at the current x0 estimate (see `preview_image`)."""
+        return preview_image(self.vae, self.preview_decoder, x0_tokens, width, height, max_side)
