@@ -526,6 +526,16 @@ def main(argv=None) -> None:
     except MemoryError:
         _fail("out of memory; try a smaller image or a --memory-budget")
     except KeyboardInterrupt:
+        from .loading import ABANDONED_DOWNLOADS
+
+        if ABANDONED_DOWNLOADS:
+            # A Hugging Face download interrupted mid-file leaves its pool's workers retrying,
+            # and the interpreter would wait for them at exit. Every file this command writes
+            # is complete or absent already (atomic renames), and the Hub's own are
+            # `.incomplete`, so the process may end at once. Written straight to the
+            # descriptor: such a thread may hold stderr's lock.
+            os.write(2, b"cancelled\n")
+            os._exit(130)
         print("cancelled", file=sys.stderr)
         sys.exit(130)
     finally:

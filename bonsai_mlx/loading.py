@@ -270,6 +270,40 @@ def has_part(root: Path, part: str) -> bool:
     return any((root / s).is_dir() for s in subdirs)
 
 
+# Downloads left running by a Ctrl-C: their pool's threads outlive the call, and the
+# interpreter waits for them at exit (see cli.main).
+ABANDONED_DOWNLOADS: list[str] = []
+
+
+def _interruptible(fn):
+    """fn() run in a daemon thread that the caller waits for: Ctrl-C reaches the caller at once.
+    huggingface_hub downloads in a thread pool whose shutdown waits for every worker, retries
+    included, so a KeyboardInterrupt raised inside it is held until the downloads end. The
+    files stay consistent either way: the Hub writes `.incomplete` files and renames them
+    when whole."""
+    import threading
+
+    out = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # handed to the caller's thread
+            out["error"] = e
+
+    worker = threading.Thread(target=run, name="bonsai-download", daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.1)
+    except KeyboardInterrupt:
+        ABANDONED_DOWNLOADS.append(worker.name)
+        raise
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
 def resolve_model(name: str | os.PathLike, *, revision=None, cache_dir=None, files=tuple(PIPELINE_FILES),
                   what: str = "the model") -> Path:
     """A local directory, a known model name, or a Hub repo id -> a local directory.
@@ -291,8 +325,9 @@ def resolve_model(name: str | os.PathLike, *, revision=None, cache_dir=None, fil
     from huggingface_hub.utils import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        local = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=list(files),
-                                  ignore_patterns=[f"*{s}" for s in PICKLE_SUFFIXES])  # never read: not fetched
+        local = _interruptible(lambda: snapshot_download(
+            repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=list(files),
+            ignore_patterns=[f"*{s}" for s in PICKLE_SUFFIXES]))  # never read: not fetched
     except LocalEntryNotFoundError:
         raise WeightsError(
             f"{what} ({repo_id}) is not in the Hugging Face cache and downloads are off (HF_HUB_OFFLINE) or the "
