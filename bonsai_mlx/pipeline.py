@@ -339,7 +339,7 @@ class BonsaiPipeline:
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike, *, dtype=mx.bfloat16, vae=None,
                         quantize: str | None = None, backend: str = "auto", text_layers=(9, 18, 27),
                         revision: str | None = None, cache_dir: str | None = None, memory_budget=AUTO,
-                        vae_dtype=None, lora=None) -> "BonsaiPipeline":
+                        vae_dtype=None, lora=None, max_sequence_length: int = 512) -> "BonsaiPipeline":
         """Load a pipeline from a local directory or a Hugging Face repo id.
 
         Accepted layouts: PrismML's MLX packs (`transformer-packed-mflux/`,
@@ -352,7 +352,11 @@ class BonsaiPipeline:
         (float16 by default, float32 if dtype is float32).
         `memory_budget`: see the class; checked before anything is loaded.
         `lora`: LoRAs to load, [(path, scale), ...] or paths (scale 1); see `load_lora`.
+        `max_sequence_length`: prompt tokens (padded or truncated to it), 512 as in klein; a
+        model trained on short prompts runs its transformer on far fewer tokens with less.
         """
+        if not is_int(max_sequence_length) or not 1 <= max_sequence_length <= 4096:
+            raise BonsaiError(f"max_sequence_length must be an integer in 1..4096, got {max_sequence_length!r}")
         budget = parse_budget(memory_budget)  # validate before loading
         loras = lora_specs(lora)
         root = resolve_model(path_or_repo_id, revision=revision, cache_dir=cache_dir)
@@ -362,7 +366,7 @@ class BonsaiPipeline:
 
         is_distilled, text_encoder, vae_model = open_parts(root, dtype, vae, text_layers, cache_dir, vae_dtype)
         pipe = cls(loader(), text_encoder, vae_model, is_distilled=is_distilled, model=str(path_or_repo_id),
-                   memory_budget=budget, transformer_loader=loader)
+                   memory_budget=budget, transformer_loader=loader, max_sequence_length=max_sequence_length)
         for path, scale in loras:
             pipe.load_lora(path, scale)
         return pipe

@@ -43,6 +43,20 @@ def test_distilled_matches_diffusers(distilled):
     assert ref.std() > 0.01  # the reference image is not flat, so the comparison means something
 
 
+def test_short_prompt_length_matches_diffusers(distilled):
+    """max_sequence_length as Flux2KleinPipeline takes it: 48 prompt tokens instead of 512."""
+    ref_pipe, path = distilled
+    noise = mp.initial_noise(W, H, seed=6)
+    ref = mp.run_reference(ref_pipe, PROMPT, W, H, 4, noise, max_sequence_length=48)
+    result = ours(path, max_sequence_length=48).generate(PROMPT, width=W, height=H, latents=noise)
+    diff = np.abs(result.array - ref).max()
+    assert diff <= IMAGE_BOUND, f"max abs difference {diff * 255:.2f}/255"
+    full = ours(path).generate(PROMPT, width=W, height=H, latents=noise)  # the length changes the image
+    assert np.abs(full.array - ref).max() > 10 * IMAGE_BOUND
+    with pytest.raises(BonsaiError, match="max_sequence_length"):
+        ours(path, max_sequence_length=0)
+
+
 def test_base_with_cfg_matches_diffusers(base):
     ref_pipe, path = base
     noise = mp.initial_noise(W, H, seed=3)
