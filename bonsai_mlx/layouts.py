@@ -31,6 +31,9 @@ BUNDLE = Layout("bundle", "transformer", "text_encoder", "tokenizer", "vae")
 LAYOUTS = (OFFICIAL_PACK, OUR_PACK, DIFFUSERS, BUNDLE)
 
 MODEL_INDEX = "model_index.json"
+# Optional, at a model's root: the size it was trained at and its prompt length in tokens
+# ({"width", "height", "max_sequence_length"}), the defaults when a caller gives none.
+MODEL_DEFAULTS = "bonsai.json"
 BUNDLE_KERNELS = "kernels"
 BUNDLE_VECTORS = "vectors"
 
@@ -45,4 +48,4 @@ ENCODER_SUBDIRS = _names("text_encoder")
 TOKENIZER_SUBDIRS = _names("tokenizer")
 VAE_SUBDIRS = _names("vae")
 # What `convert` copies from its source besides the transformer (whichever of them exist).
-PACK_COPIED = (*ENCODER_SUBDIRS, *TOKENIZER_SUBDIRS, *VAE_SUBDIRS, MODEL_INDEX)
+PACK_COPIED = (*ENCODER_SUBDIRS, *TOKENIZER_SUBDIRS, *VAE_SUBDIRS, MODEL_INDEX, MODEL_DEFAULTS)

@@ -9,13 +9,16 @@ transformer/ (the full-precision DiT) and transformer-binary/, transformer-terna
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import BonsaiError
+from ..layouts import MODEL_DEFAULTS
 from .configs import MAX_SEQUENCE_LENGTH, TEXT_LAYERS
+from .scenes import IMAGE_SIZE
 from .tokenizer import build_tokenizer, vocab_size
 
 VAE_BLOCKS = 4  # klein's VAE depth: 8x down, then 2x2 patches -> one token per 16x16 pixels
@@ -47,12 +50,20 @@ def build_transformer(cfg: dict, seed: int):
     return Flux2Transformer2DModel(**cfg).float()
 
 
+def save_part(module, path: Path) -> None:
+    """Save a part in float16, the precision the exported pipeline ships in, so later stages
+    train against exactly the weights users get (the QAT weights are exact in float16)."""
+    import copy
+
+    copy.deepcopy(module).to("cpu", torch.float16).save_pretrained(path, safe_serialization=True)
+
+
 def prepare_text_side(run: Path, cfg: dict, seed: int) -> None:
     """Write tokenizer/ and text_encoder/ into the run folder once."""
     if not (run / "tokenizer" / "tokenizer.json").exists():
         build_tokenizer(run / "tokenizer")
     if not (run / "text_encoder" / "config.json").exists():
-        build_text_encoder(cfg, run / "tokenizer", seed).save_pretrained(run / "text_encoder")
+        save_part(build_text_encoder(cfg, run / "tokenizer", seed), run / "text_encoder")
 
 
 def load_part(run: Path, part: str, device: str):
@@ -144,5 +155,8 @@ def export_pipeline(run: Path, out: Path, transformer_part: str, dtype: torch.dt
         is_distilled=False)
     tmp = out.with_name(out.name + ".partial")
     pipe.save_pretrained(tmp, safe_serialization=True)
+    run_meta = json.loads((run / "run.json").read_text())
+    (tmp / MODEL_DEFAULTS).write_text(json.dumps(
+        {"width": IMAGE_SIZE, "height": IMAGE_SIZE, "max_sequence_length": run_meta.get("max_length", 512)}, indent=2))
     tmp.rename(out)
     return out

@@ -39,7 +39,7 @@ from . import qat
 from .batches import StepBatch, batch
 from .configs import MAX_SEQUENCE_LENGTH, size as model_size
 from .models import (PromptEmbeddings, build_transformer, build_vae, export_pipeline, images_to_tensor,
-                     latent_tokens, load_part, patchify, position_ids, prepare_text_side)
+                     latent_tokens, load_part, save_part, patchify, position_ids, prepare_text_side)
 from .scenes import IMAGE_SIZE
 from .trainer import CHECKPOINT_DTYPES, LoopConfig, train
 
@@ -79,13 +79,14 @@ def _autocast(device: str):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
 
 
-def _run_meta(run: Path, size: str, seed: int) -> dict:
+def _run_meta(run: Path, size: str, seed: int, max_length: int) -> dict:
     path = run / "run.json"
-    meta = {"size": size, "seed": seed}
+    meta = {"size": size, "seed": seed, "max_length": max_length}
     if path.exists():
         saved = json.loads(path.read_text())
         if saved != meta:
-            raise BonsaiError(f"{run} was started with {saved}; pass the same --size and --seed, or a new folder")
+            raise BonsaiError(f"{run} was started with {saved}; pass the same --size, --seed and --max-length, "
+                              "or a new folder")
     else:
         run.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(meta))
@@ -109,7 +110,7 @@ def vae_stage(run: Path, a, loop: LoopConfig, log) -> bool:
     done = train(vae, loss_at, run / "checkpoints" / "vae", loop, {"stage": "vae", "seed": a.seed}, a.resume, log)
     if done:
         set_latent_statistics(vae.eval(), a.seed, a.batch, a.device)
-        vae.save_pretrained(run / "vae")
+        save_part(vae, run / "vae")
         log(f"wrote {run / 'vae'}")
     return done
 
@@ -169,7 +170,7 @@ def dit_stage(run: Path, a, loop: LoopConfig, log, fmt: str | None) -> bool:
         out = run / ("transformer" if fmt is None else f"transformer-{fmt}")
         if fmt is not None:
             qat.fold(model)
-        model.save_pretrained(out)
+        save_part(model, out)
         log(f"wrote {out}")
     return done
 
@@ -194,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--workers", type=int, default=8, help="data loader processes (0: build batches inline)")
     ap.add_argument("--prompt-dropout", type=float, default=0.1)
     ap.add_argument("--max-length", type=int, default=MAX_SEQUENCE_LENGTH,
-                    help="prompt padding length (the pipeline uses 512; smaller only for quick tests)")
+                    help="prompt padding length; the export's bonsai.json tells the pipeline to pad to it")
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--weights", default="fp", choices=["fp", "binary", "ternary"], help="export: which DiT")
     ap.add_argument("--out", type=Path, help="export: the pipeline folder to write")
@@ -215,7 +216,7 @@ def main(argv=None) -> int:
                               f"; pack it with: python -m bonsai_mlx convert {out} PACK --format {a.weights}"))
         return 0
     cfg = model_size(a.size)
-    _run_meta(a.run, a.size, a.seed)
+    _run_meta(a.run, a.size, a.seed, a.max_length)
     prepare_text_side(a.run, cfg["text_encoder"], a.seed)
     defaults = cfg["train"]["vae" if a.stage == "vae" else "dit" if a.stage == "dit" else "qat"]
     a.batch = a.batch or defaults["batch"]
