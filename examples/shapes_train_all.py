@@ -10,7 +10,8 @@ folder into pieces small enough to bring back from a lent GPU machine.
   checkpoint (exit status 3) and the script goes straight to packing.
 - With two GPUs, qat-binary and qat-ternary run at once, one on each.
 - The pieces hold the run's parts (float16) and, for an unfinished stage, its newest
-  checkpoint; older checkpoints and finished stages' checkpoints are left out.
+  checkpoint; older checkpoints and finished stages' checkpoints are left out. `--slim`
+  drops AdamW's moments from that checkpoint (resuming restarts AdamW with a ramp).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import sys
 import tarfile
 import time
 from pathlib import Path
+
+from bonsai_mlx.shapes.trainer import strip_moments
 
 PARTS = {"vae": "vae", "dit": "transformer", "qat-binary": "transformer-binary", "qat-ternary": "transformer-ternary"}
 PIECE_BYTES = 15 * 2**20
@@ -60,7 +63,7 @@ def run_stages(stages, run: Path, deadline: float, extra: list[str], gpus: list[
     return all(c == 0 for c in codes)
 
 
-def pack(run: Path, out: Path) -> None:
+def pack(run: Path, out: Path, slim: bool = False) -> None:
     def keep(info: tarfile.TarInfo):
         p = Path(info.name)
         if "checkpoints" in p.parts and p.suffix in (".safetensors", ".json"):
@@ -72,6 +75,11 @@ def pack(run: Path, out: Path) -> None:
                 return None
         return info
 
+    if slim:  # unfinished stages' newest checkpoints lose AdamW's moments
+        for stage, part in PARTS.items():
+            found = sorted((run / "checkpoints" / stage).glob("step-*.safetensors"))
+            if found and not (run / part).is_dir():
+                strip_moments(found[-1])
     out.mkdir(parents=True, exist_ok=True)
     whole = out / "run.tar.xz"
     with tarfile.open(whole, "w:xz", preset=3) as tar:
@@ -91,19 +99,21 @@ def main() -> int:
     ap.add_argument("--restore", type=Path, help="folder of pieces from an earlier call")
     ap.add_argument("--gpus", type=int, default=1)
     ap.add_argument("--stages", nargs="+", default=list(PARTS))
+    ap.add_argument("--slim", action="store_true", help="pack unfinished stages' checkpoints without AdamW's moments")
+    ap.add_argument("--pack-only", action="store_true", help="only pack RUN (after --restore)")
     a, extra = ap.parse_known_args()
     deadline = time.time() + 60 * a.minutes
     if a.restore:
         restore(a.restore, a.run.parent)
     gpus = [str(i) for i in range(a.gpus)] if a.gpus > 1 else []
-    todo = [s for s in a.stages if not (a.run / PARTS[s] / "config.json").exists()]
+    todo = [] if a.pack_only else [s for s in a.stages if not (a.run / PARTS[s] / "config.json").exists()]
     done = True
     for group in (["vae"], ["dit"], ["qat-binary", "qat-ternary"]):
         stages = [s for s in group if s in todo]
         if stages and done:
             done = run_stages(stages, a.run, deadline, extra, gpus) if len(stages) > 1 and gpus else all(
                 run_stages([s], a.run, deadline, extra, gpus[:1]) for s in stages)
-    pack(a.run, a.pieces)
+    pack(a.run, a.pieces, a.slim)
     print("all stages done" if done else "stopped at the deadline; run again with --restore", flush=True)
     return 0 if done else 3
 

@@ -27,10 +27,9 @@ SIZES = {
                             guidance_embeds=False),
         "vae": dict(block_out_channels=(32, 64, 96, 96), layers_per_block=2, latent_channels=16,
                     norm_num_groups=32),
-        # Large batches: a model this small leaves the GPU idle at 64 images a step, so a step of
-        # 256 costs about what one of 64 does; the renders come from --workers processes.
-        "train": {"vae": dict(steps=3000, batch=32, lr=3e-4), "dit": dict(steps=6000, batch=256, lr=5e-4),
-                  "qat": dict(steps=2000, batch=256, lr=1e-4)},
+        # Measured on an H200 (docs/quality.md): 13 VAE steps/s, 9 DiT steps/s at 256 images.
+        "train": {"vae": dict(steps=3000, batch=32, lr=3e-4), "dit": dict(steps=4000, batch=256, lr=5e-4),
+                  "qat": dict(steps=1000, batch=256, lr=1e-4)},
     },
     # For tests on a CPU: the same topology, tiny widths.
     "tiny": {

@@ -107,7 +107,8 @@ def vae_stage(run: Path, a, loop: LoopConfig, log) -> bool:
             rec = vae.decode(post.mean + post.std * eps).sample.float()
         return (rec - x).abs().mean() + ((rec - x) ** 2).mean() + KL_WEIGHT * post.kl().mean()
 
-    done = train(vae, loss_at, run / "checkpoints" / "vae", loop, {"stage": "vae", "seed": a.seed}, a.resume, log)
+    done = train(vae, loss_at, run / "checkpoints" / "vae", loop, {"stage": "vae", "seed": a.seed}, a.resume, log,
+                 a.reschedule)
     if done:
         set_latent_statistics(vae.eval(), a.seed, a.batch, a.device)
         save_part(vae, run / "vae")
@@ -165,7 +166,8 @@ def dit_stage(run: Path, a, loop: LoopConfig, log, fmt: str | None) -> bool:
                       img_ids=img_ids, txt_ids=txt_ids, guidance=None, return_dict=False)[0]
         return ((v.float() - (noise - x0)) ** 2).mean()
 
-    done = train(model, loss_at, run / "checkpoints" / stage, loop, {"stage": stage, "seed": a.seed}, a.resume, log)
+    done = train(model, loss_at, run / "checkpoints" / stage, loop, {"stage": stage, "seed": a.seed}, a.resume, log,
+                 a.reschedule)
     if done:
         out = run / ("transformer" if fmt is None else f"transformer-{fmt}")
         if fmt is not None:
@@ -191,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="bfloat16: small files; float32: resuming reproduces an uninterrupted run exactly")
     ap.add_argument("--max-minutes", type=float, default=float("inf"), help="stop (with a checkpoint) after this")
     ap.add_argument("--resume", action="store_true", help="continue from the stage's newest checkpoint")
+    ap.add_argument("--reschedule", action="store_true",
+                    help="with --resume: accept a checkpoint made for another --steps (the learning rate "
+                         "follows the new schedule from there)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--workers", type=int, default=8, help="data loader processes (0: build batches inline)")
     ap.add_argument("--prompt-dropout", type=float, default=0.1)

@@ -84,12 +84,29 @@ def save_checkpoint(folder: Path, step: int, module: torch.nn.Module, opt: torch
     return stem.with_suffix(".safetensors")
 
 
+def strip_moments(path: Path) -> None:
+    """Drop AdamW's moments from a checkpoint in place (a third of its size): a run resumed
+    from it restarts AdamW, with a ramp of the learning rate (RESTART_RAMP steps)."""
+    tensors = {k: v for k, v in load_file(str(path)).items() if k.startswith("module.")}
+    meta = json.loads(path.with_suffix(".json").read_text())
+    meta["adam_steps"] = {}
+    tmp = path.with_suffix(".partial")
+    save_file(tensors, str(tmp))
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+    tmp.replace(path)
+
+
+RESTART_RAMP = 100  # steps over which the learning rate ramps up after AdamW restarts
+
+
 def load_checkpoint(path: Path, module: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
     """Restore module and optimizer in place; returns the checkpoint's JSON."""
     meta = json.loads(path.with_suffix(".json").read_text())
     tensors = load_file(str(path))
     state = module.state_dict()
     module.load_state_dict({k: tensors[f"module.{k}"].to(v.dtype) for k, v in state.items()})
+    if not meta["adam_steps"]:
+        return meta  # weights only (strip_moments): AdamW starts afresh
     params = [p for g in opt.param_groups for p in g["params"]]
     opt_state = {}
     for i, n in meta["adam_steps"].items():
@@ -103,28 +120,35 @@ def load_checkpoint(path: Path, module: torch.nn.Module, opt: torch.optim.Optimi
 
 
 def train(module: torch.nn.Module, loss_at: Callable[[int], torch.Tensor], folder: Path, cfg: LoopConfig,
-          meta: dict, resume: bool, log: Callable[[str], None] = print) -> bool:
+          meta: dict, resume: bool, log: Callable[[str], None] = print, reschedule: bool = False) -> bool:
     """Optimise module's trainable parameters on loss_at(step) for steps [start, cfg.steps),
     start = 0 or the newest checkpoint's step. Returns True when every step is done,
-    False when the time limit stopped it first (a checkpoint is written either way)."""
+    False when the time limit stopped it first (a checkpoint is written either way).
+    `reschedule` lets a resumed run end at a different step count than the checkpoint was
+    made for: the learning rate follows the new schedule from the resumed step on."""
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    start = 0
+    start, restart = 0, None
     found = checkpoints(folder)
     if found and not resume:
         raise BonsaiError(f"{folder} already has checkpoints; pass --resume to continue, or use a new run folder")
     if resume and found:
         saved = load_checkpoint(found[-1], module, opt)
-        if saved["loop"]["steps"] != cfg.steps:
+        if saved["loop"]["steps"] != cfg.steps and not reschedule:
             raise BonsaiError(f"the checkpoint was made for {saved['loop']['steps']} steps, not {cfg.steps}: the "
-                              "learning-rate schedule depends on it; pass the same --steps")
+                              "learning-rate schedule depends on it; pass the same --steps, or --reschedule")
+        if saved["step"] >= cfg.steps:
+            raise BonsaiError(f"the checkpoint is at step {saved['step']}, past the {cfg.steps} steps asked for")
         start = saved["step"]
-        log(f"resumed from {found[-1].name} at step {start}")
+        restart = None if saved["adam_steps"] else start
+        log(f"resumed from {found[-1].name} at step {start}" + (" (weights only: AdamW restarts)" if restart is not None else "") + (
+            f" (made for {saved['loop']['steps']} steps, now {cfg.steps})" if saved["loop"]["steps"] != cfg.steps else ""))
     t0, last = time.perf_counter(), start
     step = start
     while step < cfg.steps:
+        ramp = 1.0 if restart is None else min(1.0, (step - restart + 1) / RESTART_RAMP)
         for g in opt.param_groups:
-            g["lr"] = cfg.lr_at(step)
+            g["lr"] = cfg.lr_at(step) * ramp
         loss = loss_at(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
