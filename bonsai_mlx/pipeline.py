@@ -19,7 +19,7 @@ from PIL import Image
 from . import executor
 from .errors import BonsaiError, ConfigError, PipelineBusyError, WeightsError
 from .images import prepare_edit
-from .layouts import DIFFUSERS, MODEL_INDEX
+from .layouts import DIFFUSERS, MODEL_DEFAULTS, MODEL_INDEX
 from .executor import Models, Request, image_ids, text_ids  # noqa: F401  (part of the API)
 from .loading import DEFAULT_VAE_REPO, MODELS, VAE_FILES, has_part, load_transformer, resolve_model  # noqa: F401
 from .memory import (AUTO, UNCONSTRAINED, MemoryPlan, candidate_plans, parse_budget, plan_cost, plan_memory,
@@ -217,6 +217,29 @@ def one_at_a_time(lock, run: Iterator) -> Iterator:
         lock.release()
 
 
+DEFAULT_SIZE = 512  # klein's, when the model does not say
+DEFAULT_SEQUENCE_LENGTH = 512
+
+
+def model_defaults(root) -> dict:
+    """The model's own defaults from its MODEL_DEFAULTS file (layouts.py), checked: width and
+    height it was trained at, and its prompt length in tokens; klein's where it has none."""
+    out = {"width": DEFAULT_SIZE, "height": DEFAULT_SIZE, "max_sequence_length": DEFAULT_SEQUENCE_LENGTH}
+    folder = ModelFolder(root)
+    if not folder.exists(MODEL_DEFAULTS):
+        return out
+    path = folder.file(MODEL_DEFAULTS, "model defaults")
+    given = read_json(path, "model defaults")
+    if not isinstance(given, dict) or set(given) - set(out):
+        raise ConfigError(f"{path}: expected an object with keys among {sorted(out)}, got {brief(given)}")
+    for key, value in given.items():
+        limit = 4096 if key == "max_sequence_length" else 2048
+        if not is_int(value) or not 1 <= value <= limit or key != "max_sequence_length" and value % 16:
+            raise ConfigError(f"{path}: {key} must be an integer in 1..{limit}"
+                              + ("" if key == "max_sequence_length" else ", a multiple of 16") + f", got {brief(value)}")
+    return {**out, **given}
+
+
 def open_parts(root, dtype, vae, text_layers, cache_dir, vae_dtype):
     """(is_distilled, text encoder, VAE) of the pipeline or pack at `root`; the VAE from `vae`
     (a directory or a model) when given, else the pipeline's own, else BFL's small decoder."""
@@ -266,8 +289,10 @@ class BonsaiPipeline:
     fits), or None / "none" (everything resident, one graph per forward)."""
 
     def __init__(self, transformer, text_encoder, vae, *, is_distilled: bool = True, model: str = "local",
-                 max_sequence_length: int = 512, memory_budget=AUTO, transformer_loader=None):
+                 max_sequence_length: int = DEFAULT_SEQUENCE_LENGTH, memory_budget=AUTO, transformer_loader=None,
+                 default_size: tuple[int, int] = (DEFAULT_SIZE, DEFAULT_SIZE)):
         check_models(transformer, text_encoder, vae)
+        self.default_size = default_size  # (width, height) when a generation gives none
         self.models = Models(transformer, text_encoder, vae, transformer_loader, max_sequence_length)
         # One generation at a time: the stages share the models and what is resident.
         self._busy = threading.Lock()
@@ -339,7 +364,7 @@ class BonsaiPipeline:
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike, *, dtype=mx.bfloat16, vae=None,
                         quantize: str | None = None, backend: str = "auto", text_layers=(9, 18, 27),
                         revision: str | None = None, cache_dir: str | None = None, memory_budget=AUTO,
-                        vae_dtype=None, lora=None, max_sequence_length: int = 512) -> "BonsaiPipeline":
+                        vae_dtype=None, lora=None, max_sequence_length: int | None = None) -> "BonsaiPipeline":
         """Load a pipeline from a local directory or a Hugging Face repo id.
 
         Accepted layouts: PrismML's MLX packs (`transformer-packed-mflux/`,
@@ -352,10 +377,12 @@ class BonsaiPipeline:
         (float16 by default, float32 if dtype is float32).
         `memory_budget`: see the class; checked before anything is loaded.
         `lora`: LoRAs to load, [(path, scale), ...] or paths (scale 1); see `load_lora`.
-        `max_sequence_length`: prompt tokens (padded or truncated to it), 512 as in klein; a
-        model trained on short prompts runs its transformer on far fewer tokens with less.
+        `max_sequence_length`: prompt tokens (padded or truncated to it); by default the
+        model's own (its bonsai.json), else 512 as in klein. A model trained on short prompts
+        runs its transformer on far fewer tokens. The default image size is the model's too.
         """
-        if not is_int(max_sequence_length) or not 1 <= max_sequence_length <= 4096:
+        if max_sequence_length is not None and (not is_int(max_sequence_length)
+                                                or not 1 <= max_sequence_length <= 4096):
             raise BonsaiError(f"max_sequence_length must be an integer in 1..4096, got {max_sequence_length!r}")
         budget = parse_budget(memory_budget)  # validate before loading
         loras = lora_specs(lora)
@@ -364,9 +391,12 @@ class BonsaiPipeline:
         def loader():
             return load_transformer(root, dtype=dtype, quantize=quantize, backend=backend)
 
+        defaults = model_defaults(root)
         is_distilled, text_encoder, vae_model = open_parts(root, dtype, vae, text_layers, cache_dir, vae_dtype)
         pipe = cls(loader(), text_encoder, vae_model, is_distilled=is_distilled, model=str(path_or_repo_id),
-                   memory_budget=budget, transformer_loader=loader, max_sequence_length=max_sequence_length)
+                   memory_budget=budget, transformer_loader=loader,
+                   max_sequence_length=max_sequence_length or defaults["max_sequence_length"],
+                   default_size=(defaults["width"], defaults["height"]))
         for path, scale in loras:
             pipe.load_lora(path, scale)
         return pipe
@@ -387,11 +417,11 @@ class BonsaiPipeline:
         from pure noise); its size is the output's. `mask` (same size as init_image): white
         repaints, black keeps; without it the whole image is repainted (image to image).
         `latents` (or the seed) is the noise in every case. The size defaults to the init
-        image's, else the first reference's, else 512x512."""
+        image's, else the first reference's, else the model's (`default_size`: 512x512 for klein)."""
         check_prompts(prompt, negative_prompt)
         edit = prepare_edit(image, init_image, mask, strength, width, height, has_encoder=self.vae.has_encoder,
                             multiple=2 * self.vae.encoder_factor if self.vae.has_encoder else 16)
-        width, height = edit.width or 512, edit.height or 512
+        width, height = edit.width or self.default_size[0], edit.height or self.default_size[1]
         check_size(width, height)
         check_seed(seed)
         steps, guidance = sampling_defaults(self.is_distilled, steps, guidance)

@@ -35,6 +35,7 @@ def restore(pieces: Path, parent: Path) -> None:
     files = sorted(pieces.glob("run-*.tar.xz.*"))
     if not files:
         return
+    parent.mkdir(parents=True, exist_ok=True)
     joined = parent / "restore.tar.xz"
     with open(joined, "wb") as out:
         for f in files:
