@@ -6,6 +6,7 @@ import dataclasses
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -124,8 +125,6 @@ def _budget(label, fmt: str, size: int):
 def random_pack(root, fmt: str, seed: int = 0, pack_kwargs=None, log=print):
     """The random pack `root`/random-`fmt`, written once: every benchmark that is given the
     same `root` reads the same pack."""
-    from pathlib import Path
-
     from .random_weights import write_random_pack
 
     pack = Path(root) / f"random-{fmt}"
@@ -240,13 +239,13 @@ EDIT_CASES = {
 RATIOS = ("total_s", "denoising_s", "denoise_per_step_s", "peak_gb", "mean_active_gb")
 
 
-def picture(size: int, seed: int):
-    """A smooth random size x size RGB picture (noise scaled up), for the VAE to encode."""
+def picture(width: int, height: int, seed: int, mode: str = "RGB"):
+    """A smooth random picture (low-resolution noise scaled up), so the VAE sees structure."""
     from PIL import Image
 
     g = np.random.default_rng(seed)
-    small = Image.fromarray(g.integers(0, 256, (max(size // 16, 2), max(size // 16, 2), 3), dtype=np.uint8))
-    return small.resize((size, size), Image.Resampling.BICUBIC)
+    small = Image.fromarray(g.integers(0, 256, (max(height // 16, 2), max(width // 16, 2), 3), dtype=np.uint8))
+    return small.resize((width, height), Image.Resampling.BICUBIC).convert(mode)
 
 
 def edit_arguments(case: str, size: int, strength: float, seed: int = 0) -> dict:
@@ -257,9 +256,9 @@ def edit_arguments(case: str, size: int, strength: float, seed: int = 0) -> dict
     spec = EDIT_CASES[case]
     edit = {}
     if spec.get("references"):
-        edit["image"] = [picture(size, seed + 1 + i) for i in range(spec["references"])]
+        edit["image"] = [picture(size, size, seed + 1 + i) for i in range(spec["references"])]
     if spec.get("init_image"):
-        edit.update(init_image=picture(size, seed), strength=strength)
+        edit.update(init_image=picture(size, size, seed), strength=strength)
     if spec.get("mask"):
         mask = Image.new("L", (size, size), 0)
         mask.paste(255, (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
@@ -269,8 +268,6 @@ def edit_arguments(case: str, size: int, strength: float, seed: int = 0) -> dict
 
 def random_lora_file(root, rank: int, cfg: TransformerConfig, seed: int = 0):
     """`root`/loras/random-lora-r`rank`.safetensors for transformers of `cfg`, written once."""
-    from pathlib import Path
-
     from .random_weights import write_random_lora
 
     path = Path(root) / "loras" / f"random-lora-r{rank}-{cfg.num_layers}x{cfg.num_single_layers}x{cfg.inner_dim}" \

@@ -253,8 +253,8 @@ def _cmd_bench_edit(args) -> None:
     save = _json_writer(args.json)
     root = args.dir or tempfile.mkdtemp(prefix="bonsai-bench-")
     result = bench_edit(root, fmt=args.format, sizes=args.sizes, steps=args.steps, dtype=args.dtype,
-                        budgets=args.budgets, cases=args.cases or tuple(EDIT_CASES), strength=args.strength, generations=args.generations, checkpoint=save,
-                        log=lambda line: print(line, file=sys.stderr))
+                        budgets=args.budgets, cases=args.cases or tuple(EDIT_CASES), strength=args.strength,
+                        generations=args.generations, checkpoint=save, log=lambda line: print(line, file=sys.stderr))
     if save:
         save(result)
     print(edit_table(result))
