@@ -303,7 +303,8 @@ def bench_edit(root, fmt="binary", sizes=(512, 1024), steps=4, dtype="bfloat16",
     its warm-up (kernels compiled for its shapes) and the summary is the last one's. Each
     case's summary carries its ratios to "plain" (RATIOS). LoRAs: random rank-r files in
     diffusers' key style on every block linear, written once into `root`/loras and loaded
-    for their cases (two for a stacked case), unloaded after."""
+    for their cases (two for a stacked case), unloaded after. `checkpoint(result)` is
+    called after every case."""
     from .images import prepare_edit
 
     unknown = [c for c in cases if c not in EDIT_CASES]
@@ -320,6 +321,7 @@ def bench_edit(root, fmt="binary", sizes=(512, 1024), steps=4, dtype="bfloat16",
         for label in budgets:
             pipe, run, _ = open_random_pipeline(pack, fmt, size, label, dtype, text_layers)
             run["cases"] = {}
+            out["runs"].append(run)
             for case in cases:
                 spec, record = EDIT_CASES[case], {}
                 edit = edit_arguments(case, size, strength, seed)
@@ -337,17 +339,14 @@ def bench_edit(root, fmt="binary", sizes=(512, 1024), steps=4, dtype="bfloat16",
                     n += 1
                     record["generations"].append(timed_generation(pipe, prompt, size, steps, seed + g, plan, log,
                                                                   f"{fmt} {size} {label} {case} #{g + 1}", **edit))
-                record["summary"] = edit_summary(record["generations"][-1], plan)
                 if spec.get("lora_ranks"):
                     pipe.unload_lora()
-                run["cases"][case] = record
-            plain = run["cases"]["plain"]["summary"]
-            for record in run["cases"].values():
-                s = record["summary"]
+                s = record["summary"] = edit_summary(record["generations"][-1], plan)
+                plain = run["cases"].get("plain", record)["summary"]  # plain runs first
                 s["ratio_to_plain"] = {k: s[k] / plain[k] if plain[k] else None for k in RATIOS}
-            out["runs"].append(run)
-            if checkpoint:
-                checkpoint(out)
+                run["cases"][case] = record
+                if checkpoint:  # after every case: a run cut short keeps what it measured
+                    checkpoint(out)
             del pipe
     return out
 
@@ -371,8 +370,8 @@ def edit_table(result: dict | None = None) -> str:
                      str(s["steps_run"]), num(s["total_s"]), num(s["text_encoding_s"]),
                      num(s["image_encoding_s"]) if s["image_encoding_s"] else "",
                      num(s["transformer_load_s"]) if s["transformer_load_s"] else "", num(s["denoising_s"]),
-                     num(s["denoise_per_step_s"]), num(s["decoding_s"]), num(s["peak_gb"], 2),
-                     num(s["mean_active_gb"], 2), num(s["estimated_peak_gb"], 2), num(r["total_s"], 2),
+                     num(s["denoise_per_step_s"]), num(s["decoding_s"]), num(s["peak_gb"]),
+                     num(s["mean_active_gb"]), num(s["estimated_peak_gb"]), num(r["total_s"], 2),
                      num(r["denoise_per_step_s"], 2), num(r["peak_gb"], 2), num(r["mean_active_gb"], 2)]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

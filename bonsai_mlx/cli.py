@@ -534,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--generations", type=_positive, default=2,
                     help="generations per case (new prompt each); the first is the warm-up, the last is reported")
     be.add_argument("--dir", help="where the random packs and LoRAs are (reused if present; default: a temp dir)")
-    be.add_argument("--json", help="also write the result to this file (after every size and budget)")
+    be.add_argument("--json", help="also write the result to this file (after every case)")
     be.add_argument("--table", metavar="JSON", help="only print the markdown table of a result written earlier")
     be.set_defaults(func=_cmd_bench_edit)
     return p
