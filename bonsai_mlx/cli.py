@@ -222,20 +222,42 @@ def _report(result, describe) -> None:
               f"mean-active {st['mean_active_gb']:.3f} GB", file=sys.stderr)
 
 
+def _json_writer(path):
+    """Writes a result to `path` (None: nothing), after every run and at the end."""
+    return (lambda r: Path(path).write_text(json.dumps(r, indent=2, default=str))) if path else None
+
+
 def _cmd_bench_generate(args) -> None:
     import tempfile
 
     from .benchmark import bench_generate
 
     root = args.dir or tempfile.mkdtemp(prefix="bonsai-bench-")
+    save = _json_writer(args.json)
     result = bench_generate(root, fmts=args.formats, sizes=args.sizes, steps=args.steps, dtype=args.dtype,
-                            budgets=args.budgets, generations=args.generations,
-                            checkpoint=(lambda r: Path(args.json).write_text(json.dumps(r, indent=2, default=str)))
-                            if args.json else None)
+                            budgets=args.budgets, generations=args.generations, checkpoint=save)
     print(json.dumps(result, indent=2, default=str))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2, default=str)
+    if save:
+        save(result)
+
+
+def _cmd_bench_edit(args) -> None:
+    import tempfile
+
+    from .benchmark import EDIT_CASES, bench_edit, edit_table
+    from .safe_files import read_json
+
+    if args.table:  # render a result written earlier; run nothing
+        print(edit_table(read_json(Path(args.table), "benchmark result")))
+        return
+    save = _json_writer(args.json)
+    root = args.dir or tempfile.mkdtemp(prefix="bonsai-bench-")
+    result = bench_edit(root, fmt=args.format, sizes=args.sizes, steps=args.steps, dtype=args.dtype,
+                        budgets=args.budgets, cases=args.cases or tuple(EDIT_CASES), strength=args.strength,
+                        generations=args.generations, checkpoint=save, log=lambda line: print(line, file=sys.stderr))
+    if save:
+        save(result)
+    print(edit_table(result))
 
 
 def _cmd_convert(args) -> None:
@@ -490,6 +512,31 @@ def build_parser() -> argparse.ArgumentParser:
     bg.add_argument("--dir", help="where to write the random packs (reused if present; default: a temp dir)")
     bg.add_argument("--json", help="also write the result to this file")
     bg.set_defaults(func=_cmd_bench_generate)
+    be = bsub.add_parser(
+        "edit", help="editing and LoRA next to plain generation on random weights at the real shapes (no download)",
+        description="On the random pack `benchmark generate` writes into --dir (written if absent): per size and "
+                    "budget, one pipeline runs plain generation (the baseline), reference-image editing with 1 "
+                    "and 2 references the output's size, inpainting (mask on the central quarter) and image to "
+                    "image at --strength, and random LoRAs in diffusers' keys on every block linear (rank 16, "
+                    "rank 64, both stacked), each --generations times with new prompts; the first is the warm-up, "
+                    "the last is reported with its ratios to plain. Prints a markdown table.")
+    be.add_argument("--format", default="binary", choices=["binary", "ternary"])
+    be.add_argument("--sizes", nargs="+", type=_size, default=[512, 1024])
+    be.add_argument("--steps", type=_steps, default=4)
+    be.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"])
+    be.add_argument("--budgets", nargs="+", default=["auto", "none"],
+                    help="memory budgets, each with a fresh pipeline: 'auto', 'none', 'target' (as in benchmark "
+                         "generate) or sizes like 1.5GB; a budget the planner refuses runs the most frugal plan")
+    be.add_argument("--cases", nargs="+", default=None,
+                    help="what to run, of plain, reference-1, reference-2, inpaint, image-to-image, lora-r16, "
+                         "lora-r64, lora-r16+r64 (default: all; plain, the baseline, always runs)")
+    be.add_argument("--strength", type=float, default=0.6, help="of inpainting and image to image (default 0.6)")
+    be.add_argument("--generations", type=_positive, default=2,
+                    help="generations per case (new prompt each); the first is the warm-up, the last is reported")
+    be.add_argument("--dir", help="where the random packs and LoRAs are (reused if present; default: a temp dir)")
+    be.add_argument("--json", help="also write the result to this file (after every case)")
+    be.add_argument("--table", metavar="JSON", help="only print the markdown table of a result written earlier")
+    be.set_defaults(func=_cmd_bench_edit)
     return p
 
 

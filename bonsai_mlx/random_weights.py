@@ -527,6 +527,37 @@ def write_random_pack(root, fmt: str = "binary", *, transformer=KLEIN_4B, text=Q
     return root
 
 
+# A random LoRA's B ~ N(0, (LORA_B_STD^2) / rank), A ~ N(0, 1 / in): each layer's update
+# is about LORA_B_STD of its output's scale, so activations stay finite.
+LORA_B_STD = 0.1
+
+
+def lora_tensors(transformer: TransformerConfig, rank: int) -> list[Tensor]:
+    """A rank-`rank` LoRA on every block linear, in diffusers' keys
+    (transformer.<module>.lora_A.weight [rank, in], .lora_B.weight [out, rank]), bf16."""
+    shapes = transformer_shapes(transformer)
+    out = []
+    for name in block_linear_names(transformer.num_layers, transformer.num_single_layers):
+        n, k = shapes[f"{name}.weight"]
+        out += [Tensor(f"transformer.{name}.lora_A.weight", (rank, k), "BF16", "normal", std=k**-0.5),
+                Tensor(f"transformer.{name}.lora_B.weight", (n, rank), "BF16", "normal", std=LORA_B_STD * rank**-0.5)]
+    return out
+
+
+def write_random_lora(path, rank: int = 16, *, transformer=KLEIN_4B, alpha: float | None = None,
+                      seed: int = 0) -> Path:
+    """Write a random LoRA file as diffusers saves one (`lora_tensors`, with PEFT's config in
+    `lora_adapter_metadata`: r and lora_alpha, default alpha = rank: scale 1). About 3 MB
+    per unit of rank at klein 4B's shapes."""
+    if not (isinstance(rank, int) and rank >= 1):
+        raise ConfigError(f"a LoRA's rank must be a positive integer, got {rank!r}")
+    config = {"transformer.r": rank, "transformer.lora_alpha": rank if alpha is None else alpha}
+    path = Path(path)
+    write_safetensors(path, lora_tensors(_transformer_config(transformer), rank),
+                      {"format": "pt", "lora_adapter_metadata": json.dumps(config)}, seed=seed)
+    return path
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Write a Bonsai Image 4B pack of random weights at the real shapes.")
     ap.add_argument("out", type=Path)

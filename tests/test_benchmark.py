@@ -1,10 +1,14 @@
 """The no-download benchmarks run end to end (tiny shapes here; full shapes in docs/benchmarks.md)."""
 
+import json
+
 import mlx.core as mx
 
-from bonsai_mlx.benchmark import bench_generate, forward_flops
+from bonsai_mlx.benchmark import EDIT_CASES, EDIT_COLUMNS, RATIOS, bench_generate, forward_flops
+from bonsai_mlx.cli import main
 from bonsai_mlx.config import KLEIN_4B
-from test_random_weights import TINY
+from bonsai_mlx.random_weights import write_random_pack
+from test_random_weights import TINY, TINY_TEXT
 
 
 def test_bench_generate_reports_stages_cold_start_and_streaming(tmp_path):
@@ -33,3 +37,47 @@ def test_bench_generate_reports_stages_cold_start_and_streaming(tmp_path):
 def test_forward_flops_of_klein_4b_at_512():
     # ~10.2 TFLOP per 512x512 step with 512 text tokens (matches the device notes' ~10.1)
     assert 9.9e12 < forward_flops(KLEIN_4B, 1024, 512) < 10.4e12
+
+
+def test_benchmark_edit_command_runs_every_case_on_the_pack_in_dir(tmp_path, capsys):
+    """`benchmark edit` end to end on a tiny pack written where `benchmark generate` writes
+    its own (so it is read, not written again); the text encoder has 28 layers for the
+    default text layers 9, 18, 27."""
+    pack = write_random_pack(tmp_path / "random-binary", "binary", seed=0,
+                             **{**TINY, "text": {**TINY_TEXT, "num_hidden_layers": 28}})
+    written = (pack / "model_index.json").stat().st_mtime_ns
+    out = tmp_path / "edit.json"
+    main(["benchmark", "edit", "--dir", str(tmp_path), "--sizes", "64", "--dtype", "float32", "--budgets", "auto",
+          "none", "--generations", "1", "--steps", "2", "--strength", "0.4", "--json", str(out)])
+    table = capsys.readouterr().out
+    assert (pack / "model_index.json").stat().st_mtime_ns == written
+    result = json.loads(out.read_text())
+    assert result["format"] == "binary" and result["steps"] == 2 and result["strength"] == 0.4
+    assert [(r["size"], r["budget"]) for r in result["runs"]] == [(64, "auto"), (64, "none")]
+    for run in result["runs"]:
+        assert list(run["cases"]) == list(EDIT_CASES)
+        for name, case in run["cases"].items():
+            s = case["summary"]
+            assert len(case["generations"]) == 1 and case["generations"][0]["finite"]
+            # strength 0.4 of 2 steps skips one
+            assert s["steps_run"] == (1 if EDIT_CASES[name].get("init_image") else 2)
+            assert s["total_s"] > s["denoising_s"] > 0 and s["denoise_per_step_s"] > 0 and s["peak_gb"] > 0
+            assert s["mean_active_gb"] > 0 and set(s["ratio_to_plain"]) == set(RATIOS)
+            assert all(v > 0 for v in s["ratio_to_plain"].values())
+            images = bool(EDIT_CASES[name].get("references") or EDIT_CASES[name].get("init_image"))
+            assert ("image_encoding" in s["stages_s"]) == (s["image_encoding_s"] > 0) == images
+            assert (s["estimated_peak_gb"] is None) == (run["budget"] == "none")
+            if run["budget"] == "auto":
+                assert s["estimated_peak_gb"] > 0 and "denoising" in s["stage_estimates_gb"]
+            ranks = EDIT_CASES[name].get("lora_ranks", ())
+            assert len(case.get("loras", [])) == len(ranks)
+            if ranks:  # r (in + out) bf16 values per block linear
+                assert case["lora_bytes"] > 0 and case["lora_load_s"] > 0
+        assert run["cases"]["plain"]["summary"]["ratio_to_plain"] == {k: 1.0 for k in RATIOS}
+        lora = {n: run["cases"][n]["lora_bytes"] for n in ("lora-r16", "lora-r64", "lora-r16+r64")}
+        assert lora["lora-r64"] == 4 * lora["lora-r16"] and lora["lora-r16+r64"] == 5 * lora["lora-r16"]
+    # the markdown table: a row per size, budget and case, as --table renders it from the JSON
+    rows = [line for line in table.splitlines() if line.startswith("| 64 |")]
+    assert len(rows) == 2 * len(EDIT_CASES) and all(line.count("|") == len(EDIT_COLUMNS) + 1 for line in rows)
+    main(["benchmark", "edit", "--table", str(out)])
+    assert capsys.readouterr().out == table

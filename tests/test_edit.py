@@ -11,6 +11,7 @@ from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
 from PIL import Image
 
 from bonsai_mlx import BonsaiPipeline
+from bonsai_mlx.benchmark import picture
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.images import init_pixels, mask_tokens, reference_pixels
 from fixtures import make_pipeline as mp
@@ -23,13 +24,6 @@ IMAGE_BOUND = 2 / 255
 
 def ours(path, **kw):
     return BonsaiPipeline.from_pretrained(path, dtype=mx.float32, text_layers=mp.TEXT_LAYERS, **kw)
-
-
-def picture(w: int, h: int, seed: int, mode: str = "RGB") -> Image.Image:
-    """A smooth random picture (low-resolution noise scaled up), so the VAE sees structure."""
-    g = np.random.default_rng(seed)
-    small = Image.fromarray(g.integers(0, 256, (max(h // 16, 2), max(w // 16, 2), 3), dtype=np.uint8))
-    return small.resize((w, h), Image.Resampling.BICUBIC).convert(mode)
 
 
 @pytest.fixture(scope="module")

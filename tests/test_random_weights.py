@@ -225,3 +225,18 @@ def test_real_pack_sizes():
     # VAE 168,120,878 bytes
     assert (sizes["binary"][tr], sizes["ternary"][tr], sizes["binary"][te], sizes["binary"][va]) == (
         965_208_192, 1_425_271_416, 2_263_022_760, 168_120_878)
+
+
+def test_random_lora_in_diffusers_keys_loads_on_every_block_linear(tmp_path):
+    from bonsai_mlx.lora import check_lora, read_lora
+
+    path = rw.write_random_lora(tmp_path / "r8.safetensors", 8, transformer=TINY_TRANSFORMER, alpha=4, seed=3)
+    updates = read_lora(path)  # diffusers' keys, PEFT's config in the metadata: scale alpha / r
+    check_lora(updates, TINY_TRANSFORMER, str(path))
+    names = block_linear_names(TINY_TRANSFORMER.num_layers, TINY_TRANSFORMER.num_single_layers)
+    assert sorted(updates) == sorted(names)
+    assert all(u.a.shape[0] == 8 and u.b.shape[1] == 8 and u.scale == 0.5 for u in updates.values())
+    assert path.stat().st_size == rw.safetensors_nbytes(rw.lora_tensors(TINY_TRANSFORMER, 8), {
+        "format": "pt", "lora_adapter_metadata": json.dumps({"transformer.r": 8, "transformer.lora_alpha": 4})})
+    # klein 4B: r (in + out) bf16 values on each of its 100 block linears, ~3 MB per unit of rank
+    assert 3.0e6 < rw.safetensors_nbytes(rw.lora_tensors(KLEIN_4B, 1), {}) < 3.1e6
