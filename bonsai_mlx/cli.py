@@ -369,9 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
         "generate", help="text to image",
         description="Generate an image from a text prompt. The model is a local directory (a Bonsai pack or a "
                     "diffusers FLUX.2 klein folder), a Hugging Face repo id, or one of: "
-                    "bonsai-binary, bonsai-ternary. Downloads go to the Hugging Face cache; set HF_HUB_OFFLINE=1 "
-                    "to use only what is cached.",
-        epilog='example: python -m bonsai_mlx generate "a bonsai tree at dawn" -o bonsai.png --seed 7\n'
+                    "bonsai-binary, bonsai-ternary, demo (the small coloured-shapes model inside the package: no download). "
+                    "Downloads go to the Hugging Face cache; set HF_HUB_OFFLINE=1 to use only what is cached.",
+        epilog='example: python -m bonsai_mlx generate "an image of a red circle left of a blue square" --model demo\n'
+               '  python -m bonsai_mlx generate "a bonsai tree at dawn" -o bonsai.png --seed 7\n'
                '  python -m bonsai_mlx generate "make it autumn" --image tree.png --vae VAE_DIR -o autumn.png\n'
                '  python -m bonsai_mlx generate "a koi pond" --init-image garden.png --mask pond.png --strength 0.9\n'
                '  python -m bonsai_mlx generate --prompt-file prompts.jsonl --lora style.safetensors:0.8 -o out.png',
@@ -386,9 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "init_image, mask, strength, output; blank and '#' lines are skipped")
     g.add_argument("--model", default="bonsai-binary", help="model directory, repo id or name (default: bonsai-binary)")
     g.add_argument("--width", type=_size, default=None,
-                   help="pixels, a multiple of 16 in 64..2048 (default 512, or the first reference image's width)")
+                   help="pixels, a multiple of 16 in 64..2048 (default: the first reference image's width, else "
+                        "the model's: 512 for klein, 128 for demo)")
     g.add_argument("--height", type=_size, default=None,
-                   help="pixels, a multiple of 16 in 64..2048 (default 512, or the first reference image's height)")
+                   help="pixels, a multiple of 16 in 64..2048 (default: the first reference image's height, else "
+                        "the model's: 512 for klein, 128 for demo)")
     g.add_argument("--image", action="append", default=None, metavar="PATH",
                    help="reference image to edit from or combine (repeatable); at least 64 px a side")
     g.add_argument("--init-image", default=None, metavar="PATH",

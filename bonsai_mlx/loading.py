@@ -253,6 +253,10 @@ MODELS = {
     "bonsai-binary": "prism-ml/bonsai-image-binary-4B-mlx-1bit",
     "bonsai-ternary": "prism-ml/bonsai-image-ternary-4B-mlx-2bit",
 }
+# Models inside the package, used offline: the binary demo trained on the coloured-shapes
+# task (docs/quality.md), a klein-shaped pipeline small enough to ship.
+DEMO_DIR = Path(__file__).resolve().parent / "demo"
+LOCAL_MODELS = {"demo": DEMO_DIR}
 # PrismML's packs ship no VAE; they decode with BFL's small decoder.
 DEFAULT_VAE_REPO = "black-forest-labs/FLUX.2-small-decoder"
 # What a pipeline reads; repos also hold root-level single-file checkpoints we never need.
@@ -315,11 +319,16 @@ def resolve_model(name: str | os.PathLike, *, revision=None, cache_dir=None, fil
     if path.is_dir():
         return path
     name = str(name)
+    if name in LOCAL_MODELS:
+        if not LOCAL_MODELS[name].is_dir():
+            raise WeightsError(f"the {name!r} model is missing from this installation ({LOCAL_MODELS[name]}); "
+                               "reinstall bonsai-mlx")
+        return LOCAL_MODELS[name]
     repo_id = MODELS.get(name, name)
     if path.exists() or (repo_id.count("/") != 1 or name.startswith((".", "/", "~"))):
         raise BonsaiError(
             f"{name!r} is neither a model directory nor a known model name. Known names: "
-            f"{', '.join(sorted(MODELS))}; or pass a Hugging Face repo id like 'org/name', or a local directory."
+            f"{', '.join(sorted([*MODELS, *LOCAL_MODELS]))}; or pass a Hugging Face repo id like 'org/name', or a local directory."
         )
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import HfHubHTTPError, LocalEntryNotFoundError

@@ -86,9 +86,9 @@ def grid(tiles: list[tuple[np.ndarray, bool]], columns: int = GRID_COLUMNS) -> I
 
 def eval_shapes(model: str, out: str | os.PathLike, count: Optional[int] = None, seed: int = 0, size: int = 128,
                 steps: Optional[int] = None, guidance: Optional[float] = None, dtype=None,
-                quantize: Optional[str] = None, log: Callable[[str], None] = lambda _: None) -> dict:
-    """Load `model` with BonsaiPipeline.from_pretrained and evaluate the first `count`
-    held-out prompts (all when None)."""
+                quantize: Optional[str] = None, log: Callable[[str], None] = lambda _: None, vae=None) -> dict:
+    """Load `model` with BonsaiPipeline.from_pretrained (and `vae`, when given) and evaluate
+    the first `count` held-out prompts (all when None)."""
     import mlx.core as mx
 
     from ..pipeline import BonsaiPipeline, check_size
@@ -96,5 +96,5 @@ def eval_shapes(model: str, out: str | os.PathLike, count: Optional[int] = None,
     check_size(size, size)
     specs = evaluation_specs(count)
     prepare_out(out)  # before loading anything
-    pipe = BonsaiPipeline.from_pretrained(model, dtype=dtype or mx.bfloat16, quantize=quantize)
+    pipe = BonsaiPipeline.from_pretrained(model, dtype=dtype or mx.bfloat16, quantize=quantize, vae=vae)
     return evaluate(pipe, specs, out, seed=seed, size=size, steps=steps, guidance=guidance, model=str(model), log=log)
