@@ -1,5 +1,6 @@
 """End to end against diffusers' Flux2KleinPipeline on tiny random pipelines."""
 
+import json
 import shutil
 
 import mlx.core as mx
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 
 from bonsai_mlx import BonsaiPipeline
-from bonsai_mlx.errors import BonsaiError, WeightsError
+from bonsai_mlx.errors import BonsaiError, ConfigError, WeightsError
 from bonsai_mlx.pipeline import Cancelled, GenerationResult, StepEvent
 from fixtures import make_packs
 from fixtures import make_pipeline as mp
@@ -55,6 +56,42 @@ def test_short_prompt_length_matches_diffusers(distilled):
     assert np.abs(full.array - ref).max() > 10 * IMAGE_BOUND
     with pytest.raises(BonsaiError, match="max_sequence_length"):
         ours(path, max_sequence_length=0)
+
+
+def test_model_defaults_file_sets_size_and_prompt_length(distilled, tmp_path):
+    """A model's bonsai.json gives the default size and prompt length: the image equals
+    diffusers' at that size and max_sequence_length; explicit arguments still win."""
+    ref_pipe, path = distilled
+    model = tmp_path / "model"
+    shutil.copytree(path, model)
+    (model / "bonsai.json").write_text(json.dumps({"width": W, "height": H, "max_sequence_length": 48}))
+    noise = mp.initial_noise(W, H, seed=6)
+    ref = mp.run_reference(ref_pipe, PROMPT, W, H, 4, noise, max_sequence_length=48)
+    pipe = ours(model)
+    assert pipe.default_size == (W, H) and pipe.max_sequence_length == 48
+    result = pipe.generate(PROMPT, latents=noise)  # no size given: the model's
+    assert result.image.size == (W, H)
+    diff = np.abs(result.array - ref).max()
+    assert diff <= IMAGE_BOUND, f"max abs difference {diff * 255:.2f}/255"
+    assert ours(model, max_sequence_length=512).max_sequence_length == 512
+    assert ours(path).default_size == (512, 512) and ours(path).max_sequence_length == 512  # klein's
+
+
+@pytest.mark.parametrize("content, pattern", [
+    ('{"width": 100}', "multiple of 16"),
+    ('{"width": 4096}', "width must be"),
+    ('{"max_sequence_length": 0}', "max_sequence_length must be"),
+    ('{"max_sequence_length": "32"}', "max_sequence_length must be"),
+    ('{"size": 128}', "keys among"),
+    ('[128, 128]', "JSON object"),
+    ('{"width": ', "bonsai.json"),
+])
+def test_bad_model_defaults_are_refused_before_loading(distilled, tmp_path, content, pattern):
+    model = tmp_path / "model"
+    shutil.copytree(distilled[1], model)
+    (model / "bonsai.json").write_text(content)
+    with pytest.raises(ConfigError, match=pattern):
+        ours(model)
 
 
 def test_base_with_cfg_matches_diffusers(base):

@@ -1,8 +1,10 @@
 """Demo training on the CPU at the tiny size: stages, checkpoints, resuming, QAT, export, and
 the tokenizer through our text-encoder path."""
 
+import importlib.util
 import json
 import shutil
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -17,10 +19,12 @@ from bonsai_mlx.packing import dequantize, quantize
 from bonsai_mlx.shapes import batches, qat, scenes, train
 from bonsai_mlx.shapes.models import load_part
 from bonsai_mlx.shapes.tokenizer import build_tokenizer, render_chat
-from bonsai_mlx.shapes.trainer import LoopConfig
+from bonsai_mlx.shapes.trainer import LoopConfig, strip_moments
 from bonsai_mlx.text_encoder import load_text_encoder
 
-# --max-length 64 keeps the frozen 28-layer encoder quick on a CPU; the pipeline pads to 512.
+# --max-length 64 keeps the frozen 28-layer encoder quick on a CPU; the run records it, and the
+# export's bonsai.json makes the pipeline pad prompts to it.
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 COMMON = ["--size", "tiny", "--workers", "0", "--max-length", "64", "--log-every", "1"]
 
 
@@ -51,7 +55,7 @@ def test_stages_write_parts_and_small_checkpoints(run):
     assert dtypes == {torch.bfloat16}  # weights and AdamW moments
     bn = _weights(run / "vae")
     assert not np.allclose(bn["bn.running_var"], 1.0)  # latent statistics were measured
-    assert json.loads((run / "run.json").read_text()) == {"size": "tiny", "seed": 0}
+    assert json.loads((run / "run.json").read_text()) == {"size": "tiny", "seed": 0, "max_length": 64}
 
 
 def test_qat_weights_are_exactly_packable(run):
@@ -88,8 +92,50 @@ def test_resume_continues_the_same_run(run, tmp_path):
     # Same step counter, batches, noise and learning rates: the interrupted run ends where the
     # uninterrupted one did, bit for bit (float32 checkpoints; bfloat16 ones restart rounded).
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
-    with pytest.raises(BonsaiError, match="same --size and --seed"):
+    with pytest.raises(BonsaiError, match="same --size, --seed"):
         train.main(["dit", str(other), *COMMON, "--seed", "1", "--resume"])
+
+
+def test_weights_only_checkpoint_resumes_under_a_new_schedule(run, tmp_path):
+    """What a GPU call brings back when AdamW's moments do not fit: the weights, resumed with
+    AdamW restarted (and a ramp), onto a step count the checkpoint was not made for."""
+    other = tmp_path / "run"
+    other.mkdir()
+    for part in ("run.json", "tokenizer", "text_encoder", "vae"):
+        src = run / part
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, other / part)
+    assert train.main(["dit", str(other), *COMMON, "--steps", "4", "--max-minutes", "0"]) == 3
+    ckpt = other / "checkpoints" / "dit" / "step-0000001.safetensors"
+    full = ckpt.stat().st_size
+    strip_moments(ckpt)
+    assert ckpt.stat().st_size < 0.4 * full
+    from safetensors import safe_open
+    with safe_open(str(ckpt), "pt") as f:
+        assert f.keys() and not any(k.startswith("adam.") for k in f.keys())
+    with pytest.raises(BonsaiError, match="--reschedule"):
+        train.main(["dit", str(other), *COMMON, "--steps", "3", "--resume"])
+    with pytest.raises(BonsaiError, match="past the 1 steps"):
+        train.main(["dit", str(other), *COMMON, "--steps", "1", "--resume", "--reschedule"])
+    assert train.main(["dit", str(other), *COMMON, "--steps", "3", "--resume", "--reschedule"]) == 0
+    meta = json.loads((other / "checkpoints" / "dit" / "step-0000003.json").read_text())
+    assert meta["step"] == 3 and meta["loop"]["steps"] == 3 and meta["adam_steps"]  # moments again
+    assert (other / "transformer" / "config.json").exists()
+
+
+def test_pieces_pack_and_restore_the_run(run, tmp_path):
+    """examples/shapes_train_all.py: a run folder packed into pieces comes back whole."""
+    spec = importlib.util.spec_from_file_location("shapes_train_all", EXAMPLES / "shapes_train_all.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    tool.pack(run, tmp_path / "pieces")
+    pieces = sorted((tmp_path / "pieces").iterdir())
+    assert pieces and all(p.stat().st_size <= tool.PIECE_BYTES for p in pieces)
+    tool.restore(tmp_path / "pieces", tmp_path / "back")
+    back = tmp_path / "back" / run.name
+    for part in ("vae", "transformer", "transformer-binary", "transformer-ternary", "text_encoder"):
+        a, b = _weights(run / part), _weights(back / part)
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), part
+    assert not list((back / "checkpoints").rglob("*.safetensors"))  # finished stages keep no checkpoints
 
 
 def test_exported_pipelines_load_and_generate(run, tmp_path):
@@ -97,8 +143,11 @@ def test_exported_pipelines_load_and_generate(run, tmp_path):
     assert train.main(["export", str(run), "--weights", "binary", "--out", str(tmp_path / "bin")]) == 0
     index = json.loads((tmp_path / "fp" / "model_index.json").read_text())
     assert index["_class_name"] == "Flux2KleinPipeline" and index["is_distilled"] is False
+    assert json.loads((tmp_path / "fp" / "bonsai.json").read_text()) == {
+        "width": 128, "height": 128, "max_sequence_length": 64}
     pipe = BonsaiPipeline.from_pretrained(tmp_path / "fp", dtype=mx.float32)
-    img = pipe.generate("an image of a red circle", width=128, height=128, steps=2, seed=3)
+    assert pipe.max_sequence_length == 64 and pipe.default_size == (128, 128)  # as trained
+    img = pipe.generate("an image of a red circle", steps=2, seed=3)
     assert img.image.size == (128, 128) and img.guidance == 4.0  # a base model: guidance by default
 
     packed = BonsaiPipeline.from_pretrained(tmp_path / "bin", dtype=mx.float32, quantize="binary")
