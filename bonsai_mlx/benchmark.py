@@ -166,7 +166,8 @@ def bench_generate(root, fmts=("binary", "ternary"), sizes=(512, 1024), steps=4,
                     plan = pipe.smallest_plan(size, size)
                 run["plan"] = {**{k: getattr(plan, k) for k in (
                     "stream_text_encoder", "keep_text_encoder", "transformer_in_text", "transformer_in_decode",
-                    "vae_tile", "token_chunk", "attention_rows", "sync", "estimated_peak_bytes", "stage_estimates")},
+                    "vae_tile", "vae_strip", "token_chunk", "attention_rows", "sync", "estimated_peak_bytes",
+                    "stage_estimates")},
                     "described": describe(plan)}
                 for g in range(generations):
                     steps_at = []
