@@ -16,7 +16,7 @@ from mlx.utils import tree_flatten
 from .errors import BonsaiError, NonFiniteError
 from .lora import LoraSet
 from .memory import (Footprint, MemoryMonitor, MemoryPlan, cache_limit, calibrate_vae, calibrate_vae_encoder,
-                     conservative_vae_scratch)
+                     conservative_vae_scratch, vae_held_per_pixel)
 from .packed_linear import PackedLinear, auto_backend
 from .results import GenerationResult, StepEvent, to_pil
 from .scheduler import denoise, first_step, flux2_sigmas, noised
@@ -157,8 +157,7 @@ class Models:
         args = te.config.args
         if calibrated and self._vae_fit is None:
             self._vae_fit = calibrate_vae(self.vae)
-        up_fixed, up_px, mid_fixed, mid_px = self._vae_fit if calibrated else conservative_vae_scratch(
-            self.vae.config)
+        vae_fit = self._vae_fit if calibrated else conservative_vae_scratch(self.vae.config)
         return Footprint(
             transformer_bytes=self.transformer_info["bytes"] + self.loras.nbytes, transformer_dim=cfg.inner_dim,
             transformer_mlp=cfg.mlp_hidden_dim, transformer_heads=cfg.num_attention_heads,
@@ -168,7 +167,7 @@ class Models:
             text_stream_bytes=te.weight_bytes(None) + max(layers, default=0),
             text_hidden=args.hidden_size, text_heads=args.num_attention_heads, text_len=self.max_sequence_length,
             vae_bytes=nbytes(self.vae), vae_mid_channels=self.vae.config.decoder_channels[-1],
-            vae_up_fixed=up_fixed, vae_up_per_pixel=up_px, vae_mid_fixed=mid_fixed, vae_mid_per_pixel=mid_px,
+            vae_held_per_pixel=vae_held_per_pixel(self.vae), **vae_fit,
             fused_attention=fused_attention(self.transformer_info["dtype"]),
             # the widest layer's dense weight, twice (MLX may dequantize the next before the last is freed)
             text_dequant_bytes=2 * max(args.intermediate_size, args.num_attention_heads * args.head_dim)
@@ -297,7 +296,7 @@ def run(models: Models, req: Request, plan: MemoryPlan,
                 models.release_transformer()
             vae = models.vae
             images = vae.decode_tokens(x.astype(vae.dtype), req.height, req.width, tile_size=plan.vae_tile,
-                                       overlap=VAE_TILE_OVERLAP, execution=ex)
+                                       overlap=VAE_TILE_OVERLAP, execution=ex, strip=plan.vae_strip)
             mx.eval(images)
             if not all_finite(images):
                 raise NonFiniteError(f"decoding produced NaN or Inf in {dtype_name(vae.dtype)}: the VAE's activations "

@@ -5,7 +5,7 @@ and records `mx.get_peak_memory()` per stage; mean-active is the trapezoidal int
 of the samples over the render time.
 
 `plan_memory` picks how to run the stages (stream the text encoder or hold it, keep the
-transformer across stages or reload it, token chunks, VAE tiles) from estimates of each
+transformer across stages or reload it, token chunks, VAE strips or tiles) from estimates of each
 stage's footprint: the cheapest plan in time that fits the budget. Three kinds of budget:
   None      no limit: everything resident, one graph per forward (the fastest, hungriest)
   "auto"    the default: only what costs no time (block-by-block evaluation, the text
@@ -29,6 +29,7 @@ import mlx.core as mx
 from .errors import BonsaiError
 from .execution import Execution
 from .vae import _MAX_SCORES as VAE_MAX_SCORES  # attention score elements per query chunk of the mid block
+from .vae_strips import held_bytes, up_strips
 
 GB = 1e9
 AUTO = "auto"
@@ -191,6 +192,7 @@ class MemoryPlan:
     attention_rows: int | None = None  # query rows per attention call; None = one call
     sync: bool = False  # evaluate block by block (bounded activations, a sync per block)
     overlap: bool = False  # with sync: two parts in flight, so the device never waits for the host
+    vae_strip: int | None = None  # image rows per strip of a stage-by-stage decode (vae_strips); not with vae_tile
     estimated_peak_bytes: int = 0
     stage_estimates: dict = field(default_factory=dict)
 
@@ -230,6 +232,12 @@ class Footprint:
     vae_up_per_pixel: float = 0.0
     vae_mid_fixed: float = 0.0
     vae_mid_per_pixel: float = 0.0
+    # Strip decoding: the whole tensors it holds at its peak per image pixel (from the
+    # decoder's channels, vae_strips.held_bytes), and its measured peak scratch beyond them,
+    # fixed plus per pixel of a strip's window ((strip + STRIP_HALO) rows x the width).
+    vae_held_per_pixel: float = 0.0
+    vae_strip_fixed: float = 0.0
+    vae_strip_per_pixel: float = 0.0
     fused_attention: bool = True  # the transformer's attention never materialises its scores
     text_dequant_bytes: int = 0  # dense weights alive at once when the encoder dequantizes per matmul
     dtype_bytes: int = 2
@@ -244,20 +252,25 @@ class Footprint:
 
 OVERHEAD = 48 * 2**20  # allocator slack, small arrays, ids, schedules
 VAE_MARGIN = 104  # pixels of context a decoder tile needs on each side (FLUX.2 VAE)
+STRIP_HALO = 2  # rows beyond a full-resolution strip that its 3x3 convolutions read
 SAFETY = 1.10
-OVERLAP_BLOCKS, OVERLAP_DECODER = 4, 2  # see `estimate`
+OVERLAP_BLOCKS, OVERLAP_DECODER, OVERLAP_STRIPS = 4, 2, 3  # see `estimate`
 TOKEN_CHUNKS = (None, 4096, 2048, 1024, 512, 256)
+VAE_STRIPS = (256, 128, 64, 32, 16)
 VAE_TILES = (1024, 768, 512, 384, 256, 128)
 ATTENTION_ROWS = (None, 1024, 512, 256)
 # What a choice costs in time, in rough seconds per generation (H200 measurements in
 # docs/benchmarks.md): plans are tried cheapest first. Tiles are dearest: exact tiles
-# re-run the decoder's up path once per GroupNorm to share whole-image statistics.
+# re-run the decoder's up path once per GroupNorm to share whole-image statistics. Strips
+# compute what the whole decode computes, plus a halo row per convolution and an
+# evaluation per strip: the smaller, the more evaluations.
 COST_STREAM_TEXT = 0.5
 COST_RELOAD_TRANSFORMER = 1.0
 COST_STRICT = 0.3  # the device idles at every evaluation while the host builds the next part
 COST_TOKEN_CHUNK = {None: 0, 4096: 0.1, 2048: 0.2, 1024: 0.4, 512: 0.8, 256: 1.6}
 COST_ATTENTION_ROWS = {None: 0, 1024: 0.1, 512: 0.2, 256: 0.4}
 COST_VAE_TILE = {None: 0, 1024: 20, 768: 25, 512: 30, 384: 40, 256: 60, 128: 120}
+COST_VAE_STRIP = {None: 0, 256: 0.02, 128: 0.03, 64: 0.05, 32: 0.1, 16: 0.2}
 
 
 def _attention_scores(heads: int, rows: int, cols: int) -> int:
@@ -326,6 +339,14 @@ def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batch
     up = (latent_px * fp.vae_mid_channels * s + in_flight * (fp.vae_up_fixed + fp.vae_up_per_pixel * th * tw)
           + 4 * in_flight * min(Execution().reduce_block, th * tw * fp.vae_mid_channels)
           + height * width * 4 * 4 * 2)
+    if plan.vae_strip:
+        # Strips: the whole tensors of the widest stage, a strip's scratch per part in flight
+        # (overlapped: up to 2.3x one strip's on this project's CPU, hence 3), the mid output's
+        # statistics in float32 row blocks, and the image's float32 copies.
+        in_flight = OVERLAP_STRIPS if plan.overlap else 1
+        up = (fp.vae_held_per_pixel * height * width
+              + in_flight * (fp.vae_strip_fixed + fp.vae_strip_per_pixel * (plan.vae_strip + STRIP_HALO) * width)
+              + 4 * min(Execution().reduce_block, latent_px * fp.vae_mid_channels) + height * width * 4 * 4 * 2)
     decode = resident + max(mid, up)
     if plan.transformer_in_decode:
         decode += fp.transformer_bytes
@@ -346,22 +367,25 @@ def plan_cost(plan: MemoryPlan) -> float:
     """Rough seconds a plan adds to a generation over the unconstrained run."""
     return (COST_STREAM_TEXT * plan.stream_text_encoder + COST_RELOAD_TRANSFORMER * plan.releases_transformer
             + COST_STRICT * (plan.sync and not plan.overlap) + COST_TOKEN_CHUNK[plan.token_chunk] + COST_ATTENTION_ROWS[plan.attention_rows]
-            + COST_VAE_TILE[plan.vae_tile])
+            + COST_VAE_TILE[plan.vae_tile] + COST_VAE_STRIP[plan.vae_strip])
 
 
 def candidate_plans(width: int, height: int, fused_attention: bool = True, stream_only: bool = False,
                     extra_tokens: int = 0):
     """Every budgeted plan for this size, cheapest in time first. Attention chunks only
     where the attention materialises its scores (chunks cost memory next to a fused
-    kernel); tiles only smaller than the image."""
+    kernel); strips and tiles only smaller than the image. A plan decodes whole, in strips
+    or in tiles."""
     side, L = max(width, height), (width // 16) * (height // 16) + 512 + extra_tokens
-    tiles = [None] + [t for t in VAE_TILES if t < side]
+    decodes = ([(None, None)] + [(None, s) for s in VAE_STRIPS if s < height]
+               + [(t, None) for t in VAE_TILES if t < side])
     chunks = [c for c in TOKEN_CHUNKS if c is None or c < L]
     rows = ATTENTION_ROWS if not fused_attention else (None,)
     keeps = ((True, True), (True, False), (False, True), (False, False))
-    plans = [MemoryPlan(stream, False, in_text, in_decode, tile, chunk, r, sync=True, overlap=overlap)
+    plans = [MemoryPlan(stream, False, in_text, in_decode, tile, chunk, r, sync=True, overlap=overlap,
+                        vae_strip=strip)
              for stream in ((True,) if stream_only else (False, True)) for in_text, in_decode in keeps
-             for tile in tiles for chunk in chunks for r in rows for overlap in (True, False)]
+             for tile, strip in decodes for chunk in chunks for r in rows for overlap in (True, False)]
     return sorted(plans, key=plan_cost)
 
 
@@ -417,7 +441,8 @@ def describe(plan: MemoryPlan) -> str:
         away = [s for s, kept in (("text encoding", plan.transformer_in_text),
                                   ("decoding", plan.transformer_in_decode)) if not kept]
         parts.append(f"release the transformer during {' and '.join(away)} (reloaded before denoising)")
-    parts.append(f"{plan.vae_tile}-pixel VAE tiles" if plan.vae_tile else "whole-image VAE decode")
+    parts.append(f"{plan.vae_tile}-pixel VAE tiles" if plan.vae_tile else
+                 f"VAE decode in {plan.vae_strip}-row strips" if plan.vae_strip else "whole-image VAE decode")
     if plan.token_chunk:
         parts.append(f"{plan.token_chunk}-token chunks")
     if plan.attention_rows:
@@ -445,32 +470,45 @@ def _fit_line(x0: float, x1: float, y0: float, y1: float) -> tuple[float, float]
     return max(y0 - slope * x0, 0.0), slope
 
 
-def conservative_vae_scratch(config) -> tuple[float, float, float, float]:
-    """`calibrate_vae`'s four figures without measuring, chosen above what was measured for
+def vae_held_per_pixel(vae) -> float:
+    """Bytes per image pixel of the whole tensors a strip decode holds at its peak."""
+    f = vae.decoder_factor
+    return held_bytes(vae.config, f, f, vae.dtype.size) / f**2
+
+
+def conservative_vae_scratch(config) -> dict:
+    """`calibrate_vae`'s figures without measuring, chosen above what was measured for
     the full FLUX.2 VAE in float16 (output channels 128, mid 512): on an H200 2.6 KB per
     output pixel and 5.6 MB + 2.9 KB per latent pixel (docs/results/h200-generate-4dd7b93.json),
-    on this project's CPU 4.9 KB per output pixel and 24 MB fixed. Scaled with the channels
-    of the last up block and of the mid block for other decoders."""
+    on this project's CPU 4.9 KB per output pixel and 24 MB fixed; strips on this CPU, in
+    float32 (its convolutions unfold 3x3 patches of 256 channels: 9.2 KB per pixel), 11.3
+    KB per pixel of a strip's window and no fixed part. Scaled with the channels of the last
+    up block and of the mid block for other decoders."""
     c_out, c_mid = config.decoder_channels[0], config.decoder_channels[-1]
-    return 0.0, 64.0 * c_out, 65536.0 * c_mid, 16.0 * c_mid
+    return {"vae_up_fixed": 0.0, "vae_up_per_pixel": 64.0 * c_out, "vae_mid_fixed": 65536.0 * c_mid,
+            "vae_mid_per_pixel": 16.0 * c_mid, "vae_strip_fixed": 32768.0 * c_mid,
+            "vae_strip_per_pixel": 96.0 * c_out}
 
 
-def calibrate_vae(vae) -> tuple[float, float, float, float]:
-    """Peak decoder scratch on this device and dtype, as (up-path fixed bytes, bytes per
-    output pixel, mid-block fixed bytes, bytes per latent pixel), each fitted to two
-    measured runs block by block as planned decodes run them: the up path on 16x16 and
-    32x32 latent windows, the mid block on 16x16 and 32x32 latents (less its attention's
-    measured scratch: `estimate` adds scores for the real size). Backends differ by
-    several x (MLX's CPU convolution unfolds 3x3 patches, GPU kernels do not), so this
-    is measured; it resets the peak-memory counter. The GroupNorm statistics' float32
-    row blocks are bounded in size, not in pixels: they are measured here at a block
-    small enough to be bounded at these sizes too, and `estimate` adds the real block.
-    It decodes a 256x256 window: seconds on a GPU, about 5 minutes for the full FLUX.2 VAE
-    on MLX's Linux CPU wheel (its convolutions run at 1-2 GFLOP/s), so plans that can do
-    with `conservative_vae_scratch` use that instead."""
+def calibrate_vae(vae) -> dict:
+    """Peak decoder scratch on this device and dtype, as Footprint's figures: the up path's
+    fixed bytes and bytes per output pixel, the mid block's fixed bytes and bytes per latent
+    pixel, and a strip decode's fixed bytes and bytes per pixel of a strip's window beyond
+    the whole tensors it holds (`vae_strips.held_bytes`). Each is fitted to two measured
+    runs block by block as planned decodes run them: the up path on 16x16 and 32x32 latent
+    windows, the mid block on 16x16 and 32x32 latents (less its attention's measured
+    scratch: `estimate` adds scores for the real size), strips of 1 and 2 latent rows
+    over 8x16 and 8x32 latents (windows of (8 + 2) x 128 and (16 + 2) x 256 pixels).
+    Backends differ by several x (MLX's CPU convolution unfolds 3x3 patches, GPU kernels
+    do not), so this is measured; it resets the peak-memory counter. The GroupNorm
+    statistics' float32 row blocks are bounded in size, not in pixels: they are measured
+    here at a block small enough to be bounded at these sizes too, and `estimate` adds the
+    real block. It decodes a 256x256 window: seconds on a GPU, about 5 minutes for the
+    full FLUX.2 VAE on MLX's Linux CPU wheel (its convolutions run at 1-2 GFLOP/s), so
+    plans that can do with `conservative_vae_scratch` use that instead."""
     dec, ex = vae.decoder, Execution(sync=True, reduce_block=1 << 16)
     C_lat, C_mid = vae.config.latent_channels, vae.config.decoder_channels[-1]
-    up, mid = [], []
+    up, mid, strips = [], [], []
     for side in (16, 32):
         z = mx.zeros((1, side, side, C_lat), dtype=vae.dtype)
         h = mx.zeros((1, side, side, C_mid), dtype=vae.dtype)
@@ -484,7 +522,17 @@ def calibrate_vae(vae) -> tuple[float, float, float, float]:
         up.append(_scratch_peak(lambda: dec.up(h, pace=ex.pace())))
         del z, h, q
     f = vae.decoder_factor
-    return (*_fit_line((16 * f) ** 2, (32 * f) ** 2, *up), *_fit_line(16**2, 32**2, *mid))
+    for rows in (1, 2):
+        h = mx.zeros((1, 8, 16 * rows, C_mid), dtype=vae.dtype)
+        mx.eval(h)
+        held = held_bytes(vae.config, 8 * f, 16 * rows * f, vae.dtype.size)
+        strips.append(_scratch_peak(lambda: up_strips(dec, h, rows, ex.pace())) - held)
+        del h
+    windows = [(rows * f + STRIP_HALO) * 16 * rows * f for rows in (1, 2)]
+    names = ("vae_up_fixed", "vae_up_per_pixel", "vae_mid_fixed", "vae_mid_per_pixel", "vae_strip_fixed",
+             "vae_strip_per_pixel")
+    return dict(zip(names, (*_fit_line((16 * f) ** 2, (32 * f) ** 2, *up), *_fit_line(16**2, 32**2, *mid),
+                            *_fit_line(*windows, *strips))))
 
 
 def calibrate_vae_encoder(vae) -> tuple[float, float]:

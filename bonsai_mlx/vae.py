@@ -24,6 +24,7 @@ WHOLE = ONE_GRAPH.pace()  # one graph: evaluates nothing by itself
 from .errors import BonsaiError, ConfigError, WeightsError
 from .safe_files import ModelFolder, files_named, in_file, load_shards, read_json, shard_files
 from .validate import brief, is_int, is_real
+from .vae_strips import decode_strips, merge_moments
 
 # diffusers hard-codes these inside Encoder/Decoder; they are not config fields.
 _NORM_EPS = 1e-6
@@ -153,8 +154,18 @@ class GroupNorm(nn.Module):
 
     def __call__(self, x, tile=None, silu: bool = False, pace: Pace = WHOLE):
         """GroupNorm of x [B, H, W, C], followed by SiLU when `silu` (fused: one pass)."""
+        stats = group_stats(x, self.groups, pace) if tile is None else tile.stats(x, self.groups, pace)
+        return self.apply(x, stats, silu)
+
+    def stats(self, x, pace: Pace = WHOLE):
+        """This norm's group statistics (mean, biased variance [B, G], float32) over x."""
+        return group_stats(x, self.groups, pace)
+
+    def apply(self, x, stats, silu: bool = False):
+        """x [B, H, W, C] normalised with given group statistics (mean, var [B, G]): strip
+        decoding normalises a strip with the whole image's statistics."""
         B, H, W, C = x.shape
-        mean, var = group_stats(x, self.groups, pace) if tile is None else tile.stats(x, self.groups, pace)
+        mean, var = stats
         per = C // self.groups  # group statistics [B, G] -> per-channel [B, 1, C]
         mean = mx.repeat(mean, per, axis=-1)[:, None]
         inv = mx.repeat(mx.rsqrt(var + _NORM_EPS), per, axis=-1)[:, None]
@@ -495,24 +506,31 @@ class AutoencoderKLFlux2(nn.Module):
     # --- decode
 
     def decode(self, z, tile_size: int | None = None, overlap: int = 128, tile_stats: str = "exact",
-               execution: Execution = ONE_GRAPH):
+               execution: Execution = ONE_GRAPH, strip: int | None = None):
         """z [B, h, w, latent] (before post_quant_conv) -> image [B, h*f, w*f, 3] in ~[-1, 1], float32.
 
         tile_size (image pixels, multiple of f) turns on tiled decoding, see `_decode_tiled`;
-        `execution` says whether to run block by block (see `Decoder`).
+        strip (image rows, multiple of f) decodes stage by stage in row strips, see
+        `vae_strips`; `execution` says whether to run block by block (see `Decoder`).
         """
         if z.ndim != 4 or z.shape[-1] != self.config.latent_channels:
             raise BonsaiError(f"decode expects latents [B, h, w, {self.config.latent_channels}]; got {tuple(z.shape)}")
+        f = self.decoder_factor
+        if strip is not None and (tile_size is not None or not is_int(strip) or strip <= 0 or strip % f):
+            raise BonsaiError(f"strip must be a positive multiple of {f} image rows, without tile_size; "
+                              f"got strip={strip!r}, tile_size={tile_size!r}")
         z = z.astype(self.dtype)
         if "post_quant_conv" in self:
             z = self.post_quant_conv(z)
-        f = self.decoder_factor
+        if strip is not None:
+            return decode_strips(self.decoder, z, strip // f, execution).astype(mx.float32)
         if tile_size is None or (z.shape[1] * f <= tile_size and z.shape[2] * f <= tile_size):
             return self.decoder(z, execution).astype(mx.float32)
         return _decode_tiled(self.decoder, z, f, tile_size, overlap, tile_stats, execution)
 
     def decode_tokens(self, tokens, height: int, width: int, tile_size: int | None = None,
-                      overlap: int = 128, tile_stats: str = "exact", execution: Execution = ONE_GRAPH):
+                      overlap: int = 128, tile_stats: str = "exact", execution: Execution = ONE_GRAPH,
+                      strip: int | None = None):
         """tokens [B, (H/16)*(W/16), 4*latent] -> image [B, H, W, 3] in [0, 1], float32.
 
         Flux2KleinPipeline: unpack -> x * sqrt(var + eps) + mean -> unpatchify -> vae.decode
@@ -525,7 +543,8 @@ class AutoencoderKLFlux2(nn.Module):
             raise BonsaiError(f"decode_tokens expects tokens [B, L, {self.config.patched_channels}]; "
                               f"got {tuple(tokens.shape)}")
         z = unpatchify(self.denormalize(unpack(tokens, height // f, width // f)))
-        x = self.decode(z, tile_size=tile_size, overlap=overlap, tile_stats=tile_stats, execution=execution)
+        x = self.decode(z, tile_size=tile_size, overlap=overlap, tile_stats=tile_stats, execution=execution,
+                        strip=strip)
         return mx.clip(x / 2 + 0.5, 0.0, 1.0)
 
 
@@ -562,20 +581,8 @@ class _TileNorms:
         n = part.shape[1] * part.shape[2] * (part.shape[3] // groups)
         if n:
             mean, var = group_stats(part, groups, pace)
-            _merge(self.record, n, mean, var * n)
+            merge_moments(self.record, n, mean, var * n)
         raise _Stop
-
-
-def _merge(acc: list, n, mean, m2):
-    # Chan et al. pairwise merge of (count, mean, sum of squared deviations): no
-    # E[x^2] - E[x]^2 cancellation in float32.
-    if not acc:
-        acc[:] = [n, mean, m2]
-        return
-    na, ma, m2a = acc
-    tot = na + n
-    d = mean - ma
-    acc[:] = [tot, ma + d * (n / tot), m2a + m2 + d * d * (na * n / tot)]
 
 
 def _tile_starts(size: int, tile: int, stride: int) -> list[int]:

@@ -1,12 +1,15 @@
 """Where the time of a generation goes, part by part, at full size (random weights).
 
-Sections (each fail-soft; JSON lines on stdout and $OUT/speed.json rewritten as it goes):
+Sections (each fail-soft; JSON lines on stdout and $OUT/speed.json, or --json, rewritten as it goes):
   vae   decoder part by part at 512 / 1024, GroupNorm variants at the decoder's shapes
+  strips  whole decode vs strip decode vs exact tiles at 512 / 1024 in float16 and bfloat16:
+        time, extra peak, the planner's estimate (calibrated here) and the difference from
+        the whole decode
   dit   transformer steps (dense bf16, binary, ternary) under the execution settings the
         budget plans use, linears at the real shapes per path, elementwise parts
   load  transformer load time from a pack on disk (the reload a released transformer pays)
 
-    python examples/profile_speed.py [--sections vae dit load] [--tiny]
+    python examples/profile_speed.py [--sections vae strips dit load] [--tiny] [--json PATH]
 """
 from __future__ import annotations
 
@@ -22,13 +25,14 @@ import mlx.nn as nn
 
 OUT = os.environ.get("OUT", "/tmp")
 RES: list[dict] = []
+JSON = [f"{OUT}/speed.json"]  # where record() writes; --json changes it
 
 
 def record(name, **kw):
     r = dict(name=name, **kw)
     print(json.dumps(r), flush=True)
     RES.append(r)
-    json.dump(RES, open(f"{OUT}/speed.json", "w"), indent=1)
+    json.dump(RES, open(JSON[0], "w"), indent=1)
 
 
 def timeit(name, fn, runs=5, warmup=2, **kw):
@@ -169,6 +173,76 @@ def section_vae(tiny, quick=False):
         del a
 
 
+# ----------------------------------------------------------------------------- strip decoding
+
+def section_strips(tiny, quick=False):
+    """The decode under each way a plan can run it, full FLUX.2 VAE (random weights), one
+    image: ms (median of 5 after 2 warm-ups; tiles 1 after 1), extra peak above the weights
+    and latents (mx.get_peak_memory after mx.reset_peak_memory), the planner's estimate of
+    that peak (the decoding stage with nothing else resident, VAE scratch calibrated on
+    this device: the estimate covers the peak when estimate_mb >= extra_peak_mb) and the
+    difference from the whole block-by-block decode (largest, and relative in norm)."""
+    import numpy as np
+
+    from bonsai_mlx.execution import Execution
+    from bonsai_mlx.memory import Footprint, MemoryPlan, calibrate_vae, estimate, vae_held_per_pixel
+    from bonsai_mlx.random_weights import FLUX2_VAE
+    from bonsai_mlx.vae import AutoencoderKLFlux2, VAEConfig
+
+    cfg = dict(FLUX2_VAE)
+    if tiny:
+        cfg.update(block_out_channels=[32, 32, 64, 64])
+    keep = {k: v for k, v in cfg.items() if k in VAEConfig.__dataclass_fields__}
+    sizes = ((64,) if quick else (64, 128)) if tiny else (512, 1024)
+    strict, two = Execution(sync=True), Execution(sync=True, overlap=True)
+    cases = [("whole, one graph (none)", None, None, Execution()), ("whole, block by block, strict", None, None, strict),
+             ("whole, block by block, two in flight (auto)", None, None, two)]
+    for strip in ((16,) if tiny else (256, 128, 64, 32)):
+        cases += [(f"{strip}-row strips, two in flight", strip, None, two),
+                  (f"{strip}-row strips, strict", strip, None, strict)]
+    if not quick:  # exact tiles re-run the up path once per GroupNorm: minutes on a CPU
+        tiles = (32, 64) if tiny else (256, 512)
+        cases += [(f"exact {tiles[0]} px tiles, strict", None, tiles[0], strict),
+                  (f"exact {tiles[1]} px tiles, two in flight", None, tiles[1], two)]
+    runs, warmup = (2, 1) if tiny else (5, 2)
+    for dtype in (mx.float16, mx.bfloat16):
+        dname = str(dtype).rpartition(".")[2]
+        vae = AutoencoderKLFlux2(VAEConfig(**keep), has_encoder=False)
+        vae.set_dtype(dtype)
+        mx.eval(vae.parameters())
+        fit = calibrate_vae(vae)
+        record(f"vae calibration {dname}", dtype=dname, **fit)
+        fp = Footprint(transformer_bytes=0, transformer_dim=0, transformer_mlp=0, transformer_heads=0,
+                       transformer_max_out=0, reference_matmul=False, text_resident_bytes=0, text_stream_bytes=0,
+                       text_hidden=0, text_heads=0, text_len=0, vae_bytes=0,
+                       vae_mid_channels=vae.config.decoder_channels[-1], vae_held_per_pixel=vae_held_per_pixel(vae),
+                       **fit)
+        for size in sizes:
+            z = mx.random.normal((1, size // 8, size // 8, vae.config.latent_channels), key=mx.random.key(size))
+            z = z.astype(dtype)
+            mx.eval(z)
+            whole = np.array(vae.decode(z, execution=strict))
+            for label, strip, tile, ex in cases:
+                plan = MemoryPlan(transformer_in_decode=False, keep_text_encoder=False, sync=ex.sync,
+                                  overlap=ex.overlap, vae_strip=strip, vae_tile=tile)
+                est = estimate(fp, size, size, plan)["decoding"] / 1e6 if ex.sync else None
+                fn = lambda: vae.decode(z, tile_size=tile, overlap=16, execution=ex, strip=strip)  # noqa: E731
+                try:
+                    got = np.array(fn())
+                    diff = float(np.abs(got - whole).max())
+                    rel = float(np.linalg.norm(got - whole) / np.linalg.norm(whole))
+                except Exception as e:  # noqa: BLE001 - a profile keeps going
+                    record(f"vae decode {size} {dname} {label}", err=repr(e)[:300])
+                    continue
+                slow = tile is not None
+                timeit(f"vae decode {size} {dname} {label}", fn, runs=1 if slow else runs,
+                       warmup=1 if slow else warmup, size=size, dtype=dname, strip=strip, tile=tile, sync=ex.sync,
+                       overlap=ex.overlap, estimate_mb=est, max_diff_vs_whole=diff, rel_diff_vs_whole=rel,
+                       whole_max_abs=float(np.abs(whole).max()))
+            del z, whole
+        del vae
+
+
 # ----------------------------------------------------------------------------- transformer
 
 def section_dit(tiny, root, quick=False):
@@ -305,12 +379,16 @@ def main():
     ap.add_argument("--tiny", action="store_true", help="small shapes: a smoke test of this script")
     ap.add_argument("--quick", action="store_true", help="whole decodes and steps only")
     ap.add_argument("--root", default="/tmp/bench", help="random packs written by `benchmark generate --dir`")
+    ap.add_argument("--json", help=f"where the results go (default {JSON[0]})")
     a = ap.parse_args()
+    if a.json:
+        JSON[0] = a.json
     record("device", device=str(mx.default_device()), mlx=mx.__version__)
     for s in a.sections:
         t = time.perf_counter()
         try:
-            {"vae": lambda: section_vae(a.tiny, a.quick), "dit": lambda: section_dit(a.tiny, a.root, a.quick),
+            {"vae": lambda: section_vae(a.tiny, a.quick), "strips": lambda: section_strips(a.tiny, a.quick),
+             "dit": lambda: section_dit(a.tiny, a.root, a.quick),
              "load": lambda: section_load(a.root)}[s]()
         except Exception as e:  # noqa: BLE001
             import traceback

@@ -1,0 +1,223 @@
+"""Strip decoding (bonsai_mlx/vae_strips.py): equal to the whole decode and to diffusers',
+and what the planner estimates for it stays above what it measures.
+
+Bounds. Against our own whole decode in float32: max |strip - whole| <= 1e-5 x max |whole|
+(measured ~1.6e-6: only the order of sums differs, GroupNorm statistics merged strip by
+strip, convolutions over fewer rows); in float16 the same decode <= 2e-3 relative in norm
+(measured ~1e-3 on the [0, 1] image: a float16 conv rounds each output once, and strips
+change which kernel shape, hence which summation order, each output sees). Against diffusers:
+the parity bounds of tests/test_vae.py (float32 1e-4, float16 2e-2, relative in norm).
+"""
+
+import importlib.util
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from bonsai_mlx.errors import BonsaiError
+from bonsai_mlx.execution import Execution
+from bonsai_mlx.memory import (Footprint, MemoryPlan, calibrate_vae, candidate_plans, estimate, plan_cost,
+                               plan_memory, vae_held_per_pixel)
+from bonsai_mlx.vae import load_vae, unpatchify
+from bonsai_mlx.vae_strips import held_bytes, spans
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+from diffusers import AutoencoderKLFlux2 as RefVAE  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location("make_vae", Path(__file__).parent / "fixtures" / "make_vae.py")
+make_vae_mod = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(make_vae_mod)
+
+REL_REF = {mx.float32: 1e-4, mx.float16: 2e-2}  # tests/test_vae.py's parity bounds
+STRICT, OVERLAPPED = Execution(sync=True), Execution(sync=True, overlap=True)
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+@pytest.fixture(scope="module")
+def vae_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vae_strips")
+    return {name: make_vae_mod.make_vae(root / name, name, seed=seed) for name, seed in (("small4", 1), ("small3", 2))}
+
+
+def latents(vae, h, w, seed, batch=1):
+    return mx.random.normal((batch, h, w, vae.config.latent_channels), key=mx.random.key(seed))
+
+
+@pytest.mark.parametrize("name", ["small4", "small3"])
+@pytest.mark.parametrize("h, w, strip", [
+    (13, 7, 8),  # one latent row per strip
+    (13, 7, 24),  # 3 latent rows: does not divide 13 (the last strip has 1)
+    (12, 10, 32),  # 4 latent rows: divides 12
+    (6, 9, 40),  # 5 latent rows: one strip and a 1-row rest
+    (5, 6, 64),  # taller than the image: one strip per stage
+])
+def test_strips_equal_the_whole_decode(vae_dirs, name, h, w, strip):
+    vae = load_vae(vae_dirs[name], dtype=mx.float32)
+    z = latents(vae, h, w, seed=h * w + strip)
+    whole = np.array(vae.decode(z))
+    for ex in (Execution(), STRICT, OVERLAPPED):  # one graph, strip by strip, two strips in flight
+        got = np.array(vae.decode(z, strip=strip, execution=ex))
+        assert got.shape == whole.shape
+        assert np.abs(got - whole).max() <= 1e-5 * np.abs(whole).max(), (ex, np.abs(got - whole).max())
+
+
+def test_strips_in_float16_and_batches(vae_dirs):
+    vae = load_vae(vae_dirs["small4"], dtype=mx.float16)
+    f = 2 * vae.decoder_factor
+    tokens = mx.random.normal((2, 9 * 5, vae.config.patched_channels), key=mx.random.key(7))
+    whole = np.array(vae.decode_tokens(tokens, 9 * f, 5 * f, execution=STRICT))
+    got = np.array(vae.decode_tokens(tokens, 9 * f, 5 * f, execution=OVERLAPPED, strip=24))
+    assert rel_err(got, whole) <= 2e-3
+
+
+@pytest.mark.parametrize("name", ["small4", "small3"])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16])
+def test_strips_match_diffusers(vae_dirs, name, dtype):
+    ref, ours = RefVAE.from_pretrained(vae_dirs[name]).eval(), load_vae(vae_dirs[name], dtype=dtype)
+    torch.manual_seed(5)
+    z = torch.randn(1, ours.config.latent_channels, 14, 6)  # 7 strips of 2 latent rows, non-square
+    with torch.no_grad():
+        want = ref.decode(z).sample.permute(0, 2, 3, 1).numpy()
+    got = np.array(ours.decode(mx.array(z.permute(0, 2, 3, 1).numpy()), strip=16, execution=OVERLAPPED))
+    assert rel_err(got, want) <= REL_REF[dtype]
+
+
+def test_strip_options_are_checked(vae_dirs):
+    vae = load_vae(vae_dirs["small4"], dtype=mx.float32)
+    z = latents(vae, 4, 4, seed=0)
+    for bad in ({"strip": 12}, {"strip": 0}, {"strip": 16, "tile_size": 64}, {"strip": 8.0}):
+        with pytest.raises(BonsaiError, match="strip"):
+            vae.decode(z, **bad)
+    assert spans(10, 3) == [(0, 3), (3, 6), (6, 9), (9, 10)] and spans(4, 8) == [(0, 4)]
+
+
+def test_held_bytes_counts_the_widest_stage(vae_dirs):
+    """FLUX.2's decoder (512, 512, 256, 128 channels up): the first resnet of the last block
+    holds its 256-channel input, conv1's and its own 128-channel outputs; float16, 1024 px."""
+    from bonsai_mlx.vae import VAEConfig
+
+    assert held_bytes(VAEConfig(), 1024, 1024, 2) == 1024 * 1024 * (256 + 128 + 128) * 2
+    vae = load_vae(vae_dirs["small4"], dtype=mx.float16)
+    assert vae_held_per_pixel(vae) * 64 * 48 == held_bytes(vae.config, 64, 48, 2)
+
+
+# ----------------------------------------------------------------------------- the planner
+
+def footprint(vae, **kw) -> Footprint:
+    """A footprint whose decode stage dominates: tiny other models, this VAE calibrated."""
+    fit = calibrate_vae(vae)
+    return Footprint(transformer_bytes=1 << 20, transformer_dim=64, transformer_mlp=128, transformer_heads=2,
+                     transformer_max_out=256, reference_matmul=False, text_resident_bytes=1 << 20,
+                     text_stream_bytes=1 << 19, text_hidden=64, text_heads=2, text_len=8,
+                     vae_bytes=sum(v.nbytes for _, v in tree_flatten(vae.parameters())),
+                     vae_mid_channels=vae.config.decoder_channels[-1], fused_attention=True,
+                     dtype_bytes=vae.dtype.size, vae_held_per_pixel=vae_held_per_pixel(vae), **fit, **kw)
+
+
+def test_strips_come_before_tiles_and_cost_little():
+    plans = candidate_plans(1024, 1024)
+    assert not any(p.vae_strip and p.vae_tile for p in plans)
+    assert {p.vae_strip for p in plans} == {None, 256, 128, 64, 32, 16}
+    for strip in (256, 16):  # every strip plan costs less than the cheapest tile plan
+        assert plan_cost(MemoryPlan(vae_strip=strip)) < min(plan_cost(p) for p in plans if p.vae_tile)
+    assert max(p.vae_strip or 0 for p in candidate_plans(512, 256)) == 128  # only strips below the height
+
+
+def test_planner_picks_strips_where_tiles_were_needed(vae_dirs, monkeypatch):
+    """1024x1024 under a budget below the whole decode's estimate: without strips the
+    planner could only tile; now it decodes in strips, and the strip decode it chose peaks
+    (mx.get_peak_memory, everything live counted) under the decoding stage's estimate and
+    equals diffusers' decode in float64 within 2e-4 (relative, in norm)."""
+    from bonsai_mlx import memory
+
+    vae = load_vae(vae_dirs["small4"], dtype=mx.float32)
+    W = H = 1024
+    fp = footprint(vae)
+    whole_plans = [p for p in candidate_plans(W, H) if not (p.vae_tile or p.vae_strip)]
+    budget = min(max(estimate(fp, W, H, p).values()) for p in whole_plans) - 1  # no whole decode fits
+    with monkeypatch.context() as m:
+        m.setattr(memory, "VAE_STRIPS", ())
+        assert plan_memory(fp, W, H, budget).vae_tile  # what the planner did before strips
+    plan = plan_memory(fp, W, H, budget)
+    assert plan.vae_strip and not plan.vae_tile, plan
+    z = latents(vae, H // 8, W // 8, seed=3)
+    mx.eval(z)
+    mx.synchronize()
+    mx.reset_peak_memory()
+    got = vae.decode(z, strip=plan.vae_strip, execution=plan.execution)
+    mx.eval(got)
+    peak = mx.get_peak_memory()
+    assert peak <= plan.stage_estimates["decoding"], (peak, plan.stage_estimates["decoding"])
+    # At this size float32 itself is the error: against diffusers in float64 the strips are
+    # 7e-5 off (relative, in norm), our whole decode 5.5e-4 (its GroupNorm sums run over a
+    # million pixels at once; the strips' over one strip, merged).
+    ref = RefVAE.from_pretrained(vae_dirs["small4"]).eval().double()
+    with torch.no_grad():
+        want = ref.decode(torch.tensor(np.array(z)).permute(0, 3, 1, 2).double()).sample.permute(0, 2, 3, 1).numpy()
+    assert rel_err(np.array(got), want) <= 2e-4
+
+
+def test_estimate_covers_small_strips_at_a_wider_size(vae_dirs):
+    """The calibration fits two small decodes; the estimate holds at a size and strip
+    neither of them had (a 1-latent-row strip over a wide image), strict and overlapped."""
+    vae = load_vae(vae_dirs["small4"], dtype=mx.float32)
+    fp = footprint(vae)
+    W, H = 384, 128
+    z = latents(vae, H // 8, W // 8, seed=4)
+    mx.eval(z)
+    for strip in (8, 40):
+        for overlap in (False, True):
+            plan = MemoryPlan(sync=True, overlap=overlap, vae_strip=strip)
+            mx.synchronize()
+            mx.reset_peak_memory()
+            mx.eval(vae.decode(z, strip=strip, execution=plan.execution))
+            peak = mx.get_peak_memory()
+            assert peak <= estimate(fp, W, H, plan)["decoding"], (strip, overlap, peak)
+
+
+def test_raw_decode_equals_unpatchified_tokens(vae_dirs):
+    """decode_tokens passes strips through: same as decoding the unpacked latents."""
+    vae = load_vae(vae_dirs["small3"], dtype=mx.float32)
+    f = 2 * vae.decoder_factor
+    tokens = mx.random.normal((1, 4 * 3, vae.config.patched_channels), key=mx.random.key(2))
+    z = unpatchify(vae.denormalize(tokens.reshape(1, 4, 3, -1)))
+    img = np.array(vae.decode_tokens(tokens, 4 * f, 3 * f, strip=8, execution=STRICT))
+    raw = np.array(vae.decode(z, strip=8, execution=STRICT))
+    np.testing.assert_allclose(img, np.clip(raw / 2 + 0.5, 0, 1), rtol=0, atol=1e-6)
+
+
+def test_profile_command_for_the_gpu(tmp_path):
+    """examples/profile_speed.py --sections strips (what times strips against the whole decode
+    and tiles on a GPU), at a tiny size on this CPU: every way of decoding is recorded in
+    both 16-bit dtypes with its time, extra peak and estimate, the estimate covers the peak,
+    and strips stay near the whole decode (in float16 / bfloat16 a strip's convolutions
+    round differently, 16 / 8 mantissa bits: measured 2.9e-3 / 1.2e-2 relative in norm on
+    this random decoder; the whole decode's three executions agree exactly)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).parent.parent
+    out = tmp_path / "strips.json"
+    r = subprocess.run([sys.executable, "examples/profile_speed.py", "--sections", "strips", "--tiny", "--quick",
+                        "--json", str(out)], cwd=root, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PYTHONPATH": str(root)})
+    assert r.returncode == 0, r.stderr
+    rows = [x for x in json.loads(out.read_text()) if x["name"].startswith("vae decode")]
+    assert not [x for x in rows if "err" in x]
+    assert {(x["dtype"], x["strip"] is not None) for x in rows} == {(d, s) for d in ("float16", "bfloat16")
+                                                                    for s in (False, True)}
+    for x in rows:
+        assert x["ms"] > 0 and x["extra_peak_mb"] > 0
+        if x["sync"]:
+            assert x["estimate_mb"] >= x["extra_peak_mb"], x["name"]
+        assert x["rel_diff_vs_whole"] <= ({"float16": 1e-2, "bfloat16": 4e-2}[x["dtype"]] if x["strip"] else 0)
