@@ -124,6 +124,10 @@ def _check_components(path: Path, m: dict) -> None:
     sampler = m.get("sampler")
     if not (isinstance(sampler, dict) and isinstance(sampler.get("distilled"), bool)):
         fail("sampler.distilled must be true or false")
+    size = sampler.get("default_size", [512, 512])
+    if not (isinstance(size, list) and len(size) == 2
+            and all(type(v) is int and 64 <= v <= 2048 and v % 16 == 0 for v in size)):
+        fail(f"sampler.default_size must be [width, height], multiples of 16 in 64..2048, got {size!r}")
 
 
 def _inside(directory: Path, rel) -> Path:
@@ -195,4 +199,5 @@ def load_bundle(directory, memory_budget="auto", verify_files: bool = True):
     vae = load_vae(directory / c["vae"]["dir"], dtype=getattr(mx, c["vae"].get("dtype", "float16")), layout="mlx")
     return BonsaiPipeline(loader(), te, vae, is_distilled=bool(m["sampler"]["distilled"]), model=str(directory),
                           max_sequence_length=c["text_encoder"]["max_sequence_length"],
-                          memory_budget=memory_budget, transformer_loader=loader)
+                          memory_budget=memory_budget, transformer_loader=loader,
+                          default_size=tuple(m["sampler"].get("default_size", (512, 512))))

@@ -92,7 +92,7 @@ def export_bundle(source, output, fmt: str = "binary", text_bits: int = 4, vae: 
                         "variant": vae, "layout": "mlx", "dtype": str(pipe.vae.dtype).split(".")[-1]},
                 "kernels": {"dir": BUNDLE_KERNELS, "spec": f"{BUNDLE_KERNELS}/kernels.json"},
             },
-            "sampler": sampler_spec(pipe.is_distilled),
+            "sampler": sampler_spec(pipe.is_distilled, pipe.default_size),
             "memory_plans": memory_plans(pipe),
         }
         packing = {f"{BUNDLE.transformer}/model.safetensors": {n: fmt for n in packed_tensor_names(transformer)}}
@@ -179,11 +179,11 @@ def _text_component(pipe, layers: list[dict], bits: int, dtype) -> dict:
     }
 
 
-def sampler_spec(is_distilled: bool) -> dict:
+def sampler_spec(is_distilled: bool, default_size=(512, 512)) -> dict:
     return {
         "kind": "flow matching, Euler steps on the velocity (docs/export-format.md, Sampler)",
         "distilled": is_distilled, "default_steps": 4 if is_distilled else 50,
-        "default_guidance": 1.0 if is_distilled else 4.0,
+        "default_guidance": 1.0 if is_distilled else 4.0, "default_size": list(default_size),
         "sigmas": "linspace(1, 1/steps, steps) shifted by e^mu / (e^mu + (1/t - 1)), then 0",
         "mu": {"a1": 8.73809524e-05, "b1": 1.89833333, "a2": 0.00016927, "b2": 0.45666666,
                "rule": "L = (H/16)(W/16); L > 4300: a2 L + b2; else interpolate in steps between "
