@@ -16,8 +16,8 @@ IMAGE_SIZE_DEFAULT = 128
 
 SIZES = {
     # For the GPU: 1.4M (frozen) text encoder, 9.8M DiT (8.5M in block linears) and 3.2M VAE
-    # parameters. Sized so that the shipped demo (binary and ternary DiT packs, text encoder and
-    # VAE in float16) stays under 20 MB.
+    # parameters. Sized so that the shipped demo (a packed DiT, text encoder and VAE in
+    # float16) stays well under 20 MB.
     "full": {
         "text_encoder": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=28, num_attention_heads=4,
                              num_key_value_heads=2, head_dim=16),
@@ -27,7 +27,8 @@ SIZES = {
                             guidance_embeds=False),
         "vae": dict(block_out_channels=(32, 64, 96, 96), layers_per_block=2, latent_channels=16,
                     norm_num_groups=32),
-        # Measured on an H200 (docs/quality.md): 13 VAE steps/s, 9 DiT steps/s at 256 images.
+        # Large batches cost little more per step than small ones at this size; the steps fit
+        # about ten minutes of GPU time (docs/quality.md has the measured speeds).
         "train": {"vae": dict(steps=3000, batch=32, lr=3e-4), "dit": dict(steps=4000, batch=256, lr=5e-4),
                   "qat": dict(steps=1000, batch=256, lr=1e-4)},
     },
