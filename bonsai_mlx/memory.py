@@ -10,7 +10,9 @@ stage's footprint: the cheapest plan in time that fits the budget. Three kinds o
   None      no limit: everything resident, one graph per forward (the fastest, hungriest)
   "auto"    the default: only what costs no time (block-by-block evaluation, the text
             encoder streamed and gone before denoising, nothing held that a later stage
-            does not need), capped by the device's own memory (`device_cap`)
+            does not need), capped by the device's own memory (`device_cap`); editing
+            images are encoded in strips where that lowers the estimated peak (a few
+            evaluations more, see `_auto_encode_strip`)
   bytes     the cheapest plan whose estimated peak fits; refused up front if none does
 """
 

@@ -178,6 +178,17 @@ def section_vae(tiny, quick=False):
 
 # ----------------------------------------------------------------------------- strip decoding
 
+def vae_footprint(vae, fit: dict, **kw):
+    """A Footprint of `vae` alone (nothing else resident) with its calibrated scratch `fit`."""
+    from bonsai_mlx.memory import Footprint, vae_held_per_pixel
+
+    return Footprint(transformer_bytes=0, transformer_dim=0, transformer_mlp=0, transformer_heads=0,
+                     transformer_max_out=0, reference_matmul=False, text_resident_bytes=0, text_stream_bytes=0,
+                     text_hidden=0, text_heads=0, text_len=0, vae_bytes=0,
+                     vae_mid_channels=vae.config.decoder_channels[-1], vae_held_per_pixel=vae_held_per_pixel(vae),
+                     **fit, **kw)
+
+
 def section_strips(tiny, quick=False):
     """The decode under each way a plan can run it, full FLUX.2 VAE (random weights), one
     image: ms (median of 5 after 2 warm-ups; tiles 1 after 1), extra peak above the weights
@@ -188,7 +199,7 @@ def section_strips(tiny, quick=False):
     import numpy as np
 
     from bonsai_mlx.execution import Execution
-    from bonsai_mlx.memory import Footprint, MemoryPlan, calibrate_vae, estimate, vae_held_per_pixel
+    from bonsai_mlx.memory import MemoryPlan, calibrate_vae, estimate
     from bonsai_mlx.random_weights import FLUX2_VAE
     from bonsai_mlx.vae import AutoencoderKLFlux2, VAEConfig
 
@@ -215,11 +226,7 @@ def section_strips(tiny, quick=False):
         mx.eval(vae.parameters())
         fit = calibrate_vae(vae)
         record(f"vae calibration {dname}", dtype=dname, **fit)
-        fp = Footprint(transformer_bytes=0, transformer_dim=0, transformer_mlp=0, transformer_heads=0,
-                       transformer_max_out=0, reference_matmul=False, text_resident_bytes=0, text_stream_bytes=0,
-                       text_hidden=0, text_heads=0, text_len=0, vae_bytes=0,
-                       vae_mid_channels=vae.config.decoder_channels[-1], vae_held_per_pixel=vae_held_per_pixel(vae),
-                       **fit)
+        fp = vae_footprint(vae, fit)
         for size in sizes:
             z = mx.random.normal((1, size // 8, size // 8, vae.config.latent_channels), key=mx.random.key(size))
             z = z.astype(dtype)
@@ -255,8 +262,7 @@ def section_encode(tiny, quick=False):
     import numpy as np
 
     from bonsai_mlx.execution import Execution
-    from bonsai_mlx.memory import (Footprint, MemoryPlan, calibrate_vae, calibrate_vae_encoder, estimate,
-                                   vae_enc_held_per_pixel, vae_held_per_pixel)
+    from bonsai_mlx.memory import MemoryPlan, calibrate_vae, calibrate_vae_encoder, estimate, vae_enc_held_per_pixel
     from bonsai_mlx.random_weights import FLUX2_VAE
     from bonsai_mlx.vae import AutoencoderKLFlux2, VAEConfig
 
@@ -277,12 +283,8 @@ def section_encode(tiny, quick=False):
         mx.eval(vae.parameters())
         fit = {**calibrate_vae(vae), **calibrate_vae_encoder(vae)}
         record(f"vae encoder calibration {dname}", dtype=dname, **fit)
-        fp = Footprint(transformer_bytes=0, transformer_dim=0, transformer_mlp=0, transformer_heads=0,
-                       transformer_max_out=0, reference_matmul=False, text_resident_bytes=0, text_stream_bytes=0,
-                       text_hidden=0, text_heads=0, text_len=0, vae_bytes=0, dtype_bytes=dtype.size,
-                       vae_mid_channels=vae.config.decoder_channels[-1], vae_held_per_pixel=vae_held_per_pixel(vae),
-                       vae_enc_held_per_pixel=vae_enc_held_per_pixel(vae), latent_channels=vae.config.patched_channels,
-                       **fit)
+        fp = vae_footprint(vae, fit, vae_enc_held_per_pixel=vae_enc_held_per_pixel(vae), dtype_bytes=dtype.size,
+                           latent_channels=vae.config.patched_channels)
         for size in sizes:
             pixels = mx.random.uniform(shape=(1, size, size, 3), key=mx.random.key(size))
             mx.eval(pixels)
