@@ -16,7 +16,7 @@ from mlx.utils import tree_flatten
 from .errors import BonsaiError, NonFiniteError
 from .lora import LoraSet
 from .memory import (Footprint, MemoryMonitor, MemoryPlan, cache_limit, calibrate_vae, calibrate_vae_encoder,
-                     conservative_vae_scratch, vae_held_per_pixel)
+                     conservative_vae_scratch, vae_enc_held_per_pixel, vae_held_per_pixel)
 from .packed_linear import PackedLinear, auto_backend
 from .results import GenerationResult, StepEvent, to_pil
 from .scheduler import denoise, first_step, flux2_sigmas, noised
@@ -152,7 +152,7 @@ class Models:
         cfg, te = self.transformer_info["config"], self.text_encoder
         if encoder and self._vae_enc_fit is None and self.vae.has_encoder:
             self._vae_enc_fit = calibrate_vae_encoder(self.vae)
-        enc_fixed, enc_px = self._vae_enc_fit if encoder and self._vae_enc_fit else (0.0, 0.0)
+        enc_fit = self._vae_enc_fit if encoder and self._vae_enc_fit else {}
         layers = [te.weight_bytes(i) for i in range(te.config.num_layers_needed)]
         args = te.config.args
         if calibrated and self._vae_fit is None:
@@ -174,7 +174,8 @@ class Models:
             * args.hidden_size * te.dtype.size if te.dequantize_matmuls else 0,
             dtype_bytes=self.transformer_info["dtype"].size,
             cached_prompt_bytes=PROMPT_CACHE * self.max_sequence_length * te.config.output_dim * te.dtype.size,
-            vae_enc_fixed=enc_fixed, vae_enc_per_pixel=enc_px, latent_channels=cfg.in_channels,
+            **enc_fit, vae_enc_held_per_pixel=vae_enc_held_per_pixel(self.vae) if enc_fit else 0.0,
+            latent_channels=cfg.in_channels,
             lora=any(lora.scale != 0 for lora in self.loras),
         )
 
@@ -235,7 +236,7 @@ def run(models: Models, req: Request, plan: MemoryPlan,
             t = time.perf_counter()
             with mon.stage("image_encoding"):
                 for pixels in req.conditions:  # one image's activations at a time
-                    encoded.append(models.vae.encode(mx.array(pixels[None])))
+                    encoded.append(models.vae.encode(mx.array(pixels[None]), strip=plan.vae_encode_strip, execution=ex))
                     mx.eval(encoded[-1])
             timings["image_encoding_s"] = time.perf_counter() - t
 

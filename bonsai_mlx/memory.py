@@ -5,12 +5,14 @@ and records `mx.get_peak_memory()` per stage; mean-active is the trapezoidal int
 of the samples over the render time.
 
 `plan_memory` picks how to run the stages (stream the text encoder or hold it, keep the
-transformer across stages or reload it, token chunks, VAE strips or tiles) from estimates of each
+transformer across stages or reload it, token chunks, VAE strips or tiles, encoding in strips) from estimates of each
 stage's footprint: the cheapest plan in time that fits the budget. Three kinds of budget:
   None      no limit: everything resident, one graph per forward (the fastest, hungriest)
   "auto"    the default: only what costs no time (block-by-block evaluation, the text
             encoder streamed and gone before denoising, nothing held that a later stage
-            does not need), capped by the device's own memory (`device_cap`)
+            does not need), capped by the device's own memory (`device_cap`); editing
+            images are encoded in strips where that lowers the estimated peak (a few
+            evaluations more, see `_auto_encode_strip`)
   bytes     the cheapest plan whose estimated peak fits; refused up front if none does
 """
 
@@ -29,7 +31,7 @@ import mlx.core as mx
 from .errors import BonsaiError
 from .execution import Execution
 from .vae import _MAX_SCORES as VAE_MAX_SCORES  # attention score elements per query chunk of the mid block
-from .vae_strips import held_bytes, up_strips
+from .vae_strips import encode_held_bytes, held_bytes, up_strips
 
 GB = 1e9
 AUTO = "auto"
@@ -193,6 +195,7 @@ class MemoryPlan:
     sync: bool = False  # evaluate block by block (bounded activations, a sync per block)
     overlap: bool = False  # with sync: two parts in flight, so the device never waits for the host
     vae_strip: int | None = None  # image rows per strip of a stage-by-stage decode (vae_strips); not with vae_tile
+    vae_encode_strip: int | None = None  # image rows per strip of a stage-by-stage encode of editing images
     estimated_peak_bytes: int = 0
     stage_estimates: dict = field(default_factory=dict)
 
@@ -246,6 +249,13 @@ class Footprint:
     # the encoder's peak scratch, fixed plus per input pixel.
     vae_enc_fixed: float = 0.0
     vae_enc_per_pixel: float = 0.0
+    # Strip encoding, like strip decoding: the whole tensors held at its peak per image pixel
+    # (vae_strips.encode_held_bytes) and its measured scratch beyond them, fixed plus per
+    # pixel of a strip's window. Its mid block runs whole at the latent's resolution, as
+    # the decoder's does (vae_mid_*: the same block for every FLUX.2 VAE).
+    vae_enc_held_per_pixel: float = 0.0
+    vae_enc_strip_fixed: float = 0.0
+    vae_enc_strip_per_pixel: float = 0.0
     latent_channels: int = 128  # of a token (the transformer's input)
     lora: bool = False  # LoRA adapters on the transformer's linears (their weights are in transformer_bytes)
 
@@ -355,37 +365,58 @@ def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batch
         decode += fp.text_resident_bytes
     stages = [("text_encoding", text), ("denoising", denoise), ("decoding", decode)]
     if images:  # one image at a time, after the text, with what the text stage left resident
-        encode = (resident + max(fp.vae_enc_fixed + fp.vae_enc_per_pixel * w * h for w, h in images)
-                  + L_ref * fp.latent_channels * 4)
+        encode = resident + max(_encode_bytes(fp, w, h, plan) for w, h in images) + L_ref * fp.latent_channels * 4
         encode += fp.transformer_bytes if plan.transformer_in_text else 0
         encode += fp.text_resident_bytes if plan.keep_text_encoder and not plan.stream_text_encoder else 0
         stages.insert(1, ("image_encoding", encode))
     return {k: int(SAFETY * v + OVERHEAD) for k, v in stages}
 
 
+def _encode_bytes(fp: Footprint, width: int, height: int, plan: MemoryPlan) -> float:
+    """Peak bytes of encoding one `width` x `height` image beyond what stays resident: whole
+    (the encoder's calibrated scratch), or in strips as `estimate` counts a strip decode:
+    the whole tensors of the encoder's widest stage, a strip's scratch per part in flight,
+    and the float32 pixels and their 2x - 1 copy; or, when larger, the mid block at the
+    latent's resolution (its input, the decoder's calibrated mid-block scratch, its
+    attention scores and its statistics' float32 row blocks)."""
+    if not plan.vae_encode_strip:
+        return fp.vae_enc_fixed + fp.vae_enc_per_pixel * width * height
+    s, latent_px = fp.dtype_bytes, (height // 8) * (width // 8)
+    strips = (fp.vae_enc_held_per_pixel * width * height + width * height * 3 * 4 * 2
+              + (OVERLAP_STRIPS if plan.overlap else 1)
+              * (fp.vae_enc_strip_fixed + fp.vae_enc_strip_per_pixel * (plan.vae_encode_strip + STRIP_HALO) * width))
+    mid = (latent_px * fp.vae_mid_channels * s + (OVERLAP_DECODER if plan.overlap else 1)
+           * (fp.vae_mid_fixed + fp.vae_mid_per_pixel * latent_px) + vae_scores_bytes(latent_px)
+           + 4 * min(Execution().reduce_block, latent_px * fp.vae_mid_channels))
+    return max(strips, mid)
+
+
 def plan_cost(plan: MemoryPlan) -> float:
     """Rough seconds a plan adds to a generation over the unconstrained run."""
     return (COST_STREAM_TEXT * plan.stream_text_encoder + COST_RELOAD_TRANSFORMER * plan.releases_transformer
             + COST_STRICT * (plan.sync and not plan.overlap) + COST_TOKEN_CHUNK[plan.token_chunk] + COST_ATTENTION_ROWS[plan.attention_rows]
-            + COST_VAE_TILE[plan.vae_tile] + COST_VAE_STRIP[plan.vae_strip])
+            + COST_VAE_TILE[plan.vae_tile] + COST_VAE_STRIP[plan.vae_strip] + COST_VAE_STRIP[plan.vae_encode_strip])
 
 
 def candidate_plans(width: int, height: int, fused_attention: bool = True, stream_only: bool = False,
-                    extra_tokens: int = 0):
+                    extra_tokens: int = 0, encode_height: int = 0):
     """Every budgeted plan for this size, cheapest in time first. Attention chunks only
     where the attention materialises its scores (chunks cost memory next to a fused
     kernel); strips and tiles only smaller than the image. A plan decodes whole, in strips
-    or in tiles."""
+    or in tiles. With images to encode (`encode_height`: the tallest), it encodes them whole
+    or in strips lower than that."""
     side, L = max(width, height), (width // 16) * (height // 16) + 512 + extra_tokens
     decodes = ([(None, None)] + [(None, s) for s in VAE_STRIPS if s < height]
                + [(t, None) for t in VAE_TILES if t < side])
     chunks = [c for c in TOKEN_CHUNKS if c is None or c < L]
     rows = ATTENTION_ROWS if not fused_attention else (None,)
     keeps = ((True, True), (True, False), (False, True), (False, False))
+    encodes = [None] + [s for s in VAE_STRIPS if s < encode_height]
     plans = [MemoryPlan(stream, False, in_text, in_decode, tile, chunk, r, sync=True, overlap=overlap,
-                        vae_strip=strip)
+                        vae_strip=strip, vae_encode_strip=enc)
              for stream in ((True,) if stream_only else (False, True)) for in_text, in_decode in keeps
-             for tile, strip in decodes for chunk in chunks for r in rows for overlap in (True, False)]
+             for tile, strip in decodes for chunk in chunks for r in rows for overlap in (True, False)
+             for enc in encodes]
     return sorted(plans, key=plan_cost)
 
 
@@ -397,13 +428,18 @@ def _extra_tokens(images) -> int:
     return sum((w // 16) * (h // 16) for w, h in images)
 
 
+def _candidates(fp: Footprint, width: int, height: int, images, stream_only: bool = False):
+    return candidate_plans(width, height, fp.fused_attention, stream_only, _extra_tokens(images),
+                           max((h for _, h in images), default=0))
+
+
 def smallest_plan(fp: Footprint, width: int, height: int, cfg_batches: int = 1, images: tuple = ()) -> MemoryPlan:
     """The plan with the lowest estimated peak (the slowest, most frugal one)."""
     def rank(p):  # lowest peak first; among equal peaks, the lowest other stages, then the cheapest
         e = estimate(fp, width, height, p, cfg_batches, images)
         return max(e.values()), sum(e.values()), plan_cost(p)
 
-    best = min(candidate_plans(width, height, fp.fused_attention, extra_tokens=_extra_tokens(images)), key=rank)
+    best = min(_candidates(fp, width, height, images), key=rank)
     return _with_estimate(best, estimate(fp, width, height, best, cfg_batches, images))
 
 
@@ -411,12 +447,17 @@ def plan_memory(fp: Footprint, width: int, height: int, budget, cfg_batches: int
                 images: tuple = ()) -> MemoryPlan:
     """The cheapest plan in time whose estimated peak fits `budget` (bytes, or AUTO: the
     plans that stream the text encoder, under `device_cap()`). Refuses, naming the
-    smallest budget that works, when none fits. `images`: see `estimate`."""
+    smallest budget that works, when none fits. `images`: see `estimate`.
+
+    Under AUTO the images are also encoded in strips when that lowers the plan's estimated
+    peak (see `_auto_encode_strip`)."""
     auto = budget == AUTO
     limit = device_cap() if auto else budget
-    for p in candidate_plans(width, height, fp.fused_attention, stream_only=auto, extra_tokens=_extra_tokens(images)):
+    for p in _candidates(fp, width, height, images, stream_only=auto):
         est = estimate(fp, width, height, p, cfg_batches, images)
         if max(est.values()) <= limit:
+            if auto and images:
+                p, est = _auto_encode_strip(fp, width, height, p, est, cfg_batches, images)
             return _with_estimate(p, est)
     best = smallest_plan(fp, width, height, cfg_batches, images)
     need = math.ceil(best.estimated_peak_bytes / 1e6) / 1e3  # GB, rounded up so that it fits
@@ -428,6 +469,22 @@ def plan_memory(fp: Footprint, width: int, height: int, budget, cfg_batches: int
         f"(peak stage: {max(best.stage_estimates, key=best.stage_estimates.get)}). "
         f"Use a budget of at least {need:.3f} GB or a smaller image."
     )
+
+
+def _auto_encode_strip(fp: Footprint, width: int, height: int, plan: MemoryPlan, est: dict, cfg_batches: int,
+                       images) -> tuple[MemoryPlan, dict]:
+    """`plan` encoding its images with the strip height that gives the lowest estimated peak
+    over all stages, the tallest strip among equals (None: whole, when strips lower
+    nothing). The auto budget otherwise takes only what costs no time; strips cost a few
+    evaluations more than the whole encode of an image (VAE_STRIPS' costs, a small part of
+    a generation), and when the encoding stage holds the peak (whole, the encoder's
+    full-resolution activations of a 1024x1024 reference raised an H200 run's peak from
+    3.75 to 6.54 GB, docs/benchmarks.md) they lower it. Decoding does not need the same
+    rule: under the auto budget the decode stage stays below denoising."""
+    options = [plan] + [replace(plan, vae_encode_strip=s) for s in VAE_STRIPS if s < max(h for _, h in images)]
+    ests = [estimate(fp, width, height, p, cfg_batches, images) for p in options]
+    i = min(range(len(options)), key=lambda i: (max(ests[i].values()), plan_cost(options[i])))
+    return (options[i], ests[i]) if max(ests[i].values()) < max(est.values()) else (plan, est)
 
 
 def describe(plan: MemoryPlan) -> str:
@@ -443,6 +500,8 @@ def describe(plan: MemoryPlan) -> str:
         parts.append(f"release the transformer during {' and '.join(away)} (reloaded before denoising)")
     parts.append(f"{plan.vae_tile}-pixel VAE tiles" if plan.vae_tile else
                  f"VAE decode in {plan.vae_strip}-row strips" if plan.vae_strip else "whole-image VAE decode")
+    if plan.vae_encode_strip:
+        parts.append(f"VAE encode in {plan.vae_encode_strip}-row strips")
     if plan.token_chunk:
         parts.append(f"{plan.token_chunk}-token chunks")
     if plan.attention_rows:
@@ -535,14 +594,32 @@ def calibrate_vae(vae) -> dict:
                             *_fit_line(*windows, *strips))))
 
 
-def calibrate_vae_encoder(vae) -> tuple[float, float]:
-    """Peak scratch of `vae.encode` on this device and dtype as (fixed bytes, bytes per input
-    pixel), fitted to encodes of 128x128 and 256x256 images (one graph, as the executor runs
-    it); it resets the peak-memory counter."""
-    peaks = []
+def vae_enc_held_per_pixel(vae) -> float:
+    """Bytes per image pixel of the whole tensors a strip encode holds at its peak."""
+    f = vae.encoder_factor
+    return encode_held_bytes(vae.config, f, f, vae.dtype.size) / f**2
+
+
+def calibrate_vae_encoder(vae) -> dict:
+    """Peak scratch of `vae.encode` on this device and dtype, as Footprint's figures: whole
+    (fixed bytes and bytes per input pixel, fitted to encodes of 128x128 and 256x256 images
+    in one graph, as the executor runs it) and in strips (fixed bytes and bytes per pixel
+    of a strip's window beyond the whole tensors it holds, `vae_strips.encode_held_bytes`,
+    fitted like `calibrate_vae`'s strips: 1 and 2 latent rows per strip over 8 x 16 and
+    8 x 32 latents, block by block). It resets the peak-memory counter."""
+    whole, strips, f = [], [], vae.encoder_factor
     for side in (128, 256):
         x = mx.zeros((1, side, side, 3), dtype=mx.float32)
         mx.eval(x)
-        peaks.append(_scratch_peak(lambda: vae.encode(x)))
+        whole.append(_scratch_peak(lambda: vae.encode(x)))
         del x
-    return _fit_line(128**2, 256**2, *peaks)
+    ex = Execution(sync=True, reduce_block=1 << 16)
+    for rows in (1, 2):
+        x = mx.zeros((1, 8 * f, 16 * rows * f, 3), dtype=mx.float32)
+        mx.eval(x)
+        held = encode_held_bytes(vae.config, 8 * f, 16 * rows * f, vae.dtype.size)
+        strips.append(_scratch_peak(lambda: vae.encode(x, strip=rows * f, execution=ex)) - held)
+        del x
+    windows = [(rows * f + STRIP_HALO) * 16 * rows * f for rows in (1, 2)]
+    names = ("vae_enc_fixed", "vae_enc_per_pixel", "vae_enc_strip_fixed", "vae_enc_strip_per_pixel")
+    return dict(zip(names, (*_fit_line(128**2, 256**2, *whole), *_fit_line(*windows, *strips))))

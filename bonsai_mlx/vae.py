@@ -24,7 +24,7 @@ WHOLE = ONE_GRAPH.pace()  # one graph: evaluates nothing by itself
 from .errors import BonsaiError, ConfigError, WeightsError
 from .safe_files import ModelFolder, files_named, in_file, load_shards, read_json, shard_files
 from .validate import brief, is_int, is_real
-from .vae_strips import decode_strips, merge_moments
+from .vae_strips import decode_strips, encode_strips, merge_moments
 
 # diffusers hard-codes these inside Encoder/Decoder; they are not config fields.
 _NORM_EPS = 1e-6
@@ -346,8 +346,14 @@ class Encoder(nn.Module):
         x = self.conv_in(x)
         for b in self.down_blocks:
             x = b(x)
-        x = self.mid_block(x)
-        return self.conv_out(self.conv_norm_out(x, silu=True))
+        return self.out(x)
+
+    def out(self, x, pace: Pace = WHOLE):
+        """The mid block, conv_norm_out and conv_out over the down path's output (whole: they
+        work at the latent's resolution; strip encoding runs the rest in strips)."""
+        x = self.mid_block(x, pace)
+        pace(x)
+        return self.conv_out(self.conv_norm_out(x, silu=True, pace=pace))
 
 
 class Decoder(nn.Module):
@@ -478,29 +484,37 @@ class AutoencoderKLFlux2(nn.Module):
 
     # --- encode
 
-    def encode_latents(self, x):
-        """x [B, H, W, 3] in [-1, 1] -> posterior mode [B, H/f, W/f, latent] (float32)."""
+    def encode_latents(self, x, strip: int | None = None, execution: Execution = ONE_GRAPH):
+        """x [B, H, W, 3] in [-1, 1] -> posterior mode [B, H/f, W/f, latent] (float32).
+
+        strip (image rows, multiple of f) encodes stage by stage in row strips, see
+        `vae_strips.encode_strips`, run in parts as `execution` says; without it the encoder
+        runs whole, in one graph."""
         if not self.has_encoder:
             raise BonsaiError("this VAE checkpoint has no encoder (decoder-only); it cannot encode images")
         f = self.encoder_factor
         if x.ndim != 4 or x.shape[-1] != self.config.in_channels or x.shape[1] % f or x.shape[2] % f:
             raise BonsaiError(f"encode expects [B, H, W, {self.config.in_channels}] with H, W multiples "
                               f"of {f}; got {tuple(x.shape)}")
-        h = self.encoder(x.astype(self.dtype))
+        if strip is not None and (not is_int(strip) or strip <= 0 or strip % f):
+            raise BonsaiError(f"strip must be a positive multiple of {f} image rows; got strip={strip!r}")
+        x = x.astype(self.dtype)
+        h = self.encoder(x) if strip is None else encode_strips(self.encoder, x, strip // f, execution)
         if "quant_conv" in self:
             h = self.quant_conv(h)
         return h[..., : self.config.latent_channels].astype(mx.float32)  # mean half = mode
 
-    def encode(self, image):
+    def encode(self, image, strip: int | None = None, execution: Execution = ONE_GRAPH):
         """image [B, H, W, 3] in [0, 1] -> normalized tokens [B, (H/16)*(W/16), 4*latent] float32.
 
         H and W must be multiples of 2*f (16 for FLUX.2). Same as Flux2KleinPipeline's
-        preprocess (2x - 1) + `_encode_vae_image` + `_pack_latents`.
+        preprocess (2x - 1) + `_encode_vae_image` + `_pack_latents`. strip, execution: see
+        `encode_latents`.
         """
         f = 2 * self.encoder_factor
         if image.ndim != 4 or image.shape[1] % f or image.shape[2] % f:
             raise BonsaiError(f"encode expects [B, H, W, 3] with H, W multiples of {f}; got {tuple(image.shape)}")
-        z = self.encode_latents(2.0 * image - 1.0)
+        z = self.encode_latents(2.0 * image - 1.0, strip, execution)
         return pack(self.normalize(patchify(z)))
 
     # --- decode

@@ -1,5 +1,6 @@
-"""Strip decoding: the VAE decoder's up path stage by stage over the whole image, each
-stage evaluated in horizontal strips of rows, equal to the whole decode up to float rounding.
+"""Strip decoding and encoding: the VAE decoder's up path (the encoder's conv_in and down
+path) stage by stage over the whole image, each stage evaluated in horizontal strips of
+rows, equal to the whole decode (encode) up to float rounding.
 
 A stage (a resnet, an upsampler, the final norm + conv_out) reads a tensor held whole and
 writes its output, held whole, strip by strip: a strip's 3x3 convolution reads one row of
@@ -15,6 +16,14 @@ FLUX.2 VAE the first resnet of the last block: 256 + 128 + 128 channels at full
 resolution, 1 GB at 1024x1024 in float16; `held_bytes`), plus one or two strips'
 temporaries. The mid block (attention over all positions) runs whole: it works at 1/8
 resolution. Everything here is channels-last, [B, H, W, C].
+
+The encoder runs the same way in the other direction (`encode_strips`): conv_in, then
+each down block's resnets and its downsampler (diffusers' Downsample2D: one zero row and
+column padded at the bottom and right, then a 3x3 stride-2 valid convolution, so output
+rows [a, b) read input rows [2a, 2b + 1)), each in strips; its mid block and conv_out
+run whole at the latent's resolution. It holds at most a resnet's input, conv1's output
+and its output at full resolution (128 + 128 + 128 channels for FLUX.2: 0.8 GB at
+1024x1024 in float16; `encode_held_bytes`).
 """
 
 from __future__ import annotations
@@ -81,21 +90,28 @@ def _produce(fn, shape, dtype, rows: int, norm, pace: Pace):
     return out.value, (mean, m2 / n)
 
 
+def _conv3(conv, norm, x, stats, rows: int, next_norm, pace: Pace):
+    """A 3x3, padding-1 `conv` over x, after `norm` (with x's `stats`) and SiLU when a norm
+    is given: a resnet's conv1, the decoder's conv_norm_out + conv_out, the encoder's conv_in."""
+    H = x.shape[1]
+    pre = (lambda t: t) if norm is None else (lambda t: norm.apply(t, stats, silu=True))
+    return _produce(lambda a, b: _conv_rows(conv, pre(_halo(x, a, b)), a, b, H),
+                    (*x.shape[:3], conv.weight.shape[0]), x.dtype, rows, next_norm, pace)
+
+
 def _resnet(r, x, stats, rows: int, next_norm, pace: Pace):
     """One ResnetBlock: x and its norm1 statistics -> the output and next_norm's statistics."""
-    B, H, W, _ = x.shape
-    cout = r.conv1.weight.shape[0]
-    h, h_stats = _produce(lambda a, b: _conv_rows(r.conv1, r.norm1.apply(_halo(x, a, b), stats, silu=True), a, b, H),
-                          (B, H, W, cout), x.dtype, rows, r.norm2, pace)
+    H = x.shape[1]
+    h, h_stats = _conv3(r.conv1, r.norm1, x, stats, rows, r.norm2, pace)
 
     def out(a, b):
         skip = r.conv_shortcut(x[:, a:b]) if "conv_shortcut" in r else x[:, a:b]
         return skip + _conv_rows(r.conv2, r.norm2.apply(_halo(h, a, b), h_stats, silu=True), a, b, H)
 
-    return _produce(out, (B, H, W, cout), x.dtype, rows, next_norm, pace)
+    return _produce(out, h.shape, x.dtype, rows, next_norm, pace)
 
 
-def _upsample(up, x, rows: int, next_norm, pace: Pace):
+def _upsample(up, x, stats, rows: int, next_norm, pace: Pace):
     """Nearest 2x then a 3x3 conv; `rows` counts output rows (even, so a strip starts on an
     input row). The input rows a strip reads are upsampled for that strip alone."""
     B, H, W, C = x.shape
@@ -109,6 +125,21 @@ def _upsample(up, x, rows: int, next_norm, pace: Pace):
     return _produce(out, (B, 2 * H, 2 * W, up.conv.weight.shape[0]), x.dtype, rows, next_norm, pace)
 
 
+def _downsample(down, x, stats, rows: int, next_norm, pace: Pace):
+    """A `vae.Downsample` (pads a zero row at the bottom, a stride-2 valid 3x3 conv): output
+    rows [a, b) read input rows [2a, 2b + 1), the last of them the padding when b is the
+    bottom, so the module itself runs on each strip's rows."""
+    B, H, W, _ = x.shape
+    return _produce(lambda a, b: down(x[:, 2 * a:min(2 * b + 1, H)]),
+                    (B, H // 2, W // 2, down.conv.weight.shape[0]), x.dtype, rows, next_norm, pace)
+
+
+# Each kind of stage: how it runs in strips and its output's height per input row.
+_KINDS = {"resnet": (_resnet, 1), "upsample": (_upsample, 2), "downsample": (_downsample, 0.5),
+          "in": (lambda m, *a: _conv3(m.conv_in, None, *a), 1),
+          "out": (lambda m, *a: _conv3(m.conv_out, m.conv_norm_out, *a), 1)}
+
+
 def _stages(decoder) -> list[tuple[str, object]]:
     """The up path in order: ("resnet", block), ("upsample", upsampler), ("out", decoder)."""
     out = []
@@ -119,9 +150,30 @@ def _stages(decoder) -> list[tuple[str, object]]:
     return out + [("out", decoder)]
 
 
+def _down_stages(encoder) -> list[tuple[str, object]]:
+    """conv_in and the down path in order: ("in", encoder), ("resnet", block), ("downsample", d)."""
+    out = [("in", encoder)]
+    for blk in encoder.down_blocks:
+        out += [("resnet", r) for r in blk.resnets]
+        if "downsamplers" in blk:
+            out.append(("downsample", blk.downsamplers[0]))
+    return out
+
+
 def _input_norm(kind: str, m):
-    """The GroupNorm that reads a stage's input first (None: an upsampler reads it raw)."""
+    """The GroupNorm that reads a stage's input first (None: the stage reads it raw)."""
     return {"resnet": lambda: m.norm1, "out": lambda: m.conv_norm_out}.get(kind, lambda: None)()
+
+
+def _run(stages, x, stats, strip: int, latent_rows: int, pace: Pace, last_norm=None):
+    """x through `stages` in order, each in strips of `strip` rows at the latent's resolution
+    (`latent_rows` high; k * strip rows at k times that), with the statistics of x that the
+    first stage's input norm needs. Returns the last output and `last_norm`'s statistics."""
+    for i, (kind, m) in enumerate(stages):
+        fn, scale = _KINDS[kind]
+        nxt = _input_norm(*stages[i + 1]) if i + 1 < len(stages) else last_norm
+        x, stats = fn(m, x, stats, strip * int(x.shape[1] * scale) // latent_rows, nxt, pace)
+    return x, stats
 
 
 def decode_strips(decoder, z, strip: int, ex: Execution):
@@ -134,21 +186,28 @@ def decode_strips(decoder, z, strip: int, ex: Execution):
 
 def up_strips(decoder, x, strip: int, pace: Pace):
     """The up path, conv_norm_out and conv_out over the mid block's output x, in strips."""
-    H0 = x.shape[1]
     stages = _stages(decoder)
     stats = _input_norm(*stages[0]).stats(x, pace)  # the first stage is a resnet
-    for i, (kind, m) in enumerate(stages[:-1]):
-        nxt = _input_norm(*stages[i + 1])
-        if kind == "resnet":
-            x, stats = _resnet(m, x, stats, strip * x.shape[1] // H0, nxt, pace)
-        else:
-            x, stats = _upsample(m, x, strip * 2 * x.shape[1] // H0, nxt, pace)
-    d, H = decoder, x.shape[1]
+    return _run(stages, x, stats, strip, x.shape[1], pace)[0]
 
-    def out(a, b):
-        return _conv_rows(d.conv_out, d.conv_norm_out.apply(_halo(x, a, b), stats, silu=True), a, b, H)
 
-    return _produce(out, (*x.shape[:3], d.conv_out.weight.shape[0]), x.dtype, strip * H // H0, None, pace)[0]
+def encode_strips(encoder, x, strip: int, ex: Execution):
+    """x [B, H, W, C] (the image in the encoder's dtype) -> the encoder's moments
+    [B, H/f, W/f, 2 * latent], conv_in and the down path in strips of `strip` latent rows
+    (k * strip rows at k times the latent's resolution); the mid block, conv_norm_out and
+    conv_out run whole on the latent-resolution result."""
+    pace = ex.pace()
+    h, _ = _run(_down_stages(encoder), x, None, strip, x.shape[1] >> (len(encoder.down_blocks) - 1), pace)
+    pace(h)
+    return encoder.out(h, pace)
+
+
+def _peak_held(held) -> int:
+    """Elements held at once at the worst point of a run of stages, each given as (input,
+    first tensor written, other tensors): a stage holds all three; two parts in flight, the
+    stage before may still hold its input while a stage allocates its first tensor."""
+    worst = max(sum(s) for s in held)
+    return max([worst] + [prev[0] + s[0] + s[1] for prev, s in zip(held, held[1:])])
 
 
 def held_bytes(config, height: int, width: int, dtype_bytes: int) -> int:
@@ -166,6 +225,20 @@ def held_bytes(config, height: int, width: int, dtype_bytes: int) -> int:
         if i < n - 1:
             held.append((px(i) * c, px(i + 1) * c, 0))
     held.append((px(n - 1) * ch[-1], px(n - 1) * config.out_channels, 0))
-    worst = max(sum(s) for s in held)
-    worst = max([worst] + [prev[0] + s[0] + s[1] for prev, s in zip(held, held[1:])])
-    return worst * dtype_bytes
+    return _peak_held(held) * dtype_bytes
+
+
+def encode_held_bytes(config, height: int, width: int, dtype_bytes: int) -> int:
+    """Bytes of the whole tensors `encode_strips` holds at once at its peak, for one
+    `height` x `width` image, as `held_bytes` counts them: conv_in holds the image and its
+    output, a resnet its input, conv1's output and its output, a downsampler its input and
+    output (at a quarter of the pixels)."""
+    ch, n = config.block_out_channels, len(config.block_out_channels)
+    px = lambda level: (height >> level) * (width >> level)  # noqa: E731
+    held = [(px(0) * config.in_channels, px(0) * ch[0], 0)]
+    for i, c in enumerate(ch):
+        for j in range(config.layers_per_block):
+            held.append((px(i) * (ch[max(i - 1, 0)] if j == 0 else c), px(i) * c, px(i) * c))
+        if i < n - 1:
+            held.append((px(i) * c, px(i + 1) * c, 0))
+    return _peak_held(held) * dtype_bytes

@@ -5,11 +5,14 @@ Sections (each fail-soft; JSON lines on stdout and $OUT/speed.json, or --json, r
   strips  whole decode vs strip decode vs exact tiles at 512 / 1024 in float16 and bfloat16:
         time, extra peak, the planner's estimate (calibrated here) and the difference from
         the whole decode
+  encode  whole encode vs strip encode (editing images) at 512 / 1024 in float16 and bfloat16:
+        time, extra peak, the planner's estimate of the image-encoding stage (calibrated
+        here) and the difference from the whole encode
   dit   transformer steps (dense bf16, binary, ternary) under the execution settings the
         budget plans use, linears at the real shapes per path, elementwise parts
   load  transformer load time from a pack on disk (the reload a released transformer pays)
 
-    python examples/profile_speed.py [--sections vae strips dit load] [--tiny] [--json PATH]
+    python examples/profile_speed.py [--sections vae strips encode dit load] [--tiny] [--json PATH]
 """
 from __future__ import annotations
 
@@ -175,6 +178,17 @@ def section_vae(tiny, quick=False):
 
 # ----------------------------------------------------------------------------- strip decoding
 
+def vae_footprint(vae, fit: dict, **kw):
+    """A Footprint of `vae` alone (nothing else resident) with its calibrated scratch `fit`."""
+    from bonsai_mlx.memory import Footprint, vae_held_per_pixel
+
+    return Footprint(transformer_bytes=0, transformer_dim=0, transformer_mlp=0, transformer_heads=0,
+                     transformer_max_out=0, reference_matmul=False, text_resident_bytes=0, text_stream_bytes=0,
+                     text_hidden=0, text_heads=0, text_len=0, vae_bytes=0,
+                     vae_mid_channels=vae.config.decoder_channels[-1], vae_held_per_pixel=vae_held_per_pixel(vae),
+                     **fit, **kw)
+
+
 def section_strips(tiny, quick=False):
     """The decode under each way a plan can run it, full FLUX.2 VAE (random weights), one
     image: ms (median of 5 after 2 warm-ups; tiles 1 after 1), extra peak above the weights
@@ -185,7 +199,7 @@ def section_strips(tiny, quick=False):
     import numpy as np
 
     from bonsai_mlx.execution import Execution
-    from bonsai_mlx.memory import Footprint, MemoryPlan, calibrate_vae, estimate, vae_held_per_pixel
+    from bonsai_mlx.memory import MemoryPlan, calibrate_vae, estimate
     from bonsai_mlx.random_weights import FLUX2_VAE
     from bonsai_mlx.vae import AutoencoderKLFlux2, VAEConfig
 
@@ -212,11 +226,7 @@ def section_strips(tiny, quick=False):
         mx.eval(vae.parameters())
         fit = calibrate_vae(vae)
         record(f"vae calibration {dname}", dtype=dname, **fit)
-        fp = Footprint(transformer_bytes=0, transformer_dim=0, transformer_mlp=0, transformer_heads=0,
-                       transformer_max_out=0, reference_matmul=False, text_resident_bytes=0, text_stream_bytes=0,
-                       text_hidden=0, text_heads=0, text_len=0, vae_bytes=0,
-                       vae_mid_channels=vae.config.decoder_channels[-1], vae_held_per_pixel=vae_held_per_pixel(vae),
-                       **fit)
+        fp = vae_footprint(vae, fit)
         for size in sizes:
             z = mx.random.normal((1, size // 8, size // 8, vae.config.latent_channels), key=mx.random.key(size))
             z = z.astype(dtype)
@@ -240,6 +250,61 @@ def section_strips(tiny, quick=False):
                        overlap=ex.overlap, estimate_mb=est, max_diff_vs_whole=diff, rel_diff_vs_whole=rel,
                        whole_max_abs=float(np.abs(whole).max()))
             del z, whole
+        del vae
+
+
+def section_encode(tiny, quick=False):
+    """Whole encode (one graph, as the executor runs it without strips) against strip encodes
+    (vae_strips.encode_strips) of one size x size image: ms, extra peak above the weights and
+    the image, the planner's estimate of the image-encoding stage with nothing else resident
+    (VAE scratch calibrated here; the estimate covers the peak when estimate_mb >=
+    extra_peak_mb) and the difference of the tokens from the whole encode."""
+    import numpy as np
+
+    from bonsai_mlx.execution import Execution
+    from bonsai_mlx.memory import MemoryPlan, calibrate_vae, calibrate_vae_encoder, estimate, vae_enc_held_per_pixel
+    from bonsai_mlx.random_weights import FLUX2_VAE
+    from bonsai_mlx.vae import AutoencoderKLFlux2, VAEConfig
+
+    cfg = dict(FLUX2_VAE)
+    if tiny:
+        cfg.update(block_out_channels=[32, 32, 64, 64])
+    keep = {k: v for k, v in cfg.items() if k in VAEConfig.__dataclass_fields__}
+    sizes = ((64,) if quick else (64, 128)) if tiny else (512, 1024)
+    strict, two = Execution(sync=True), Execution(sync=True, overlap=True)
+    cases = [("whole, one graph (as run without strips)", None, Execution())]
+    for strip in ((16,) if tiny else (256, 128, 64, 32)):
+        cases += [(f"{strip}-row strips, two in flight", strip, two), (f"{strip}-row strips, strict", strip, strict)]
+    runs, warmup = (2, 1) if tiny else (5, 2)
+    for dtype in (mx.float16, mx.bfloat16):
+        dname = str(dtype).rpartition(".")[2]
+        vae = AutoencoderKLFlux2(VAEConfig(**keep))
+        vae.set_dtype(dtype)
+        mx.eval(vae.parameters())
+        fit = {**calibrate_vae(vae), **calibrate_vae_encoder(vae)}
+        record(f"vae encoder calibration {dname}", dtype=dname, **fit)
+        fp = vae_footprint(vae, fit, vae_enc_held_per_pixel=vae_enc_held_per_pixel(vae), dtype_bytes=dtype.size,
+                           latent_channels=vae.config.patched_channels)
+        for size in sizes:
+            pixels = mx.random.uniform(shape=(1, size, size, 3), key=mx.random.key(size))
+            mx.eval(pixels)
+            whole = np.array(vae.encode(pixels))
+            for label, strip, ex in cases:
+                plan = MemoryPlan(transformer_in_text=False, keep_text_encoder=False, sync=ex.sync,
+                                  overlap=ex.overlap, vae_encode_strip=strip)
+                est = estimate(fp, size, size, plan, images=((size, size),))["image_encoding"] / 1e6
+                fn = lambda: vae.encode(pixels, strip=strip, execution=ex)  # noqa: E731
+                try:
+                    got = np.array(fn())
+                except Exception as e:  # noqa: BLE001 - a profile keeps going
+                    record(f"vae encode {size} {dname} {label}", err=repr(e)[:300])
+                    continue
+                timeit(f"vae encode {size} {dname} {label}", fn, runs=runs, warmup=warmup, size=size, dtype=dname,
+                       strip=strip, sync=ex.sync, overlap=ex.overlap, estimate_mb=est,
+                       max_diff_vs_whole=float(np.abs(got - whole).max()),
+                       rel_diff_vs_whole=float(np.linalg.norm(got - whole) / np.linalg.norm(whole)),
+                       whole_max_abs=float(np.abs(whole).max()))
+            del pixels, whole
         del vae
 
 
@@ -388,6 +453,7 @@ def main():
         t = time.perf_counter()
         try:
             {"vae": lambda: section_vae(a.tiny, a.quick), "strips": lambda: section_strips(a.tiny, a.quick),
+             "encode": lambda: section_encode(a.tiny, a.quick),
              "dit": lambda: section_dit(a.tiny, a.root, a.quick),
              "load": lambda: section_load(a.root)}[s]()
         except Exception as e:  # noqa: BLE001

@@ -138,3 +138,22 @@ def test_bad_images_fail_before_any_work(distilled, tmp_path):
     dec = make_vae.make_vae(tmp_path / "decoder-only", "small4", seed=3, decoder_only=True)
     with pytest.raises(BonsaiError, match="this VAE has no encoder"):
         ours(path, vae=dec).stream(PROMPT, image=[ok])
+
+
+def test_reference_encoded_in_strips_matches_diffusers(distilled):
+    """A 512x384 reference for a 64x64 image under a budget below every plan that encodes it
+    whole: the plan encodes it in strips (vae_strips.encode_strips), the image-encoding stage
+    peaks under its estimate, and the image still matches diffusers within 2/255."""
+    from bonsai_mlx.memory import _candidates, estimate
+
+    ref_pipe, _, pipe = distilled
+    refs, sizes = [picture(512, 384, 4)], ((512, 384),)
+    fp = pipe.models.footprint(encoder=True)
+    whole = [p for p in _candidates(fp, 64, 64, sizes) if not p.vae_encode_strip]
+    budget = min(max(estimate(fp, 64, 64, p, images=sizes).values()) for p in whole) - 1
+    noise = mp.initial_noise(64, 64, seed=6)
+    want = mp.run_reference(ref_pipe, PROMPT, 64, 64, 4, noise, image=refs)
+    got = pipe.generate(PROMPT, width=64, height=64, latents=noise, image=refs, memory_budget=budget)
+    assert got.plan.vae_encode_strip, got.plan
+    assert got.memory["stages"]["image_encoding"]["peak_gb"] * 1e9 <= got.plan.stage_estimates["image_encoding"]
+    check(got.array, want, "reference encoded in strips")

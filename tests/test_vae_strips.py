@@ -7,9 +7,15 @@ strip, convolutions over fewer rows); in float16 the same decode <= 2e-3 relativ
 (measured ~1e-3 on the [0, 1] image: a float16 conv rounds each output once, and strips
 change which kernel shape, hence which summation order, each output sees). Against diffusers:
 the parity bounds of tests/test_vae.py (float32 1e-4, float16 2e-2, relative in norm).
+
+Strip encoding (vae_strips.encode_strips), the same bounds: against our own whole encode in
+float32 max |strip - whole| <= 1e-5 x max |whole| (measured ~2.4e-6), in float16 <= 2e-3
+relative in norm; against diffusers' encoder (the posterior's mode, the mean half of the
+moments, as encode_latents returns) tests/test_vae.py's parity bounds.
 """
 
 import importlib.util
+from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -19,10 +25,10 @@ from mlx.utils import tree_flatten
 
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.execution import Execution
-from bonsai_mlx.memory import (Footprint, MemoryPlan, calibrate_vae, candidate_plans, estimate, plan_cost,
-                               plan_memory, vae_held_per_pixel)
-from bonsai_mlx.vae import load_vae, unpatchify
-from bonsai_mlx.vae_strips import held_bytes, spans
+from bonsai_mlx.memory import (AUTO, Footprint, MemoryPlan, calibrate_vae, calibrate_vae_encoder, candidate_plans,
+                               estimate, plan_cost, plan_memory, vae_enc_held_per_pixel, vae_held_per_pixel)
+from bonsai_mlx.vae import VAEConfig, load_vae, unpatchify
+from bonsai_mlx.vae_strips import encode_held_bytes, held_bytes, spans
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
@@ -102,8 +108,6 @@ def test_strip_options_are_checked(vae_dirs):
 def test_held_bytes_counts_the_widest_stage(vae_dirs):
     """FLUX.2's decoder (512, 512, 256, 128 channels up): the first resnet of the last block
     holds its 256-channel input, conv1's and its own 128-channel outputs; float16, 1024 px."""
-    from bonsai_mlx.vae import VAEConfig
-
     assert held_bytes(VAEConfig(), 1024, 1024, 2) == 1024 * 1024 * (256 + 128 + 128) * 2
     vae = load_vae(vae_dirs["small4"], dtype=mx.float16)
     assert vae_held_per_pixel(vae) * 64 * 48 == held_bytes(vae.config, 64, 48, 2)
@@ -194,30 +198,172 @@ def test_raw_decode_equals_unpatchified_tokens(vae_dirs):
     np.testing.assert_allclose(img, np.clip(raw / 2 + 0.5, 0, 1), rtol=0, atol=1e-6)
 
 
-def test_profile_command_for_the_gpu(tmp_path):
-    """examples/profile_speed.py --sections strips (what times strips against the whole decode
-    and tiles on a GPU), at a tiny size on this CPU: every way of decoding is recorded in
-    both 16-bit dtypes with its time, extra peak and estimate, the estimate covers the peak,
-    and strips stay near the whole decode (in float16 / bfloat16 a strip's convolutions
-    round differently, 16 / 8 mantissa bits: measured 2.9e-3 / 1.2e-2 relative in norm on
-    this random decoder; the whole decode's three executions agree exactly)."""
+@pytest.mark.parametrize("section, what", [("strips", "vae decode"), ("encode", "vae encode")])
+def test_profile_command_for_the_gpu(tmp_path, section, what):
+    """examples/profile_speed.py --sections strips / encode (what times strips against the
+    whole decode and tiles, strip encodes against the whole encode, on a GPU), at a tiny size
+    on this CPU: every way is recorded in both 16-bit dtypes with its time, extra peak and
+    estimate, the estimate covers the peak, and strips stay near the whole run (in float16 /
+    bfloat16 a strip's convolutions round differently, 16 / 8 mantissa bits: measured 2.9e-3
+    / 1.2e-2 relative in norm on this random decoder's image, 2.7e-3 / 1.8e-2 on this random
+    encoder's normalized tokens; the whole decode's three executions agree exactly)."""
     import json
     import os
     import subprocess
     import sys
 
     root = Path(__file__).parent.parent
-    out = tmp_path / "strips.json"
-    r = subprocess.run([sys.executable, "examples/profile_speed.py", "--sections", "strips", "--tiny", "--quick",
+    out = tmp_path / f"{section}.json"
+    r = subprocess.run([sys.executable, "examples/profile_speed.py", "--sections", section, "--tiny", "--quick",
                         "--json", str(out)], cwd=root, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "PYTHONPATH": str(root)})
     assert r.returncode == 0, r.stderr
-    rows = [x for x in json.loads(out.read_text()) if x["name"].startswith("vae decode")]
+    rows = [x for x in json.loads(out.read_text()) if x["name"].startswith(what + " ")]
     assert not [x for x in rows if "err" in x]
     assert {(x["dtype"], x["strip"] is not None) for x in rows} == {(d, s) for d in ("float16", "bfloat16")
                                                                     for s in (False, True)}
     for x in rows:
         assert x["ms"] > 0 and x["extra_peak_mb"] > 0
-        if x["sync"]:
+        if x["estimate_mb"] is not None:
             assert x["estimate_mb"] >= x["extra_peak_mb"], x["name"]
         assert x["rel_diff_vs_whole"] <= ({"float16": 1e-2, "bfloat16": 4e-2}[x["dtype"]] if x["strip"] else 0)
+
+
+# ----------------------------------------------------------------------------- encoding
+
+def image(vae, h, w, seed, batch=1):
+    """[B, h*f, w*f, 3] in [-1, 1]: h x w latent rows and columns."""
+    f = vae.encoder_factor
+    return 2 * mx.random.uniform(shape=(batch, h * f, w * f, 3), key=mx.random.key(seed)) - 1
+
+
+@pytest.mark.parametrize("name", ["small4", "small3"])
+@pytest.mark.parametrize("h, w, rows", [
+    (13, 7, 1),  # one latent row per strip
+    (13, 7, 3),  # does not divide 13 (the last strip has 1)
+    (12, 10, 4),  # divides 12
+    (6, 9, 5),  # one strip and a 1-row rest
+    (5, 6, 8),  # taller than the image: one strip per stage
+])
+def test_strips_equal_the_whole_encode(vae_dirs, name, h, w, rows):
+    vae = load_vae(vae_dirs[name], dtype=mx.float32)
+    x = image(vae, h, w, seed=h * w + rows)
+    whole = np.array(vae.encode_latents(x))
+    for ex in (Execution(), STRICT, OVERLAPPED):  # one graph, strip by strip, two strips in flight
+        got = np.array(vae.encode_latents(x, strip=rows * vae.encoder_factor, execution=ex))
+        assert got.shape == whole.shape
+        assert np.abs(got - whole).max() <= 1e-5 * np.abs(whole).max(), (ex, np.abs(got - whole).max())
+
+
+def test_encode_strips_in_float16_and_batches(vae_dirs):
+    vae = load_vae(vae_dirs["small4"], dtype=mx.float16)
+    f = 2 * vae.encoder_factor
+    pixels = mx.random.uniform(shape=(2, 9 * f, 5 * f, 3), key=mx.random.key(7))
+    whole = np.array(vae.encode(pixels))
+    got = np.array(vae.encode(pixels, strip=24, execution=OVERLAPPED))
+    assert got.shape == whole.shape == (2, 9 * 5, vae.config.patched_channels)
+    assert rel_err(got, whole) <= 2e-3
+
+
+@pytest.mark.parametrize("name", ["small4", "small3"])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16])
+def test_encode_strips_match_diffusers(vae_dirs, name, dtype):
+    ref, ours = RefVAE.from_pretrained(vae_dirs[name]).eval(), load_vae(vae_dirs[name], dtype=dtype)
+    f = ours.encoder_factor
+    torch.manual_seed(5)
+    x = torch.rand(1, 3, 14 * f, 6 * f) * 2 - 1  # 7 strips of 2 latent rows, non-square
+    with torch.no_grad():
+        want = ref.encode(x).latent_dist.mode().permute(0, 2, 3, 1).numpy()
+    got = np.array(ours.encode_latents(mx.array(x.permute(0, 2, 3, 1).numpy()), strip=2 * f, execution=OVERLAPPED))
+    assert rel_err(got, want) <= REL_REF[dtype]
+
+
+def test_encode_strip_options_are_checked(vae_dirs):
+    vae = load_vae(vae_dirs["small4"], dtype=mx.float32)
+    x = image(vae, 4, 4, seed=0)
+    for bad in (12, 0, -8, 8.0):
+        with pytest.raises(BonsaiError, match="strip"):
+            vae.encode_latents(x, strip=bad)
+
+
+def test_encode_held_bytes_counts_the_widest_stage(vae_dirs):
+    """FLUX.2's encoder (128, 256, 512, 512 channels down): the full-resolution resnets hold
+    their 128-channel input, conv1's output and their output; float16, 1024 px."""
+    assert encode_held_bytes(VAEConfig(), 1024, 1024, 2) == 1024 * 1024 * (128 + 128 + 128) * 2
+    vae = load_vae(vae_dirs["small4"], dtype=mx.float16)
+    assert vae_enc_held_per_pixel(vae) * 64 * 48 == encode_held_bytes(vae.config, 64, 48, 2)
+
+
+def encode_footprint(vae) -> Footprint:
+    """`footprint` with the encoder calibrated too: the image-encoding stage dominates."""
+    return footprint(vae, vae_enc_held_per_pixel=vae_enc_held_per_pixel(vae), latent_channels=4 * 4,
+                     **calibrate_vae_encoder(vae))
+
+
+def measured_peak(fn):
+    mx.synchronize()
+    mx.reset_peak_memory()
+    mx.eval(fn())
+    mx.synchronize()
+    return mx.get_peak_memory()
+
+
+def test_encode_strips_are_candidates_and_cost_little():
+    plans = candidate_plans(512, 512, encode_height=384)
+    assert {p.vae_encode_strip for p in plans} == {None, 256, 128, 64, 32, 16}
+    assert {p.vae_encode_strip for p in candidate_plans(512, 512)} == {None}  # nothing to encode
+    assert plan_cost(MemoryPlan(vae_encode_strip=16)) < plan_cost(MemoryPlan(stream_text_encoder=True))
+
+
+def test_estimate_covers_strip_encodes(vae_dirs):
+    """The calibration fits two small encodes; the estimate of the image-encoding stage
+    holds (mx.get_peak_memory, everything live counted) at sizes and strips neither had,
+    strict and overlapped, whole and in strips."""
+    vae = load_vae(vae_dirs["small4"], dtype=mx.float32)
+    fp = encode_footprint(vae)
+    for W, H in ((384, 128), (256, 512)):
+        pixels = mx.random.uniform(shape=(1, H, W, 3), key=mx.random.key(4))
+        mx.eval(pixels)
+        for strip in (None, 8, 40):
+            for overlap in (False, True):
+                plan = MemoryPlan(sync=True, overlap=overlap, vae_encode_strip=strip)
+                peak = measured_peak(lambda: vae.encode(pixels, strip=strip, execution=plan.execution))
+                est = estimate(fp, 64, 64, plan, images=((W, H),))["image_encoding"]
+                assert peak <= est, (W, H, strip, overlap, peak, est)
+
+
+def test_planner_encodes_in_strips_when_the_budget_needs_it(vae_dirs):
+    """A 1024x1024 reference under a budget below every whole encode's estimate: the planner
+    encodes it in strips, and that encode peaks under the stage's estimate and equals
+    diffusers' encoder in float64 within 2e-4 (relative, in norm). At this size float32
+    itself is the error, as for strip decoding: our whole encode's GroupNorm sums run over a
+    million pixels at once, the strips' over one strip, merged."""
+    vae = load_vae(vae_dirs["small4"], dtype=mx.float32)
+    fp, images = encode_footprint(vae), ((1024, 1024),)
+    whole = [p for p in candidate_plans(256, 256, encode_height=1024) if not p.vae_encode_strip]
+    budget = min(max(estimate(fp, 256, 256, p, images=images).values()) for p in whole) - 1
+    plan = plan_memory(fp, 256, 256, budget, images=images)
+    assert plan.vae_encode_strip, plan
+    pixels = mx.random.uniform(shape=(1, 1024, 1024, 3), key=mx.random.key(9))
+    mx.eval(pixels)
+    peak = measured_peak(lambda: vae.encode(pixels, strip=plan.vae_encode_strip, execution=plan.execution))
+    assert peak <= plan.stage_estimates["image_encoding"], (peak, plan.stage_estimates["image_encoding"])
+    got = np.array(vae.encode_latents(2 * pixels - 1, strip=plan.vae_encode_strip, execution=plan.execution))
+    ref = RefVAE.from_pretrained(vae_dirs["small4"]).eval().double()
+    with torch.no_grad():
+        x = torch.tensor(np.array(2 * pixels - 1)).permute(0, 3, 1, 2).double()
+        want = ref.encode(x).latent_dist.mode().permute(0, 2, 3, 1).numpy()
+    assert rel_err(got, want) <= 2e-4, (rel_err(got, want), rel_err(np.array(vae.encode_latents(2 * pixels - 1)), want))
+
+
+def test_auto_encodes_in_strips_when_encoding_holds_the_peak(vae_dirs):
+    """Under the auto budget the images are encoded in strips only where that lowers the
+    plan's estimated peak: a large reference next to a small image, not a small one."""
+    vae = load_vae(vae_dirs["small4"], dtype=mx.float32)
+    fp = encode_footprint(vae)
+    big = plan_memory(fp, 64, 64, AUTO, images=((1024, 1024),))
+    whole = estimate(fp, 64, 64, replace(big, vae_encode_strip=None), images=((1024, 1024),))
+    assert big.vae_encode_strip and big.estimated_peak_bytes < max(whole.values()), (big, whole)
+    assert max(whole, key=whole.get) == "image_encoding"
+    small = plan_memory(fp, 1024, 1024, AUTO, images=((32, 32),))
+    assert small.vae_encode_strip is None
