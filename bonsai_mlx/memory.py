@@ -10,9 +10,7 @@ stage's footprint: the cheapest plan in time that fits the budget. Three kinds o
   None      no limit: everything resident, one graph per forward (the fastest, hungriest)
   "auto"    the default: only what costs no time (block-by-block evaluation, the text
             encoder streamed and gone before denoising, nothing held that a later stage
-            does not need), capped by the device's own memory (`device_cap`); editing
-            images are encoded in strips where that lowers the estimated peak (a few
-            evaluations more, see `_auto_encode_strip`)
+            does not need), capped by the device's own memory (`device_cap`)
   bytes     the cheapest plan whose estimated peak fits; refused up front if none does
 """
 
@@ -447,17 +445,14 @@ def plan_memory(fp: Footprint, width: int, height: int, budget, cfg_batches: int
                 images: tuple = ()) -> MemoryPlan:
     """The cheapest plan in time whose estimated peak fits `budget` (bytes, or AUTO: the
     plans that stream the text encoder, under `device_cap()`). Refuses, naming the
-    smallest budget that works, when none fits. `images`: see `estimate`.
-
-    Under AUTO the images are also encoded in strips when that lowers the plan's estimated
-    peak (see `_auto_encode_strip`)."""
+    smallest budget that works, when none fits. `images`: see `estimate`. AUTO keeps whole
+    encodes and decodes where they fit: strips cost evaluations whose time on a GPU is not
+    known to be negligible."""
     auto = budget == AUTO
     limit = device_cap() if auto else budget
     for p in _candidates(fp, width, height, images, stream_only=auto):
         est = estimate(fp, width, height, p, cfg_batches, images)
         if max(est.values()) <= limit:
-            if auto and images:
-                p, est = _auto_encode_strip(fp, width, height, p, est, cfg_batches, images)
             return _with_estimate(p, est)
     best = smallest_plan(fp, width, height, cfg_batches, images)
     need = math.ceil(best.estimated_peak_bytes / 1e6) / 1e3  # GB, rounded up so that it fits
@@ -469,22 +464,6 @@ def plan_memory(fp: Footprint, width: int, height: int, budget, cfg_batches: int
         f"(peak stage: {max(best.stage_estimates, key=best.stage_estimates.get)}). "
         f"Use a budget of at least {need:.3f} GB or a smaller image."
     )
-
-
-def _auto_encode_strip(fp: Footprint, width: int, height: int, plan: MemoryPlan, est: dict, cfg_batches: int,
-                       images) -> tuple[MemoryPlan, dict]:
-    """`plan` encoding its images with the strip height that gives the lowest estimated peak
-    over all stages, the tallest strip among equals (None: whole, when strips lower
-    nothing). The auto budget otherwise takes only what costs no time; strips cost a few
-    evaluations more than the whole encode of an image (VAE_STRIPS' costs, a small part of
-    a generation), and when the encoding stage holds the peak (whole, the encoder's
-    full-resolution activations of a 1024x1024 reference raised an H200 run's peak from
-    3.75 to 6.54 GB, docs/benchmarks.md) they lower it. Decoding does not need the same
-    rule: under the auto budget the decode stage stays below denoising."""
-    options = [plan] + [replace(plan, vae_encode_strip=s) for s in VAE_STRIPS if s < max(h for _, h in images)]
-    ests = [estimate(fp, width, height, p, cfg_batches, images) for p in options]
-    i = min(range(len(options)), key=lambda i: (max(ests[i].values()), plan_cost(options[i])))
-    return (options[i], ests[i]) if max(ests[i].values()) < max(est.values()) else (plan, est)
 
 
 def describe(plan: MemoryPlan) -> str:
