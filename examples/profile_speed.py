@@ -189,6 +189,21 @@ def vae_footprint(vae, fit: dict, **kw):
                      **fit, **kw)
 
 
+def _strip_setup(tiny, quick):
+    """The VAE config (the full FLUX.2 one, or narrow channels with --tiny), the sizes, and
+    the strict and two-in-flight executions that the strip sections compare."""
+    from bonsai_mlx.execution import Execution
+    from bonsai_mlx.random_weights import FLUX2_VAE
+    from bonsai_mlx.vae import VAEConfig
+
+    cfg = dict(FLUX2_VAE)
+    if tiny:
+        cfg.update(block_out_channels=[32, 32, 64, 64])
+    keep = {k: v for k, v in cfg.items() if k in VAEConfig.__dataclass_fields__}
+    sizes = ((64,) if quick else (64, 128)) if tiny else (512, 1024)
+    return keep, sizes, Execution(sync=True), Execution(sync=True, overlap=True)
+
+
 def section_strips(tiny, quick=False):
     """The decode under each way a plan can run it, full FLUX.2 VAE (random weights), one
     image: ms (median of 5 after 2 warm-ups; tiles 1 after 1), extra peak above the weights
@@ -200,15 +215,9 @@ def section_strips(tiny, quick=False):
 
     from bonsai_mlx.execution import Execution
     from bonsai_mlx.memory import MemoryPlan, calibrate_vae, estimate
-    from bonsai_mlx.random_weights import FLUX2_VAE
     from bonsai_mlx.vae import AutoencoderKLFlux2, VAEConfig
 
-    cfg = dict(FLUX2_VAE)
-    if tiny:
-        cfg.update(block_out_channels=[32, 32, 64, 64])
-    keep = {k: v for k, v in cfg.items() if k in VAEConfig.__dataclass_fields__}
-    sizes = ((64,) if quick else (64, 128)) if tiny else (512, 1024)
-    strict, two = Execution(sync=True), Execution(sync=True, overlap=True)
+    keep, sizes, strict, two = _strip_setup(tiny, quick)
     cases = [("whole, one graph (none)", None, None, Execution()), ("whole, block by block, strict", None, None, strict),
              ("whole, block by block, two in flight (auto)", None, None, two)]
     for strip in ((16,) if tiny else (256, 128, 64, 32)):
@@ -263,15 +272,9 @@ def section_encode(tiny, quick=False):
 
     from bonsai_mlx.execution import Execution
     from bonsai_mlx.memory import MemoryPlan, calibrate_vae, calibrate_vae_encoder, estimate, vae_enc_held_per_pixel
-    from bonsai_mlx.random_weights import FLUX2_VAE
     from bonsai_mlx.vae import AutoencoderKLFlux2, VAEConfig
 
-    cfg = dict(FLUX2_VAE)
-    if tiny:
-        cfg.update(block_out_channels=[32, 32, 64, 64])
-    keep = {k: v for k, v in cfg.items() if k in VAEConfig.__dataclass_fields__}
-    sizes = ((64,) if quick else (64, 128)) if tiny else (512, 1024)
-    strict, two = Execution(sync=True), Execution(sync=True, overlap=True)
+    keep, sizes, strict, two = _strip_setup(tiny, quick)
     cases = [("whole, one graph (as run without strips)", None, Execution())]
     for strip in ((16,) if tiny else (256, 128, 64, 32)):
         cases += [(f"{strip}-row strips, two in flight", strip, two), (f"{strip}-row strips, strict", strip, strict)]
