@@ -369,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
         "generate", help="text to image",
         description="Generate an image from a text prompt. The model is a local directory (a Bonsai pack or a "
                     "diffusers FLUX.2 klein folder), a Hugging Face repo id, or one of: "
-                    "bonsai-binary, bonsai-ternary, demo (the small coloured-shapes model inside the package: no download). "
+                    "bonsai-binary, bonsai-ternary, demo, demo-ternary (small coloured-shapes models inside the package: "
+                    "no download). "
                     "Downloads go to the Hugging Face cache; set HF_HUB_OFFLINE=1 to use only what is cached.",
         epilog='example: python -m bonsai_mlx generate "an image of a red circle left of a blue square" --model demo\n'
                '  python -m bonsai_mlx generate "a bonsai tree at dawn" -o bonsai.png --seed 7\n'

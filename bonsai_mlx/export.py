@@ -51,7 +51,7 @@ def export_bundle(source, output, fmt: str = "binary", text_bits: int = 4, vae: 
     packs, diffusers directories) as a bundle at `output`. `fmt`: the transformer's block
     linears' format; `text_bits`: 4 or 8 (MLX affine, group 64) or 16 (kept in `dtype`);
     `vae`: "full" (encoder and decoder) or "small" (decoder only)."""
-    from .loading import resolve_model
+    from .loading import resolve_model, transformer_source
     from .pipeline import BonsaiPipeline
 
     if fmt not in ("binary", "ternary"):
@@ -67,7 +67,7 @@ def export_bundle(source, output, fmt: str = "binary", text_bits: int = 4, vae: 
     pipe = BonsaiPipeline.from_pretrained(root, dtype=dtype, backend="reference", memory_budget=None,
                                           text_layers=text_layers)
     pipe.release_transformer()  # read again below in the bundle's format
-    transformer = transformer_in_format(root, fmt, dtype)
+    transformer = transformer_in_format(transformer_source(source, root), fmt, dtype)
 
     tmp = output.with_name(f".{output.name}.{os.getpid()}.partial")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -34,6 +34,8 @@ MODEL_INDEX = "model_index.json"
 # Optional, at a model's root: the size it was trained at and its prompt length in tokens
 # ({"width", "height", "max_sequence_length"}), the defaults when a caller gives none.
 MODEL_DEFAULTS = "bonsai.json"
+# The package's demo keeps its ternary transformer beside the binary one, sharing the rest.
+DEMO_TERNARY_TRANSFORMER = "transformer-ternary"
 BUNDLE_KERNELS = "kernels"
 BUNDLE_VECTORS = "vectors"
 

@@ -18,7 +18,8 @@ from .errors import BonsaiError, ConfigError, UnsafeFileError, WeightsError
 from .packed_checkpoint import (QUANT_CONFIG, check_backend, pack_model_from_checkpoint, packed_params,
                                 quantize_model, read_quant_config)
 from .safe_files import PICKLE_SUFFIXES, ModelFolder, files_named, in_file, load_shards, shard_files
-from .layouts import ENCODER_SUBDIRS, MODEL_INDEX, TOKENIZER_SUBDIRS, TRANSFORMER_SUBDIRS, VAE_SUBDIRS
+from .layouts import (DEMO_TERNARY_TRANSFORMER, ENCODER_SUBDIRS, MODEL_INDEX, TOKENIZER_SUBDIRS, TRANSFORMER_SUBDIRS,
+                      VAE_SUBDIRS)
 from .transformer import Flux2Transformer
 from .weight_names import bfl_to_diffusers, is_bfl_checkpoint
 
@@ -256,7 +257,15 @@ MODELS = {
 # Models inside the package, used offline: the binary demo trained on the coloured-shapes
 # task (docs/quality.md), a klein-shaped pipeline small enough to ship.
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
-LOCAL_MODELS = {"demo": DEMO_DIR}
+# name -> (the model's root, its transformer folder where that is not the root's own)
+LOCAL_MODELS = {"demo": (DEMO_DIR, None), "demo-ternary": (DEMO_DIR, DEMO_DIR / DEMO_TERNARY_TRANSFORMER)}
+
+
+def transformer_source(name, root: Path) -> Path:
+    """Where the transformer of `name` (resolved to `root`) is: the root, except for local
+    models that share one root between several transformers."""
+    local = LOCAL_MODELS.get(str(name))
+    return local[1] if local and local[1] is not None else root
 # PrismML's packs ship no VAE; they decode with BFL's small decoder.
 DEFAULT_VAE_REPO = "black-forest-labs/FLUX.2-small-decoder"
 # What a pipeline reads; repos also hold root-level single-file checkpoints we never need.
@@ -320,10 +329,11 @@ def resolve_model(name: str | os.PathLike, *, revision=None, cache_dir=None, fil
         return path
     name = str(name)
     if name in LOCAL_MODELS:
-        if not LOCAL_MODELS[name].is_dir():
-            raise WeightsError(f"the {name!r} model is missing from this installation ({LOCAL_MODELS[name]}); "
+        missing = [p for p in LOCAL_MODELS[name] if p is not None and not p.is_dir()]
+        if missing:
+            raise WeightsError(f"the {name!r} model is missing from this installation ({missing[0]}); "
                                "reinstall bonsai-mlx")
-        return LOCAL_MODELS[name]
+        return LOCAL_MODELS[name][0]
     repo_id = MODELS.get(name, name)
     if path.exists() or (repo_id.count("/") != 1 or name.startswith((".", "/", "~"))):
         raise BonsaiError(

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from bonsai_mlx import BonsaiPipeline, export_bundle, load_bundle
+from bonsai_mlx.layouts import DEMO_TERNARY_TRANSFORMER
 from bonsai_mlx.loading import DEMO_DIR, resolve_model
+from bonsai_mlx.packed_linear import PackedLinear
 from bonsai_mlx.shapes import score
 from bonsai_mlx.shapes.scenes import evaluation_specs
 
@@ -21,13 +23,14 @@ FRUGAL_BOUND = 8 / 255
 
 
 def test_demo_is_in_the_package_and_small():
-    assert resolve_model("demo") == DEMO_DIR
+    assert resolve_model("demo") == DEMO_DIR == resolve_model("demo-ternary")
     total = sum(f.stat().st_size for f in DEMO_DIR.rglob("*") if f.is_file())
     assert total < SIZE_LIMIT, f"{total / 1e6:.1f} MB"
     assert json.loads((DEMO_DIR / "bonsai.json").read_text()) == {"width": 128, "height": 128,
                                                                   "max_sequence_length": 32}
-    qc = json.loads((DEMO_DIR / "transformer-packed-mflux" / "quantization_config.json").read_text())
-    assert qc["format"] == "bonsai" and qc["weight_format"] == "binary"
+    for folder, fmt in (("transformer-packed-mflux", "binary"), (DEMO_TERNARY_TRANSFORMER, "ternary")):
+        qc = json.loads((DEMO_DIR / folder / "quantization_config.json").read_text())
+        assert qc["format"] == "bonsai" and qc["weight_format"] == fmt
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +83,29 @@ def test_demo_bundle_for_apps_draws_the_prompt(drawn, tmp_path):
     result = pipe.generate(spec.prompt, seed=HELD_OUT_INDEX)
     assert result.image.size == (128, 128)
     assert score.check(spec, score.detect(result.image))
+
+
+def test_ternary_demo_shares_the_parts_and_draws_the_prompt(drawn, tmp_path):
+    """demo-ternary: the ternary QAT transformer beside the binary one, with the same text
+    encoder, VAE and defaults; it draws the held-out prompt too, and exports as ternary."""
+    spec, binary = drawn
+    pipe = BonsaiPipeline.from_pretrained("demo-ternary")
+    fmts = {m.packed.fmt for _, m in pipe.transformer.named_modules() if isinstance(m, PackedLinear)}
+    assert fmts == {"ternary"} and pipe.default_size == (128, 128) and pipe.max_sequence_length == 32
+    result = pipe.generate(spec.prompt, seed=HELD_OUT_INDEX)
+    assert score.check(spec, score.detect(result.image))
+    assert np.abs(result.array - binary.array).max() > 0.05  # another transformer, another picture
+    out = export_bundle("demo-ternary", tmp_path / "bundle", "ternary")
+    qc = json.loads((out / "transformer" / "quantization_config.json").read_text())
+    assert qc["weight_format"] == "ternary"
+
+
+def test_a_missing_local_model_says_to_reinstall(monkeypatch, tmp_path):
+    from bonsai_mlx import loading
+    from bonsai_mlx.errors import WeightsError
+
+    monkeypatch.setitem(loading.LOCAL_MODELS, "demo-ternary", (DEMO_DIR, tmp_path / "gone"))
+    with pytest.raises(WeightsError, match="reinstall"):
+        resolve_model("demo-ternary")
+    assert loading.transformer_source("demo", DEMO_DIR) == DEMO_DIR
+    assert loading.transformer_source(str(DEMO_DIR), DEMO_DIR) == DEMO_DIR  # a path is its own root
