@@ -119,8 +119,8 @@ def _check_components(path: Path, m: dict) -> None:
     taps, length = te.get("hidden_state_taps"), te.get("max_sequence_length")
     if not (isinstance(taps, list) and taps and all(type(t) is int and 0 <= t <= 1024 for t in taps)):
         fail(f"components.text_encoder.hidden_state_taps must be a list of layer indices, got {taps!r}")
-    if not (type(length) is int and 1 <= length <= 8192):
-        fail(f"components.text_encoder.max_sequence_length must be an integer in 1..8192, got {length!r}")
+    if not (type(length) is int and 1 <= length <= 4096):  # what BonsaiPipeline accepts
+        fail(f"components.text_encoder.max_sequence_length must be an integer in 1..4096, got {length!r}")
     sampler = m.get("sampler")
     if not (isinstance(sampler, dict) and isinstance(sampler.get("distilled"), bool)):
         fail("sampler.distilled must be true or false")

@@ -203,16 +203,17 @@ def memory_plans(pipe) -> list[dict]:
 
     fp = replace(pipe.footprint(calibrated=False), fused_attention=True, reference_matmul=False, text_dequant_bytes=0)
     plans = []
-    for size in PLAN_SIZES:
+    sizes = dict.fromkeys([tuple(pipe.default_size)] + [(s, s) for s in PLAN_SIZES])  # the model's own first
+    for width, height in sizes:
         for budget in PLAN_BUDGETS:
             try:
-                p = plan_memory(fp, size, size, int(budget))
+                p = plan_memory(fp, width, height, int(budget))
             except BonsaiError as e:
-                plans.append({"width": size, "height": size, "budget_bytes": int(budget), "refused": str(e)})
+                plans.append({"width": width, "height": height, "budget_bytes": int(budget), "refused": str(e)})
                 continue
             stages = ["text_encoding"] + (["reload_transformer"] if p.releases_transformer else []) + [
                 "denoising", "decoding"]
-            plans.append({"width": size, "height": size, "budget_bytes": int(budget), "described": describe(p),
+            plans.append({"width": width, "height": height, "budget_bytes": int(budget), "described": describe(p),
                           "stages": stages,
                           "stream_text_encoder": p.stream_text_encoder,
                           "transformer_in_text": p.transformer_in_text,

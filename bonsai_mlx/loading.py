@@ -18,8 +18,8 @@ from .errors import BonsaiError, ConfigError, UnsafeFileError, WeightsError
 from .packed_checkpoint import (QUANT_CONFIG, check_backend, pack_model_from_checkpoint, packed_params,
                                 quantize_model, read_quant_config)
 from .safe_files import PICKLE_SUFFIXES, ModelFolder, files_named, in_file, load_shards, shard_files
-from .layouts import (DEMO_TERNARY_TRANSFORMER, ENCODER_SUBDIRS, MODEL_INDEX, TOKENIZER_SUBDIRS, TRANSFORMER_SUBDIRS,
-                      VAE_SUBDIRS)
+from .layouts import (DEMO_TERNARY_TRANSFORMER, ENCODER_SUBDIRS, MODEL_DEFAULTS, MODEL_INDEX, TOKENIZER_SUBDIRS,
+                      TRANSFORMER_SUBDIRS, VAE_SUBDIRS)
 from .transformer import Flux2Transformer
 from .weight_names import bfl_to_diffusers, is_bfl_checkpoint
 
@@ -269,7 +269,7 @@ def transformer_source(name, root: Path) -> Path:
 # PrismML's packs ship no VAE; they decode with BFL's small decoder.
 DEFAULT_VAE_REPO = "black-forest-labs/FLUX.2-small-decoder"
 # What a pipeline reads; repos also hold root-level single-file checkpoints we never need.
-PIPELINE_FILES = [MODEL_INDEX] + [
+PIPELINE_FILES = [MODEL_INDEX, MODEL_DEFAULTS] + [
     f"{d}/*" for d in (*TRANSFORMER_SUBDIRS, *ENCODER_SUBDIRS, *TOKENIZER_SUBDIRS, *VAE_SUBDIRS)]
 VAE_FILES = ["*.json", "*.safetensors", "vae/*"]
 

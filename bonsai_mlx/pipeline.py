@@ -234,11 +234,13 @@ def model_defaults(root) -> dict:
     given = read_json(path, "model defaults")
     if not isinstance(given, dict) or set(given) - set(out):
         raise ConfigError(f"{path}: expected an object with keys among {sorted(out)}, got {brief(given)}")
+    if ("width" in given) != ("height" in given):
+        raise ConfigError(f"{path}: give width and height together, got {brief(given)}")
     for key, value in given.items():
-        limit = 4096 if key == "max_sequence_length" else 2048
-        if not is_int(value) or not 1 <= value <= limit or key != "max_sequence_length" and value % 16:
-            raise ConfigError(f"{path}: {key} must be an integer in 1..{limit}"
-                              + ("" if key == "max_sequence_length" else ", a multiple of 16") + f", got {brief(value)}")
+        lo, hi, step = (1, 4096, 1) if key == "max_sequence_length" else (MIN_SIZE, MAX_SIZE, 16)
+        if not is_int(value) or not lo <= value <= hi or value % step:
+            raise ConfigError(f"{path}: {key} must be an integer in {lo}..{hi}"
+                              + (f", a multiple of {step}" if step > 1 else "") + f", got {brief(value)}")
     return {**out, **given}
 
 
@@ -298,9 +300,7 @@ class BonsaiPipeline:
         self.models = Models(transformer, text_encoder, vae, transformer_loader, max_sequence_length)
         # One generation at a time: the stages share the models and what is resident.
         self._busy = threading.Lock()
-        self.is_distilled = is_distilled
-        self.model = model
-        self.memory_budget = parse_budget(memory_budget)
+        self.is_distilled, self.model, self.memory_budget = is_distilled, model, parse_budget(memory_budget)
         self._preview_decoder = "auto"
 
     # The loaded models, for callers that use them directly.
@@ -336,11 +336,12 @@ class BonsaiPipeline:
     def footprint(self, calibrated: bool = True):
         return self.models.footprint(calibrated)
 
-    def plan(self, width: int = 512, height: int = 512, memory_budget="default", cfg: bool = False,
+    def plan(self, width: int | None = None, height: int | None = None, memory_budget="default", cfg: bool = False,
              images: tuple = ()) -> MemoryPlan:
-        """How a generation of this size would run under `memory_budget` (by default the
-        pipeline's), conditioned on `images` ((width, height) of each reference or init image
-        after the resize rules). Raises, saying the smallest budget that works, when nothing fits."""
+        """How a generation (by default of the model's size) would run under `memory_budget` (the
+        pipeline's by default) with `images` ((width, height) of each conditioning image after
+        the resize rules). Raises, naming the smallest budget that works, when nothing fits."""
+        width, height = width or self.default_size[0], height or self.default_size[1]
         check_size(width, height)
         budget = self.memory_budget if memory_budget == "default" else parse_budget(memory_budget)
         if budget is None:  # nothing to fit, so no footprint (its VAE calibration resets the peak)
@@ -355,8 +356,10 @@ class BonsaiPipeline:
         return plan_memory(self.models.footprint(encoder=bool(images)), width, height, budget,
                            cfg_batches=batches, images=images)
 
-    def smallest_plan(self, width: int = 512, height: int = 512, cfg: bool = False, images: tuple = ()) -> MemoryPlan:
-        """The most frugal way to run a generation of this size (and its estimated peak)."""
+    def smallest_plan(self, width: int | None = None, height: int | None = None, cfg: bool = False,
+                      images: tuple = ()) -> MemoryPlan:
+        """The most frugal way to run a generation of this size (by default the model's)."""
+        width, height = width or self.default_size[0], height or self.default_size[1]
         check_size(width, height)
         return smallest_plan(self.models.footprint(encoder=bool(images)), width, height,
                              cfg_batches=2 if cfg else 1, images=tuple(images))

@@ -35,13 +35,21 @@ def restore(pieces: Path, parent: Path) -> None:
     files = sorted(pieces.glob("run-*.tar.xz.*"))
     if not files:
         return
+    runs = {f.name.rsplit(".tar.xz.", 1)[0] for f in files}
+    if len(runs) > 1:
+        raise SystemExit(f"{pieces} holds the pieces of several runs ({', '.join(sorted(runs))}); keep one")
     parent.mkdir(parents=True, exist_ok=True)
     joined = parent / "restore.tar.xz"
     with open(joined, "wb") as out:
         for f in files:
             out.write(f.read_bytes())
     with tarfile.open(joined) as tar:
-        tar.extractall(parent, filter="data")
+        members = tar.getmembers()
+        bad = [m.name for m in members if not (m.isfile() or m.isdir()) or Path(m.name).is_absolute()
+               or ".." in Path(m.name).parts]
+        if bad:
+            raise SystemExit(f"the pieces hold entries that are not plain files inside the run: {bad[:3]}")
+        tar.extractall(parent, members=members)
     joined.unlink()
     print(f"restored {len(files)} pieces into {parent}", flush=True)
 
@@ -69,10 +77,10 @@ def pack(run: Path, out: Path, slim: bool = False) -> None:
         p = Path(info.name)
         if "checkpoints" in p.parts and p.suffix in (".safetensors", ".json"):
             stage = p.parts[p.parts.index("checkpoints") + 1]
-            if (run / PARTS[stage]).is_dir():
+            if stage in PARTS and (run / PARTS[stage]).is_dir():
                 return None  # the stage is done: its part replaces its checkpoints
-            newest = sorted((run / "checkpoints" / stage).glob("step-*.safetensors"))[-1].stem
-            if p.stem != newest:
+            found = sorted((run / "checkpoints" / stage).glob("step-*.safetensors"))
+            if not found or p.stem != found[-1].stem:
                 return None
         return info
 

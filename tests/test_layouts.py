@@ -29,3 +29,15 @@ def test_loaders_search_every_layout_once():
         assert len(set(names)) == len(names)
         assert set(names) == {getattr(l, part) for l in layouts.LAYOUTS if getattr(l, part)}
     assert layouts.TRANSFORMER_SUBDIRS[0] == layouts.OFFICIAL_PACK.transformer  # a pack's own transformer first
+
+
+def test_hub_downloads_fetch_every_part_a_pack_copies():
+    """What `convert` copies from a model (its parts and root files such as bonsai.json) is
+    also what a download of the model fetches, so a model loaded by repo id keeps them."""
+    from fnmatch import fnmatch
+
+    from bonsai_mlx.loading import PIPELINE_FILES
+
+    for part in layouts.PACK_COPIED:
+        probe = part if part.endswith(".json") else f"{part}/config.json"
+        assert any(fnmatch(probe, pattern) for pattern in PIPELINE_FILES), part

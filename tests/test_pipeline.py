@@ -73,13 +73,16 @@ def test_model_defaults_file_sets_size_and_prompt_length(distilled, tmp_path):
     assert result.image.size == (W, H)
     diff = np.abs(result.array - ref).max()
     assert diff <= IMAGE_BOUND, f"max abs difference {diff * 255:.2f}/255"
+    assert pipe.plan().estimated_peak_bytes == pipe.plan(W, H).estimated_peak_bytes  # plans at that size
     assert ours(model, max_sequence_length=512).max_sequence_length == 512
     assert ours(path).default_size == (512, 512) and ours(path).max_sequence_length == 512  # klein's
 
 
 @pytest.mark.parametrize("content, pattern", [
-    ('{"width": 100}', "multiple of 16"),
-    ('{"width": 4096}', "width must be"),
+    ('{"width": 100, "height": 128}', "multiple of 16"),
+    ('{"width": 4096, "height": 128}', "width must be"),
+    ('{"width": 32, "height": 48}', "64..2048"),
+    ('{"width": 128}', "together"),
     ('{"max_sequence_length": 0}', "max_sequence_length must be"),
     ('{"max_sequence_length": "32"}', "max_sequence_length must be"),
     ('{"size": 128}', "keys among"),

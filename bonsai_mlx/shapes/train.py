@@ -84,6 +84,7 @@ def _run_meta(run: Path, size: str, seed: int, max_length: int) -> dict:
     meta = {"size": size, "seed": seed, "max_length": max_length}
     if path.exists():
         saved = json.loads(path.read_text())
+        saved.setdefault("max_length", 512)  # a run.json without it padded prompts to 512, as klein does
         if saved != meta:
             raise BonsaiError(f"{run} was started with {saved}; pass the same --size, --seed and --max-length, "
                               "or a new folder")

@@ -137,7 +137,7 @@ def train(module: torch.nn.Module, loss_at: Callable[[int], torch.Tensor], folde
         if saved["loop"]["steps"] != cfg.steps and not reschedule:
             raise BonsaiError(f"the checkpoint was made for {saved['loop']['steps']} steps, not {cfg.steps}: the "
                               "learning-rate schedule depends on it; pass the same --steps, or --reschedule")
-        if saved["step"] >= cfg.steps:
+        if saved["step"] > cfg.steps:
             raise BonsaiError(f"the checkpoint is at step {saved['step']}, past the {cfg.steps} steps asked for")
         start = saved["step"]
         restart = None if saved["adam_steps"] else start
@@ -158,7 +158,8 @@ def train(module: torch.nn.Module, loss_at: Callable[[int], torch.Tensor], folde
         out_of_time = time.perf_counter() - t0 >= 60 * cfg.max_minutes
         if step % cfg.log_every == 0 or step == cfg.steps or out_of_time:
             rate = (step - last) / max(time.perf_counter() - t0, 1e-9)
-            log(f"step {step}/{cfg.steps} loss {loss.item():.5f} lr {cfg.lr_at(step - 1):.2e} ({rate:.2f} steps/s)")
+            log(f"step {step}/{cfg.steps} loss {loss.item():.5f} lr {opt.param_groups[0]['lr']:.2e} "
+                f"({rate:.2f} steps/s)")
         if step % cfg.checkpoint_every == 0 or step == cfg.steps or out_of_time:
             save_checkpoint(folder, step, module, opt, cfg, meta)
         if out_of_time and step < cfg.steps:
