@@ -349,8 +349,9 @@ def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batch
           + height * width * 4 * 4 * 2)
     if plan.vae_strip:
         # Strips: the whole tensors of the widest stage, a strip's scratch per part in flight
-        # (overlapped: up to 2.3x one strip's in the CPU measurement of docs/benchmarks.md, hence 3), the mid output's
-        # statistics in float32 row blocks, and the image's float32 copies.
+        # (overlapped: up to 2.3x one strip's in the CPU measurement of docs/benchmarks.md,
+        # hence 3), the mid output's statistics in float32 row blocks, and the image's float32
+        # copies.
         in_flight = OVERLAP_STRIPS if plan.overlap else 1
         up = (fp.vae_held_per_pixel * height * width
               + in_flight * (fp.vae_strip_fixed + fp.vae_strip_per_pixel * (plan.vae_strip + STRIP_HALO) * width)
