@@ -17,6 +17,7 @@ from pathlib import Path, PurePosixPath
 
 from .errors import BonsaiError
 from .safe_files import read_json, read_safetensors_header
+from .validate import MAX_SEQUENCE_LENGTH, check_size
 
 FORMAT = "bonsai-bundle"
 VERSION = 1
@@ -119,15 +120,19 @@ def _check_components(path: Path, m: dict) -> None:
     taps, length = te.get("hidden_state_taps"), te.get("max_sequence_length")
     if not (isinstance(taps, list) and taps and all(type(t) is int and 0 <= t <= 1024 for t in taps)):
         fail(f"components.text_encoder.hidden_state_taps must be a list of layer indices, got {taps!r}")
-    if not (type(length) is int and 1 <= length <= 4096):  # what BonsaiPipeline accepts
-        fail(f"components.text_encoder.max_sequence_length must be an integer in 1..4096, got {length!r}")
+    if not (type(length) is int and 1 <= length <= MAX_SEQUENCE_LENGTH):
+        fail(f"components.text_encoder.max_sequence_length must be an integer in 1..{MAX_SEQUENCE_LENGTH}, "
+             f"got {length!r}")
     sampler = m.get("sampler")
     if not (isinstance(sampler, dict) and isinstance(sampler.get("distilled"), bool)):
         fail("sampler.distilled must be true or false")
     size = sampler.get("default_size", [512, 512])
-    if not (isinstance(size, list) and len(size) == 2
-            and all(type(v) is int and 64 <= v <= 2048 and v % 16 == 0 for v in size)):
-        fail(f"sampler.default_size must be [width, height], multiples of 16 in 64..2048, got {size!r}")
+    if not (isinstance(size, list) and len(size) == 2):
+        fail(f"sampler.default_size must be [width, height], got {size!r}")
+    try:
+        check_size(*size)
+    except BonsaiError as e:
+        fail(f"sampler.default_size {size!r}: {e}")
 
 
 def _inside(directory: Path, rel) -> Path:

@@ -30,10 +30,10 @@ from .results import GenerationResult, StepEvent, to_pil  # noqa: F401  (part of
 from .safe_files import ModelFolder, read_json
 from .scheduler import first_step
 from .text_encoder import load_text_encoder
-from .validate import MAX_SEED, MAX_STEPS, brief, is_int
+from .validate import (MAX_SEED, MAX_SEQUENCE_LENGTH, MAX_SIZE, MAX_STEPS, MIN_SIZE, brief,  # noqa: F401
+                       check_size, is_int)
 from .vae import load_vae, unpack, unpatchify
 
-MIN_SIZE, MAX_SIZE = 64, 2048  # pixels per side; the multiple-of-16 rule is the VAE's x the 2x2 patch
 MAX_PROMPT_CHARS = 100_000  # far past the 512 tokens the encoder reads; bounds the tokenizer's work
 
 
@@ -96,17 +96,6 @@ def check_models(transformer, text_encoder, vae) -> None:
     if problems:
         raise ConfigError("the models do not fit together: " + "; ".join(problems)
                           + ". Check that they come from the same FLUX.2 klein pipeline.")
-
-
-def check_size(width: int, height: int) -> None:
-    for name, v in (("width", width), ("height", height)):
-        if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
-            raise BonsaiError(f"{name} must be an integer number of pixels, got {v!r}")
-        if v % 16:
-            lo, hi = v // 16 * 16, v // 16 * 16 + 16
-            raise BonsaiError(f"{name}={v} is not a multiple of 16 (the VAE and 2x2 patching need it); try {lo} or {hi}")
-        if not MIN_SIZE <= v <= MAX_SIZE:
-            raise BonsaiError(f"{name}={v} is outside the supported range {MIN_SIZE}..{MAX_SIZE} pixels")
 
 
 def lora_specs(lora) -> list[tuple[str, float]]:
@@ -237,7 +226,7 @@ def model_defaults(root) -> dict:
     if ("width" in given) != ("height" in given):
         raise ConfigError(f"{path}: give width and height together, got {brief(given)}")
     for key, value in given.items():
-        lo, hi, step = (1, 4096, 1) if key == "max_sequence_length" else (MIN_SIZE, MAX_SIZE, 16)
+        lo, hi, step = (1, MAX_SEQUENCE_LENGTH, 1) if key == "max_sequence_length" else (MIN_SIZE, MAX_SIZE, 16)
         if not is_int(value) or not lo <= value <= hi or value % step:
             raise ConfigError(f"{path}: {key} must be an integer in {lo}..{hi}"
                               + (f", a multiple of {step}" if step > 1 else "") + f", got {brief(value)}")
@@ -387,8 +376,9 @@ class BonsaiPipeline:
         runs its transformer on far fewer tokens. The default image size is the model's too.
         """
         if max_sequence_length is not None and (not is_int(max_sequence_length)
-                                                or not 1 <= max_sequence_length <= 4096):
-            raise BonsaiError(f"max_sequence_length must be an integer in 1..4096, got {max_sequence_length!r}")
+                                                or not 1 <= max_sequence_length <= MAX_SEQUENCE_LENGTH):
+            raise BonsaiError(f"max_sequence_length must be an integer in 1..{MAX_SEQUENCE_LENGTH}, "
+                              f"got {max_sequence_length!r}")
         budget = parse_budget(memory_budget)  # validate before loading
         loras = lora_specs(lora)
         root = resolve_model(path_or_repo_id, revision=revision, cache_dir=cache_dir)
