@@ -24,14 +24,27 @@ class Execution:
     # plain evaluation per block made a 512x512 step 1.5x slower on an H200), at the price
     # of two parts' temporaries at a time instead of one.
     overlap: bool = False
+    # Passes over the MLP's hidden units: each pass computes the gate and up rows of its
+    # units for every token (large matmuls, each weight row read once), so the [L, 2F]
+    # projection output never exists whole. Token chunks bound the same memory by
+    # splitting the tokens instead, which shrinks every matmul and reads every weight once
+    # per chunk.
+    hidden_parts: int = 1
     # Running in parts, a reduction over a large activation (the VAE's GroupNorm statistics)
     # works on blocks of rows whose float32 copy has at most this many elements.
     reduce_block: int = 1 << 25
 
     def chunks(self, length: int) -> list[tuple[int, int]]:
         """Row ranges [r0, r1) covering `length` tokens `token_chunk` at a time."""
-        step = length if not self.token_chunk or self.token_chunk >= length else self.token_chunk
-        return [(r, min(r + step, length)) for r in range(0, length, step)]
+        return _spans(length, self.token_chunk or length)
+
+    def hidden_spans(self, hidden: int) -> list[tuple[int, int]]:
+        """Ranges [c0, c1) of `hidden` units in `hidden_parts` passes, each a multiple of 128
+        units where that leaves every pass some (whole tiles for the matmul kernels)."""
+        step = -(-hidden // max(1, self.hidden_parts))
+        if hidden >= 128 * self.hidden_parts:
+            step = -(-step // 128) * 128
+        return _spans(hidden, step)
 
     def pace(self, active: bool = True) -> "Pace":
         """A pacer for one loop over parts (blocks, chunks); inactive when not running in parts."""
@@ -39,6 +52,11 @@ class Execution:
 
 
 ONE_GRAPH = Execution()
+
+
+def _spans(length: int, step: int) -> list[tuple[int, int]]:
+    step = min(max(1, step), max(1, length))
+    return [(r, min(r + step, length)) for r in range(0, length, step)]
 
 
 class Pace:
@@ -50,7 +68,11 @@ class Pace:
         self.execution, self.active = execution, active
         self._previous: tuple = ()
 
-    def __call__(self, *arrays: mx.array) -> None:
+    def __call__(self, *arrays: mx.array, wait: tuple = ()) -> None:
+        """Evaluate `arrays` (strict) or start them (overlapped). `wait`: what finishing
+        this part means, when `arrays` are not it. A buffer written in place (TokenBuffer)
+        is the same Python object after every write, so waiting on it later would wait on
+        its newest write: the part written into it is what is waited on instead."""
         if not self.active:
             return
         if not self.execution.overlap:
@@ -59,7 +81,7 @@ class Pace:
         mx.async_eval(*arrays)
         if self._previous:
             mx.eval(*self._previous)
-        self._previous = arrays
+        self._previous = tuple(wait) or arrays
 
 
 class TokenBuffer:
@@ -78,6 +100,10 @@ class TokenBuffer:
         self.value[:, r0:r1] = part
         return self.value
 
+    def write_columns(self, c0: int, c1: int, part: mx.array) -> mx.array:
+        self.value[..., c0:c1] = part
+        return self.value
+
 
 def by_chunks(fn, x: mx.array, execution: Execution, out_dim: int | None = None) -> mx.array:
     """fn applied to x [B, L, ...] token chunk by token chunk (fn must be token-wise)."""
@@ -87,5 +113,6 @@ def by_chunks(fn, x: mx.array, execution: Execution, out_dim: int | None = None)
     shape = (*x.shape[:2], out_dim) if out_dim is not None else x.shape
     out, pace = TokenBuffer(shape, x.dtype), execution.pace()
     for r0, r1 in chunks:
-        pace(out.write(r0, r1, fn(x[:, r0:r1])))
+        part = fn(x[:, r0:r1])
+        pace(out.write(r0, r1, part), wait=(part,))
     return out.value

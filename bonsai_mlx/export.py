@@ -219,7 +219,8 @@ def memory_plans(pipe) -> list[dict]:
                           "transformer_in_text": p.transformer_in_text,
                           "transformer_in_decode": p.transformer_in_decode, "vae_tile": p.vae_tile,
                           "vae_strip": p.vae_strip,
-                          "token_chunk": p.token_chunk, "evaluate_block_by_block": p.sync,
+                          "token_chunk": p.token_chunk, "mlp_hidden_parts": p.hidden_parts,
+                          "evaluate_block_by_block": p.sync,
                           "two_blocks_in_flight": p.overlap, "estimated_peak_bytes": p.estimated_peak_bytes,
                           "stage_estimates": p.stage_estimates})
     return plans

@@ -194,12 +194,14 @@ class MemoryPlan:
     overlap: bool = False  # with sync: two parts in flight, so the device never waits for the host
     vae_strip: int | None = None  # image rows per strip of a stage-by-stage decode (vae_strips); not with vae_tile
     vae_encode_strip: int | None = None  # image rows per strip of a stage-by-stage encode of editing images
+    hidden_parts: int = 1  # passes over the MLP hidden units (Execution.hidden_parts)
     estimated_peak_bytes: int = 0
     stage_estimates: dict = field(default_factory=dict)
 
     @property
     def execution(self) -> Execution:
-        return Execution(self.token_chunk, self.attention_rows, self.sync, self.overlap)
+        return Execution(self.token_chunk, self.attention_rows, self.sync, self.overlap,
+                         hidden_parts=self.hidden_parts)
 
     @property
     def releases_transformer(self) -> bool:
@@ -264,6 +266,7 @@ STRIP_HALO = 2  # rows beyond a full-resolution strip that its 3x3 convolutions 
 SAFETY = 1.10
 OVERLAP_BLOCKS, OVERLAP_DECODER, OVERLAP_STRIPS = 4, 2, 3  # see `estimate`
 TOKEN_CHUNKS = (None, 4096, 2048, 1024, 512, 256)
+HIDDEN_PARTS = (1, 2, 4, 8)
 VAE_STRIPS = (256, 128, 64, 32, 16)
 VAE_TILES = (1024, 768, 512, 384, 256, 128)
 ATTENTION_ROWS = (None, 1024, 512, 256)
@@ -277,6 +280,7 @@ COST_RELOAD_TRANSFORMER = 1.0
 COST_STRICT = 0.3  # the device idles at every evaluation while the host builds the next part
 COST_TOKEN_CHUNK = {None: 0, 4096: 0.1, 2048: 0.2, 1024: 0.4, 512: 0.8, 256: 1.6}
 COST_ATTENTION_ROWS = {None: 0, 1024: 0.1, 512: 0.2, 256: 0.4}
+COST_HIDDEN_PARTS = {1: 0, 2: 0.01, 4: 0.02, 8: 0.04}
 COST_VAE_TILE = {None: 0, 1024: 20, 768: 25, 512: 30, 384: 40, 256: 60, 128: 120}
 COST_VAE_STRIP = {None: 0, 256: 0.02, 128: 0.03, 64: 0.05, 32: 0.1, 16: 0.2}
 
@@ -308,8 +312,11 @@ def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batch
     # q, k, v, the attention output, the branch output, the residual sum and the result.
     held = 9 * L * D * s
     # One chunk: pass 1 (q/k/v rows of the projection, float32 RoPE copies) and pass 2
-    # (MLP rows, SwiGLU, [attention | MLP] and to_out), counted together.
-    chunk = c * ((3 * D + 2 * F + F + (D + F) + D) * s + 3 * D * 4)
+    # (MLP rows, SwiGLU, [attention | MLP] and to_out), counted together. In hidden parts,
+    # the MLP rows and SwiGLU exist for one part's units at a time (gate, up, product).
+    h = F if plan.hidden_parts <= 1 else -(-F // plan.hidden_parts)
+    mlp = 2 * F + F if plan.hidden_parts <= 1 else 3 * h
+    chunk = c * ((3 * D + mlp + (D + F) + D) * s + 3 * D * 4)
     # The plain-MLX packed matmul: float32 x, two dequantized 512-column slabs, two float32
     # partial sums (packed_linear.packed_matmul_reference). Kernels need nothing beyond y.
     N = fp.transformer_max_out
@@ -394,7 +401,8 @@ def plan_cost(plan: MemoryPlan) -> float:
     """Rough seconds a plan adds to a generation over the unconstrained run."""
     return (COST_STREAM_TEXT * plan.stream_text_encoder + COST_RELOAD_TRANSFORMER * plan.releases_transformer
             + COST_STRICT * (plan.sync and not plan.overlap) + COST_TOKEN_CHUNK[plan.token_chunk] + COST_ATTENTION_ROWS[plan.attention_rows]
-            + COST_VAE_TILE[plan.vae_tile] + COST_VAE_STRIP[plan.vae_strip] + COST_VAE_STRIP[plan.vae_encode_strip])
+            + COST_VAE_TILE[plan.vae_tile] + COST_VAE_STRIP[plan.vae_strip] + COST_VAE_STRIP[plan.vae_encode_strip]
+            + COST_HIDDEN_PARTS[plan.hidden_parts])
 
 
 def candidate_plans(width: int, height: int, fused_attention: bool = True, stream_only: bool = False,
@@ -412,10 +420,10 @@ def candidate_plans(width: int, height: int, fused_attention: bool = True, strea
     keeps = ((True, True), (True, False), (False, True), (False, False))
     encodes = [None] + [s for s in VAE_STRIPS if s < encode_height]
     plans = [MemoryPlan(stream, False, in_text, in_decode, tile, chunk, r, sync=True, overlap=overlap,
-                        vae_strip=strip, vae_encode_strip=enc)
+                        vae_strip=strip, vae_encode_strip=enc, hidden_parts=parts)
              for stream in ((True,) if stream_only else (False, True)) for in_text, in_decode in keeps
              for tile, strip in decodes for chunk in chunks for r in rows for overlap in (True, False)
-             for enc in encodes]
+             for enc in encodes for parts in HIDDEN_PARTS]
     return sorted(plans, key=plan_cost)
 
 
@@ -482,6 +490,8 @@ def describe(plan: MemoryPlan) -> str:
                  f"VAE decode in {plan.vae_strip}-row strips" if plan.vae_strip else "whole-image VAE decode")
     if plan.vae_encode_strip:
         parts.append(f"VAE encode in {plan.vae_encode_strip}-row strips")
+    if plan.hidden_parts > 1:
+        parts.append(f"the MLPs in {plan.hidden_parts} passes over their hidden units")
     if plan.token_chunk:
         parts.append(f"{plan.token_chunk}-token chunks")
     if plan.attention_rows:

@@ -94,6 +94,11 @@ def swiglu(x: mx.array) -> mx.array:
 
 
 @mx.compile
+def swiglu_pair(a: mx.array, b: mx.array) -> mx.array:
+    return nn.silu(a) * b
+
+
+@mx.compile
 def gated_add(x: mx.array, gate: mx.array, y: mx.array) -> mx.array:
     return x + gate * y
 
@@ -122,10 +127,33 @@ def linear_rows(linear, x: mx.array, r0: int, r1: int) -> mx.array:
     return linear(x)[..., r0:r1]  # any other layer type: correct, without the saving
 
 
+def swiglu_rows(linear, x: mx.array, hidden: int, ex: Execution, row0: int = 0,
+                head: mx.array | None = None) -> mx.array:
+    """swiglu of a projection's rows [row0, row0 + 2 * hidden) (gate rows, then up rows),
+    after `head` along the features when given ([head | swiglu], what the single block's
+    output projection reads). In `ex.hidden_parts` passes: each computes the gate and up
+    rows of its hidden units for every token of x and writes its columns into one buffer,
+    so the [.., 2 * hidden] projection output never exists whole and each weight row is
+    read once."""
+    spans = ex.hidden_spans(hidden)
+    if len(spans) == 1:
+        m = swiglu(linear_rows(linear, x, row0, row0 + 2 * hidden))
+        return m if head is None else mx.concatenate([head, m], axis=-1)
+    h0 = 0 if head is None else head.shape[-1]
+    out, pace = TokenBuffer((*x.shape[:-1], h0 + hidden), x.dtype), ex.pace()
+    if head is not None:
+        out.write_columns(0, h0, head)
+    for c0, c1 in spans:
+        part = swiglu_pair(linear_rows(linear, x, row0 + c0, row0 + c1),
+                           linear_rows(linear, x, row0 + hidden + c0, row0 + hidden + c1))
+        pace(out.write_columns(h0 + c0, h0 + c1, part), wait=(part,))
+    return out.value
+
+
 def gated_ff(ff, x, shift, scale, gate, eps, ex: Execution):
     """x + gate * ff(modulate(x)): token-wise, so it runs `ex.token_chunk` tokens at a time,
     bounding the [chunk, 2F] intermediate instead of holding [L, 2F]."""
-    return by_chunks(lambda xc: gated_add(xc, gate, ff(modulate(xc, shift, scale, eps))), x, ex)
+    return by_chunks(lambda xc: gated_add(xc, gate, ff(modulate(xc, shift, scale, eps), ex)), x, ex)
 
 
 class TimestepEmbedder(nn.Module):
@@ -168,11 +196,12 @@ class Modulation(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
+        self.hidden = hidden
         self.linear_in = nn.Linear(dim, 2 * hidden, bias=False)
         self.linear_out = nn.Linear(hidden, dim, bias=False)
 
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.linear_out(swiglu(self.linear_in(x)))
+    def __call__(self, x: mx.array, ex: Execution = ONE_GRAPH) -> mx.array:
+        return self.linear_out(swiglu_rows(self.linear_in, x, self.hidden, ex))
 
 
 class JointAttention(nn.Module):
@@ -209,9 +238,10 @@ class JointAttention(nn.Module):
                 (img, L_txt, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)):
             for r0, r1 in ex.chunks(x.shape[1]):
                 xc, rot, rows = x[:, r0:r1], tuple(t[off + r0:off + r1] for t in rope), (off + r0, off + r1)
-                pace(bufs[0].write(*rows, apply_rope(nq(pq(xc).reshape(B, r1 - r0, self.heads, -1)), rot)),
-                     bufs[1].write(*rows, apply_rope(nk(pk(xc).reshape(B, r1 - r0, self.heads, -1)), rot)),
-                     bufs[2].write(*rows, pv(xc).reshape(B, r1 - r0, self.heads, -1)))
+                parts = (apply_rope(nq(pq(xc).reshape(B, r1 - r0, self.heads, -1)), rot),
+                         apply_rope(nk(pk(xc).reshape(B, r1 - r0, self.heads, -1)), rot),
+                         pv(xc).reshape(B, r1 - r0, self.heads, -1))
+                pace(*(b.write(*rows, p) for b, p in zip(bufs, parts)), wait=parts)
         o = attention(*(b.value for b in bufs), ex.attention_rows)  # [B, L_txt + L_img, D]
         del bufs
         pace(o)  # the output projections' chunks all read it
@@ -244,7 +274,7 @@ class ParallelAttention(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         D, F = cfg.inner_dim, cfg.mlp_hidden_dim
-        self.heads, self.dim = cfg.num_attention_heads, D
+        self.heads, self.dim, self.hidden = cfg.num_attention_heads, D, F
         self.to_qkv_mlp_proj = nn.Linear(D, 3 * D + 2 * F, bias=False)
         self.to_out = nn.Linear(D + F, D, bias=False)
         self.norm_q = nn.RMSNorm(cfg.attention_head_dim, eps=cfg.eps)
@@ -263,20 +293,16 @@ class ParallelAttention(nn.Module):
             h = linear_rows(proj, x[:, r0:r1], 0, 3 * D)  # [B, c, 3D]
             qc, kc, vc = (h[..., i * D:(i + 1) * D].reshape(B, r1 - r0, self.heads, -1) for i in range(3))
             rot = tuple(t[r0:r1] for t in rope)
-            pace(bufs[0].write(r0, r1, apply_rope(self.norm_q(qc), rot)),
-                 bufs[1].write(r0, r1, apply_rope(self.norm_k(kc), rot)), bufs[2].write(r0, r1, vc))
+            parts = (apply_rope(self.norm_q(qc), rot), apply_rope(self.norm_k(kc), rot), vc)
+            pace(*(b.write(r0, r1, p) for b, p in zip(bufs, parts)), wait=parts)
         o = attention(*(b.value for b in bufs), ex.attention_rows)
         del bufs  # q, k, v die with the attention's evaluation
         pace(o)
         out = TokenBuffer((B, L, D), x.dtype)
         for r0, r1 in ex.chunks(L):
-            m = swiglu(linear_rows(proj, x[:, r0:r1], 3 * D, proj_rows(proj)))  # [B, c, F]
-            pace(out.write(r0, r1, self.to_out(mx.concatenate([o[:, r0:r1], m], axis=-1))))
+            y = self.to_out(swiglu_rows(proj, x[:, r0:r1], self.hidden, ex, 3 * D, head=o[:, r0:r1]))
+            pace(out.write(r0, r1, y), wait=(y,))
         return out.value
-
-
-def proj_rows(linear) -> int:
-    return linear.out_features if hasattr(linear, "out_features") else linear.weight.shape[0]
 
 
 class SingleStreamBlock(nn.Module):

@@ -83,7 +83,7 @@ def _produce(fn, shape, dtype, rows: int, norm, pace: Pace):
             mean, var = norm.stats(part)
             n = part.shape[1] * part.shape[2] * (part.shape[3] // norm.groups)
             merge_moments(acc, n, mean, var * n)
-        pace(out.value, *acc)
+        pace(out.value, *acc, wait=(part, *acc))
     if norm is None:
         return out.value, None
     n, mean, m2 = acc

@@ -78,3 +78,37 @@ def test_by_chunks_equals_the_whole_map(ex):
     w = mx.random.normal((5, 7))
     whole = x @ w
     np.testing.assert_allclose(by_chunks(lambda c: c @ w, x, ex, out_dim=7), whole, rtol=0, atol=1e-5)
+
+
+def test_overlapped_buffer_writes_wait_on_the_part_before(monkeypatch):
+    """A TokenBuffer is the same Python object after every write, so the pacer must wait on
+    the part written before, not on the buffer (which would be this write: strict)."""
+    spy = Spy(monkeypatch)
+    buf, pace = TokenBuffer((1, 6, 2), mx.float32), Execution(sync=True, overlap=True).pace()
+    parts = [mx.full((1, 2, 2), float(i)) for i in range(3)]
+    for i, p in enumerate(parts):
+        pace(buf.write(2 * i, 2 * i + 2, p), wait=(p,))
+    waited = [a for kind, a in spy.calls if kind == "eval"]
+    assert len(waited) == 2
+    assert waited[0][0] is parts[0] and waited[1][0] is parts[1]
+    assert all(a[0] is buf.value for kind, a in spy.calls if kind == "async")
+
+
+def test_hidden_spans_split_the_units_in_tile_multiples():
+    assert Execution().hidden_spans(9216) == [(0, 9216)]
+    assert Execution(hidden_parts=4).hidden_spans(9216) == [(0, 2304), (2304, 4608), (4608, 6912), (6912, 9216)]
+    assert Execution(hidden_parts=8).hidden_spans(9216)[0] == (0, 1152)
+    assert Execution(hidden_parts=3).hidden_spans(1000) == [(0, 384), (384, 768), (768, 1000)]  # 128-multiples
+    assert Execution(hidden_parts=3).hidden_spans(20) == [(0, 7), (7, 14), (14, 20)]  # too few for 128s
+    for parts in (2, 3, 5, 8):
+        spans = Execution(hidden_parts=parts).hidden_spans(777)
+        assert spans[0][0] == 0 and spans[-1][1] == 777 and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+        assert len(spans) <= parts
+
+
+def test_token_buffer_columns():
+    parts = [mx.random.normal((2, 5, n)) for n in (3, 4)]
+    buf, pace = TokenBuffer((2, 5, 7), mx.float32), Execution(sync=True, overlap=True).pace()
+    pace(buf.write_columns(0, 3, parts[0]), wait=(parts[0],))
+    pace(buf.write_columns(3, 7, parts[1]), wait=(parts[1],))
+    np.testing.assert_array_equal(buf.value, mx.concatenate(parts, axis=-1))

@@ -122,7 +122,8 @@ def test_frugal_plan_gives_the_same_image(pipe):
     """Streamed encoder, transformer released and reloaded, chunked attention, tiled VAE."""
     W, H = 512, 256  # big enough (in tokens and pixels) for chunked attention and VAE tiles
     frugal = MemoryPlan(stream_text_encoder=True, keep_text_encoder=False, transformer_in_text=False,
-                        transformer_in_decode=False, vae_tile=256, token_chunk=96, attention_rows=256, sync=True)
+                        transformer_in_decode=False, vae_tile=256, token_chunk=96, attention_rows=256, sync=True,
+                        hidden_parts=4)
     budgeted = pipe.generate("a pine in snow", width=W, height=H, seed=3, plan=frugal)  # encodes it, streamed
     assert not pipe.text_encoder.resident and pipe.transformer is None  # released after the run
     free = pipe.generate("a pine in snow", width=W, height=H, seed=3, memory_budget=None)
