@@ -164,7 +164,7 @@ class Models:
             transformer_max_out=3 * cfg.inner_dim + 2 * cfg.mlp_hidden_dim,
             reference_matmul=self.transformer_info["reference_matmul"],
             text_resident_bytes=te.weight_bytes(None) + sum(layers),
-            text_stream_bytes=te.weight_bytes(None) + max(layers, default=0),
+            text_stream_bytes=te.weight_bytes(None) + 2 * max(layers, default=0),  # one layer read ahead
             text_hidden=args.hidden_size, text_heads=args.num_attention_heads, text_len=self.max_sequence_length,
             vae_bytes=nbytes(self.vae), vae_mid_channels=self.vae.config.decoder_channels[-1],
             vae_held_per_pixel=vae_held_per_pixel(self.vae), **vae_fit,

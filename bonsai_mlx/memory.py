@@ -222,7 +222,7 @@ class Footprint:
     transformer_max_out: int  # widest linear output (scratch of one matmul)
     reference_matmul: bool  # plain-MLX packed matmul keeps float32 partial sums
     text_resident_bytes: int  # encoder layers + embedding that encode needs
-    text_stream_bytes: int  # embedding + the largest layer
+    text_stream_bytes: int  # embedding + the two largest layers (the next one is read ahead)
     text_hidden: int
     text_heads: int
     text_len: int

@@ -267,10 +267,19 @@ class Qwen3TextEncoder:
         h = w.embedding(stream)(input_ids)  # [B, L, H]
         if 0 in want:
             hidden[0] = h
-        for i in range(self.config.num_layers_needed):
+        n = self.config.num_layers_needed
+        # Streamed, the next layer is built and its weights are read while this one runs:
+        # reading the files, not computing, is what a streamed encode waits for. Two layers'
+        # weights live at once (memory.Footprint.text_stream_bytes counts them).
+        following = w.layer(0, stream) if stream and n else None
+        for i in range(n):
             if stream or sync:
                 mx.eval(h)  # streamed: so that the previous layer's weights can be freed
-            block = w.layer(i, stream)
+            block = following or w.layer(i, stream)
+            following = None
+            if stream and i + 1 < n:
+                following = w.layer(i + 1, stream)
+                mx.async_eval(following.parameters())
             h = block(h, mask)
             del block
             if i + 1 in want:

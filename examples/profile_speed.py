@@ -341,6 +341,15 @@ def section_dit(tiny, root, quick=False):
                 ("block by block, 2048-token chunks, two in flight", Execution(2048, None, True, True)),
                 ("block by block, 512-token chunks", Execution(512, None, True)),
                 ("block by block, 512-token chunks, two in flight", Execution(512, None, True, True))]
+    for parts in (2, 4, 8):
+        settings += [(f"block by block, MLP in {parts} parts", Execution(sync=True, hidden_parts=parts)),
+                     (f"block by block, MLP in {parts} parts, two in flight",
+                      Execution(sync=True, overlap=True, hidden_parts=parts))]
+    settings += [("block by block, 2048-token chunks, MLP in 4 parts, two in flight",
+                  Execution(2048, None, True, True, hidden_parts=4))]
+    if os.environ.get("DIT_SETTINGS"):  # a subset by label substring, e.g. "parts|flight"
+        import re
+        settings = [s for s in settings if re.search(os.environ["DIT_SETTINGS"], s[0])]
     for size in sizes:
         inp = klein_inputs(cfg, size, size, txt_len, mx.bfloat16)
         mx.eval(inp)
@@ -348,7 +357,7 @@ def section_dit(tiny, root, quick=False):
             ctx = m.prepare(inp[1], inp[3], inp[4])
             mx.eval(ctx)
             for label, ex in settings:
-                if name == "dense" and ex.token_chunk:
+                if name == "dense" and (ex.token_chunk or ex.hidden_parts > 1):
                     continue
                 timeit(f"dit step {size} {name} {label}", lambda: m.forward(inp[0], inp[2], ctx, execution=ex), runs=5)
     if quick:
