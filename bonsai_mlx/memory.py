@@ -264,7 +264,7 @@ OVERHEAD = 48 * 2**20  # allocator slack, small arrays, ids, schedules
 VAE_MARGIN = 104  # pixels of context a decoder tile needs on each side (FLUX.2 VAE)
 STRIP_HALO = 2  # rows beyond a full-resolution strip that its 3x3 convolutions read
 SAFETY = 1.10
-OVERLAP_BLOCKS, OVERLAP_DECODER, OVERLAP_STRIPS = 4, 2, 3  # see `estimate`
+OVERLAP_BLOCKS, OVERLAP_PARTS, OVERLAP_DECODER, OVERLAP_STRIPS, STRICT_WHOLE = 4, 3, 2, 3, 2  # see `estimate`
 TOKEN_CHUNKS = (None, 4096, 2048, 1024, 512, 256)
 HIDDEN_PARTS = (1, 2, 4, 8)
 VAE_STRIPS = (256, 128, 64, 32, 16)
@@ -277,12 +277,16 @@ ATTENTION_ROWS = (None, 1024, 512, 256)
 # evaluation per strip: the smaller, the more evaluations.
 COST_STREAM_TEXT = 0.5
 COST_RELOAD_TRANSFORMER = 1.0
+# Token chunks, hidden-unit passes and strips: 4 steps at 1024 px, two parts in flight,
+# over block-by-block evaluation (docs/results/h200-profile-*-c1.json): 2048- / 512-token
+# chunks +40 / +116 ms a step, 2 / 4 / 8 passes +21 / +53 / +84 ms, 256- / 128- / 64- /
+# 32-row decode strips +35 / +90 / +167 / +234 ms.
 COST_STRICT = 0.3  # the device idles at every evaluation while the host builds the next part
-COST_TOKEN_CHUNK = {None: 0, 4096: 0.1, 2048: 0.2, 1024: 0.4, 512: 0.8, 256: 1.6}
+COST_TOKEN_CHUNK = {None: 0, 4096: 0.08, 2048: 0.16, 1024: 0.3, 512: 0.46, 256: 0.9}
 COST_ATTENTION_ROWS = {None: 0, 1024: 0.1, 512: 0.2, 256: 0.4}
-COST_HIDDEN_PARTS = {1: 0, 2: 0.01, 4: 0.02, 8: 0.04}
+COST_HIDDEN_PARTS = {1: 0, 2: 0.09, 4: 0.21, 8: 0.34}
 COST_VAE_TILE = {None: 0, 1024: 20, 768: 25, 512: 30, 384: 40, 256: 60, 128: 120}
-COST_VAE_STRIP = {None: 0, 256: 0.02, 128: 0.03, 64: 0.05, 32: 0.1, 16: 0.2}
+COST_VAE_STRIP = {None: 0, 256: 0.04, 128: 0.09, 64: 0.17, 32: 0.25, 16: 0.5}
 
 
 def _attention_scores(heads: int, rows: int, cols: int) -> int:
@@ -331,11 +335,21 @@ def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batch
     # temporaries coexist, each holding all its intermediates, not only the live ones: on
     # an H200 a block-by-block 4-step run at 512 / 1024 px peaked 1.22 / 2.84 GB above the
     # weights overlapped against 0.30 / 1.00 GB of the terms above, hence 4 (examples/
-    # profile_speed.py, docs/benchmarks.md). The decoder's parts are smaller: 2.
-    in_flight = OVERLAP_BLOCKS if plan.overlap else 1
+    # profile_speed.py, docs/benchmarks.md). In token chunks or hidden-unit passes the
+    # parts in flight are those, not blocks: two blocks' held tensors and about three
+    # parts' temporaries (there 1.18 / 0.67 GB for 2048- / 512-token chunks at 1024 px,
+    # against 1.38 / 0.73 GB counted so). The decoder's parts are smaller: 2.
+    # Strict, a block run whole (or in hidden passes over all its tokens) peaked at 1.3-2.1x
+    # these terms there (0.62 GB at 512 px against 0.30), token chunks at 1.2-1.3x, which
+    # the safety factor on the whole stage covers.
+    acts, parts = held + chunk + matmul + scores, c < L or plan.hidden_parts > 1
+    if plan.overlap:
+        acts = 2 * held + OVERLAP_PARTS * (chunk + matmul + scores) if parts else OVERLAP_BLOCKS * acts
+    elif c >= L:
+        acts *= STRICT_WHOLE
     # Encoded condition tokens (float32) and, per CFG batch, their embedding, beside the text's.
     refs = L_ref * fp.latent_channels * 4 + cfg_batches * L_ref * D * s
-    denoise = (resident + fp.transformer_bytes + in_flight * (held + chunk + matmul + scores)
+    denoise = (resident + fp.transformer_bytes + acts
                + cfg_batches * fp.text_len * D * s * 2 + L_img * fp.latent_channels * 4 * 3 + refs)
     text_act = fp.text_len * fp.text_hidden * 4 * 10 + _attention_scores(fp.text_heads, fp.text_len, fp.text_len)
     text = (resident + (fp.text_stream_bytes if plan.stream_text_encoder else fp.text_resident_bytes) + text_act
@@ -454,14 +468,16 @@ def plan_memory(fp: Footprint, width: int, height: int, budget, cfg_batches: int
                 images: tuple = ()) -> MemoryPlan:
     """The cheapest plan in time whose estimated peak fits `budget` (bytes, or AUTO: the
     plans that stream the text encoder, under `device_cap()`). Refuses, naming the
-    smallest budget that works, when none fits. `images`: see `estimate`. AUTO keeps whole
-    encodes and decodes where they fit: strips cost evaluations whose time on a GPU is not
-    known to be negligible."""
+    smallest budget that works, when none fits. `images`: see `estimate`. AUTO decodes whole
+    where that fits, and encodes editing images in strips where the whole encode would
+    be the run's peak (`_auto_encode`)."""
     auto = budget == AUTO
     limit = device_cap() if auto else budget
     for p in _candidates(fp, width, height, images, stream_only=auto):
         est = estimate(fp, width, height, p, cfg_batches, images)
         if max(est.values()) <= limit:
+            if auto and images and not p.vae_encode_strip:
+                p, est = _auto_encode(fp, width, height, p, est, cfg_batches, images)
             return _with_estimate(p, est)
     best = smallest_plan(fp, width, height, cfg_batches, images)
     need = math.ceil(best.estimated_peak_bytes / 1e6) / 1e3  # GB, rounded up so that it fits
@@ -473,6 +489,24 @@ def plan_memory(fp: Footprint, width: int, height: int, budget, cfg_batches: int
         f"(peak stage: {max(best.stage_estimates, key=best.stage_estimates.get)}). "
         f"Use a budget of at least {need:.3f} GB or a smaller image."
     )
+
+
+def _auto_encode(fp: Footprint, width: int, height: int, plan: MemoryPlan, est: dict, cfg_batches: int,
+                 images) -> tuple[MemoryPlan, dict]:
+    """`plan` encoding in the tallest strips that take the image-encoding stage under the
+    run's other stages, when the whole encode is the run's peak (4-5 GB above the other
+    stages for a 1024 px reference on an H200). 256-row strips cost about 24 ms a 1024 px
+    image there, under 3% of a generation (docs/benchmarks.md)."""
+    others = max(v for k, v in est.items() if k != "image_encoding")
+    if est["image_encoding"] <= others:
+        return plan, est
+    tallest = max(h for _, h in images)
+    for rows in (r for r in VAE_STRIPS if r < tallest):
+        p = replace(plan, vae_encode_strip=rows)
+        e = estimate(fp, width, height, p, cfg_batches, images)
+        if e["image_encoding"] <= others or rows == VAE_STRIPS[-1]:
+            return p, e
+    return plan, est
 
 
 def describe(plan: MemoryPlan) -> str:
