@@ -50,6 +50,10 @@ class Execution:
         """A pacer for one loop over parts (blocks, chunks); inactive when not running in parts."""
         return Pace(self, self.sync and active)
 
+    def buffer(self, shape, dtype) -> "TokenBuffer":
+        """A TokenBuffer for a loop paced by this execution."""
+        return TokenBuffer(shape, dtype, in_place=not (self.sync and self.overlap))
+
 
 ONE_GRAPH = Execution()
 
@@ -85,24 +89,42 @@ class Pace:
 
 
 class TokenBuffer:
-    """A [B, L, ...] result assembled chunk by chunk in place.
+    """A [B, L, ...] result assembled chunk by chunk, in order.
 
-    Concatenating chunk results holds every chunk and the concatenation at once (2x);
-    writing each chunk into one buffer, evaluated as it goes (the caller's Pace), lets MLX
-    reuse the buffer (the slice update donates it), so only the buffer and the chunks'
-    temporaries live.
+    Concatenating chunk results holds every chunk and the concatenation at once (2x).
+    In place (strict pacing), each chunk is written into one buffer as it is evaluated,
+    and MLX reuses the buffer (the slice update donates it): only the buffer and a chunk's
+    temporaries live. Two parts in flight, a GPU back-end cannot reuse a buffer that the
+    previous write still holds and copies all of it at every write, so the chunks are kept
+    and concatenated once, when the value is read.
     """
 
-    def __init__(self, shape, dtype):
-        self.value = mx.zeros(shape, dtype=dtype)
+    def __init__(self, shape, dtype, in_place: bool = True):
+        self.in_place, self._parts, self._axis = in_place, [], 1
+        self._value = mx.zeros(shape, dtype=dtype) if in_place else None
+
+    @property
+    def value(self) -> mx.array:
+        if self.in_place:
+            return self._value
+        return self._parts[0] if len(self._parts) == 1 else mx.concatenate(self._parts, axis=self._axis)
 
     def write(self, r0: int, r1: int, part: mx.array) -> mx.array:
-        self.value[:, r0:r1] = part
-        return self.value
+        """Rows [r0, r1) (written in order); returns what to evaluate for this chunk."""
+        if not self.in_place:
+            self._parts.append(part)
+            return part
+        self._value[:, r0:r1] = part
+        return self._value
 
     def write_columns(self, c0: int, c1: int, part: mx.array) -> mx.array:
-        self.value[..., c0:c1] = part
-        return self.value
+        """Features [c0, c1) of the last axis (written in order), as `write`."""
+        if not self.in_place:
+            self._parts.append(part)
+            self._axis = -1
+            return part
+        self._value[..., c0:c1] = part
+        return self._value
 
 
 def by_chunks(fn, x: mx.array, execution: Execution, out_dim: int | None = None) -> mx.array:
@@ -111,7 +133,7 @@ def by_chunks(fn, x: mx.array, execution: Execution, out_dim: int | None = None)
     if len(chunks) == 1:
         return fn(x)
     shape = (*x.shape[:2], out_dim) if out_dim is not None else x.shape
-    out, pace = TokenBuffer(shape, x.dtype), execution.pace()
+    out, pace = execution.buffer(shape, x.dtype), execution.pace()
     for r0, r1 in chunks:
         part = fn(x[:, r0:r1])
         pace(out.write(r0, r1, part), wait=(part,))

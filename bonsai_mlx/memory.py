@@ -264,7 +264,8 @@ OVERHEAD = 48 * 2**20  # allocator slack, small arrays, ids, schedules
 VAE_MARGIN = 104  # pixels of context a decoder tile needs on each side (FLUX.2 VAE)
 STRIP_HALO = 2  # rows beyond a full-resolution strip that its 3x3 convolutions read
 SAFETY = 1.10
-OVERLAP_BLOCKS, OVERLAP_PARTS, OVERLAP_DECODER, OVERLAP_STRIPS, STRICT_WHOLE = 4, 3, 2, 3, 2  # see `estimate`
+OVERLAP_BLOCKS, OVERLAP_PARTS, OVERLAP_DECODER, STRICT_WHOLE = 4, 3, 2, 2  # see `estimate`
+STRIP_HELD, STRIP_HELD_OVERLAPPED, STRIP_SCRATCH = 2.0, 3.0, 4.5  # see `_strip_bytes`
 TOKEN_CHUNKS = (None, 4096, 2048, 1024, 512, 256)
 HIDDEN_PARTS = (1, 2, 4, 8)
 VAE_STRIPS = (256, 128, 64, 32, 16)
@@ -369,13 +370,11 @@ def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batch
           + 4 * in_flight * min(Execution().reduce_block, th * tw * fp.vae_mid_channels)
           + height * width * 4 * 4 * 2)
     if plan.vae_strip:
-        # Strips: the whole tensors of the widest stage, a strip's scratch per part in flight
-        # (overlapped: up to 2.3x one strip's in the CPU measurement of docs/benchmarks.md,
-        # hence 3), the mid output's statistics in float32 row blocks, and the image's float32
-        # copies.
-        in_flight = OVERLAP_STRIPS if plan.overlap else 1
-        up = (fp.vae_held_per_pixel * height * width
-              + in_flight * (fp.vae_strip_fixed + fp.vae_strip_per_pixel * (plan.vae_strip + STRIP_HALO) * width)
+        # Strips: the whole tensors of the widest stage and a strip's scratch per part in
+        # flight (`_strip_bytes`), the mid output's statistics in float32 row blocks, and the
+        # image's float32 copies.
+        up = (_strip_bytes(fp.vae_held_per_pixel, fp.vae_strip_fixed, fp.vae_strip_per_pixel, width, height,
+                           plan.vae_strip, plan.overlap)
               + 4 * min(Execution().reduce_block, latent_px * fp.vae_mid_channels) + height * width * 4 * 4 * 2)
     decode = resident + max(mid, up)
     if plan.transformer_in_decode:
@@ -392,6 +391,21 @@ def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batch
     return {k: int(SAFETY * v + OVERHEAD) for k, v in stages}
 
 
+def _strip_bytes(held_per_pixel: float, fixed: float, per_pixel: float, width: int, height: int, rows: int,
+                 overlap: bool) -> float:
+    """Peak bytes of a strip decode or encode: the whole tensors of its widest stage
+    (`held_per_pixel` per image pixel) and a strip's scratch per part in flight, fixed
+    plus per pixel of its window. On an H200 (docs/results/h200-profile-strips-*.json,
+    1024 px, float16 and bfloat16) the peaks were up to 1.8x the held tensors plus
+    4.4 KB per window pixel strict, and 2.3-2.9x the held tensors plus two windows' scratch
+    with two strips in flight, where the calibration on small windows measured 2.4-5.8 KB
+    per pixel: MLX's CUDA convolutions take more scratch at full width. Hence the factors
+    below, and a scratch of at least STRIP_SCRATCH held bytes per window pixel."""
+    per_pixel = max(per_pixel, STRIP_SCRATCH * held_per_pixel)
+    held = (STRIP_HELD_OVERLAPPED if overlap else STRIP_HELD) * held_per_pixel * width * height
+    return held + (OVERLAP_DECODER if overlap else 1) * (fixed + per_pixel * (rows + STRIP_HALO) * width)
+
+
 def _encode_bytes(fp: Footprint, width: int, height: int, plan: MemoryPlan) -> float:
     """Peak bytes of encoding one `width` x `height` image beyond what stays resident: whole
     (the encoder's calibrated scratch), or in strips as `estimate` counts a strip decode:
@@ -402,9 +416,8 @@ def _encode_bytes(fp: Footprint, width: int, height: int, plan: MemoryPlan) -> f
     if not plan.vae_encode_strip:
         return fp.vae_enc_fixed + fp.vae_enc_per_pixel * width * height
     s, latent_px = fp.dtype_bytes, (height // 8) * (width // 8)
-    strips = (fp.vae_enc_held_per_pixel * width * height + width * height * 3 * 4 * 2
-              + (OVERLAP_STRIPS if plan.overlap else 1)
-              * (fp.vae_enc_strip_fixed + fp.vae_enc_strip_per_pixel * (plan.vae_encode_strip + STRIP_HALO) * width))
+    strips = (_strip_bytes(fp.vae_enc_held_per_pixel, fp.vae_enc_strip_fixed, fp.vae_enc_strip_per_pixel, width,
+                           height, plan.vae_encode_strip, plan.overlap) + width * height * 3 * 4 * 2)
     mid = (latent_px * fp.vae_mid_channels * s + (OVERLAP_DECODER if plan.overlap else 1)
            * (fp.vae_mid_fixed + fp.vae_mid_per_pixel * latent_px) + vae_scores_bytes(latent_px)
            + 4 * min(Execution().reduce_block, latent_px * fp.vae_mid_channels))

@@ -19,7 +19,7 @@ import numpy as np
 
 from .attention import sdpa
 from .config import TransformerConfig
-from .execution import ONE_GRAPH, Execution, TokenBuffer, by_chunks
+from .execution import ONE_GRAPH, Execution, by_chunks
 from .packed_linear import PackedLinear
 
 FP16_MAX = 65504.0
@@ -140,7 +140,7 @@ def swiglu_rows(linear, x: mx.array, hidden: int, ex: Execution, row0: int = 0,
         m = swiglu(linear_rows(linear, x, row0, row0 + 2 * hidden))
         return m if head is None else mx.concatenate([head, m], axis=-1)
     h0 = 0 if head is None else head.shape[-1]
-    out, pace = TokenBuffer((*x.shape[:-1], h0 + hidden), x.dtype), ex.pace()
+    out, pace = ex.buffer((*x.shape[:-1], h0 + hidden), x.dtype), ex.pace()
     if head is not None:
         out.write_columns(0, h0, head)
     for c0, c1 in spans:
@@ -231,7 +231,7 @@ class JointAttention(nn.Module):
         B, L_txt, D = txt.shape
         L = L_txt + img.shape[1]
         chunked = len(ex.chunks(max(L_txt, img.shape[1]))) > 1
-        bufs = [TokenBuffer((B, L, self.heads, D // self.heads), txt.dtype) for _ in range(3)]
+        bufs = [ex.buffer((B, L, self.heads, D // self.heads), txt.dtype) for _ in range(3)]
         pace = ex.pace(chunked)
         for x, off, pq, pk, pv, nq, nk in (
                 (txt, 0, self.add_q_proj, self.add_k_proj, self.add_v_proj, self.norm_added_q, self.norm_added_k),
@@ -287,7 +287,7 @@ class ParallelAttention(nn.Module):
         in all) are ever held for every token, never the MLP's [B, L, 2F] / [B, L, F]."""
         B, L, _ = x.shape
         D, proj = self.dim, self.to_qkv_mlp_proj
-        bufs = [TokenBuffer((B, L, self.heads, D // self.heads), x.dtype) for _ in range(3)]
+        bufs = [ex.buffer((B, L, self.heads, D // self.heads), x.dtype) for _ in range(3)]
         pace = ex.pace(len(ex.chunks(L)) > 1)
         for r0, r1 in ex.chunks(L):
             h = linear_rows(proj, x[:, r0:r1], 0, 3 * D)  # [B, c, 3D]
@@ -298,7 +298,7 @@ class ParallelAttention(nn.Module):
         o = attention(*(b.value for b in bufs), ex.attention_rows)
         del bufs  # q, k, v die with the attention's evaluation
         pace(o)
-        out = TokenBuffer((B, L, D), x.dtype)
+        out = ex.buffer((B, L, D), x.dtype)
         for r0, r1 in ex.chunks(L):
             y = self.to_out(swiglu_rows(proj, x[:, r0:r1], self.hidden, ex, 3 * D, head=o[:, r0:r1]))
             pace(out.write(r0, r1, y), wait=(y,))

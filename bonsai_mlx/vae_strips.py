@@ -11,6 +11,12 @@ it costs one tensor where recomputing it would cost a third convolution per resn
 GroupNorm statistics of every held tensor are merged strip by strip as it is written, so
 no pass over a whole tensor and no full-size float32 copy is needed.
 
+A held tensor is kept as its strips (`Rows`), never assembled: writing strips into one
+whole buffer needs MLX to reuse the buffer in place at every write, which a GPU back-end
+cannot do while the previous write is still in flight (it copies the whole buffer
+instead), and a strip's reader takes its rows, halo included, from the one or two strips
+that hold them.
+
 Held at once, at most: a stage's input, conv1's output and the stage's output (for the
 FLUX.2 VAE the first resnet of the last block: 256 + 128 + 128 channels at full
 resolution, 1 GB at 1024x1024 in float16; `held_bytes`), plus one or two strips'
@@ -30,7 +36,28 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from .execution import Execution, Pace, TokenBuffer
+from .execution import Execution, Pace
+
+
+class Rows:
+    """A [B, H, W, C] tensor held as the strips that produced it: `parts` are (a, b, rows
+    [a, b)) in order, covering [0, H)."""
+
+    def __init__(self, parts: list, shape: tuple, dtype):
+        self.parts, self.shape, self.dtype = parts, tuple(shape), dtype
+
+    def rows(self, a: int, b: int) -> mx.array:
+        """Rows [a, b): a view of one strip, or the few strips' rows concatenated."""
+        pieces = [t[:, max(a, p0) - p0:min(b, p1) - p0] for p0, p1, t in self.parts if p0 < b and p1 > a]
+        return pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=1)
+
+    def whole(self) -> mx.array:
+        return self.rows(0, self.shape[1])
+
+
+def _rows(x, a: int, b: int) -> mx.array:
+    """Rows [a, b) of x (an array or Rows)."""
+    return x.rows(a, b) if isinstance(x, Rows) else x[:, a:b]
 
 
 def merge_moments(acc: list, n, mean, m2) -> None:
@@ -63,7 +90,7 @@ def _conv_rows(conv, t, a: int, b: int, size: int):
 
 def _halo(x, a: int, b: int):
     """Rows [a - 1, b + 1) of x clipped to the image: what a 3x3 conv of rows [a, b) reads."""
-    return x[:, max(a - 1, 0):min(b + 1, x.shape[1])]
+    return _rows(x, max(a - 1, 0), min(b + 1, x.shape[1]))
 
 
 def _nearest2x(x):
@@ -72,22 +99,23 @@ def _nearest2x(x):
 
 
 def _produce(fn, shape, dtype, rows: int, norm, pace: Pace):
-    """A tensor of `shape` held whole, written strip by strip: fn(a, b) gives rows [a, b).
-    With `norm` (the GroupNorm that reads it next), also its whole-image statistics for
-    that norm, merged from each strip's own. Each strip is evaluated as it is written."""
-    out, acc = TokenBuffer(shape, dtype), []
+    """A tensor of `shape` held as its strips (`Rows`): fn(a, b) gives rows [a, b). With
+    `norm` (the GroupNorm that reads it next), also its whole-image statistics for that
+    norm, merged from each strip's own. Each strip is evaluated as it is made."""
+    parts, acc = [], []
     for a, b in spans(shape[1], rows):
         part = fn(a, b)
-        out.write(a, b, part)
+        parts.append((a, b, part))
         if norm is not None:
             mean, var = norm.stats(part)
             n = part.shape[1] * part.shape[2] * (part.shape[3] // norm.groups)
             merge_moments(acc, n, mean, var * n)
-        pace(out.value, *acc, wait=(part, *acc))
+        pace(part, *acc)
+    out = Rows(parts, shape, dtype)
     if norm is None:
-        return out.value, None
+        return out, None
     n, mean, m2 = acc
-    return out.value, (mean, m2 / n)
+    return out, (mean, m2 / n)
 
 
 def _conv3(conv, norm, x, stats, rows: int, next_norm, pace: Pace):
@@ -105,7 +133,7 @@ def _resnet(r, x, stats, rows: int, next_norm, pace: Pace):
     h, h_stats = _conv3(r.conv1, r.norm1, x, stats, rows, r.norm2, pace)
 
     def out(a, b):
-        skip = r.conv_shortcut(x[:, a:b]) if "conv_shortcut" in r else x[:, a:b]
+        skip = r.conv_shortcut(_rows(x, a, b)) if "conv_shortcut" in r else _rows(x, a, b)
         return skip + _conv_rows(r.conv2, r.norm2.apply(_halo(h, a, b), h_stats, silu=True), a, b, H)
 
     return _produce(out, h.shape, x.dtype, rows, next_norm, pace)
@@ -118,7 +146,7 @@ def _upsample(up, x, stats, rows: int, next_norm, pace: Pace):
 
     def out(a, b):
         lo, hi = max(a // 2 - 1, 0), min(b // 2 + 1, H)
-        t = _nearest2x(x[:, lo:hi])  # output rows [2 lo, 2 hi)
+        t = _nearest2x(_rows(x, lo, hi))  # output rows [2 lo, 2 hi)
         t = t[:, max(a - 1, 0) - 2 * lo:min(b + 1, 2 * H) - 2 * lo]
         return _conv_rows(up.conv, t, a, b, 2 * H)
 
@@ -130,7 +158,7 @@ def _downsample(down, x, stats, rows: int, next_norm, pace: Pace):
     rows [a, b) read input rows [2a, 2b + 1), the last of them the padding when b is the
     bottom, so the module itself runs on each strip's rows."""
     B, H, W, _ = x.shape
-    return _produce(lambda a, b: down(x[:, 2 * a:min(2 * b + 1, H)]),
+    return _produce(lambda a, b: down(_rows(x, 2 * a, min(2 * b + 1, H))),
                     (B, H // 2, W // 2, down.conv.weight.shape[0]), x.dtype, rows, next_norm, pace)
 
 
@@ -168,12 +196,13 @@ def _input_norm(kind: str, m):
 def _run(stages, x, stats, strip: int, latent_rows: int, pace: Pace, last_norm=None):
     """x through `stages` in order, each in strips of `strip` rows at the latent's resolution
     (`latent_rows` high; k * strip rows at k times that), with the statistics of x that the
-    first stage's input norm needs. Returns the last output and `last_norm`'s statistics."""
+    first stage's input norm needs. Returns the last output, whole, and `last_norm`'s
+    statistics."""
     for i, (kind, m) in enumerate(stages):
         fn, scale = _KINDS[kind]
         nxt = _input_norm(*stages[i + 1]) if i + 1 < len(stages) else last_norm
         x, stats = fn(m, x, stats, strip * int(x.shape[1] * scale) // latent_rows, nxt, pace)
-    return x, stats
+    return x.whole(), stats
 
 
 def decode_strips(decoder, z, strip: int, ex: Execution):

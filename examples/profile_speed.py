@@ -444,6 +444,25 @@ def section_dit(tiny, root, quick=False):
     timeit(f"concat [L,D]+[L,F] L={L}", lambda: mx.concatenate([x, h2[..., :F]], axis=-1))
 
 
+def section_buffer(tiny):
+    """A TokenBuffer filled strip by strip (as strip decoding fills its stage outputs), strict
+    and two in flight: its extra peak against the buffer's own size shows whether each slice
+    update reuses the buffer (about 1x) or copies it (about 2x)."""
+    from bonsai_mlx.execution import Execution, TokenBuffer
+
+    H, W, C = (64, 64, 16) if tiny else (1024, 1024, 256)
+    for rows in (256, 32):
+        for label, ex in (("strict", Execution(sync=True)), ("two in flight", Execution(sync=True, overlap=True))):
+            def fill():
+                buf, pace = TokenBuffer((1, H, W, C), mx.float16), ex.pace()
+                for a in range(0, H, rows):
+                    part = mx.full((1, min(rows, H - a), W, C), float(a), dtype=mx.float16) * 1.5
+                    pace(buf.write(a, a + part.shape[1], part), wait=(part,))
+                return buf.value
+            timeit(f"buffer fill {H}x{W}x{C} in {rows}-row strips, {label}", fill,
+                   buffer_mb=H * W * C * 2 / 1e6)
+
+
 def section_load(root):
     from bonsai_mlx.loading import load_transformer
     for fmt in ("binary", "ternary"):
@@ -476,7 +495,7 @@ def main():
         try:
             {"vae": lambda: section_vae(a.tiny, a.quick), "strips": lambda: section_strips(a.tiny, a.quick),
              "encode": lambda: section_encode(a.tiny, a.quick),
-             "dit": lambda: section_dit(a.tiny, a.root, a.quick),
+             "dit": lambda: section_dit(a.tiny, a.root, a.quick), "buffer": lambda: section_buffer(a.tiny),
              "load": lambda: section_load(a.root)}[s]()
         except Exception as e:  # noqa: BLE001
             import traceback

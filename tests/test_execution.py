@@ -112,3 +112,24 @@ def test_token_buffer_columns():
     pace(buf.write_columns(0, 3, parts[0]), wait=(parts[0],))
     pace(buf.write_columns(3, 7, parts[1]), wait=(parts[1],))
     np.testing.assert_array_equal(buf.value, mx.concatenate(parts, axis=-1))
+
+
+def test_buffers_of_overlapped_loops_keep_their_chunks():
+    """Two parts in flight, a buffer keeps the chunks and concatenates them once (no write
+    into a buffer still in flight); strict or in one graph, it writes in place."""
+    assert Execution(sync=True).buffer((1, 4), mx.float32).in_place
+    assert ONE_GRAPH.buffer((1, 4), mx.float32).in_place
+    ex = Execution(sync=True, overlap=True)
+    rows, cols = ex.buffer((2, 10, 3), mx.float32), ex.buffer((2, 5, 7), mx.float32)
+    assert not rows.in_place
+    parts = [mx.random.normal((2, n, 3)) for n in (4, 4, 2)]
+    pace, r = ex.pace(), 0
+    for p in parts:
+        assert rows.write(r, r + p.shape[1], p) is p
+        pace(p, wait=(p,))
+        r += p.shape[1]
+    np.testing.assert_array_equal(rows.value, mx.concatenate(parts, axis=1))
+    halves = [mx.random.normal((2, 5, n)) for n in (3, 4)]
+    cols.write_columns(0, 3, halves[0])
+    cols.write_columns(3, 7, halves[1])
+    np.testing.assert_array_equal(cols.value, mx.concatenate(halves, axis=-1))

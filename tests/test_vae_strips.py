@@ -312,7 +312,8 @@ def test_encode_strips_are_candidates_and_cost_little():
     plans = candidate_plans(512, 512, encode_height=384)
     assert {p.vae_encode_strip for p in plans} == {None, 256, 128, 64, 32, 16}
     assert {p.vae_encode_strip for p in candidate_plans(512, 512)} == {None}  # nothing to encode
-    assert plan_cost(MemoryPlan(vae_encode_strip=16)) < plan_cost(MemoryPlan(stream_text_encoder=True))
+    assert plan_cost(MemoryPlan(vae_encode_strip=256)) < plan_cost(MemoryPlan(stream_text_encoder=True))
+    assert plan_cost(MemoryPlan(vae_encode_strip=16)) < plan_cost(MemoryPlan(vae_tile=1024))
 
 
 def test_estimate_covers_strip_encodes(vae_dirs):
@@ -356,12 +357,19 @@ def test_planner_encodes_in_strips_when_the_budget_needs_it(vae_dirs):
     assert rel_err(got, want) <= 2e-4, (rel_err(got, want), rel_err(np.array(vae.encode_latents(2 * pixels - 1)), want))
 
 
-def test_auto_keeps_whole_encodes_and_byte_budgets_take_strips(vae_dirs):
-    """The auto budget keeps the whole encode where it fits (a strip's time on a GPU is not
-    known to be negligible); a byte budget below the whole encode's estimate takes strips."""
+def test_auto_encodes_in_strips_where_the_whole_encode_is_the_peak(vae_dirs):
+    """The auto budget encodes a reference in strips when its whole encode would be the
+    run's peak stage, and keeps the whole encode otherwise; a byte budget below the whole
+    encode's estimate takes strips."""
     vae = load_vae(vae_dirs["small4"], dtype=mx.float32)
     fp = encode_footprint(vae)
+    whole = next(p for p in candidate_plans(64, 64, stream_only=True, encode_height=1024) if not p.vae_encode_strip)
+    est = estimate(fp, 64, 64, whole, images=((1024, 1024),))
+    assert max(est, key=est.get) == "image_encoding"
     auto = plan_memory(fp, 64, 64, AUTO, images=((1024, 1024),))
-    assert auto.vae_encode_strip is None and max(auto.stage_estimates, key=auto.stage_estimates.get) == "image_encoding"
-    tight = plan_memory(fp, 64, 64, int(0.5 * auto.estimated_peak_bytes), images=((1024, 1024),))
-    assert tight.vae_encode_strip and tight.estimated_peak_bytes <= 0.5 * auto.estimated_peak_bytes
+    assert auto.vae_encode_strip and auto.stage_estimates["image_encoding"] < est["image_encoding"]
+    small = plan_memory(fp, 256, 256, AUTO, images=((64, 64),))
+    small_est = estimate(fp, 256, 256, replace(small, vae_encode_strip=None), images=((64, 64),))
+    assert max(small_est, key=small_est.get) != "image_encoding" and small.vae_encode_strip is None
+    tight = plan_memory(fp, 64, 64, int(0.5 * max(est.values())), images=((1024, 1024),))
+    assert tight.vae_encode_strip and tight.estimated_peak_bytes <= 0.5 * max(est.values())
