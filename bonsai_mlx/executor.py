@@ -164,7 +164,8 @@ class Models:
             transformer_max_out=3 * cfg.inner_dim + 2 * cfg.mlp_hidden_dim,
             reference_matmul=self.transformer_info["reference_matmul"],
             text_resident_bytes=te.weight_bytes(None) + sum(layers),
-            text_stream_bytes=te.weight_bytes(None) + 2 * max(layers, default=0),  # one layer read ahead
+            # the embedding is gone before the layers come; one layer is read ahead
+            text_stream_bytes=max(te.weight_bytes(None), 2 * max(layers, default=0)),
             text_hidden=args.hidden_size, text_heads=args.num_attention_heads, text_len=self.max_sequence_length,
             vae_bytes=nbytes(self.vae), vae_mid_channels=self.vae.config.decoder_channels[-1],
             vae_held_per_pixel=vae_held_per_pixel(self.vae), **vae_fit,
@@ -236,7 +237,8 @@ def run(models: Models, req: Request, plan: MemoryPlan,
             t = time.perf_counter()
             with mon.stage("image_encoding"):
                 for pixels in req.conditions:  # one image's activations at a time
-                    encoded.append(models.vae.encode(mx.array(pixels[None]), strip=plan.vae_encode_strip, execution=ex))
+                    encoded.append(models.vae.encode(mx.array(pixels[None]), strip=plan.vae_encode_strip,
+                                                     execution=plan.vae_execution))
                     mx.eval(encoded[-1])
             timings["image_encoding_s"] = time.perf_counter() - t
 
@@ -297,7 +299,7 @@ def run(models: Models, req: Request, plan: MemoryPlan,
                 models.release_transformer()
             vae = models.vae
             images = vae.decode_tokens(x.astype(vae.dtype), req.height, req.width, tile_size=plan.vae_tile,
-                                       overlap=VAE_TILE_OVERLAP, execution=ex, strip=plan.vae_strip)
+                                       overlap=VAE_TILE_OVERLAP, execution=plan.vae_execution, strip=plan.vae_strip)
             mx.eval(images)
             if not all_finite(images):
                 raise NonFiniteError(f"decoding produced NaN or Inf in {dtype_name(vae.dtype)}: the VAE's activations "

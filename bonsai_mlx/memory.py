@@ -195,6 +195,7 @@ class MemoryPlan:
     vae_strip: int | None = None  # image rows per strip of a stage-by-stage decode (vae_strips); not with vae_tile
     vae_encode_strip: int | None = None  # image rows per strip of a stage-by-stage encode of editing images
     hidden_parts: int = 1  # passes over the MLP hidden units (Execution.hidden_parts)
+    vae_overlap: bool | None = None  # two VAE parts (blocks, strips) in flight; None: as `overlap`
     estimated_peak_bytes: int = 0
     stage_estimates: dict = field(default_factory=dict)
 
@@ -202,6 +203,12 @@ class MemoryPlan:
     def execution(self) -> Execution:
         return Execution(self.token_chunk, self.attention_rows, self.sync, self.overlap,
                          hidden_parts=self.hidden_parts)
+
+    @property
+    def vae_execution(self) -> Execution:
+        """How the VAE decodes and encodes: block by block like the transformer, with two
+        parts in flight or not on its own."""
+        return Execution(sync=self.sync, overlap=self.overlap if self.vae_overlap is None else self.vae_overlap)
 
     @property
     def releases_transformer(self) -> bool:
@@ -222,7 +229,7 @@ class Footprint:
     transformer_max_out: int  # widest linear output (scratch of one matmul)
     reference_matmul: bool  # plain-MLX packed matmul keeps float32 partial sums
     text_resident_bytes: int  # encoder layers + embedding that encode needs
-    text_stream_bytes: int  # embedding + the two largest layers (the next one is read ahead)
+    text_stream_bytes: int  # the embedding or two of the largest layers (the next one is read ahead)
     text_hidden: int
     text_heads: int
     text_len: int
@@ -264,8 +271,12 @@ OVERHEAD = 48 * 2**20  # allocator slack, small arrays, ids, schedules
 VAE_MARGIN = 104  # pixels of context a decoder tile needs on each side (FLUX.2 VAE)
 STRIP_HALO = 2  # rows beyond a full-resolution strip that its 3x3 convolutions read
 SAFETY = 1.10
-OVERLAP_BLOCKS, OVERLAP_PARTS, OVERLAP_DECODER, STRICT_WHOLE = 4, 3, 2, 2  # see `estimate`
-STRIP_HELD, STRIP_HELD_OVERLAPPED, STRIP_SCRATCH = 2.0, 3.0, 4.5  # see `_strip_bytes`
+OVERLAP_BLOCKS, OVERLAP_PARTS, OVERLAP_DECODER, STRICT_WHOLE, STRICT_CHUNKED = 4, 3, 2, 2, 1.4  # see `estimate`
+# `_strip_bytes`'s factors. Decoding: fitted to the H200 profile of strips kept as strips
+# (h200-profile-strips-c3.json: at most 1.0x the held tensors plus 5.7 KB per window pixel
+# strict and 4.9-7.3 KB overlapped). Encoding: fitted to strips written into whole buffers
+# (h200-profile-encode-1705795.json, before strips were kept as strips; not measured since).
+STRIP_DECODE, STRIP_ENCODE = (1.0, 1.0, 6.0), (2.0, 3.0, 4.5)
 TOKEN_CHUNKS = (None, 4096, 2048, 1024, 512, 256)
 HIDDEN_PARTS = (1, 2, 4, 8)
 VAE_STRIPS = (256, 128, 64, 32, 16)
@@ -279,11 +290,14 @@ ATTENTION_ROWS = (None, 1024, 512, 256)
 COST_STREAM_TEXT = 0.5
 COST_RELOAD_TRANSFORMER = 1.0
 # Token chunks, hidden-unit passes and strips: 4 steps at 1024 px, two parts in flight,
-# over block-by-block evaluation (docs/results/h200-profile-*-c1.json): 2048- / 512-token
-# chunks +40 / +116 ms a step, 2 / 4 / 8 passes +21 / +53 / +84 ms, 256- / 128- / 64- /
+# over block-by-block evaluation (docs/results/h200-profile-*.json): 2048- / 512-token
+# chunks +47 / +103 ms a step, 2 / 4 / 8 passes +21 / +53 / +84 ms, 256- / 128- / 64- /
 # 32-row decode strips +35 / +90 / +167 / +234 ms.
-COST_STRICT = 0.3  # the device idles at every evaluation while the host builds the next part
-COST_TOKEN_CHUNK = {None: 0, 4096: 0.08, 2048: 0.16, 1024: 0.3, 512: 0.46, 256: 0.9}
+COST_STRICT = 0.25  # the device idles at every evaluation while the host builds the next part
+# The VAE strict: +16 ms for a whole 1024 px decode block by block, +34 / +165 ms in 128- /
+# 32-row strips.
+COST_STRICT_VAE = {None: 0.02, 256: 0.04, 128: 0.04, 64: 0.08, 32: 0.16, 16: 0.3}
+COST_TOKEN_CHUNK = {None: 0, 4096: 0.1, 2048: 0.19, 1024: 0.3, 512: 0.41, 256: 0.8}
 COST_ATTENTION_ROWS = {None: 0, 1024: 0.1, 512: 0.2, 256: 0.4}
 COST_HIDDEN_PARTS = {1: 0, 2: 0.09, 4: 0.21, 8: 0.34}
 COST_VAE_TILE = {None: 0, 1024: 20, 768: 25, 512: 30, 384: 40, 256: 60, 128: 120}
@@ -337,17 +351,17 @@ def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batch
     # an H200 a block-by-block 4-step run at 512 / 1024 px peaked 1.22 / 2.84 GB above the
     # weights overlapped against 0.30 / 1.00 GB of the terms above, hence 4 (examples/
     # profile_speed.py, docs/benchmarks.md). In token chunks or hidden-unit passes the
-    # parts in flight are those, not blocks: two blocks' held tensors and about three
-    # parts' temporaries (there 1.18 / 0.67 GB for 2048- / 512-token chunks at 1024 px,
-    # against 1.38 / 0.73 GB counted so). The decoder's parts are smaller: 2.
-    # Strict, a block run whole (or in hidden passes over all its tokens) peaked at 1.3-2.1x
-    # these terms there (0.62 GB at 512 px against 0.30), token chunks at 1.2-1.3x, which
-    # the safety factor on the whole stage covers.
+    # parts in flight are those, not blocks: the block's held tensors and about three
+    # parts' temporaries (there 1.10 / 0.43 GB for 2048- / 512-token chunks at 1024 px,
+    # against 1.13 / 0.47 GB counted so). The decoder's parts are smaller: 2.
+    # Strict, a block run whole or in one or two token chunks (or in hidden passes over all
+    # its tokens) peaked at 1.3-2.1x these terms there (0.62 GB at 512 px against 0.30),
+    # smaller token chunks at 1.2-1.3x.
     acts, parts = held + chunk + matmul + scores, c < L or plan.hidden_parts > 1
     if plan.overlap:
-        acts = 2 * held + OVERLAP_PARTS * (chunk + matmul + scores) if parts else OVERLAP_BLOCKS * acts
-    elif c >= L:
-        acts *= STRICT_WHOLE
+        acts = held + OVERLAP_PARTS * (chunk + matmul + scores) if parts else OVERLAP_BLOCKS * acts
+    else:
+        acts *= STRICT_WHOLE if 2 * c >= L else STRICT_CHUNKED
     # Encoded condition tokens (float32) and, per CFG batch, their embedding, beside the text's.
     refs = L_ref * fp.latent_channels * 4 + cfg_batches * L_ref * D * s
     denoise = (resident + fp.transformer_bytes + acts
@@ -364,7 +378,8 @@ def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batch
     tile = plan.vae_tile or max(width, height)
     th, tw = (min(tile + 2 * VAE_MARGIN, height), min(tile + 2 * VAE_MARGIN, width)) if plan.vae_tile else (height, width)
     latent_px = (height // 8) * (width // 8)
-    in_flight = OVERLAP_DECODER if plan.overlap else 1
+    vae_overlap = plan.vae_execution.overlap
+    in_flight = OVERLAP_DECODER if vae_overlap else 1
     mid = in_flight * (fp.vae_mid_fixed + fp.vae_mid_per_pixel * latent_px) + vae_scores_bytes(latent_px)
     up = (latent_px * fp.vae_mid_channels * s + in_flight * (fp.vae_up_fixed + fp.vae_up_per_pixel * th * tw)
           + 4 * in_flight * min(Execution().reduce_block, th * tw * fp.vae_mid_channels)
@@ -374,7 +389,7 @@ def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batch
         # flight (`_strip_bytes`), the mid output's statistics in float32 row blocks, and the
         # image's float32 copies.
         up = (_strip_bytes(fp.vae_held_per_pixel, fp.vae_strip_fixed, fp.vae_strip_per_pixel, width, height,
-                           plan.vae_strip, plan.overlap)
+                           plan.vae_strip, vae_overlap, STRIP_DECODE)
               + 4 * min(Execution().reduce_block, latent_px * fp.vae_mid_channels) + height * width * 4 * 4 * 2)
     decode = resident + max(mid, up)
     if plan.transformer_in_decode:
@@ -382,27 +397,35 @@ def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batch
     if plan.keep_text_encoder and not plan.stream_text_encoder:
         denoise += fp.text_resident_bytes
         decode += fp.text_resident_bytes
+    # The weights each stage holds: their bytes are exact, so the safety factor applies
+    # to the rest (activations, scratch), which is modelled.
+    kept_text = fp.text_resident_bytes if plan.keep_text_encoder and not plan.stream_text_encoder else 0
+    weights = {"text_encoding": resident + (fp.text_stream_bytes if plan.stream_text_encoder else fp.text_resident_bytes)
+               + fp.transformer_bytes * plan.transformer_in_text,
+               "denoising": resident + fp.transformer_bytes + kept_text,
+               "decoding": resident + fp.transformer_bytes * plan.transformer_in_decode + kept_text}
     stages = [("text_encoding", text), ("denoising", denoise), ("decoding", decode)]
     if images:  # one image at a time, after the text, with what the text stage left resident
         encode = resident + max(_encode_bytes(fp, w, h, plan) for w, h in images) + L_ref * fp.latent_channels * 4
         encode += fp.transformer_bytes if plan.transformer_in_text else 0
-        encode += fp.text_resident_bytes if plan.keep_text_encoder and not plan.stream_text_encoder else 0
+        encode += kept_text
+        weights["image_encoding"] = resident + fp.transformer_bytes * plan.transformer_in_text + kept_text
         stages.insert(1, ("image_encoding", encode))
-    return {k: int(SAFETY * v + OVERHEAD) for k, v in stages}
+    return {k: int(weights[k] + SAFETY * (v - weights[k]) + OVERHEAD) for k, v in stages}
 
 
 def _strip_bytes(held_per_pixel: float, fixed: float, per_pixel: float, width: int, height: int, rows: int,
-                 overlap: bool) -> float:
+                 overlap: bool, factors: tuple[float, float, float]) -> float:
     """Peak bytes of a strip decode or encode: the whole tensors of its widest stage
     (`held_per_pixel` per image pixel) and a strip's scratch per part in flight, fixed
-    plus per pixel of its window. On an H200 (docs/results/h200-profile-strips-*.json,
-    1024 px, float16 and bfloat16) the peaks were up to 1.8x the held tensors plus
-    4.4 KB per window pixel strict, and 2.3-2.9x the held tensors plus two windows' scratch
-    with two strips in flight, where the calibration on small windows measured 2.4-5.8 KB
-    per pixel: MLX's CUDA convolutions take more scratch at full width. Hence the factors
-    below, and a scratch of at least STRIP_SCRATCH held bytes per window pixel."""
-    per_pixel = max(per_pixel, STRIP_SCRATCH * held_per_pixel)
-    held = (STRIP_HELD_OVERLAPPED if overlap else STRIP_HELD) * held_per_pixel * width * height
+    plus per pixel of its window, with `factors` (held strict, held overlapped, scratch
+    per window pixel in held bytes per pixel at least): STRIP_DECODE, STRIP_ENCODE. On an
+    H200 (docs/results/h200-profile-strips-*.json) a strip's scratch at full width was
+    3.3-7.3 KB per window pixel where the calibration on small windows measured 2.4-5.8:
+    MLX's CUDA convolutions take more scratch at full width."""
+    held_f, held_overlapped, scratch = factors
+    per_pixel = max(per_pixel, scratch * held_per_pixel)
+    held = (held_overlapped if overlap else held_f) * held_per_pixel * width * height
     return held + (OVERLAP_DECODER if overlap else 1) * (fixed + per_pixel * (rows + STRIP_HALO) * width)
 
 
@@ -417,8 +440,9 @@ def _encode_bytes(fp: Footprint, width: int, height: int, plan: MemoryPlan) -> f
         return fp.vae_enc_fixed + fp.vae_enc_per_pixel * width * height
     s, latent_px = fp.dtype_bytes, (height // 8) * (width // 8)
     strips = (_strip_bytes(fp.vae_enc_held_per_pixel, fp.vae_enc_strip_fixed, fp.vae_enc_strip_per_pixel, width,
-                           height, plan.vae_encode_strip, plan.overlap) + width * height * 3 * 4 * 2)
-    mid = (latent_px * fp.vae_mid_channels * s + (OVERLAP_DECODER if plan.overlap else 1)
+                           height, plan.vae_encode_strip, plan.vae_execution.overlap, STRIP_ENCODE)
+              + width * height * 3 * 4 * 2)
+    mid = (latent_px * fp.vae_mid_channels * s + (OVERLAP_DECODER if plan.vae_execution.overlap else 1)
            * (fp.vae_mid_fixed + fp.vae_mid_per_pixel * latent_px) + vae_scores_bytes(latent_px)
            + 4 * min(Execution().reduce_block, latent_px * fp.vae_mid_channels))
     return max(strips, mid)
@@ -426,8 +450,12 @@ def _encode_bytes(fp: Footprint, width: int, height: int, plan: MemoryPlan) -> f
 
 def plan_cost(plan: MemoryPlan) -> float:
     """Rough seconds a plan adds to a generation over the unconstrained run."""
-    return (COST_STREAM_TEXT * plan.stream_text_encoder + COST_RELOAD_TRANSFORMER * plan.releases_transformer
-            + COST_STRICT * (plan.sync and not plan.overlap) + COST_TOKEN_CHUNK[plan.token_chunk] + COST_ATTENTION_ROWS[plan.attention_rows]
+    # The encoder is read again for every new prompt when it is streamed or not kept.
+    reads_text = plan.stream_text_encoder or not plan.keep_text_encoder
+    return (COST_STREAM_TEXT * reads_text + COST_RELOAD_TRANSFORMER * plan.releases_transformer
+            + COST_STRICT * (plan.sync and not plan.overlap)
+            + COST_STRICT_VAE[plan.vae_strip or plan.vae_encode_strip] * (plan.sync and not plan.vae_execution.overlap)
+            + COST_TOKEN_CHUNK[plan.token_chunk] + COST_ATTENTION_ROWS[plan.attention_rows]
             + COST_VAE_TILE[plan.vae_tile] + COST_VAE_STRIP[plan.vae_strip] + COST_VAE_STRIP[plan.vae_encode_strip]
             + COST_HIDDEN_PARTS[plan.hidden_parts])
 
@@ -447,10 +475,10 @@ def candidate_plans(width: int, height: int, fused_attention: bool = True, strea
     keeps = ((True, True), (True, False), (False, True), (False, False))
     encodes = [None] + [s for s in VAE_STRIPS if s < encode_height]
     plans = [MemoryPlan(stream, False, in_text, in_decode, tile, chunk, r, sync=True, overlap=overlap,
-                        vae_strip=strip, vae_encode_strip=enc, hidden_parts=parts)
-             for stream in ((True,) if stream_only else (False, True)) for in_text, in_decode in keeps
+                        vae_strip=strip, vae_encode_strip=enc, hidden_parts=parts, vae_overlap=vae_overlap)
+             for stream in ((True,) if stream_only else (True, False)) for in_text, in_decode in keeps
              for tile, strip in decodes for chunk in chunks for r in rows for overlap in (True, False)
-             for enc in encodes for parts in HIDDEN_PARTS]
+             for enc in encodes for parts in HIDDEN_PARTS for vae_overlap in (None, not overlap)]
     return sorted(plans, key=plan_cost)
 
 
@@ -545,6 +573,8 @@ def describe(plan: MemoryPlan) -> str:
         parts.append(f"attention in chunks of {plan.attention_rows} queries")
     if plan.sync:
         parts.append("block by block" + (", two blocks in flight" if plan.overlap else ""))
+        if plan.vae_overlap is not None and plan.vae_overlap != plan.overlap:
+            parts.append("the VAE with two parts in flight" if plan.vae_overlap else "the VAE one part at a time")
     return ", ".join(parts)
 
 
