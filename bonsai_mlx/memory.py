@@ -272,11 +272,10 @@ VAE_MARGIN = 104  # pixels of context a decoder tile needs on each side (FLUX.2 
 STRIP_HALO = 2  # rows beyond a full-resolution strip that its 3x3 convolutions read
 SAFETY = 1.10
 OVERLAP_BLOCKS, OVERLAP_PARTS, OVERLAP_DECODER, STRICT_WHOLE, STRICT_CHUNKED = 4, 3, 2, 2, 1.4  # see `estimate`
-# `_strip_bytes`'s factors. Decoding: fitted to the H200 profile of strips kept as strips
-# (h200-profile-strips-c3.json: at most 1.0x the held tensors plus 5.7 KB per window pixel
-# strict and 4.9-7.3 KB overlapped). Encoding: fitted to strips written into whole buffers
-# (h200-profile-encode-1705795.json, before strips were kept as strips; not measured since).
-STRIP_DECODE, STRIP_ENCODE = (1.0, 1.0, 6.0), (2.0, 3.0, 4.5)
+# `_strip_bytes`'s factors, fitted to the H200 profile of strips kept as strips
+# (h200-profile-strips-c3.json, h200-profile-encode-c4.json: at most the held tensors plus
+# 5.7 KB per window pixel strict and 4.9-7.3 KB overlapped, decoding; encoding below that).
+STRIP_DECODE = STRIP_ENCODE = (1.0, 1.0, 6.0)
 TOKEN_CHUNKS = (None, 4096, 2048, 1024, 512, 256)
 HIDDEN_PARTS = (1, 2, 4, 8)
 VAE_STRIPS = (256, 128, 64, 32, 16)
@@ -290,16 +289,17 @@ ATTENTION_ROWS = (None, 1024, 512, 256)
 COST_STREAM_TEXT = 0.5
 COST_RELOAD_TRANSFORMER = 1.0
 # Token chunks, hidden-unit passes and strips: 4 steps at 1024 px, two parts in flight,
-# over block-by-block evaluation (docs/results/h200-profile-*.json): 2048- / 512-token
-# chunks +47 / +103 ms a step, 2 / 4 / 8 passes +21 / +53 / +84 ms, 256- / 128- / 64- /
-# 32-row decode strips +35 / +90 / +167 / +234 ms.
+# over block-by-block evaluation (docs/results/h200-profile-*-c3.json, binary / ternary):
+# 2048- / 512-token chunks +47 / +103-186 ms a step, 2 / 4 / 8 passes +15 / +37 / +90 ms,
+# 256- / 128- / 64- / 32-row decode strips +35 / +90 / +167 / +234 ms.
 COST_STRICT = 0.25  # the device idles at every evaluation while the host builds the next part
 # The VAE strict: +16 ms for a whole 1024 px decode block by block, +34 / +165 ms in 128- /
 # 32-row strips.
 COST_STRICT_VAE = {None: 0.02, 256: 0.04, 128: 0.04, 64: 0.08, 32: 0.16, 16: 0.3}
-COST_TOKEN_CHUNK = {None: 0, 4096: 0.1, 2048: 0.19, 1024: 0.3, 512: 0.41, 256: 0.8}
+COST_TOKEN_CHUNK = {None: 0, 4096: 0.1, 2048: 0.19, 1024: 0.35, 512: 0.55, 256: 1.0}
 COST_ATTENTION_ROWS = {None: 0, 1024: 0.1, 512: 0.2, 256: 0.4}
-COST_HIDDEN_PARTS = {1: 0, 2: 0.09, 4: 0.21, 8: 0.34}
+COST_HIDDEN_PARTS = {1: 0, 2: 0.06, 4: 0.15, 8: 0.36}
+COST_PARTS_IN_CHUNKS = 0.2  # both at once cost more than the two apart (2048 tokens, 4 passes: +0.5 s)
 COST_VAE_TILE = {None: 0, 1024: 20, 768: 25, 512: 30, 384: 40, 256: 60, 128: 120}
 COST_VAE_STRIP = {None: 0, 256: 0.04, 128: 0.09, 64: 0.17, 32: 0.25, 16: 0.5}
 
@@ -457,7 +457,7 @@ def plan_cost(plan: MemoryPlan) -> float:
             + COST_STRICT_VAE[plan.vae_strip or plan.vae_encode_strip] * (plan.sync and not plan.vae_execution.overlap)
             + COST_TOKEN_CHUNK[plan.token_chunk] + COST_ATTENTION_ROWS[plan.attention_rows]
             + COST_VAE_TILE[plan.vae_tile] + COST_VAE_STRIP[plan.vae_strip] + COST_VAE_STRIP[plan.vae_encode_strip]
-            + COST_HIDDEN_PARTS[plan.hidden_parts])
+            + COST_HIDDEN_PARTS[plan.hidden_parts] + COST_PARTS_IN_CHUNKS * (plan.hidden_parts > 1 and bool(plan.token_chunk)))
 
 
 def candidate_plans(width: int, height: int, fused_attention: bool = True, stream_only: bool = False,
