@@ -167,7 +167,8 @@ def choose_plan(pipe, size: int, record: dict, images: tuple = ()):
         plan = pipe.smallest_plan(size, size, images=images)
     record["plan"] = {**{k: getattr(plan, k) for k in (
         "stream_text_encoder", "keep_text_encoder", "transformer_in_text", "transformer_in_decode",
-        "vae_tile", "vae_strip", "vae_encode_strip", "token_chunk", "hidden_parts", "vae_overlap", "attention_rows", "sync", "estimated_peak_bytes",
+        "vae_tile", "vae_strip", "vae_encode_strip", "token_chunk", "hidden_parts", "vae_overlap", "attention_rows", "sync",
+        "overlap", "estimated_peak_bytes",
         "stage_estimates")},
         "described": describe(plan)}
     return plan

@@ -92,16 +92,25 @@ class TokenBuffer:
     """A [B, L, ...] result assembled chunk by chunk, in order.
 
     Concatenating chunk results holds every chunk and the concatenation at once (2x).
-    In place (strict pacing), each chunk is written into one buffer as it is evaluated,
-    and MLX reuses the buffer (the slice update donates it): only the buffer and a chunk's
-    temporaries live. Two parts in flight, a GPU back-end cannot reuse a buffer that the
-    previous write still holds and copies all of it at every write, so the chunks are kept
-    and concatenated once, when the value is read.
+    In place (strict pacing), each chunk is written into one buffer as it is evaluated, and
+    MLX may reuse the buffer (the slice update donates it): on this project's CPU only the
+    buffer and a chunk's temporaries live; on MLX's CUDA back-end strict fills peaked at
+    2.1-3.5x the buffer (docs/results/h200-profile-buffer-c3.json), which the strict factors
+    of memory.estimate cover. Two parts in flight, no back-end can reuse a buffer that the
+    previous write still holds (4.1-4.7x there), so the chunks are kept and concatenated
+    once, when the value is read.
     """
 
     def __init__(self, shape, dtype, in_place: bool = True):
-        self.in_place, self._parts, self._axis = in_place, [], 1
+        self.in_place, self._parts, self._axis, self._end = in_place, [], 1, 0
         self._value = mx.zeros(shape, dtype=dtype) if in_place else None
+
+    def _keep(self, start: int, stop: int, part: mx.array, axis: int) -> mx.array:
+        if start != self._end:  # kept chunks are concatenated in the order they come
+            raise ValueError(f"chunks must be written in order: [{start}, {stop}) after {self._end}")
+        self._parts.append(part)
+        self._axis, self._end = axis, stop
+        return part
 
     @property
     def value(self) -> mx.array:
@@ -112,17 +121,14 @@ class TokenBuffer:
     def write(self, r0: int, r1: int, part: mx.array) -> mx.array:
         """Rows [r0, r1) (written in order); returns what to evaluate for this chunk."""
         if not self.in_place:
-            self._parts.append(part)
-            return part
+            return self._keep(r0, r1, part, 1)
         self._value[:, r0:r1] = part
         return self._value
 
     def write_columns(self, c0: int, c1: int, part: mx.array) -> mx.array:
         """Features [c0, c1) of the last axis (written in order), as `write`."""
         if not self.in_place:
-            self._parts.append(part)
-            self._axis = -1
-            return part
+            return self._keep(c0, c1, part, -1)
         self._value[..., c0:c1] = part
         return self._value
 

@@ -290,8 +290,10 @@ COST_STREAM_TEXT = 0.5
 COST_RELOAD_TRANSFORMER = 1.0
 # Token chunks, hidden-unit passes and strips: 4 steps at 1024 px, two parts in flight,
 # over block-by-block evaluation (docs/results/h200-profile-*-c3.json, binary / ternary):
-# 2048- / 512-token chunks +47 / +103-186 ms a step, 2 / 4 / 8 passes +15 / +37 / +90 ms,
-# 256- / 128- / 64- / 32-row decode strips +35 / +90 / +167 / +234 ms.
+# 2048- / 512-token chunks +47 / +103-186 ms a step, 2 / 4 / 8 passes +15 / +37 / +90 ms;
+# 256- / 128- / 64- / 32-row decode strips +35 / +90 / +167 / +234 ms over the whole decode
+# block by block, float16 (h200-profile-strips-1705795.json; +29 / +115 / +229 / +145 ms
+# with strips kept as strips, h200-profile-strips-c3.json).
 COST_STRICT = 0.25  # the device idles at every evaluation while the host builds the next part
 # The VAE strict: +16 ms for a whole 1024 px decode block by block, +34 / +165 ms in 128- /
 # 32-row strips.
@@ -333,7 +335,7 @@ def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batch
     # One chunk: pass 1 (q/k/v rows of the projection, float32 RoPE copies) and pass 2
     # (MLP rows, SwiGLU, [attention | MLP] and to_out), counted together. In hidden parts,
     # the MLP rows and SwiGLU exist for one part's units at a time (gate, up, product).
-    h = F if plan.hidden_parts <= 1 else -(-F // plan.hidden_parts)
+    h = max((c1 - c0 for c0, c1 in Execution(hidden_parts=plan.hidden_parts).hidden_spans(F)), default=0)  # widest pass
     mlp = 2 * F + F if plan.hidden_parts <= 1 else 3 * h
     chunk = c * ((3 * D + mlp + (D + F) + D) * s + 3 * D * 4)
     # The plain-MLX packed matmul: float32 x, two dequantized 512-column slabs, two float32
@@ -357,7 +359,8 @@ def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batch
     # Strict, a block run whole or in one or two token chunks (or in hidden passes over all
     # its tokens) peaked at 1.3-2.1x these terms there (0.62 GB at 512 px against 0.30),
     # smaller token chunks at 1.2-1.3x.
-    acts, parts = held + chunk + matmul + scores, c < L or plan.hidden_parts > 1
+    # A block in one or two token chunks is counted as whole: no chunk above 0.44 L was profiled.
+    acts, parts = held + chunk + matmul + scores, 2 * c < L or plan.hidden_parts > 1
     if plan.overlap:
         acts = held + OVERLAP_PARTS * (chunk + matmul + scores) if parts else OVERLAP_BLOCKS * acts
     else:
@@ -454,15 +457,18 @@ def plan_cost(plan: MemoryPlan) -> float:
     reads_text = plan.stream_text_encoder or not plan.keep_text_encoder
     return (COST_STREAM_TEXT * reads_text + COST_RELOAD_TRANSFORMER * plan.releases_transformer
             + COST_STRICT * (plan.sync and not plan.overlap)
-            + COST_STRICT_VAE[plan.vae_strip or plan.vae_encode_strip] * (plan.sync and not plan.vae_execution.overlap)
+            + (COST_STRICT_VAE[plan.vae_strip] + COST_STRICT_VAE[plan.vae_encode_strip] * bool(plan.vae_encode_strip))
+            * (plan.sync and not plan.vae_execution.overlap)
             + COST_TOKEN_CHUNK[plan.token_chunk] + COST_ATTENTION_ROWS[plan.attention_rows]
             + COST_VAE_TILE[plan.vae_tile] + COST_VAE_STRIP[plan.vae_strip] + COST_VAE_STRIP[plan.vae_encode_strip]
             + COST_HIDDEN_PARTS[plan.hidden_parts] + COST_PARTS_IN_CHUNKS * (plan.hidden_parts > 1 and bool(plan.token_chunk)))
 
 
-def candidate_plans(width: int, height: int, fused_attention: bool = True, stream_only: bool = False,
-                    extra_tokens: int = 0, encode_height: int = 0):
-    """Every budgeted plan for this size, cheapest in time first. Attention chunks only
+def candidate_plans(width: int, height: int, fused_attention: bool = True, extra_tokens: int = 0,
+                    encode_height: int = 0):
+    """Every budgeted plan for this size, cheapest in time first. Each streams the text
+    encoder: a budgeted run reads it again for every new prompt, streamed or whole, and
+    streamed it holds a layer or two instead of all of it. Attention chunks only
     where the attention materialises its scores (chunks cost memory next to a fused
     kernel); strips and tiles only smaller than the image. A plan decodes whole, in strips
     or in tiles. With images to encode (`encode_height`: the tallest), it encodes them whole
@@ -474,9 +480,9 @@ def candidate_plans(width: int, height: int, fused_attention: bool = True, strea
     rows = ATTENTION_ROWS if not fused_attention else (None,)
     keeps = ((True, True), (True, False), (False, True), (False, False))
     encodes = [None] + [s for s in VAE_STRIPS if s < encode_height]
-    plans = [MemoryPlan(stream, False, in_text, in_decode, tile, chunk, r, sync=True, overlap=overlap,
+    plans = [MemoryPlan(True, False, in_text, in_decode, tile, chunk, r, sync=True, overlap=overlap,
                         vae_strip=strip, vae_encode_strip=enc, hidden_parts=parts, vae_overlap=vae_overlap)
-             for stream in ((True,) if stream_only else (True, False)) for in_text, in_decode in keeps
+             for in_text, in_decode in keeps
              for tile, strip in decodes for chunk in chunks for r in rows for overlap in (True, False)
              for enc in encodes for parts in HIDDEN_PARTS for vae_overlap in (None, not overlap)]
     return sorted(plans, key=plan_cost)
@@ -490,8 +496,8 @@ def _extra_tokens(images) -> int:
     return sum((w // 16) * (h // 16) for w, h in images)
 
 
-def _candidates(fp: Footprint, width: int, height: int, images, stream_only: bool = False):
-    return candidate_plans(width, height, fp.fused_attention, stream_only, _extra_tokens(images),
+def _candidates(fp: Footprint, width: int, height: int, images):
+    return candidate_plans(width, height, fp.fused_attention, _extra_tokens(images),
                            max((h for _, h in images), default=0))
 
 
@@ -514,11 +520,11 @@ def plan_memory(fp: Footprint, width: int, height: int, budget, cfg_batches: int
     be the run's peak (`_auto_encode`)."""
     auto = budget == AUTO
     limit = device_cap() if auto else budget
-    for p in _candidates(fp, width, height, images, stream_only=auto):
+    for p in _candidates(fp, width, height, images):
         est = estimate(fp, width, height, p, cfg_batches, images)
         if max(est.values()) <= limit:
             if auto and images and not p.vae_encode_strip:
-                p, est = _auto_encode(fp, width, height, p, est, cfg_batches, images)
+                p, est = _auto_encode(fp, width, height, p, est, cfg_batches, images, limit)
             return _with_estimate(p, est)
     best = smallest_plan(fp, width, height, cfg_batches, images)
     need = math.ceil(best.estimated_peak_bytes / 1e6) / 1e3  # GB, rounded up so that it fits
@@ -533,11 +539,12 @@ def plan_memory(fp: Footprint, width: int, height: int, budget, cfg_batches: int
 
 
 def _auto_encode(fp: Footprint, width: int, height: int, plan: MemoryPlan, est: dict, cfg_batches: int,
-                 images) -> tuple[MemoryPlan, dict]:
+                 images, limit: int) -> tuple[MemoryPlan, dict]:
     """`plan` encoding in the tallest strips that take the image-encoding stage under the
     run's other stages, when the whole encode is the run's peak (4-5 GB above the other
     stages for a 1024 px reference on an H200). 256-row strips cost about 24 ms a 1024 px
-    image there, under 3% of a generation (docs/benchmarks.md)."""
+    image there, under 3% of a generation (docs/benchmarks.md). A strip plan that does not
+    lower the run's peak, or does not fit `limit`, leaves the whole encode."""
     others = max(v for k, v in est.items() if k != "image_encoding")
     if est["image_encoding"] <= others:
         return plan, est
@@ -546,7 +553,7 @@ def _auto_encode(fp: Footprint, width: int, height: int, plan: MemoryPlan, est: 
         p = replace(plan, vae_encode_strip=rows)
         e = estimate(fp, width, height, p, cfg_batches, images)
         if e["image_encoding"] <= others or rows == VAE_STRIPS[-1]:
-            return p, e
+            return (p, e) if max(e.values()) < max(est.values()) and max(e.values()) <= limit else (plan, est)
     return plan, est
 
 

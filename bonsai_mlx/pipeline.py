@@ -340,7 +340,7 @@ class BonsaiPipeline:
             # The device's own memory is usually far above what the cheapest plan needs: when
             # conservative figures already fit it, the VAE needs no calibration decode.
             plan = plan_memory(self.footprint(calibrated=False), width, height, AUTO, cfg_batches=batches)
-            if plan_cost(plan) == plan_cost(candidate_plans(width, height, stream_only=True)[0]):
+            if plan_cost(plan) == plan_cost(candidate_plans(width, height)[0]):
                 return plan
         return plan_memory(self.models.footprint(encoder=bool(images)), width, height, budget,
                            cfg_batches=batches, images=images)

@@ -275,7 +275,7 @@ class Qwen3TextEncoder:
         for i in range(n):
             if stream or sync:
                 mx.eval(h)  # streamed: so that the previous layer's weights can be freed
-            block = following or w.layer(i, stream)
+            block = following if following is not None else w.layer(i, stream)
             following = None
             if stream and i + 1 < n:
                 following = w.layer(i + 1, stream)

@@ -2,9 +2,10 @@
 path) stage by stage over the whole image, each stage evaluated in horizontal strips of
 rows, equal to the whole decode (encode) up to float rounding.
 
-A stage (a resnet, an upsampler, the final norm + conv_out) reads a tensor held whole and
-writes its output, held whole, strip by strip: a strip's 3x3 convolution reads one row of
-its input above and below (the halo), taken from the held input, so nothing at the cut
+A stage (a resnet, an upsampler, the final norm + conv_out) reads a tensor held for the
+whole image and writes its output, held for the whole image, strip by strip: a strip's 3x3
+convolution reads one row of its input above and below (the halo), taken from the held
+input, so nothing at the cut
 differs from the whole decode. A resnet holds one more whole tensor, conv1's output: its
 GroupNorm (norm2) needs statistics over the whole of it before conv2 can run, and holding
 it costs one tensor where recomputing it would cost a third convolution per resnet.

@@ -445,7 +445,7 @@ def section_dit(tiny, root, quick=False):
 
 
 def section_buffer(tiny):
-    """A TokenBuffer filled strip by strip (as strip decoding fills its stage outputs), strict
+    """A TokenBuffer filled strip by strip in place (as strict token chunks fill theirs), strict
     and two in flight: its extra peak against the buffer's own size shows whether each slice
     update reuses the buffer (about 1x) or copies it (about 2x)."""
     from bonsai_mlx.execution import Execution, TokenBuffer

@@ -133,3 +133,15 @@ def test_buffers_of_overlapped_loops_keep_their_chunks():
     cols.write_columns(0, 3, halves[0])
     cols.write_columns(3, 7, halves[1])
     np.testing.assert_array_equal(cols.value, mx.concatenate(halves, axis=-1))
+
+
+def test_kept_chunks_must_come_in_order():
+    """Kept chunks are concatenated in the order written: a chunk out of order is refused
+    instead of landing in the wrong rows."""
+    buf = Execution(sync=True, overlap=True).buffer((1, 6, 2), mx.float32)
+    buf.write(0, 2, mx.zeros((1, 2, 2)))
+    with pytest.raises(ValueError, match="in order"):
+        buf.write(4, 6, mx.zeros((1, 2, 2)))
+    cols = Execution(sync=True, overlap=True).buffer((1, 2, 6), mx.float32)
+    with pytest.raises(ValueError, match="in order"):
+        cols.write_columns(2, 4, mx.zeros((1, 2, 2)))

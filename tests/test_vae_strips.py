@@ -347,9 +347,9 @@ def test_planner_encodes_in_strips_when_the_budget_needs_it(vae_dirs):
     assert plan.vae_encode_strip, plan
     pixels = mx.random.uniform(shape=(1, 1024, 1024, 3), key=mx.random.key(9))
     mx.eval(pixels)
-    peak = measured_peak(lambda: vae.encode(pixels, strip=plan.vae_encode_strip, execution=plan.execution))
+    peak = measured_peak(lambda: vae.encode(pixels, strip=plan.vae_encode_strip, execution=plan.vae_execution))
     assert peak <= plan.stage_estimates["image_encoding"], (peak, plan.stage_estimates["image_encoding"])
-    got = np.array(vae.encode_latents(2 * pixels - 1, strip=plan.vae_encode_strip, execution=plan.execution))
+    got = np.array(vae.encode_latents(2 * pixels - 1, strip=plan.vae_encode_strip, execution=plan.vae_execution))
     ref = RefVAE.from_pretrained(vae_dirs["small4"]).eval().double()
     with torch.no_grad():
         x = torch.tensor(np.array(2 * pixels - 1)).permute(0, 3, 1, 2).double()
@@ -363,7 +363,7 @@ def test_auto_encodes_in_strips_where_the_whole_encode_is_the_peak(vae_dirs):
     encode's estimate takes strips."""
     vae = load_vae(vae_dirs["small4"], dtype=mx.float32)
     fp = encode_footprint(vae)
-    whole = next(p for p in candidate_plans(64, 64, stream_only=True, encode_height=1024) if not p.vae_encode_strip)
+    whole = next(p for p in candidate_plans(64, 64, encode_height=1024) if not p.vae_encode_strip)
     est = estimate(fp, 64, 64, whole, images=((1024, 1024),))
     assert max(est, key=est.get) == "image_encoding"
     auto = plan_memory(fp, 64, 64, AUTO, images=((1024, 1024),))
