@@ -117,9 +117,12 @@ def _generate(hub, tmp_path, out):
     env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(tmp_path / "cache"),
            "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
     env.pop("HF_HUB_OFFLINE", None)
+    # Ctrl-C as a terminal delivers it: a runner started in the background (a shell job, a CI
+    # script under nohup) hands its children SIGINT ignored, and Python keeps it ignored.
     return subprocess.Popen([sys.executable, "-m", "bonsai_mlx", "generate", "a pine", "--model", REPO, "-o", str(out),
                              "--width", "64", "--height", "64", "--seed", "1", "--dtype", "float32"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def test_interrupted_download_leaves_no_partial_file_and_a_rerun_finishes(hub, tmp_path):
