@@ -346,7 +346,7 @@ def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batch
     matmul += 2 * c * N * s if fp.lora else 0
     rows = plan.attention_rows or L
     scores = 0 if fp.fused_attention else 2 * _attention_scores(fp.transformer_heads, rows, L)
-    resident = fp.vae_bytes + fp.cached_prompt_bytes  # the VAE (small) stays through every stage
+    resident = fp.vae_bytes + fp.cached_prompt_bytes
     # Parts whose temporaries live at once. Overlapped, MLX allocates a part's buffers when
     # it is queued and frees them when the device is done with it, so two to three blocks'
     # temporaries coexist, each holding all its intermediates, not only the live ones: on
@@ -367,13 +367,7 @@ def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batch
         acts *= STRICT_WHOLE if 2 * c >= L else STRICT_CHUNKED
     # Encoded condition tokens (float32) and, per CFG batch, their embedding, beside the text's.
     refs = L_ref * fp.latent_channels * 4 + cfg_batches * L_ref * D * s
-    denoise = (resident + fp.transformer_bytes + acts
-               + cfg_batches * fp.text_len * D * s * 2 + L_img * fp.latent_channels * 4 * 3 + refs)
     text_act = fp.text_len * fp.text_hidden * 4 * 10 + _attention_scores(fp.text_heads, fp.text_len, fp.text_len)
-    text = (resident + (fp.text_stream_bytes if plan.stream_text_encoder else fp.text_resident_bytes) + text_act
-            + fp.text_dequant_bytes)
-    if plan.transformer_in_text:
-        text += fp.transformer_bytes
     # The mid block runs once on the whole latent. A tile's up path runs on the tile plus a
     # margin as wide as the decoder's receptive field on each side (so tiles only pay off on
     # images much larger than 2 * VAE_MARGIN), beside the mid block's output and the
@@ -394,27 +388,21 @@ def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batch
         up = (_strip_bytes(fp.vae_held_per_pixel, fp.vae_strip_fixed, fp.vae_strip_per_pixel, width, height,
                            plan.vae_strip, vae_overlap, STRIP_DECODE)
               + 4 * min(Execution().reduce_block, latent_px * fp.vae_mid_channels) + height * width * 4 * 4 * 2)
-    decode = resident + max(mid, up)
-    if plan.transformer_in_decode:
-        decode += fp.transformer_bytes
-    if plan.keep_text_encoder and not plan.stream_text_encoder:
-        denoise += fp.text_resident_bytes
-        decode += fp.text_resident_bytes
-    # The weights each stage holds: their bytes are exact, so the safety factor applies
-    # to the rest (activations, scratch), which is modelled.
+    # Each stage: the weights it holds, whose bytes are exact, and what is modelled
+    # (activations, scratch), to which the safety factor applies. The VAE (small) stays
+    # through every stage; editing images are encoded one at a time, after the text, with
+    # what the text stage left resident.
     kept_text = fp.text_resident_bytes if plan.keep_text_encoder and not plan.stream_text_encoder else 0
-    weights = {"text_encoding": resident + (fp.text_stream_bytes if plan.stream_text_encoder else fp.text_resident_bytes)
-               + fp.transformer_bytes * plan.transformer_in_text,
-               "denoising": resident + fp.transformer_bytes + kept_text,
-               "decoding": resident + fp.transformer_bytes * plan.transformer_in_decode + kept_text}
-    stages = [("text_encoding", text), ("denoising", denoise), ("decoding", decode)]
-    if images:  # one image at a time, after the text, with what the text stage left resident
-        encode = resident + max(_encode_bytes(fp, w, h, plan) for w, h in images) + L_ref * fp.latent_channels * 4
-        encode += fp.transformer_bytes if plan.transformer_in_text else 0
-        encode += kept_text
-        weights["image_encoding"] = resident + fp.transformer_bytes * plan.transformer_in_text + kept_text
-        stages.insert(1, ("image_encoding", encode))
-    return {k: int(weights[k] + SAFETY * (v - weights[k]) + OVERHEAD) for k, v in stages}
+    in_text = resident + fp.transformer_bytes * plan.transformer_in_text
+    stages = {"text_encoding": (in_text + (fp.text_stream_bytes if plan.stream_text_encoder else fp.text_resident_bytes),
+                                text_act + fp.text_dequant_bytes)}
+    if images:
+        stages["image_encoding"] = (in_text + kept_text, max(_encode_bytes(fp, w, h, plan) for w, h in images)
+                                    + L_ref * fp.latent_channels * 4)
+    stages["denoising"] = (resident + fp.transformer_bytes + kept_text,
+                           acts + cfg_batches * fp.text_len * D * s * 2 + L_img * fp.latent_channels * 4 * 3 + refs)
+    stages["decoding"] = (resident + fp.transformer_bytes * plan.transformer_in_decode + kept_text, max(mid, up))
+    return {k: int(weights + SAFETY * modelled + OVERHEAD) for k, (weights, modelled) in stages.items()}
 
 
 def _strip_bytes(held_per_pixel: float, fixed: float, per_pixel: float, width: int, height: int, rows: int,
