@@ -271,14 +271,12 @@ class Qwen3TextEncoder:
         # Streamed, the next layer is built and its weights are read while this one runs:
         # reading the files, not computing, is what a streamed encode waits for. Two layers'
         # weights live at once (memory.Footprint.text_stream_bytes counts them).
-        following = w.layer(0, stream) if stream and n else None
+        following = w.layer(0, stream) if n else None
         for i in range(n):
             if stream or sync:
                 mx.eval(h)  # streamed: so that the previous layer's weights can be freed
-            block = following if following is not None else w.layer(i, stream)
-            following = None
-            if stream and i + 1 < n:
-                following = w.layer(i + 1, stream)
+            block, following = following, w.layer(i + 1, stream) if i + 1 < n else None
+            if stream and following is not None:
                 mx.async_eval(following.parameters())
             h = block(h, mask)
             del block

@@ -88,14 +88,13 @@ def modulate(x: mx.array, shift: mx.array, scale: mx.array, eps: float) -> mx.ar
 
 
 @mx.compile
-def swiglu(x: mx.array) -> mx.array:
-    a, b = mx.split(x, 2, axis=-1)
-    return nn.silu(a) * b
-
-
-@mx.compile
 def swiglu_pair(a: mx.array, b: mx.array) -> mx.array:
     return nn.silu(a) * b
+
+
+def swiglu(x: mx.array) -> mx.array:
+    """silu of x's first half times its second half (the gate rows, then the up rows)."""
+    return swiglu_pair(*mx.split(x, 2, axis=-1))
 
 
 @mx.compile
