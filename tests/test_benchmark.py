@@ -12,8 +12,12 @@ from test_random_weights import TINY, TINY_TEXT
 
 
 def test_bench_generate_reports_stages_cold_start_and_streaming(tmp_path):
+    # A text encoder with enough layers, each weighing something next to a 512-token prompt's
+    # activations, that holding all it reads differs from holding two layers by more than the
+    # peaks' run-to-run noise (with TINY's 3 needed layers of 128 MLP units it does not).
+    pack = {**TINY, "text": {**TINY_TEXT, "intermediate_size": 2048, "num_hidden_layers": 12}}
     out = bench_generate(tmp_path, fmts=("binary",), sizes=(64,), steps=2, dtype="float32",
-                         budgets=("auto", "4GB", "none"), pack_kwargs=TINY, text_layers=(1, 2, 3), log=lambda *_: None)
+                         budgets=("auto", "4GB", "none"), pack_kwargs=pack, text_layers=(4, 8, 11), log=lambda *_: None)
     auto, sized, none = out["runs"]
     assert [r["budget"] for r in out["runs"]] == ["auto", "4GB", "none"]
     assert auto["plan"]["sync"] and auto["plan"]["stream_text_encoder"] and not none["plan"]["sync"]
@@ -30,7 +34,7 @@ def test_bench_generate_reports_stages_cold_start_and_streaming(tmp_path):
     assert sized["generations"][0]["memory"]["peak_gb"] <= 4.0
     ts = out["text_stream_vs_resident_binary"]
     assert ts["streamed_s"] > 0 and ts["resident_s"] > 0
-    # The streamed encoder holds less than the resident one (embedding + one layer vs all layers).
+    # The streamed encoder holds less than the resident one (the embedding or two layers, vs all).
     assert ts["streamed_peak_gb"] < ts["resident_peak_gb"]
 
 
