@@ -647,7 +647,7 @@ def calibrate_vae(vae) -> dict:
         h = mx.zeros((1, 8, 16 * rows, C_mid), dtype=vae.dtype)
         mx.eval(h)
         held = held_bytes(vae.config, 8 * f, 16 * rows * f, vae.dtype.size)
-        strips.append(_scratch_peak(lambda: up_strips(dec, h, rows, ex.pace())) - held)
+        strips.append(_scratch_peak(lambda: up_strips(dec, h, rows * f, ex.pace())) - held)
         del h
     windows = [(rows * f + STRIP_HALO) * 16 * rows * f for rows in (1, 2)]
     names = ("vae_up_fixed", "vae_up_per_pixel", "vae_mid_fixed", "vae_mid_per_pixel", "vae_strip_fixed",

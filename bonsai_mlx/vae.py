@@ -499,7 +499,7 @@ class AutoencoderKLFlux2(nn.Module):
         if strip is not None and (not is_int(strip) or strip <= 0 or strip % f):
             raise BonsaiError(f"strip must be a positive multiple of {f} image rows; got strip={strip!r}")
         x = x.astype(self.dtype)
-        h = self.encoder(x) if strip is None else encode_strips(self.encoder, x, strip // f, execution)
+        h = self.encoder(x) if strip is None else encode_strips(self.encoder, x, strip, execution)
         if "quant_conv" in self:
             h = self.quant_conv(h)
         return h[..., : self.config.latent_channels].astype(mx.float32)  # mean half = mode
@@ -537,7 +537,7 @@ class AutoencoderKLFlux2(nn.Module):
         if "post_quant_conv" in self:
             z = self.post_quant_conv(z)
         if strip is not None:
-            return decode_strips(self.decoder, z, strip // f, execution).astype(mx.float32)
+            return decode_strips(self.decoder, z, strip, execution).astype(mx.float32)
         if tile_size is None or (z.shape[1] * f <= tile_size and z.shape[2] * f <= tile_size):
             return self.decoder(z, execution).astype(mx.float32)
         return _decode_tiled(self.decoder, z, f, tile_size, overlap, tile_stats, execution)

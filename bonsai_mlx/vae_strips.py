@@ -3,9 +3,8 @@ path) stage by stage over the whole image, each stage evaluated in horizontal st
 rows, equal to the whole decode (encode) up to float rounding.
 
 A stage (a resnet, an upsampler, the final norm + conv_out) reads a tensor held for the
-whole image and writes its output, held for the whole image, strip by strip: a strip's 3x3
-convolution reads one row of its input above and below (the halo), taken from the held
-input, so nothing at the cut
+whole image and writes its output strip by strip: a strip's 3x3 convolution reads one row
+of its input above and below (the halo), taken from the held input, so nothing at the cut
 differs from the whole decode. A resnet holds one more whole tensor, conv1's output: its
 GroupNorm (norm2) needs statistics over the whole of it before conv2 can run, and holding
 it costs one tensor where recomputing it would cost a third convolution per resnet.
@@ -16,21 +15,29 @@ A held tensor is kept as its strips (`Rows`), never assembled: writing strips in
 whole buffer needs MLX to reuse the buffer in place at every write, which a GPU back-end
 cannot do while the previous write is still in flight (it copies the whole buffer
 instead), and a strip's reader takes its rows, halo included, from the one or two strips
-that hold them.
+that hold them. The last reader of a tensor releases its strips as it goes, so a stage's
+output takes the place of its input instead of adding to it.
 
-Held at once, at most: a stage's input, conv1's output and the stage's output (for the
-FLUX.2 VAE the first resnet of the last block: 256 + 128 + 128 channels at full
-resolution, 1 GB at 1024x1024 in float16; `held_bytes`), plus one or two strips'
-temporaries. The mid block (attention over all positions) runs whole: it works at 1/8
-resolution. Everything here is channels-last, [B, H, W, C].
+The decoder's last upsampler, whose output is the largest tensor (the full resolution at
+the upsampler's channels), is never held: the resnet after it computes the rows it reads
+from the upsampler's input (`Upsampled`), at the cost of that convolution twice more.
+
+Strip heights differ by stage (`stage_rows`): `strip` rows for the stage that makes the
+most per row, and as many elements for every other one, so the low resolutions run in
+few tall strips or whole.
+
+Held at once, at most (`held_bytes`): a resnet's input and conv1's output (for the FLUX.2
+VAE a full-resolution resnet: 128 + 128 channels, 0.54 GB at 1024x1024 in float16), plus
+one or two strips' temporaries. The mid block (attention over all positions) runs whole:
+it works at 1/8 resolution. Everything here is channels-last, [B, H, W, C].
 
 The encoder runs the same way in the other direction (`encode_strips`): conv_in, then
 each down block's resnets and its downsampler (diffusers' Downsample2D: one zero row and
 column padded at the bottom and right, then a 3x3 stride-2 valid convolution, so output
 rows [a, b) read input rows [2a, 2b + 1)), each in strips; its mid block and conv_out
-run whole at the latent's resolution. It holds at most a resnet's input, conv1's output
-and its output at full resolution (128 + 128 + 128 channels for FLUX.2: 0.8 GB at
-1024x1024 in float16; `encode_held_bytes`).
+run whole at the latent's resolution. It holds at most a full-resolution resnet's input
+and conv1's output (128 + 128 channels for FLUX.2: 0.54 GB at 1024x1024 in float16;
+`encode_held_bytes`).
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ from .execution import Execution, Pace
 
 class Rows:
     """A [B, H, W, C] tensor held as the strips that produced it: `parts` are (a, b, rows
-    [a, b)) in order, covering [0, H)."""
+    [a, b)) in order, covering [0, H) until its last reader releases them."""
 
     def __init__(self, parts: list, shape: tuple, dtype):
         self.parts, self.shape, self.dtype = parts, tuple(shape), dtype
@@ -50,15 +57,51 @@ class Rows:
     def rows(self, a: int, b: int) -> mx.array:
         """Rows [a, b): a view of one strip, or the few strips' rows concatenated."""
         pieces = [t[:, max(a, p0) - p0:min(b, p1) - p0] for p0, p1, t in self.parts if p0 < b and p1 > a]
+        if sum(p.shape[1] for p in pieces) != b - a:  # a reader asking for rows already released
+            raise RuntimeError(f"rows [{a}, {b}) of a strip-held tensor are no longer held")
         return pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=1)
+
+    def release(self, row: int) -> None:
+        """Drop the strips wholly above `row`: the last reader needs no row before it again."""
+        self.parts = [p for p in self.parts if p[1] > row]
 
     def whole(self) -> mx.array:
         return self.rows(0, self.shape[1])
 
 
+class Upsampled:
+    """The nearest-2x upsampling and 3x3 conv of an `Upsample` over a held tensor u, never
+    held whole: the rows a reader asks for are computed from u's rows then. The decoder's
+    last upsampler writes its largest tensor (4 times u's pixels at the full resolution);
+    reading it this way costs that convolution twice more (the next resnet's norm1
+    statistics, conv1 and its shortcut each read it) and holds u instead."""
+
+    def __init__(self, up, u):
+        B, H, W, _ = u.shape
+        self.up, self.u = up, u
+        self.shape, self.dtype = (B, 2 * H, 2 * W, up.conv.weight.shape[0]), u.dtype
+
+    def rows(self, a: int, b: int) -> mx.array:
+        H = self.u.shape[1]
+        lo, hi = max((a - 1) // 2, 0), min(b // 2 + 1, H)  # the input rows output rows [a - 1, b + 1) repeat
+        t = _nearest2x(_rows(self.u, lo, hi))  # output rows [2 lo, 2 hi)
+        t = t[:, max(a - 1, 0) - 2 * lo:min(b + 1, 2 * H) - 2 * lo]
+        return _conv_rows(self.up.conv, t, a, b, 2 * H)
+
+    def release(self, row: int) -> None:
+        _release(self.u, (row - 1) // 2)
+
+
 def _rows(x, a: int, b: int) -> mx.array:
-    """Rows [a, b) of x (an array or Rows)."""
-    return x.rows(a, b) if isinstance(x, Rows) else x[:, a:b]
+    """Rows [a, b) of x (an array, Rows or Upsampled)."""
+    return x[:, a:b] if isinstance(x, mx.array) else x.rows(a, b)
+
+
+def _release(x, row: int) -> None:
+    """Tell a strip-held x that no reader needs its rows before `row` again (an array is the
+    caller's, held whole)."""
+    if not isinstance(x, mx.array):
+        x.release(row)
 
 
 def merge_moments(acc: list, n, mean, m2) -> None:
@@ -99,59 +142,79 @@ def _nearest2x(x):
     return mx.broadcast_to(x[:, :, None, :, None, :], (B, H, 2, W, 2, C)).reshape(B, 2 * H, 2 * W, C)
 
 
-def _produce(fn, shape, dtype, rows: int, norm, pace: Pace):
+def _produce(fn, shape, dtype, rows: int, norm, pace: Pace, release=None):
     """A tensor of `shape` held as its strips (`Rows`): fn(a, b) gives rows [a, b). With
     `norm` (the GroupNorm that reads it next), also its whole-image statistics for that
-    norm, merged from each strip's own. Each strip is evaluated as it is made."""
+    norm, merged from each strip's own. Each strip is evaluated as it is made; after it,
+    `release(b)` lets the inputs drop what the strips from row b on do not read."""
     parts, acc = [], []
     for a, b in spans(shape[1], rows):
         part = fn(a, b)
         parts.append((a, b, part))
         if norm is not None:
-            mean, var = norm.stats(part)
-            n = part.shape[1] * part.shape[2] * (part.shape[3] // norm.groups)
-            merge_moments(acc, n, mean, var * n)
+            _merge_stats(acc, norm, part)
         pace(part, *acc)
+        if release is not None:
+            release(b)
     out = Rows(parts, shape, dtype)
-    if norm is None:
-        return out, None
+    return (out, None) if norm is None else (out, _finish_stats(acc))
+
+
+def _merge_stats(acc: list, norm, part) -> None:
+    mean, var = norm.stats(part)
+    n = part.shape[1] * part.shape[2] * (part.shape[3] // norm.groups)
+    merge_moments(acc, n, mean, var * n)
+
+
+def _finish_stats(acc: list):
     n, mean, m2 = acc
-    return out, (mean, m2 / n)
+    return mean, m2 / n
 
 
-def _conv3(conv, norm, x, stats, rows: int, next_norm, pace: Pace):
+def _stats(x, norm, rows: int, pace: Pace):
+    """`norm`'s whole-image statistics of x, read strip by strip (x is an `Upsampled`:
+    each strip computed, measured and dropped)."""
+    acc = []
+    for a, b in spans(x.shape[1], rows):
+        _merge_stats(acc, norm, x.rows(a, b))
+        pace(*acc)
+    return _finish_stats(acc)
+
+
+def _conv3(conv, norm, x, stats, rows: int, next_norm, pace: Pace, last: bool = True):
     """A 3x3, padding-1 `conv` over x, after `norm` (with x's `stats`) and SiLU when a norm
-    is given: a resnet's conv1, the decoder's conv_norm_out + conv_out, the encoder's conv_in."""
+    is given: a resnet's conv1 (`last` False: its shortcut reads x again), the decoder's
+    conv_norm_out + conv_out, the encoder's conv_in."""
     H = x.shape[1]
     pre = (lambda t: t) if norm is None else (lambda t: norm.apply(t, stats, silu=True))
     return _produce(lambda a, b: _conv_rows(conv, pre(_halo(x, a, b)), a, b, H),
-                    (*x.shape[:3], conv.weight.shape[0]), x.dtype, rows, next_norm, pace)
+                    (*x.shape[:3], conv.weight.shape[0]), x.dtype, rows, next_norm, pace,
+                    (lambda b: _release(x, b - 1)) if last else None)
 
 
 def _resnet(r, x, stats, rows: int, next_norm, pace: Pace):
-    """One ResnetBlock: x and its norm1 statistics -> the output and next_norm's statistics."""
+    """One ResnetBlock: x and its norm1 statistics -> the output and next_norm's statistics.
+    As its output is written, x and conv1's output drop the strips no later strip reads, so
+    the stage holds about x and conv1's output, never those and its output whole."""
     H = x.shape[1]
-    h, h_stats = _conv3(r.conv1, r.norm1, x, stats, rows, r.norm2, pace)
+    h, h_stats = _conv3(r.conv1, r.norm1, x, stats, rows, r.norm2, pace, last=False)
 
     def out(a, b):
         skip = r.conv_shortcut(_rows(x, a, b)) if "conv_shortcut" in r else _rows(x, a, b)
         return skip + _conv_rows(r.conv2, r.norm2.apply(_halo(h, a, b), h_stats, silu=True), a, b, H)
 
-    return _produce(out, h.shape, x.dtype, rows, next_norm, pace)
+    def release(b):
+        _release(x, b)
+        _release(h, b - 1)
+
+    return _produce(out, h.shape, x.dtype, rows, next_norm, pace, release)
 
 
 def _upsample(up, x, stats, rows: int, next_norm, pace: Pace):
-    """Nearest 2x then a 3x3 conv; `rows` counts output rows (even, so a strip starts on an
-    input row). The input rows a strip reads are upsampled for that strip alone."""
-    B, H, W, C = x.shape
-
-    def out(a, b):
-        lo, hi = max(a // 2 - 1, 0), min(b // 2 + 1, H)
-        t = _nearest2x(_rows(x, lo, hi))  # output rows [2 lo, 2 hi)
-        t = t[:, max(a - 1, 0) - 2 * lo:min(b + 1, 2 * H) - 2 * lo]
-        return _conv_rows(up.conv, t, a, b, 2 * H)
-
-    return _produce(out, (B, 2 * H, 2 * W, up.conv.weight.shape[0]), x.dtype, rows, next_norm, pace)
+    """Nearest 2x then a 3x3 conv; `rows` counts output rows. The input rows a strip reads
+    are upsampled for that strip alone."""
+    u = Upsampled(up, x)
+    return _produce(u.rows, u.shape, x.dtype, rows, next_norm, pace, u.release)
 
 
 def _downsample(down, x, stats, rows: int, next_norm, pace: Pace):
@@ -160,22 +223,55 @@ def _downsample(down, x, stats, rows: int, next_norm, pace: Pace):
     bottom, so the module itself runs on each strip's rows."""
     B, H, W, _ = x.shape
     return _produce(lambda a, b: down(_rows(x, 2 * a, min(2 * b + 1, H))),
-                    (B, H // 2, W // 2, down.conv.weight.shape[0]), x.dtype, rows, next_norm, pace)
+                    (B, H // 2, W // 2, down.conv.weight.shape[0]), x.dtype, rows, next_norm, pace,
+                    lambda b: _release(x, 2 * b))
 
 
-# Each kind of stage: how it runs in strips and its output's height per input row.
-_KINDS = {"resnet": (_resnet, 1), "upsample": (_upsample, 2), "downsample": (_downsample, 0.5),
-          "in": (lambda m, *a: _conv3(m.conv_in, None, *a), 1),
-          "out": (lambda m, *a: _conv3(m.conv_out, m.conv_norm_out, *a), 1)}
+def _lazy_upsample(up, x, stats, rows: int, next_norm, pace: Pace):
+    """The upsampler read lazily (`Upsampled`): only next_norm's statistics are computed here."""
+    u = Upsampled(up, x)
+    return u, _stats(u, next_norm, rows, pace)
+
+
+def _channels(m):
+    """(input, output) channels of a stage's convolution."""
+    w = m.conv1.weight if hasattr(m, "conv1") else m.conv.weight
+    return w.shape[-1], w.shape[0]
+
+
+def _load(c_in: int, c_out: int) -> int:
+    """Elements per output pixel a 3x3 conv of a strip makes: its input window, normalized,
+    unfolded into 3x3 patches where a back-end does so, and its output."""
+    return 11 * c_in + c_out
+
+
+def _resnet_load(r) -> int:
+    c_in, c_out = _channels(r)
+    return max(_load(c_in, c_out), _load(c_out, c_out) + c_in)  # conv1's strips; conv2's and the shortcut's
+
+
+# Each kind of stage: how it runs in strips, its output's height per input row, and the
+# elements a strip makes per output pixel (what its scratch scales with).
+_KINDS = {"resnet": (_resnet, 1, _resnet_load), "upsample": (_upsample, 2, lambda m: _load(*_channels(m))),
+          "lazy_upsample": (_lazy_upsample, 2, lambda m: _load(*_channels(m))),
+          "downsample": (_downsample, 0.5, lambda m: 4 * _channels(m)[0] + _load(*_channels(m))),
+          "in": (lambda m, *a: _conv3(m.conv_in, None, *a), 1,
+                 lambda m: _load(m.conv_in.weight.shape[-1], m.conv_in.weight.shape[0])),
+          "out": (lambda m, *a: _conv3(m.conv_out, m.conv_norm_out, *a), 1,
+                  lambda m: _load(m.conv_out.weight.shape[-1], m.conv_out.weight.shape[0]))}
 
 
 def _stages(decoder) -> list[tuple[str, object]]:
-    """The up path in order: ("resnet", block), ("upsample", upsampler), ("out", decoder)."""
+    """The up path in order: ("resnet", block), ("upsample", upsampler), ("out", decoder);
+    the last upsampler, into the full resolution, is read lazily ("lazy_upsample")."""
     out = []
     for blk in decoder.up_blocks:
         out += [("resnet", r) for r in blk.resnets]
         if "upsamplers" in blk:
             out.append(("upsample", blk.upsamplers[0]))
+    last = max((i for i, (kind, _) in enumerate(out) if kind == "upsample"), default=None)
+    if last is not None:
+        out[last] = ("lazy_upsample", out[last][1])
     return out + [("out", decoder)]
 
 
@@ -194,22 +290,42 @@ def _input_norm(kind: str, m):
     return {"resnet": lambda: m.norm1, "out": lambda: m.conv_norm_out}.get(kind, lambda: None)()
 
 
-def _run(stages, x, stats, strip: int, latent_rows: int, pace: Pace, last_norm=None):
-    """x through `stages` in order, each in strips of `strip` rows at the latent's resolution
-    (`latent_rows` high; k * strip rows at k times that), with the statistics of x that the
-    first stage's input norm needs. Returns the last output, whole, and `last_norm`'s
-    statistics."""
-    for i, (kind, m) in enumerate(stages):
-        fn, scale = _KINDS[kind]
+def stage_rows(stages, height: int, width: int, strip: int) -> list[int]:
+    """Rows per strip of each stage over a `height` x `width` input: `strip` for the stage
+    that reads and writes the most per row, and for every other one as many rows as make
+    about as many elements (capped at its height). A low-resolution stage then runs in few
+    tall strips, or whole, instead of as many strips as the full resolution needs: its
+    convolutions stay large, and there are fewer evaluations. A lazily read upsampler's
+    work counts in the stage that reads it. Rows are evened out over a stage's strips, so
+    the last one is not a sliver."""
+    sizes, h, w, carry = [], height, width, 0
+    for kind, m in stages:
+        scale, load = _KINDS[kind][1:]
+        h, w = int(h * scale), int(w * scale)
+        sizes.append((h, w * (load(m) + carry)))
+        carry = load(m) if kind == "lazy_upsample" else 0
+    per_row = max(r for _, r in sizes)
+    out = []
+    for h, r in sizes:
+        n = -(-h // max(1, min(h, strip * per_row // r)))  # strips at most that tall, then evened out
+        out.append(-(-h // n))
+    return out
+
+
+def _run(stages, x, stats, strip: int, pace: Pace, last_norm=None):
+    """x through `stages` in order, each in strips (`stage_rows`), with the statistics of x
+    that the first stage's input norm needs. Returns the last output, whole, and
+    `last_norm`'s statistics."""
+    for i, ((kind, m), rows) in enumerate(zip(stages, stage_rows(stages, x.shape[1], x.shape[2], strip))):
         nxt = _input_norm(*stages[i + 1]) if i + 1 < len(stages) else last_norm
-        x, stats = fn(m, x, stats, strip * int(x.shape[1] * scale) // latent_rows, nxt, pace)
+        x, stats = _KINDS[kind][0](m, x, stats, rows, nxt, pace)
     return x.whole(), stats
 
 
 def decode_strips(decoder, z, strip: int, ex: Execution):
     """z [B, h, w, latent] (after post_quant_conv) -> the decoder's output [B, h*f, w*f, C]
-    in z's dtype, in strips of `strip` latent rows (at a stage of k times the latent's
-    resolution, k * strip rows). conv_in and the mid block run whole."""
+    in z's dtype, the up path in strips of `strip` rows at its heaviest stage (`stage_rows`).
+    conv_in and the mid block run whole."""
     pace = ex.pace()
     return up_strips(decoder, decoder.mid(z, pace), strip, pace)
 
@@ -218,57 +334,52 @@ def up_strips(decoder, x, strip: int, pace: Pace):
     """The up path, conv_norm_out and conv_out over the mid block's output x, in strips."""
     stages = _stages(decoder)
     stats = _input_norm(*stages[0]).stats(x, pace)  # the first stage is a resnet
-    return _run(stages, x, stats, strip, x.shape[1], pace)[0]
+    return _run(stages, x, stats, strip, pace)[0]
 
 
 def encode_strips(encoder, x, strip: int, ex: Execution):
     """x [B, H, W, C] (the image in the encoder's dtype) -> the encoder's moments
-    [B, H/f, W/f, 2 * latent], conv_in and the down path in strips of `strip` latent rows
-    (k * strip rows at k times the latent's resolution); the mid block, conv_norm_out and
-    conv_out run whole on the latent-resolution result."""
+    [B, H/f, W/f, 2 * latent], conv_in and the down path in strips of `strip` rows at its
+    heaviest stage (`stage_rows`); the mid block, conv_norm_out and conv_out run whole on
+    the latent-resolution result."""
     pace = ex.pace()
-    h, _ = _run(_down_stages(encoder), x, None, strip, x.shape[1] >> (len(encoder.down_blocks) - 1), pace)
+    h, _ = _run(_down_stages(encoder), x, None, strip, pace)
     pace(h)
     return encoder.out(h, pace)
 
 
-def _peak_held(held) -> int:
-    """Elements held at once at the worst point of a run of stages, each given as (input,
-    first tensor written, other tensors): a stage holds all three; two parts in flight, the
-    stage before may still hold its input while a stage allocates its first tensor."""
-    worst = max(sum(s) for s in held)
-    return max([worst] + [prev[0] + s[0] + s[1] for prev, s in zip(held, held[1:])])
-
-
 def held_bytes(config, height: int, width: int, dtype_bytes: int) -> int:
     """Bytes of the whole tensors `decode_strips` holds at once at its peak, for one
-    `height` x `width` image. A resnet holds its input, conv1's output and its output; an
-    upsampler its input and output. Two parts in flight, the stage before may still hold
-    its input while a stage allocates its first tensor."""
+    `height` x `width` image: a resnet its input and conv1's output (its output takes their
+    place strip by strip), an upsampler its input and output, the lazily read last
+    upsampler its input (under the resnet that reads it: that input and conv1's output),
+    conv_out its input and output."""
     ch = tuple(reversed(config.decoder_channels))
     n = len(ch)
     px = lambda level: (height >> (n - 1 - level)) * (width >> (n - 1 - level))  # noqa: E731
-    held = []  # (input, first tensor written, other tensors) of each stage, in elements
+    held = []
     for i, c in enumerate(ch):
         for j in range(config.layers_per_block + 1):
-            held.append((px(i) * (ch[max(i - 1, 0)] if j == 0 else c), px(i) * c, px(i) * c))
-        if i < n - 1:
-            held.append((px(i) * c, px(i + 1) * c, 0))
-    held.append((px(n - 1) * ch[-1], px(n - 1) * config.out_channels, 0))
-    return _peak_held(held) * dtype_bytes
+            c_in = ch[max(i - 1, 0)] if j == 0 else c
+            lazy_in = i == n - 1 and n > 1 and j == 0  # reads the lazily upsampled tensor
+            held.append((px(i - 1) if lazy_in else px(i)) * c_in + px(i) * c)
+        if i < n - 2:
+            held.append(px(i) * c + px(i + 1) * c)
+    held.append(px(n - 1) * (ch[-1] + config.out_channels))
+    return max(held) * dtype_bytes
 
 
 def encode_held_bytes(config, height: int, width: int, dtype_bytes: int) -> int:
     """Bytes of the whole tensors `encode_strips` holds at once at its peak, for one
-    `height` x `width` image, as `held_bytes` counts them: conv_in holds the image and its
-    output, a resnet its input, conv1's output and its output, a downsampler its input and
-    output (at a quarter of the pixels)."""
+    `height` x `width` image, as `held_bytes` counts them: conv_in the image and its
+    output, a resnet its input and conv1's output, a downsampler its input and output (at a
+    quarter of the pixels)."""
     ch, n = config.block_out_channels, len(config.block_out_channels)
     px = lambda level: (height >> level) * (width >> level)  # noqa: E731
-    held = [(px(0) * config.in_channels, px(0) * ch[0], 0)]
+    held = [px(0) * (config.in_channels + ch[0])]
     for i, c in enumerate(ch):
         for j in range(config.layers_per_block):
-            held.append((px(i) * (ch[max(i - 1, 0)] if j == 0 else c), px(i) * c, px(i) * c))
+            held.append(px(i) * ((ch[max(i - 1, 0)] if j == 0 else c) + c))
         if i < n - 1:
-            held.append((px(i) * c, px(i + 1) * c, 0))
-    return _peak_held(held) * dtype_bytes
+            held.append(px(i) * c + px(i + 1) * c)
+    return max(held) * dtype_bytes

@@ -28,7 +28,7 @@ from bonsai_mlx.execution import Execution
 from bonsai_mlx.memory import (AUTO, Footprint, MemoryPlan, calibrate_vae, calibrate_vae_encoder, candidate_plans,
                                estimate, plan_cost, plan_memory, vae_enc_held_per_pixel, vae_held_per_pixel)
 from bonsai_mlx.vae import VAEConfig, load_vae, unpatchify
-from bonsai_mlx.vae_strips import encode_held_bytes, held_bytes, spans
+from bonsai_mlx.vae_strips import encode_held_bytes, held_bytes, spans, stage_rows, up_strips
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
@@ -106,11 +106,50 @@ def test_strip_options_are_checked(vae_dirs):
 
 
 def test_held_bytes_counts_the_widest_stage(vae_dirs):
-    """FLUX.2's decoder (512, 512, 256, 128 channels up): the first resnet of the last block
-    holds its 256-channel input, conv1's and its own 128-channel outputs; float16, 1024 px."""
-    assert held_bytes(VAEConfig(), 1024, 1024, 2) == 1024 * 1024 * (256 + 128 + 128) * 2
+    """FLUX.2's decoder (512, 512, 256, 128 channels up): the full-resolution resnets after
+    the first hold their 128-channel input and conv1's 128-channel output; the first one
+    reads the last upsampler lazily, holding its 256-channel input at a quarter of the
+    pixels instead of its output; float16, 1024 px."""
+    assert held_bytes(VAEConfig(), 1024, 1024, 2) == 1024 * 1024 * (128 + 128) * 2
     vae = load_vae(vae_dirs["small4"], dtype=mx.float16)
     assert vae_held_per_pixel(vae) * 64 * 48 == held_bytes(vae.config, 64, 48, 2)
+
+
+def test_stage_rows_keep_low_resolutions_whole():
+    """FLUX.2's decoder over a 1024 px image in 32-row strips: the first full-resolution
+    resnet (which also computes the lazily read upsampler) runs in 32-row strips, the
+    other full-resolution stages in taller ones, the lowest resolution's resnets whole and
+    the next one's in at most three strips; every stage's strips are evened out (none a sliver)."""
+    from bonsai_mlx.vae import Decoder
+    from bonsai_mlx.vae_strips import _stages
+
+    stages = _stages(Decoder(VAEConfig()))
+    rows = stage_rows(stages, 128, 128, 32)
+    kinds = [k for k, _ in stages]
+    first_full = kinds.index("lazy_upsample") + 1
+    assert rows[first_full] == 32
+    assert all(r > 32 for r in rows[first_full + 1:])
+    heights = [128] * 3 + [256] * 4 + [512] * 4 + [1024] * 5  # of each stage's output
+    for kind, r, h in zip(kinds, rows, heights):
+        n = -(-h // r)
+        if h <= 256 and kind == "resnet":
+            assert n <= h // 128 * 1.5, (kind, r, h)  # 128 rows: whole; 256 rows: at most 3 strips
+        assert h - (n - 1) * r > r - n, (kind, r, h)  # the last strip is within n rows of the others
+
+
+def test_strips_hold_less_than_a_stage_and_its_output(vae_dirs):
+    """The up path in 8-row strips (small4, float32, 512 px) peaks (everything it allocates
+    counted) under what one full-resolution resnet's input, conv1's output and output would
+    hold, and within 1.5x of `held_bytes`: a stage drops its input's strips as it writes its
+    output, and the last upsampler's output is never held whole (measured 20.6 MB against
+    16.8 MB held; holding them, 27.0 MB)."""
+    vae = load_vae(vae_dirs["small4"], dtype=mx.float32)
+    side, top = 512, vae.config.decoder_channels[0]
+    h = mx.random.normal((1, side // 8, side // 8, vae.config.decoder_channels[-1]), key=mx.random.key(1))
+    mx.eval(h)
+    peak = measured_peak(lambda: up_strips(vae.decoder, h, 8, STRICT.pace()), base=True)
+    assert peak < side * side * 3 * top * 4, peak
+    assert peak <= 1.5 * held_bytes(vae.config, side, side, 4), peak
 
 
 # ----------------------------------------------------------------------------- the planner
@@ -288,8 +327,8 @@ def test_encode_strip_options_are_checked(vae_dirs):
 
 def test_encode_held_bytes_counts_the_widest_stage(vae_dirs):
     """FLUX.2's encoder (128, 256, 512, 512 channels down): the full-resolution resnets hold
-    their 128-channel input, conv1's output and their output; float16, 1024 px."""
-    assert encode_held_bytes(VAEConfig(), 1024, 1024, 2) == 1024 * 1024 * (128 + 128 + 128) * 2
+    their 128-channel input and conv1's output; float16, 1024 px."""
+    assert encode_held_bytes(VAEConfig(), 1024, 1024, 2) == 1024 * 1024 * (128 + 128) * 2
     vae = load_vae(vae_dirs["small4"], dtype=mx.float16)
     assert vae_enc_held_per_pixel(vae) * 64 * 48 == encode_held_bytes(vae.config, 64, 48, 2)
 
@@ -300,12 +339,14 @@ def encode_footprint(vae) -> Footprint:
                      **calibrate_vae_encoder(vae))
 
 
-def measured_peak(fn):
+def measured_peak(fn, base: bool = False):
+    """mx.get_peak_memory() over fn's evaluation; with `base`, less what was live before."""
     mx.synchronize()
+    before = mx.get_active_memory() if base else 0
     mx.reset_peak_memory()
     mx.eval(fn())
     mx.synchronize()
-    return mx.get_peak_memory()
+    return mx.get_peak_memory() - before
 
 
 def test_encode_strips_are_candidates_and_cost_little():
