@@ -272,10 +272,15 @@ VAE_MARGIN = 104  # pixels of context a decoder tile needs on each side (FLUX.2 
 STRIP_HALO = 2  # rows beyond a full-resolution strip that its 3x3 convolutions read
 SAFETY = 1.10
 OVERLAP_BLOCKS, OVERLAP_PARTS, OVERLAP_DECODER, STRICT_WHOLE, STRICT_CHUNKED = 4, 3, 2, 2, 1.4  # see `estimate`
-# `_strip_bytes`'s factors, fitted to the H200 profile of strips kept as strips
-# (h200-profile-strips-c3.json, h200-profile-encode-c4.json: at most the held tensors plus
-# 5.7 KB per window pixel strict and 4.9-7.3 KB overlapped, decoding; encoding below that).
-STRIP_DECODE = STRIP_ENCODE = (1.0, 1.0, 6.0)
+# `_strip_bytes`'s floors on a strip's scratch per pixel of its window, in held bytes per
+# image pixel: (evaluated strip by strip, per part with two in flight). Fitted to the H200
+# profile of strips that release their inputs (h200-profile-strips-c6.json, 512 and 1024 px,
+# float16 and bfloat16, first and repeated calls): decoding took up to 18.6 KB per window
+# pixel strict and 8.8 KB per part two in flight, encoding 8.6 and 6.2 KB, with 512 held
+# bytes per pixel. MLX's CUDA convolutions keep about as much scratch strict as two in
+# flight, so strict strips save no memory there; on this project's CPU they do.
+STRIP_DECODE = (37.0, 18.0)
+STRIP_ENCODE = (18.0, 13.0)
 TOKEN_CHUNKS = (None, 4096, 2048, 1024, 512, 256)
 HIDDEN_PARTS = (1, 2, 4, 8)
 VAE_STRIPS = (256, 128, 64, 32, 16)
@@ -291,19 +296,18 @@ COST_RELOAD_TRANSFORMER = 1.0
 # Token chunks, hidden-unit passes and strips: 4 steps at 1024 px, two parts in flight,
 # over block-by-block evaluation (docs/results/h200-profile-*-c3.json, binary / ternary):
 # 2048- / 512-token chunks +47 / +103-186 ms a step, 2 / 4 / 8 passes +15 / +37 / +90 ms;
-# 256- / 128- / 64- / 32-row decode strips +35 / +90 / +167 / +234 ms over the whole decode
-# block by block, float16 (h200-profile-strips-1705795.json; +29 / +115 / +229 / +145 ms
-# with strips kept as strips, h200-profile-strips-c3.json).
+# 256- / 128- / 64- / 32-row decode strips +17 / +31 / +50 / +54 ms over the whole decode
+# block by block, 1024 px, float16 (h200-profile-strips-c6.json).
 COST_STRICT = 0.25  # the device idles at every evaluation while the host builds the next part
-# The VAE strict: +16 ms for a whole 1024 px decode block by block, +34 / +165 ms in 128- /
-# 32-row strips.
-COST_STRICT_VAE = {None: 0.02, 256: 0.04, 128: 0.04, 64: 0.08, 32: 0.16, 16: 0.3}
+# The VAE strict, over two parts in flight: +21 ms for a whole 1024 px decode block by block,
+# +30 / +51 / +76 / +143 ms in 256- / 128- / 64- / 32-row strips (h200-profile-strips-c6.json).
+COST_STRICT_VAE = {None: 0.02, 256: 0.013, 128: 0.02, 64: 0.025, 32: 0.09, 16: 0.18}
 COST_TOKEN_CHUNK = {None: 0, 4096: 0.1, 2048: 0.19, 1024: 0.35, 512: 0.55, 256: 1.0}
 COST_ATTENTION_ROWS = {None: 0, 1024: 0.1, 512: 0.2, 256: 0.4}
 COST_HIDDEN_PARTS = {1: 0, 2: 0.06, 4: 0.15, 8: 0.36}
 COST_PARTS_IN_CHUNKS = 0.2  # both at once cost more than the two apart (2048 tokens, 4 passes: +0.5 s)
 COST_VAE_TILE = {None: 0, 1024: 20, 768: 25, 512: 30, 384: 40, 256: 60, 128: 120}
-COST_VAE_STRIP = {None: 0, 256: 0.04, 128: 0.09, 64: 0.17, 32: 0.25, 16: 0.5}
+COST_VAE_STRIP = {None: 0, 256: 0.017, 128: 0.031, 64: 0.05, 32: 0.054, 16: 0.1}
 
 
 def _attention_scores(heads: int, rows: int, cols: int) -> int:
@@ -406,17 +410,15 @@ def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batch
 
 
 def _strip_bytes(held_per_pixel: float, fixed: float, per_pixel: float, width: int, height: int, rows: int,
-                 overlap: bool, factors: tuple[float, float, float]) -> float:
-    """Peak bytes of a strip decode or encode: the whole tensors of its widest stage
-    (`held_per_pixel` per image pixel) and a strip's scratch per part in flight, fixed
-    plus per pixel of its window, with `factors` (held strict, held overlapped, scratch
-    per window pixel in held bytes per pixel at least): STRIP_DECODE, STRIP_ENCODE. On an
-    H200 (docs/results/h200-profile-strips-*.json) a strip's scratch at full width was
-    3.3-7.3 KB per window pixel where the calibration on small windows measured 2.4-5.8:
-    MLX's CUDA convolutions take more scratch at full width."""
-    held_f, held_overlapped, scratch = factors
-    per_pixel = max(per_pixel, scratch * held_per_pixel)
-    held = (held_overlapped if overlap else held_f) * held_per_pixel * width * height
+                 overlap: bool, floors: tuple[float, float]) -> float:
+    """Peak bytes of a strip decode or encode: the whole tensors it holds at its peak
+    (`held_per_pixel` per image pixel) and a strip's scratch per part in flight, fixed plus
+    per pixel of its window at its heaviest stage, at least `floors` (strict, per part two in
+    flight) times the held bytes per pixel: STRIP_DECODE, STRIP_ENCODE. The calibration
+    measures small windows; on an H200 full-width strips took 2-3x that per window pixel."""
+    floor = floors[1] if overlap else floors[0]
+    per_pixel = max(per_pixel, floor * held_per_pixel)
+    held = held_per_pixel * width * height
     return held + (OVERLAP_DECODER if overlap else 1) * (fixed + per_pixel * (rows + STRIP_HALO) * width)
 
 
