@@ -165,12 +165,21 @@ class GroupNorm(nn.Module):
         """x [B, H, W, C] normalised with given group statistics (mean, var [B, G]): strip
         decoding normalises a strip with the whole image's statistics."""
         B, H, W, C = x.shape
-        mean, var = stats
-        per = C // self.groups  # group statistics [B, G] -> per-channel [B, 1, C]
-        mean = mx.repeat(mean, per, axis=-1)[:, None]
-        inv = mx.repeat(mx.rsqrt(var + _NORM_EPS), per, axis=-1)[:, None]
         fn = _normalize_silu if silu else _normalize
-        return fn(x.reshape(B, H * W, C), mean, inv, self.weight, self.bias).reshape(B, H, W, C)
+        return fn(x.reshape(B, H * W, C), *self.channel_stats(stats), self.weight, self.bias).reshape(B, H, W, C)
+
+    def channel_stats(self, stats):
+        """Group statistics (mean, var [B, G]) as the per-channel float32 mean and 1 / std
+        [B, 1, C] that normalising reads (strips make them once per stage)."""
+        mean, var = stats
+        per = self.weight.shape[0] // self.groups
+        return mx.repeat(mean, per, axis=-1)[:, None], mx.repeat(mx.rsqrt(var + _NORM_EPS), per, axis=-1)[:, None]
+
+    @staticmethod
+    def elementwise(silu: bool):
+        """The normalisation as a pure function (x, mean, inv, weight, bias) of per-channel
+        statistics, for callers that compile it together with what follows it."""
+        return _normalize_silu_fn if silu else _normalize_fn
 
 
 def group_stats(x, groups: int, pace: Pace = WHOLE):

@@ -121,15 +121,76 @@ def spans(size: int, rows: int) -> list[tuple[int, int]]:
     return [(a, min(a + rows, size)) for a in range(0, size, rows)]
 
 
-def _conv_rows(conv, t, a: int, b: int, size: int):
+def _conv_rows(conv, t, a: int, b: int, size: int, norm: tuple | None = None, skip=None):
     """Rows [a, b) of a 3x3, padding-1 `conv` over a `size`-row input, from `t`: that input's
-    rows [a - 1, b + 1) clipped to the image. Zero rows stand in for the padding where the
-    strip touches the image's top or bottom, exactly as the whole convolution pads."""
-    top, bottom = int(a == 0), int(b == size)
-    if top or bottom:
-        t = mx.pad(t, [(0, 0), (top, bottom), (0, 0), (0, 0)])
-    y = mx.conv2d(t, conv.weight, padding=(0, 1))
-    return y + conv.bias if "bias" in conv else y
+    rows [a - 1, b + 1) clipped to the image, normalised first with `norm` (`_norm_args`)
+    when given, `skip` added when given. Zero rows stand in for the padding where the strip
+    touches the image's top or bottom, exactly as the whole convolution pads."""
+    top, bottom, bias = int(a == 0), int(b == size), "bias" in conv
+    args = [t, conv.weight, *(norm[1:] if norm else ()), *([conv.bias] if bias else []),
+            *([] if skip is None else [skip])]
+    return _step(top, bottom, norm[0] if norm else None, bias, skip is not None)(*args)
+
+
+_STEPS: dict = {}
+
+
+def _step(top: int, bottom: int, normalize, bias: bool, skip: bool):
+    """One compiled function per kind of strip step: a strip's normalisation, padding,
+    convolution, bias and skip are one call, not several ops built one by one (with a GPU
+    busy, building a strip's graph is what a small strip's time goes to)."""
+    key = (top, bottom, normalize, bias, skip)
+    if key not in _STEPS:
+        def step(t, w, *rest):
+            rest = list(rest)
+            if normalize is not None:
+                t = normalize(t, *rest[:4])
+                rest = rest[4:]
+            if top or bottom:
+                t = mx.pad(t, [(0, 0), (top, bottom), (0, 0), (0, 0)])
+            y = mx.conv2d(t, w, padding=(0, 1))
+            if bias:
+                y = y + rest.pop(0)
+            return rest.pop(0) + y if skip else y
+
+        _STEPS[key] = mx.compile(step)
+    return _STEPS[key]
+
+
+def _norm_args(norm, stats) -> tuple:
+    """What `_conv_rows` normalises with (GroupNorm then SiLU), made once per stage: the
+    function and its per-channel statistics, weight and bias."""
+    mean, inv = norm.channel_stats(stats)
+    return norm.elementwise(True), mean[:, None], inv[:, None], norm.weight, norm.bias
+
+
+_MOMENTS: dict = {}
+
+
+def _moments(norm, part):
+    """(mean, sum of squared deviations) [B, G] in float32 of `part` for `norm`'s groups:
+    reduced over the pixels first (a column reduction, as `vae.group_stats`), compiled."""
+    groups = norm.groups
+    if groups not in _MOMENTS:
+        def moments(x):
+            B, H, W, C = x.shape
+            xf = x.reshape(B, H * W, C).astype(mx.float32)
+            mean = mx.sum(mx.sum(xf, axis=1).reshape(B, groups, -1), axis=-1) / (H * W * (C // groups))
+            dev = mx.square(xf - mx.repeat(mean, C // groups, axis=-1)[:, None])
+            return mean, mx.sum(mx.sum(dev, axis=1).reshape(B, groups, -1), axis=-1)
+
+        _MOMENTS[groups] = mx.compile(moments)
+    return _MOMENTS[groups](part)
+
+
+def _merged(parts: list):
+    """Whole-tensor (mean, biased variance) from the (count, mean, m2) of its parts: the
+    parallel-variance formula, no E[x^2] - E[x]^2 cancellation."""
+    counts = mx.array([float(n) for n, _, _ in parts])[:, None, None]
+    means, m2s = mx.stack([m for _, m, _ in parts]), mx.stack([q for _, _, q in parts])
+    total = sum(n for n, _, _ in parts)
+    mean = mx.sum(counts * means, axis=0) / total
+    return mean, mx.sum(m2s + counts * mx.square(means - mean), axis=0) / total
 
 
 def _halo(x, a: int, b: int):
@@ -145,40 +206,33 @@ def _nearest2x(x):
 def _produce(fn, shape, dtype, rows: int, norm, pace: Pace, release=None):
     """A tensor of `shape` held as its strips (`Rows`): fn(a, b) gives rows [a, b). With
     `norm` (the GroupNorm that reads it next), also its whole-image statistics for that
-    norm, merged from each strip's own. Each strip is evaluated as it is made; after it,
+    norm, from each strip's moments. Each strip is evaluated as it is made; after it,
     `release(b)` lets the inputs drop what the strips from row b on do not read."""
-    parts, acc = [], []
+    parts, moments = [], []
     for a, b in spans(shape[1], rows):
         part = fn(a, b)
         parts.append((a, b, part))
         if norm is not None:
-            _merge_stats(acc, norm, part)
-        pace(part, *acc)
+            moments.append((_count(norm, part), *_moments(norm, part)))
+        pace(part, *(moments[-1][1:] if moments else ()))
         if release is not None:
             release(b)
-    out = Rows(parts, shape, dtype)
-    return (out, None) if norm is None else (out, _finish_stats(acc))
+    return Rows(parts, shape, dtype), (_merged(moments) if moments else None)
 
 
-def _merge_stats(acc: list, norm, part) -> None:
-    mean, var = norm.stats(part)
-    n = part.shape[1] * part.shape[2] * (part.shape[3] // norm.groups)
-    merge_moments(acc, n, mean, var * n)
-
-
-def _finish_stats(acc: list):
-    n, mean, m2 = acc
-    return mean, m2 / n
+def _count(norm, part) -> int:
+    return part.shape[1] * part.shape[2] * (part.shape[3] // norm.groups)
 
 
 def _stats(x, norm, rows: int, pace: Pace):
     """`norm`'s whole-image statistics of x, read strip by strip (x is an `Upsampled`:
     each strip computed, measured and dropped)."""
-    acc = []
+    moments = []
     for a, b in spans(x.shape[1], rows):
-        _merge_stats(acc, norm, x.rows(a, b))
-        pace(*acc)
-    return _finish_stats(acc)
+        part = x.rows(a, b)
+        moments.append((_count(norm, part), *_moments(norm, part)))
+        pace(*moments[-1][1:])
+    return _merged(moments)
 
 
 def _conv3(conv, norm, x, stats, rows: int, next_norm, pace: Pace, last: bool = True):
@@ -186,8 +240,8 @@ def _conv3(conv, norm, x, stats, rows: int, next_norm, pace: Pace, last: bool = 
     is given: a resnet's conv1 (`last` False: its shortcut reads x again), the decoder's
     conv_norm_out + conv_out, the encoder's conv_in."""
     H = x.shape[1]
-    pre = (lambda t: t) if norm is None else (lambda t: norm.apply(t, stats, silu=True))
-    return _produce(lambda a, b: _conv_rows(conv, pre(_halo(x, a, b)), a, b, H),
+    pre = None if norm is None else _norm_args(norm, stats)
+    return _produce(lambda a, b: _conv_rows(conv, _halo(x, a, b), a, b, H, pre),
                     (*x.shape[:3], conv.weight.shape[0]), x.dtype, rows, next_norm, pace,
                     (lambda b: _release(x, b - 1)) if last else None)
 
@@ -198,10 +252,11 @@ def _resnet(r, x, stats, rows: int, next_norm, pace: Pace):
     the stage holds about x and conv1's output, never those and its output whole."""
     H = x.shape[1]
     h, h_stats = _conv3(r.conv1, r.norm1, x, stats, rows, r.norm2, pace, last=False)
+    pre = _norm_args(r.norm2, h_stats)
 
     def out(a, b):
         skip = r.conv_shortcut(_rows(x, a, b)) if "conv_shortcut" in r else _rows(x, a, b)
-        return skip + _conv_rows(r.conv2, r.norm2.apply(_halo(h, a, b), h_stats, silu=True), a, b, H)
+        return _conv_rows(r.conv2, _halo(h, a, b), a, b, H, pre, skip)
 
     def release(b):
         _release(x, b)
