@@ -169,18 +169,20 @@ _MOMENTS: dict = {}
 
 def _moments(norm, part):
     """(mean, sum of squared deviations) [B, G] in float32 of `part` for `norm`'s groups:
-    reduced over the pixels first (a column reduction, as `vae.group_stats`), compiled."""
+    reduced over the pixels first (a column reduction, as `vae.group_stats`), compiled. The
+    count enters as an array: a Python number would be a constant of the compiled kernels,
+    and every strip height a new kernel for the GPU back-end to build."""
     groups = norm.groups
     if groups not in _MOMENTS:
-        def moments(x):
+        def moments(x, inv_count):
             B, H, W, C = x.shape
             xf = x.reshape(B, H * W, C).astype(mx.float32)
-            mean = mx.sum(mx.sum(xf, axis=1).reshape(B, groups, -1), axis=-1) / (H * W * (C // groups))
+            mean = mx.sum(mx.sum(xf, axis=1).reshape(B, groups, -1), axis=-1) * inv_count
             dev = mx.square(xf - mx.repeat(mean, C // groups, axis=-1)[:, None])
             return mean, mx.sum(mx.sum(dev, axis=1).reshape(B, groups, -1), axis=-1)
 
         _MOMENTS[groups] = mx.compile(moments)
-    return _MOMENTS[groups](part)
+    return _MOMENTS[groups](part, mx.array(1.0 / _count(norm, part), dtype=mx.float32))
 
 
 def _merged(parts: list):
