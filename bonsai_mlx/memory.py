@@ -279,13 +279,14 @@ OVERLAP_BLOCKS, OVERLAP_PARTS, OVERLAP_DECODER, STRICT_WHOLE, STRICT_CHUNKED = 4
 OVERLAP_WHOLE_DECODE = 1.25
 # `_strip_bytes`'s floors on a strip's scratch per pixel of its window, in held bytes per
 # image pixel: (evaluated strip by strip, per part with two in flight). Fitted to the H200
-# profile of strips that release their inputs (h200-profile-strips-c6.json, 512 and 1024 px,
-# float16 and bfloat16, first and repeated calls): decoding took up to 18.6 KB per window
-# pixel strict and 8.8 KB per part two in flight, encoding 8.6 and 6.2 KB, with 512 held
-# bytes per pixel. MLX's CUDA convolutions keep about as much scratch strict as two in
-# flight, so strict strips save no memory there; on this project's CPU they do.
-STRIP_DECODE = (37.0, 18.0)
-STRIP_ENCODE = (18.0, 13.0)
+# profile of the strips as they run now (h200-profile-strips-c7.json,
+# h200-profile-encode-c7.json: 512 and 1024 px, float16 and bfloat16, first and repeated
+# calls): decoding took up to 26.2 held bytes per window pixel strict and 13.1 per part two
+# in flight, encoding 12.4 and 12.4 (512 held bytes per pixel). MLX's CUDA convolutions keep
+# about as much scratch strict as two in flight, so strict strips save no memory there; on
+# this project's CPU they do.
+STRIP_DECODE = (28.0, 14.0)
+STRIP_ENCODE = (13.0, 13.0)
 TOKEN_CHUNKS = (None, 4096, 2048, 1024, 512, 256)
 HIDDEN_PARTS = (1, 2, 4, 8)
 VAE_STRIPS = (256, 128, 64, 32, 16)
