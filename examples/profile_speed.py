@@ -349,6 +349,7 @@ def section_dit(tiny, root, quick=False):
                 ("block by block, two in flight", Execution(sync=True, overlap=True)),
                 ("block by block, 2048-token chunks", Execution(2048, None, True)),
                 ("block by block, 2048-token chunks, two in flight", Execution(2048, None, True, True)),
+                ("block by block, 1024-token chunks, two in flight", Execution(1024, None, True, True)),
                 ("block by block, 512-token chunks", Execution(512, None, True)),
                 ("block by block, 512-token chunks, two in flight", Execution(512, None, True, True))]
     for parts in (2, 4, 8):
