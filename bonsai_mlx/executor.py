@@ -78,6 +78,18 @@ def fused_attention(dtype) -> bool:
     return dtype in (mx.float16, mx.bfloat16) and os.environ.get("MLX_CUDA_USE_CUDNN_SDPA", "1") != "0"
 
 
+def slab_tokens(packed, dtype) -> int:
+    """The fewest tokens from which one of the packed linears takes the GPU kernels' slab
+    path (16-bit activations only), 0 when none can: what `memory.estimate` counts a
+    chunk's slab scratch from."""
+    gpu = [m.fmt for m in packed if (auto_backend() if m.backend == "auto" else m.backend) in ("metal", "cuda")]
+    if not gpu or dtype not in (mx.float16, mx.bfloat16):
+        return 0
+    from .kernels import DEFAULT_CONFIG  # the GPU kernels' module: loaded only where they run
+
+    return min(DEFAULT_CONFIG.slab_min_m[fmt] for fmt in gpu)
+
+
 class Models:
     """The loaded models, what is resident now, and the prompt embeddings kept."""
 
@@ -89,6 +101,7 @@ class Models:
         packed = [m for _, m in transformer.named_modules() if isinstance(m, PackedLinear)]
         self.transformer_info = {
             "bytes": nbytes(transformer), "config": transformer.config, "dtype": transformer.dtype,
+            "slab_tokens": slab_tokens(packed, transformer.dtype),
             "reference_matmul": any(m.backend == "reference" or (m.backend == "auto" and auto_backend() == "reference")
                                     for m in packed)}
         self._prompts: OrderedDict = OrderedDict()
@@ -170,6 +183,7 @@ class Models:
             vae_bytes=nbytes(self.vae), vae_mid_channels=self.vae.config.decoder_channels[-1],
             vae_held_per_pixel=vae_held_per_pixel(self.vae), **vae_fit,
             fused_attention=fused_attention(self.transformer_info["dtype"]),
+            slab_tokens=self.transformer_info["slab_tokens"],
             # the widest layer's dense weight, twice (MLX may dequantize the next before the last is freed)
             text_dequant_bytes=2 * max(args.intermediate_size, args.num_attention_heads * args.head_dim)
             * args.hidden_size * te.dtype.size if te.dequantize_matmuls else 0,
@@ -294,8 +308,8 @@ def run(models: Models, req: Request, plan: MemoryPlan,
         timings["denoising_s"] = time.perf_counter() - t_denoise
 
         if not plan.transformer_in_decode:
-            # Its own stage: returning the freed buffers to the device (clear_cache) takes
-            # time of its own, which the plan's choice to release costs, not the decode.
+            # A stage of its own, as the reload is: what the plan's choice to release costs
+            # (returning the freed buffers, clear_cache) is not the decode's time.
             t = time.perf_counter()
             with mon.stage("releasing"):
                 models.release_transformer()

@@ -249,6 +249,9 @@ class Footprint:
     vae_strip_fixed: float = 0.0
     vae_strip_per_pixel: float = 0.0
     fused_attention: bool = True  # the transformer's attention never materialises its scores
+    # The fewest tokens from which the packed linears take the kernels' slab path (each
+    # output made in parts, then concatenated, beside a decoded slab); 0: none does.
+    slab_tokens: int = 0
     text_dequant_bytes: int = 0  # dense weights alive at once when the encoder dequantizes per matmul
     dtype_bytes: int = 2
     cached_prompt_bytes: int = 0  # prompt embeddings kept between generations
@@ -268,6 +271,7 @@ class Footprint:
 
 
 OVERHEAD = 48 * 2**20  # allocator slack, small arrays, ids, schedules
+SLAB_SCRATCH = 16 * 2**20  # one decoded slab: kernels.KernelConfig.slab_max_elements 16-bit weights
 VAE_MARGIN = 104  # pixels of context a decoder tile needs on each side (FLUX.2 VAE)
 STRIP_HALO = 2  # rows beyond a full-resolution strip that its 3x3 convolutions read
 SAFETY = 1.10
@@ -339,6 +343,10 @@ def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batch
     L = L_img + L_ref + fp.text_len
     D, F = fp.transformer_dim, fp.transformer_mlp
     c = min(plan.token_chunk or L, L)
+    # A block in one or two token chunks is counted as whole (the chunk as all its tokens):
+    # no chunk above 0.44 L was profiled, and two 1024-token chunks of a 1536-token block
+    # peaked at 0.92x the whole block on an H200 (h200-profile-dit-c8.json).
+    c = L if 2 * c >= L else c
     # Held for every token inside a block (transformer.py): its input and modulated input,
     # q, k, v, the attention output, the branch output, the residual sum and the result.
     held = 9 * L * D * s
@@ -354,6 +362,13 @@ def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batch
     matmul = 2 * c * N * 4 + 2 * N * 512 * 4 + c * (D + F) * 4 if fp.reference_matmul else 0
     # A LoRA adapter's update (x A^T) B^T and the sum with the base output, beside the base's.
     matmul += 2 * c * N * s if fp.lora else 0
+    # A chunk on the slab path: the widest linear output (the projection's q/k/v or MLP
+    # rows) once more, as its parts and their concatenation, and one decoded slab. A whole block's
+    # are in the measured OVERLAP_BLOCKS. Measured for ternary (slab from 1024 tokens),
+    # 1024-token chunks two in flight, 1024 px: 0.89 GB above the weights, against 0.52 GB
+    # for binary (the fused GEMM up to 1535), docs/results/h200-profile-dit-c8.json.
+    widest = max(3 * D, 2 * F if plan.hidden_parts <= 1 else 2 * h)
+    slab = c * widest * s + SLAB_SCRATCH if fp.slab_tokens and c >= fp.slab_tokens else 0
     rows = plan.attention_rows or L
     scores = 0 if fp.fused_attention else 2 * _attention_scores(fp.transformer_heads, rows, L)
     resident = fp.vae_bytes + fp.cached_prompt_bytes
@@ -369,12 +384,11 @@ def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batch
     # Strict, a block run whole or in one or two token chunks (or in hidden passes over all
     # its tokens) peaked at 1.3-2.1x these terms there (0.62 GB at 512 px against 0.30),
     # smaller token chunks at 1.2-1.3x.
-    # A block in one or two token chunks is counted as whole: no chunk above 0.44 L was profiled.
     acts, parts = held + chunk + matmul + scores, 2 * c < L or plan.hidden_parts > 1
     if plan.overlap:
-        acts = held + OVERLAP_PARTS * (chunk + matmul + scores) if parts else OVERLAP_BLOCKS * acts
+        acts = held + OVERLAP_PARTS * (chunk + matmul + slab + scores) if parts else OVERLAP_BLOCKS * acts
     else:
-        acts *= STRICT_WHOLE if 2 * c >= L else STRICT_CHUNKED
+        acts = STRICT_WHOLE * acts if 2 * c >= L else STRICT_CHUNKED * (acts + slab)
     # Encoded condition tokens (float32) and, per CFG batch, their embedding, beside the text's.
     refs = L_ref * fp.latent_channels * 4 + cfg_batches * L_ref * D * s
     text_act = fp.text_len * fp.text_hidden * 4 * 10 + _attention_scores(fp.text_heads, fp.text_len, fp.text_len)
