@@ -378,9 +378,14 @@ def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batch
     # an H200 a block-by-block 4-step run at 512 / 1024 px peaked 1.22 / 2.84 GB above the
     # weights overlapped against 0.30 / 1.00 GB of the terms above, hence 4 (examples/
     # profile_speed.py, docs/benchmarks.md). In token chunks or hidden-unit passes the
-    # parts in flight are those, not blocks: the block's held tensors and about three
-    # parts' temporaries (there 1.10 / 0.43 GB for 2048- / 512-token chunks at 1024 px,
-    # against 1.13 / 0.47 GB counted so). The decoder's parts are smaller: 2.
+    # parts in flight are those, not blocks: the block's held tensors and about three parts'
+    # temporaries, the slab path's included (there 1.10 / 0.52 / 0.43 GB for binary 2048- /
+    # 1024- / 512-token chunks at 1024 px against 1.40 / 0.69 / 0.47 GB counted so, and
+    # 0.89 GB for ternary 1024-token chunks, on the slab path, against 0.85 GB, which the
+    # safety factor covers; h200-profile-dit-c3.json, -c8.json). 2.7 would let binary
+    # 1024-token chunks under a 1.9 GB budget at 1024 px, but a first generation with
+    # 512-token chunks peaked 0.2 GB above its second there (h200-generate-c5-binary.json),
+    # over that count. The decoder's parts are smaller: 2.
     # Strict, a block run whole or in one or two token chunks (or in hidden passes over all
     # its tokens) peaked at 1.3-2.1x these terms there (0.62 GB at 512 px against 0.30),
     # smaller token chunks at 1.2-1.3x.
