@@ -277,10 +277,10 @@ STRIP_HALO = 2  # rows beyond a full-resolution strip that its 3x3 convolutions 
 SAFETY = 1.10
 OVERLAP_BLOCKS, OVERLAP_PARTS, OVERLAP_DECODER, STRICT_WHOLE, STRICT_CHUNKED = 4, 3, 2, 2, 1.4  # see `estimate`
 # A whole decode block by block, two blocks in flight, over the calibrated (strict) scratch:
-# the blocks' temporaries do not peak together; measured 1.05-1.19x strict on an H200
-# (h200-profile-strips-c6.json, 512 and 1024 px, float16 and bfloat16) and 1.14x on this
-# project's CPU.
-OVERLAP_WHOLE_DECODE = 1.25
+# the blocks' temporaries do not peak together; measured 1.05-1.31x strict on an H200
+# (h200-profile-strips-c6.json, -c7.json: 512 and 1024 px, float16 and bfloat16) and 1.14x
+# on this project's CPU.
+OVERLAP_WHOLE_DECODE = 1.4
 # `_strip_bytes`'s floors on a strip's scratch per pixel of its window, in held bytes per
 # image pixel: (evaluated strip by strip, per part with two in flight). Fitted to the H200
 # profile of the strips as they run now (h200-profile-strips-c7.json,
@@ -645,8 +645,9 @@ def calibrate_vae(vae) -> dict:
     the whole tensors it holds (`vae_strips.held_bytes`). Each is fitted to two measured
     runs block by block as planned decodes run them: the up path on 16x16 and 32x32 latent
     windows, the mid block on 16x16 and 32x32 latents (less its attention's measured
-    scratch: `estimate` adds scores for the real size), strips of 1 and 2 latent rows
-    over 8x16 and 8x32 latents (windows of (8 + 2) x 128 and (16 + 2) x 256 pixels).
+    scratch: `estimate` adds scores for the real size), strips of f and 2f rows at the
+    heaviest stage (`vae_strips.stage_rows`) over 8x16 and 8x32 latents (windows of
+    (8 + 2) x 128 and (16 + 2) x 256 pixels).
     Backends differ by several x (MLX's CPU convolution unfolds 3x3 patches, GPU kernels
     do not), so this is measured; it resets the peak-memory counter. The GroupNorm
     statistics' float32 row blocks are bounded in size, not in pixels: they are measured
@@ -694,8 +695,8 @@ def calibrate_vae_encoder(vae) -> dict:
     (fixed bytes and bytes per input pixel, fitted to encodes of 128x128 and 256x256 images
     in one graph, as the executor runs it) and in strips (fixed bytes and bytes per pixel
     of a strip's window beyond the whole tensors it holds, `vae_strips.encode_held_bytes`,
-    fitted like `calibrate_vae`'s strips: 1 and 2 latent rows per strip over 8 x 16 and
-    8 x 32 latents, block by block). It resets the peak-memory counter."""
+    fitted like `calibrate_vae`'s strips: f and 2f rows at the heaviest stage over 8 x 16
+    and 8 x 32 latents, block by block). It resets the peak-memory counter."""
     whole, strips, f = [], [], vae.encoder_factor
     for side in (128, 256):
         x = mx.zeros((1, side, side, 3), dtype=mx.float32)

@@ -8,8 +8,8 @@ of its input above and below (the halo), taken from the held input, so nothing a
 differs from the whole decode. A resnet holds one more whole tensor, conv1's output: its
 GroupNorm (norm2) needs statistics over the whole of it before conv2 can run, and holding
 it costs one tensor where recomputing it would cost a third convolution per resnet.
-GroupNorm statistics of every held tensor are merged strip by strip as it is written, so
-no pass over a whole tensor and no full-size float32 copy is needed.
+GroupNorm statistics of every held tensor are measured strip by strip as it is written
+and merged once, so no pass over a whole tensor and no full-size float32 copy is needed.
 
 A held tensor is kept as its strips (`Rows`), never assembled: writing strips into one
 whole buffer needs MLX to reuse the buffer in place at every write, which a GPU back-end

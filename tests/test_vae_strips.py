@@ -59,10 +59,11 @@ def latents(vae, h, w, seed, batch=1):
 
 @pytest.mark.parametrize("name", ["small4", "small3"])
 @pytest.mark.parametrize("h, w, strip", [
-    (13, 7, 8),  # one latent row per strip
-    (13, 7, 24),  # 3 latent rows: does not divide 13 (the last strip has 1)
-    (12, 10, 32),  # 4 latent rows: divides 12
-    (6, 9, 40),  # 5 latent rows: one strip and a 1-row rest
+    # `strip`: rows of the heaviest stage; every other stage takes its own (stage_rows)
+    (13, 7, 8),  # the fewest rows: several strips at every resolution
+    (13, 7, 24),  # heights that do not divide the stages' (evened-out strips)
+    (12, 10, 32),
+    (6, 9, 40),
     (5, 6, 64),  # taller than the image: one strip per stage
 ])
 def test_strips_equal_the_whole_decode(vae_dirs, name, h, w, strip):
@@ -89,7 +90,7 @@ def test_strips_in_float16_and_batches(vae_dirs):
 def test_strips_match_diffusers(vae_dirs, name, dtype):
     ref, ours = RefVAE.from_pretrained(vae_dirs[name]).eval(), load_vae(vae_dirs[name], dtype=dtype)
     torch.manual_seed(5)
-    z = torch.randn(1, ours.config.latent_channels, 14, 6)  # 7 strips of 2 latent rows, non-square
+    z = torch.randn(1, ours.config.latent_channels, 14, 6)  # several strips per stage, non-square
     with torch.no_grad():
         want = ref.decode(z).sample.permute(0, 2, 3, 1).numpy()
     got = np.array(ours.decode(mx.array(z.permute(0, 2, 3, 1).numpy()), strip=16, execution=OVERLAPPED))
@@ -135,6 +136,24 @@ def test_stage_rows_keep_low_resolutions_whole():
         if h <= 256 and kind == "resnet":
             assert n <= h // 128 * 1.5, (kind, r, h)  # 128 rows: whole; 256 rows: at most 3 strips
         assert h - (n - 1) * r > r - n, (kind, r, h)  # the last strip is within n rows of the others
+
+
+def test_the_last_upsampler_is_never_held(vae_dirs, monkeypatch):
+    """The decoder's last upsampler, into the full resolution, is read lazily: no held
+    tensor is made of its output (the upsamplers before it are held), and the decode still
+    equals the whole one."""
+    from bonsai_mlx import vae_strips
+
+    vae = load_vae(vae_dirs["small4"], dtype=mx.float32)
+    held, (run, *rest) = [], vae_strips._KINDS["upsample"]
+    monkeypatch.setitem(vae_strips._KINDS, "upsample",
+                        (lambda m, x, *a: held.append(2 * x.shape[1]) or run(m, x, *a), *rest))
+    z = latents(vae, 5, 3, seed=1)
+    got = np.array(vae.decode(z, strip=8, execution=STRICT))
+    H = 5 * vae.decoder_factor
+    assert held == [H // 4, H // 2], held  # the 4-level decoder's first two upsamplers only
+    whole = np.array(vae.decode(z))
+    assert np.abs(got - whole).max() <= 1e-5 * np.abs(whole).max()
 
 
 def test_strips_hold_less_than_a_stage_and_its_output(vae_dirs):
@@ -278,10 +297,11 @@ def image(vae, h, w, seed, batch=1):
 
 @pytest.mark.parametrize("name", ["small4", "small3"])
 @pytest.mark.parametrize("h, w, rows", [
-    (13, 7, 1),  # one latent row per strip
-    (13, 7, 3),  # does not divide 13 (the last strip has 1)
-    (12, 10, 4),  # divides 12
-    (6, 9, 5),  # one strip and a 1-row rest
+    # `rows` x f: rows of the heaviest stage; every other stage takes its own (stage_rows)
+    (13, 7, 1),  # the fewest rows: several strips at every resolution
+    (13, 7, 3),  # heights that do not divide the stages' (evened-out strips)
+    (12, 10, 4),
+    (6, 9, 5),
     (5, 6, 8),  # taller than the image: one strip per stage
 ])
 def test_strips_equal_the_whole_encode(vae_dirs, name, h, w, rows):
@@ -310,7 +330,7 @@ def test_encode_strips_match_diffusers(vae_dirs, name, dtype):
     ref, ours = RefVAE.from_pretrained(vae_dirs[name]).eval(), load_vae(vae_dirs[name], dtype=dtype)
     f = ours.encoder_factor
     torch.manual_seed(5)
-    x = torch.rand(1, 3, 14 * f, 6 * f) * 2 - 1  # 7 strips of 2 latent rows, non-square
+    x = torch.rand(1, 3, 14 * f, 6 * f) * 2 - 1  # several strips per stage, non-square
     with torch.no_grad():
         want = ref.encode(x).latent_dist.mode().permute(0, 2, 3, 1).numpy()
     got = np.array(ours.encode_latents(mx.array(x.permute(0, 2, 3, 1).numpy()), strip=2 * f, execution=OVERLAPPED))
