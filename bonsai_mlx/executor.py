@@ -1,6 +1,7 @@
 """Runs the stages of a generation as a memory plan says: text encoding -> (reloading the
-transformer) -> denoising -> (releasing the transformer) -> decoding. The plan decides what is resident in each stage and
-how the models execute (`MemoryPlan.execution`); this module only follows it and measures."""
+transformer) -> denoising -> (releasing the transformer) -> decoding. The plan decides what
+is resident in each stage and how the models execute (`MemoryPlan.execution`); this module
+only follows it and measures."""
 
 from __future__ import annotations
 
