@@ -219,6 +219,12 @@ def section_strips(tiny, quick=False):
     from bonsai_mlx.vae import AutoencoderKLFlux2, VAEConfig
 
     keep, sizes, strict, two = _strip_setup(tiny, quick)
+    if os.environ.get("STRIPS_HELD_UPSAMPLER"):  # an experiment: every upsampler's output held, none read lazily
+        from bonsai_mlx import vae_strips
+
+        lazy = vae_strips._stages
+        vae_strips._stages = lambda dec: [("upsample" if k == "lazy_upsample" else k, m) for k, m in lazy(dec)]
+        record("strips with the last upsampler held")
     cases = [("whole, one graph (none)", None, None, Execution()), ("whole, block by block, strict", None, None, strict),
              ("whole, block by block, two in flight (auto)", None, None, two)]
     for strip in ((16,) if tiny else (256, 128, 64, 32)):
