@@ -24,7 +24,7 @@ WHOLE = ONE_GRAPH.pace()  # one graph: evaluates nothing by itself
 from .errors import BonsaiError, ConfigError, WeightsError
 from .safe_files import ModelFolder, files_named, in_file, load_shards, read_json, shard_files
 from .validate import brief, is_int, is_real
-from .vae_strips import decode_strips, encode_strips, merge_moments
+from .vae_strips import decode_strips, encode_strips
 
 # diffusers hard-codes these inside Encoder/Decoder; they are not config fields.
 _NORM_EPS = 1e-6
@@ -575,6 +575,18 @@ class AutoencoderKLFlux2(nn.Module):
 
 class _Stop(Exception):
     """Raised once the norm being measured has been recorded: the rest of the tile is not needed."""
+
+
+def merge_moments(acc: list, n, mean, m2) -> None:
+    """Fold (count, mean, sum of squared deviations) of one part into `acc` (Chan et al.'s
+    pairwise merge): no E[x^2] - E[x]^2 cancellation in float32."""
+    if not acc:
+        acc[:] = [n, mean, m2]
+        return
+    na, ma, m2a = acc
+    tot = na + n
+    d = mean - ma
+    acc[:] = [tot, ma + d * (n / tot), m2a + m2 + d * d * (na * n / tot)]
 
 
 class _TileNorms:

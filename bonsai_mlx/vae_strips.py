@@ -104,18 +104,6 @@ def _release(x, row: int) -> None:
         x.release(row)
 
 
-def merge_moments(acc: list, n, mean, m2) -> None:
-    """Fold (count, mean, sum of squared deviations) of one part into `acc` (Chan et al.'s
-    pairwise merge): no E[x^2] - E[x]^2 cancellation in float32."""
-    if not acc:
-        acc[:] = [n, mean, m2]
-        return
-    na, ma, m2a = acc
-    tot = na + n
-    d = mean - ma
-    acc[:] = [tot, ma + d * (n / tot), m2a + m2 + d * d * (na * n / tot)]
-
-
 def spans(size: int, rows: int) -> list[tuple[int, int]]:
     """Row ranges [a, b) covering `size` rows `rows` at a time (the last one may be shorter)."""
     return [(a, min(a + rows, size)) for a in range(0, size, rows)]
@@ -290,10 +278,9 @@ def _lazy_upsample(up, x, stats, rows: int, next_norm, pace: Pace):
     return u, _stats(u, next_norm, rows, pace)
 
 
-def _channels(m):
-    """(input, output) channels of a stage's convolution."""
-    w = m.conv1.weight if hasattr(m, "conv1") else m.conv.weight
-    return w.shape[-1], w.shape[0]
+def _channels(conv):
+    """(input, output) channels of a convolution."""
+    return conv.weight.shape[-1], conv.weight.shape[0]
 
 
 def _load(c_in: int, c_out: int) -> int:
@@ -303,19 +290,17 @@ def _load(c_in: int, c_out: int) -> int:
 
 
 def _resnet_load(r) -> int:
-    c_in, c_out = _channels(r)
+    c_in, c_out = _channels(r.conv1)
     return max(_load(c_in, c_out), _load(c_out, c_out) + c_in)  # conv1's strips; conv2's and the shortcut's
 
 
 # Each kind of stage: how it runs in strips, its output's height per input row, and the
 # elements a strip makes per output pixel (what its scratch scales with).
-_KINDS = {"resnet": (_resnet, 1, _resnet_load), "upsample": (_upsample, 2, lambda m: _load(*_channels(m))),
-          "lazy_upsample": (_lazy_upsample, 2, lambda m: _load(*_channels(m))),
-          "downsample": (_downsample, 0.5, lambda m: 4 * _channels(m)[0] + _load(*_channels(m))),
-          "in": (lambda m, *a: _conv3(m.conv_in, None, *a), 1,
-                 lambda m: _load(m.conv_in.weight.shape[-1], m.conv_in.weight.shape[0])),
-          "out": (lambda m, *a: _conv3(m.conv_out, m.conv_norm_out, *a), 1,
-                  lambda m: _load(m.conv_out.weight.shape[-1], m.conv_out.weight.shape[0]))}
+_KINDS = {"resnet": (_resnet, 1, _resnet_load), "upsample": (_upsample, 2, lambda m: _load(*_channels(m.conv))),
+          "lazy_upsample": (_lazy_upsample, 2, lambda m: _load(*_channels(m.conv))),
+          "downsample": (_downsample, 0.5, lambda m: 4 * _channels(m.conv)[0] + _load(*_channels(m.conv))),
+          "in": (lambda m, *a: _conv3(m.conv_in, None, *a), 1, lambda m: _load(*_channels(m.conv_in))),
+          "out": (lambda m, *a: _conv3(m.conv_out, m.conv_norm_out, *a), 1, lambda m: _load(*_channels(m.conv_out)))}
 
 
 def _stages(decoder) -> list[tuple[str, object]]:
