@@ -79,11 +79,16 @@ def fused_attention(dtype) -> bool:
     return dtype in (mx.float16, mx.bfloat16) and os.environ.get("MLX_CUDA_USE_CUDNN_SDPA", "1") != "0"
 
 
+def runs_on(layer: PackedLinear) -> str:
+    """The backend a packed layer's matmul runs on: its own, or what "auto" picks here."""
+    return auto_backend() if layer.backend == "auto" else layer.backend
+
+
 def slab_tokens(packed, dtype) -> int:
     """The fewest tokens from which one of the packed linears takes the GPU kernels' slab
     path (16-bit activations only), 0 when none can: what `memory.estimate` counts a
     chunk's slab scratch from."""
-    gpu = [m.fmt for m in packed if (auto_backend() if m.backend == "auto" else m.backend) in ("metal", "cuda")]
+    gpu = [m.fmt for m in packed if runs_on(m) in ("metal", "cuda")]
     if not gpu or dtype not in (mx.float16, mx.bfloat16):
         return 0
     from .kernels import DEFAULT_CONFIG  # the GPU kernels' module: loaded only where they run
@@ -103,8 +108,7 @@ class Models:
         self.transformer_info = {
             "bytes": nbytes(transformer), "config": transformer.config, "dtype": transformer.dtype,
             "slab_tokens": slab_tokens(packed, transformer.dtype),
-            "reference_matmul": any(m.backend == "reference" or (m.backend == "auto" and auto_backend() == "reference")
-                                    for m in packed)}
+            "reference_matmul": any(runs_on(m) == "reference" for m in packed)}
         self._prompts: OrderedDict = OrderedDict()
         self._vae_fit = self._vae_enc_fit = None
         self.loras = LoraSet()  # adapters, put back on the transformer whenever it is read again

@@ -221,7 +221,8 @@ def memory_plans(pipe) -> list[dict]:
                           "vae_strip": p.vae_strip,
                           "token_chunk": p.token_chunk, "mlp_hidden_parts": p.hidden_parts,
                           "evaluate_block_by_block": p.sync,
-                          "two_blocks_in_flight": p.overlap, "vae_two_parts_in_flight": p.vae_execution.overlap, "estimated_peak_bytes": p.estimated_peak_bytes,
+                          "two_blocks_in_flight": p.overlap, "vae_two_parts_in_flight": p.vae_execution.overlap,
+                          "estimated_peak_bytes": p.estimated_peak_bytes,
                           "stage_estimates": p.stage_estimates})
     return plans
 

@@ -389,11 +389,11 @@ def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batch
     # Strict, a block run whole or in one or two token chunks (or in hidden passes over all
     # its tokens) peaked at 1.3-2.1x these terms there (0.62 GB at 512 px against 0.30),
     # smaller token chunks at 1.2-1.3x.
-    acts, parts = held + chunk + matmul + scores, 2 * c < L or plan.hidden_parts > 1
+    acts, parts = held + chunk + matmul + scores, c < L or plan.hidden_parts > 1
     if plan.overlap:
         acts = held + OVERLAP_PARTS * (chunk + matmul + slab + scores) if parts else OVERLAP_BLOCKS * acts
     else:
-        acts = STRICT_WHOLE * acts if 2 * c >= L else STRICT_CHUNKED * (acts + slab)
+        acts = STRICT_WHOLE * acts if c == L else STRICT_CHUNKED * (acts + slab)
     # Encoded condition tokens (float32) and, per CFG batch, their embedding, beside the text's.
     refs = L_ref * fp.latent_channels * 4 + cfg_batches * L_ref * D * s
     text_act = fp.text_len * fp.text_hidden * 4 * 10 + _attention_scores(fp.text_heads, fp.text_len, fp.text_len)
