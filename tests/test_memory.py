@@ -233,6 +233,16 @@ def test_cli_memory_budget_and_verbose(tmp_path):
     assert "memory plan: " in r.stderr and "estimated peaks: text_encoding" in r.stderr
 
 
+def _recorded_footprint(run: dict):
+    """The Footprint a recorded H200 run planned with; `slab_tokens`, where the record
+    predates it, as the executor finds it on a GPU."""
+    from bonsai_mlx.kernels import DEFAULT_CONFIG
+    from bonsai_mlx.memory import Footprint
+
+    fp = {k: v for k, v in run["footprint"].items() if k in Footprint.__dataclass_fields__}
+    return Footprint(**{"slab_tokens": DEFAULT_CONFIG.slab_min_m[run["format"]], **fp})
+
+
 def _recorded_plan(p: dict) -> MemoryPlan:
     keys = [k for k in MemoryPlan.__dataclass_fields__ if k in p and k not in ("estimated_peak_bytes",
                                                                                 "stage_estimates", "overlap")]
@@ -255,16 +265,11 @@ def test_estimates_cover_the_recorded_h200_peaks(results):
     import json
     from pathlib import Path
 
-    from bonsai_mlx.kernels import DEFAULT_CONFIG
-    from bonsai_mlx.memory import Footprint
-
     runs = json.loads((Path(__file__).parent.parent / "docs/results" / results).read_text())["runs"]
     planned = [r for r in runs if r["footprint"] is not None]
     assert len(planned) >= 2
     for run in planned:
-        fp = {k: v for k, v in run["footprint"].items() if k in Footprint.__dataclass_fields__}
-        fp.setdefault("slab_tokens", DEFAULT_CONFIG.slab_min_m[run["format"]])  # as the executor finds it on a GPU
-        est = estimate(Footprint(**fp), run["size"], run["size"], _recorded_plan(run["plan"]))
+        est = estimate(_recorded_footprint(run), run["size"], run["size"], _recorded_plan(run["plan"]))
         for i, gen in enumerate(run["generations"]):
             stages = gen["memory"]["stages"]
             for stage, bytes_ in est.items():
@@ -284,15 +289,9 @@ def test_denoising_estimates_cover_the_profiled_steps():
     import re
     from pathlib import Path
 
-    from bonsai_mlx.memory import Footprint
-
-    from bonsai_mlx.kernels import DEFAULT_CONFIG
-
     root = Path(__file__).parent.parent / "docs/results"
     runs = json.loads((root / "h200-generate-1705795.json").read_text())["runs"]
-    # the kernels' slab path, as the executor finds it on a GPU (the record predates the field)
-    fps = {r["format"]: Footprint(**{**r["footprint"], "slab_tokens": DEFAULT_CONFIG.slab_min_m[r["format"]]})
-           for r in runs if r["footprint"] is not None}
+    fps = {r["format"]: _recorded_footprint(r) for r in runs if r["footprint"] is not None}
 
     def steps(name, overlapped):
         return [r for r in json.loads((root / name).read_text()) if r["name"].startswith("dit step")
