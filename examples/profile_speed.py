@@ -10,7 +10,9 @@ Sections (each fail-soft; JSON lines on stdout and $OUT/speed.json, or --json, r
         here) and the difference from the whole encode
   dit   transformer steps (dense bf16, binary, ternary) under the execution settings the
         budget plans use, linears at the real shapes per path, elementwise parts
-  load  transformer load time from a pack on disk (the reload a released transformer pays)
+  load  transformer load time from a pack on disk (the reload a released transformer pays):
+        the file read floors, three loads, the third profiled
+  text  the text encoder's streamed encodes of new prompts, the layer reads alone, resident encodes
 
     python examples/profile_speed.py [--sections vae strips encode dit load] [--tiny] [--json PATH]
 """
@@ -329,6 +331,33 @@ def section_encode(tiny, quick=False):
 
 # ----------------------------------------------------------------------------- transformer
 
+HOST = {"encode": 0.0, "wait": 0.0}
+
+
+def _instrument_pace():
+    """Pace, timing its host side: starting parts (async_eval: MLX encodes the graph on
+    this thread) and waiting for the part before (eval of finished work). The rest of a
+    step's wall time is Python building the graphs. A copy of execution.Pace.__call__."""
+    from bonsai_mlx import execution as E
+
+    def call(self, *arrays, wait=()):
+        if not self.active:
+            return
+        t = time.perf_counter()
+        if not self.execution.overlap:
+            mx.eval(*arrays)
+            HOST["wait"] += time.perf_counter() - t
+            return
+        mx.async_eval(*arrays)
+        t1 = time.perf_counter()
+        HOST["encode"] += t1 - t
+        if self._previous:
+            mx.eval(*self._previous)
+            HOST["wait"] += time.perf_counter() - t1
+        self._previous = tuple(wait) or arrays
+    E.Pace.__call__ = call
+
+
 def section_dit(tiny, root, quick=False):
     from bonsai_mlx import kernels
     from bonsai_mlx import transformer as T
@@ -351,6 +380,8 @@ def section_dit(tiny, root, quick=False):
 
     from bonsai_mlx.execution import Execution
 
+    if os.environ.get("DIT_HOST"):
+        _instrument_pace()
     settings = [("one graph", Execution()), ("block by block", Execution(sync=True)),
                 ("block by block, two in flight", Execution(sync=True, overlap=True)),
                 ("block by block, 2048-token chunks", Execution(2048, None, True)),
@@ -376,7 +407,12 @@ def section_dit(tiny, root, quick=False):
             for label, ex in settings:
                 if name == "dense" and (ex.token_chunk or ex.hidden_parts > 1):
                     continue
-                timeit(f"dit step {size} {name} {label}", lambda: m.forward(inp[0], inp[2], ctx, execution=ex), runs=5)
+                HOST.update(encode=0.0, wait=0.0)
+                ms = timeit(f"dit step {size} {name} {label}", lambda: m.forward(inp[0], inp[2], ctx, execution=ex),
+                            runs=5)
+                if ms and os.environ.get("DIT_HOST"):  # per step, over the 7 timed and warm-up steps
+                    record(f"dit host {size} {name} {label}", step_ms=ms,
+                           **{f"{k}_ms": 1e3 * v / 7 for k, v in HOST.items()})
     if quick:
         return
     # linears by path at the real shapes
@@ -470,20 +506,123 @@ def section_buffer(tiny):
                    buffer_mb=H * W * C * 2 / 1e6)
 
 
+def _floors(path):
+    """How fast this machine reads `path` (page cache warm): Python into host memory, and
+    mx.load evaluated at once and tensor by tensor (what a device array costs to fill)."""
+    size = os.path.getsize(path)
+    buf = bytearray(64 << 20)
+    with open(path, "rb") as f:  # warm the page cache
+        while f.readinto(buf):
+            pass
+    t = time.perf_counter()
+    with open(path, "rb") as f:
+        while f.readinto(buf):
+            pass
+    name = os.path.basename(os.path.dirname(path))
+    record(f"read {name} host", s=time.perf_counter() - t, gb=size / 1e9)
+    for how in ("at once", "tensor by tensor"):
+        mx.clear_cache()
+        t = time.perf_counter()
+        w = mx.load(path)
+        if how == "at once":
+            mx.eval(w)
+        else:
+            for v in w.values():
+                mx.eval(v)
+        mx.synchronize()
+        record(f"read {name} mx.load {how}", s=time.perf_counter() - t, gb=sum(v.nbytes for v in w.values()) / 1e9)
+        del w
+
+
+def _top(prof, n=14):
+    import pstats
+    st = pstats.Stats(prof)
+    rows = sorted(st.stats.items(), key=lambda kv: -kv[1][3])[:n]  # cumulative
+    return [dict(fn=f"{os.path.basename(k[0])}:{k[1]}({k[2]})", calls=v[1], tottime=round(v[2], 4),
+                 cumtime=round(v[3], 4)) for k, v in rows]
+
+
 def section_load(root):
+    """The transformer's (re)load: the file read floors, then load_transformer timed and
+    profiled (where its time goes beyond reading the file)."""
+    import cProfile
+    import glob
     from bonsai_mlx.loading import load_transformer
     for fmt in ("binary", "ternary"):
         pack = os.path.join(root, f"random-{fmt}")
         if not os.path.exists(pack):
             continue
-        for i in range(2):
+        for f in sorted(glob.glob(os.path.join(pack, "transformer*", "*.safetensors"))):
+            _floors(f)
+        for i in range(3):
             mx.clear_cache()
+            prof = cProfile.Profile() if i == 2 else None
             t = time.perf_counter()
+            if prof:
+                prof.enable()
             m = load_transformer(pack, dtype=mx.bfloat16)
             mx.eval(m.parameters())
             mx.synchronize()
-            record(f"reload transformer {fmt} #{i}", s=time.perf_counter() - t)
+            if prof:
+                prof.disable()
+            record(f"reload transformer {fmt} #{i}", s=time.perf_counter() - t,
+                   **({"profile": _top(prof)} if prof else {}))
             del m
+
+
+PROMPTS = ("a red square on a blue field", "three green circles, studio light", "a yellow triangle at dusk",
+           "an orange star over still water", "two purple hexagons, side by side")
+
+
+def section_text(root):
+    """The text encoder: streamed encodes of new prompts (timed, one profiled), the layers'
+    reads alone, and the same prompts on a resident encoder (the compute alone)."""
+    import cProfile
+    import glob
+    from bonsai_mlx.text_encoder import load_text_encoder
+    for fmt in ("binary",):
+        pack = os.path.join(root, f"random-{fmt}")
+        if not os.path.exists(pack):
+            continue
+        for f in sorted(glob.glob(os.path.join(pack, "text_encoder*", "*.safetensors"))):
+            _floors(f)
+        enc = load_text_encoder(pack, resident=False)
+        w = enc.weights
+        for i, p in enumerate(PROMPTS[:4]):
+            mx.clear_cache()
+            prof = cProfile.Profile() if i == 3 else None
+            t = time.perf_counter()
+            if prof:
+                prof.enable()
+            mx.eval(enc.encode(p, stream=True))
+            mx.synchronize()
+            if prof:
+                prof.disable()
+            record(f"text encode streamed #{i}", s=time.perf_counter() - t,
+                   **({"profile": _top(prof)} if prof else {}))
+        for how in ("one at a time", "next started early"):
+            mx.clear_cache()
+            t = time.perf_counter()
+            mx.eval(w.embedding(True).parameters())
+            nxt = w.layer(0, True)
+            for i in range(w.num_layers):
+                cur, nxt = nxt, (w.layer(i + 1, True) if i + 1 < w.num_layers else None)
+                if how != "one at a time" and nxt is not None:
+                    mx.async_eval(nxt.parameters())
+                mx.eval(cur.parameters())
+                del cur
+            mx.synchronize()
+            record(f"text layers read, {how}", s=time.perf_counter() - t,
+                   gb=(w.weight_bytes(None) + sum(w.weight_bytes(i) for i in range(w.num_layers))) / 1e9)
+        t = time.perf_counter()
+        enc.load()
+        record("text encoder made resident", s=time.perf_counter() - t)
+        for i, p in enumerate(PROMPTS[1:]):
+            t = time.perf_counter()
+            mx.eval(enc.encode(p, sync=True))
+            mx.synchronize()
+            record(f"text encode resident #{i}", s=time.perf_counter() - t)
+        del enc, w
 
 
 def main():
@@ -503,7 +642,7 @@ def main():
             {"vae": lambda: section_vae(a.tiny, a.quick), "strips": lambda: section_strips(a.tiny, a.quick),
              "encode": lambda: section_encode(a.tiny, a.quick),
              "dit": lambda: section_dit(a.tiny, a.root, a.quick), "buffer": lambda: section_buffer(a.tiny),
-             "load": lambda: section_load(a.root)}[s]()
+             "load": lambda: section_load(a.root), "text": lambda: section_text(a.root)}[s]()
         except Exception as e:  # noqa: BLE001
             import traceback
             traceback.print_exc()
