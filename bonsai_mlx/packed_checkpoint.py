@@ -5,7 +5,7 @@ Two on-disk layouts are read, both with diffusers key names and a
 
 - PrismML's official MLX packs: `{"bits": 1|2, "group_size": 128, "skip_patterns": [...]}`;
   a packed linear `P` has `P.weight` (uint32 affine codes), `P.scales`, `P.biases`.
-  They are converted losslessly to our formats on load (packing.from_mlx_affine).
+  They are converted losslessly to our formats on load (packing.mlx_affine_lazy).
 - Our own packs: `{"format": "bonsai", "weight_format": "binary"|"ternary"|"ternary2",
   "group_size": 128}`; a packed linear has `P.weight` (our codes) and `P.scales`, no bias.
 
@@ -26,7 +26,7 @@ from .errors import ConfigError, WeightsError
 from .safe_files import ModelFolder, read_json
 from .validate import brief, is_int
 from .packed_linear import BACKENDS, PackedLinear
-from .packing import FORMATS, GROUP_SIZE, PackedWeight, data_shape, from_mlx_affine, quantize
+from .packing import FORMATS, GROUP_SIZE, PackedWeight, affine_faults, data_shape, mlx_affine_lazy, quantize
 from .weight_names import block_linear_names
 
 QUANT_CONFIG = "quantization_config.json"
@@ -90,10 +90,11 @@ def _dense_shape(model: nn.Module, path: str) -> tuple[int, int]:
 
 
 def pack_model_from_checkpoint(model: nn.Module, weights: dict[str, mx.array], qc: dict, backend: str) -> set[str]:
-    """Swap every packed linear named in `weights` for a PackedLinear, popping its tensors.
-    Returns the module paths that were packed."""
+    """Swap every packed linear named in `weights` for a PackedLinear, popping its tensors,
+    each read and checked as it is swapped. Returns the module paths that were packed."""
     packed = sorted(k[: -len(".scales")] for k in weights if k.endswith(".scales"))
     official = qc.get("format") != "bonsai"
+    pending = None  # the layer in flight: its conversion runs while the next one is built
     for p in packed:
         if f"{p}.weight" not in weights:
             raise WeightsError(f"packed layer {p} has scales but no {p}.weight")
@@ -102,7 +103,11 @@ def pack_model_from_checkpoint(model: nn.Module, weights: dict[str, mx.array], q
         if official:
             if f"{p}.biases" not in weights:
                 raise WeightsError(f"{p}: an MLX affine pack needs {p}.biases beside {p}.scales")
-            pw = from_mlx_affine(w, s, weights.pop(f"{p}.biases"), bits=qc["bits"], group_size=GROUP_SIZE, name=p)
+            source = (w, s, weights.pop(f"{p}.biases"))
+            pw, faults = mlx_affine_lazy(*source, bits=qc["bits"], group_size=GROUP_SIZE, name=p)
+            mx.async_eval(pw.data, pw.scales, faults)
+            _settle(pending, qc)
+            pending = (p, faults, source)
         else:
             fmt = qc["weight_format"]
             (rows, cols), dt = data_shape(fmt, expected)
@@ -115,10 +120,18 @@ def pack_model_from_checkpoint(model: nn.Module, weights: dict[str, mx.array], q
         if pw.shape != expected:
             raise WeightsError(f"{p}: packed weight is {list(pw.shape)} but the model expects {list(expected)}")
         _replace(model, p, PackedLinear.from_packed(pw, backend=backend))
+    _settle(pending, qc)
     stray = sorted(k for k in weights if k.endswith(".biases"))
     if stray:
         raise WeightsError(f"biases without scales (a truncated pack?): {stray[:8]}")
     return set(packed)
+
+
+def _settle(pending, qc: dict) -> None:
+    """Wait for a converted layer and raise what its fault count stands for."""
+    if pending is not None:
+        p, faults, source = pending
+        affine_faults(faults, *source, bits=qc["bits"], name=p)
 
 
 def quantize_model(model: nn.Module, weights: dict[str, mx.array], fmt: str, backend: str) -> set[str]:

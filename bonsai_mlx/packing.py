@@ -270,19 +270,33 @@ def _fmt_dtype(d) -> str:
     return str(d).replace("mlx.core.", "")
 
 
-def _lossless_scales(s: mx.array, scale_dtype, what: str) -> mx.array:
-    """Convert pack scales to `scale_dtype` (float16), refusing to round; None keeps the source."""
+def _scale_dtype_checked(s: mx.array, scale_dtype, what: str):
     if scale_dtype is None:
         if s.dtype not in _SCALE_DTYPES:
             raise WeightsError(f"{what} scales are {_fmt_dtype(s.dtype)}; only float16/bfloat16 can be kept as is")
-        return s
-    if scale_dtype != mx.float16:
+    elif scale_dtype != mx.float16:
         raise BonsaiError(f"scale_dtype must be mx.float16 or None (keep the pack's dtype), got {scale_dtype}")
+
+
+def _inexact_scales(s: mx.array, scale_dtype) -> mx.array:
+    """How many of `s` float16 does not hold exactly (lazy; 0 when they are kept as they are).
+    A float16 cast keeps the sign, so equal values are equal bit for bit, -0 included."""
+    if scale_dtype is None or s.dtype == mx.float16:
+        return mx.array(0)
+    src = s.astype(mx.float32)
+    return mx.sum(s.astype(mx.float16).astype(mx.float32) != src)
+
+
+def _lossless_scales(s: mx.array, scale_dtype, what: str) -> mx.array:
+    """Pack scales as `scale_dtype` (float16), refusing to round; None keeps the source."""
+    _scale_dtype_checked(s, scale_dtype, what)
+    if scale_dtype is None:
+        return s
     out = s.astype(mx.float16)
-    src = np.array(s.astype(mx.float32))
-    back = np.array(out.astype(mx.float32))
-    bad = ~((src == back) & (np.signbit(src) == np.signbit(back)))
-    if bad.any():
+    if int(_inexact_scales(s, scale_dtype)):
+        src = np.array(s.astype(mx.float32))
+        back = np.array(out.astype(mx.float32))
+        bad = src != back
         i = np.argwhere(bad)[0]
         raise WeightsError(
             f"{what}: {int(bad.sum())} of {bad.size} {_fmt_dtype(s.dtype)} scales are not exactly "
@@ -292,25 +306,8 @@ def _lossless_scales(s: mx.array, scale_dtype, what: str) -> mx.array:
     return out
 
 
-def from_mlx_affine(
-    weight: mx.array,
-    scales: mx.array,
-    biases: mx.array,
-    *,
-    bits: int,
-    group_size: int = GROUP_SIZE,
-    fmt: str | None = None,
-    scale_dtype=mx.float16,
-    name: str = "weight",
-) -> PackedWeight:
-    """Losslessly convert one of PrismML's MLX affine packs (`bits`/`group_size` from the
-    pack's quantization_config.json) into a native format.
-
-    bits=1 (binary, scales = 2s, biases = -s) -> "binary" with s = -biases.
-    bits=2 (ternary, code = t + 1, scales = s, biases = -s) -> "ternary" (or fmt="ternary2").
-    Raises WeightsError if the tensors do not fit the config or are not binary/ternary, so
-    that `dequantize(result)` equals `mx.dequantize(weight, scales, biases, ...)` bit for bit.
-    """
+def _check_affine_shapes(weight, scales, biases, bits: int, group_size: int, fmt: str | None, name: str) -> str:
+    """The checks that need no tensor data; returns the target format."""
     if bits not in (1, 2):
         raise WeightsError(f"{name}: Bonsai packs use bits=1 (binary) or bits=2 (ternary), config says bits={bits}")
     if group_size != GROUP_SIZE:
@@ -338,51 +335,52 @@ def from_mlx_affine(
             f"{name}: with bits={bits}, group_size={group_size} and scales {list(scales.shape)} the packed "
             f"weight must be uint32 [{n}, {k * bits // 32}], got {list(weight.shape)}{hint}"
         )
+    return fmt
+
+
+def _threes(weight: mx.array) -> mx.array:
+    # a 2-bit field is 3 iff both its bits are set: test all 16 fields of a word at once
+    # instead of expanding the codes (4 bytes per weight on a 27648 x 3072 layer)
+    return weight & (weight >> 1) & 0x55555555
+
+
+def _explain_affine(weight, scales, biases, bits: int, scale_dtype, name: str) -> None:
+    """Raise the WeightsError that says which check a pack fails, and where."""
     s_np = np.array(scales.astype(mx.float32))
     b_np = np.array(biases.astype(mx.float32))
     if not (np.isfinite(s_np).all() and np.isfinite(b_np).all()):
         raise WeightsError(f"{name}: scales or biases contain inf or nan")
-
-    if bits == 1:
-        # float32 holds -2*b exactly for any fp16/bf16 b, so this is exact equality.
-        bad = s_np != -2 * b_np
-        if bad.any():
-            i = tuple(np.argwhere(bad)[0])
-            raise WeightsError(
-                f"{name}: not a binary pack: {int(bad.sum())} groups have scales != -2 * biases "
-                f"(e.g. group {i}: scale {s_np[i]!r}, bias {b_np[i]!r})"
-            )
-        s = _lossless_scales(-biases, scale_dtype, name)
-        return PackedWeight("binary", weight, s, (n, k))
-
-    bad = s_np != -b_np
+    bad = s_np != (-2 * b_np if bits == 1 else -b_np)  # float32 holds -2*b exactly for any fp16/bf16 b
     if bad.any():
         i = tuple(np.argwhere(bad)[0])
+        what = "binary pack" if bits == 1 else "ternary pack"
+        rule = "scales != -2 * biases" if bits == 1 else "biases != -scales"
         raise WeightsError(
-            f"{name}: not a ternary pack: {int(bad.sum())} groups have biases != -scales "
+            f"{name}: not a {what}: {int(bad.sum())} groups have {rule} "
             f"(e.g. group {i}: scale {s_np[i]!r}, bias {b_np[i]!r})"
         )
-    s = _lossless_scales(scales, scale_dtype, name)
-    # a 2-bit field is 3 iff both its bits are set: test all 16 fields of a word at once
-    # instead of expanding the codes (4 bytes per weight on a 27648 x 3072 layer)
-    threes = weight & (weight >> 1) & 0x55555555
-    if bool(mx.any(threes != 0)):
-        t = np.array(threes)
-        r, c = np.argwhere(t)[0]
-        v = int(t[r, c])
-        count = int(np.unpackbits(t.view(np.uint8)).sum())
-        raise WeightsError(
-            f"{name}: not a ternary pack: {count} weights use code 3 (first at row {r}, column "
-            f"{16 * c + ((v & -v).bit_length() - 1) // 2}); ternary uses codes 0, 1, 2 only"
-        )
-    if fmt == "ternary2":
-        return PackedWeight("ternary2", weight, s, (n, k))
-    # In MLX ops, so that on a GPU the load-time repack of a 4B transformer (1.2 G weights)
-    # runs there: in numpy it took ~20 s of a cold start on the H200 machine's CPU.
+    _lossless_scales(-biases if bits == 1 else scales, scale_dtype, name)
+    if bits == 2:
+        t = np.array(_threes(weight))
+        if t.any():
+            r, c = np.argwhere(t)[0]
+            v = int(t[r, c])
+            count = int(np.unpackbits(t.view(np.uint8)).sum())
+            raise WeightsError(
+                f"{name}: not a ternary pack: {count} weights use code 3 (first at row {r}, column "
+                f"{16 * c + ((v & -v).bit_length() - 1) // 2}); ternary uses codes 0, 1, 2 only"
+            )
+
+
+def _base3(weight: mx.array, n: int, k: int) -> mx.array:
+    """2-bit codes (MLX bits=2 words) -> the ternary format's 5 trits per byte, in MLX ops so
+    that on a GPU the load-time repack of a 4B transformer (1.2 G weights) runs there (in
+    numpy it took ~20 s of a cold start on the H200 machine's CPU). Lazy: 2048-row parts,
+    so a large layer's uint8 codes exist a part at a time."""
     shifts = 2 * mx.arange(16, dtype=mx.uint32)
     pad = -k % 5
     parts = []
-    for r0 in range(0, n, 2048):  # bounded scratch memory on large layers
+    for r0 in range(0, n, 2048):
         rows = weight[r0:r0 + 2048]
         codes = ((rows[:, :, None] >> shifts) & 3).astype(mx.uint8).reshape(rows.shape[0], k)
         if pad:
@@ -392,8 +390,72 @@ def from_mlx_affine(
         for j in (3, 2, 1, 0):  # c0 + 3 c1 + 9 c2 + 27 c3 + 81 c4 <= 242 (Horner, in uint8)
             acc = acc * 3 + c[..., j]
         parts.append(acc)
-        mx.eval(parts[-1])
-    return PackedWeight("ternary", parts[0] if len(parts) == 1 else mx.concatenate(parts), s, (n, k))
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts)
+
+
+def mlx_affine_lazy(
+    weight: mx.array,
+    scales: mx.array,
+    biases: mx.array,
+    *,
+    bits: int,
+    group_size: int = GROUP_SIZE,
+    fmt: str | None = None,
+    scale_dtype=mx.float16,
+    name: str = "weight",
+) -> tuple[PackedWeight, mx.array]:
+    """`from_mlx_affine` without reading any data: (the converted weight, a lazy count of the
+    pack's faults). Evaluate both together; a nonzero count means `affine_faults` raises.
+    A loader converts every layer this way and waits once per layer, instead of once
+    per check (each a device sync that waits for that tensor's read)."""
+    fmt = _check_affine_shapes(weight, scales, biases, bits, group_size, fmt, name)
+    _scale_dtype_checked(-biases if bits == 1 else scales, scale_dtype, name)
+    n, k = scales.shape[0], scales.shape[1] * group_size
+    s32, b32 = scales.astype(mx.float32), biases.astype(mx.float32)
+    faults = (mx.sum(~(mx.isfinite(s32) & mx.isfinite(b32)))
+              + mx.sum(s32 != (-2 * b32 if bits == 1 else -b32)))
+    s = -biases if bits == 1 else scales
+    faults = faults + _inexact_scales(s, scale_dtype)
+    s = s if scale_dtype is None else s.astype(mx.float16)
+    if bits == 1:
+        return PackedWeight("binary", weight, s, (n, k)), faults
+    faults = faults + mx.sum(_threes(weight) != 0)
+    data = weight if fmt == "ternary2" else _base3(weight, n, k)
+    return PackedWeight(fmt, data, s, (n, k)), faults
+
+
+def affine_faults(faults: mx.array, weight, scales, biases, *, bits: int, scale_dtype=mx.float16,
+                  name: str = "weight") -> None:
+    """Raise the error that `mlx_affine_lazy`'s evaluated fault count stands for, if any."""
+    if int(faults):
+        _explain_affine(weight, scales, biases, bits, scale_dtype, name)
+        raise WeightsError(f"{name}: the pack fails a check that could not be located")  # defensive
+
+
+def from_mlx_affine(
+    weight: mx.array,
+    scales: mx.array,
+    biases: mx.array,
+    *,
+    bits: int,
+    group_size: int = GROUP_SIZE,
+    fmt: str | None = None,
+    scale_dtype=mx.float16,
+    name: str = "weight",
+) -> PackedWeight:
+    """Losslessly convert one of PrismML's MLX affine packs (`bits`/`group_size` from the
+    pack's quantization_config.json) into a native format.
+
+    bits=1 (binary, scales = 2s, biases = -s) -> "binary" with s = -biases.
+    bits=2 (ternary, code = t + 1, scales = s, biases = -s) -> "ternary" (or fmt="ternary2").
+    Raises WeightsError if the tensors do not fit the config or are not binary/ternary, so
+    that `dequantize(result)` equals `mx.dequantize(weight, scales, biases, ...)` bit for bit.
+    """
+    pw, faults = mlx_affine_lazy(weight, scales, biases, bits=bits, group_size=group_size, fmt=fmt,
+                                 scale_dtype=scale_dtype, name=name)
+    mx.eval(pw.data, pw.scales, faults)
+    affine_faults(faults, weight, scales, biases, bits=bits, scale_dtype=scale_dtype, name=name)
+    return pw
 
 
 def to_mlx_affine(pw: PackedWeight) -> tuple[mx.array, mx.array, mx.array, int]:

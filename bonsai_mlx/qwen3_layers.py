@@ -56,8 +56,7 @@ class WeightIndex:
             by_file.setdefault(self.entries[k][0], []).append(k)
         out = {}
         for f, ks in by_file.items():
-            arrays = load_safetensors(f, self._headers[f])
-            out.update((k, arrays[k]) for k in ks)
+            out.update(load_safetensors(f, self._headers[f], ks))
         return out
 
 

@@ -351,9 +351,12 @@ _MX_DTYPES = {"BOOL": mx.bool_, "U8": mx.uint8, "I8": mx.int8, "U16": mx.uint16,
               "U64": mx.uint64, "I64": mx.int64}
 
 
-def load_safetensors(path: Path, header: dict[str, TensorInfo] | None = None) -> dict[str, mx.array]:
+def load_safetensors(path: Path, header: dict[str, TensorInfo] | None = None,
+                     keys=None) -> dict[str, mx.array]:
     """Lazy arrays of the safetensors file `path`, whose header is validated first (pass
-    `header` when it already was). mx.load maps the file; data is read when evaluated."""
+    `header` when it already was). mx.load maps the file; data is read when evaluated.
+    `keys`: only these arrays are wanted and compared with the header (a streamed layer
+    reads a few of a file's hundreds)."""
     path = Path(path)
     header = read_safetensors_header(path) if header is None else header
     try:
@@ -361,14 +364,15 @@ def load_safetensors(path: Path, header: dict[str, TensorInfo] | None = None) ->
     except Exception as e:  # mlx raises RuntimeError/ValueError with terse texts
         raise WeightsError(f"could not read {path} as safetensors ({e}). The file is corrupt or incomplete: "
                            "delete it and download it again.") from None
-    for name, t in header.items():
+    for name in (header if keys is None else keys):
+        t = header[name]
         a = arrays.get(name)
         if a is None or tuple(a.shape) != t.shape or a.dtype != _MX_DTYPES[t.dtype]:
             raise WeightsError(f"{path}: tensor {brief(name)} did not load as its header describes it; "
                                "the file changed while it was read, or is corrupt")
     if arrays.keys() != header.keys():
         raise WeightsError(f"{path} changed while it was read: its tensors differ from its header")
-    return arrays
+    return arrays if keys is None else {k: arrays[k] for k in keys}
 
 
 # ---------------------------------------------------------------------------- shards

@@ -547,6 +547,7 @@ def section_load(root):
     profiled (where its time goes beyond reading the file)."""
     import cProfile
     import glob
+    from mlx.utils import tree_flatten
     from bonsai_mlx.loading import load_transformer
     for fmt in ("binary", "ternary"):
         pack = os.path.join(root, f"random-{fmt}")
@@ -556,6 +557,7 @@ def section_load(root):
             _floors(f)
         for i in range(3):
             mx.clear_cache()
+            mx.reset_peak_memory()
             prof = cProfile.Profile() if i == 2 else None
             t = time.perf_counter()
             if prof:
@@ -566,6 +568,8 @@ def section_load(root):
             if prof:
                 prof.disable()
             record(f"reload transformer {fmt} #{i}", s=time.perf_counter() - t,
+                   peak_gb=mx.get_peak_memory() / 1e9, weights_gb=sum(v.nbytes for _, v in
+                                                                     tree_flatten(m.parameters())) / 1e9,
                    **({"profile": _top(prof)} if prof else {}))
             del m
 

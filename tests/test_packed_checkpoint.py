@@ -143,6 +143,28 @@ def test_scales_of_wrong_shape(official, tmp_path):
         load_transformer(bad)
 
 
+@pytest.mark.parametrize("where", [0, "middle", -1])
+def test_a_faulty_layer_is_named_wherever_it_is(official, tmp_path, where):
+    """Layers are converted and checked in flight, one behind the next: a fault in the
+    first, a middle or the last layer read is still reported, naming that layer."""
+    bits, _, d = official
+    from safetensors import safe_open
+    with safe_open(str(d / "diffusion_pytorch_model.safetensors"), "np") as f:
+        names = sorted(k[: -len(".scales")] for k in f.keys() if k.endswith(".scales"))
+    name = names[len(names) // 2 if where == "middle" else where]
+
+    def corrupt(t):
+        if bits == 1:  # one group whose bias is not -scale / 2
+            t[f"{name}.biases"][0, 0] = t[f"{name}.biases"][0, 0] * 3
+        else:  # one weight with code 3
+            import torch
+            t[f"{name}.weight"].view(torch.int32)[0, 0] |= 3
+    bad = _rewrite(d, tmp_path, edit_tensors=corrupt)
+    rule = "not a binary pack: 1 groups" if bits == 1 else "not a ternary pack: 1 weights use code 3"
+    with pytest.raises(WeightsError, match=f"{name}: {rule}"):
+        load_transformer(bad)
+
+
 def test_missing_biases(official, tmp_path):
     _, _, d = official
     name = "transformer_blocks.0.attn.to_q"
