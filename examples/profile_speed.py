@@ -12,6 +12,8 @@ Sections (each fail-soft; JSON lines on stdout and $OUT/speed.json, or --json, r
         budget plans use, linears at the real shapes per path, elementwise parts
   load  transformer load time from a pack on disk (the reload a released transformer pays):
         the file read floors, three loads, the third profiled
+  build a 1024 px step built as one lazy graph, whole and in 512-token chunks: host time by
+        Python function, then the graph evaluated
   text  the text encoder's streamed encodes of new prompts, the layer reads alone, resident encodes
 
     python examples/profile_speed.py [--sections vae strips encode dit load] [--tiny] [--json PATH]
@@ -542,6 +544,50 @@ def _top(prof, n=14):
                  cumtime=round(v[3], 4)) for k, v in rows]
 
 
+def section_build(root):
+    """The host's share of a chunked step: one 1024 px step built as one lazy graph (nothing
+    evaluated), timed and profiled by Python function; then that graph evaluated at once."""
+    import cProfile
+    from bonsai_mlx.benchmark import klein_inputs
+    from bonsai_mlx.config import KLEIN_4B
+    from bonsai_mlx.execution import Execution
+    from bonsai_mlx.loading import load_transformer
+    for fmt in ("binary", "ternary"):
+        pack = os.path.join(root, f"random-{fmt}")
+        if not os.path.exists(pack):
+            continue
+        m = load_transformer(pack, dtype=mx.bfloat16)
+        inp = klein_inputs(KLEIN_4B, 1024, 1024, 512, mx.bfloat16)
+        ctx = m.prepare(inp[1], inp[3], inp[4])
+        mx.eval(m.parameters(), inp, ctx)
+        for chunk in (None, 512):
+            ex = Execution(chunk, None, False, False)
+            mx.eval(m.forward(inp[0], inp[2], ctx, execution=ex))  # kernels built
+            for i in range(3):
+                prof = cProfile.Profile() if i == 2 else None
+                t = time.perf_counter()
+                if prof:
+                    prof.enable()
+                y = m.forward(inp[0], inp[2], ctx, execution=ex)
+                if prof:
+                    prof.disable()
+                built = time.perf_counter() - t
+                mx.eval(y)
+                mx.synchronize()
+                record(f"build step 1024 {fmt} chunk {chunk} #{i}", build_s=built, total_s=time.perf_counter() - t,
+                       **({"profile": _top_tottime(prof)} if prof else {}))
+                del y
+        del m
+
+
+def _top_tottime(prof, n=18):
+    import pstats
+    st = pstats.Stats(prof)
+    rows = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:n]
+    return [dict(fn=f"{os.path.basename(k[0])}:{k[1]}({k[2]})", calls=v[1], tottime=round(v[2], 4),
+                 cumtime=round(v[3], 4)) for k, v in rows]
+
+
 def section_load(root):
     """The transformer's (re)load: the file read floors, then load_transformer timed and
     profiled (where its time goes beyond reading the file)."""
@@ -646,7 +692,8 @@ def main():
             {"vae": lambda: section_vae(a.tiny, a.quick), "strips": lambda: section_strips(a.tiny, a.quick),
              "encode": lambda: section_encode(a.tiny, a.quick),
              "dit": lambda: section_dit(a.tiny, a.root, a.quick), "buffer": lambda: section_buffer(a.tiny),
-             "load": lambda: section_load(a.root), "text": lambda: section_text(a.root)}[s]()
+             "load": lambda: section_load(a.root), "text": lambda: section_text(a.root),
+             "build": lambda: section_build(a.root)}[s]()
         except Exception as e:  # noqa: BLE001
             import traceback
             traceback.print_exc()
