@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -171,9 +171,14 @@ class KernelConfig:
 
     def __post_init__(self):
         try:
-            hash(self)
+            # Kept: every packed matmul keys the plan and kernel caches on the config, and
+            # hashing its nested fields each time cost more host time than the lookup.
+            object.__setattr__(self, "_hash", hash(tuple(getattr(self, f.name) for f in fields(self))))
         except TypeError as e:  # a list or dict somewhere: the caches could not key on it
             raise BonsaiError(f"KernelConfig values must be hashable (tuples, not lists or dicts): {e}") from None
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def gemm(self, backend: str) -> GemmTile:
         return self.gemm_metal if backend == "metal" else self.gemm_cuda

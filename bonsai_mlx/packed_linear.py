@@ -108,6 +108,24 @@ def get_backend(name: str) -> Launcher:
     return kernels.launcher(name)
 
 
+class _Derived:
+    """What a PackedLinear derives from its arrays for every call (its PackedWeight, its
+    launcher, the layers of its row ranges), kept while those arrays are the same objects:
+    a step in token chunks makes about a thousand packed matmuls, and rebuilding these
+    for each was a measurable share of the host's time per step."""
+
+    __slots__ = ("weight", "scales", "backend", "packed", "launch", "rows")
+
+    def __init__(self, layer: "PackedLinear"):
+        self.weight, self.scales, self.backend = layer.weight, layer.scales, layer.backend
+        self.packed = PackedWeight(layer.fmt, layer.weight, layer.scales, (layer.out_features, layer.in_features))
+        self.launch = get_backend(layer.backend)
+        self.rows: dict[tuple[int, int], PackedLinear] = {}
+
+    def fits(self, layer: "PackedLinear") -> bool:
+        return self.weight is layer.weight and self.scales is layer.scales and self.backend == layer.backend
+
+
 class PackedLinear(nn.Module):
     """y = x @ W.T (+ bias) with W stored packed: `weight` holds the codes, `scales` the
     per-128 scales, as in `PackedWeight`."""
@@ -136,9 +154,15 @@ class PackedLinear(nn.Module):
         self.backend = backend
         self.freeze()  # packed codes are not trainable
 
+    def _derived(self) -> _Derived:
+        d = self.__dict__.get("_cache")
+        if d is None or not d.fits(self):
+            d = self._cache = _Derived(self)  # not an array: a plain attribute, never a parameter
+        return d
+
     @property
     def packed(self) -> PackedWeight:
-        return PackedWeight(self.fmt, self.weight, self.scales, (self.out_features, self.in_features))
+        return self._derived().packed
 
     @classmethod
     def from_packed(cls, pw: PackedWeight, bias: mx.array | None = None, backend: str = "auto") -> "PackedLinear":
@@ -157,12 +181,16 @@ class PackedLinear(nn.Module):
         slices are views: nothing is copied."""
         if not 0 <= r0 < r1 <= self.out_features:
             raise BonsaiError(f"rows must satisfy 0 <= r0 < r1 <= {self.out_features}, got [{r0}, {r1})")
-        bias = self.bias[r0:r1] if "bias" in self else None
-        return PackedLinear(self.weight[r0:r1], self.scales[r0:r1], self.fmt, (r1 - r0, self.in_features),
-                            bias=bias, backend=self.backend)
+        rows = self._derived().rows
+        if (r0, r1) not in rows:
+            bias = self.bias[r0:r1] if "bias" in self else None
+            rows[r0, r1] = PackedLinear(self.weight[r0:r1], self.scales[r0:r1], self.fmt, (r1 - r0, self.in_features),
+                                        bias=bias, backend=self.backend)
+        return rows[r0, r1]
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = get_backend(self.backend)(x, self.packed)
+        d = self._derived()
+        y = d.launch(x, d.packed)
         if "bias" in self:
             y = y + self.bias.astype(y.dtype)
         return y
