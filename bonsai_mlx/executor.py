@@ -108,6 +108,7 @@ class Models:
         self.transformer_info = {
             "bytes": nbytes(transformer), "config": transformer.config, "dtype": transformer.dtype,
             "slab_tokens": slab_tokens(packed, transformer.dtype),
+            "packed_format": packed[0].fmt if len({m.fmt for m in packed}) == 1 else "",
             "reference_matmul": any(runs_on(m) == "reference" for m in packed)}
         self._prompts: OrderedDict = OrderedDict()
         self._vae_fit = self._vae_enc_fit = None
@@ -197,6 +198,7 @@ class Models:
             **enc_fit, vae_enc_held_per_pixel=vae_enc_held_per_pixel(self.vae) if enc_fit else 0.0,
             latent_channels=cfg.in_channels,
             lora=any(lora.scale != 0 for lora in self.loras),
+            packed_format=self.transformer_info["packed_format"],
         )
 
 

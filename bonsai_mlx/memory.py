@@ -268,6 +268,7 @@ class Footprint:
     vae_enc_strip_per_pixel: float = 0.0
     latent_channels: int = 128  # of a token (the transformer's input)
     lora: bool = False  # LoRA adapters on the transformer's linears (their weights are in transformer_bytes)
+    packed_format: str = ""  # of the transformer's packed linears ("" dense): the step costs differ (COST_DIT)
 
 
 OVERHEAD = 48 * 2**20  # allocator slack, small arrays, ids, schedules
@@ -302,20 +303,33 @@ ATTENTION_ROWS = (None, 1024, 512, 256)
 # compute what the whole decode computes, plus a halo row per convolution and an
 # evaluation per strip: the smaller, the more evaluations.
 COST_STREAM_TEXT = 0.5
-COST_RELOAD_TRANSFORMER = 1.0
+# The reload: 0.32 s binary, 0.65 s ternary in a 1024 px generation on an H200
+# (h200-generate-c12-*.json).
+COST_RELOAD_TRANSFORMER = 0.5
 # Token chunks, hidden-unit passes and strips: 4 steps at 1024 px, two parts in flight,
-# over block-by-block evaluation (docs/results/h200-profile-*-c3.json, binary / ternary):
-# 2048- / 512-token chunks +47 / +103-186 ms a step, 2 / 4 / 8 passes +15 / +37 / +90 ms;
+# over block-by-block evaluation: 2048- / 1024- / 512-token chunks +27 / +59 / +90 ms a
+# step for binary (h200-profile-dit-c12.json, -c13-*.json), 2 / 4 / 8 passes +15 / +37 /
+# +90 ms (h200-profile-dit-c3.json); 256-token chunks are not measured since the host's
+# share per chunk fell, and keep the older, higher figure;
 # 256- / 128- / 64- / 32-row decode strips +17 / +31 / +50 / +54 ms over the whole decode
 # block by block, 1024 px, float16 (h200-profile-strips-c6.json).
 COST_STRICT = 0.25  # the device idles at every evaluation while the host builds the next part
 # The VAE strict, over two parts in flight: +21 ms for a whole 1024 px decode block by block,
 # +30 / +51 / +76 / +143 ms in 256- / 128- / 64- / 32-row strips (h200-profile-strips-c6.json).
 COST_STRICT_VAE = {None: 0.02, 256: 0.013, 128: 0.02, 64: 0.025, 32: 0.09, 16: 0.18}
-COST_TOKEN_CHUNK = {None: 0, 4096: 0.1, 2048: 0.19, 1024: 0.35, 512: 0.55, 256: 1.0}
+COST_TOKEN_CHUNK = {None: 0, 4096: 0.1, 2048: 0.11, 1024: 0.24, 512: 0.36, 256: 1.0}
 COST_ATTENTION_ROWS = {None: 0, 1024: 0.1, 512: 0.2, 256: 0.4}
 COST_HIDDEN_PARTS = {1: 0, 2: 0.06, 4: 0.15, 8: 0.36}
 COST_PARTS_IN_CHUNKS = 0.2  # both at once cost more than the two apart (2048 tokens, 4 passes: +0.5 s)
+# (token chunk, hidden passes) measured per packed format, where they differ from the sums
+# above: the kernels take M = 1024 rows on the slab path for ternary and the fused GEMM for
+# binary, and the fused ternary GEMM is the slower one at M = 512 (4 steps at 1024 px, two
+# parts in flight, over whole blocks; h200-profile-dit-c12.json, -c13-*.json). Other
+# formats and the dense transformer use the sums.
+COST_DIT = {
+    "binary": {(2048, 1): 0.11, (1024, 1): 0.24, (512, 1): 0.36, (1024, 2): 0.29, (1024, 4): 0.36},
+    "ternary": {(2048, 1): 0.12, (1024, 1): 0.34, (512, 1): 0.70, (1024, 2): 0.26, (1024, 4): 0.37},
+}
 COST_VAE_TILE = {None: 0, 1024: 20, 768: 25, 512: 30, 384: 40, 256: 60, 128: 120}
 COST_VAE_STRIP = {None: 0, 256: 0.017, 128: 0.031, 64: 0.05, 32: 0.054, 16: 0.1}
 
@@ -466,21 +480,31 @@ def _encode_bytes(fp: Footprint, width: int, height: int, plan: MemoryPlan) -> f
     return max(strips, mid)
 
 
-def plan_cost(plan: MemoryPlan) -> float:
-    """Rough seconds a plan adds to a generation over the unconstrained run."""
+def _dit_cost(plan: MemoryPlan, fmt: str) -> float:
+    """The measured cost of this (chunk, passes) for `fmt`, else the chunk's (measured for
+    `fmt` or the sum's) plus the passes'."""
+    measured, chunk = COST_DIT.get(fmt, {}), plan.token_chunk
+    if (chunk, plan.hidden_parts) in measured:
+        return measured[chunk, plan.hidden_parts]
+    return (measured.get((chunk, 1), COST_TOKEN_CHUNK[chunk]) + COST_HIDDEN_PARTS[plan.hidden_parts]
+            + COST_PARTS_IN_CHUNKS * (plan.hidden_parts > 1 and bool(chunk)))
+
+
+def plan_cost(plan: MemoryPlan, fmt: str = "") -> float:
+    """Rough seconds a plan adds to a generation over the unconstrained run; `fmt`: the
+    transformer's packed format (Footprint.packed_format)."""
     # The encoder is read again for every new prompt when it is streamed or not kept.
     reads_text = plan.stream_text_encoder or not plan.keep_text_encoder
     return (COST_STREAM_TEXT * reads_text + COST_RELOAD_TRANSFORMER * plan.releases_transformer
             + COST_STRICT * (plan.sync and not plan.overlap)
             + (COST_STRICT_VAE[plan.vae_strip] + COST_STRICT_VAE[plan.vae_encode_strip] * bool(plan.vae_encode_strip))
             * (plan.sync and not plan.vae_execution.overlap)
-            + COST_TOKEN_CHUNK[plan.token_chunk] + COST_ATTENTION_ROWS[plan.attention_rows]
-            + COST_VAE_TILE[plan.vae_tile] + COST_VAE_STRIP[plan.vae_strip] + COST_VAE_STRIP[plan.vae_encode_strip]
-            + COST_HIDDEN_PARTS[plan.hidden_parts] + COST_PARTS_IN_CHUNKS * (plan.hidden_parts > 1 and bool(plan.token_chunk)))
+            + _dit_cost(plan, fmt) + COST_ATTENTION_ROWS[plan.attention_rows]
+            + COST_VAE_TILE[plan.vae_tile] + COST_VAE_STRIP[plan.vae_strip] + COST_VAE_STRIP[plan.vae_encode_strip])
 
 
 def candidate_plans(width: int, height: int, fused_attention: bool = True, extra_tokens: int = 0,
-                    encode_height: int = 0):
+                    encode_height: int = 0, fmt: str = ""):
     """Every budgeted plan for this size, cheapest in time first. Each streams the text
     encoder: a budgeted run reads it again for every new prompt, streamed or whole, and
     streamed it holds a layer or two instead of all of it. Attention chunks only
@@ -500,7 +524,7 @@ def candidate_plans(width: int, height: int, fused_attention: bool = True, extra
              for in_text, in_decode in keeps
              for tile, strip in decodes for chunk in chunks for r in rows for overlap in (True, False)
              for enc in encodes for parts in HIDDEN_PARTS for vae_overlap in (None, not overlap)]
-    return sorted(plans, key=plan_cost)
+    return sorted(plans, key=lambda p: plan_cost(p, fmt))
 
 
 def _with_estimate(plan: MemoryPlan, est: dict) -> MemoryPlan:
@@ -513,14 +537,14 @@ def _extra_tokens(images) -> int:
 
 def _candidates(fp: Footprint, width: int, height: int, images):
     return candidate_plans(width, height, fp.fused_attention, _extra_tokens(images),
-                           max((h for _, h in images), default=0))
+                           max((h for _, h in images), default=0), fp.packed_format)
 
 
 def smallest_plan(fp: Footprint, width: int, height: int, cfg_batches: int = 1, images: tuple = ()) -> MemoryPlan:
     """The plan with the lowest estimated peak (the slowest, most frugal one)."""
     def rank(p):  # lowest peak first; among equal peaks, the lowest other stages, then the cheapest
         e = estimate(fp, width, height, p, cfg_batches, images)
-        return max(e.values()), sum(e.values()), plan_cost(p)
+        return max(e.values()), sum(e.values()), plan_cost(p, fp.packed_format)
 
     best = min(_candidates(fp, width, height, images), key=rank)
     return _with_estimate(best, estimate(fp, width, height, best, cfg_batches, images))

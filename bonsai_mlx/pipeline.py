@@ -339,8 +339,9 @@ class BonsaiPipeline:
         if budget == AUTO and not images:
             # The device's own memory is usually far above what the cheapest plan needs: when
             # conservative figures already fit it, the VAE needs no calibration decode.
-            plan = plan_memory(self.footprint(calibrated=False), width, height, AUTO, cfg_batches=batches)
-            if plan_cost(plan) == plan_cost(candidate_plans(width, height)[0]):
+            fp = self.footprint(calibrated=False)
+            plan, fmt = plan_memory(fp, width, height, AUTO, cfg_batches=batches), fp.packed_format
+            if plan_cost(plan, fmt) == plan_cost(candidate_plans(width, height, fmt=fmt)[0], fmt):
                 return plan
         return plan_memory(self.models.footprint(encoder=bool(images)), width, height, budget,
                            cfg_batches=batches, images=images)
