@@ -183,8 +183,9 @@ class Models:
             transformer_max_out=3 * cfg.inner_dim + 2 * cfg.mlp_hidden_dim,
             reference_matmul=self.transformer_info["reference_matmul"],
             text_resident_bytes=te.weight_bytes(None) + sum(layers),
-            # the embedding is gone before the layers come; one layer is read ahead
-            text_stream_bytes=max(te.weight_bytes(None), 2 * max(layers, default=0)),
+            # streamed, the embedding table's rows of the prompt's ids only; one layer is read ahead
+            text_stream_bytes=2 * max(layers, default=0)
+            + self.max_sequence_length * -(-te.weight_bytes(None) // args.vocab_size),
             text_hidden=args.hidden_size, text_heads=args.num_attention_heads, text_len=self.max_sequence_length,
             vae_bytes=nbytes(self.vae), vae_mid_channels=self.vae.config.decoder_channels[-1],
             vae_held_per_pixel=vae_held_per_pixel(self.vae), **vae_fit,

@@ -229,7 +229,7 @@ class Footprint:
     transformer_max_out: int  # widest linear output (scratch of one matmul)
     reference_matmul: bool  # plain-MLX packed matmul keeps float32 partial sums
     text_resident_bytes: int  # encoder layers + embedding that encode needs
-    text_stream_bytes: int  # the embedding or two of the largest layers (the next one is read ahead)
+    text_stream_bytes: int  # two of the largest layers (the next one is read ahead) and the prompt's embedding rows
     text_hidden: int
     text_heads: int
     text_len: int

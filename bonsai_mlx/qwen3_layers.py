@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import mlx.core as mx
+import numpy as np
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 from mlx_lm.models import qwen3
 
 from .errors import WeightsError
-from .safe_files import DTYPE_BYTES, FLOAT_DTYPES, ModelFolder, load_safetensors, read_headers, shard_files
+from .safe_files import DTYPE_BYTES, FLOAT_DTYPES, ModelFolder, load_safetensors, read_headers, read_rows, shard_files
 
 
 class WeightIndex:
@@ -47,6 +48,11 @@ class WeightIndex:
                 f"text encoder weights in {self.folder.path} lack {what}: {missing[:5]}{more}; "
                 f"files: {[f.name for f in self.files]}"
             )
+
+    def rows(self, key: str, rows) -> mx.array:
+        """Rows `rows` (ascending, unique) of the tensor `key`, read from its file alone."""
+        f = self.entries[key][0]
+        return read_rows(f, self._headers[f][key], rows)
 
     def load(self, keys: Sequence[str]) -> dict[str, mx.array]:
         """Lazy arrays for `keys`: mx.load maps the file, and only the arrays that
@@ -181,6 +187,24 @@ class Qwen3Layers:
     def embedding(self, stream: bool = False) -> nn.Module:
         return self._build_embedding() if stream or not self.resident else self._embed
 
+    def embed(self, input_ids: mx.array, stream: bool = False) -> mx.array:
+        """The embeddings [B, L, H] of `input_ids` [B, L]. Streamed (or evicted), only the
+        table's rows of the ids present are read, into a table of those rows: the same
+        values, without reading the whole table (0.22 GB for Qwen3-4B at 4 bits)."""
+        if not (stream or not self.resident):
+            return self._embed(input_ids)
+        ids = np.array(input_ids)
+        vocab = self.args.vocab_size
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+            raise WeightsError(f"token ids must lie in [0, {vocab}) for this encoder's embedding, got "
+                               f"[{int(ids.min())}, {int(ids.max())}]")
+        present, inverse = np.unique(ids, return_inverse=True)
+        keys = self._keys_for(None)
+        holder = nn.Module()
+        holder.embed_tokens = nn.Embedding(len(present), self.args.hidden_size)
+        table = self._build("", holder, keys, {k: self.index.rows(k, present) for k in keys}).embed_tokens
+        return table(mx.array(inverse.reshape(ids.shape).astype(np.int32)))
+
     def layer(self, i: int, stream: bool = False) -> nn.Module:
         if not 0 <= i < self.num_layers:
             raise IndexError(f"decoder layer {i} is not among the {self.num_layers} this encoder reads")
@@ -239,7 +263,7 @@ class Qwen3Layers:
         return {"group_size": in_dims // n_groups, "bits": packed * 32 // in_dims,
                 "mode": q.get("mode", "affine")}
 
-    def _build(self, prefix: str, module: nn.Module, keys: list[str]) -> nn.Module:
+    def _build(self, prefix: str, module: nn.Module, keys: list[str], weights: Optional[dict] = None) -> nn.Module:
         """Quantize `module` like the checkpoint, then load `keys`; `prefix` is the
         module's path in the checkpoint without the leading "model." ("" for the root)."""
         join = (lambda p: f"{prefix}.{p}") if prefix else (lambda p: p)
@@ -250,7 +274,7 @@ class Qwen3Layers:
             module.update_modules(tree_unflatten(swap))
         cut = len(f"model.{prefix}.") if prefix else len("model.")
         cast = [(k[cut:], v.astype(self.dtype) if mx.issubdtype(v.dtype, mx.floating) else v)
-                for k, v in self.index.load(keys).items()]
+                for k, v in (weights if weights is not None else self.index.load(keys)).items()]
         try:
             module.load_weights(cast, strict=True)
         except ValueError as e:  # wrong shapes, or a quantized/dense mismatch

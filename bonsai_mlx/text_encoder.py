@@ -264,7 +264,7 @@ class Qwen3TextEncoder:
         w = self.weights
         if not stream:
             w.load()
-        h = w.embedding(stream)(input_ids)  # [B, L, H]
+        h = w.embed(input_ids, stream)  # [B, L, H]
         if 0 in want:
             hidden[0] = h
         n = self.config.num_layers_needed

@@ -229,6 +229,27 @@ def test_stream_and_evict_are_identical(enc_small):
     assert enc_small.resident
 
 
+def test_a_streamed_encode_reads_the_prompts_rows_only(small, monkeypatch):
+    """Streamed, the embedding table is never loaded whole: the rows of the prompt's ids are
+    read from the file (equal results: the tests above). Ids outside the table are refused."""
+    from bonsai_mlx.errors import WeightsError
+    from bonsai_mlx.qwen3_layers import WeightIndex
+
+    enc = load_text_encoder(small, dtype=mx.float32, layers=SMALL_LAYERS, resident=False)
+    loaded, rows = [], []
+    load, read = WeightIndex.load, WeightIndex.rows
+    monkeypatch.setattr(WeightIndex, "load", lambda self, keys: loaded.extend(keys) or load(self, keys))
+    monkeypatch.setattr(WeightIndex, "rows", lambda self, key, r: rows.append((key, len(r))) or read(self, key, r))
+    ids, mask = enc.tokenize(PROMPTS, max_length=L)
+    enc.encode_tokens(ids, mask, stream=True)
+    assert loaded and not [k for k in loaded if "embed_tokens" in k]
+    present = len(np.unique(np.array(ids)))
+    assert {k for k, _ in rows} == {"model.embed_tokens.weight", "model.embed_tokens.scales",
+                                    "model.embed_tokens.biases"} and {n for _, n in rows} == {present}
+    with pytest.raises(WeightsError, match="token ids must lie in"):
+        enc.weights.embed(mx.array([[0, enc.config.args.vocab_size]]), stream=True)
+
+
 # -- 4-bit ----------------------------------------------------------------------------
 
 
