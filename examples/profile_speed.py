@@ -384,6 +384,9 @@ def section_dit(tiny, root, quick=False):
 
     if os.environ.get("DIT_HOST"):
         _instrument_pace()
+    if os.environ.get("DIT_CACHE_LIMIT"):  # as a budgeted run limits MLX's buffer cache (bytes)
+        mx.set_cache_limit(int(os.environ["DIT_CACHE_LIMIT"]))
+        record("dit cache limit", bytes=int(os.environ["DIT_CACHE_LIMIT"]))
     settings = [("one graph", Execution()), ("block by block", Execution(sync=True)),
                 ("block by block, two in flight", Execution(sync=True, overlap=True)),
                 ("block by block, 2048-token chunks", Execution(2048, None, True)),
