@@ -527,6 +527,11 @@ def candidate_plans(width: int, height: int, fused_attention: bool = True, extra
     return sorted(plans, key=lambda p: plan_cost(p, fmt))
 
 
+def cheapest(plan: MemoryPlan, fp: Footprint, width: int, height: int) -> bool:
+    """Whether `plan` costs as little time as any budgeted plan for this size can."""
+    return plan_cost(plan, fp.packed_format) == plan_cost(_candidates(fp, width, height, ())[0], fp.packed_format)
+
+
 def _with_estimate(plan: MemoryPlan, est: dict) -> MemoryPlan:
     return replace(plan, estimated_peak_bytes=max(est.values()), stage_estimates=est)
 

@@ -24,8 +24,7 @@ from .layouts import DIFFUSERS, MODEL_DEFAULTS, MODEL_INDEX
 from .executor import Models, Request, image_ids, text_ids  # noqa: F401  (part of the API)
 from .loading import (DEFAULT_VAE_REPO, MODELS, VAE_FILES, has_part, load_transformer,  # noqa: F401
                       resolve_model, transformer_source)
-from .memory import (AUTO, UNCONSTRAINED, MemoryPlan, candidate_plans, parse_budget, plan_cost, plan_memory,
-                     smallest_plan)
+from .memory import AUTO, UNCONSTRAINED, MemoryPlan, cheapest, parse_budget, plan_memory, smallest_plan
 from .results import GenerationResult, StepEvent, to_pil  # noqa: F401  (part of the API)
 from .safe_files import ModelFolder, read_json
 from .scheduler import first_step
@@ -340,8 +339,7 @@ class BonsaiPipeline:
             # The device's own memory is usually far above what the cheapest plan needs: when
             # conservative figures already fit it, the VAE needs no calibration decode.
             fp = self.footprint(calibrated=False)
-            plan, fmt = plan_memory(fp, width, height, AUTO, cfg_batches=batches), fp.packed_format
-            if plan_cost(plan, fmt) == plan_cost(candidate_plans(width, height, fmt=fmt)[0], fmt):
+            if cheapest(plan := plan_memory(fp, width, height, AUTO, cfg_batches=batches), fp, width, height):
                 return plan
         return plan_memory(self.models.footprint(encoder=bool(images)), width, height, budget,
                            cfg_batches=batches, images=images)
