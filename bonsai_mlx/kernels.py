@@ -180,6 +180,10 @@ class KernelConfig:
     def __hash__(self) -> int:
         return self._hash
 
+    def __reduce__(self):
+        # Rebuilt from its fields, so an unpickled config hashes in its new process.
+        return (type(self), tuple(getattr(self, f.name) for f in fields(self)))
+
     def gemm(self, backend: str) -> GemmTile:
         return self.gemm_metal if backend == "metal" else self.gemm_cuda
 

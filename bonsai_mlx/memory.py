@@ -482,12 +482,14 @@ def _encode_bytes(fp: Footprint, width: int, height: int, plan: MemoryPlan) -> f
 
 def _dit_cost(plan: MemoryPlan, fmt: str) -> float:
     """The measured cost of this (chunk, passes) for `fmt`, else the chunk's (measured for
-    `fmt` or the sum's) plus the passes'."""
-    measured, chunk = COST_DIT.get(fmt, {}), plan.token_chunk
-    if (chunk, plan.hidden_parts) in measured:
-        return measured[chunk, plan.hidden_parts]
-    return (measured.get((chunk, 1), COST_TOKEN_CHUNK[chunk]) + COST_HIDDEN_PARTS[plan.hidden_parts]
-            + COST_PARTS_IN_CHUNKS * (plan.hidden_parts > 1 and bool(chunk)))
+    `fmt` or the sum's) plus the passes', but never above a smaller chunk's measured with
+    the same passes: a larger chunk does the same work in fewer, larger matmuls."""
+    measured, chunk, parts = COST_DIT.get(fmt, {}), plan.token_chunk, plan.hidden_parts
+    if (chunk, parts) in measured:
+        return measured[chunk, parts]
+    cost = (measured.get((chunk, 1), COST_TOKEN_CHUNK[chunk]) + COST_HIDDEN_PARTS[parts]
+            + COST_PARTS_IN_CHUNKS * (parts > 1 and bool(chunk)))
+    return min([cost] + [v for (c, q), v in measured.items() if q == parts and c and (chunk is None or c < chunk)])
 
 
 def plan_cost(plan: MemoryPlan, fmt: str = "") -> float:

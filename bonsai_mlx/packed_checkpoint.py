@@ -22,7 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .errors import ConfigError, WeightsError
+from .errors import BonsaiError, ConfigError, WeightsError
 from .safe_files import ModelFolder, read_json
 from .validate import brief, is_int
 from .packed_linear import BACKENDS, PackedLinear
@@ -93,38 +93,51 @@ def pack_model_from_checkpoint(model: nn.Module, weights: dict[str, mx.array], q
     """Swap every packed linear named in `weights` for a PackedLinear, popping its tensors,
     each read and checked as it is swapped. Returns the module paths that were packed."""
     packed = sorted(k[: -len(".scales")] for k in weights if k.endswith(".scales"))
-    official = qc.get("format") != "bonsai"
     pending = None  # the layer in flight: its conversion runs while the next one is built
     for p in packed:
-        if f"{p}.weight" not in weights:
-            raise WeightsError(f"packed layer {p} has scales but no {p}.weight")
-        expected = _dense_shape(model, p)
-        w, s = weights.pop(f"{p}.weight"), weights.pop(f"{p}.scales")
-        if official:
-            if f"{p}.biases" not in weights:
-                raise WeightsError(f"{p}: an MLX affine pack needs {p}.biases beside {p}.scales")
-            source = (w, s, weights.pop(f"{p}.biases"))
-            pw, faults = mlx_affine_lazy(*source, bits=qc["bits"], group_size=GROUP_SIZE, name=p)
-            mx.async_eval(pw.data, pw.scales, faults)
-            _settle(pending, qc)
-            pending = (p, faults, source)
-        else:
-            fmt = qc["weight_format"]
-            (rows, cols), dt = data_shape(fmt, expected)
-            if tuple(w.shape) != (rows, cols) or w.dtype != dt:
-                raise WeightsError(
-                    f"{p}.weight: a {fmt} pack of a {list(expected)} linear is {dt} [{rows}, {cols}], "
-                    f"got {w.dtype} {list(w.shape)}; does {QUANT_CONFIG} match the file?"
-                )
-            pw = PackedWeight(fmt, w, s, expected)
-        if pw.shape != expected:
-            raise WeightsError(f"{p}: packed weight is {list(pw.shape)} but the model expects {list(expected)}")
-        _replace(model, p, PackedLinear.from_packed(pw, backend=backend))
+        try:
+            current = _start_layer(model, weights, qc, backend, p)
+        except BonsaiError:
+            _settle(pending, qc)  # layers are checked in order: the one before reports first
+            raise
+        _settle(pending, qc)
+        pending = current
     _settle(pending, qc)
     stray = sorted(k for k in weights if k.endswith(".biases"))
     if stray:
         raise WeightsError(f"biases without scales (a truncated pack?): {stray[:8]}")
     return set(packed)
+
+
+def _start_layer(model: nn.Module, weights: dict, qc: dict, backend: str, p: str):
+    """Swap layer `p` for a PackedLinear whose conversion from an official pack has started;
+    returns what `_settle` waits for (None for our own packs, which need no conversion)."""
+    if f"{p}.weight" not in weights:
+        raise WeightsError(f"packed layer {p} has scales but no {p}.weight")
+    expected = _dense_shape(model, p)
+    w, s = weights.pop(f"{p}.weight"), weights.pop(f"{p}.scales")
+    current = None
+    if qc.get("format") != "bonsai":  # an official MLX affine pack
+        if f"{p}.biases" not in weights:
+            raise WeightsError(f"{p}: an MLX affine pack needs {p}.biases beside {p}.scales")
+        source = (w, s, weights.pop(f"{p}.biases"))
+        pw, faults = mlx_affine_lazy(*source, bits=qc["bits"], group_size=GROUP_SIZE, name=p)
+        mx.async_eval(pw.data, pw.scales, faults)
+        current = (p, faults, source)
+    else:
+        fmt = qc["weight_format"]
+        (rows, cols), dt = data_shape(fmt, expected)
+        if tuple(w.shape) != (rows, cols) or w.dtype != dt:
+            raise WeightsError(
+                f"{p}.weight: a {fmt} pack of a {list(expected)} linear is {dt} [{rows}, {cols}], "
+                f"got {w.dtype} {list(w.shape)}; does {QUANT_CONFIG} match the file?"
+            )
+        pw = PackedWeight(fmt, w, s, expected)
+    if pw.shape != expected:
+        _settle(current, qc)  # a fault in the layer's data is reported first
+        raise WeightsError(f"{p}: packed weight is {list(pw.shape)} but the model expects {list(expected)}")
+    _replace(model, p, PackedLinear.from_packed(pw, backend=backend))
+    return current
 
 
 def _settle(pending, qc: dict) -> None:

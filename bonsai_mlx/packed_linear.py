@@ -114,16 +114,20 @@ class _Derived:
     a step in token chunks makes about a thousand packed matmuls, and rebuilding these
     for each was a measurable share of the host's time per step."""
 
-    __slots__ = ("weight", "scales", "backend", "packed", "launch", "rows")
+    __slots__ = ("weight", "scales", "bias", "backend", "packed", "launch", "rows")
 
     def __init__(self, layer: "PackedLinear"):
-        self.weight, self.scales, self.backend = layer.weight, layer.scales, layer.backend
+        self.weight, self.scales, self.bias, self.backend = layer.weight, layer.scales, layer.get("bias"), layer.backend
         self.packed = PackedWeight(layer.fmt, layer.weight, layer.scales, (layer.out_features, layer.in_features))
         self.launch = get_backend(layer.backend)
         self.rows: dict[tuple[int, int], PackedLinear] = {}
 
     def fits(self, layer: "PackedLinear") -> bool:
-        return self.weight is layer.weight and self.scales is layer.scales and self.backend == layer.backend
+        """Whether `layer` still holds the arrays these came from. A new array (update,
+        load_weights, set_dtype) is followed; an array edited in place (`w[...] = v`) is not,
+        and nothing in this package edits a packed layer's arrays in place."""
+        return (self.weight is layer.weight and self.scales is layer.scales and self.bias is layer.get("bias")
+                and self.backend == layer.backend)
 
 
 class PackedLinear(nn.Module):

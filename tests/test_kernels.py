@@ -278,6 +278,22 @@ def test_config_is_frozen_hashable_and_keys_the_plan_cache():
         assert calls == [("ternary_decode", 128)] * 24
 
 
+def test_a_pickled_config_hashes_in_its_new_process():
+    """The config's hash is kept (every launch keys caches on it); one unpickled in another
+    process, whose string hashes are seeded apart, must hash as it does there."""
+    import os
+    import pickle
+    import subprocess
+    import sys
+
+    code = ("import pickle, sys; from bonsai_mlx import kernels; "
+            "sys.stdout.buffer.write(pickle.dumps(kernels.KernelConfig()))")
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    made = subprocess.run([sys.executable, "-c", code], capture_output=True, env=env, check=True).stdout
+    c = pickle.loads(made)
+    assert c == CFG and hash(c) == hash(CFG) and c in {CFG}
+
+
 def test_config_rejects_unhashable_values():
     with pytest.raises(BonsaiError, match="hashable"):
         replace(CFG, source_patches=[("binary_gemm.metal", "a", "b")])

@@ -341,6 +341,9 @@ def test_step_costs_follow_the_packed_format(tmp_path):
         for chunk in (2048, 1024, 512, 256):  # passes never make a chunk cheaper
             one = plan_cost(MemoryPlan(token_chunk=chunk), fmt)
             assert all(plan_cost(MemoryPlan(token_chunk=chunk, hidden_parts=p), fmt) > one for p in (4, 8))
+        for parts in (1, 2, 4, 8):  # nor does a smaller chunk with the same passes
+            costs = [plan_cost(MemoryPlan(token_chunk=c, hidden_parts=parts), fmt) for c in (None, 4096, 2048, 1024, 512, 256)]
+            assert costs == sorted(costs), (fmt, parts, costs)
     _, path = mp.make_pipeline(tmp_path / "tiny", seed=5)
     packed = BonsaiPipeline.from_pretrained(path, dtype=mx.float32, text_layers=mp.TEXT_LAYERS, quantize="ternary")
     assert packed.footprint(calibrated=False).packed_format == "ternary"

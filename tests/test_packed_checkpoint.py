@@ -165,6 +165,21 @@ def test_a_faulty_layer_is_named_wherever_it_is(official, tmp_path, where):
         load_transformer(bad)
 
 
+def test_the_earlier_faulty_layer_is_reported_first(official, tmp_path):
+    """A layer's data is checked while the next layer is read: when the next one is missing a
+    tensor, the earlier layer's fault is still the error, as when each was checked in turn."""
+    bits, _, d = official
+    from safetensors import safe_open
+    with safe_open(str(d / "diffusion_pytorch_model.safetensors"), "np") as f:
+        first, second = sorted(k[: -len(".scales")] for k in f.keys() if k.endswith(".scales"))[:2]
+
+    def corrupt(t):
+        t[f"{first}.biases"][0, 0] = t[f"{first}.biases"][0, 0] * 3
+        t.pop(f"{second}.biases")
+    with pytest.raises(WeightsError, match=f"{first}: not a"):
+        load_transformer(_rewrite(d, tmp_path, edit_tensors=corrupt))
+
+
 def test_missing_biases(official, tmp_path):
     _, _, d = official
     name = "transformer_blocks.0.attn.to_q"

@@ -142,6 +142,22 @@ def test_packed_linear_from_packed_bias_and_compile():
         PackedLinear.from_packed(pw, bias=mx.zeros((31,)))
 
 
+def test_a_layer_follows_its_new_arrays():
+    """A packed layer keeps what it derives from its arrays (its PackedWeight, launcher and
+    row layers) only while they are the same arrays: a new bias, weight or scales after
+    `update` gives new outputs, whole and by rows."""
+    pw = random_weight("binary", 32, 256)
+    layer = PackedLinear.from_packed(pw, bias=mx.zeros((32,)))
+    x = mx.array(RNG.normal(size=(3, 256)).astype(np.float32))
+    before = np.array(layer.rows(8, 16)(x))
+    other = random_weight("binary", 32, 256)
+    for new in ({"bias": mx.full((32,), 100.0)}, {"weight": other.data, "scales": other.scales}):
+        layer.update(new)
+        whole = np.array(layer(x))
+        np.testing.assert_array_equal(np.array(layer.rows(8, 16)(x)), whole[:, 8:16])
+        assert not np.array_equal(whole[:, 8:16], before)
+
+
 def test_packed_linear_validates_like_packed_weight():
     with pytest.raises(BonsaiError, match="multiple of the group size"):
         PackedLinear(mx.zeros((4, 3), mx.uint32), mx.zeros((4, 1), mx.float16), "binary", (4, 96))
