@@ -322,12 +322,13 @@ COST_ATTENTION_ROWS = {None: 0, 1024: 0.1, 512: 0.2, 256: 0.4}
 COST_HIDDEN_PARTS = {1: 0, 2: 0.06, 4: 0.15, 8: 0.36}
 COST_PARTS_IN_CHUNKS = 0.2  # both at once cost more than the two apart (2048 tokens, 4 passes: +0.5 s)
 # (token chunk, hidden passes) measured per packed format, where they differ from the sums
-# above: the kernels take M = 1024 rows on the slab path for ternary and the fused GEMM for
-# binary, and the fused ternary GEMM is the slower one at M = 512 (4 steps at 1024 px, two
-# parts in flight, over whole blocks; h200-profile-dit-c12.json, -c13-*.json). Other
-# formats and the dense transformer use the sums.
+# above (whose single-pass chunks are binary's): the kernels take M = 1024 rows on the slab
+# path for ternary and the fused GEMM for binary, and the fused ternary GEMM is the slower
+# one at M = 512 (4 steps at 1024 px, two parts in flight, over whole blocks;
+# h200-profile-dit-c12.json, -c13-*.json). Other formats and the dense transformer use the
+# sums.
 COST_DIT = {
-    "binary": {(2048, 1): 0.11, (1024, 1): 0.24, (512, 1): 0.36, (1024, 2): 0.29, (1024, 4): 0.36},
+    "binary": {(1024, 2): 0.29, (1024, 4): 0.36},
     "ternary": {(2048, 1): 0.12, (1024, 1): 0.34, (512, 1): 0.70, (1024, 2): 0.26, (1024, 4): 0.37},
 }
 COST_VAE_TILE = {None: 0, 1024: 20, 768: 25, 512: 30, 384: 40, 256: 60, 128: 120}

@@ -287,23 +287,19 @@ def _inexact_scales(s: mx.array, scale_dtype) -> mx.array:
     return mx.sum(s.astype(mx.float16).astype(mx.float32) != src)
 
 
-def _lossless_scales(s: mx.array, scale_dtype, what: str) -> mx.array:
-    """Pack scales as `scale_dtype` (float16), refusing to round; None keeps the source."""
-    _scale_dtype_checked(s, scale_dtype, what)
-    if scale_dtype is None:
-        return s
-    out = s.astype(mx.float16)
-    if int(_inexact_scales(s, scale_dtype)):
-        src = np.array(s.astype(mx.float32))
-        back = np.array(out.astype(mx.float32))
-        bad = src != back
-        i = np.argwhere(bad)[0]
-        raise WeightsError(
-            f"{what}: {int(bad.sum())} of {bad.size} {_fmt_dtype(s.dtype)} scales are not exactly "
-            f"representable in float16 (e.g. scales[{i[0]}, {i[1]}] = {src[tuple(i)]!r} -> "
-            f"{back[tuple(i)]!r}); pass scale_dtype=None to keep them as {_fmt_dtype(s.dtype)}"
-        )
-    return out
+def _explain_inexact_scales(s: mx.array, scale_dtype, what: str) -> None:
+    """Raise, naming one, when float16 does not hold some of the scales `s` exactly."""
+    if not int(_inexact_scales(s, scale_dtype)):
+        return
+    src = np.array(s.astype(mx.float32))
+    back = np.array(s.astype(mx.float16).astype(mx.float32))
+    bad = src != back
+    i = np.argwhere(bad)[0]
+    raise WeightsError(
+        f"{what}: {int(bad.sum())} of {bad.size} {_fmt_dtype(s.dtype)} scales are not exactly "
+        f"representable in float16 (e.g. scales[{i[0]}, {i[1]}] = {src[tuple(i)]!r} -> "
+        f"{back[tuple(i)]!r}); pass scale_dtype=None to keep them as {_fmt_dtype(s.dtype)}"
+    )
 
 
 def _check_affine_shapes(weight, scales, biases, bits: int, group_size: int, fmt: str | None, name: str) -> str:
@@ -359,7 +355,7 @@ def _explain_affine(weight, scales, biases, bits: int, scale_dtype, name: str) -
             f"{name}: not a {what}: {int(bad.sum())} groups have {rule} "
             f"(e.g. group {i}: scale {s_np[i]!r}, bias {b_np[i]!r})"
         )
-    _lossless_scales(-biases if bits == 1 else scales, scale_dtype, name)
+    _explain_inexact_scales(-biases if bits == 1 else scales, scale_dtype, name)
     if bits == 2:
         t = np.array(_threes(weight))
         if t.any():

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import mlx.core as mx
-import numpy as np
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_unflatten
 from mlx_lm.models import qwen3
 
@@ -191,7 +191,7 @@ class Qwen3Layers:
         """The embeddings [B, L, H] of `input_ids` [B, L]. Streamed (or evicted), only the
         table's rows of the ids present are read, into a table of those rows: the same
         values, without reading the whole table (0.22 GB for Qwen3-4B at 4 bits)."""
-        if not (stream or not self.resident):
+        if self.resident and not stream:
             return self._embed(input_ids)
         ids = np.array(input_ids)
         vocab = self.args.vocab_size
