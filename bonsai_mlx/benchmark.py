@@ -184,6 +184,7 @@ def timed_generation(pipe, prompt: str, size: int, steps: int, seed: int, plan, 
     t = result.timings
     start = t["text_encoding_s"] + t.get("image_encoding_s", 0.0) + t.get("transformer_load_s", 0.0)
     log(f"[{label}] peak {result.memory['peak_gb']:.3f} GB, mean-active {result.memory['mean_active_gb']:.3f} GB, "
+        f"active+cached (sampled) {result.memory['sampled_footprint_gb']:.3f} GB, "
         f"{t['total_s']:.2f} s ({', '.join(f'{k} {v:.3f}' for k, v in t.items())})")
     return {"timings": t, "memory": result.memory, "step_s": [b - a for a, b in zip([start] + steps_at[:-1], steps_at)],
             "finite": bool(np.isfinite(result.array).all())}

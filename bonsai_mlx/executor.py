@@ -16,8 +16,8 @@ from mlx.utils import tree_flatten
 
 from .errors import BonsaiError, NonFiniteError
 from .lora import LoraSet
-from .memory import (Footprint, MemoryMonitor, MemoryPlan, cache_limit, calibrate_vae, calibrate_vae_encoder,
-                     conservative_vae_scratch, vae_enc_held_per_pixel, vae_held_per_pixel)
+from .memory import (Footprint, MemoryMonitor, MemoryPlan, budget_limits, calibrate_vae, calibrate_vae_encoder,
+                     conservative_vae_scratch, mlx_limits, vae_enc_held_per_pixel, vae_held_per_pixel)
 from .packed_linear import PackedLinear, auto_backend
 from .results import GenerationResult, StepEvent, to_pil
 from .scheduler import denoise, first_step, flux2_sigmas, noised
@@ -238,13 +238,14 @@ class Request:
 
 
 def run(models: Models, req: Request, plan: MemoryPlan,
-        cache_bytes: int | None = None) -> Iterator[StepEvent | GenerationResult]:
+        budget: int | None = None) -> Iterator[StepEvent | GenerationResult]:
     """The stages of one generation under `plan`: a StepEvent after every denoising step,
-    then the GenerationResult. Closing the generator stops it between steps. `cache_bytes`
-    limits MLX's buffer cache for the run (see memory.cache_limit)."""
+    then the GenerationResult. Closing the generator stops it between steps. A `budget` in
+    bytes sets MLX's memory and buffer-cache limits for the run (memory.budget_limits)."""
     te, timings, t_start = models.text_encoder, {}, time.perf_counter()
     ex = plan.execution
-    with cache_limit(cache_bytes), MemoryMonitor() as mon:
+    memory_limit, cache_bytes = budget_limits(budget, plan.estimated_peak_bytes)
+    with mlx_limits(memory_limit, cache_bytes), MemoryMonitor() as mon:
         with mon.stage("text_encoding"):
             if not plan.transformer_in_text and models.transformer is not None:
                 models.release_transformer()
@@ -337,7 +338,7 @@ def run(models: Models, req: Request, plan: MemoryPlan,
         image=to_pil(images)[0], prompt=req.prompt, negative_prompt=req.negative_prompt if req.use_cfg else None,
         seed=req.seed, steps=req.steps, guidance=req.guidance if req.use_cfg else 1.0, width=req.width,
         height=req.height, model=req.model, timings=timings, array=np.array(images.astype(mx.float32))[0],
-        plan=plan, memory={**mon.report.as_dict(), "cache_limit_bytes": cache_bytes},
+        plan=plan, memory={**mon.report.as_dict(), "memory_limit_bytes": memory_limit, "cache_limit_bytes": cache_bytes},
         edit=edit_info(req), loras=[(lora.name, lora.source, lora.scale) for lora in models.loras],
     )
 

@@ -75,22 +75,49 @@ def device_cap() -> int:
         return 8 * 2**30
 
 
+def reclaims_cache() -> bool:
+    """Whether MLX's allocator here frees cached buffers before active plus cached memory
+    passes the memory limit: its Metal and CUDA allocators do, at every allocation the cache
+    cannot serve; the CPU-only build's allocator does not (it bounds the cache's size only)."""
+    cuda = getattr(mx, "cuda", None)
+    return mx.metal.is_available() or bool(cuda and cuda.is_available())
+
+
+def budget_limits(budget: int | None, estimate: int, reclaim: bool | None = None) -> tuple[int | None, int | None]:
+    """(memory limit, cache limit) for a run under `budget` bytes whose plan is estimated at
+    `estimate`; None leaves a limit alone, and a budget of None (auto, none) sets neither.
+
+    Freed buffers that MLX keeps for reuse are not active memory but still the process's
+    memory on a unified-memory device, so the budget bounds active plus cached bytes. Where
+    the allocator reclaims its cache at the memory limit (`reclaims_cache`), the limit is the
+    budget and the cache may take whatever the run's active memory leaves free of it: a
+    chunked step reuses its buffers instead of asking the device for new ones each time.
+    Elsewhere only the cache's size can be bounded, to the headroom the plan leaves."""
+    if budget is None:
+        return None, None
+    if reclaims_cache() if reclaim is None else reclaim:
+        return budget, budget
+    return None, max(budget - estimate, 0)
+
+
 @contextmanager
-def cache_limit(limit: int | None):
-    """Limit MLX's buffer cache (freed buffers kept for reuse: not active memory, but still
-    the process's memory on a unified-memory device) inside the block, and restore the
-    previous limit afterwards, also on errors and cancellation, unless something else
-    changed it meanwhile. None leaves the limit alone."""
-    if limit is None:
-        yield
-        return
-    previous = mx.set_cache_limit(limit)
+def mlx_limits(memory: int | None = None, cache: int | None = None):
+    """Set MLX's memory limit and buffer-cache limit inside the block, and restore the
+    previous ones afterwards, also on errors and cancellation, unless something else
+    changed one meanwhile (another run, the caller): theirs stays. None leaves a limit alone.
+    Buffers cached before the block are dropped when they would put it over its memory limit
+    from the start (an allocator trims its cache only when it allocates)."""
+    setters = [(f, v) for f, v in ((mx.set_memory_limit, memory), (mx.set_cache_limit, cache)) if v is not None]
+    previous = [(f, v, f(v)) for f, v in setters]
+    if memory is not None and mx.get_active_memory() + mx.get_cache_memory() > memory:
+        mx.clear_cache()
     try:
         yield
     finally:
-        current = mx.set_cache_limit(previous)
-        if current != limit:  # changed meanwhile (another run, the caller): keep theirs
-            mx.set_cache_limit(current)
+        for f, mine, old in reversed(previous):
+            current = f(old)
+            if current != mine:
+                f(current)
 
 
 # ---------------------------------------------------------------------------- measuring
@@ -108,6 +135,9 @@ class MemoryReport:
     interval_s: float
     stages: list[StageMemory] = field(default_factory=list)
     samples: list[tuple[float, int]] = field(default_factory=list)  # (seconds since start, active bytes)
+    # The most active plus cached bytes seen by the samples: what the process held of MLX's
+    # memory, the buffers kept for reuse included (sampled, so it can miss a short peak).
+    sampled_footprint_bytes: int = 0
 
     @property
     def peak_bytes(self) -> int:
@@ -120,6 +150,7 @@ class MemoryReport:
     def as_dict(self) -> dict:
         return {
             "peak_gb": self.peak_bytes / GB, "mean_active_gb": self.mean_active_bytes / GB,
+            "sampled_footprint_gb": self.sampled_footprint_bytes / GB,
             "stages": {s.name: {"seconds": s.seconds, "peak_gb": s.peak_bytes / GB,
                                 "mean_active_gb": s.mean_active_bytes / GB} for s in self.stages},
         }
@@ -144,7 +175,9 @@ class MemoryMonitor:
         self._t0 = 0.0
 
     def _sample(self):
-        self.report.samples.append((time.perf_counter() - self._t0, mx.get_active_memory()))
+        active, cached = mx.get_active_memory(), mx.get_cache_memory()
+        self.report.samples.append((time.perf_counter() - self._t0, active))
+        self.report.sampled_footprint_bytes = max(self.report.sampled_footprint_bytes, active + cached)
 
     def _run(self):
         while not self._stop.wait(self.report.interval_s):

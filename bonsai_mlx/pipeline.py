@@ -426,14 +426,11 @@ class BonsaiPipeline:
         if plan is None:  # refuses up front when nothing fits
             plan = self.plan(width, height, budget, cfg=use_cfg, images=edit.sizes)
         noise, seed = initial_noise(self.models.transformer_info["config"].in_channels, seed, latents, width, height)
-        # Under a budget in bytes, freed buffers MLX keeps for reuse may fill only the
-        # headroom the plan leaves (0 when the plan just fits: MLX then reuses nothing).
-        cache = max(budget - plan.estimated_peak_bytes, 0) if isinstance(budget, int) else None
         req = Request(prompt, negative_prompt, width, height, steps, guidance, use_cfg, seed, noise, self.model,
                       (lambda x0: self.preview(x0, width, height)) if preview else None, preview_every,
                       edit.references, edit.init_image, edit.mask, edit.strength)
         # Everything above runs now, so bad arguments fail at the call, not at the first next().
-        return one_at_a_time(self._busy, executor.run(self.models, req, plan, cache))
+        return one_at_a_time(self._busy, executor.run(self.models, req, plan, budget if isinstance(budget, int) else None))
 
     def generate(self, prompt: str, width: int | None = None, height: int | None = None, steps: int | None = None,
                  seed: int | None = None, guidance: float | None = None, negative_prompt: str | None = None,

@@ -231,7 +231,12 @@ def section_strips(tiny, quick=False):
         record("strips with the last upsampler held")
     cases = [("whole, one graph (none)", None, None, Execution()), ("whole, block by block, strict", None, None, strict),
              ("whole, block by block, two in flight (auto)", None, None, two)]
-    for strip in ((16,) if tiny else (256, 128, 64, 32)):
+    rows = [int(r) for r in os.environ.get("STRIPS_ROWS", "").split()] or ((16,) if tiny else (256, 128, 64, 32))
+    if os.environ.get("STRIPS_SIZES"):  # e.g. "512"
+        sizes = tuple(int(v) for v in os.environ["STRIPS_SIZES"].split())
+    if os.environ.get("STRIPS_HOST"):  # splits each decode's host time, as DIT_HOST does for steps
+        _instrument_pace()
+    for strip in rows:
         cases += [(f"{strip}-row strips, two in flight", strip, None, two),
                   (f"{strip}-row strips, strict", strip, None, strict)]
     if not quick:  # exact tiles re-run the up path once per GroupNorm: minutes on a CPU
@@ -239,7 +244,8 @@ def section_strips(tiny, quick=False):
         cases += [(f"exact {tiles[0]} px tiles, strict", None, tiles[0], strict),
                   (f"exact {tiles[1]} px tiles, two in flight", None, tiles[1], two)]
     runs, warmup = (2, 1) if tiny else (5, 2)
-    for dtype in (mx.float16, mx.bfloat16):
+    dtypes = os.environ.get("STRIPS_DTYPES", "float16 bfloat16").split()
+    for dtype in (getattr(mx, d) for d in dtypes):
         dname = str(dtype).rpartition(".")[2]
         vae = AutoencoderKLFlux2(VAEConfig(**keep), has_encoder=False)
         vae.set_dtype(dtype)
@@ -273,11 +279,15 @@ def section_strips(tiny, quick=False):
                     record(f"vae decode {size} {dname} {label}", err=repr(e)[:300])
                     continue
                 slow = tile is not None
-                timeit(f"vae decode {size} {dname} {label}", fn, runs=1 if slow else runs,
+                HOST.update(encode=0.0, wait=0.0)
+                ms = timeit(f"vae decode {size} {dname} {label}", fn, runs=1 if slow else runs,
                        warmup=1 if slow else warmup, size=size, dtype=dname, strip=strip, tile=tile, sync=ex.sync,
                        overlap=ex.overlap, estimate_mb=est, first_call_extra_peak_mb=first_mb,
                        max_diff_vs_whole=diff, rel_diff_vs_whole=rel,
                        whole_max_abs=float(np.abs(whole).max()))
+                if ms and os.environ.get("STRIPS_HOST") and not slow:  # per decode, timed and warm-up runs
+                    record(f"vae host {size} {dname} {label}", decode_ms=ms,
+                           **{f"{k}_ms": 1e3 * v / (runs + warmup) for k, v in HOST.items()})
             del z, whole
         del vae
 
@@ -296,7 +306,12 @@ def section_encode(tiny, quick=False):
 
     keep, sizes, strict, two = _strip_setup(tiny, quick)
     cases = [("whole, one graph (as run without strips)", None, Execution())]
-    for strip in ((16,) if tiny else (256, 128, 64, 32)):
+    rows = [int(r) for r in os.environ.get("STRIPS_ROWS", "").split()] or ((16,) if tiny else (256, 128, 64, 32))
+    if os.environ.get("STRIPS_SIZES"):  # e.g. "512"
+        sizes = tuple(int(v) for v in os.environ["STRIPS_SIZES"].split())
+    if os.environ.get("STRIPS_HOST"):  # splits each decode's host time, as DIT_HOST does for steps
+        _instrument_pace()
+    for strip in rows:
         cases += [(f"{strip}-row strips, two in flight", strip, two), (f"{strip}-row strips, strict", strip, strict)]
     runs, warmup = (2, 1) if tiny else (5, 2)
     for dtype in (mx.float16, mx.bfloat16):
@@ -387,6 +402,11 @@ def section_dit(tiny, root, quick=False):
     if os.environ.get("DIT_CACHE_LIMIT"):  # as a budgeted run limits MLX's buffer cache (bytes)
         mx.set_cache_limit(int(os.environ["DIT_CACHE_LIMIT"]))
         record("dit cache limit", bytes=int(os.environ["DIT_CACHE_LIMIT"]))
+    if os.environ.get("DIT_MEMORY_LIMIT"):  # as a budgeted run limits MLX where its allocator reclaims the cache
+        limit = int(os.environ["DIT_MEMORY_LIMIT"])
+        mx.set_memory_limit(limit)
+        mx.set_cache_limit(limit)
+        record("dit memory limit", bytes=limit)
     settings = [("one graph", Execution()), ("block by block", Execution(sync=True)),
                 ("block by block, two in flight", Execution(sync=True, overlap=True)),
                 ("block by block, 2048-token chunks", Execution(2048, None, True)),

@@ -8,7 +8,7 @@ import pytest
 
 from bonsai_mlx import BonsaiPipeline
 from bonsai_mlx.errors import BonsaiError
-from bonsai_mlx.memory import (AUTO, COST_STREAM_TEXT, GB, UNCONSTRAINED, MemoryMonitor, MemoryPlan, cache_limit, candidate_plans, device_cap,
+from bonsai_mlx.memory import (AUTO, COST_STREAM_TEXT, GB, UNCONSTRAINED, MemoryMonitor, MemoryPlan, budget_limits, candidate_plans, mlx_limits, reclaims_cache, device_cap,
                                estimate, parse_budget, parse_bytes, plan_cost, plan_memory, trapezoid_mean)
 from fixtures import make_pipeline as mp
 
@@ -50,21 +50,55 @@ def test_device_cap_follows_the_device():
         assert cap == int(0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
-def test_cache_limit_restores_the_previous_limit():
-    original = mx.set_cache_limit(10**12)
+def test_mlx_limits_restore_the_previous_limits():
+    original = mx.set_cache_limit(10**12), mx.set_memory_limit(10**12)
     try:
-        with cache_limit(1234):
+        with mlx_limits(5 * 10**9, 1234):
             assert mx.set_cache_limit(1234) == 1234  # set inside
+            assert mx.set_memory_limit(5 * 10**9) == 5 * 10**9
         assert mx.set_cache_limit(10**12) == 10**12  # restored after
+        assert mx.set_memory_limit(10**12) == 10**12
         with pytest.raises(RuntimeError):
-            with cache_limit(99):
+            with mlx_limits(4 * 10**9, 99):
                 raise RuntimeError("cancelled")
         assert mx.set_cache_limit(10**12) == 10**12  # restored on errors too
-        with cache_limit(99):
+        assert mx.set_memory_limit(10**12) == 10**12
+        with mlx_limits(4 * 10**9, 99):
             mx.set_cache_limit(77)  # someone else changed it meanwhile: theirs stays
+            mx.set_memory_limit(3 * 10**9)
         assert mx.set_cache_limit(10**12) == 77
+        assert mx.set_memory_limit(10**12) == 3 * 10**9
+        with mlx_limits(None, 55):  # None leaves a limit alone
+            assert mx.set_memory_limit(10**12) == 10**12
+        assert mx.set_cache_limit(10**12) == 10**12
     finally:
-        mx.set_cache_limit(original)
+        mx.set_cache_limit(original[0])
+        mx.set_memory_limit(original[1])
+
+
+def test_budget_limits_bound_active_plus_cached_memory():
+    # An allocator that reclaims its cache at the memory limit gets the budget as that limit
+    # and lets the cache use what active memory leaves; one that does not keeps the cache
+    # within the plan's headroom. Neither limit is touched without a byte budget.
+    assert budget_limits(2 * 10**9, 18 * 10**8, reclaim=True) == (2 * 10**9, 2 * 10**9)
+    assert budget_limits(2 * 10**9, 18 * 10**8, reclaim=False) == (None, 2 * 10**8)
+    assert budget_limits(2 * 10**9, 21 * 10**8, reclaim=False) == (None, 0)
+    assert budget_limits(None, 10**9) == (None, None)
+    cuda = getattr(mx, "cuda", None)
+    assert reclaims_cache() == (mx.metal.is_available() or bool(cuda and cuda.is_available()))
+
+
+@pytest.mark.skipif(not reclaims_cache(), reason="this allocator bounds its cache by size only")
+def test_a_reclaiming_allocator_keeps_active_plus_cached_under_the_limit():
+    limit, held = 64 * 2**20, []
+    with mlx_limits(limit, limit):
+        for i in range(40):  # buffers of many sizes, freed and allocated in turn
+            held.append(mx.zeros((2**18 + 4096 * i,), mx.float32))
+            mx.eval(held[-1])
+            if len(held) > 6:
+                held.pop(0)
+            assert mx.get_active_memory() + mx.get_cache_memory() <= limit + 2**20 + 4 * 2**18 + 4096 * 40
+    mx.clear_cache()
 
 
 def test_candidates_are_tried_cheapest_first():
@@ -178,7 +212,7 @@ def test_smallest_budget_is_honoured(pipe):
     W, H = 512, 256
     plan, gb = smallest_plan(pipe, W, H)
     assert plan != pipe.plan(W, H, memory_budget="100GB")  # the budget changed how it runs
-    original = mx.set_cache_limit(10**12)
+    original = mx.set_cache_limit(10**12), mx.get_memory_limit()
     result = pipe.generate("a pine in snow", width=W, height=H, seed=3, memory_budget=f"{gb}GB")
     assert result.plan == plan
     assert {"text_encoding", "denoising", "decoding"} <= set(result.memory["stages"])
@@ -187,9 +221,18 @@ def test_smallest_budget_is_honoured(pipe):
         assert result.memory["stages"][stage]["peak_gb"] * 1e9 <= est, stage
     if "loading" in result.memory["stages"]:  # a reload holds no more than denoising does
         assert result.memory["stages"]["loading"]["peak_gb"] * 1e9 <= plan.stage_estimates["denoising"]
-    # MLX's buffer cache was held to the plan's headroom, and given back its limit afterwards
-    assert result.memory["cache_limit_bytes"] == int(gb * 1e9) - plan.estimated_peak_bytes
-    assert mx.set_cache_limit(original) == 10**12
+    # Active plus cached bytes stayed within the budget: the allocator reclaims its cache at
+    # the budget, or (where it cannot) the cache was held to the plan's headroom. Both MLX
+    # limits were given back afterwards.
+    budget = int(gb * 1e9)
+    if reclaims_cache():
+        assert (result.memory["memory_limit_bytes"], result.memory["cache_limit_bytes"]) == (budget, budget)
+    else:
+        assert result.memory["memory_limit_bytes"] is None
+        assert result.memory["cache_limit_bytes"] == budget - plan.estimated_peak_bytes
+    assert 0 < result.memory["sampled_footprint_gb"] * 1e9 <= budget
+    assert mx.set_cache_limit(original[0]) == 10**12
+    assert mx.get_memory_limit() == original[1]
     assert not pipe.text_encoder.resident  # evicted before denoising under a budget
 
 
