@@ -386,8 +386,9 @@ def section_dit(tiny, root, quick=False):
                             in_channels=32) if tiny else KLEIN_4B
     sizes = (128, 256) if tiny else (512, 1024)
     txt_len = 64 if tiny else 512
-    models = {"dense": random_transformer(cfg, mx.bfloat16)}
-    for fmt in ("binary", "ternary"):
+    wanted = os.environ.get("DIT_MODELS", "dense binary ternary").split()  # e.g. "ternary": no dense model resident
+    models = {"dense": random_transformer(cfg, mx.bfloat16)} if "dense" in wanted else {}
+    for fmt in (f for f in ("binary", "ternary") if f in wanted):
         pack = os.path.join(root, f"random-{fmt}")
         if os.path.exists(pack):
             t = time.perf_counter()
