@@ -238,10 +238,11 @@ class Request:
 
 
 def run(models: Models, req: Request, plan: MemoryPlan,
-        budget: int | None = None) -> Iterator[StepEvent | GenerationResult]:
+        budget: int | str | None = None) -> Iterator[StepEvent | GenerationResult]:
     """The stages of one generation under `plan`: a StepEvent after every denoising step,
-    then the GenerationResult. Closing the generator stops it between steps. A `budget` in
-    bytes sets MLX's memory and buffer-cache limits for the run (memory.budget_limits)."""
+    then the GenerationResult. Closing the generator stops it between steps. The `budget`
+    the plan was made for (bytes, AUTO or None) sets MLX's memory and buffer-cache limits
+    for the run (memory.budget_limits)."""
     te, timings, t_start = models.text_encoder, {}, time.perf_counter()
     ex = plan.execution
     memory_limit, cache_bytes = budget_limits(budget, plan.estimated_peak_bytes)

@@ -83,19 +83,26 @@ def reclaims_cache() -> bool:
     return mx.metal.is_available() or bool(cuda and cuda.is_available())
 
 
-def budget_limits(budget: int | None, estimate: int, reclaim: bool | None = None) -> tuple[int | None, int | None]:
-    """(memory limit, cache limit) for a run under `budget` bytes whose plan is estimated at
-    `estimate`; None leaves a limit alone, and a budget of None (auto, none) sets neither.
+def budget_limits(budget, estimate: int, reclaim: bool | None = None) -> tuple[int | None, int | None]:
+    """(memory limit, cache limit) for a run under `budget` (bytes, AUTO or None) whose plan
+    is estimated at `estimate` bytes; None leaves a limit alone.
 
     Freed buffers that MLX keeps for reuse are not active memory but still the process's
-    memory on a unified-memory device, so the budget bounds active plus cached bytes. Where
-    the allocator reclaims its cache at the memory limit (`reclaims_cache`), the limit is the
-    budget and the cache may take whatever the run's active memory leaves free of it: a
-    chunked step reuses its buffers instead of asking the device for new ones each time.
-    Elsewhere only the cache's size can be bounded, to the headroom the plan leaves."""
+    memory on a unified-memory device, so a byte budget bounds active plus cached bytes.
+    Where the allocator reclaims its cache at the memory limit (`reclaims_cache`), the limit
+    is the budget and the cache may take whatever the run's active memory leaves free of it:
+    a chunked step reuses its buffers instead of asking the device for new ones each time.
+    Elsewhere only the cache's size can be bounded, to the headroom the plan leaves.
+
+    The auto plan has no budget of its own: its estimate stands in for one where the
+    allocator reclaims (without it, MLX's cache grows toward most of the device's memory),
+    and MLX's defaults stay elsewhere. An unconstrained run (None) changes nothing."""
+    reclaim = reclaims_cache() if reclaim is None else reclaim
+    if budget == AUTO:
+        return (estimate, estimate) if reclaim and estimate else (None, None)
     if budget is None:
         return None, None
-    if reclaims_cache() if reclaim is None else reclaim:
+    if reclaim:
         return budget, budget
     return None, max(budget - estimate, 0)
 

@@ -430,7 +430,7 @@ class BonsaiPipeline:
                       (lambda x0: self.preview(x0, width, height)) if preview else None, preview_every,
                       edit.references, edit.init_image, edit.mask, edit.strength)
         # Everything above runs now, so bad arguments fail at the call, not at the first next().
-        return one_at_a_time(self._busy, executor.run(self.models, req, plan, budget if isinstance(budget, int) else None))
+        return one_at_a_time(self._busy, executor.run(self.models, req, plan, budget))
 
     def generate(self, prompt: str, width: int | None = None, height: int | None = None, steps: int | None = None,
                  seed: int | None = None, guidance: float | None = None, negative_prompt: str | None = None,

@@ -83,7 +83,13 @@ def test_budget_limits_bound_active_plus_cached_memory():
     assert budget_limits(2 * 10**9, 18 * 10**8, reclaim=True) == (2 * 10**9, 2 * 10**9)
     assert budget_limits(2 * 10**9, 18 * 10**8, reclaim=False) == (None, 2 * 10**8)
     assert budget_limits(2 * 10**9, 21 * 10**8, reclaim=False) == (None, 0)
-    assert budget_limits(None, 10**9) == (None, None)
+    assert budget_limits(None, 10**9, reclaim=True) == (None, None)  # unconstrained: MLX's defaults
+    assert budget_limits(None, 10**9, reclaim=False) == (None, None)
+    # auto bounds active plus cached by its plan's estimate where the allocator can hold
+    # to that, and leaves MLX's defaults where it cannot
+    assert budget_limits(AUTO, 3 * 10**9, reclaim=True) == (3 * 10**9, 3 * 10**9)
+    assert budget_limits(AUTO, 3 * 10**9, reclaim=False) == (None, None)
+    assert budget_limits(AUTO, 0, reclaim=True) == (None, None)  # a plan without an estimate
     cuda = getattr(mx, "cuda", None)
     assert reclaims_cache() == (mx.metal.is_available() or bool(cuda and cuda.is_available()))
 
@@ -191,6 +197,11 @@ def test_auto_is_frugal_at_no_cost_and_none_lifts_every_limit(pipe):
     assert not pipe.text_encoder.resident or n.plan.keep_text_encoder
     for stage, est in auto.stage_estimates.items():
         assert a.memory["stages"][stage]["peak_gb"] * 1e9 <= est, stage
+    # auto holds active plus cached memory to its estimate where the allocator can, none
+    # leaves MLX's limits alone
+    limits = (auto.estimated_peak_bytes,) * 2 if reclaims_cache() else (None, None)
+    assert (a.memory["memory_limit_bytes"], a.memory["cache_limit_bytes"]) == limits
+    assert (n.memory["memory_limit_bytes"], n.memory["cache_limit_bytes"]) == (None, None)
 
 
 def test_repeated_prompts_are_encoded_once(pipe):
