@@ -216,7 +216,8 @@ def _report(result, describe) -> None:
     print(f"memory plan: {describe(result.plan)}" + (f" (estimated peaks: {est})" if est else ""), file=sys.stderr)
     print(f"timings: {json.dumps(result.timings)}", file=sys.stderr)
     mem = result.memory
-    print(f"memory: peak {mem['peak_gb']:.3f} GB, mean-active {mem['mean_active_gb']:.3f} GB", file=sys.stderr)
+    print(f"memory: peak {mem['peak_gb']:.3f} GB, mean-active {mem['mean_active_gb']:.3f} GB, "
+          f"active+cached (sampled) {mem['sampled_footprint_gb']:.3f} GB", file=sys.stderr)
     for name, st in mem["stages"].items():
         print(f"  {name}: {st['seconds']:.2f} s, peak {st['peak_gb']:.3f} GB, "
               f"mean-active {st['mean_active_gb']:.3f} GB", file=sys.stderr)

@@ -40,6 +40,7 @@ def test_generate_writes_pngs_with_metadata_and_previews(model_dir, tmp_path):
         assert f"wrote {path}" in r.stdout
     assert len(list((tmp_path / "prev").glob("img-1-step*.png"))) == 4
     assert "4/4" in r.stderr  # the progress bar reached the end
+    assert "active+cached (sampled)" in r.stderr  # -v reports what MLX held, its cache included
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
 
 
