@@ -195,8 +195,10 @@ def vae_footprint(vae, fit: dict, **kw):
 
 
 def _strip_setup(tiny, quick):
-    """The VAE config (the full FLUX.2 one, or narrow channels with --tiny), the sizes, and
-    the strict and two-in-flight executions that the strip sections compare."""
+    """The VAE config (the full FLUX.2 one, or narrow channels with --tiny), the sizes, the
+    strip heights, and the strict and two-in-flight executions that the strip sections
+    compare. STRIPS_SIZES and STRIPS_ROWS (space-separated) replace the sizes and heights;
+    STRIPS_HOST=1 splits each part's host time."""
     from bonsai_mlx.execution import Execution
     from bonsai_mlx.random_weights import FLUX2_VAE
     from bonsai_mlx.vae import VAEConfig
@@ -206,7 +208,12 @@ def _strip_setup(tiny, quick):
         cfg.update(block_out_channels=[32, 32, 64, 64])
     keep = {k: v for k, v in cfg.items() if k in VAEConfig.__dataclass_fields__}
     sizes = ((64,) if quick else (64, 128)) if tiny else (512, 1024)
-    return keep, sizes, Execution(sync=True), Execution(sync=True, overlap=True)
+    if os.environ.get("STRIPS_SIZES"):  # e.g. "512"
+        sizes = tuple(int(v) for v in os.environ["STRIPS_SIZES"].split())
+    rows = [int(r) for r in os.environ.get("STRIPS_ROWS", "").split()] or ((16,) if tiny else (256, 128, 64, 32))
+    if os.environ.get("STRIPS_HOST"):  # splits each part's host time, as DIT_HOST does for steps
+        _instrument_pace()
+    return keep, sizes, rows, Execution(sync=True), Execution(sync=True, overlap=True)
 
 
 def section_strips(tiny, quick=False):
@@ -222,7 +229,7 @@ def section_strips(tiny, quick=False):
     from bonsai_mlx.memory import MemoryPlan, calibrate_vae, estimate
     from bonsai_mlx.vae import AutoencoderKLFlux2, VAEConfig
 
-    keep, sizes, strict, two = _strip_setup(tiny, quick)
+    keep, sizes, rows, strict, two = _strip_setup(tiny, quick)
     if os.environ.get("STRIPS_HELD_UPSAMPLER"):  # an experiment: every upsampler's output held, none read lazily
         from bonsai_mlx import vae_strips
 
@@ -231,11 +238,6 @@ def section_strips(tiny, quick=False):
         record("strips with the last upsampler held")
     cases = [("whole, one graph (none)", None, None, Execution()), ("whole, block by block, strict", None, None, strict),
              ("whole, block by block, two in flight (auto)", None, None, two)]
-    rows = [int(r) for r in os.environ.get("STRIPS_ROWS", "").split()] or ((16,) if tiny else (256, 128, 64, 32))
-    if os.environ.get("STRIPS_SIZES"):  # e.g. "512"
-        sizes = tuple(int(v) for v in os.environ["STRIPS_SIZES"].split())
-    if os.environ.get("STRIPS_HOST"):  # splits each decode's host time, as DIT_HOST does for steps
-        _instrument_pace()
     for strip in rows:
         cases += [(f"{strip}-row strips, two in flight", strip, None, two),
                   (f"{strip}-row strips, strict", strip, None, strict)]
@@ -304,13 +306,8 @@ def section_encode(tiny, quick=False):
     from bonsai_mlx.memory import MemoryPlan, calibrate_vae, calibrate_vae_encoder, estimate, vae_enc_held_per_pixel
     from bonsai_mlx.vae import AutoencoderKLFlux2, VAEConfig
 
-    keep, sizes, strict, two = _strip_setup(tiny, quick)
+    keep, sizes, rows, strict, two = _strip_setup(tiny, quick)
     cases = [("whole, one graph (as run without strips)", None, Execution())]
-    rows = [int(r) for r in os.environ.get("STRIPS_ROWS", "").split()] or ((16,) if tiny else (256, 128, 64, 32))
-    if os.environ.get("STRIPS_SIZES"):  # e.g. "512"
-        sizes = tuple(int(v) for v in os.environ["STRIPS_SIZES"].split())
-    if os.environ.get("STRIPS_HOST"):  # splits each decode's host time, as DIT_HOST does for steps
-        _instrument_pace()
     for strip in rows:
         cases += [(f"{strip}-row strips, two in flight", strip, two), (f"{strip}-row strips, strict", strip, strict)]
     runs, warmup = (2, 1) if tiny else (5, 2)
