@@ -17,7 +17,7 @@ from mlx.utils import tree_flatten
 from .errors import BonsaiError, NonFiniteError
 from .lora import LoraSet
 from .memory import (Footprint, MemoryMonitor, MemoryPlan, budget_limits, calibrate_vae, calibrate_vae_encoder,
-                     conservative_vae_scratch, mlx_limits, vae_enc_held_per_pixel, vae_held_per_pixel)
+                     conservative_vae_scratch, MlxLimits, vae_enc_held_per_pixel, vae_held_per_pixel)
 from .packed_linear import PackedLinear, auto_backend
 from .results import GenerationResult, StepEvent, to_pil
 from .scheduler import denoise, first_step, flux2_sigmas, noised
@@ -240,13 +240,15 @@ class Request:
 def run(models: Models, req: Request, plan: MemoryPlan,
         budget: int | str | None = None) -> Iterator[StepEvent | GenerationResult]:
     """The stages of one generation under `plan`: a StepEvent after every denoising step,
-    then the GenerationResult. Closing the generator stops it between steps. The `budget`
-    the plan was made for (bytes, AUTO or None) sets MLX's memory and buffer-cache limits
-    for the run (memory.budget_limits)."""
+    then the GenerationResult. Closing the generator stops it between steps. `budget`
+    (bytes, AUTO or None) sets MLX's memory and buffer-cache limits for the run with the
+    plan's estimate (memory.budget_limits); under AUTO the plan must be the one chosen for
+    this request, or the budget None."""
     te, timings, t_start = models.text_encoder, {}, time.perf_counter()
     ex = plan.execution
-    memory_limit, cache_bytes = budget_limits(budget, plan.estimated_peak_bytes)
-    with mlx_limits(memory_limit, cache_bytes), MemoryMonitor() as mon:
+    memory_limit, cache_bytes = budget_limits(budget, plan.estimated_peak_bytes, held=mx.get_active_memory())
+    limits = MlxLimits(memory_limit, cache_bytes)
+    with limits, MemoryMonitor() as mon:
         with mon.stage("text_encoding"):
             if not plan.transformer_in_text and models.transformer is not None:
                 models.release_transformer()
@@ -313,7 +315,8 @@ def run(models: Models, req: Request, plan: MemoryPlan,
                 event = StepEvent(step.index + 1, n, step.sigma, step.sigma_next, time.perf_counter() - t_start)
                 if req.preview and ((step.index + 1) % max(1, req.preview_every) == 0 or step.index + 1 == n):
                     event.preview = req.preview(step.x0)
-                yield event
+                with limits.paused():  # the caller's work between steps is not held to the run's limit
+                    yield event
             del model, ctx, neg_ctx, step, encoded
         timings["denoising_s"] = time.perf_counter() - t_denoise
 
@@ -339,7 +342,8 @@ def run(models: Models, req: Request, plan: MemoryPlan,
         image=to_pil(images)[0], prompt=req.prompt, negative_prompt=req.negative_prompt if req.use_cfg else None,
         seed=req.seed, steps=req.steps, guidance=req.guidance if req.use_cfg else 1.0, width=req.width,
         height=req.height, model=req.model, timings=timings, array=np.array(images.astype(mx.float32))[0],
-        plan=plan, memory={**mon.report.as_dict(), "memory_limit_bytes": memory_limit, "cache_limit_bytes": cache_bytes},
+        plan=plan,
+        memory={**mon.report.as_dict(), "memory_limit_bytes": memory_limit, "cache_limit_bytes": cache_bytes},
         edit=edit_info(req), loras=[(lora.name, lora.source, lora.scale) for lora in models.loras],
     )
 

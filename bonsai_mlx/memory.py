@@ -83,9 +83,10 @@ def reclaims_cache() -> bool:
     return mx.metal.is_available() or bool(cuda and cuda.is_available())
 
 
-def budget_limits(budget, estimate: int, reclaim: bool | None = None) -> tuple[int | None, int | None]:
+def budget_limits(budget, estimate: int, reclaim: bool | None = None, held: int = 0) -> tuple[int | None, int | None]:
     """(memory limit, cache limit) for a run under `budget` (bytes, AUTO or None) whose plan
-    is estimated at `estimate` bytes; None leaves a limit alone.
+    is estimated at `estimate` bytes, with `held` bytes of MLX memory active as it starts;
+    None leaves a limit alone.
 
     Freed buffers that MLX keeps for reuse are not active memory but still the process's
     memory on a unified-memory device, so a byte budget bounds active plus cached bytes.
@@ -94,12 +95,14 @@ def budget_limits(budget, estimate: int, reclaim: bool | None = None) -> tuple[i
     a chunked step reuses its buffers instead of asking the device for new ones each time.
     Elsewhere only the cache's size can be bounded, to the headroom the plan leaves.
 
-    The auto plan has no budget of its own: its estimate stands in for one where the
-    allocator reclaims (without it, MLX's cache grows toward most of the device's memory),
-    and MLX's defaults stay elsewhere. An unconstrained run (None) changes nothing."""
+    The auto plan has no budget of its own. Where the allocator reclaims, its estimate plus
+    what was already held stands in for one (without a limit MLX's cache grows toward most
+    of the device's memory): what the estimate does not count (another model, the caller's
+    arrays) then never pushes active memory over the limit, where MLX would wait on the
+    work in flight. MLX's defaults stay elsewhere, and for an unconstrained run (None)."""
     reclaim = reclaims_cache() if reclaim is None else reclaim
     if budget == AUTO:
-        return (estimate, estimate) if reclaim and estimate else (None, None)
+        return (estimate + held,) * 2 if reclaim and estimate else (None, None)
     if budget is None:
         return None, None
     if reclaim:
@@ -107,24 +110,67 @@ def budget_limits(budget, estimate: int, reclaim: bool | None = None) -> tuple[i
     return None, max(budget - estimate, 0)
 
 
-@contextmanager
-def mlx_limits(memory: int | None = None, cache: int | None = None):
-    """Set MLX's memory limit and buffer-cache limit inside the block, and restore the
-    previous ones afterwards, also on errors and cancellation, unless something else
-    changed one meanwhile (another run, the caller): theirs stays. None leaves a limit alone.
-    Buffers cached before the block are dropped when they would put it over its memory limit
-    from the start (an allocator trims its cache only when it allocates)."""
-    setters = [(f, v) for f, v in ((mx.set_memory_limit, memory), (mx.set_cache_limit, cache)) if v is not None]
-    previous = [(f, v, f(v)) for f, v in setters]
-    if memory is not None and mx.get_active_memory() + mx.get_cache_memory() > memory:
-        mx.clear_cache()
-    try:
-        yield
-    finally:
-        for f, mine, old in reversed(previous):
-            current = f(old)
-            if current != mine:
-                f(current)
+class MlxLimits:
+    """MLX's memory limit and buffer-cache limit (None leaves one alone) while a run is
+    inside the block, restored afterwards, also on errors and cancellation.
+
+    The limits are process-wide, so the runs inside share one record: the newest run's
+    limits hold while it is inside, an older run's come back when it leaves, and the
+    limits from before the first run come back when the last one leaves, in whatever order
+    they leave. A limit that something else changed meanwhile stays as they set it.
+    `paused()` lifts the memory limit while the run waits on its caller between steps: work
+    the caller does then is not held to the run's limit."""
+
+    _lock = threading.Lock()
+    _inside: list = []  # the runs inside and not paused, oldest first
+    _saved: dict = {}  # setter -> (the value from before, the value last set)
+
+    def __init__(self, memory: int | None = None, cache: int | None = None):
+        self.values = {mx.set_memory_limit: memory, mx.set_cache_limit: cache}
+
+    def __enter__(self):
+        with self._lock:
+            self._inside.append(self)
+            self._apply()
+        memory = self.values[mx.set_memory_limit]
+        # An allocator trims its cache only when it allocates: buffers cached before the run
+        # that already put it over its limit are dropped now.
+        if memory is not None and mx.get_active_memory() + mx.get_cache_memory() > memory:
+            mx.clear_cache()
+        return self
+
+    def __exit__(self, *exc):
+        with self._lock:
+            if self in self._inside:
+                self._inside.remove(self)
+            self._apply()
+
+    @contextmanager
+    def paused(self):
+        memory = self.values[mx.set_memory_limit]
+        with self._lock:
+            self.values[mx.set_memory_limit] = None
+            self._apply()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.values[mx.set_memory_limit] = memory
+                self._apply()
+
+    @classmethod
+    def _apply(cls):
+        for f in (mx.set_memory_limit, mx.set_cache_limit):
+            want = next((r.values[f] for r in reversed(cls._inside) if r.values[f] is not None), None)
+            if want is not None:
+                current = f(want)
+                before, ours = cls._saved.get(f, (current, current))
+                cls._saved[f] = (current if current != ours else before, want)  # theirs, if changed
+            elif f in cls._saved:
+                before, ours = cls._saved.pop(f)
+                current = f(before)
+                if current != ours:  # changed meanwhile: theirs stays
+                    f(current)
 
 
 # ---------------------------------------------------------------------------- measuring
@@ -177,11 +223,16 @@ class MemoryMonitor:
 
     def __init__(self, interval_s: float = 0.05):
         self.report = MemoryReport(interval_s)
+        self._sampling = threading.Lock()  # the sampler thread and stage() both take samples
         self._stop = threading.Event()
         self._thread = None
         self._t0 = 0.0
 
     def _sample(self):
+        with self._sampling:
+            self._take_sample()
+
+    def _take_sample(self):
         # The two figures are read one after the other while buffers move between them: a
         # buffer freed into the cache in between would count twice in active + cached, so
         # the active figure is read on both sides and the smaller sum kept.

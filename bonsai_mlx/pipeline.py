@@ -423,14 +423,17 @@ class BonsaiPipeline:
             raise BonsaiError(f"strength {edit.strength} leaves no step of {steps} to run; raise strength or steps")
         use_cfg = guidance > 1.0 and not self.is_distilled
         budget = self.memory_budget if memory_budget == "default" else parse_budget(memory_budget)
-        if plan is None:  # refuses up front when nothing fits
+        chosen = plan is None
+        if chosen:  # refuses up front when nothing fits
             plan = self.plan(width, height, budget, cfg=use_cfg, images=edit.sizes)
         noise, seed = initial_noise(self.models.transformer_info["config"].in_channels, seed, latents, width, height)
         req = Request(prompt, negative_prompt, width, height, steps, guidance, use_cfg, seed, noise, self.model,
                       (lambda x0: self.preview(x0, width, height)) if preview else None, preview_every,
                       edit.references, edit.init_image, edit.mask, edit.strength)
         # Everything above runs now, so bad arguments fail at the call, not at the first next().
-        return one_at_a_time(self._busy, executor.run(self.models, req, plan, budget))
+        # auto's limits follow the estimate of its own plan; a caller's plan may be for another request
+        limits = budget if chosen or budget != AUTO else None
+        return one_at_a_time(self._busy, executor.run(self.models, req, plan, limits))
 
     def generate(self, prompt: str, width: int | None = None, height: int | None = None, steps: int | None = None,
                  seed: int | None = None, guidance: float | None = None, negative_prompt: str | None = None,

@@ -196,9 +196,9 @@ def vae_footprint(vae, fit: dict, **kw):
 
 def _strip_setup(tiny, quick):
     """The VAE config (the full FLUX.2 one, or narrow channels with --tiny), the sizes, the
-    strip heights, and the strict and two-in-flight executions that the strip sections
-    compare. STRIPS_SIZES and STRIPS_ROWS (space-separated) replace the sizes and heights;
-    STRIPS_HOST=1 splits each part's host time."""
+    strip heights, the dtypes, and the strict and two-in-flight executions that the strip
+    sections compare. STRIPS_SIZES, STRIPS_ROWS and STRIPS_DTYPES (space-separated) replace
+    the sizes, heights and dtypes; STRIPS_HOST=1 splits each run's host time."""
     from bonsai_mlx.execution import Execution
     from bonsai_mlx.random_weights import FLUX2_VAE
     from bonsai_mlx.vae import VAEConfig
@@ -211,9 +211,17 @@ def _strip_setup(tiny, quick):
     if os.environ.get("STRIPS_SIZES"):  # e.g. "512"
         sizes = tuple(int(v) for v in os.environ["STRIPS_SIZES"].split())
     rows = [int(r) for r in os.environ.get("STRIPS_ROWS", "").split()] or ((16,) if tiny else (256, 128, 64, 32))
+    dtypes = [getattr(mx, d) for d in os.environ.get("STRIPS_DTYPES", "float16 bfloat16").split()]
     if os.environ.get("STRIPS_HOST"):  # splits each part's host time, as DIT_HOST does for steps
         _instrument_pace()
-    return keep, sizes, rows, Execution(sync=True), Execution(sync=True, overlap=True)
+    return keep, sizes, rows, dtypes, Execution(sync=True), Execution(sync=True, overlap=True)
+
+
+def _record_host(name: str, ms, runs: int):
+    """With STRIPS_HOST=1: a timed decode or encode's host time per run (timed and warm-up
+    runs), split as `_instrument_pace` splits it."""
+    if ms and os.environ.get("STRIPS_HOST"):
+        record(name, run_ms=ms, **{f"{k}_ms": 1e3 * v / runs for k, v in HOST.items()})
 
 
 def section_strips(tiny, quick=False):
@@ -229,7 +237,7 @@ def section_strips(tiny, quick=False):
     from bonsai_mlx.memory import MemoryPlan, calibrate_vae, estimate
     from bonsai_mlx.vae import AutoencoderKLFlux2, VAEConfig
 
-    keep, sizes, rows, strict, two = _strip_setup(tiny, quick)
+    keep, sizes, rows, dtypes, strict, two = _strip_setup(tiny, quick)
     if os.environ.get("STRIPS_HELD_UPSAMPLER"):  # an experiment: every upsampler's output held, none read lazily
         from bonsai_mlx import vae_strips
 
@@ -246,8 +254,7 @@ def section_strips(tiny, quick=False):
         cases += [(f"exact {tiles[0]} px tiles, strict", None, tiles[0], strict),
                   (f"exact {tiles[1]} px tiles, two in flight", None, tiles[1], two)]
     runs, warmup = (2, 1) if tiny else (5, 2)
-    dtypes = os.environ.get("STRIPS_DTYPES", "float16 bfloat16").split()
-    for dtype in (getattr(mx, d) for d in dtypes):
+    for dtype in dtypes:
         dname = str(dtype).rpartition(".")[2]
         vae = AutoencoderKLFlux2(VAEConfig(**keep), has_encoder=False)
         vae.set_dtype(dtype)
@@ -287,9 +294,8 @@ def section_strips(tiny, quick=False):
                        overlap=ex.overlap, estimate_mb=est, first_call_extra_peak_mb=first_mb,
                        max_diff_vs_whole=diff, rel_diff_vs_whole=rel,
                        whole_max_abs=float(np.abs(whole).max()))
-                if ms and os.environ.get("STRIPS_HOST") and not slow:  # per decode, timed and warm-up runs
-                    record(f"vae host {size} {dname} {label}", decode_ms=ms,
-                           **{f"{k}_ms": 1e3 * v / (runs + warmup) for k, v in HOST.items()})
+                if not slow:
+                    _record_host(f"vae host {size} {dname} {label}", ms, runs + warmup)
             del z, whole
         del vae
 
@@ -306,12 +312,12 @@ def section_encode(tiny, quick=False):
     from bonsai_mlx.memory import MemoryPlan, calibrate_vae, calibrate_vae_encoder, estimate, vae_enc_held_per_pixel
     from bonsai_mlx.vae import AutoencoderKLFlux2, VAEConfig
 
-    keep, sizes, rows, strict, two = _strip_setup(tiny, quick)
+    keep, sizes, rows, dtypes, strict, two = _strip_setup(tiny, quick)
     cases = [("whole, one graph (as run without strips)", None, Execution())]
     for strip in rows:
         cases += [(f"{strip}-row strips, two in flight", strip, two), (f"{strip}-row strips, strict", strip, strict)]
     runs, warmup = (2, 1) if tiny else (5, 2)
-    for dtype in (mx.float16, mx.bfloat16):
+    for dtype in dtypes:
         dname = str(dtype).rpartition(".")[2]
         vae = AutoencoderKLFlux2(VAEConfig(**keep))
         vae.set_dtype(dtype)
@@ -334,11 +340,13 @@ def section_encode(tiny, quick=False):
                 except Exception as e:  # noqa: BLE001 - a profile keeps going
                     record(f"vae encode {size} {dname} {label}", err=repr(e)[:300])
                     continue
-                timeit(f"vae encode {size} {dname} {label}", fn, runs=runs, warmup=warmup, size=size, dtype=dname,
+                HOST.update(encode=0.0, wait=0.0)
+                ms = timeit(f"vae encode {size} {dname} {label}", fn, runs=runs, warmup=warmup, size=size, dtype=dname,
                        strip=strip, sync=ex.sync, overlap=ex.overlap, estimate_mb=est,
                        max_diff_vs_whole=float(np.abs(got - whole).max()),
                        rel_diff_vs_whole=float(np.linalg.norm(got - whole) / np.linalg.norm(whole)),
                        whole_max_abs=float(np.abs(whole).max()))
+                _record_host(f"vae encode host {size} {dname} {label}", ms, runs + warmup)
             del pixels, whole
         del vae
 
@@ -400,11 +408,12 @@ def section_dit(tiny, root, quick=False):
     if os.environ.get("DIT_CACHE_LIMIT"):  # as a budgeted run limits MLX's buffer cache (bytes)
         mx.set_cache_limit(int(os.environ["DIT_CACHE_LIMIT"]))
         record("dit cache limit", bytes=int(os.environ["DIT_CACHE_LIMIT"]))
-    if os.environ.get("DIT_MEMORY_LIMIT"):  # as a budgeted run limits MLX where its allocator reclaims the cache
-        limit = int(os.environ["DIT_MEMORY_LIMIT"])
-        mx.set_memory_limit(limit)
-        mx.set_cache_limit(limit)
-        record("dit memory limit", bytes=limit)
+    if os.environ.get("DIT_MEMORY_LIMIT"):  # the limits a run under this budget (bytes) sets here
+        from bonsai_mlx.memory import MlxLimits, budget_limits
+
+        memory, cache = budget_limits(int(os.environ["DIT_MEMORY_LIMIT"]), 0)
+        MlxLimits(memory, cache).__enter__()  # for the rest of this process
+        record("dit limits", memory_bytes=memory, cache_bytes=cache)
     settings = [("one graph", Execution()), ("block by block", Execution(sync=True)),
                 ("block by block, two in flight", Execution(sync=True, overlap=True)),
                 ("block by block, 2048-token chunks", Execution(2048, None, True)),
