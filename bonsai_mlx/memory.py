@@ -229,16 +229,13 @@ class MemoryMonitor:
         self._t0 = 0.0
 
     def _sample(self):
-        with self._sampling:
-            self._take_sample()
-
-    def _take_sample(self):
         # The two figures are read one after the other while buffers move between them: a
         # buffer freed into the cache in between would count twice in active + cached, so
         # the active figure is read on both sides and the smaller sum kept.
-        active, cached, after = mx.get_active_memory(), mx.get_cache_memory(), mx.get_active_memory()
-        self.report.samples.append((time.perf_counter() - self._t0, active))
-        self.report.sampled_footprint_bytes = max(self.report.sampled_footprint_bytes, cached + min(active, after))
+        with self._sampling:
+            active, cached, after = mx.get_active_memory(), mx.get_cache_memory(), mx.get_active_memory()
+            self.report.samples.append((time.perf_counter() - self._t0, active))
+            self.report.sampled_footprint_bytes = max(self.report.sampled_footprint_bytes, cached + min(active, after))
 
     def _run(self):
         while not self._stop.wait(self.report.interval_s):

@@ -401,7 +401,7 @@ def read_rows(path: Path, info: TensorInfo, rows) -> mx.array:
         raise WeightsError(f"cannot read {path}: {e}") from None
     finally:
         os.close(fd)
-    raw = np.frombuffer(bytes(out), dtype=_RAW[DTYPE_BYTES[info.dtype]]).reshape(len(rows), *info.shape[1:])
+    raw = np.frombuffer(out, dtype=_RAW[DTYPE_BYTES[info.dtype]]).reshape(len(rows), *info.shape[1:])
     return mx.array(raw).view(_MX_DTYPES[info.dtype])
 
 

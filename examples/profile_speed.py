@@ -290,10 +290,10 @@ def section_strips(tiny, quick=False):
                 slow = tile is not None
                 HOST.update(encode=0.0, wait=0.0)
                 ms = timeit(f"vae decode {size} {dname} {label}", fn, runs=1 if slow else runs,
-                       warmup=1 if slow else warmup, size=size, dtype=dname, strip=strip, tile=tile, sync=ex.sync,
-                       overlap=ex.overlap, estimate_mb=est, first_call_extra_peak_mb=first_mb,
-                       max_diff_vs_whole=diff, rel_diff_vs_whole=rel,
-                       whole_max_abs=float(np.abs(whole).max()))
+                            warmup=1 if slow else warmup, size=size, dtype=dname, strip=strip, tile=tile, sync=ex.sync,
+                            overlap=ex.overlap, estimate_mb=est, first_call_extra_peak_mb=first_mb,
+                            max_diff_vs_whole=diff, rel_diff_vs_whole=rel,
+                            whole_max_abs=float(np.abs(whole).max()))
                 if not slow:
                     _record_host(f"vae host {size} {dname} {label}", ms, runs + warmup)
             del z, whole
@@ -342,10 +342,10 @@ def section_encode(tiny, quick=False):
                     continue
                 HOST.update(encode=0.0, wait=0.0)
                 ms = timeit(f"vae encode {size} {dname} {label}", fn, runs=runs, warmup=warmup, size=size, dtype=dname,
-                       strip=strip, sync=ex.sync, overlap=ex.overlap, estimate_mb=est,
-                       max_diff_vs_whole=float(np.abs(got - whole).max()),
-                       rel_diff_vs_whole=float(np.linalg.norm(got - whole) / np.linalg.norm(whole)),
-                       whole_max_abs=float(np.abs(whole).max()))
+                            strip=strip, sync=ex.sync, overlap=ex.overlap, estimate_mb=est,
+                            max_diff_vs_whole=float(np.abs(got - whole).max()),
+                            rel_diff_vs_whole=float(np.linalg.norm(got - whole) / np.linalg.norm(whole)),
+                            whole_max_abs=float(np.abs(whole).max()))
                 _record_host(f"vae encode host {size} {dname} {label}", ms, runs + warmup)
             del pixels, whole
         del vae
