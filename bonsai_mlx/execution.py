@@ -46,6 +46,10 @@ class Execution:
             step = -(-step // 128) * 128
         return _spans(hidden, step)
 
+    def in_parts(self, length: int) -> bool:
+        """Whether a block of `length` tokens runs in parts: token chunks or hidden passes."""
+        return len(self.chunks(length)) > 1 or self.hidden_parts > 1
+
     def pace(self, active: bool = True) -> "Pace":
         """A pacer for one loop over parts (blocks, chunks); inactive when not running in parts."""
         return Pace(self, self.sync and active)

@@ -81,7 +81,7 @@ def metal_kernels(fmts=FORMATS, config: KernelConfig = DEFAULT_CONFIG) -> tuple[
             ],
             "slab_min_m": {fmt: config.slab_min_m[fmt] for fmt in fmts},
             "slab": {
-                "let": [["cap0", f"min({config.slab_max_elements} // K, N // 2)"],
+                "let": [["cap0", f"min({config.slab_max_elements} // K, N)"],
                         ["mult", f"{config.slab_row_multiple} if cap0 >= {config.slab_row_multiple} else 1"],
                         ["cap", "max(1, cap0 - cap0 % mult)"],
                         ["rows", "ceil_div(ceil_div(N, ceil_div(N, cap)), mult) * mult"]],

@@ -122,17 +122,16 @@ class KernelConfig:
     # rewrite): the slab beat the fused GEMM from M = 1024 for ternary on all five klein
     # shapes; for binary from M = 1536 on three and from 4608 on 3072x3072 and 3072x12288.
     slab_min_m: ByFormat = ByFormat(binary=1536, ternary=1024)
-    # Slab cap: at most 8M weights (16 MB at 2 bytes) and at most N/2 rows, whole
-    # slab_row_multiple rows when that leaves any. Why 16 MB: it is a third of an H200's
-    # 50 MB L2, so the slab the decode has just written is still mostly in L2 when the matmul
-    # reads it, with room for the x and output tiles streaming past; and it is a bounded
-    # scratch, reused slab after slab, instead of a dense 16-bit copy of a whole weight matrix
-    # (for klein's 27648 x 3072 that copy would be 170 MB). Why N/2: a matrix of at most 8M
-    # weights (2048 x 3072, say) would otherwise be a single slab, a dense copy of all of it;
-    # with N/2 no slab is ever the whole matrix (N >= 2), whatever the shape. Why 128 rows:
-    # the slab is the matmul's N, and 128 keeps its tiles whole. Smaller slabs mean more
-    # launches (MLX's per-call floor is ~10 us) and smaller matmuls.
-    slab_max_elements: int = 8 << 20
+    # Slab cap: at most 16M weights (32 MB at 2 bytes), whole slab_row_multiple rows when that
+    # leaves any; a matrix within the cap is one slab, so its product needs no concatenation.
+    # The slab is a bounded scratch, reused slab after slab, never a dense 16-bit copy of a
+    # large matrix (for klein's 27648 x 3072 that copy would be 170 MB). Why 16M: fewer,
+    # larger slabs mean fewer launches (MLX's per-call floor is ~10 us), larger matmuls and
+    # fewer concatenated parts. On an H200, against 8M weights and at least two slabs a matrix,
+    # ternary steps took 0.87x the time whole at 512 px and 0.8-0.9x in 1024-token chunks at
+    # 1024 px; binary ones were unchanged (docs/benchmarks.md, c23). Why 128 rows: the slab is
+    # the matmul's N, and 128 keeps its tiles whole.
+    slab_max_elements: int = 16 << 20
     slab_row_multiple: int = 128
     # Decode launch: a lane writes CPT chunks of 8 weights, one 16-byte store each; a
     # simdgroup owns a segment of 32 CPT chunks (256 CPT weights) of one row, NSG simdgroups
@@ -418,12 +417,12 @@ def choose_path(M: int, dtype: mx.Dtype, backend: str, fmt: str, config: KernelC
 
 
 def slab_rows(N: int, K: int, config: KernelConfig = DEFAULT_CONFIG) -> int:
-    """Weight rows per slab for W [N, K]: at most config.slab_max_elements weights and N // 2 rows
+    """Weight rows per slab for W [N, K]: at most config.slab_max_elements weights and N rows
     (a multiple of config.slab_row_multiple when that leaves any, at least 1), then evened out
     over the slabs that takes, so the last slab is not a sliver.
-    klein 4B: 3072x3072 -> 1536 (2 slabs), 18432x3072 -> 2688 (7), 3072x9216 -> 768 (4),
+    klein 4B: 3072x3072 -> 3072 (1 slab), 18432x3072 -> 4608 (4), 3072x9216 -> 1536 (2),
     27648x3072 -> 2560 (11), 3072x12288 -> 640 (5)."""
-    cap = min(config.slab_max_elements // K, N // 2)
+    cap = min(config.slab_max_elements // K, N)
     mult = config.slab_row_multiple if cap >= config.slab_row_multiple else 1
     cap = max(1, cap - cap % mult)
     rows = _ceil_div(N, _ceil_div(N, cap))

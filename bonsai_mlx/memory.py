@@ -363,7 +363,8 @@ class Footprint:
 
 
 OVERHEAD = 48 * 2**20  # allocator slack, small arrays, ids, schedules
-SLAB_SCRATCH = 16 * 2**20  # one decoded slab: kernels.KernelConfig.slab_max_elements 16-bit weights
+SLAB_ELEMENTS = 16 << 20  # weights per decoded slab at most: kernels.KernelConfig.slab_max_elements
+SLAB_SCRATCH = 2 * SLAB_ELEMENTS  # one decoded slab of 16-bit weights
 VAE_MARGIN = 104  # pixels of context a decoder tile needs on each side (FLUX.2 VAE)
 STRIP_HALO = 2  # rows beyond a full-resolution strip that its 3x3 convolutions read
 SAFETY = 1.10
@@ -468,13 +469,18 @@ def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batch
     matmul = 2 * c * N * 4 + 2 * N * 512 * 4 + c * (D + F) * 4 if fp.reference_matmul else 0
     # A LoRA adapter's update (x A^T) B^T and the sum with the base output, beside the base's.
     matmul += 2 * c * N * s if fp.lora else 0
-    # A chunk on the slab path: the widest linear output (the projection's q/k/v or MLP
-    # rows) once more, as its parts and their concatenation, and one decoded slab. A whole block's
-    # are in the measured OVERLAP_BLOCKS. Measured for ternary (slab from 1024 tokens),
-    # 1024-token chunks two in flight, 1024 px: 0.89 GB above the weights, against 0.52 GB
-    # for binary (the fused GEMM up to 1535), docs/results/h200-profile-dit-c8.json.
-    widest = max(3 * D, 2 * F if plan.hidden_parts <= 1 else 2 * h)
-    slab = c * widest * s + SLAB_SCRATCH if fp.slab_tokens and c >= fp.slab_tokens else 0
+    # A chunk on the slab path: the widest output of a linear that takes more than one slab
+    # (SLAB_ELEMENTS weights) once more, as its parts and their concatenation. Those linears
+    # are the projection's q/k/v rows (3D), the output projections (D) and the MLP rows, all
+    # 2F at once or an MLP pass's gate and up rows (h each, separate linears). A whole
+    # block's are in the measured OVERLAP_BLOCKS. One decoded slab (SLAB_SCRATCH) is counted
+    # once per step, not per part in flight: with 32 MB slabs the profiles peaked no higher
+    # than with 16 MB ones (ternary 1024-token chunks, MLP in 4 passes, 1024 px: 0.48-0.56
+    # GB against 0.47-0.67 GB in the same calls, h200-profile-c24-*, docs/benchmarks.md).
+    on_slab = bool(fp.slab_tokens) and c >= fp.slab_tokens
+    split = [n for n in (3 * D, D, 2 * F if plan.hidden_parts <= 1 else h) if n * D > SLAB_ELEMENTS]
+    slab = c * max(split, default=0) * s if on_slab else 0
+    scratch = SLAB_SCRATCH if on_slab else 0
     rows = plan.attention_rows or L
     scores = 0 if fp.fused_attention else 2 * _attention_scores(fp.transformer_heads, rows, L)
     resident = fp.vae_bytes + fp.cached_prompt_bytes
@@ -500,6 +506,7 @@ def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batch
         acts = held + OVERLAP_PARTS * (chunk + matmul + slab + scores) if parts else OVERLAP_BLOCKS * acts
     else:
         acts = STRICT_WHOLE * acts if c == L else STRICT_CHUNKED * (acts + slab)
+    acts += scratch
     # Encoded condition tokens (float32) and, per CFG batch, their embedding, beside the text's.
     refs = L_ref * fp.latent_channels * 4 + cfg_batches * L_ref * D * s
     text_act = fp.text_len * fp.text_hidden * 4 * 10 + _attention_scores(fp.text_heads, fp.text_len, fp.text_len)

@@ -229,9 +229,8 @@ class JointAttention(nn.Module):
         concatenated. Returns the image and text outputs."""
         B, L_txt, D = txt.shape
         L = L_txt + img.shape[1]
-        chunked = len(ex.chunks(max(L_txt, img.shape[1]))) > 1
         bufs = [ex.buffer((B, L, self.heads, D // self.heads), txt.dtype) for _ in range(3)]
-        pace = ex.pace(chunked)
+        pace = ex.pace(ex.in_parts(max(L_txt, img.shape[1])))
         for x, off, pq, pk, pv, nq, nk in (
                 (txt, 0, self.add_q_proj, self.add_k_proj, self.add_v_proj, self.norm_added_q, self.norm_added_k),
                 (img, L_txt, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)):
@@ -287,7 +286,7 @@ class ParallelAttention(nn.Module):
         B, L, _ = x.shape
         D, proj = self.dim, self.to_qkv_mlp_proj
         bufs = [ex.buffer((B, L, self.heads, D // self.heads), x.dtype) for _ in range(3)]
-        pace = ex.pace(len(ex.chunks(L)) > 1)
+        pace = ex.pace(ex.in_parts(L))
         for r0, r1 in ex.chunks(L):
             h = linear_rows(proj, x[:, r0:r1], 0, 3 * D)  # [B, c, 3D]
             qc, kc, vc = (h[..., i * D:(i + 1) * D].reshape(B, r1 - r0, self.heads, -1) for i in range(3))

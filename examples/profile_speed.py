@@ -425,10 +425,8 @@ def section_dit(tiny, root, quick=False):
         settings += [(f"block by block, MLP in {parts} parts", Execution(sync=True, hidden_parts=parts)),
                      (f"block by block, MLP in {parts} parts, two in flight",
                       Execution(sync=True, overlap=True, hidden_parts=parts))]
-    settings += [("block by block, 2048-token chunks, MLP in 4 parts, two in flight",
-                  Execution(2048, None, True, True, hidden_parts=4))]
-    settings += [(f"block by block, 1024-token chunks, MLP in {parts} parts, two in flight",
-                  Execution(1024, None, True, True, hidden_parts=parts)) for parts in (2, 4)]
+    settings += [(f"block by block, {chunk}-token chunks, MLP in {parts} parts, two in flight",
+                  Execution(chunk, None, True, True, hidden_parts=parts)) for chunk in (2048, 1024) for parts in (2, 4)]
     if os.environ.get("DIT_SETTINGS"):  # a subset by label substring, e.g. "parts|flight"
         import re
         settings = [s for s in settings if re.search(os.environ["DIT_SETTINGS"], s[0])]

@@ -145,3 +145,32 @@ def test_kept_chunks_must_come_in_order():
     cols = Execution(sync=True, overlap=True).buffer((1, 2, 6), mx.float32)
     with pytest.raises(ValueError, match="in order"):
         cols.write_columns(2, 4, mx.zeros((1, 2, 2)))
+
+
+def test_a_block_runs_in_parts_with_token_chunks_or_hidden_passes():
+    assert not ONE_GRAPH.in_parts(10) and not Execution(token_chunk=16, sync=True).in_parts(10)
+    assert Execution(token_chunk=4).in_parts(10) and Execution(hidden_parts=2).in_parts(10)
+
+
+def test_a_block_in_hidden_passes_evaluates_its_attention_inputs_on_their_own(monkeypatch):
+    """Whole tokens in hidden passes: q, k, v and the attention output are parts of their
+    own, so the passes that follow do not hold the projection's temporaries with theirs."""
+    from bonsai_mlx import transformer as T
+    from bonsai_mlx.config import TransformerConfig
+
+    cfg = TransformerConfig(num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=16,
+                            joint_attention_dim=32, in_channels=8, axes_dims_rope=(4, 4, 4, 4))
+    block = T.SingleStreamBlock(cfg)
+    L, D = 12, cfg.inner_dim
+    x = mx.random.normal((1, L, D))
+    mod = [mx.zeros((1, 1, D))] * 3
+    rope = T.rope_rotation(mx.broadcast_to(mx.arange(L)[:, None], (L, 4)), cfg.axes_dims_rope, cfg.rope_theta)
+    want = block(x, mod, rope)
+    mx.eval(want)
+    for overlap in (False, True):
+        spy = Spy(monkeypatch)
+        got = block(x, mod, rope, Execution(sync=True, overlap=overlap, hidden_parts=2))
+        monkeypatch.undo()
+        # q, k, v; the attention output; two passes; the output projection
+        assert len([c for c in spy.calls if c[0] == ("async" if overlap else "eval")]) == 5
+        np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-5)

@@ -200,18 +200,21 @@ def test_launcher_follows_the_plan_at_the_boundaries(monkeypatch):
         calls.clear()
         y = kernels.packed_matmul(mx.zeros((2, hi // 2, 256), mx.bfloat16), pw, "cuda")
         assert y.shape == (2, hi // 2, 512) and y.dtype == mx.bfloat16
-        assert calls == [(f"{fmt}_decode", 256), (f"{fmt}_decode", 256)]  # N // 2 rows per slab
+        assert calls == [(f"{fmt}_decode", 512)]  # within the cap: one slab, nothing to concatenate
 
 
 @pytest.mark.parametrize("N,K", KLEIN_SHAPES)
-def test_no_slab_covers_a_whole_klein_matrix(monkeypatch, N, K):
+def test_slabs_stay_within_the_cap_and_cover_a_klein_matrix(monkeypatch, N, K):
     for backend in ("metal", "cuda"):
         L = kernels.plan("binary", CFG.slab_min_m["binary"], N, K, mx.float16, backend)
         rows = L.slab_rows
-        assert 0 < rows < N and rows % CFG.slab_row_multiple == 0 and rows * K <= CFG.slab_max_elements
+        assert 0 < rows <= N and rows % CFG.slab_row_multiple == 0 and rows * K <= CFG.slab_max_elements
         ranges = kernels.slab_ranges(N, rows)
         assert ranges[0][0] == 0 and ranges[-1][1] == N and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
-        assert all(0 < n1 - n0 <= rows for n0, n1 in ranges) and len(ranges) >= 2
+        assert all(0 < n1 - n0 <= rows for n0, n1 in ranges)
+        # One slab exactly when the whole matrix is within the cap; otherwise as few as the cap allows.
+        assert (len(ranges) == 1) == (N * K <= CFG.slab_max_elements)
+        assert len(ranges) == -(-N * K // (CFG.slab_max_elements - CFG.slab_max_elements % (K * CFG.slab_row_multiple)))
         # The decode launch covers exactly one slab: a simdgroup per 32 CPT 8-weight chunks of a row, whole
         # threadgroups.
         t = CFG.decode
@@ -224,19 +227,19 @@ def test_no_slab_covers_a_whole_klein_matrix(monkeypatch, N, K):
                          shape=(N, K))
     y = kernels.packed_matmul(mx.zeros((CFG.slab_min_m["ternary"], K), mx.float16), pw, "cuda")
     assert y.shape == (CFG.slab_min_m["ternary"], N)
-    assert [c[1] for c in calls] == [n1 - n0 for n0, n1 in ranges] and max(c[1] for c in calls) < N
+    assert [c[1] for c in calls] == [n1 - n0 for n0, n1 in ranges]
 
 
 def test_decode_plan_at_klein_shapes():
     # Every lane writes CPT = 4 chunks of 8 weights (16-byte stores); a simdgroup covers 1024 weights
-    # of a row, so a K = 3072 row is 3 simdgroups. 27648x3072: 10 slabs of 2560 rows, then 2048.
+    # of a row, so a K = 3072 row is 3 simdgroups. 27648x3072: 6 slabs of 4608 rows.
     for backend in ("metal", "cuda"):
         L = kernels.plan("ternary", 4608, 27648, 3072, mx.bfloat16, backend)
-        assert L.slab_rows == 2560 and kernels.slab_ranges(27648, 2560)[-1] == (25600, 27648)
+        assert L.slab_rows == 4608 and kernels.slab_ranges(27648, 4608)[-1] == (23040, 27648)
         assert (L.kernel, L.template, L.grid, L.threadgroup) == (
-            "ternary_decode", (("T", mx.bfloat16), ("CPT", 4), ("NSG", 4)), (245760, 1, 1), (128, 1, 1))
+            "ternary_decode", (("T", mx.bfloat16), ("CPT", 4), ("NSG", 4)), (442368, 1, 1), (128, 1, 1))
         assert kernels.decode_plan("binary", 2048, 3072, mx.float16, backend).grid == (196608, 1, 1)
-        assert kernels.plan("binary", 4608, 3072, 3072, mx.float16, backend).grid == (147456, 1, 1)  # 1536 rows
+        assert kernels.plan("binary", 4608, 3072, 3072, mx.float16, backend).grid == (294912, 1, 1)  # 3072 rows
 
 
 # ----------------------------------------------------------------------------- tuning config
@@ -256,7 +259,7 @@ def test_config_is_frozen_hashable_and_keys_the_plan_cache():
     assert dict(g.template)["BN"] == 256 and g.threadgroup == (256, 1, 1)
     assert kernels.choose_path(64, mx.float16, "cuda", "ternary", small) == "slab"
     assert kernels.choose_path(64, mx.float16, "cuda", "ternary") == "gemm"
-    assert kernels.slab_rows(3072, 3072, small) == 128 and kernels.slab_rows(3072, 3072) == 1536
+    assert kernels.slab_rows(3072, 3072, small) == 128 and kernels.slab_rows(3072, 3072) == 3072
     calls = []
     launched = {}
 

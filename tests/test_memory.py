@@ -442,7 +442,14 @@ def test_denoising_estimates_cover_the_profiled_steps():
     rows = (steps("h200-profile-dit-1705795.json", False) + steps("h200-profile-dit-c3.json", True)
             + [r for name in ("c8", "c12", "c13-binary", "c13-ternary")
                for r in steps(f"h200-profile-dit-{name}.json", True)])
-    assert len(rows) >= 80
+    # The code as it runs now (32 MB slabs, a matrix within them one slab, the q/k/v pass of
+    # a block in hidden passes evaluated on its own), both formats, two runs each: the
+    # ternary rows as the call printed them (run, then the name's tail, ms, extra peak MB).
+    rows += [r for n in ("binary-new-r1", "binary-new-r2") for r in steps(f"h200-profile-c24-{n}.json", True)]
+    printed = (root / "h200-profile-c24-ternary-printed.txt").read_text().splitlines()
+    rows += [{"name": "dit step " + " ".join(line.split()[1:-2]), "extra_peak_mb": float(line.split()[-1])}
+             for line in printed if line.startswith("ternary-new")]
+    assert len(rows) >= 130
     for r in rows:
         size, fmt = int(r["name"].split()[2]), r["name"].split()[3]
         chunk = re.search(r"(\d+)-token chunks", r["name"])
