@@ -389,7 +389,9 @@ def _recorded_plan(p: dict) -> MemoryPlan:
                                      "h200-generate-c5-binary.json", "h200-generate-c5-ternary.json",
                                      "h200-generate-c6-binary.json", "h200-generate-c6-ternary.json",
                                      "h200-generate-c7-binary.json", "h200-generate-c7-ternary.json",
-                                     "h200-generate-c8-binary.json", "h200-generate-c8-ternary.json"])
+                                     "h200-generate-c8-binary.json", "h200-generate-c8-ternary.json",
+                                     "h200-generate-c26-binary-run1.json", "h200-generate-c26-binary-run2.json",
+                                     "h200-generate-c26-ternary-run1.json", "h200-generate-c26-ternary-run2.json"])
 def test_estimates_cover_the_recorded_h200_peaks(results):
     """Every stage of every planned generation measured on the H200 (docs/results, random
     full-size packs, 4 steps, bfloat16) peaked under the estimate that the current model
