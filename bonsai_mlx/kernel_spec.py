@@ -84,7 +84,7 @@ def metal_kernels(fmts=FORMATS, config: KernelConfig = DEFAULT_CONFIG) -> tuple[
                 "let": [["cap0", f"min({config.slab_max_elements} // K, N)"],
                         ["mult", f"{config.slab_row_multiple} if cap0 >= {config.slab_row_multiple} else 1"],
                         ["cap", "max(1, cap0 - cap0 % mult)"],
-                        ["rows", "ceil_div(ceil_div(N, ceil_div(N, cap)), mult) * mult"]],
+                        ["rows", "N if cap0 == N else ceil_div(ceil_div(N, ceil_div(N, cap)), mult) * mult"]],
                 "steps": "for n0 in 0, rows, 2*rows, ... < N: slab = decode(w[n0:n1], scales[n0:n1]) with "
                          "rows = n1 - n0 (n1 = min(n0 + rows, N)), written as [rows, K] in x's dtype; "
                          "part = x @ slab.T ([M, rows], the framework's own matmul); each decode waits for the "

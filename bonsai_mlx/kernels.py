@@ -122,22 +122,21 @@ class KernelConfig:
     # rewrite): the slab beat the fused GEMM from M = 1024 for ternary on all five klein
     # shapes; for binary from M = 1536 on three and from 4608 on 3072x3072 and 3072x12288.
     slab_min_m: ByFormat = ByFormat(binary=1536, ternary=1024)
-    # Slab cap: at most 16M weights (32 MB at 2 bytes), whole slab_row_multiple rows when that
-    # leaves any; a matrix within the cap is one slab, so its product needs no concatenation.
-    # The slab is a bounded scratch, reused slab after slab, never a dense 16-bit copy of a
-    # large matrix (for klein's 27648 x 3072 that copy would be 170 MB). Why 16M: fewer,
-    # larger slabs mean fewer launches (MLX's per-call floor is ~10 us), larger matmuls and
-    # fewer concatenated parts. On an H200, against 8M weights and at least two slabs a matrix,
-    # ternary steps took 0.87x the time whole at 512 px and 0.8-0.9x in 1024-token chunks at
-    # 1024 px; binary ones were unchanged (docs/benchmarks.md, c23). Why 128 rows: the slab is
-    # the matmul's N, and 128 keeps its tiles whole.
+    # Slab cap: at most 16M weights (32 MB at 2 bytes). A matrix within the cap is one slab,
+    # so its product needs no concatenation; a larger one is split into slabs of whole
+    # slab_row_multiple rows. The slab is a bounded scratch, reused slab after slab, never a
+    # dense 16-bit copy of a large matrix (for klein's 27648 x 3072 that copy would be 170 MB).
+    # Why 16M: fewer, larger slabs mean fewer launches (MLX's per-call floor is ~10 us), larger
+    # matmuls and fewer concatenated parts; on an H200 the ternary DiT steps that run on the
+    # slab path take 0.63-0.96x the time they take with 8M-weight slabs of at most half a
+    # matrix, and binary ones about the same (docs/benchmarks.md, c23, c24). Why 128 rows: the
+    # slab is the matmul's N, and 128 keeps its tiles whole.
     slab_max_elements: int = 16 << 20
     slab_row_multiple: int = 128
     # Decode launch: a lane writes CPT chunks of 8 weights, one 16-byte store each; a
     # simdgroup owns a segment of 32 CPT chunks (256 CPT weights) of one row, NSG simdgroups
     # per threadgroup. CPT = 4: a klein row (K = 3072, 9216, 12288) is 3, 9, 12 whole
-    # segments, and a 27648x3072 slab of 2560 rows is 1920 threadgroups of 128 threads
-    # (245760 threads, ~one wave of an H200's 132 SMs).
+    # segments, and a 27648x3072 slab of 4608 rows is 3456 threadgroups of 128 threads.
     decode: DecodeTile = DecodeTile(CPT=4, NSG=4)
     # GEMM tiles. Metal: 64x64 float tiles, two x buffers (20 KB of the 32 KB threadgroup
     # memory), 4 simdgroups of 32x32. CUDA: 128x128 tiles, two half x buffers (36 KB), 4 warps
@@ -417,12 +416,15 @@ def choose_path(M: int, dtype: mx.Dtype, backend: str, fmt: str, config: KernelC
 
 
 def slab_rows(N: int, K: int, config: KernelConfig = DEFAULT_CONFIG) -> int:
-    """Weight rows per slab for W [N, K]: at most config.slab_max_elements weights and N rows
-    (a multiple of config.slab_row_multiple when that leaves any, at least 1), then evened out
-    over the slabs that takes, so the last slab is not a sliver.
+    """Weight rows per slab for W [N, K]: all N when W has at most config.slab_max_elements
+    weights (one slab); otherwise at most that many weights (a multiple of
+    config.slab_row_multiple rows when that leaves any, at least 1 row), evened out over the
+    slabs that takes.
     klein 4B: 3072x3072 -> 3072 (1 slab), 18432x3072 -> 4608 (4), 3072x9216 -> 1536 (2),
-    27648x3072 -> 2560 (11), 3072x12288 -> 640 (5)."""
+    27648x3072 -> 4608 (6), 3072x12288 -> 1024 (3)."""
     cap = min(config.slab_max_elements // K, N)
+    if cap == N:
+        return N
     mult = config.slab_row_multiple if cap >= config.slab_row_multiple else 1
     cap = max(1, cap - cap % mult)
     rows = _ceil_div(N, _ceil_div(N, cap))
@@ -438,9 +440,9 @@ def decode_plan(fmt: str, rows: int, K: int, dtype: mx.Dtype, backend: str,
                 config: KernelConfig = DEFAULT_CONFIG) -> Launch:
     """The `<fmt>_decode` launch writing slab [rows, K] in `dtype` from `rows` packed weight rows:
     one simdgroup per segment of 32 CPT chunks (8 weights, one 16-byte store each) of a row,
-    NSG simdgroups per threadgroup, one dimension. 27648x3072 (slabs of 2560 rows, the last
-    2048): rows * ceil(384 / 128) = 7680 simdgroups, grid (245760, 1, 1), threadgroup (128, 1, 1);
-    the last slab grid (196608, 1, 1)."""
+    NSG simdgroups per threadgroup, one dimension. 27648x3072 (6 slabs of 4608 rows):
+    rows * ceil(384 / 128) = 13824 simdgroups, grid (442368, 1, 1), threadgroup (128, 1, 1);
+    a slab of 2048 rows: grid (196608, 1, 1)."""
     _check_format(fmt)
     if dtype not in (mx.float16, mx.bfloat16):
         raise BonsaiError(f"the slab is float16 or bfloat16 (x's dtype), got {dtype}")

@@ -470,16 +470,17 @@ def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batch
     # A LoRA adapter's update (x A^T) B^T and the sum with the base output, beside the base's.
     matmul += 2 * c * N * s if fp.lora else 0
     # A chunk on the slab path: the widest output of a linear that takes more than one slab
-    # (SLAB_ELEMENTS weights) once more, as its parts and their concatenation. Those linears
-    # are the projection's q/k/v rows (3D), the output projections (D) and the MLP rows, all
-    # 2F at once or an MLP pass's gate and up rows (h each, separate linears). A whole
-    # block's are in the measured OVERLAP_BLOCKS. One decoded slab (SLAB_SCRATCH) is counted
-    # once per step, not per part in flight: with 32 MB slabs the profiles peaked no higher
-    # than with 16 MB ones (ternary 1024-token chunks, MLP in 4 passes, 1024 px: 0.48-0.56
-    # GB against 0.47-0.67 GB in the same calls, h200-profile-c24-*, docs/benchmarks.md).
+    # (over SLAB_ELEMENTS weights) once more, as its parts and their concatenation. The
+    # linears, as (output rows, inputs): the projection's q/k/v rows, the single block's
+    # output projection, the double block's attention and MLP output projections, and the MLP
+    # rows, all 2F at once or an MLP pass's gate and up rows (separate linears of h rows).
+    # One decoded slab (SLAB_SCRATCH) per block in flight, for whole blocks; in parts, one per
+    # step: the profiles of chunked steps peak no higher with 32 MB slabs than with 16 MB ones
+    # (ternary 1024-token chunks, MLP in 4 passes, 1024 px: 0.48-0.56 GB against 0.50-0.61 GB
+    # in the same call), while whole blocks at 512 px peak 0.05-0.2 GB higher (h200-profile-c24-*).
+    linears = ((3 * D, D), (D, D + F), (D, D), (D, F), (2 * F if plan.hidden_parts <= 1 else h, D))
     on_slab = bool(fp.slab_tokens) and c >= fp.slab_tokens
-    split = [n for n in (3 * D, D, 2 * F if plan.hidden_parts <= 1 else h) if n * D > SLAB_ELEMENTS]
-    slab = c * max(split, default=0) * s if on_slab else 0
+    slab = c * max((n for n, k in linears if n * k > SLAB_ELEMENTS), default=0) * s if on_slab else 0
     scratch = SLAB_SCRATCH if on_slab else 0
     rows = plan.attention_rows or L
     scores = 0 if fp.fused_attention else 2 * _attention_scores(fp.transformer_heads, rows, L)
@@ -503,10 +504,10 @@ def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batch
     # smaller token chunks at 1.2-1.3x.
     acts, parts = held + chunk + matmul + scores, c < L or plan.hidden_parts > 1
     if plan.overlap:
-        acts = held + OVERLAP_PARTS * (chunk + matmul + slab + scores) if parts else OVERLAP_BLOCKS * acts
+        acts = (held + OVERLAP_PARTS * (chunk + matmul + slab + scores) + scratch if parts
+                else OVERLAP_BLOCKS * (acts + scratch))
     else:
-        acts = STRICT_WHOLE * acts if c == L else STRICT_CHUNKED * (acts + slab)
-    acts += scratch
+        acts = STRICT_WHOLE * (acts + scratch) if c == L else STRICT_CHUNKED * (acts + slab) + scratch
     # Encoded condition tokens (float32) and, per CFG batch, their embedding, beside the text's.
     refs = L_ref * fp.latent_channels * 4 + cfg_batches * L_ref * D * s
     text_act = fp.text_len * fp.text_hidden * 4 * 10 + _attention_scores(fp.text_heads, fp.text_len, fp.text_len)

@@ -160,17 +160,24 @@ def test_a_block_in_hidden_passes_evaluates_its_attention_inputs_on_their_own(mo
 
     cfg = TransformerConfig(num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=16,
                             joint_attention_dim=32, in_channels=8, axes_dims_rope=(4, 4, 4, 4))
-    block = T.SingleStreamBlock(cfg)
-    L, D = 12, cfg.inner_dim
-    x = mx.random.normal((1, L, D))
-    mod = [mx.zeros((1, 1, D))] * 3
+    L_txt, L_img, D = 5, 12, cfg.inner_dim
+    L = L_txt + L_img
     rope = T.rope_rotation(mx.broadcast_to(mx.arange(L)[:, None], (L, 4)), cfg.axes_dims_rope, cfg.rope_theta)
-    want = block(x, mod, rope)
-    mx.eval(want)
-    for overlap in (False, True):
-        spy = Spy(monkeypatch)
-        got = block(x, mod, rope, Execution(sync=True, overlap=overlap, hidden_parts=2))
-        monkeypatch.undo()
-        # q, k, v; the attention output; two passes; the output projection
-        assert len([c for c in spy.calls if c[0] == ("async" if overlap else "eval")]) == 5
-        np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-5)
+    txt, img = mx.random.normal((1, L_txt, D)), mx.random.normal((1, L_img, D))
+    single, double = T.SingleStreamBlock(cfg), T.DoubleStreamBlock(cfg)
+    zeros = [mx.zeros((1, 1, D))] * 6
+    # The single block: q, k, v; the attention output; two passes; the output projection. The
+    # double block: the text's q, k, v, the image's, the attention output, then the two passes
+    # of each stream's feed-forward.
+    runs = [(lambda ex: single(mx.concatenate([txt, img], axis=1), zeros[:3], rope, ex), 5),
+            (lambda ex: double(img, txt, zeros, zeros, rope, ex), 3 + 2 * 2)]
+    for forward, parts in runs:
+        want = forward(ONE_GRAPH)
+        mx.eval(want)
+        for overlap in (False, True):
+            spy = Spy(monkeypatch)
+            got = forward(Execution(sync=True, overlap=overlap, hidden_parts=2))
+            monkeypatch.undo()
+            assert len([c for c in spy.calls if c[0] == ("async" if overlap else "eval")]) == parts
+            for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+                np.testing.assert_allclose(np.array(g), np.array(w), rtol=1e-5, atol=1e-5)

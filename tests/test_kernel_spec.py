@@ -37,7 +37,8 @@ def spec_launch(spec, fmt, M, N, K, dtype):
 def test_spec_equals_the_launcher_for_many_shapes():
     _, spec = kernel_spec.metal_kernels()
     rng = np.random.default_rng(0)
-    shapes = [(3072, 3072), (18432, 3072), (3072, 9216), (27648, 3072), (3072, 12288), (100, 128), (7, 640)]
+    shapes = [(3072, 3072), (18432, 3072), (3072, 9216), (27648, 3072), (3072, 12288), (100, 128), (7, 640),
+              (5462, 3072), (5463, 3072)]
     checked = 0
     for fmt in kernels.FORMATS:
         for N, K in shapes:
@@ -53,7 +54,7 @@ def test_spec_equals_the_launcher_for_many_shapes():
                         g = tuple(kernel_spec.evaluate(x, {"rows": last, "K": K}) for x in e["grid"])
                         assert g == kernels.decode_plan(fmt, last, K, DTYPES[dtype], "metal").grid
                     checked += 1
-    assert checked == 2 * 7 * 18 * 3
+    assert checked == 2 * 9 * 18 * 3
 
 
 def test_formula_language_refuses_everything_else():

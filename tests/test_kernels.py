@@ -230,6 +230,21 @@ def test_slabs_stay_within_the_cap_and_cover_a_klein_matrix(monkeypatch, N, K):
     assert [c[1] for c in calls] == [n1 - n0 for n0, n1 in ranges]
 
 
+def test_slab_rows_for_any_shape():
+    """A matrix within the cap is one slab, whatever N; a larger one takes slabs within the cap
+    (a row at least) that tile its rows."""
+    rng = np.random.default_rng(1)
+    cap = CFG.slab_max_elements
+    shapes = [(int(rng.integers(1, 70000)), 128 * int(rng.integers(1, 300))) for _ in range(3000)]
+    shapes += [(129, 3072), (cap // 3072, 3072), (cap // 3072 + 1, 3072), (1, 128), (5, cap // 5 // 128 * 128)]
+    for N, K in shapes:
+        rows = kernels.slab_rows(N, K)
+        ranges = kernels.slab_ranges(N, rows)
+        assert (len(ranges) == 1) == (N * K <= cap), (N, K)
+        assert 0 < rows <= N and (len(ranges) == 1 or rows * K <= cap or rows == 1), (N, K, rows)
+        assert ranges[0][0] == 0 and ranges[-1][1] == N and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+
+
 def test_decode_plan_at_klein_shapes():
     # Every lane writes CPT = 4 chunks of 8 weights (16-byte stores); a simdgroup covers 1024 weights
     # of a row, so a K = 3072 row is 3 simdgroups. 27648x3072: 6 slabs of 4608 rows.

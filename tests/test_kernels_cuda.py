@@ -81,11 +81,13 @@ def test_cuda_decode_matches_packing_dequantize_bit_for_bit(fmt, N, n0, n1, K, d
 
 
 # Slab path, forced with path="slab" whatever slab_min_m is: (M, N, K, slab cap in weights or None
-# for the default config's): many slabs with a ragged last one, a klein shape at the real cap, and M = 40.
+# for the default config's): many slabs with a ragged last one, klein shapes at the real cap (one
+# slab, and several), and M = 40.
 SLAB_CASES = [
     (1024, 640, 3072, 128 * 3072),
     (1536, 390, 1152, 128 * 1152),
     (40, 3072, 3072, None),
+    (40, 18432, 3072, None),
     (256, 3072, 12288, None),
 ]
 
@@ -99,7 +101,7 @@ def test_cuda_slab_path_matches_oracle_and_reference(fmt, dtype, M, N, K, cap):
     t, s, pw = random_weight(rng, fmt, N, K)
     x = mx.array(rng.standard_normal((M, K)).astype(np.float32)).astype(DTYPES[dtype])
     rows = kernels.plan(fmt, M, N, K, x.dtype, "cuda", "slab", config).slab_rows
-    assert len(kernels.slab_ranges(N, rows)) >= 2
+    assert (len(kernels.slab_ranges(N, rows)) == 1) == (N * K <= config.slab_max_elements)
     mx.eval(mx.full((M * N * 4,), float("nan")))
     y = to_numpy(kernels.packed_matmul(x, pw, "cuda", path="slab", config=config)).astype(np.float64)
     assert np.isfinite(y).all()

@@ -449,9 +449,10 @@ def test_denoising_estimates_cover_the_profiled_steps():
     # ternary rows as the call printed them (run, then the name's tail, ms, extra peak MB).
     rows += [r for n in ("binary-new-r1", "binary-new-r2") for r in steps(f"h200-profile-c24-{n}.json", True)]
     printed = (root / "h200-profile-c24-ternary-printed.txt").read_text().splitlines()
-    rows += [{"name": "dit step " + " ".join(line.split()[1:-2]), "extra_peak_mb": float(line.split()[-1])}
-             for line in printed if line.startswith("ternary-new")]
-    assert len(rows) >= 130
+    ternary = [{"name": "dit step " + " ".join(line.split()[1:-2]), "extra_peak_mb": float(line.split()[-1])}
+               for line in printed if line.startswith("ternary-new")]
+    assert len(ternary) == 28 and len(rows) >= 140
+    rows += ternary
     for r in rows:
         size, fmt = int(r["name"].split()[2]), r["name"].split()[3]
         chunk = re.search(r"(\d+)-token chunks", r["name"])
@@ -609,3 +610,12 @@ def test_strip_estimates_cover_the_profiled_h200_peaks():
         assert peak <= est, (r["name"], peak / 1e6, est / 1e6)
         checked["whole" if whole else stage] += 1
     assert checked == {"decoding": 32, "image_encoding": 32, "whole": 16}
+
+
+def test_the_slab_the_estimate_counts_is_the_kernels_slab():
+    """memory counts the slab path's scratch without importing the kernels (reference-only
+    callers never load them); its figure is the kernels' cap."""
+    from bonsai_mlx import kernels, memory
+
+    assert memory.SLAB_ELEMENTS == kernels.DEFAULT_CONFIG.slab_max_elements
+    assert memory.SLAB_SCRATCH == 2 * kernels.DEFAULT_CONFIG.slab_max_elements
