@@ -203,17 +203,24 @@ def test_launcher_follows_the_plan_at_the_boundaries(monkeypatch):
         assert calls == [(f"{fmt}_decode", 512)]  # within the cap: one slab, nothing to concatenate
 
 
+def slabs_tiling(N: int, K: int, rows: int) -> list[tuple[int, int]]:
+    """The slab ranges of W [N, K] at `rows` rows a slab, checked to tile [0, N) in order and to
+    be one slab exactly when W is within the default cap."""
+    ranges = kernels.slab_ranges(N, rows)
+    assert ranges[0][0] == 0 and ranges[-1][1] == N and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert (len(ranges) == 1) == (N * K <= CFG.slab_max_elements), (N, K)
+    return ranges
+
+
 @pytest.mark.parametrize("N,K", KLEIN_SHAPES)
 def test_slabs_stay_within_the_cap_and_cover_a_klein_matrix(monkeypatch, N, K):
     for backend in ("metal", "cuda"):
         L = kernels.plan("binary", CFG.slab_min_m["binary"], N, K, mx.float16, backend)
         rows = L.slab_rows
         assert 0 < rows <= N and rows % CFG.slab_row_multiple == 0 and rows * K <= CFG.slab_max_elements
-        ranges = kernels.slab_ranges(N, rows)
-        assert ranges[0][0] == 0 and ranges[-1][1] == N and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        ranges = slabs_tiling(N, K, rows)
         assert all(0 < n1 - n0 <= rows for n0, n1 in ranges)
-        # One slab exactly when the whole matrix is within the cap; otherwise as few as the cap allows.
-        assert (len(ranges) == 1) == (N * K <= CFG.slab_max_elements)
+        # As few slabs as the cap allows.
         assert len(ranges) == -(-N * K // (CFG.slab_max_elements - CFG.slab_max_elements % (K * CFG.slab_row_multiple)))
         # The decode launch covers exactly one slab: a simdgroup per 32 CPT 8-weight chunks of a row, whole
         # threadgroups.
@@ -239,10 +246,8 @@ def test_slab_rows_for_any_shape():
     shapes += [(129, 3072), (cap // 3072, 3072), (cap // 3072 + 1, 3072), (1, 128), (5, cap // 5 // 128 * 128)]
     for N, K in shapes:
         rows = kernels.slab_rows(N, K)
-        ranges = kernels.slab_ranges(N, rows)
-        assert (len(ranges) == 1) == (N * K <= cap), (N, K)
+        ranges = slabs_tiling(N, K, rows)
         assert 0 < rows <= N and (len(ranges) == 1 or rows * K <= cap or rows == 1), (N, K, rows)
-        assert ranges[0][0] == 0 and ranges[-1][1] == N and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
 
 
 def test_decode_plan_at_klein_shapes():
