@@ -1,0 +1,86 @@
+"""DiT steps of a random full-size pack under variants of the slab path: the slab cap (8M or 16M
+weights), whether a slab may hold a whole matrix or at most half of it, and where the slab path
+starts (`slab_min_m`). Two rounds, each step timed by profile_speed.timeit (median of 5 after
+2 warm-ups, with the extra peak).
+
+The variants are tried in one process, each through the launcher's own config argument; the
+"at most half a matrix" rule, which the kernels no longer have, is this script's own
+`slab_rows`, swapped in while its variants run. Needs MLX's Metal or CUDA back-end and a pack
+written by `bonsai_mlx.benchmark.random_pack(root, fmt)`:
+
+    python examples/dit_slab_variants.py --format ternary --root /tmp/g --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+
+import mlx.core as mx
+from profile_speed import JSON, timeit  # this folder: the script's own is first on the path
+
+from bonsai_mlx import kernels
+from bonsai_mlx.benchmark import klein_inputs
+from bonsai_mlx.execution import Execution
+from bonsai_mlx.loading import load_transformer
+
+
+def half_slab_rows(N: int, K: int, config: kernels.KernelConfig = kernels.DEFAULT_CONFIG) -> int:
+    """Rows per slab when a slab holds at most the cap and at most N // 2 rows: no slab is ever
+    the whole matrix."""
+    cap = min(config.slab_max_elements // K, N // 2)
+    mult = config.slab_row_multiple if cap >= config.slab_row_multiple else 1
+    cap = max(1, cap - cap % mult)
+    rows = -(-N // -(-N // cap))
+    return -(-rows // mult) * mult
+
+
+BASE = kernels.DEFAULT_CONFIG
+VARIANTS = {  # name: (config, slab rule)
+    "8M, half a matrix": (replace(BASE, slab_max_elements=8 << 20), half_slab_rows),
+    "16M, half a matrix": (replace(BASE, slab_max_elements=16 << 20), half_slab_rows),
+    "8M, a whole matrix": (replace(BASE, slab_max_elements=8 << 20), kernels.slab_rows),
+    "16M, a whole matrix": (replace(BASE, slab_max_elements=16 << 20), kernels.slab_rows),
+    "16M, ternary from 1536 rows": (replace(BASE, slab_max_elements=16 << 20,
+                                            slab_min_m=kernels.ByFormat(binary=1536, ternary=1536)), kernels.slab_rows),
+    "16M, binary from 1024 rows": (replace(BASE, slab_max_elements=16 << 20,
+                                           slab_min_m=kernels.ByFormat(binary=1024, ternary=1024)), kernels.slab_rows),
+}
+SETTINGS = {512: [("whole, two in flight", Execution(sync=True, overlap=True)),
+                  ("512-token chunks, two in flight", Execution(512, None, True, True))],
+            1024: [("whole, two in flight", Execution(sync=True, overlap=True)),
+                   ("1024-token chunks, MLP in 2 parts", Execution(1024, None, True, True, hidden_parts=2)),
+                   ("1024-token chunks, MLP in 4 parts", Execution(1024, None, True, True, hidden_parts=4)),
+                   ("whole, MLP in 2 parts", Execution(sync=True, overlap=True, hidden_parts=2))]}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--format", choices=("binary", "ternary"), required=True)
+    ap.add_argument("--root", required=True, help="the folder random_pack wrote random-<format> into")
+    ap.add_argument("--json", required=True)
+    args = ap.parse_args()
+    JSON[0] = args.json
+    model = load_transformer(Path(args.root) / f"random-{args.format}", dtype=mx.bfloat16)
+    mx.eval(model.parameters())
+    launch_defaults, rule = kernels.packed_matmul.__defaults__, kernels.slab_rows
+    try:
+        for size, settings in SETTINGS.items():
+            inp = klein_inputs(model.config, size, size, 512, mx.bfloat16)
+            ctx = model.prepare(inp[1], inp[3], inp[4])
+            mx.eval(inp, ctx)
+            for rnd in range(2):
+                for name, (config, slab_rule) in VARIANTS.items():
+                    kernels.packed_matmul.__defaults__ = (None, None, config)  # backend, path, config
+                    kernels.slab_rows = slab_rule
+                    kernels._plan_cached.cache_clear()  # plans of another rule under an equal config
+                    for label, ex in settings:
+                        timeit(f"dit step {size} {args.format} {name}, {label}",
+                               lambda: model.forward(inp[0], inp[2], ctx, execution=ex),
+                               fmt=args.format, size=size, variant=name, setting=label, round=rnd)
+    finally:
+        kernels.packed_matmul.__defaults__, kernels.slab_rows = launch_defaults, rule
+        kernels._plan_cached.cache_clear()
+
+if __name__ == "__main__":
+    main()
