@@ -288,8 +288,11 @@ class ParallelAttention(nn.Module):
         bufs = [ex.buffer((B, L, self.heads, D // self.heads), x.dtype) for _ in range(3)]
         pace = ex.pace(ex.in_parts(L))
         for r0, r1 in ex.chunks(L):
-            h = linear_rows(proj, x[:, r0:r1], 0, 3 * D)  # [B, c, 3D]
-            qc, kc, vc = (h[..., i * D:(i + 1) * D].reshape(B, r1 - r0, self.heads, -1) for i in range(3))
+            # q, k and v as three row ranges of the projection: each is its own output (no
+            # parts to concatenate, nothing to copy for the head split).
+            xc = x[:, r0:r1]
+            qc, kc, vc = (linear_rows(proj, xc, i * D, (i + 1) * D).reshape(B, r1 - r0, self.heads, -1)
+                          for i in range(3))
             rot = tuple(t[r0:r1] for t in rope)
             parts = (apply_rope(self.norm_q(qc), rot), apply_rope(self.norm_k(kc), rot), vc)
             pace(*(b.write(r0, r1, p) for b, p in zip(bufs, parts)), wait=parts)

@@ -13,6 +13,8 @@ written by `bonsai_mlx.benchmark.random_pack(root, fmt)`:
 from __future__ import annotations
 
 import argparse
+import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -45,13 +47,18 @@ VARIANTS = {  # name: (config, slab rule)
                                             slab_min_m=kernels.ByFormat(binary=1536, ternary=1536)), kernels.slab_rows),
     "16M, binary from 1024 rows": (replace(BASE, slab_max_elements=16 << 20,
                                            slab_min_m=kernels.ByFormat(binary=1024, ternary=1024)), kernels.slab_rows),
+    "16M, from 512 rows": (replace(BASE, slab_max_elements=16 << 20,
+                                   slab_min_m=kernels.ByFormat(binary=512, ternary=512)), kernels.slab_rows),
 }
 SETTINGS = {512: [("whole, two in flight", Execution(sync=True, overlap=True)),
                   ("512-token chunks, two in flight", Execution(512, None, True, True))],
             1024: [("whole, two in flight", Execution(sync=True, overlap=True)),
                    ("1024-token chunks, MLP in 2 parts", Execution(1024, None, True, True, hidden_parts=2)),
                    ("1024-token chunks, MLP in 4 parts", Execution(1024, None, True, True, hidden_parts=4)),
-                   ("whole, MLP in 2 parts", Execution(sync=True, overlap=True, hidden_parts=2))]}
+                   ("whole, MLP in 2 parts", Execution(sync=True, overlap=True, hidden_parts=2)),
+                   ("512-token chunks, two in flight", Execution(512, None, True, True)),
+                   ("2048-token chunks, MLP in 2 parts", Execution(2048, None, True, True, hidden_parts=2)),
+                   ("2048-token chunks, MLP in 4 parts", Execution(2048, None, True, True, hidden_parts=4))]}
 
 
 def main():
@@ -59,7 +66,15 @@ def main():
     ap.add_argument("--format", choices=("binary", "ternary"), required=True)
     ap.add_argument("--root", required=True, help="the folder random_pack wrote random-<format> into")
     ap.add_argument("--json", required=True)
+    ap.add_argument("--variants", default="", help="a regular expression: only the variants it finds")
+    ap.add_argument("--settings", default="", help="a regular expression: only the settings it finds")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--decode", type=json.loads, default=[],
+                    help='decode tiles to add as variants of the default, a JSON list of [CPT, NSG]')
     args = ap.parse_args()
+    for cpt, nsg in args.decode:
+        VARIANTS[f"16M, a whole matrix, decode {cpt}x{nsg}"] = (
+            replace(BASE, decode=kernels.DecodeTile(cpt, nsg)), kernels.slab_rows)
     JSON[0] = args.json
     model = load_transformer(Path(args.root) / f"random-{args.format}", dtype=mx.bfloat16)
     mx.eval(model.parameters())
@@ -69,12 +84,16 @@ def main():
             inp = klein_inputs(model.config, size, size, 512, mx.bfloat16)
             ctx = model.prepare(inp[1], inp[3], inp[4])
             mx.eval(inp, ctx)
-            for rnd in range(2):
+            for rnd in range(args.rounds):
                 for name, (config, slab_rule) in VARIANTS.items():
+                    if not re.search(args.variants, name):
+                        continue
                     kernels.packed_matmul.__defaults__ = (None, None, config)  # backend, path, config
                     kernels.slab_rows = slab_rule
                     kernels._plan_cached.cache_clear()  # plans of another rule under an equal config
                     for label, ex in settings:
+                        if not re.search(args.settings, f"{size} {label}"):
+                            continue
                         timeit(f"dit step {size} {args.format} {name}, {label}",
                                lambda: model.forward(inp[0], inp[2], ctx, execution=ex),
                                fmt=args.format, size=size, variant=name, setting=label, round=rnd)
