@@ -31,7 +31,7 @@ from bonsai_mlx.loading import load_transformer
 
 def settings(size: int) -> dict:
     """Name -> Execution keywords: whole blocks, MLP passes over all tokens, token chunks with
-    passes, each two in flight, with and without barriers."""
+    passes, each two in flight."""
     out = {"whole blocks": {}}
     for parts in (2, 4, 8):
         out[f"MLP in {parts} parts"] = dict(hidden_parts=parts)
@@ -40,7 +40,6 @@ def settings(size: int) -> dict:
             if chunk < size * size // 256:
                 out[f"{chunk}-token chunks" + (f", MLP in {parts} parts" if parts > 1 else "")] = dict(
                     token_chunk=chunk, hidden_parts=parts)
-    out.update({f"{k}, barriers": dict(v, barriers=True) for k, v in out.items() if k != "whole blocks"})
     return out
 
 
@@ -80,10 +79,7 @@ def main():
             for name, kw in settings(size).items():
                 if not re.search(args.settings, f"{size} {name}"):
                     continue
-                try:
-                    ex = Execution(sync=True, overlap=True, **kw)
-                except TypeError:  # code without that setting
-                    continue
+                ex = Execution(sync=True, overlap=True, **kw)
                 step = lambda: model.forward(inp[0], inp[2], ctx, execution=ex)
                 ms = timeit(f"dit step {size} {args.format} {name}", step, fmt=args.format, size=size,
                             setting=name, tag=args.tag)
