@@ -154,7 +154,8 @@ def test_a_block_runs_in_parts_with_token_chunks_or_hidden_passes():
 
 def test_a_block_in_hidden_passes_evaluates_its_attention_inputs_on_their_own(monkeypatch):
     """Whole tokens in hidden passes: q, k, v and the attention output are parts of their
-    own, so the passes that follow do not hold the projection's temporaries with theirs."""
+    own, so the passes that follow do not hold the projection's temporaries with theirs; in
+    token chunks, each chunk's q, k and v are one part."""
     from bonsai_mlx import transformer as T
     from bonsai_mlx.config import TransformerConfig
 
@@ -171,13 +172,21 @@ def test_a_block_in_hidden_passes_evaluates_its_attention_inputs_on_their_own(mo
     # of each stream's feed-forward.
     runs = [(lambda ex: single(mx.concatenate([txt, img], axis=1), zeros[:3], rope, ex), 5),
             (lambda ex: double(img, txt, zeros, zeros, rope, ex), 3 + 2 * 2)]
-    for forward, parts in runs:
+    # In 8-token chunks (the single block's 17 tokens in 3, the image's 12 in 2): the single
+    # block's 3 q/k/v chunks, the attention and 3 output chunks; the double block's text q/k/v
+    # (one chunk), 2 image q/k/v chunks, the attention, 2 image output chunks and 2 image MLP
+    # chunks (the text's output and MLP, one chunk each, run unpaced inside the block's part).
+    chunked = [3 + 1 + 3, 1 + 2 + 1 + 2 + 2]
+    for (forward, parts), in_chunks in zip(runs, chunked):
         want = forward(ONE_GRAPH)
         mx.eval(want)
         for overlap in (False, True):
-            spy = Spy(monkeypatch)
-            got = forward(Execution(sync=True, overlap=overlap, hidden_parts=2))
-            monkeypatch.undo()
-            assert len([c for c in spy.calls if c[0] == ("async" if overlap else "eval")]) == parts
-            for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
-                np.testing.assert_allclose(np.array(g), np.array(w), rtol=1e-5, atol=1e-5)
+            for ex, n in ((Execution(sync=True, overlap=overlap, hidden_parts=2), parts),
+                          (Execution(8, None, sync=True, overlap=overlap), in_chunks)):
+                spy = Spy(monkeypatch)
+                got = forward(ex)
+                monkeypatch.undo()
+                assert len([c for c in spy.calls if c[0] == ("async" if overlap else "eval")]) == n, (ex, n)
+                for g, w in zip(got if isinstance(got, tuple) else (got,),
+                                want if isinstance(want, tuple) else (want,)):
+                    np.testing.assert_allclose(np.array(g), np.array(w), rtol=1e-5, atol=1e-5)
