@@ -417,11 +417,14 @@ COST_PARTS_IN_CHUNKS = 0.2  # both at once cost more than the two apart (2048 to
 # above (whose single-pass chunks are binary's): the kernels take M = 1024 rows on the slab
 # path for ternary and the fused GEMM for binary, and the fused ternary GEMM is the slower
 # one at M = 512 (4 steps at 1024 px, two parts in flight, over whole blocks;
-# h200-profile-dit-c12.json, -c13-*.json). Other formats and the dense transformer use the
-# sums.
+# h200-profile-dit-c12.json, -c13-*.json). 2048-token chunks with the MLP in passes are the
+# fast chunked setting: 102-113 ms a step (2 passes) and 117-131 ms (4) against 80-84 ms whole
+# (h200-slab-variants-c27-*.json, h200-steps-c29-*-new.json). Other formats and the dense
+# transformer use the sums.
 COST_DIT = {
-    "binary": {(1024, 2): 0.29, (1024, 4): 0.36},
-    "ternary": {(2048, 1): 0.12, (1024, 1): 0.34, (512, 1): 0.70, (1024, 2): 0.26, (1024, 4): 0.37},
+    "binary": {(2048, 2): 0.09, (2048, 4): 0.15, (1024, 2): 0.29, (1024, 4): 0.36},
+    "ternary": {(2048, 1): 0.12, (2048, 2): 0.11, (2048, 4): 0.17, (1024, 1): 0.34, (512, 1): 0.70,
+                (1024, 2): 0.26, (1024, 4): 0.37},
 }
 COST_VAE_TILE = {None: 0, 1024: 20, 768: 25, 512: 30, 384: 40, 256: 60, 128: 120}
 COST_VAE_STRIP = {None: 0, 256: 0.017, 128: 0.031, 64: 0.05, 32: 0.054, 16: 0.1}
