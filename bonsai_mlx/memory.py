@@ -478,9 +478,10 @@ def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batch
     # output projection, the double block's attention and MLP output projections, and the MLP
     # rows, all 2F at once or an MLP pass's gate and up rows (separate linears of h rows).
     # The q/k/v rows run as three one-slab linears of D rows (transformer.ParallelAttention)
-    # and are still counted as one of 3D rows: ternary steps in 1024-token chunks peaked at up
-    # to 0.92x this estimate with it (0.79 GB above the weights in the traced run of
-    # h200-part-peaks-c29-ternary-new.json, where c24 measured 0.63 GB for the same setting).
+    # and are counted as one of 3D rows: with it, ternary steps in 1024-token chunks with the
+    # MLP in 2 passes peaked at 0.97x the denoising estimate (0.79 GB above the weights, 0.92x
+    # of the modelled part; h200-part-peaks-c29-ternary-new.json), and the same setting
+    # measured 0.45-0.79 GB across c29, c31 and c32.
     # One decoded slab (SLAB_SCRATCH) per block in flight, for whole blocks; in parts, one per
     # step: the profiles of chunked steps peak no higher with 32 MB slabs than with 16 MB ones
     # (ternary 1024-token chunks, MLP in 4 passes, 1024 px: 0.48-0.56 GB against 0.50-0.61 GB

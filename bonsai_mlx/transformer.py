@@ -123,7 +123,9 @@ def linear_rows(linear, x: mx.array, r0: int, r1: int) -> mx.array:
     if type(linear) is nn.Linear:
         y = x @ linear.weight[r0:r1].T
         return y + linear.bias[r0:r1].astype(y.dtype) if "bias" in linear else y
-    return linear(x)[..., r0:r1]  # any other layer type: correct, without the saving
+    # Any other layer type: correct, without the saving (the whole projection runs for each
+    # range; no layer of the transformer takes this path).
+    return linear(x)[..., r0:r1]
 
 
 def swiglu_rows(linear, x: mx.array, hidden: int, ex: Execution, row0: int = 0,

@@ -76,6 +76,9 @@ def main():
         VARIANTS[f"16M, a whole matrix, decode {cpt}x{nsg}"] = (
             replace(BASE, decode=kernels.DecodeTile(cpt, nsg)), kernels.slab_rows)
     JSON[0] = args.json
+    if not any(re.search(args.variants, name) for name in VARIANTS) or not any(
+            re.search(args.settings, f"{size} {label}") for size, settings in SETTINGS.items() for label, _ in settings):
+        raise SystemExit(f"no variant matches {args.variants!r} or no setting matches {args.settings!r}")
     model = load_transformer(Path(args.root) / f"random-{args.format}", dtype=mx.bfloat16)
     mx.eval(model.parameters())
     launch_defaults, rule = kernels.packed_matmul.__defaults__, kernels.slab_rows

@@ -29,6 +29,7 @@ from bonsai_mlx.benchmark import klein_inputs
 from bonsai_mlx.execution import Execution
 from bonsai_mlx.loading import load_transformer
 
+
 def settings(size: int) -> dict:
     """Name -> Execution keywords: whole blocks, MLP passes over all tokens, token chunks with
     passes, each two in flight."""
@@ -53,6 +54,8 @@ def main():
     ap.add_argument("--tag", default="", help="recorded with every row (which code ran)")
     args = ap.parse_args()
     JSON[0] = args.json + ".steps.json"
+    if not any(re.search(args.settings, f"{size} {name}") for size in args.sizes for name in settings(size)):
+        raise SystemExit(f"no setting matches {args.settings!r} at sizes {args.sizes}")
 
     model = load_transformer(Path(args.root) / f"random-{args.format}", dtype=mx.bfloat16)
     mx.eval(model.parameters())

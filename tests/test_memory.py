@@ -462,12 +462,11 @@ def test_denoising_estimates_cover_the_profiled_steps():
                for line in printed if line.startswith("ternary-new")]
     assert len(ternary) == 28 and len(rows) >= 140
     rows += ternary
-    # The code as it runs now: q, k and v of a single block as three row ranges of its
-    # projection (h200-steps-c29-*-new.json, timed, and the traced run of the same setting in
-    # h200-part-peaks-c29-*-new.json). Settings with barriers belong to no plan. The code
-    # before that (its fused q/k/v rows split into two slabs and concatenated) peaked over
-    # this estimate in whole blocks at 512 px in c28 and c29 (ternary up to 1.80 GB above the
-    # weights, h200-steps-c29-ternary-old.json), so those runs are not held to it.
+    # Steps of the transformer as it runs (q, k and v of a single block as three row ranges
+    # of its projection): h200-steps-c29-*-new.json, timed, with the traced run of each
+    # setting in h200-part-peaks-c29-*-new.json. Settings with barriers belong to no plan.
+    # The -old files, of a transformer whose q/k/v rows were two concatenated slabs, are left
+    # out: its whole blocks at 512 px exceed this estimate (ternary 1.80 GB above the weights).
     now = []
     for fmt in ("binary", "ternary"):
         traced = {(r["size"], r["setting"]): r["step_peak_mb"]
