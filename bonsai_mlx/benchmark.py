@@ -168,7 +168,7 @@ def choose_plan(pipe, size: int, record: dict, images: tuple = ()):
     record["plan"] = {**{k: getattr(plan, k) for k in (
         "stream_text_encoder", "keep_text_encoder", "transformer_in_text", "transformer_in_decode",
         "vae_tile", "vae_strip", "vae_encode_strip", "token_chunk", "hidden_parts", "vae_overlap", "attention_rows", "sync",
-        "overlap", "estimated_peak_bytes",
+        "overlap", "estimated_peak_bytes", "part_bytes",
         "stage_estimates")},
         "described": describe(plan)}
     return plan
@@ -178,15 +178,21 @@ def timed_generation(pipe, prompt: str, size: int, steps: int, seed: int, plan, 
                      **edit) -> dict:
     """One generation (editing arguments in `edit`): its timings, memory report, the time of
     each denoising step run and whether the image is finite."""
-    steps_at = []
-    result = pipe.generate(prompt, width=size, height=size, steps=steps, seed=seed, plan=plan,
-                           callback=lambda e: steps_at.append(e.elapsed), **edit)
+    steps_at, peaks = [], []
+
+    def step_done(event):
+        steps_at.append(event.elapsed)
+        peaks.append(mx.get_peak_memory() / 1e9)  # the stage's running peak: which step raised it
+
+    result = pipe.generate(prompt, width=size, height=size, steps=steps, seed=seed, plan=plan, callback=step_done,
+                           **edit)
     t = result.timings
     start = t["text_encoding_s"] + t.get("image_encoding_s", 0.0) + t.get("transformer_load_s", 0.0)
     log(f"[{label}] peak {result.memory['peak_gb']:.3f} GB, mean-active {result.memory['mean_active_gb']:.3f} GB, "
         f"active+cached (sampled) {result.memory['sampled_footprint_gb']:.3f} GB, "
         f"{t['total_s']:.2f} s ({', '.join(f'{k} {v:.3f}' for k, v in t.items())})")
     return {"timings": t, "memory": result.memory, "step_s": [b - a for a, b in zip([start] + steps_at[:-1], steps_at)],
+            "running_peak_gb": peaks,
             "finite": bool(np.isfinite(result.array).all())}
 
 

@@ -33,6 +33,12 @@ class Execution:
     # Running in parts, a reduction over a large activation (the VAE's GroupNorm statistics)
     # works on blocks of rows whose float32 copy has at most this many elements.
     reduce_block: int = 1 << 25
+    # With sync: when MLX's active memory is above this many bytes after a part, wait for the
+    # device to finish and release everything it holds (mx.synchronize) before the next part
+    # is built. A back-end releases a finished part's buffers after the part, asynchronously
+    # (MLX's CUDA back-end from a worker thread); when the releases fall behind, finished
+    # parts' buffers pile up under the next ones.
+    flush_above: int | None = None
 
     def chunks(self, length: int) -> list[tuple[int, int]]:
         """Row ranges [r0, r1) covering `length` tokens `token_chunk` at a time."""
@@ -85,11 +91,14 @@ class Pace:
             return
         if not self.execution.overlap:
             mx.eval(*arrays)
-            return
-        mx.async_eval(*arrays)
-        if self._previous:
-            mx.eval(*self._previous)
-        self._previous = tuple(wait) or arrays
+        else:
+            mx.async_eval(*arrays)
+            if self._previous:
+                mx.eval(*self._previous)
+            self._previous = tuple(wait) or arrays
+        flush = self.execution.flush_above
+        if flush is not None and mx.get_active_memory() > flush:
+            mx.synchronize()
 
 
 class TokenBuffer:

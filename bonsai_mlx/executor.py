@@ -245,8 +245,8 @@ def run(models: Models, req: Request, plan: MemoryPlan,
     plan's estimate (memory.budget_limits); under AUTO the plan must be the one chosen for
     this request, or the budget None."""
     te, timings, t_start = models.text_encoder, {}, time.perf_counter()
-    ex = plan.execution
     memory_limit, cache_bytes = budget_limits(budget, plan.estimated_peak_bytes, held=mx.get_active_memory())
+    ex = plan.execution_under(budget if isinstance(budget, int) else memory_limit)
     limits = MlxLimits(memory_limit, cache_bytes)
     with limits, MemoryMonitor() as mon:
         with mon.stage("text_encoding"):

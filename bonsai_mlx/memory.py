@@ -289,11 +289,22 @@ class MemoryPlan:
     vae_overlap: bool | None = None  # two VAE parts (blocks, strips) in flight; None: as `overlap`
     estimated_peak_bytes: int = 0
     stage_estimates: dict = field(default_factory=dict)
+    part_bytes: int = 0  # the largest part of a paced step, estimated (part_estimate)
 
     @property
     def execution(self) -> Execution:
         return Execution(self.token_chunk, self.attention_rows, self.sync, self.overlap,
                          hidden_parts=self.hidden_parts)
+
+    def execution_under(self, limit: int | None) -> Execution:
+        """How the transformer runs to stay under `limit` bytes of MLX memory (None: no limit).
+        Paced, a part could start on top of finished parts whose buffers the back-end has not
+        released yet (MLX's CUDA back-end releases them from a worker thread, which can fall
+        several parts behind): once active memory is above the limit less one part
+        (`part_bytes`), the pacer waits for the device and its releases first."""
+        if limit is None or not self.part_bytes:
+            return self.execution
+        return replace(self.execution, flush_above=max(limit - self.part_bytes, 0))
 
     @property
     def vae_execution(self) -> Execution:
@@ -384,7 +395,10 @@ OVERLAP_WHOLE_DECODE = 1.4
 # this project's CPU they do.
 STRIP_DECODE = (28.0, 14.0)
 STRIP_ENCODE = (13.0, 13.0)
-TOKEN_CHUNKS = (None, 4096, 2048, 1024, 512, 256)
+TOKEN_CHUNKS = (None, 4096, 2048, 1536, 1024, 512, 256)
+# Chunks planned with the MLP in passes only: 1536-token chunks in one pass peaked at 1.27-1.32 GB
+# above the weights at 1024 px, the estimate's own figure (h200-part-peaks-c34-*.json).
+PASSES_ONLY = (1536,)
 HIDDEN_PARTS = (1, 2, 4, 8)
 VAE_STRIPS = (256, 128, 64, 32, 16)
 VAE_TILES = (1024, 768, 512, 384, 256, 128)
@@ -409,10 +423,15 @@ COST_STRICT = 0.25  # the device idles at every evaluation while the host builds
 # The VAE strict, over two parts in flight: +21 ms for a whole 1024 px decode block by block,
 # +30 / +51 / +76 / +143 ms in 256- / 128- / 64- / 32-row strips (h200-profile-strips-c6.json).
 COST_STRICT_VAE = {None: 0.02, 256: 0.013, 128: 0.02, 64: 0.025, 32: 0.09, 16: 0.18}
-COST_TOKEN_CHUNK = {None: 0, 4096: 0.1, 2048: 0.11, 1024: 0.24, 512: 0.36, 256: 1.0}
+COST_TOKEN_CHUNK = {None: 0, 4096: 0.1, 2048: 0.11, 1536: 0.11, 1024: 0.24, 512: 0.36, 256: 1.0}
 COST_ATTENTION_ROWS = {None: 0, 1024: 0.1, 512: 0.2, 256: 0.4}
 COST_HIDDEN_PARTS = {1: 0, 2: 0.06, 4: 0.15, 8: 0.36}
 COST_PARTS_IN_CHUNKS = 0.2  # both at once cost more than the two apart (2048 tokens, 4 passes: +0.5 s)
+# A step in parts that fits a byte budget only with one part at a time, the pacer flushing
+# before most parts (`flushed_estimate`): at 512 px passes over all tokens took 1.1x (binary)
+# and 0.65x (ternary) the time of 512-token chunks there (h200-generate-c36-*), whose costs
+# (COST_TOKEN_CHUNK, COST_DIT) bracket it.
+COST_FLUSHING = 0.4
 # (token chunk, hidden passes) measured per packed format, where they differ from the sums
 # above (whose single-pass chunks are binary's): the kernels take M = 1024 rows on the slab
 # path for ternary and the fused GEMM for binary, and the fused ternary GEMM is the slower
@@ -421,10 +440,14 @@ COST_PARTS_IN_CHUNKS = 0.2  # both at once cost more than the two apart (2048 to
 # fast chunked setting: 102-113 ms a step (2 passes) and 117-131 ms (4) against 80-84 ms whole
 # (h200-slab-variants-c27-*.json, h200-steps-c29-*-new.json). Other formats and the dense
 # transformer use the sums.
+# 1536-token chunks (three equal chunks at 1024 px, where 2048-token ones leave a third of
+# 512) step in 95-96 ms whole, 99-108 ms with the MLP in 2 passes and 107-118 ms in 4
+# (h200-part-peaks-c34-*.json.steps.json).
 COST_DIT = {
-    "binary": {(2048, 2): 0.09, (2048, 4): 0.15, (1024, 2): 0.29, (1024, 4): 0.36},
-    "ternary": {(2048, 1): 0.12, (2048, 2): 0.11, (2048, 4): 0.17, (1024, 1): 0.34, (512, 1): 0.70,
-                (1024, 2): 0.26, (1024, 4): 0.37},
+    "binary": {(2048, 2): 0.09, (2048, 4): 0.15, (1536, 1): 0.065, (1536, 2): 0.08, (1536, 4): 0.15,
+               (1024, 2): 0.29, (1024, 4): 0.36},
+    "ternary": {(2048, 1): 0.12, (2048, 2): 0.11, (2048, 4): 0.17, (1536, 1): 0.055, (1536, 2): 0.09,
+                (1536, 4): 0.10, (1024, 1): 0.34, (512, 1): 0.70, (1024, 2): 0.26, (1024, 4): 0.37},
 }
 COST_VAE_TILE = {None: 0, 1024: 20, 768: 25, 512: 30, 384: 40, 256: 60, 128: 120}
 COST_VAE_STRIP = {None: 0, 256: 0.017, 128: 0.031, 64: 0.05, 32: 0.054, 16: 0.1}
@@ -447,6 +470,36 @@ def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batch
     `images`: (width, height) of the images the transformer is conditioned on (references,
     the init image), each encoded by the VAE in a stage of its own and joining the image
     tokens at every step."""
+    stages, _, _ = _terms(fp, width, height, plan, cfg_batches, images)
+    return {k: int(weights + SAFETY * modelled + OVERHEAD) for k, (weights, modelled) in stages.items()}
+
+
+def part_estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, images: tuple = ()) -> int:
+    """Bytes of the largest part a paced denoising step starts (a block's temporaries, or a
+    chunk's or pass's and its slab), with the safety factor: what one part adds to what is
+    live when it starts."""
+    return int(SAFETY * _terms(fp, width, height, plan, 1, images)[1])
+
+
+def flushed_estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batches: int = 1,
+                     images: tuple = ()) -> tuple[int, int] | None:
+    """For a step with the MLP in passes, two parts at a time, run with the pacer's
+    flush at the budget less one part (`MemoryPlan.execution_under`): the denoising stage's
+    bytes with one part at a time (what the flush falls back to: the least the budget must
+    hold) and with two in flight (where it seldom needs to flush). `estimate` counts three
+    parts, the third for a finished part whose buffers the back-end has not released yet;
+    the flush releases those before a part would start over the budget. None for other plans."""
+    stages, part, flushed = _terms(fp, width, height, plan, cfg_batches, images)
+    if flushed is None:
+        return None
+    weights = stages["denoising"][0]
+    return tuple(int(weights + SAFETY * (flushed + n * part) + OVERHEAD) for n in (1, 2))
+
+
+def _terms(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batches: int, images: tuple):
+    """({stage: (weights it holds, modelled bytes)}, the modelled bytes of the largest part of
+    a denoising step, and for a step in parts two at a time its modelled denoising bytes
+    without any part, else None): the terms of `estimate`."""
     s = fp.dtype_bytes
     L_img = (width // 16) * (height // 16)
     L_ref = sum((w // 16) * (h // 16) for w, h in images)
@@ -511,6 +564,7 @@ def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batch
     # its tokens) peaked at 1.3-2.1x these terms there (0.62 GB at 512 px against 0.30),
     # smaller token chunks at 1.2-1.3x.
     acts, parts = held + chunk + matmul + scores, c < L or plan.hidden_parts > 1
+    part = chunk + matmul + slab + scores if parts else acts + scratch
     if plan.overlap:
         acts = (held + OVERLAP_PARTS * (chunk + matmul + slab + scores) + scratch if parts
                 else OVERLAP_BLOCKS * (acts + scratch))
@@ -550,10 +604,11 @@ def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batch
     if images:
         stages["image_encoding"] = (in_text + kept_text, max(_encode_bytes(fp, w, h, plan) for w, h in images)
                                     + L_ref * fp.latent_channels * 4)
-    stages["denoising"] = (resident + fp.transformer_bytes + kept_text,
-                           acts + cfg_batches * fp.text_len * D * s * 2 + L_img * fp.latent_channels * 4 * 3 + refs)
+    inputs = cfg_batches * fp.text_len * D * s * 2 + L_img * fp.latent_channels * 4 * 3 + refs
+    stages["denoising"] = (resident + fp.transformer_bytes + kept_text, acts + inputs)
+    flushed = held + scratch + inputs if plan.sync and plan.overlap and plan.hidden_parts > 1 else None
     stages["decoding"] = (resident + fp.transformer_bytes * plan.transformer_in_decode + kept_text, max(mid, up))
-    return {k: int(weights + SAFETY * modelled + OVERHEAD) for k, (weights, modelled) in stages.items()}
+    return stages, part, flushed
 
 
 def _strip_bytes(held_per_pixel: float, fixed: float, per_pixel: float, width: int, height: int, rows: int,
@@ -633,7 +688,8 @@ def candidate_plans(width: int, height: int, fused_attention: bool = True, extra
                         vae_strip=strip, vae_encode_strip=enc, hidden_parts=parts, vae_overlap=vae_overlap)
              for in_text, in_decode in keeps
              for tile, strip in decodes for chunk in chunks for r in rows for overlap in (True, False)
-             for enc in encodes for parts in HIDDEN_PARTS for vae_overlap in (None, not overlap)]
+             for enc in encodes for parts in HIDDEN_PARTS for vae_overlap in (None, not overlap)
+             if parts > 1 or chunk not in PASSES_ONLY]
     return sorted(plans, key=lambda p: plan_cost(p, fmt))
 
 
@@ -642,8 +698,12 @@ def cheapest(plan: MemoryPlan, fp: Footprint, width: int, height: int) -> bool:
     return plan_cost(plan, fp.packed_format) == plan_cost(_candidates(fp, width, height, ())[0], fp.packed_format)
 
 
-def _with_estimate(plan: MemoryPlan, est: dict) -> MemoryPlan:
-    return replace(plan, estimated_peak_bytes=max(est.values()), stage_estimates=est)
+def with_estimate(plan: MemoryPlan, fp: Footprint, width: int, height: int, cfg_batches: int = 1,
+                  images: tuple = ()) -> MemoryPlan:
+    """`plan` with its estimates for this generation (what a run sets its limits from)."""
+    est = estimate(fp, width, height, plan, cfg_batches, images)
+    return replace(plan, estimated_peak_bytes=max(est.values()), stage_estimates=est,
+                   part_bytes=part_estimate(fp, width, height, plan, images))
 
 
 def _extra_tokens(images) -> int:
@@ -655,14 +715,23 @@ def _candidates(fp: Footprint, width: int, height: int, images):
                            max((h for _, h in images), default=0), fp.packed_format)
 
 
+def _least(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batches: int, images: tuple) -> dict:
+    """`estimate`, with the denoising stage at the least a byte budget must hold for it: one
+    part at a time where the pacer's flush keeps the step under the budget (`flushed_estimate`)."""
+    est = estimate(fp, width, height, plan, cfg_batches, images)
+    flushed = flushed_estimate(fp, width, height, plan, cfg_batches, images)
+    return {**est, "denoising": flushed[0]} if flushed and flushed[0] < est["denoising"] else est
+
+
 def smallest_plan(fp: Footprint, width: int, height: int, cfg_batches: int = 1, images: tuple = ()) -> MemoryPlan:
     """The plan with the lowest estimated peak (the slowest, most frugal one)."""
     def rank(p):  # lowest peak first; among equal peaks, the lowest other stages, then the cheapest
-        e = estimate(fp, width, height, p, cfg_batches, images)
+        e = _least(fp, width, height, p, cfg_batches, images)
         return max(e.values()), sum(e.values()), plan_cost(p, fp.packed_format)
 
-    best = min(_candidates(fp, width, height, images), key=rank)
-    return _with_estimate(best, estimate(fp, width, height, best, cfg_batches, images))
+    best = with_estimate(min(_candidates(fp, width, height, images), key=rank), fp, width, height, cfg_batches, images)
+    least = _least(fp, width, height, best, cfg_batches, images)
+    return replace(best, stage_estimates=least, estimated_peak_bytes=max(least.values()))
 
 
 def plan_memory(fp: Footprint, width: int, height: int, budget, cfg_batches: int = 1,
@@ -674,12 +743,28 @@ def plan_memory(fp: Footprint, width: int, height: int, budget, cfg_batches: int
     be the run's peak (`_auto_encode`)."""
     auto = budget == AUTO
     limit = device_cap() if auto else budget
+    flushing = None  # (cost, plan): the cheapest plan that fits a byte budget only with the pacer's flush
     for p in _candidates(fp, width, height, images):
+        cost = plan_cost(p, fp.packed_format)
+        if flushing and cost >= flushing[0]:
+            return flushing[1]
         est = estimate(fp, width, height, p, cfg_batches, images)
         if max(est.values()) <= limit:
             if auto and images and not p.vae_encode_strip:
                 p, est = _auto_encode(fp, width, height, p, est, cfg_batches, images, limit)
-            return _with_estimate(p, est)
+            return with_estimate(p, fp, width, height, cfg_batches, images)
+        flushed = None if auto else flushed_estimate(fp, width, height, p, cfg_batches, images)
+        if flushed and flushed[0] <= limit and max(v for k, v in est.items() if k != "denoising") <= limit:
+            # The pacer keeps the step under the budget (it is the run's memory limit): with
+            # two parts in flight under it the step seldom waits, with one it often does.
+            cost += 0 if flushed[1] <= limit else COST_FLUSHING
+            if not flushing or cost < flushing[0]:
+                planned = with_estimate(p, fp, width, height, cfg_batches, images)
+                flushing = cost, replace(planned, stage_estimates={**planned.stage_estimates, "denoising": limit},
+                                         estimated_peak_bytes=max(limit, *(v for k, v in planned.stage_estimates.items()
+                                                                          if k != "denoising")))
+    if flushing:
+        return flushing[1]
     best = smallest_plan(fp, width, height, cfg_batches, images)
     need = math.ceil(best.estimated_peak_bytes / 1e6) / 1e3  # GB, rounded up so that it fits
     what = f"this device's memory ({limit / GB:.2f} GB usable)" if auto else f"a memory budget of {limit / GB:.2f} GB"

@@ -490,29 +490,29 @@ def test_denoising_estimates_cover_the_profiled_steps():
 
 def test_step_costs_follow_the_packed_format(tmp_path):
     """Token chunks are ranked by what they cost for the transformer's packed format (COST_DIT),
-    which the footprint reports. The fused ternary GEMM is the slow one at 512 rows, so under
-    the ternary 1024 px target the plan takes 1024-token chunks with the MLP in passes, where
-    the format-blind sums take 512-token chunks; binary takes 1024-token chunks in 2 passes."""
+    which the footprint reports. Under the 1024 px targets both formats take three 1536-token
+    chunks with the MLP in 4 passes, which fit there with the pacer's flush (their denoising
+    estimate is the budget), where the format-blind sums take 512-token chunks."""
     import json
     from dataclasses import replace
     from pathlib import Path
 
     root = Path(__file__).parent.parent / "docs/results"
-    for fmt, budget, want in (("ternary", 2.2, (1024, 4)), ("binary", 1.9, (1024, 2))):
+    for fmt, budget, want in (("ternary", 2.2, (1536, 4)), ("binary", 1.9, (1536, 4))):
         run = next(r for r in json.loads((root / f"h200-generate-c12-{fmt}.json").read_text())["runs"]
                    if r["size"] == 1024 and r["footprint"])
         fp = _recorded_footprint(run)
         knowing = plan_memory(replace(fp, packed_format=fmt), 1024, 1024, int(budget * GB))
         blind = plan_memory(fp, 1024, 1024, int(budget * GB))
         assert (knowing.token_chunk, knowing.hidden_parts) == want
+        assert knowing.stage_estimates["denoising"] == int(budget * GB)
         assert (blind.token_chunk, blind.hidden_parts) == (512, 1)
-        # Where they fit, 2048-token chunks with the MLP in passes: they step in 102-131 ms
-        # against 130-182 ms for the 1024-token chunks above (h200-slab-variants-c27-*.json), and
-        # a mid-budget generation denoised in 0.75x (binary, 2.5 GB) and 0.86x (ternary, 2.6 GB)
-        # the time of the plan before them (h200-generate-c33-*.json).
-        mid_budget, mid_want = {"binary": (2.5, (2048, 2)), "ternary": (2.6, (2048, 4))}[fmt]
+        # Where their estimate fits without the flush, 1536-token chunks with the MLP in 2 passes:
+        # 99-108 ms a step against 130-182 ms for 1024-token chunks (h200-part-peaks-c34-*).
+        mid_budget = {"binary": 2.5, "ternary": 2.6}[fmt]
         mid = plan_memory(replace(fp, packed_format=fmt), 1024, 1024, int(mid_budget * GB))
-        assert (mid.token_chunk, mid.hidden_parts) == mid_want
+        assert (mid.token_chunk, mid.hidden_parts) == (1536, 2)
+        assert mid.stage_estimates == estimate(fp, 1024, 1024, mid)
         for chunk in (2048, 1024, 512, 256):  # passes never make a chunk cheaper
             one = plan_cost(MemoryPlan(token_chunk=chunk), fmt)
             assert all(plan_cost(MemoryPlan(token_chunk=chunk, hidden_parts=p), fmt) > one for p in (4, 8))
