@@ -246,7 +246,8 @@ def run(models: Models, req: Request, plan: MemoryPlan,
     this request, or the budget None."""
     te, timings, t_start = models.text_encoder, {}, time.perf_counter()
     memory_limit, cache_bytes = budget_limits(budget, plan.estimated_peak_bytes, held=mx.get_active_memory())
-    ex = plan.execution_under(budget if isinstance(budget, int) else memory_limit)
+    guard = budget if isinstance(budget, int) else memory_limit  # what the paced parts stay under
+    ex = plan.execution_under(guard)
     limits = MlxLimits(memory_limit, cache_bytes)
     with limits, MemoryMonitor() as mon:
         with mon.stage("text_encoding"):
@@ -331,7 +332,8 @@ def run(models: Models, req: Request, plan: MemoryPlan,
         with mon.stage("decoding"):
             vae = models.vae
             images = vae.decode_tokens(x.astype(vae.dtype), req.height, req.width, tile_size=plan.vae_tile,
-                                       overlap=VAE_TILE_OVERLAP, execution=plan.vae_execution, strip=plan.vae_strip)
+                                       overlap=VAE_TILE_OVERLAP, execution=plan.vae_execution_under(guard),
+                                       strip=plan.vae_strip)
             mx.eval(images)
             if not all_finite(images):
                 raise NonFiniteError(f"decoding produced NaN or Inf in {dtype_name(vae.dtype)}: the VAE's activations "

@@ -23,6 +23,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import mlx.core as mx
 
@@ -289,7 +290,8 @@ class MemoryPlan:
     vae_overlap: bool | None = None  # two VAE parts (blocks, strips) in flight; None: as `overlap`
     estimated_peak_bytes: int = 0
     stage_estimates: dict = field(default_factory=dict)
-    part_bytes: int = 0  # the largest part of a paced step, estimated (part_estimate)
+    part_bytes: int = 0  # the largest part of a paced step, estimated (part_estimates)
+    vae_part_bytes: int = 0  # the largest part of the paced decode, estimated (part_estimates)
 
     @property
     def execution(self) -> Execution:
@@ -297,14 +299,17 @@ class MemoryPlan:
                          hidden_parts=self.hidden_parts)
 
     def execution_under(self, limit: int | None) -> Execution:
-        """How the transformer runs to stay under `limit` bytes of MLX memory (None: no limit).
-        Paced, a part could start on top of finished parts whose buffers the back-end has not
-        released yet (MLX's CUDA back-end releases them from a worker thread, which can fall
-        several parts behind): once active memory is above the limit less one part
-        (`part_bytes`), the pacer waits for the device and its releases first."""
-        if limit is None or not self.part_bytes:
-            return self.execution
-        return replace(self.execution, flush_above=max(limit - self.part_bytes, 0))
+        """How the transformer runs to stay under its denoising estimate, or `limit` bytes of
+        MLX memory for a plan without estimates (None: no limit). Paced, a part could start on
+        top of finished parts whose buffers the back-end has not released yet (MLX's CUDA
+        back-end releases them from a worker thread, which can fall several parts behind):
+        once active memory is above the estimate less one part (`part_bytes`), the pacer waits
+        for the device and its releases first."""
+        return _flushing(self.execution, self.stage_estimates.get("denoising", limit), self.part_bytes)
+
+    def vae_execution_under(self, limit: int | None) -> Execution:
+        """How the VAE decodes to stay under its decoding estimate, as `execution_under`."""
+        return _flushing(self.vae_execution, self.stage_estimates.get("decoding", limit), self.vae_part_bytes)
 
     @property
     def vae_execution(self) -> Execution:
@@ -315,6 +320,12 @@ class MemoryPlan:
     @property
     def releases_transformer(self) -> bool:
         return not (self.transformer_in_text and self.transformer_in_decode)
+
+
+def _flushing(ex: Execution, limit: int | None, part: int) -> Execution:
+    if limit is None or not part or not ex.sync:
+        return ex
+    return replace(ex, flush_above=max(limit - part, 0))
 
 
 # No limit: everything resident, one graph per forward, nothing estimated.
@@ -470,15 +481,17 @@ def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batch
     `images`: (width, height) of the images the transformer is conditioned on (references,
     the init image), each encoded by the VAE in a stage of its own and joining the image
     tokens at every step."""
-    stages, _, _ = _terms(fp, width, height, plan, cfg_batches, images)
+    stages = _terms(fp, width, height, plan, cfg_batches, images).stages
     return {k: int(weights + SAFETY * modelled + OVERHEAD) for k, (weights, modelled) in stages.items()}
 
 
-def part_estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, images: tuple = ()) -> int:
+def part_estimates(fp: Footprint, width: int, height: int, plan: MemoryPlan, images: tuple = ()) -> tuple[int, int]:
     """Bytes of the largest part a paced denoising step starts (a block's temporaries, or a
-    chunk's or pass's and its slab), with the safety factor: what one part adds to what is
-    live when it starts."""
-    return int(SAFETY * _terms(fp, width, height, plan, 1, images)[1])
+    chunk's or pass's and its slab) and of the largest part of the decode (the mid block, a
+    block of the up path or a strip's scratch), with the safety factor: what one part adds to
+    what is live when it starts."""
+    terms = _terms(fp, width, height, plan, 1, images)
+    return int(SAFETY * terms.part), int(SAFETY * terms.vae_part)
 
 
 def flushed_estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batches: int = 1,
@@ -489,17 +502,22 @@ def flushed_estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, c
     hold) and with two in flight (where it seldom needs to flush). `estimate` counts three
     parts, the third for a finished part whose buffers the back-end has not released yet;
     the flush releases those before a part would start over the budget. None for other plans."""
-    stages, part, flushed = _terms(fp, width, height, plan, cfg_batches, images)
+    stages, part, flushed, _ = _terms(fp, width, height, plan, cfg_batches, images)
     if flushed is None:
         return None
     weights = stages["denoising"][0]
     return tuple(int(weights + SAFETY * (flushed + n * part) + OVERHEAD) for n in (1, 2))
 
 
-def _terms(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batches: int, images: tuple):
-    """({stage: (weights it holds, modelled bytes)}, the modelled bytes of the largest part of
-    a denoising step, and for a step in parts two at a time its modelled denoising bytes
-    without any part, else None): the terms of `estimate`."""
+class _Terms(NamedTuple):
+    stages: dict  # stage: (weights it holds, modelled bytes)
+    part: float  # the largest part of a denoising step
+    flushed: float | None  # a step with the MLP in passes, two parts at a time: its denoising bytes without a part
+    vae_part: float  # the largest part of the decode
+
+
+def _terms(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batches: int, images: tuple) -> _Terms:
+    """The modelled terms of `estimate`, `part_estimates` and `flushed_estimate`."""
     s = fp.dtype_bytes
     L_img = (width // 16) * (height // 16)
     L_ref = sum((w // 16) * (h // 16) for w, h in images)
@@ -608,7 +626,11 @@ def _terms(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batches
     stages["denoising"] = (resident + fp.transformer_bytes + kept_text, acts + inputs)
     flushed = held + scratch + inputs if plan.sync and plan.overlap and plan.hidden_parts > 1 else None
     stages["decoding"] = (resident + fp.transformer_bytes * plan.transformer_in_decode + kept_text, max(mid, up))
-    return stages, part, flushed
+    vae_part = max(fp.vae_mid_fixed + fp.vae_mid_per_pixel * latent_px + vae_scores_bytes(latent_px),
+                   _strip_part(fp.vae_held_per_pixel, fp.vae_strip_fixed, fp.vae_strip_per_pixel, width,
+                               plan.vae_strip, vae_overlap, STRIP_DECODE) if plan.vae_strip
+                   else fp.vae_up_fixed + fp.vae_up_per_pixel * th * tw)
+    return _Terms(stages, part, flushed, vae_part)
 
 
 def _strip_bytes(held_per_pixel: float, fixed: float, per_pixel: float, width: int, height: int, rows: int,
@@ -618,10 +640,16 @@ def _strip_bytes(held_per_pixel: float, fixed: float, per_pixel: float, width: i
     per pixel of its window at its heaviest stage, at least `floors` (strict, per part two in
     flight) times the held bytes per pixel: STRIP_DECODE, STRIP_ENCODE. The calibration
     measures small windows; on an H200 full-width strips took 2-3x that per window pixel."""
+    return (held_per_pixel * width * height
+            + (OVERLAP_DECODER if overlap else 1) * _strip_part(held_per_pixel, fixed, per_pixel, width, rows, overlap,
+                                                                floors))
+
+
+def _strip_part(held_per_pixel: float, fixed: float, per_pixel: float, width: int, rows: int, overlap: bool,
+                floors: tuple[float, float]) -> float:
+    """One strip's scratch (`_strip_bytes`)."""
     floor = floors[1] if overlap else floors[0]
-    per_pixel = max(per_pixel, floor * held_per_pixel)
-    held = held_per_pixel * width * height
-    return held + (OVERLAP_DECODER if overlap else 1) * (fixed + per_pixel * (rows + STRIP_HALO) * width)
+    return fixed + max(per_pixel, floor * held_per_pixel) * (rows + STRIP_HALO) * width
 
 
 def _encode_bytes(fp: Footprint, width: int, height: int, plan: MemoryPlan) -> float:
@@ -702,8 +730,9 @@ def with_estimate(plan: MemoryPlan, fp: Footprint, width: int, height: int, cfg_
                   images: tuple = ()) -> MemoryPlan:
     """`plan` with its estimates for this generation (what a run sets its limits from)."""
     est = estimate(fp, width, height, plan, cfg_batches, images)
-    return replace(plan, estimated_peak_bytes=max(est.values()), stage_estimates=est,
-                   part_bytes=part_estimate(fp, width, height, plan, images))
+    part, vae_part = part_estimates(fp, width, height, plan, images)
+    return replace(plan, estimated_peak_bytes=max(est.values()), stage_estimates=est, part_bytes=part,
+                   vae_part_bytes=vae_part)
 
 
 def _extra_tokens(images) -> int:

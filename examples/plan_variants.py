@@ -48,7 +48,7 @@ def main():
                                estimated_peak_bytes=plan.estimated_peak_bytes, stage_estimates=plan.stage_estimates,
                                part_bytes=plan.part_bytes)
         if args.no_flush:
-            plan = dataclasses.replace(plan, part_bytes=0)
+            plan = dataclasses.replace(plan, part_bytes=0, vae_part_bytes=0)
         rec["variant"], rec["flush"] = label, not args.no_flush
         rec["generations"] = [timed_generation(pipe, PROMPTS[g % len(PROMPTS)], args.size, 4, g, plan,
                                                label=f"{args.format} {args.size} {label} #{g + 1}")

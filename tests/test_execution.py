@@ -40,6 +40,37 @@ def test_pace_overlapped_starts_each_part_and_waits_for_the_one_before(monkeypat
     assert spy.calls == [("async", (a,)), ("async", (b,)), ("eval", (a,)), ("async", (c,)), ("eval", (b,))]
 
 
+def test_pace_flushes_only_above_its_threshold(monkeypatch):
+    """Over `flush_above` bytes of active memory after a part, the pacer waits for the device
+    and its releases (mx.synchronize) before the next part; at or under it, or without a
+    threshold, it does not."""
+    spy = Spy(monkeypatch)
+    active = [100]
+    monkeypatch.setattr(mx, "get_active_memory", lambda: active[0])
+    monkeypatch.setattr(mx, "synchronize", lambda *a: spy.calls.append(("sync", a)))
+    a, b, c = mx.array(1), mx.array(2), mx.array(3)
+    for overlap in (True, False):
+        spy.calls.clear()
+        pace = Execution(sync=True, overlap=overlap, flush_above=100).pace()
+        pace(a)  # at the threshold
+        active[0] = 101
+        pace(b)  # above it
+        active[0] = 50
+        pace(c)
+        kinds = [k for k, _ in spy.calls]
+        if overlap:
+            assert kinds == ["async", "async", "eval", "sync", "async", "eval"]
+        else:
+            assert kinds == ["eval", "eval", "sync", "eval"]
+        active[0] = 10**12
+        spy.calls.clear()
+        pace = Execution(sync=True, overlap=overlap).pace()
+        pace(a)
+        pace(b)
+        assert "sync" not in [k for k, _ in spy.calls]
+        active[0] = 100
+
+
 def test_pace_inactive_evaluates_nothing(monkeypatch):
     spy = Spy(monkeypatch)
     ONE_GRAPH.pace()(mx.array(1))
