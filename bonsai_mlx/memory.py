@@ -487,9 +487,9 @@ def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batch
 
 def part_estimates(fp: Footprint, width: int, height: int, plan: MemoryPlan, images: tuple = ()) -> tuple[int, int]:
     """Bytes of the largest part a paced denoising step starts (a block's temporaries, or a
-    chunk's or pass's and its slab) and of the largest part of the decode (the mid block, a
-    block of the up path or a strip's scratch), with the safety factor: what one part adds to
-    what is live when it starts."""
+    chunk's or pass's and its slab) and of a part of the decode's up path (a block, or a
+    strip's scratch), with the safety factor: what one part adds to what is live when it
+    starts."""
     terms = _terms(fp, width, height, plan, 1, images)
     return int(SAFETY * terms.part), int(SAFETY * terms.vae_part)
 
@@ -626,10 +626,11 @@ def _terms(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batches
     stages["denoising"] = (resident + fp.transformer_bytes + kept_text, acts + inputs)
     flushed = held + scratch + inputs if plan.sync and plan.overlap and plan.hidden_parts > 1 else None
     stages["decoding"] = (resident + fp.transformer_bytes * plan.transformer_in_decode + kept_text, max(mid, up))
-    vae_part = max(fp.vae_mid_fixed + fp.vae_mid_per_pixel * latent_px + vae_scores_bytes(latent_px),
-                   _strip_part(fp.vae_held_per_pixel, fp.vae_strip_fixed, fp.vae_strip_per_pixel, width,
-                               plan.vae_strip, vae_overlap, STRIP_DECODE) if plan.vae_strip
-                   else fp.vae_up_fixed + fp.vae_up_per_pixel * th * tw)
+    # The decode's parts after its first (the mid block, which starts on what the denoising
+    # left, released when the stage began): a block of the up path, or a strip's scratch.
+    vae_part = (_strip_part(fp.vae_held_per_pixel, fp.vae_strip_fixed, fp.vae_strip_per_pixel, width,
+                            plan.vae_strip, vae_overlap, STRIP_DECODE) if plan.vae_strip
+                else fp.vae_up_fixed + fp.vae_up_per_pixel * th * tw)
     return _Terms(stages, part, flushed, vae_part)
 
 
