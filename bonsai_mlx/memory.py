@@ -408,7 +408,7 @@ STRIP_DECODE = (28.0, 14.0)
 STRIP_ENCODE = (13.0, 13.0)
 TOKEN_CHUNKS = (None, 4096, 2048, 1536, 1024, 512, 256)
 # Chunks planned with the MLP in passes only: 1536-token chunks in one pass peaked at 1.27-1.32 GB
-# above the weights at 1024 px, the estimate's own figure (h200-part-peaks-c34-*.json).
+# above the weights at 1024 px, at their estimate (h200-part-peaks-c34-*.json).
 PASSES_ONLY = (1536,)
 HIDDEN_PARTS = (1, 2, 4, 8)
 VAE_STRIPS = (256, 128, 64, 32, 16)
@@ -439,9 +439,9 @@ COST_ATTENTION_ROWS = {None: 0, 1024: 0.1, 512: 0.2, 256: 0.4}
 COST_HIDDEN_PARTS = {1: 0, 2: 0.06, 4: 0.15, 8: 0.36}
 COST_PARTS_IN_CHUNKS = 0.2  # both at once cost more than the two apart (2048 tokens, 4 passes: +0.5 s)
 # A step in parts that fits a byte budget only with one part at a time, the pacer flushing
-# before most parts (`flushed_estimate`): at 512 px passes over all tokens took 1.1x (binary)
-# and 0.65x (ternary) the time of 512-token chunks there (h200-generate-c36-*), whose costs
-# (COST_TOKEN_CHUNK, COST_DIT) bracket it.
+# before most parts (`flushed_estimate`): at 512 px passes over all tokens took 1.06-1.23x
+# (binary) and 0.61-0.71x (ternary) the time of 512-token chunks there
+# (h200-plan-variants-c36-*-512-flush.json), whose costs (COST_TOKEN_CHUNK, COST_DIT) bracket it.
 COST_FLUSHING = 0.4
 # (token chunk, hidden passes) measured per packed format, where they differ from the sums
 # above (whose single-pass chunks are binary's): the kernels take M = 1024 rows on the slab
@@ -785,8 +785,8 @@ def plan_memory(fp: Footprint, width: int, height: int, budget, cfg_batches: int
             return with_estimate(p, fp, width, height, cfg_batches, images)
         flushed = None if auto else flushed_estimate(fp, width, height, p, cfg_batches, images)
         if flushed and flushed[0] <= limit and max(v for k, v in est.items() if k != "denoising") <= limit:
-            # The pacer keeps the step under the budget (it is the run's memory limit): with
-            # two parts in flight under it the step seldom waits, with one it often does.
+            # The pacer keeps the step under the budget (its denoising estimate): with two parts
+            # in flight under it the step seldom waits, with only one it often does.
             cost += 0 if flushed[1] <= limit else COST_FLUSHING
             if not flushing or cost < flushing[0]:
                 planned = with_estimate(p, fp, width, height, cfg_batches, images)
