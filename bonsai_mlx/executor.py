@@ -16,7 +16,7 @@ from mlx.utils import tree_flatten
 
 from .errors import BonsaiError, NonFiniteError
 from .lora import LoraSet
-from .memory import (Footprint, MemoryMonitor, MemoryPlan, budget_limits, calibrate_vae, calibrate_vae_encoder,
+from .memory import (AUTO, Footprint, MemoryMonitor, MemoryPlan, budget_limits, calibrate_vae, calibrate_vae_encoder,
                      conservative_vae_scratch, MlxLimits, vae_enc_held_per_pixel, vae_held_per_pixel)
 from .packed_linear import PackedLinear, auto_backend
 from .results import GenerationResult, StepEvent, to_pil
@@ -245,9 +245,10 @@ def run(models: Models, req: Request, plan: MemoryPlan,
     plan's estimate (memory.budget_limits); under AUTO the plan must be the one chosen for
     this request, or the budget None."""
     te, timings, t_start = models.text_encoder, {}, time.perf_counter()
-    memory_limit, cache_bytes = budget_limits(budget, plan.estimated_peak_bytes, held=mx.get_active_memory())
-    guard = budget if isinstance(budget, int) else memory_limit  # what the paced parts stay under
-    ex = plan.execution_under(guard)
+    active = mx.get_active_memory()
+    memory_limit, cache_bytes = budget_limits(budget, plan.estimated_peak_bytes, held=active)
+    held = active if budget == AUTO else 0  # the caller's arrays, which auto's estimate does not count
+    ex = plan.paced_execution(held)
     limits = MlxLimits(memory_limit, cache_bytes)
     with limits, MemoryMonitor() as mon:
         with mon.stage("text_encoding"):
@@ -332,7 +333,7 @@ def run(models: Models, req: Request, plan: MemoryPlan,
         with mon.stage("decoding"):
             vae = models.vae
             images = vae.decode_tokens(x.astype(vae.dtype), req.height, req.width, tile_size=plan.vae_tile,
-                                       overlap=VAE_TILE_OVERLAP, execution=plan.vae_execution_under(guard),
+                                       overlap=VAE_TILE_OVERLAP, execution=plan.paced_vae_execution(held),
                                        strip=plan.vae_strip)
             mx.eval(images)
             if not all_finite(images):

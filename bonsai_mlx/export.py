@@ -196,7 +196,8 @@ def memory_plans(pipe) -> list[dict]:
     """Plans for stated budgets and sizes, from the models' footprint with the Apple GPU's
     fused attention and packed kernels assumed and the VAE's scratch taken from
     `memory.conservative_vae_scratch` (above what an H200 and this project's CPU measured;
-    an app follows the plans as they are)."""
+    an app follows the plans as they are). No plan counts on the pacer's flush: an app need
+    not implement it, and on Metal it is not measured."""
     from dataclasses import replace
 
     from .memory import describe, plan_memory
@@ -207,7 +208,7 @@ def memory_plans(pipe) -> list[dict]:
     for width, height in sizes:
         for budget in PLAN_BUDGETS:
             try:
-                p = plan_memory(fp, width, height, int(budget))
+                p = plan_memory(fp, width, height, int(budget), flush=False)
             except BonsaiError as e:
                 plans.append({"width": width, "height": height, "budget_bytes": int(budget), "refused": str(e)})
                 continue

@@ -298,18 +298,19 @@ class MemoryPlan:
         return Execution(self.token_chunk, self.attention_rows, self.sync, self.overlap,
                          hidden_parts=self.hidden_parts)
 
-    def execution_under(self, limit: int | None) -> Execution:
-        """How the transformer runs to stay under its denoising estimate, or `limit` bytes of
-        MLX memory for a plan without estimates (None: no limit). Paced, a part could start on
-        top of finished parts whose buffers the back-end has not released yet (MLX's CUDA
-        back-end releases them from a worker thread, which can fall several parts behind):
-        once active memory is above the estimate less one part (`part_bytes`), the pacer waits
-        for the device and its releases first."""
-        return _flushing(self.execution, self.stage_estimates.get("denoising", limit), self.part_bytes)
+    def paced_execution(self, held: int = 0) -> Execution:
+        """How the transformer runs to stay under its denoising estimate, `held` bytes of MLX
+        memory that the estimate does not count (the caller's, under AUTO) on top. Paced, a
+        part could start on top of finished parts whose buffers the back-end has not released
+        yet (MLX's CUDA back-end releases them from a worker thread, which can fall several
+        parts behind): once active memory is above the estimate less one part (`part_bytes`),
+        the pacer waits for the device and its releases first. A plan without estimates (a
+        caller's own) runs as it is."""
+        return _flushing(self.execution, self.stage_estimates.get("denoising"), held, self.part_bytes)
 
-    def vae_execution_under(self, limit: int | None) -> Execution:
-        """How the VAE decodes to stay under its decoding estimate, as `execution_under`."""
-        return _flushing(self.vae_execution, self.stage_estimates.get("decoding", limit), self.vae_part_bytes)
+    def paced_vae_execution(self, held: int = 0) -> Execution:
+        """How the VAE decodes to stay under its decoding estimate, as `paced_execution`."""
+        return _flushing(self.vae_execution, self.stage_estimates.get("decoding"), held, self.vae_part_bytes)
 
     @property
     def vae_execution(self) -> Execution:
@@ -322,10 +323,19 @@ class MemoryPlan:
         return not (self.transformer_in_text and self.transformer_in_decode)
 
 
-def _flushing(ex: Execution, limit: int | None, part: int) -> Execution:
-    if limit is None or not part or not ex.sync:
+def _flushing(ex: Execution, estimate: int | None, held: int, part: int) -> Execution:
+    if not estimate or not part or not ex.sync:
         return ex
-    return replace(ex, flush_above=max(limit - part, 0))
+    return replace(ex, flush_above=max(estimate + held - part, 0))
+
+
+def flush_measured() -> bool:
+    """Whether plans may count on the pacer's flush to stay under a byte budget: measured on
+    MLX's CUDA back-end (docs/benchmarks.md, c36-c39). On Metal, `mx.synchronize` waits for
+    the command buffers but is not known to wait for the handlers that release their buffers;
+    on the CPU nothing is released late."""
+    cuda = getattr(mx, "cuda", None)
+    return bool(cuda and cuda.is_available())
 
 
 # No limit: everything resident, one graph per forward, nothing estimated.
@@ -452,10 +462,10 @@ COST_FLUSHING = 0.4
 # (h200-slab-variants-c27-*.json, h200-steps-c29-*-new.json). Other formats and the dense
 # transformer use the sums.
 # 1536-token chunks (three equal chunks at 1024 px, where 2048-token ones leave a third of
-# 512) step in 95-96 ms whole, 99-108 ms with the MLP in 2 passes and 107-118 ms in 4
-# (h200-part-peaks-c34-*.json.steps.json).
+# 512) step in 95-96 ms whole, 100-102 ms with the MLP in 2 passes and 107-118 ms in 4
+# (h200-part-peaks-c34-*.json.steps.json; 2048-token chunks 96-111 and 107-117 ms there).
 COST_DIT = {
-    "binary": {(2048, 2): 0.09, (2048, 4): 0.15, (1536, 1): 0.065, (1536, 2): 0.08, (1536, 4): 0.15,
+    "binary": {(2048, 2): 0.09, (2048, 4): 0.15, (1536, 1): 0.065, (1536, 2): 0.09, (1536, 4): 0.15,
                (1024, 2): 0.29, (1024, 4): 0.36},
     "ternary": {(2048, 1): 0.12, (2048, 2): 0.11, (2048, 4): 0.17, (1536, 1): 0.055, (1536, 2): 0.09,
                 (1536, 4): 0.10, (1024, 1): 0.34, (512, 1): 0.70, (1024, 2): 0.26, (1024, 4): 0.37},
@@ -497,7 +507,7 @@ def part_estimates(fp: Footprint, width: int, height: int, plan: MemoryPlan, ima
 def flushed_estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batches: int = 1,
                      images: tuple = ()) -> tuple[int, int] | None:
     """For a step with the MLP in passes, two parts at a time, run with the pacer's
-    flush at the budget less one part (`MemoryPlan.execution_under`): the denoising stage's
+    flush at its estimate less one part (`MemoryPlan.paced_execution`): the denoising stage's
     bytes with one part at a time (what the flush falls back to: the least the budget must
     hold) and with two in flight (where it seldom needs to flush). `estimate` counts three
     parts, the third for a finished part whose buffers the back-end has not released yet;
@@ -745,45 +755,53 @@ def _candidates(fp: Footprint, width: int, height: int, images):
                            max((h for _, h in images), default=0), fp.packed_format)
 
 
-def _least(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batches: int, images: tuple) -> dict:
+def _least(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batches: int, images: tuple,
+           flush: bool) -> dict:
     """`estimate`, with the denoising stage at the least a byte budget must hold for it: one
     part at a time where the pacer's flush keeps the step under the budget (`flushed_estimate`)."""
     est = estimate(fp, width, height, plan, cfg_batches, images)
-    flushed = flushed_estimate(fp, width, height, plan, cfg_batches, images)
+    flushed = flushed_estimate(fp, width, height, plan, cfg_batches, images) if flush else None
     return {**est, "denoising": flushed[0]} if flushed and flushed[0] < est["denoising"] else est
 
 
-def smallest_plan(fp: Footprint, width: int, height: int, cfg_batches: int = 1, images: tuple = ()) -> MemoryPlan:
-    """The plan with the lowest estimated peak (the slowest, most frugal one)."""
+def smallest_plan(fp: Footprint, width: int, height: int, cfg_batches: int = 1, images: tuple = (),
+                  flush: bool | None = None) -> MemoryPlan:
+    """The plan with the lowest estimated peak (the slowest, most frugal one); `flush` as in
+    `plan_memory`."""
+    flush = flush_measured() if flush is None else flush
+
     def rank(p):  # lowest peak first; among equal peaks, the lowest other stages, then the cheapest
-        e = _least(fp, width, height, p, cfg_batches, images)
+        e = _least(fp, width, height, p, cfg_batches, images, flush)
         return max(e.values()), sum(e.values()), plan_cost(p, fp.packed_format)
 
     best = with_estimate(min(_candidates(fp, width, height, images), key=rank), fp, width, height, cfg_batches, images)
-    least = _least(fp, width, height, best, cfg_batches, images)
+    least = _least(fp, width, height, best, cfg_batches, images, flush)
     return replace(best, stage_estimates=least, estimated_peak_bytes=max(least.values()))
 
 
 def plan_memory(fp: Footprint, width: int, height: int, budget, cfg_batches: int = 1,
-                images: tuple = ()) -> MemoryPlan:
+                images: tuple = (), flush: bool | None = None) -> MemoryPlan:
     """The cheapest plan in time whose estimated peak fits `budget` (bytes, or AUTO: the
     plans that stream the text encoder, under `device_cap()`). Refuses, naming the
     smallest budget that works, when none fits. `images`: see `estimate`. AUTO decodes whole
     where that fits, and encodes editing images in strips where the whole encode would
-    be the run's peak (`_auto_encode`)."""
+    be the run's peak (`_auto_encode`). `flush`: whether a byte budget may take a plan that
+    fits only with the pacer's flush (`flushed_estimate`); by default where that was measured
+    (`flush_measured`)."""
     auto = budget == AUTO
+    flush = flush_measured() if flush is None else flush
     limit = device_cap() if auto else budget
     flushing = None  # (cost, plan): the cheapest plan that fits a byte budget only with the pacer's flush
     for p in _candidates(fp, width, height, images):
         cost = plan_cost(p, fp.packed_format)
-        if flushing and cost >= flushing[0]:
+        if flushing and cost > flushing[0]:
             return flushing[1]
         est = estimate(fp, width, height, p, cfg_batches, images)
         if max(est.values()) <= limit:
             if auto and images and not p.vae_encode_strip:
                 p, est = _auto_encode(fp, width, height, p, est, cfg_batches, images, limit)
             return with_estimate(p, fp, width, height, cfg_batches, images)
-        flushed = None if auto else flushed_estimate(fp, width, height, p, cfg_batches, images)
+        flushed = flushed_estimate(fp, width, height, p, cfg_batches, images) if flush and not auto else None
         if flushed and flushed[0] <= limit and max(v for k, v in est.items() if k != "denoising") <= limit:
             # The pacer keeps the step under the budget (its denoising estimate): with two parts
             # in flight under it the step seldom waits, with only one it often does.
@@ -795,7 +813,7 @@ def plan_memory(fp: Footprint, width: int, height: int, budget, cfg_batches: int
                                                                           if k != "denoising")))
     if flushing:
         return flushing[1]
-    best = smallest_plan(fp, width, height, cfg_batches, images)
+    best = smallest_plan(fp, width, height, cfg_batches, images, flush)
     need = math.ceil(best.estimated_peak_bytes / 1e6) / 1e3  # GB, rounded up so that it fits
     what = f"this device's memory ({limit / GB:.2f} GB usable)" if auto else f"a memory budget of {limit / GB:.2f} GB"
     refs = f" with {len(images)} conditioning image{'s' if len(images) > 1 else ''}" if images else ""

@@ -32,7 +32,7 @@ def main():
     ap.add_argument("--none", action="store_true", help="also run without limits, last")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--no-flush", action="store_true",
-                    help="run without the pacer's flush above the limit less one part (MemoryPlan.execution_under)")
+                    help="run without the pacer's flush (MemoryPlan.paced_execution)")
     ap.add_argument("--json", required=True)
     args = ap.parse_args()
     pack = random_pack(args.root, args.format)

@@ -331,11 +331,12 @@ def test_smallest_budget_is_honoured(pipe):
     assert not pipe.text_encoder.resident  # evicted before denoising under a budget
 
 
-def test_a_byte_budget_paces_its_steps_under_it(pipe, monkeypatch):
-    """Under a byte budget the transformer's steps and the decode flush above their stage's
-    estimate less the plan's largest part (MemoryPlan.execution_under), so a part never starts
-    on top of finished parts whose buffers the back-end has not yet released; without a limit
-    nothing flushes."""
+def test_paced_stages_flush_above_their_estimate_less_a_part(pipe, monkeypatch):
+    """The transformer's steps and the decode flush above their stage's estimate less the
+    plan's largest part (MemoryPlan.paced_execution), so a part never starts on top of
+    finished parts whose buffers the back-end has not yet released: under a byte budget at the
+    estimate, under auto above it by what the caller already held; a caller's plan without
+    estimates and an unlimited run never flush."""
     from dataclasses import replace
 
     from bonsai_mlx.transformer import Flux2Transformer
@@ -353,16 +354,23 @@ def test_a_byte_budget_paces_its_steps_under_it(pipe, monkeypatch):
     pipe.generate("a pine in snow", width=W, height=H, seed=3, steps=2, memory_budget=f"{gb}GB")
     est = plan.stage_estimates
     assert [e.flush_above for e in seen] == [est["denoising"] - plan.part_bytes] * 2
-    assert seen[0] == plan.execution_under(budget) and decoded == [plan.vae_execution_under(budget)]
-    assert decoded[0].flush_above == est["decoding"] - plan.vae_part_bytes <= budget - plan.vae_part_bytes
-    # a plan without estimates (a caller's own) flushes under the budget
-    mine = replace(plan, stage_estimates={})
-    assert mine.execution_under(budget).flush_above == budget - plan.part_bytes
+    assert seen[0] == plan.paced_execution() and decoded == [plan.paced_vae_execution()]
+    assert decoded[0].flush_above == est["decoding"] - plan.vae_part_bytes
+    # auto, with the caller's array held through the run: its flush moves up by at least that
+    ballast = mx.zeros((8 << 20,), mx.float32)
+    mx.eval(ballast)
+    seen.clear(), decoded.clear()
+    pipe.generate("a pine in snow", width=W, height=H, seed=3, steps=2)
+    auto = pipe.plan(W, H)
+    assert seen[0].flush_above >= auto.stage_estimates["denoising"] - auto.part_bytes + ballast.nbytes
+    assert decoded[0].flush_above >= auto.stage_estimates["decoding"] - auto.vae_part_bytes + ballast.nbytes
+    del ballast
     seen.clear(), decoded.clear()
     pipe.generate("a pine in snow", width=W, height=H, seed=3, steps=2, memory_budget=None)
     assert [e.flush_above for e in seen + decoded] == [None, None, None]
-    assert mine.execution_under(None) == plan.execution and plan.execution.flush_above is None
-    assert UNCONSTRAINED.execution_under(10**9) == UNCONSTRAINED.execution  # one graph: no parts to pace
+    mine = replace(plan, stage_estimates={})
+    assert mine.paced_execution(10**9) == plan.execution and plan.execution.flush_above is None
+    assert UNCONSTRAINED.paced_execution() == UNCONSTRAINED.execution  # one graph: no parts to pace
 
 
 def test_dequantized_encoder_is_counted(pipe, monkeypatch):
@@ -446,10 +454,10 @@ def test_estimates_cover_the_recorded_h200_peaks(results):
     gives for its plan and recorded footprint; a reload of the transformer under the
     denoising estimate. The first generation at a size in a process (shapes the CUDA
     back-end meets for the first time) may be 1% over: two were, by 7 MB of 1.7 and 2.1 GB.
-    Not held: the ternary runs of the code before the pacer's flush in c37 and c38, whose
-    decodes in their third generations peaked over their estimates (1024 px: 1.904 GB against
-    1.680; 512 px: 1.752 GB against 1.746): finished strips whose buffers the back-end had not
-    yet released, which the flush now releases before the next strip starts."""
+    Not held: h200-generate-c37-ternary-head.json and h200-generate-c38-ternary-head.json, runs
+    of a pacer without the flush whose decodes peaked over their estimates in their third
+    generations (1024 px in 32-row strips: 1.904 GB against 1.680; 512 px in 16-row strips:
+    1.752 GB against 1.746). Those two plans were not run with the flush."""
     import json
     from pathlib import Path
 
@@ -471,17 +479,18 @@ def test_estimates_cover_the_recorded_h200_peaks(results):
 
 @pytest.mark.parametrize("fmt", ["binary", "ternary"])
 def test_plans_that_the_flush_admits_stay_under_their_budgets(fmt):
-    """At the 1024 px targets (both formats) and the ternary 512 px one, the planner takes steps
-    with the MLP in passes whose estimate (three parts in flight) is over the budget but whose
-    estimate with one part in flight fits it: the pacer flushes above the budget less one
-    part. Their denoising estimate is the budget. On the H200 (random full-size packs, 4
-    steps, bfloat16), three generations of each such plan (c39, this code) stayed under the
-    budget in every stage; so did every run of these step settings with the flush (c36),
+    """With the flush (`flush=True`, as on MLX's CUDA back-end), the planner takes steps with the
+    MLP in passes whose estimate (three parts in flight) is over the budget but whose estimate
+    with one part in flight fits it, at the 1024 px targets (both formats) and the ternary
+    512 px one: the pacer flushes above the budget less one part, and their denoising
+    estimate is the budget. On the H200 (random full-size packs, 4 steps, bfloat16), three
+    generations of each such plan (h200-generate-c39-*) stayed under the budget in every stage;
+    so did every run of these step settings with the flush (h200-plan-variants-c36-*-flush),
     while without it the passes over all tokens at 512 px went over their budgets."""
     import json
     from pathlib import Path
 
-    from bonsai_mlx.memory import flushed_estimate
+    from bonsai_mlx.memory import flushed_estimate, smallest_plan
 
     root = Path(__file__).parent.parent / "docs/results"
     runs = [r for r in json.loads((root / f"h200-generate-c39-{fmt}.json").read_text())["runs"]
@@ -490,13 +499,29 @@ def test_plans_that_the_flush_admits_stay_under_their_budgets(fmt):
     for run in runs:
         budget, size, fp = int(run["budget_gb"] * 1e9), run["size"], _recorded_footprint(run)
         recorded, estimates = _recorded_plan(run["plan"]), run["plan"]["stage_estimates"]
-        today = plan_memory(fp, size, size, budget)
+        today = plan_memory(fp, size, size, budget, flush=True)
         assert (today.token_chunk, today.hidden_parts) == (recorded.token_chunk, recorded.hidden_parts)
         assert today.stage_estimates == estimates
         flushing = size == 1024 or fmt == "ternary"
         assert (estimates["denoising"] == budget) == flushing, (fmt, size)
         if flushing:
             assert estimate(fp, size, size, recorded)["denoising"] > budget >= flushed_estimate(fp, size, size, recorded)[0]
+        # The smallest budget a refusal names counts the flush too, and is accepted.
+        least = smallest_plan(fp, size, size, flush=True)
+        assert least.estimated_peak_bytes < smallest_plan(fp, size, size, flush=False).estimated_peak_bytes
+        assert plan_memory(fp, size, size, least.estimated_peak_bytes, flush=True)
+        with pytest.raises(BonsaiError, match="at least"):
+            plan_memory(fp, size, size, least.estimated_peak_bytes - 1, flush=True)
+        # A plan that fits without the flush is taken over a flushing one of the same cost.
+        for b in (1.7e9, 1.8e9, 1.9e9, 2.2e9, 2.4e9, 3.0e9):
+            for cfg in (1, 2):
+                try:
+                    p = plan_memory(fp, size, size, int(b), cfg_batches=cfg, flush=True)
+                    q = plan_memory(fp, size, size, int(b), cfg_batches=cfg, flush=False)
+                except BonsaiError:  # nothing fits, or only with the flush
+                    continue
+                if p.stage_estimates["denoising"] == int(b) != q.stage_estimates["denoising"]:
+                    assert plan_cost(p, fmt) < plan_cost(q, fmt), (fmt, size, b, cfg)
         for gen in run["generations"]:
             for stage, est in estimates.items():
                 assert gen["memory"]["stages"][stage]["peak_gb"] * 1e9 <= est, (fmt, size, stage)
@@ -579,7 +604,8 @@ def test_step_costs_follow_the_packed_format(tmp_path):
     """Token chunks are ranked by what they cost for the transformer's packed format (COST_DIT),
     which the footprint reports. Under the 1024 px targets both formats take three 1536-token
     chunks with the MLP in 4 passes, which fit there with the pacer's flush (their denoising
-    estimate is the budget), where the format-blind sums take 512-token chunks."""
+    estimate is the budget), where the format-blind sums take 512-token chunks. Without the
+    flush (where it is not measured), no plan's denoising estimate is the budget."""
     import json
     from dataclasses import replace
     from pathlib import Path
@@ -589,16 +615,18 @@ def test_step_costs_follow_the_packed_format(tmp_path):
         run = next(r for r in json.loads((root / f"h200-generate-c12-{fmt}.json").read_text())["runs"]
                    if r["size"] == 1024 and r["footprint"])
         fp = _recorded_footprint(run)
-        knowing = plan_memory(replace(fp, packed_format=fmt), 1024, 1024, int(budget * GB))
-        blind = plan_memory(fp, 1024, 1024, int(budget * GB))
+        knowing = plan_memory(replace(fp, packed_format=fmt), 1024, 1024, int(budget * GB), flush=True)
+        blind = plan_memory(fp, 1024, 1024, int(budget * GB), flush=True)
         assert (knowing.token_chunk, knowing.hidden_parts) == want
         assert knowing.stage_estimates["denoising"] == int(budget * GB)
         assert (blind.token_chunk, blind.hidden_parts) == (512, 1)
-        # Where their estimate fits without the flush, 1536-token chunks with the MLP in 2 passes:
-        # 99-108 ms a step against 130-182 ms for 1024-token chunks (h200-part-peaks-c34-*).
-        mid_budget = {"binary": 2.5, "ternary": 2.6}[fmt]
-        mid = plan_memory(replace(fp, packed_format=fmt), 1024, 1024, int(mid_budget * GB))
-        assert (mid.token_chunk, mid.hidden_parts) == (1536, 2)
+        unflushed = plan_memory(replace(fp, packed_format=fmt), 1024, 1024, int(budget * GB), flush=False)
+        assert unflushed.stage_estimates == estimate(fp, 1024, 1024, unflushed)
+        # Where their estimate fits without the flush, 2048- or 1536-token chunks with the MLP in
+        # 2 passes: 96-111 ms a step against 130-150 ms for 1024-token chunks (c34's steps).
+        mid_budget, mid_want = {"binary": (2.5, (2048, 2)), "ternary": (2.6, (1536, 2))}[fmt]
+        mid = plan_memory(replace(fp, packed_format=fmt), 1024, 1024, int(mid_budget * GB), flush=True)
+        assert (mid.token_chunk, mid.hidden_parts) == mid_want
         assert mid.stage_estimates == estimate(fp, 1024, 1024, mid)
         for chunk in (2048, 1024, 512, 256):  # passes never make a chunk cheaper
             one = plan_cost(MemoryPlan(token_chunk=chunk), fmt)
