@@ -447,7 +447,8 @@ def _recorded_plan(p: dict) -> MemoryPlan:
                                      "h200-generate-c37-binary-head.json",
                                      "h200-generate-c38-binary-new.json", "h200-generate-c38-ternary-new.json",
                                      "h200-generate-c38-binary-head.json",
-                                     "h200-generate-c39-binary.json", "h200-generate-c39-ternary.json"])
+                                     "h200-generate-c39-binary.json", "h200-generate-c39-ternary.json",
+                                     "h200-generate-c40-binary.json"])
 def test_estimates_cover_the_recorded_h200_peaks(results):
     """Every stage of every planned generation measured on the H200 (docs/results, random
     full-size packs, 4 steps, bfloat16) peaked under the estimate that the current model
