@@ -84,7 +84,7 @@ def test_batched_ids_and_other_lengths(saved):
 
 def test_memory_saving_modes_change_nothing(saved):
     """Token chunks, attention chunks, passes over the MLP hidden units and block-by-block
-    evaluation give the same output."""
+    evaluation, with or without a flush after every part, give the same output."""
     ref_model, directory, _ = saved["tiny_a"]
     inputs = fx.make_inputs("tiny_a", batch=2, grid=(4, 6), txt_len=9)
     model = load_transformer(directory, dtype=mx.float32)
@@ -92,7 +92,8 @@ def test_memory_saving_modes_change_nothing(saved):
     for ex in (Execution(token_chunk=5, attention_rows=7, sync=True), Execution(sync=True, overlap=True),
                Execution(token_chunk=5, sync=True, overlap=True), Execution(hidden_parts=3),
                Execution(hidden_parts=4, sync=True, overlap=True),
-               Execution(token_chunk=5, hidden_parts=2, sync=True, overlap=True)):
+               Execution(token_chunk=5, hidden_parts=2, sync=True, overlap=True),
+               Execution(token_chunk=5, hidden_parts=2, sync=True, overlap=True, flush_above=0)):
         chunked = run(model, inputs, mx.float32, execution=ex)
         np.testing.assert_allclose(chunked, plain, rtol=0, atol=1e-5 * np.abs(plain).max())
         assert rel_err(chunked, fx.reference_forward(ref_model, inputs)) <= BOUNDS["float32"]
