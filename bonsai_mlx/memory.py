@@ -290,8 +290,8 @@ class MemoryPlan:
     vae_overlap: bool | None = None  # two VAE parts (blocks, strips) in flight; None: as `overlap`
     estimated_peak_bytes: int = 0
     stage_estimates: dict = field(default_factory=dict)
-    part_bytes: int = 0  # the largest part of a paced step, estimated (part_estimates)
-    vae_part_bytes: int = 0  # the largest part of the paced decode, estimated (part_estimates)
+    part_bytes: int = 0  # the largest part of a paced step, estimated (with_estimate)
+    vae_part_bytes: int = 0  # the largest part of the paced decode, estimated (with_estimate)
 
     @property
     def execution(self) -> Execution:
@@ -491,17 +491,7 @@ def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batch
     `images`: (width, height) of the images the transformer is conditioned on (references,
     the init image), each encoded by the VAE in a stage of its own and joining the image
     tokens at every step."""
-    stages = _terms(fp, width, height, plan, cfg_batches, images).stages
-    return {k: int(weights + SAFETY * modelled + OVERHEAD) for k, (weights, modelled) in stages.items()}
-
-
-def part_estimates(fp: Footprint, width: int, height: int, plan: MemoryPlan, images: tuple = ()) -> tuple[int, int]:
-    """Bytes of the largest part a paced denoising step starts (a block's temporaries, or a
-    chunk's or pass's and its slab) and of a part of the decode's up path (a block, or a
-    strip's scratch), with the safety factor: what one part adds to what is live when it
-    starts."""
-    terms = _terms(fp, width, height, plan, 1, images)
-    return int(SAFETY * terms.part), int(SAFETY * terms.vae_part)
+    return _stage_bytes(_terms(fp, width, height, plan, cfg_batches, images))
 
 
 def flushed_estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batches: int = 1,
@@ -512,11 +502,26 @@ def flushed_estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, c
     hold) and with two in flight (where it seldom needs to flush). `estimate` counts three
     parts, the third for a finished part whose buffers the back-end has not released yet;
     the flush releases those before a part would start over the budget. None for other plans."""
-    stages, part, flushed, _ = _terms(fp, width, height, plan, cfg_batches, images)
-    if flushed is None:
+    return _flushed_bytes(_terms(fp, width, height, plan, cfg_batches, images))
+
+
+def _stage_bytes(terms: "_Terms") -> dict:
+    return {k: int(weights + SAFETY * modelled + OVERHEAD) for k, (weights, modelled) in terms.stages.items()}
+
+
+def _part_bytes(terms: "_Terms") -> tuple[int, int]:
+    """Bytes of the largest part a paced denoising step starts (a block's temporaries, or a
+    chunk's or pass's and its slab) and of a part of the decode's up path (a block, or a
+    strip's scratch), with the safety factor: what one part adds to what is live when it
+    starts."""
+    return int(SAFETY * terms.part), int(SAFETY * terms.vae_part)
+
+
+def _flushed_bytes(terms: "_Terms") -> tuple[int, int] | None:
+    if terms.flushed is None:
         return None
-    weights = stages["denoising"][0]
-    return tuple(int(weights + SAFETY * (flushed + n * part) + OVERHEAD) for n in (1, 2))
+    weights = terms.stages["denoising"][0]
+    return tuple(int(weights + SAFETY * (terms.flushed + n * terms.part) + OVERHEAD) for n in (1, 2))
 
 
 class _Terms(NamedTuple):
@@ -527,7 +532,7 @@ class _Terms(NamedTuple):
 
 
 def _terms(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batches: int, images: tuple) -> _Terms:
-    """The modelled terms of `estimate`, `part_estimates` and `flushed_estimate`."""
+    """The modelled terms of `estimate`, `flushed_estimate` and a plan's parts (`with_estimate`)."""
     s = fp.dtype_bytes
     L_img = (width // 16) * (height // 16)
     L_ref = sum((w // 16) * (h // 16) for w, h in images)
@@ -594,8 +599,7 @@ def _terms(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batches
     acts, parts = held + chunk + matmul + scores, c < L or plan.hidden_parts > 1
     part = chunk + matmul + slab + scores if parts else acts + scratch
     if plan.overlap:
-        acts = (held + OVERLAP_PARTS * (chunk + matmul + slab + scores) + scratch if parts
-                else OVERLAP_BLOCKS * (acts + scratch))
+        acts = held + OVERLAP_PARTS * part + scratch if parts else OVERLAP_BLOCKS * part
     else:
         acts = STRICT_WHOLE * (acts + scratch) if c == L else STRICT_CHUNKED * (acts + slab) + scratch
     # Encoded condition tokens (float32) and, per CFG batch, their embedding, beside the text's.
@@ -740,8 +744,16 @@ def cheapest(plan: MemoryPlan, fp: Footprint, width: int, height: int) -> bool:
 def with_estimate(plan: MemoryPlan, fp: Footprint, width: int, height: int, cfg_batches: int = 1,
                   images: tuple = ()) -> MemoryPlan:
     """`plan` with its estimates for this generation (what a run sets its limits from)."""
-    est = estimate(fp, width, height, plan, cfg_batches, images)
-    part, vae_part = part_estimates(fp, width, height, plan, images)
+    return _estimated(plan, _terms(fp, width, height, plan, cfg_batches, images))
+
+
+def _estimated(plan: MemoryPlan, terms: "_Terms", denoising: int | None = None) -> MemoryPlan:
+    """`plan` with the estimates of its `terms`, the denoising stage's replaced by `denoising`
+    when given."""
+    est = _stage_bytes(terms)
+    if denoising is not None:
+        est["denoising"] = denoising
+    part, vae_part = _part_bytes(terms)
     return replace(plan, estimated_peak_bytes=max(est.values()), stage_estimates=est, part_bytes=part,
                    vae_part_bytes=vae_part)
 
@@ -755,13 +767,12 @@ def _candidates(fp: Footprint, width: int, height: int, images):
                            max((h for _, h in images), default=0), fp.packed_format)
 
 
-def _least(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batches: int, images: tuple,
-           flush: bool) -> dict:
-    """`estimate`, with the denoising stage at the least a byte budget must hold for it: one
-    part at a time where the pacer's flush keeps the step under the budget (`flushed_estimate`)."""
-    est = estimate(fp, width, height, plan, cfg_batches, images)
-    flushed = flushed_estimate(fp, width, height, plan, cfg_batches, images) if flush else None
-    return {**est, "denoising": flushed[0]} if flushed and flushed[0] < est["denoising"] else est
+def _least(terms: "_Terms", flush: bool) -> int | None:
+    """The least a byte budget must hold for the denoising stage where the pacer's flush keeps
+    the step under it (one part at a time, `flushed_estimate`) and that is less than the
+    stage's estimate; else None."""
+    flushed = _flushed_bytes(terms) if flush else None
+    return flushed[0] if flushed and flushed[0] < _stage_bytes(terms)["denoising"] else None
 
 
 def smallest_plan(fp: Footprint, width: int, height: int, cfg_batches: int = 1, images: tuple = (),
@@ -770,13 +781,15 @@ def smallest_plan(fp: Footprint, width: int, height: int, cfg_batches: int = 1, 
     `plan_memory`."""
     flush = flush_measured() if flush is None else flush
 
+    def needs(p):
+        terms = _terms(fp, width, height, p, cfg_batches, images)
+        return _estimated(p, terms, _least(terms, flush))
+
     def rank(p):  # lowest peak first; among equal peaks, the lowest other stages, then the cheapest
-        e = _least(fp, width, height, p, cfg_batches, images, flush)
+        e = p.stage_estimates
         return max(e.values()), sum(e.values()), plan_cost(p, fp.packed_format)
 
-    best = with_estimate(min(_candidates(fp, width, height, images), key=rank), fp, width, height, cfg_batches, images)
-    least = _least(fp, width, height, best, cfg_batches, images, flush)
-    return replace(best, stage_estimates=least, estimated_peak_bytes=max(least.values()))
+    return min((needs(p) for p in _candidates(fp, width, height, images)), key=rank)
 
 
 def plan_memory(fp: Footprint, width: int, height: int, budget, cfg_batches: int = 1,
@@ -796,21 +809,20 @@ def plan_memory(fp: Footprint, width: int, height: int, budget, cfg_batches: int
         cost = plan_cost(p, fp.packed_format)
         if flushing and cost > flushing[0]:
             return flushing[1]
-        est = estimate(fp, width, height, p, cfg_batches, images)
+        terms = _terms(fp, width, height, p, cfg_batches, images)
+        est = _stage_bytes(terms)
         if max(est.values()) <= limit:
             if auto and images and not p.vae_encode_strip:
                 p, est = _auto_encode(fp, width, height, p, est, cfg_batches, images, limit)
-            return with_estimate(p, fp, width, height, cfg_batches, images)
-        flushed = flushed_estimate(fp, width, height, p, cfg_batches, images) if flush and not auto else None
+                return with_estimate(p, fp, width, height, cfg_batches, images)
+            return _estimated(p, terms)
+        flushed = _flushed_bytes(terms) if flush and not auto else None
         if flushed and flushed[0] <= limit and max(v for k, v in est.items() if k != "denoising") <= limit:
             # The pacer keeps the step under the budget (its denoising estimate): with two parts
             # in flight under it the step seldom waits, with only one it often does.
             cost += 0 if flushed[1] <= limit else COST_FLUSHING
             if not flushing or cost < flushing[0]:
-                planned = with_estimate(p, fp, width, height, cfg_batches, images)
-                flushing = cost, replace(planned, stage_estimates={**planned.stage_estimates, "denoising": limit},
-                                         estimated_peak_bytes=max(limit, *(v for k, v in planned.stage_estimates.items()
-                                                                          if k != "denoising")))
+                flushing = cost, _estimated(p, terms, limit)
     if flushing:
         return flushing[1]
     best = smallest_plan(fp, width, height, cfg_batches, images, flush)
