@@ -368,15 +368,18 @@ def _instrument_pace():
         t = time.perf_counter()
         if not self.execution.overlap:
             mx.eval(*arrays)
-            HOST["wait"] += time.perf_counter() - t
-            return
-        mx.async_eval(*arrays)
-        t1 = time.perf_counter()
-        HOST["encode"] += t1 - t
-        if self._previous:
-            mx.eval(*self._previous)
-            HOST["wait"] += time.perf_counter() - t1
-        self._previous = tuple(wait) or arrays
+        else:
+            mx.async_eval(*arrays)
+            t1 = time.perf_counter()
+            HOST["encode"] += t1 - t
+            t = t1
+            if self._previous:
+                mx.eval(*self._previous)
+            self._previous = tuple(wait) or arrays
+        flush = self.execution.flush_above  # the flush's wait counts as waiting
+        if flush is not None and mx.get_active_memory() > flush:
+            mx.synchronize()
+        HOST["wait"] += time.perf_counter() - t
     E.Pace.__call__ = call
 
 
