@@ -155,32 +155,37 @@ def _norm_args(norm, stats) -> tuple:
 _MOMENTS: dict = {}
 
 
-def _moments(norm, part):
-    """(mean, sum of squared deviations) [B, G] in float32 of `part` for `norm`'s groups:
-    reduced over the pixels first (a column reduction, as `vae.group_stats`), compiled. The
+def _moments(part):
+    """(count, mean, sum of squared deviations) of each channel of `part` over its pixels,
+    [B, 1, 1, C] in float32: two column reductions (the second around the first's mean),
+    compiled, kept 4-D so that no squeeze or expansion joins the graph. Per
+    channel, not per group: the groups' channels merge with the strips once per stage
+    (`_merged`); per-group moments would add two reductions to every strip. The
     count enters as an array: a Python number would be a constant of the compiled kernels,
     and every strip height a new kernel for the GPU back-end to build."""
-    groups = norm.groups
-    if groups not in _MOMENTS:
+    if not _MOMENTS:
         def moments(x, inv_count):
-            B, H, W, C = x.shape
-            xf = x.reshape(B, H * W, C).astype(mx.float32)
-            mean = mx.sum(mx.sum(xf, axis=1).reshape(B, groups, -1), axis=-1) * inv_count
-            dev = mx.square(xf - mx.repeat(mean, C // groups, axis=-1)[:, None])
-            return mean, mx.sum(mx.sum(dev, axis=1).reshape(B, groups, -1), axis=-1)
+            xf = x.astype(mx.float32)
+            mean = mx.sum(xf, axis=(1, 2), keepdims=True) * inv_count
+            return mean, mx.sum(mx.square(xf - mean), axis=(1, 2), keepdims=True)
 
-        _MOMENTS[groups] = mx.compile(moments)
-    return _MOMENTS[groups](part, mx.array(1.0 / _count(norm, part), dtype=mx.float32))
+        _MOMENTS[None] = mx.compile(moments)
+    count = part.shape[1] * part.shape[2]
+    return (count, *_MOMENTS[None](part, mx.array(1.0 / count, dtype=mx.float32)))
 
 
-def _merged(parts: list):
-    """Whole-tensor (mean, biased variance) from the (count, mean, m2) of its parts: the
-    parallel-variance formula, no E[x^2] - E[x]^2 cancellation."""
-    counts = mx.array([float(n) for n, _, _ in parts])[:, None, None]
-    means, m2s = mx.stack([m for _, m, _ in parts]), mx.stack([q for _, _, q in parts])
-    total = sum(n for n, _, _ in parts)
-    mean = mx.sum(counts * means, axis=0) / total
-    return mean, mx.sum(m2s + counts * mx.square(means - mean), axis=0) / total
+def _merged(parts: list, groups: int):
+    """Whole-tensor (mean, biased variance) [B, groups] from the per-channel (count, mean,
+    m2) of its parts: the parallel-variance formula over every part and every channel of a
+    group, no E[x^2] - E[x]^2 cancellation."""
+    counts = mx.array([float(n) for n, _, _ in parts])[:, None, None, None]
+    means, m2s = mx.stack([m for _, m, _ in parts]), mx.stack([q for _, _, q in parts])  # [S, B, 1, 1, C]
+    S, B, C = means.shape[0], means.shape[1], means.shape[-1]
+    means, m2s = means.reshape(S, B, groups, C // groups), m2s.reshape(S, B, groups, C // groups)
+    total = sum(n for n, _, _ in parts) * (C // groups)
+    mean = mx.sum(counts * means, axis=(0, 3)) / total
+    dev = mx.square(means - mean[None, :, :, None])
+    return mean, mx.sum(m2s + counts * dev, axis=(0, 3)) / total
 
 
 def _halo(x, a: int, b: int):
@@ -203,15 +208,11 @@ def _produce(fn, shape, dtype, rows: int, norm, pace: Pace, release=None):
         part = fn(a, b)
         parts.append((a, b, part))
         if norm is not None:
-            moments.append((_count(norm, part), *_moments(norm, part)))
+            moments.append(_moments(part))
         pace(part, *(moments[-1][1:] if moments else ()))
         if release is not None:
             release(b)
-    return Rows(parts, shape, dtype), (_merged(moments) if moments else None)
-
-
-def _count(norm, part) -> int:
-    return part.shape[1] * part.shape[2] * (part.shape[3] // norm.groups)
+    return Rows(parts, shape, dtype), (_merged(moments, norm.groups) if moments else None)
 
 
 def _stats(x, norm, rows: int, pace: Pace):
@@ -219,10 +220,9 @@ def _stats(x, norm, rows: int, pace: Pace):
     each strip computed, measured and dropped)."""
     moments = []
     for a, b in spans(x.shape[1], rows):
-        part = x.rows(a, b)
-        moments.append((_count(norm, part), *_moments(norm, part)))
+        moments.append(_moments(x.rows(a, b)))
         pace(*moments[-1][1:])
-    return _merged(moments)
+    return _merged(moments, norm.groups)
 
 
 def _conv3(conv, norm, x, stats, rows: int, next_norm, pace: Pace, last: bool = True):

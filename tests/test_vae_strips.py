@@ -116,6 +116,25 @@ def test_held_bytes_counts_the_widest_stage(vae_dirs):
     assert vae_held_per_pixel(vae) * 64 * 48 == held_bytes(vae.config, 64, 48, 2)
 
 
+def test_strip_moments_merge_into_the_group_statistics():
+    """Per-channel moments of uneven strips, merged per group, equal the group mean and
+    variance of the whole tensor in float64. Channels of one group get far-apart means
+    (offset 300, spread 40 between channels, 0.5 within): a merge that dropped the spread
+    between channels or strips, or subtracted E[x]^2 from E[x^2] in float32, misses the
+    variance by far more than the bound (relative 1e-5, float32 sums of 10^3 values)."""
+    from bonsai_mlx.vae_strips import _merged, _moments
+
+    B, H, W, C, G = 2, 23, 9, 12, 3
+    rng = np.random.default_rng(5)
+    chan = 300 + 40 * rng.standard_normal((B, 1, 1, C))
+    x = (chan + 0.5 * rng.standard_normal((B, H, W, C))).astype(np.float32)
+    parts = [_moments(mx.array(x[:, a:b])) for a, b in ((0, 7), (7, 8), (8, 23))]
+    mean, var = (np.array(v) for v in _merged(parts, G))
+    g = x.astype(np.float64).reshape(B, H * W, G, C // G).transpose(0, 2, 1, 3).reshape(B, G, -1)
+    np.testing.assert_allclose(mean, g.mean(-1), rtol=1e-6)
+    np.testing.assert_allclose(var, g.var(-1), rtol=1e-5)
+
+
 def test_stage_rows_keep_low_resolutions_whole():
     """FLUX.2's decoder over a 1024 px image in 32-row strips: the first full-resolution
     resnet (which also computes the lazily read upsampler) runs in 32-row strips, the
