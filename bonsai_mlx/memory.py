@@ -453,6 +453,11 @@ COST_PARTS_IN_CHUNKS = 0.2  # both at once cost more than the two apart (2048 to
 # (binary) and 0.61-0.71x (ternary) the time of 512-token chunks there
 # (h200-plan-variants-c36-*-512-flush.json), whose costs (COST_TOKEN_CHUNK, COST_DIT) bracket it.
 COST_FLUSHING = 0.4
+# A strip decode two strips in flight that fits a byte budget only with the pacer's flush
+# (`_flushed_decode`): it flushes where active memory nears the budget, at the decode's peaks,
+# not at every strip as a strict decode waits: this share of what running it strict adds
+# (COST_STRICT_VAE).
+COST_FLUSHING_VAE = 0.5
 # (token chunk, hidden passes) measured per packed format, where they differ from the sums
 # above (whose single-pass chunks are binary's): the kernels take M = 1024 rows on the slab
 # path for ternary and the fused GEMM for binary, and the fused ternary GEMM is the slower
@@ -524,11 +529,26 @@ def _flushed_bytes(terms: "_Terms") -> tuple[int, int] | None:
     return tuple(int(weights + SAFETY * (terms.flushed + n * terms.part) + OVERHEAD) for n in (1, 2))
 
 
+def _flushed_decode(terms: "_Terms") -> tuple[int, int] | None:
+    """For a strip decode two strips in flight, run with the pacer's flush at the budget less
+    one strip (`MemoryPlan.paced_vae_execution`): the decoding stage's bytes with one strip at
+    a time (what the flush falls back to: the least the budget must hold) and that strip's
+    bytes (the flush's margin). None for other plans."""
+    if terms.vae_flushed is None:
+        return None
+    weights = terms.stages["decoding"][0]
+    modelled, one = terms.vae_flushed
+    return int(weights + SAFETY * modelled + OVERHEAD), int(SAFETY * one)
+
+
 class _Terms(NamedTuple):
     stages: dict  # stage: (weights it holds, modelled bytes)
     part: float  # the largest part of a denoising step
     flushed: float | None  # a step with the MLP in passes, two parts at a time: its denoising bytes without a part
     vae_part: float  # the largest part of the decode
+    # A strip decode two strips in flight: its decoding bytes with one strip at a time, and
+    # that strip's scratch as a strict decode counts it (what one strip can add).
+    vae_flushed: tuple[float, float] | None = None
 
 
 def _terms(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batches: int, images: tuple) -> _Terms:
@@ -645,7 +665,15 @@ def _terms(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batches
     vae_part = (_strip_part(fp.vae_held_per_pixel, fp.vae_strip_fixed, fp.vae_strip_per_pixel, width,
                             plan.vae_strip, vae_overlap, STRIP_DECODE) if plan.vae_strip
                 else fp.vae_up_fixed + fp.vae_up_per_pixel * th * tw)
-    return _Terms(stages, part, flushed, vae_part)
+    vae_flushed = None
+    if plan.vae_strip and vae_overlap and plan.sync:
+        one = _strip_part(fp.vae_held_per_pixel, fp.vae_strip_fixed, fp.vae_strip_per_pixel, width, plan.vae_strip,
+                          False, STRIP_DECODE)
+        mid_one = fp.vae_mid_fixed + fp.vae_mid_per_pixel * latent_px + vae_scores_bytes(latent_px)
+        others = up - _strip_bytes(fp.vae_held_per_pixel, fp.vae_strip_fixed, fp.vae_strip_per_pixel, width, height,
+                                   plan.vae_strip, True, STRIP_DECODE)  # beside the held tensors and the strips
+        vae_flushed = max(mid_one, others + fp.vae_held_per_pixel * width * height + one), one
+    return _Terms(stages, part, flushed, vae_part, vae_flushed)
 
 
 def _strip_bytes(held_per_pixel: float, fixed: float, per_pixel: float, width: int, height: int, rows: int,
@@ -747,13 +775,17 @@ def with_estimate(plan: MemoryPlan, fp: Footprint, width: int, height: int, cfg_
     return _estimated(plan, _terms(fp, width, height, plan, cfg_batches, images))
 
 
-def _estimated(plan: MemoryPlan, terms: "_Terms", denoising: int | None = None) -> MemoryPlan:
+def _estimated(plan: MemoryPlan, terms: "_Terms", denoising: int | None = None,
+               decoding: int | None = None) -> MemoryPlan:
     """`plan` with the estimates of its `terms`, the denoising stage's replaced by `denoising`
-    when given."""
+    when given, the decoding stage's by `decoding` (a strip decode that the flush keeps
+    under it, its margin then a strip as a strict decode counts it)."""
     est = _stage_bytes(terms)
     if denoising is not None:
         est["denoising"] = denoising
     part, vae_part = _part_bytes(terms)
+    if decoding is not None:
+        est["decoding"], vae_part = decoding, _flushed_decode(terms)[1]
     return replace(plan, estimated_peak_bytes=max(est.values()), stage_estimates=est, part_bytes=part,
                    vae_part_bytes=vae_part)
 
@@ -767,12 +799,15 @@ def _candidates(fp: Footprint, width: int, height: int, images):
                            max((h for _, h in images), default=0), fp.packed_format)
 
 
-def _least(terms: "_Terms", flush: bool) -> int | None:
-    """The least a byte budget must hold for the denoising stage where the pacer's flush keeps
-    the step under it (one part at a time, `flushed_estimate`) and that is less than the
-    stage's estimate; else None."""
-    flushed = _flushed_bytes(terms) if flush else None
-    return flushed[0] if flushed and flushed[0] < _stage_bytes(terms)["denoising"] else None
+def _least(terms: "_Terms", flush: bool) -> tuple[int | None, int | None]:
+    """The least a byte budget must hold for the denoising and the decoding stage where the
+    pacer's flush keeps them under it (one part at a time: `flushed_estimate`,
+    `_flushed_decode`) and that is less than the stage's estimate; else None for the stage."""
+    if not flush:
+        return None, None
+    est, step, decode = _stage_bytes(terms), _flushed_bytes(terms), _flushed_decode(terms)
+    return (step[0] if step and step[0] < est["denoising"] else None,
+            decode[0] if decode and decode[0] < est["decoding"] else None)
 
 
 def smallest_plan(fp: Footprint, width: int, height: int, cfg_batches: int = 1, images: tuple = (),
@@ -783,13 +818,38 @@ def smallest_plan(fp: Footprint, width: int, height: int, cfg_batches: int = 1, 
 
     def needs(p):
         terms = _terms(fp, width, height, p, cfg_batches, images)
-        return _estimated(p, terms, _least(terms, flush))
+        return _estimated(p, terms, *_least(terms, flush))
 
     def rank(p):  # lowest peak first; among equal peaks, the lowest other stages, then the cheapest
         e = p.stage_estimates
         return max(e.values()), sum(e.values()), plan_cost(p, fp.packed_format)
 
     return min((needs(p) for p in _candidates(fp, width, height, images)), key=rank)
+
+
+def _with_flush(plan: MemoryPlan, terms: "_Terms", limit: int, flush: bool) -> tuple[float, MemoryPlan] | None:
+    """(what the flush adds to the plan's cost, the plan with its estimates) where `plan` is
+    over `limit` but the pacer's flush keeps each stage over it under it: those stages'
+    estimates are the limit. A step with two parts in flight under the limit seldom waits,
+    with only one it often does; a decode flushes at its peaks. None otherwise."""
+    est = _stage_bytes(terms)
+    step, decode = _least(terms, flush)
+    over = {k for k, v in est.items() if v > limit}
+    if not over or not over <= {k for k, least in (("denoising", step), ("decoding", decode)) if least and least <= limit}:
+        return None
+    cost = (COST_FLUSHING * ("denoising" in over and _flushed_bytes(terms)[1] > limit)
+            + COST_FLUSHING_VAE * COST_STRICT_VAE[plan.vae_strip] * ("decoding" in over))
+    return cost, _estimated(plan, terms, limit if "denoising" in over else None, limit if "decoding" in over else None)
+
+
+def budgeted(plan: MemoryPlan, fp: Footprint, width: int, height: int, budget: int, cfg_batches: int = 1,
+             images: tuple = (), flush: bool | None = None) -> MemoryPlan:
+    """`plan` with the estimates it runs under at a byte `budget`: its own where they fit,
+    the budget for the stages that fit only with the pacer's flush (as `plan_memory` gives
+    them). A plan that does not fit keeps its own estimates."""
+    terms = _terms(fp, width, height, plan, cfg_batches, images)
+    flushed = _with_flush(plan, terms, budget, flush_measured() if flush is None else flush)
+    return flushed[1] if flushed else _estimated(plan, terms)
 
 
 def plan_memory(fp: Footprint, width: int, height: int, budget, cfg_batches: int = 1,
@@ -799,8 +859,8 @@ def plan_memory(fp: Footprint, width: int, height: int, budget, cfg_batches: int
     smallest budget that works, when none fits. `images`: see `estimate`. AUTO decodes whole
     where that fits, and encodes editing images in strips where the whole encode would
     be the run's peak (`_auto_encode`). `flush`: whether a byte budget may take a plan that
-    fits only with the pacer's flush (`flushed_estimate`); by default where that was measured
-    (`flush_measured`)."""
+    fits only with the pacer's flush (a step: `flushed_estimate`; a strip decode two strips
+    in flight: `_flushed_decode`); by default where that was measured (`flush_measured`)."""
     auto = budget == AUTO
     flush = flush_measured() if flush is None else flush
     limit = device_cap() if auto else budget
@@ -816,13 +876,9 @@ def plan_memory(fp: Footprint, width: int, height: int, budget, cfg_batches: int
                 p, est = _auto_encode(fp, width, height, p, est, cfg_batches, images, limit)
                 return with_estimate(p, fp, width, height, cfg_batches, images)
             return _estimated(p, terms)
-        flushed = _flushed_bytes(terms) if flush and not auto else None
-        if flushed and flushed[0] <= limit and max(v for k, v in est.items() if k != "denoising") <= limit:
-            # The pacer keeps the step under the budget (its denoising estimate): with two parts
-            # in flight under it the step seldom waits, with only one it often does.
-            cost += 0 if flushed[1] <= limit else COST_FLUSHING
-            if not flushing or cost < flushing[0]:
-                flushing = cost, _estimated(p, terms, limit)
+        flushed = _with_flush(p, terms, limit, flush and not auto)
+        if flushed and (not flushing or cost + flushed[0] < flushing[0]):
+            flushing = cost + flushed[0], flushed[1]
     if flushing:
         return flushing[1]
     best = smallest_plan(fp, width, height, cfg_batches, images, flush)

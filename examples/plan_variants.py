@@ -1,14 +1,17 @@
 """Whole generations under a budget with the plan the planner gives and with variants of its
-token chunks and MLP passes, on a random full-size pack, in one process: what a plan the
-estimate does not admit would peak at and take, under the same MLX limits.
+token chunks and MLP passes, or of its decode's strips, on a random full-size pack, in one
+process: what a plan the estimate does not admit would peak at and take, under the same MLX
+limits.
 
-Each variant replaces only `token_chunk` and `hidden_parts` of the planned plan; it runs with
-the budget's memory limits, as a planned run does, and records the estimate of its plan.
+Each variant replaces only `token_chunk` and `hidden_parts` (`--variants`) or `vae_strip` and
+`vae_overlap` (`--decodes`) of the planned plan; it runs with the budget's memory limits, as a
+planned run does, and records the estimates the planner gives its plan at that budget
+(`memory.budgeted`: the budget for a stage that fits only with the pacer's flush).
 `--none` adds the unconstrained run last (its cache would crowd the others). Needs MLX's Metal
 or CUDA back-end and a pack written by `bonsai_mlx.benchmark.random_pack(root, fmt)`:
 
     python examples/plan_variants.py --format binary --root /tmp/g --size 1024 --budget target \\
-        --variants "[[1536, 2], [2048, 2]]" --none --json out.json
+        --variants "[[1536, 2], [2048, 2]]" --decodes "[[16, true]]" --none --json out.json
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import dataclasses
 import json
 
 from bonsai_mlx.benchmark import PROMPTS, choose_plan, open_random_pipeline, random_pack, timed_generation
-from bonsai_mlx.memory import GB, describe, with_estimate
+from bonsai_mlx.memory import GB, budgeted, describe
 
 
 def main():
@@ -28,6 +31,8 @@ def main():
     ap.add_argument("--budget", default="target", help="'target' (the format and size's) or a size")
     ap.add_argument("--variants", type=json.loads, default=[],
                     help='[token_chunk or null, hidden_parts] pairs, a JSON list')
+    ap.add_argument("--decodes", type=json.loads, default=[],
+                    help='[vae_strip or null, two strips in flight (true / false)] pairs, a JSON list')
     ap.add_argument("--generations", type=int, default=2)
     ap.add_argument("--none", action="store_true", help="also run without limits, last")
     ap.add_argument("--dtype", default="bfloat16")
@@ -42,11 +47,11 @@ def main():
         pipe, rec, _ = open_random_pipeline(pack, args.format, args.size, budget, args.dtype, (9, 18, 27))
         plan = choose_plan(pipe, args.size, rec)
         if variant is not None:
-            plan = with_estimate(dataclasses.replace(plan, token_chunk=variant[0], hidden_parts=variant[1]),
-                                 pipe.footprint(), args.size, args.size)
-            rec["plan"].update(token_chunk=variant[0], hidden_parts=variant[1], described=describe(plan),
-                               estimated_peak_bytes=plan.estimated_peak_bytes, stage_estimates=plan.stage_estimates,
-                               part_bytes=plan.part_bytes)
+            plan = budgeted(dataclasses.replace(plan, **variant), pipe.footprint(), args.size, args.size,
+                            int(round(rec["budget_gb"] * GB)))
+            rec["plan"].update(**variant, described=describe(plan), estimated_peak_bytes=plan.estimated_peak_bytes,
+                               stage_estimates=plan.stage_estimates, part_bytes=plan.part_bytes,
+                               vae_part_bytes=plan.vae_part_bytes)
         if args.no_flush:
             plan = dataclasses.replace(plan, part_bytes=0, vae_part_bytes=0)
         rec["variant"], rec["flush"] = label, not args.no_flush
@@ -62,7 +67,11 @@ def main():
 
     run("planned", args.budget)
     for chunk, parts in args.variants:
-        run(f"{f'{chunk}-token chunks' if chunk else 'all tokens'}, MLP in {parts} passes", args.budget, (chunk, parts))
+        run(f"{f'{chunk}-token chunks' if chunk else 'all tokens'}, MLP in {parts} passes", args.budget,
+            dict(token_chunk=chunk, hidden_parts=parts))
+    for strip, two in args.decodes:
+        run(f"decode {f'in {strip}-row strips' if strip else 'whole'}, {'two' if two else 'one'} in flight",
+            args.budget, dict(vae_strip=strip, vae_overlap=two))
     if args.none:
         run("none", "none")
 
