@@ -71,7 +71,11 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--decode", type=json.loads, default=[],
                     help='decode tiles to add as variants of the default, a JSON list of [CPT, NSG]')
+    ap.add_argument("--caps", type=json.loads, default=[],
+                    help="slab caps (millions of 2**20 weights) to add as variants of the default, a JSON list")
     args = ap.parse_args()
+    for cap in args.caps:
+        VARIANTS[f"{cap}M, a whole matrix"] = (replace(BASE, slab_max_elements=cap << 20), kernels.slab_rows)
     for cpt, nsg in args.decode:
         VARIANTS[f"16M, a whole matrix, decode {cpt}x{nsg}"] = (
             replace(BASE, decode=kernels.DecodeTile(cpt, nsg)), kernels.slab_rows)
