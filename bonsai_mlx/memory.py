@@ -634,7 +634,8 @@ def _terms(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batches
     latent_px = (height // 8) * (width // 8)
     vae_overlap = plan.vae_execution.overlap
     in_flight = (OVERLAP_DECODER if plan.vae_tile else OVERLAP_WHOLE_DECODE) if vae_overlap else 1
-    mid = in_flight * (fp.vae_mid_fixed + fp.vae_mid_per_pixel * latent_px) + vae_scores_bytes(latent_px)
+    mid_block = fp.vae_mid_fixed + fp.vae_mid_per_pixel * latent_px
+    mid = in_flight * mid_block + vae_scores_bytes(latent_px)
     up = (latent_px * fp.vae_mid_channels * s + in_flight * (fp.vae_up_fixed + fp.vae_up_per_pixel * th * tw)
           + 4 * in_flight * min(Execution().reduce_block, th * tw * fp.vae_mid_channels)
           + height * width * 4 * 4 * 2)
@@ -642,9 +643,11 @@ def _terms(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batches
         # Strips: the whole tensors of the widest stage and a strip's scratch per part in
         # flight (`_strip_bytes`), the mid output's statistics in float32 row blocks, and the
         # image's float32 copies.
-        up = (_strip_bytes(fp.vae_held_per_pixel, fp.vae_strip_fixed, fp.vae_strip_per_pixel, width, height,
-                           plan.vae_strip, vae_overlap, STRIP_DECODE)
-              + 4 * min(Execution().reduce_block, latent_px * fp.vae_mid_channels) + height * width * 4 * 4 * 2)
+        strips = lambda overlap: _strip_bytes(fp.vae_held_per_pixel, fp.vae_strip_fixed,  # noqa: E731
+                                              fp.vae_strip_per_pixel, width, height, plan.vae_strip, overlap,
+                                              STRIP_DECODE)
+        others = 4 * min(Execution().reduce_block, latent_px * fp.vae_mid_channels) + height * width * 4 * 4 * 2
+        up = strips(vae_overlap) + others
     # Each stage: the weights it holds, whose bytes are exact, and what is modelled
     # (activations, scratch), to which the safety factor applies. The VAE (small) stays
     # through every stage; editing images are encoded one at a time, after the text, with
@@ -669,10 +672,7 @@ def _terms(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batches
     if plan.vae_strip and vae_overlap and plan.sync:
         one = _strip_part(fp.vae_held_per_pixel, fp.vae_strip_fixed, fp.vae_strip_per_pixel, width, plan.vae_strip,
                           False, STRIP_DECODE)
-        mid_one = fp.vae_mid_fixed + fp.vae_mid_per_pixel * latent_px + vae_scores_bytes(latent_px)
-        others = up - _strip_bytes(fp.vae_held_per_pixel, fp.vae_strip_fixed, fp.vae_strip_per_pixel, width, height,
-                                   plan.vae_strip, True, STRIP_DECODE)  # beside the held tensors and the strips
-        vae_flushed = max(mid_one, others + fp.vae_held_per_pixel * width * height + one), one
+        vae_flushed = max(mid_block + vae_scores_bytes(latent_px), strips(False) + others), one
     return _Terms(stages, part, flushed, vae_part, vae_flushed)
 
 
@@ -799,13 +799,14 @@ def _candidates(fp: Footprint, width: int, height: int, images):
                            max((h for _, h in images), default=0), fp.packed_format)
 
 
-def _least(terms: "_Terms", flush: bool) -> tuple[int | None, int | None]:
+def _least(terms: "_Terms", est: dict, flush: bool) -> tuple[int | None, int | None]:
     """The least a byte budget must hold for the denoising and the decoding stage where the
     pacer's flush keeps them under it (one part at a time: `flushed_estimate`,
-    `_flushed_decode`) and that is less than the stage's estimate; else None for the stage."""
+    `_flushed_decode`) and that is less than the stage's estimate (`est`, the terms' stage
+    bytes); else None for the stage."""
     if not flush:
         return None, None
-    est, step, decode = _stage_bytes(terms), _flushed_bytes(terms), _flushed_decode(terms)
+    step, decode = _flushed_bytes(terms), _flushed_decode(terms)
     return (step[0] if step and step[0] < est["denoising"] else None,
             decode[0] if decode and decode[0] < est["decoding"] else None)
 
@@ -818,7 +819,7 @@ def smallest_plan(fp: Footprint, width: int, height: int, cfg_batches: int = 1, 
 
     def needs(p):
         terms = _terms(fp, width, height, p, cfg_batches, images)
-        return _estimated(p, terms, *_least(terms, flush))
+        return _estimated(p, terms, *_least(terms, _stage_bytes(terms), flush))
 
     def rank(p):  # lowest peak first; among equal peaks, the lowest other stages, then the cheapest
         e = p.stage_estimates
@@ -827,13 +828,13 @@ def smallest_plan(fp: Footprint, width: int, height: int, cfg_batches: int = 1, 
     return min((needs(p) for p in _candidates(fp, width, height, images)), key=rank)
 
 
-def _with_flush(plan: MemoryPlan, terms: "_Terms", limit: int, flush: bool) -> tuple[float, MemoryPlan] | None:
+def _with_flush(plan: MemoryPlan, terms: "_Terms", est: dict, limit: int,
+                flush: bool) -> tuple[float, MemoryPlan] | None:
     """(what the flush adds to the plan's cost, the plan with its estimates) where `plan` is
-    over `limit` but the pacer's flush keeps each stage over it under it: those stages'
-    estimates are the limit. A step with two parts in flight under the limit seldom waits,
-    with only one it often does; a decode flushes at its peaks. None otherwise."""
-    est = _stage_bytes(terms)
-    step, decode = _least(terms, flush)
+    over `limit` (its stage bytes `est`) but the pacer's flush keeps each stage over it under
+    it: those stages' estimates are the limit. A step with two parts in flight under the limit
+    seldom waits, with only one it often does; a decode flushes at its peaks. None otherwise."""
+    step, decode = _least(terms, est, flush)
     over = {k for k, v in est.items() if v > limit}
     if not over or not over <= {k for k, least in (("denoising", step), ("decoding", decode)) if least and least <= limit}:
         return None
@@ -848,7 +849,7 @@ def budgeted(plan: MemoryPlan, fp: Footprint, width: int, height: int, budget: i
     the budget for the stages that fit only with the pacer's flush (as `plan_memory` gives
     them). A plan that does not fit keeps its own estimates."""
     terms = _terms(fp, width, height, plan, cfg_batches, images)
-    flushed = _with_flush(plan, terms, budget, flush_measured() if flush is None else flush)
+    flushed = _with_flush(plan, terms, _stage_bytes(terms), budget, flush_measured() if flush is None else flush)
     return flushed[1] if flushed else _estimated(plan, terms)
 
 
@@ -876,7 +877,7 @@ def plan_memory(fp: Footprint, width: int, height: int, budget, cfg_batches: int
                 p, est = _auto_encode(fp, width, height, p, est, cfg_batches, images, limit)
                 return with_estimate(p, fp, width, height, cfg_batches, images)
             return _estimated(p, terms)
-        flushed = _with_flush(p, terms, limit, flush and not auto)
+        flushed = _with_flush(p, terms, est, limit, flush and not auto)
         if flushed and (not flushing or cost + flushed[0] < flushing[0]):
             flushing = cost + flushed[0], flushed[1]
     if flushing:

@@ -152,7 +152,13 @@ def _norm_args(norm, stats) -> tuple:
     return norm.elementwise(True), mean[:, None], inv[:, None], norm.weight, norm.bias
 
 
-_MOMENTS: dict = {}
+def _channel_moments_fn(x, inv_count):
+    xf = x.astype(mx.float32)
+    mean = mx.sum(xf, axis=(1, 2), keepdims=True) * inv_count
+    return mean, mx.sum(mx.square(xf - mean), axis=(1, 2), keepdims=True)
+
+
+_channel_moments = mx.compile(_channel_moments_fn)
 
 
 def _moments(part):
@@ -163,15 +169,8 @@ def _moments(part):
     (`_merged`); per-group moments would add two reductions to every strip. The
     count enters as an array: a Python number would be a constant of the compiled kernels,
     and every strip height a new kernel for the GPU back-end to build."""
-    if not _MOMENTS:
-        def moments(x, inv_count):
-            xf = x.astype(mx.float32)
-            mean = mx.sum(xf, axis=(1, 2), keepdims=True) * inv_count
-            return mean, mx.sum(mx.square(xf - mean), axis=(1, 2), keepdims=True)
-
-        _MOMENTS[None] = mx.compile(moments)
     count = part.shape[1] * part.shape[2]
-    return (count, *_MOMENTS[None](part, mx.array(1.0 / count, dtype=mx.float32)))
+    return (count, *_channel_moments(part, mx.array(1.0 / count, dtype=mx.float32)))
 
 
 def _merged(parts: list, groups: int):
