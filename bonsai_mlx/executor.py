@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 import mlx.core as mx
@@ -96,6 +97,18 @@ def slab_tokens(packed, dtype) -> int:
     return min(DEFAULT_CONFIG.slab_min_m[fmt] for fmt in gpu)
 
 
+def slab_tuning(info: dict, plan: MemoryPlan):
+    """A context for the plan's forwards: with whole slabs, the kernels' slab cap raised to
+    the transformer's largest packed matrix, so every matrix (and row range) the slab path
+    meets is decoded as one slab; otherwise, or where no packed linear takes the slab path
+    (`info`: Models.transformer_info), nothing changes."""
+    if not (plan.whole_slabs and info["slab_tokens"]):
+        return nullcontext()
+    from . import kernels  # the GPU kernels' module: loaded only where they run
+
+    return kernels.tuned(replace(kernels.DEFAULT_CONFIG, slab_max_elements=info["largest_packed"]))
+
+
 class Models:
     """The loaded models, what is resident now, and the prompt embeddings kept."""
 
@@ -108,6 +121,7 @@ class Models:
         self.transformer_info = {
             "bytes": nbytes(transformer), "config": transformer.config, "dtype": transformer.dtype,
             "slab_tokens": slab_tokens(packed, transformer.dtype),
+            "largest_packed": max((m.out_features * m.in_features for m in packed), default=0),
             "packed_format": packed[0].fmt if len({m.fmt for m in packed}) == 1 else "",
             "reference_matmul": any(runs_on(m) == "reference" for m in packed)}
         self._prompts: OrderedDict = OrderedDict()
@@ -291,10 +305,11 @@ def run(models: Models, req: Request, plan: MemoryPlan,
 
             def velocity(x, sigma):
                 t = mx.array([sigma], dtype=mx.float32)
-                v = model.forward(x.astype(dtype), t, ctx, execution=ex).astype(mx.float32)
-                if neg_ctx is None:
-                    return v
-                v_neg = model.forward(x.astype(dtype), t, neg_ctx, execution=ex).astype(mx.float32)
+                with slab_tuning(models.transformer_info, plan):
+                    v = model.forward(x.astype(dtype), t, ctx, execution=ex).astype(mx.float32)
+                    if neg_ctx is None:
+                        return v
+                    v_neg = model.forward(x.astype(dtype), t, neg_ctx, execution=ex).astype(mx.float32)
                 return v_neg + req.guidance * (v - v_neg)
 
             sigmas = flux2_sigmas(req.steps, h * w)[req.start:]

@@ -30,7 +30,10 @@ Every launch is described by a `Launch` (kernel, template, grid, threadgroup;
 plus the slab height for the slab path), so the CPU harness in
 tests/metal_harness runs exactly what MLX would. The tuning values named above
 (slab_min_m, slab_max_elements, tiles) are fields of a frozen `KernelConfig`;
-planning and launching functions take one, `DEFAULT_CONFIG` unless given.
+planning and launching functions take one, `DEFAULT_CONFIG` unless given. The
+launchers that packed_linear calls take none: they use the config of the
+innermost `tuned` block around the call (how a memory plan sets its slab cap for
+a forward without a flag on any module), `DEFAULT_CONFIG` outside one.
 
 packed_linear resolves its "metal" and "cuda" backends here (`launcher`); this
 module imports nothing from packed_linear.
@@ -40,6 +43,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, fields, replace
 from functools import lru_cache
 from pathlib import Path
@@ -202,6 +207,26 @@ class KernelConfig:
 
 
 DEFAULT_CONFIG = KernelConfig()
+# The config of the innermost `tuned` block (context-local: each thread and task sees its own).
+_TUNED: ContextVar[KernelConfig] = ContextVar("bonsai_kernel_config", default=DEFAULT_CONFIG)
+
+
+@contextmanager
+def tuned(config: KernelConfig):
+    """Launches inside the block that are given no config (those of packed_linear's layers)
+    use `config`; the config before is back on exit, whatever happens inside. MLX builds a
+    graph when a forward is called, so a block around the forward's call is enough: the slab
+    path's slabs are chosen then, not when the graph is evaluated."""
+    token = _TUNED.set(config)
+    try:
+        yield config
+    finally:
+        _TUNED.reset(token)
+
+
+def current_config() -> KernelConfig:
+    """The config that a launch given none uses here (`tuned`)."""
+    return _TUNED.get()
 
 
 # ---------------------------------------------------------------------------- sources
@@ -547,11 +572,13 @@ def default_backend() -> str:
 
 
 def packed_matmul(x: mx.array, pw, backend: str | None = None, path: str | None = None,
-                  config: KernelConfig = DEFAULT_CONFIG) -> mx.array:
+                  config: KernelConfig | None = None) -> mx.array:
     """y [..., N] = x [..., K] @ W.T for a PackedWeight-like `pw` (fmt, data, scales, shape).
 
-    `path` ("gemv", "gemm", "slab") overrides the choice by M, for benchmarks and tests."""
+    `path` ("gemv", "gemm", "slab") overrides the choice by M, for benchmarks and tests;
+    `config` the tuning (by default `current_config()`)."""
     backend = backend or default_backend()
+    config = current_config() if config is None else config
     N, K = pw.shape
     if x.shape[-1] != K:
         raise BonsaiError(f"input has {x.shape[-1]} features but the packed weight {pw.shape} expects K = {K}")
@@ -622,12 +649,12 @@ def slab_parts(x2: mx.array, pw, backend: str, rows: int, config: KernelConfig =
 
 
 def metal_matmul(x: mx.array, pw) -> mx.array:
-    """The "metal" launcher of packed_linear: packed_matmul on Metal with the default tuning."""
+    """The "metal" launcher of packed_linear: packed_matmul on Metal with the tuning of `tuned`."""
     return packed_matmul(x, pw, "metal")
 
 
 def cuda_matmul(x: mx.array, pw) -> mx.array:
-    """The "cuda" launcher of packed_linear: packed_matmul on CUDA with the default tuning."""
+    """The "cuda" launcher of packed_linear: packed_matmul on CUDA with the tuning of `tuned`."""
     return packed_matmul(x, pw, "cuda")
 
 

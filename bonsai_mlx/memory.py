@@ -287,6 +287,10 @@ class MemoryPlan:
     vae_strip: int | None = None  # image rows per strip of a stage-by-stage decode (vae_strips); not with vae_tile
     vae_encode_strip: int | None = None  # image rows per strip of a stage-by-stage encode of editing images
     hidden_parts: int = 1  # passes over the MLP hidden units (Execution.hidden_parts)
+    # On the packed kernels' slab path, decode each matrix as one slab (the executor runs the
+    # forward under kernels.tuned with a cap of its largest packed matrix): no slab outputs to
+    # concatenate, fewer launches, a larger decoded scratch. Else slabs of at most SLAB_ELEMENTS.
+    whole_slabs: bool = False
     vae_overlap: bool | None = None  # two VAE parts (blocks, strips) in flight; None: as `overlap`
     estimated_peak_bytes: int = 0
     stage_estimates: dict = field(default_factory=dict)
@@ -338,8 +342,9 @@ def flush_measured() -> bool:
     return bool(cuda and cuda.is_available())
 
 
-# No limit: everything resident, one graph per forward, nothing estimated.
-UNCONSTRAINED = MemoryPlan()
+# No limit: everything resident, one graph per forward, every packed matrix one slab,
+# nothing estimated.
+UNCONSTRAINED = MemoryPlan(whole_slabs=True)
 
 
 @dataclass(frozen=True)
@@ -458,6 +463,10 @@ COST_FLUSHING = 0.4
 # not at every strip as a strict decode waits: this share of what running it strict adds
 # (COST_STRICT_VAE).
 COST_FLUSHING_VAE = 0.5
+# A packed model's step with slabs of at most SLAB_ELEMENTS weights against one slab per
+# matrix: whole blocks two in flight took 2.3-2.9 ms more a step at 512 px and 4.6-5.4 ms at
+# 1024 px for binary, 3.3-5.3 / 4.6-4.8 ms for ternary (c45, H200); 4 steps.
+COST_SPLIT_SLABS = 0.01
 # (token chunk, hidden passes) measured per packed format, where they differ from the sums
 # above (whose single-pass chunks are binary's): the kernels take M = 1024 rows on the slab
 # path for ternary and the fused GEMM for binary, and the fused ternary GEMM is the slower
@@ -592,10 +601,14 @@ def _terms(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batches
     # step: the profiles of chunked steps peak no higher with 32 MB slabs than with 16 MB ones
     # (ternary 1024-token chunks, MLP in 4 passes, 1024 px: 0.48-0.56 GB against 0.50-0.61 GB
     # in the same call), while whole blocks at 512 px peak 0.05-0.2 GB higher (h200-profile-c24-*).
+    # Whole slabs (`MemoryPlan.whole_slabs`): the largest matrix decoded, nothing concatenated;
+    # whole blocks with them peaked lower than with 16M-weight slabs (c45), so this count,
+    # which adds the larger slab to every block in flight, is above what they hold.
     linears = ((3 * D, D), (D, D + F), (D, D), (D, F), (2 * F if plan.hidden_parts <= 1 else h, D))
     on_slab = bool(fp.slab_tokens) and c >= fp.slab_tokens
-    slab = c * max((n for n, k in linears if n * k > SLAB_ELEMENTS), default=0) * s if on_slab else 0
-    scratch = SLAB_SCRATCH if on_slab else 0
+    cap = max(n * k for n, k in linears) if plan.whole_slabs else SLAB_ELEMENTS
+    slab = c * max((n for n, k in linears if n * k > cap), default=0) * s if on_slab else 0
+    scratch = (2 * cap if plan.whole_slabs else SLAB_SCRATCH) if on_slab else 0
     rows = plan.attention_rows or L
     scores = 0 if fp.fused_attention else 2 * _attention_scores(fp.transformer_heads, rows, L)
     resident = fp.vae_bytes + fp.cached_prompt_bytes
@@ -735,19 +748,21 @@ def plan_cost(plan: MemoryPlan, fmt: str = "") -> float:
             + COST_STRICT * (plan.sync and not plan.overlap)
             + (COST_STRICT_VAE[plan.vae_strip] + COST_STRICT_VAE[plan.vae_encode_strip] * bool(plan.vae_encode_strip))
             * (plan.sync and not plan.vae_execution.overlap)
-            + _dit_cost(plan, fmt) + COST_ATTENTION_ROWS[plan.attention_rows]
+            + _dit_cost(plan, fmt) + COST_SPLIT_SLABS * (bool(fmt) and not plan.whole_slabs)
+            + COST_ATTENTION_ROWS[plan.attention_rows]
             + COST_VAE_TILE[plan.vae_tile] + COST_VAE_STRIP[plan.vae_strip] + COST_VAE_STRIP[plan.vae_encode_strip])
 
 
 def candidate_plans(width: int, height: int, fused_attention: bool = True, extra_tokens: int = 0,
-                    encode_height: int = 0, fmt: str = ""):
+                    encode_height: int = 0, fmt: str = "", slab_tokens: int = 0):
     """Every budgeted plan for this size, cheapest in time first. Each streams the text
     encoder: a budgeted run reads it again for every new prompt, streamed or whole, and
     streamed it holds a layer or two instead of all of it. Attention chunks only
     where the attention materialises its scores (chunks cost memory next to a fused
     kernel); strips and tiles only smaller than the image. A plan decodes whole, in strips
     or in tiles. With images to encode (`encode_height`: the tallest), it encodes them whole
-    or in strips lower than that."""
+    or in strips lower than that. Whole blocks of a packed `fmt` whose tokens reach the slab
+    path (`slab_tokens`, 0: none) run with whole slabs or the kernels' slabs."""
     side, L = max(width, height), (width // 16) * (height // 16) + 512 + extra_tokens
     decodes = ([(None, None)] + [(None, s) for s in VAE_STRIPS if s < height]
                + [(t, None) for t in VAE_TILES if t < side])
@@ -761,6 +776,8 @@ def candidate_plans(width: int, height: int, fused_attention: bool = True, extra
              for tile, strip in decodes for chunk in chunks for r in rows for overlap in (True, False)
              for enc in encodes for parts in HIDDEN_PARTS for vae_overlap in (None, not overlap)
              if parts > 1 or chunk not in PASSES_ONLY]
+    if fmt and 0 < slab_tokens <= L:
+        plans += [replace(p, whole_slabs=True) for p in plans if p.token_chunk is None and p.hidden_parts == 1]
     return sorted(plans, key=lambda p: plan_cost(p, fmt))
 
 
@@ -796,7 +813,7 @@ def _extra_tokens(images) -> int:
 
 def _candidates(fp: Footprint, width: int, height: int, images):
     return candidate_plans(width, height, fp.fused_attention, _extra_tokens(images),
-                           max((h for _, h in images), default=0), fp.packed_format)
+                           max((h for _, h in images), default=0), fp.packed_format, fp.slab_tokens)
 
 
 def _least(terms: "_Terms", est: dict, flush: bool) -> tuple[int | None, int | None]:
@@ -934,6 +951,8 @@ def describe(plan: MemoryPlan) -> str:
         parts.append(f"{plan.token_chunk}-token chunks")
     if plan.attention_rows:
         parts.append(f"attention in chunks of {plan.attention_rows} queries")
+    if plan.whole_slabs:
+        parts.append("each packed matrix decoded whole")
     if plan.sync:
         parts.append("block by block" + (", two blocks in flight" if plan.overlap else ""))
         if plan.vae_overlap is not None and plan.vae_overlap != plan.overlap:

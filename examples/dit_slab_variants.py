@@ -3,7 +3,7 @@ weights), whether a slab may hold a whole matrix or at most half of it, and wher
 starts (`slab_min_m`). Two rounds, each step timed by profile_speed.timeit (median of 5 after
 2 warm-ups, with the extra peak).
 
-The variants are tried in one process, each through the launcher's own config argument; the
+The variants are tried in one process, each in a `kernels.tuned` block of its config; the
 "at most half a matrix" rule, which the kernels no longer have, is this script's own
 `slab_rows`, swapped in while its variants run. Needs MLX's Metal or CUDA back-end and a pack
 written by `bonsai_mlx.benchmark.random_pack(root, fmt)`:
@@ -85,7 +85,7 @@ def main():
         raise SystemExit(f"no variant matches {args.variants!r} or no setting matches {args.settings!r}")
     model = load_transformer(Path(args.root) / f"random-{args.format}", dtype=mx.bfloat16)
     mx.eval(model.parameters())
-    launch_defaults, rule = kernels.packed_matmul.__defaults__, kernels.slab_rows
+    rule = kernels.slab_rows
     try:
         for size, settings in SETTINGS.items():
             inp = klein_inputs(model.config, size, size, 512, mx.bfloat16)
@@ -95,17 +95,17 @@ def main():
                 for name, (config, slab_rule) in VARIANTS.items():
                     if not re.search(args.variants, name):
                         continue
-                    kernels.packed_matmul.__defaults__ = (None, None, config)  # backend, path, config
                     kernels.slab_rows = slab_rule
                     kernels._plan_cached.cache_clear()  # plans of another rule under an equal config
                     for label, ex in settings:
                         if not re.search(args.settings, f"{size} {label}"):
                             continue
-                        timeit(f"dit step {size} {args.format} {name}, {label}",
-                               lambda: model.forward(inp[0], inp[2], ctx, execution=ex),
-                               fmt=args.format, size=size, variant=name, setting=label, round=rnd)
+                        with kernels.tuned(config):
+                            timeit(f"dit step {size} {args.format} {name}, {label}",
+                                   lambda: model.forward(inp[0], inp[2], ctx, execution=ex),
+                                   fmt=args.format, size=size, variant=name, setting=label, round=rnd)
     finally:
-        kernels.packed_matmul.__defaults__, kernels.slab_rows = launch_defaults, rule
+        kernels.slab_rows = rule
         kernels._plan_cached.cache_clear()
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ Sections (each fail-soft; JSON lines on stdout and $OUT/speed.json, or --json, r
         time, extra peak, the planner's estimate of the image-encoding stage (calibrated
         here) and the difference from the whole encode
   dit   transformer steps (dense bf16, binary, ternary) under the execution settings the
-        budget plans use, linears at the real shapes per path, elementwise parts
+        budget plans use (DIT_WHOLE_SLABS=1: the packed ones also with each matrix one slab,
+        as whole-slab plans run them), linears at the real shapes per path, elementwise parts
   load  transformer load time from a pack on disk (the reload a released transformer pays):
         the file read floors, three loads, the third profiled
   build a 1024 px step built as one lazy graph, whole and in 512-token chunks: host time by
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import os
 import statistics
@@ -356,6 +358,25 @@ def section_encode(tiny, quick=False):
 HOST = {"encode": 0.0, "wait": 0.0}
 
 
+def _slab_variants(model, name: str) -> list:
+    """(label suffix, context factory) for each slab setting a step is timed under: the kernels'
+    slabs, and with DIT_WHOLE_SLABS=1 for a packed model each matrix one slab, through the
+    executor's own `slab_tuning` as a whole-slab plan runs it."""
+    from contextlib import nullcontext
+
+    from bonsai_mlx.executor import slab_tokens, slab_tuning
+    from bonsai_mlx.memory import MemoryPlan
+    from bonsai_mlx.packed_linear import PackedLinear
+
+    variants = [("", nullcontext)]
+    packed = [m for _, m in model.named_modules() if isinstance(m, PackedLinear)]
+    if name != "dense" and packed and os.environ.get("DIT_WHOLE_SLABS"):
+        info = {"slab_tokens": slab_tokens(packed, model.dtype),
+                "largest_packed": max(m.out_features * m.in_features for m in packed)}
+        variants.append((", whole slabs", lambda: slab_tuning(info, MemoryPlan(whole_slabs=True))))
+    return variants
+
+
 def _instrument_pace():
     """Pace, timing its host side: starting parts (async_eval: MLX encodes the graph on
     this thread) and waiting for the part before (eval of finished work). The rest of a
@@ -439,14 +460,15 @@ def section_dit(tiny, root, quick=False):
         for name, m in models.items():
             ctx = m.prepare(inp[1], inp[3], inp[4])
             mx.eval(ctx)
-            for label, ex in settings:
+            for (label, ex), (slabs, tuning) in itertools.product(settings, _slab_variants(m, name)):
                 if name == "dense" and (ex.token_chunk or ex.hidden_parts > 1):
                     continue
                 HOST.update(encode=0.0, wait=0.0)
-                ms = timeit(f"dit step {size} {name} {label}", lambda: m.forward(inp[0], inp[2], ctx, execution=ex),
-                            runs=5)
+                with tuning():
+                    ms = timeit(f"dit step {size} {name} {label}{slabs}",
+                                lambda: m.forward(inp[0], inp[2], ctx, execution=ex), runs=5)
                 if ms and os.environ.get("DIT_HOST"):  # per step, over the 7 timed and warm-up steps
-                    record(f"dit host {size} {name} {label}", step_ms=ms,
+                    record(f"dit host {size} {name} {label}{slabs}", step_ms=ms,
                            **{f"{k}_ms": 1e3 * v / 7 for k, v in HOST.items()})
     if quick:
         return

@@ -203,6 +203,37 @@ def test_launcher_follows_the_plan_at_the_boundaries(monkeypatch):
         assert calls == [(f"{fmt}_decode", 512)]  # within the cap: one slab, nothing to concatenate
 
 
+def test_launchers_take_the_config_of_the_innermost_tuned_block(monkeypatch):
+    """packed_linear's launchers pass no config: inside `kernels.tuned(c)` they launch as `c`
+    says (here the slab cap: how many decodes a slab-path product takes), nested blocks
+    restore the outer config on exit, an exception inside restores it too, and a config
+    given to packed_matmul wins over the block's."""
+    calls = []
+    monkeypatch.setattr(kernels, "_kernel_object", _recording_kernels(calls))
+    pw = random_weight(np.random.default_rng(1), "ternary", 1024, 256)[2]
+    x = mx.zeros((CFG.slab_min_m["ternary"], 256), mx.float16)
+    quarter, whole = replace(CFG, slab_max_elements=256 * 256), replace(CFG, slab_max_elements=1024 * 256)
+
+    def decodes(launch=kernels.cuda_matmul, **kw):
+        calls.clear()
+        y = launch(x, pw, **kw)
+        assert y.shape == (x.shape[0], 1024)
+        return [rows for kernel, rows in calls if kernel == "ternary_decode"]
+
+    assert kernels.current_config() is CFG and decodes() == [1024]  # within the default cap: one slab
+    with kernels.tuned(quarter):
+        assert decodes() == decodes(kernels.metal_matmul) == [256] * 4
+        with kernels.tuned(whole):
+            assert decodes() == [1024]
+        assert decodes() == [256] * 4
+        assert decodes(kernels.packed_matmul, backend="cuda", config=whole) == [1024]
+    assert kernels.current_config() is CFG and decodes() == [1024]
+    with pytest.raises(RuntimeError, match="inside"):
+        with kernels.tuned(quarter):
+            raise RuntimeError("inside")
+    assert kernels.current_config() is CFG
+
+
 def slabs_tiling(N: int, K: int, rows: int) -> list[tuple[int, int]]:
     """The slab ranges of W [N, K] at `rows` rows a slab, checked to tile [0, N) in order and to
     be one slab exactly when W is within the default cap."""

@@ -542,6 +542,48 @@ def test_plans_that_the_flush_admits_stay_under_their_budgets(fmt):
             assert max(over) > 1.5 if fmt == "binary" else max(over) > 1.8
 
 
+def test_whole_blocks_on_the_slab_path_decode_each_matrix_whole():
+    """On a footprint whose packed linears take the slab path (c43's, binary, H200), the
+    cheapest plan decodes each matrix as one slab: one slab per matrix stepped 6-15% faster
+    in whole blocks (c45). Its estimate counts the largest matrix's slab where the kernels'
+    slabs count SLAB_ELEMENTS weights, for every block in flight. Whole slabs are offered to
+    whole blocks only, and only where the slab path runs (not on a footprint without it, a
+    dense model, or an image whose tokens stay under it); the targets' chunked plans are the
+    ones recorded in c43, and a budget between the two estimates takes the kernels' slabs."""
+    import json
+    from dataclasses import replace
+    from pathlib import Path
+
+    from bonsai_mlx.memory import COST_SPLIT_SLABS, OVERLAP_BLOCKS, SAFETY, SLAB_SCRATCH, _candidates
+
+    runs = json.loads((Path(__file__).parent.parent / "docs/results/h200-generate-c43-binary.json").read_text())["runs"]
+    run = next(r for r in runs if r["budget"] == "target" and r["size"] == 512)
+    fp = _recorded_footprint(run)
+    auto = plan_memory(fp, 512, 512, AUTO)
+    assert auto.whole_slabs and auto.token_chunk is None and auto.hidden_parts == 1 and auto.overlap
+    split = replace(auto, whole_slabs=False, stage_estimates={})
+    whole, kernels_slabs = estimate(fp, 512, 512, auto), estimate(fp, 512, 512, split)
+    largest = 2 * fp.transformer_mlp * fp.transformer_dim  # the MLP's gate and up rows
+    assert whole["denoising"] - kernels_slabs["denoising"] == pytest.approx(
+        SAFETY * OVERLAP_BLOCKS * (2 * largest - SLAB_SCRATCH), abs=2)
+    assert {k: v for k, v in whole.items() if k != "denoising"} == {
+        k: v for k, v in kernels_slabs.items() if k != "denoising"}
+    assert plan_cost(split, "binary") == pytest.approx(plan_cost(auto, "binary") + COST_SPLIT_SLABS)
+    between = plan_memory(fp, 512, 512, whole["denoising"] - 1)
+    assert not between.whole_slabs and replace(between, stage_estimates={}) == replace(
+        split, estimated_peak_bytes=between.estimated_peak_bytes, part_bytes=between.part_bytes,
+        vae_part_bytes=between.vae_part_bytes)
+    target = plan_memory(fp, 512, 512, int(run["budget_gb"] * 1e9), flush=True)
+    recorded = _recorded_plan(run["plan"])  # 512-token chunks with the kernels' slabs
+    assert replace(target, estimated_peak_bytes=0, stage_estimates={}) == replace(recorded, stage_estimates={})
+    offered = [p for p in _candidates(fp, 512, 512, ()) if p.whole_slabs]
+    assert offered and all(p.token_chunk is None and p.hidden_parts == 1 for p in offered)
+    for other, size in ((replace(fp, slab_tokens=0), 512), (replace(fp, packed_format=""), 512), (fp, 256)):
+        assert not any(p.whole_slabs for p in _candidates(other, size, size, ()))
+        assert not plan_memory(other, size, size, AUTO).whole_slabs
+    assert UNCONSTRAINED.whole_slabs  # no limit: no slab cap either
+
+
 def test_strip_decodes_that_the_flush_admits_run_two_strips_in_flight():
     """A 16-row strip decode two strips in flight is estimated just over the binary 512 px
     target (1.502 of 1.5 GB on c42's calibration) and just under it on c39's (1.495): which
