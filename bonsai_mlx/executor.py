@@ -163,7 +163,7 @@ class Models:
             self._prompts.move_to_end(key)
             return self._prompts[key]
         emb = te.encode([prompt], max_length=self.max_sequence_length, stream=plan.stream_text_encoder,
-                        sync=plan.sync)
+                        sync=plan.text_layer_by_layer)
         mx.eval(emb)
         if not all_finite(emb):
             raise NonFiniteError(

@@ -121,6 +121,10 @@ def section_vae(tiny, quick=False):
                runs=5)
         timeit(f"vae decode {size} (whole, block by block, two in flight)",
                lambda: vae.decode(z, execution=Execution(sync=True, overlap=True)), runs=5)
+        for log2 in os.environ.get("VAE_REDUCE_BLOCKS", "").split():  # GroupNorm row blocks of 2**log2 elements
+            ex = Execution(sync=True, overlap=True, reduce_block=1 << int(log2))
+            timeit(f"vae decode {size} (whole, block by block, two in flight, reduce blocks 2^{log2})",
+                   lambda: vae.decode(z, execution=ex), runs=5)
         if quick:
             continue
         timeit(f"vae decode {size} (256 px exact tiles, block by block)",

@@ -8,7 +8,7 @@ import pytest
 
 from bonsai_mlx import BonsaiPipeline, kernels
 from bonsai_mlx.executor import slab_tuning
-from bonsai_mlx.memory import MemoryPlan
+from bonsai_mlx.memory import UNCONSTRAINED, MemoryPlan
 from fixtures import make_pipeline as mp
 
 GPU_INFO = {"slab_tokens": 1536, "largest_packed": 27648 * 3072}  # klein 4B's, where the slab path runs
@@ -57,3 +57,21 @@ def test_every_forward_of_a_whole_slab_run_is_built_under_the_cap(packed, monkey
                                          if hasattr(m, "fmt"))
     assert kernels.current_config() is kernels.DEFAULT_CONFIG
     np.testing.assert_array_equal(images[0], images[1])
+
+
+def test_a_resident_text_encoder_runs_layer_by_layer_as_the_plan_says(packed, monkeypatch):
+    """`sync` evaluates a resident encoder layer by layer (bounded activations) unless
+    `text_sync` says otherwise; none runs it in one graph."""
+    te, seen = packed.text_encoder, []
+    encode = te.encode
+
+    def recording(*args, **kw):
+        seen.append(kw["sync"])
+        return encode(*args, **kw)
+
+    monkeypatch.setattr(te, "encode", recording)
+    plans = (UNCONSTRAINED, MemoryPlan(sync=True), MemoryPlan(sync=True, text_sync=False), MemoryPlan(),
+             MemoryPlan(text_sync=True))
+    for i, plan in enumerate(plans):
+        packed.generate(f"a fern, take {i}", width=64, height=64, steps=1, seed=1, plan=plan)
+    assert seen == [False, True, False, False, True]

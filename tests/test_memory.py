@@ -235,13 +235,20 @@ def test_frugal_plan_gives_the_same_image(pipe):
 
 def test_auto_is_frugal_at_no_cost_and_none_lifts_every_limit(pipe):
     """The default plan streams the encoder, keeps the transformer, decodes whole, evaluates
-    block by block; none holds everything in one graph. Same image either way."""
+    block by block; none holds everything and runs each part the fastest measured way: the
+    transformer block by block with two blocks in flight and whole slabs, the text encoder
+    and the VAE in one graph. Same image either way."""
     W, H = 256, 256
     auto = pipe.plan(W, H)  # the pipeline's default budget
     assert pipe.memory_budget == AUTO
     assert auto.sync and auto.overlap and auto.stream_text_encoder and not auto.keep_text_encoder
     assert not auto.releases_transformer and auto.vae_tile is None and auto.token_chunk is None
     assert pipe.plan(W, H, memory_budget=None) == UNCONSTRAINED == pipe.plan(W, H, memory_budget="none")
+    ex = UNCONSTRAINED.execution
+    assert ex.sync and ex.overlap and ex.token_chunk is None and ex.hidden_parts == 1 and UNCONSTRAINED.whole_slabs
+    assert not UNCONSTRAINED.vae_execution.sync and not UNCONSTRAINED.text_layer_by_layer
+    assert UNCONSTRAINED.keep_text_encoder and not UNCONSTRAINED.stream_text_encoder
+    assert not UNCONSTRAINED.releases_transformer and not UNCONSTRAINED.stage_estimates
     a = pipe.generate("a maple at dusk", width=W, height=H, seed=4)
     n = pipe.generate("a maple at dusk", width=W, height=H, seed=4, memory_budget=None)
     assert a.plan == auto and n.plan == UNCONSTRAINED
@@ -451,7 +458,10 @@ def _recorded_plan(p: dict) -> MemoryPlan:
                                      "h200-generate-c40-binary.json",
                                      "h200-generate-c41-binary-graphs.json", "h200-generate-c41-ternary-graphs.json",
                                      "h200-generate-c42-binary.json", "h200-generate-c42-ternary.json",
-                                     "h200-generate-c43-binary.json", "h200-generate-c43-ternary.json"])
+                                     "h200-generate-c43-binary.json", "h200-generate-c43-ternary.json",
+                                     "h200-generate-c46-binary-new.json", "h200-generate-c46-ternary-new.json",
+                                     "h200-generate-c46-binary-old.json", "h200-generate-c46-ternary-old.json",
+                                     "h200-generate-c47-binary-new.json", "h200-generate-c47-ternary-new.json"])
 def test_estimates_cover_the_recorded_h200_peaks(results):
     """Every stage of every planned generation measured on the H200 (docs/results, random
     full-size packs, 4 steps, bfloat16) peaked under the estimate that the current model
