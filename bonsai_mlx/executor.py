@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import mlx.core as mx
@@ -85,28 +85,31 @@ def runs_on(layer: PackedLinear) -> str:
     return auto_backend() if layer.backend == "auto" else layer.backend
 
 
-def slab_tokens(packed, dtype) -> int:
+def slab_tokens(packed, dtype, whole: bool = False) -> int:
     """The fewest tokens from which one of the packed linears takes the GPU kernels' slab
-    path (16-bit activations only), 0 when none can: what `memory.estimate` counts a
-    chunk's slab scratch from."""
+    path (16-bit activations only), with the kernels' slabs or, `whole`, with whole slabs
+    (kernels.WHOLE_SLAB_MIN_M); 0 when none can: what `memory.estimate` counts a chunk's
+    slab scratch from."""
     gpu = [m.fmt for m in packed if runs_on(m) in ("metal", "cuda")]
     if not gpu or dtype not in (mx.float16, mx.bfloat16):
         return 0
-    from .kernels import DEFAULT_CONFIG  # the GPU kernels' module: loaded only where they run
+    from . import kernels  # the GPU kernels' module: loaded only where they run
 
-    return min(DEFAULT_CONFIG.slab_min_m[fmt] for fmt in gpu)
+    rows = kernels.WHOLE_SLAB_MIN_M if whole else kernels.DEFAULT_CONFIG.slab_min_m
+    return min(rows[fmt] for fmt in gpu)
 
 
 def slab_tuning(info: dict, plan: MemoryPlan):
-    """A context for the plan's forwards: with whole slabs, the kernels' slab cap raised to
-    the transformer's largest packed matrix, so every matrix (and row range) the slab path
-    meets is decoded as one slab; otherwise, or where no packed linear takes the slab path
-    (`info`: Models.transformer_info), nothing changes."""
+    """A context for the plan's forwards: with whole slabs, the kernels' config for them
+    (`kernels.whole_slabs`: the slab cap raised to the transformer's largest packed matrix,
+    so every matrix and row range the slab path meets is decoded as one slab, and the slab
+    path from fewer rows); otherwise, or where no packed linear takes the slab path (`info`:
+    Models.transformer_info), nothing changes."""
     if not (plan.whole_slabs and info["slab_tokens"]):
         return nullcontext()
     from . import kernels  # the GPU kernels' module: loaded only where they run
 
-    return kernels.tuned(replace(kernels.DEFAULT_CONFIG, slab_max_elements=info["largest_packed"]))
+    return kernels.tuned(kernels.whole_slabs(info["largest_packed"]))
 
 
 class Models:
@@ -121,6 +124,7 @@ class Models:
         self.transformer_info = {
             "bytes": nbytes(transformer), "config": transformer.config, "dtype": transformer.dtype,
             "slab_tokens": slab_tokens(packed, transformer.dtype),
+            "whole_slab_tokens": slab_tokens(packed, transformer.dtype, whole=True),
             "largest_packed": max((m.out_features * m.in_features for m in packed), default=0),
             "packed_format": packed[0].fmt if len({m.fmt for m in packed}) == 1 else "",
             "reference_matmul": any(runs_on(m) == "reference" for m in packed)}
@@ -205,6 +209,7 @@ class Models:
             vae_held_per_pixel=vae_held_per_pixel(self.vae), **vae_fit,
             fused_attention=fused_attention(self.transformer_info["dtype"]),
             slab_tokens=self.transformer_info["slab_tokens"],
+            whole_slab_tokens=self.transformer_info["whole_slab_tokens"],
             # the widest layer's dense weight, twice (MLX may dequantize the next before the last is freed)
             text_dequant_bytes=2 * max(args.intermediate_size, args.num_attention_heads * args.head_dim)
             * args.hidden_size * te.dtype.size if te.dequantize_matmuls else 0,

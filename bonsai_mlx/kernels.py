@@ -229,6 +229,20 @@ def current_config() -> KernelConfig:
     return _TUNED.get()
 
 
+# Each matrix decoded as one slab (a memory plan's whole slabs), the slab path costs one
+# decode and one matmul per product and wins from fewer rows: whole-block binary steps at
+# 512 px took 27.2-27.3 ms from 1024 rows against 28.2-28.4 ms from 1536, at the same peak
+# (H200, docs/results/h200-slab-variants-c49-binary.json). From 512 rows both formats stepped
+# faster still but peaked 0.5 GB higher there.
+WHOLE_SLAB_MIN_M = ByFormat(binary=1024, ternary=1024)
+
+
+def whole_slabs(largest: int, config: KernelConfig = DEFAULT_CONFIG) -> KernelConfig:
+    """`config` with every matrix of at most `largest` weights decoded as one slab, and the
+    slab path from WHOLE_SLAB_MIN_M rows."""
+    return replace(config, slab_max_elements=max(largest, 1), slab_min_m=WHOLE_SLAB_MIN_M)
+
+
 # ---------------------------------------------------------------------------- sources
 
 def metal_dir() -> Path:

@@ -352,11 +352,12 @@ def flush_measured() -> bool:
 
 
 # No limit: everything resident, nothing estimated, each part run the fastest measured way.
-# The transformer runs block by block with two blocks in flight: a step took 0.80-0.92x
+# The transformer runs block by block with two blocks in flight: a step took 0.84-0.96x
 # the time of one graph over the whole forward (c44, c47: H200, 512 and 1024 px), where
 # MLX holds every block's activations at once; with every packed matrix one slab. The VAE
-# decodes in one graph: block by block, 1024 px decodes took 1.3x as long (c47); so does
-# the text encoder: layer by layer, a new prompt's encode took 1.2-1.5x as long (c47).
+# decodes in one graph: block by block with two blocks in flight, a 1024 px decode took 1.12x
+# as long alone (c48) and 1.3x in generations (c47); so does the text encoder: layer by
+# layer, a new prompt's encode took 1.2-1.5x as long (c47).
 UNCONSTRAINED = MemoryPlan(sync=True, overlap=True, whole_slabs=True, vae_sync=False, text_sync=False)
 
 
@@ -393,6 +394,7 @@ class Footprint:
     # The fewest tokens from which the packed linears take the kernels' slab path (each
     # output made in parts, then concatenated, beside a decoded slab); 0: none does.
     slab_tokens: int = 0
+    whole_slab_tokens: int = 0  # the same under a plan with whole slabs (kernels.WHOLE_SLAB_MIN_M)
     text_dequant_bytes: int = 0  # dense weights alive at once when the encoder dequantizes per matmul
     dtype_bytes: int = 2
     cached_prompt_bytes: int = 0  # prompt embeddings kept between generations
@@ -618,7 +620,8 @@ def _terms(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batches
     # whole blocks with them peaked lower than with 16M-weight slabs (c45), so this count,
     # which adds the larger slab to every block in flight, is above what they hold.
     linears = ((3 * D, D), (D, D + F), (D, D), (D, F), (2 * F if plan.hidden_parts <= 1 else h, D))
-    on_slab = bool(fp.slab_tokens) and c >= fp.slab_tokens
+    from_tokens = fp.whole_slab_tokens if plan.whole_slabs else fp.slab_tokens
+    on_slab = bool(from_tokens) and c >= from_tokens
     cap = max(n * k for n, k in linears) if plan.whole_slabs else SLAB_ELEMENTS
     slab = c * max((n for n, k in linears if n * k > cap), default=0) * s if on_slab else 0
     scratch = (2 * cap if plan.whole_slabs else SLAB_SCRATCH) if on_slab else 0
@@ -775,7 +778,7 @@ def candidate_plans(width: int, height: int, fused_attention: bool = True, extra
     kernel); strips and tiles only smaller than the image. A plan decodes whole, in strips
     or in tiles. With images to encode (`encode_height`: the tallest), it encodes them whole
     or in strips lower than that. Whole blocks of a packed `fmt` whose tokens reach the slab
-    path (`slab_tokens`, 0: none) run with whole slabs or the kernels' slabs."""
+    path with whole slabs (`slab_tokens`, 0: none) run with whole slabs or the kernels' slabs."""
     side, L = max(width, height), (width // 16) * (height // 16) + 512 + extra_tokens
     decodes = ([(None, None)] + [(None, s) for s in VAE_STRIPS if s < height]
                + [(t, None) for t in VAE_TILES if t < side])
@@ -826,7 +829,7 @@ def _extra_tokens(images) -> int:
 
 def _candidates(fp: Footprint, width: int, height: int, images):
     return candidate_plans(width, height, fp.fused_attention, _extra_tokens(images),
-                           max((h for _, h in images), default=0), fp.packed_format, fp.slab_tokens)
+                           max((h for _, h in images), default=0), fp.packed_format, fp.whole_slab_tokens)
 
 
 def _least(terms: "_Terms", est: dict, flush: bool) -> tuple[int | None, int | None]:

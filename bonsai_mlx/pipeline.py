@@ -278,7 +278,8 @@ class BonsaiPipeline:
     """Stages: text encoding -> denoising -> decoding, each holding what the memory plan
     says. `memory_budget`: "auto" (the default: frugal at no cost in time, capped by the
     device), a size such as "1.5GB" (the fastest plan under it, refused up front if none
-    fits), or None / "none" (everything resident, one graph per forward)."""
+    fits), or None / "none" (everything resident, each part run the fastest measured way:
+    memory.UNCONSTRAINED)."""
 
     def __init__(self, transformer, text_encoder, vae, *, is_distilled: bool = True, model: str = "local",
                  max_sequence_length: int = DEFAULT_SEQUENCE_LENGTH, memory_budget=AUTO, transformer_loader=None,

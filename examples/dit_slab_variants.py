@@ -69,6 +69,8 @@ def main():
     ap.add_argument("--variants", default="", help="a regular expression: only the variants it finds")
     ap.add_argument("--settings", default="", help="a regular expression: only the settings it finds")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--from-rows", type=json.loads, default=[],
+                    help="slab_min_m values (both formats) to add, with each --caps cap, as variants, a JSON list")
     ap.add_argument("--decode", type=json.loads, default=[],
                     help='decode tiles to add as variants of the default, a JSON list of [CPT, NSG]')
     ap.add_argument("--caps", type=json.loads, default=[],
@@ -76,6 +78,10 @@ def main():
     args = ap.parse_args()
     for cap in args.caps:
         VARIANTS[f"{cap}M, a whole matrix"] = (replace(BASE, slab_max_elements=cap << 20), kernels.slab_rows)
+        for m in args.from_rows:
+            VARIANTS[f"{cap}M, a whole matrix, from {m} rows"] = (
+                replace(BASE, slab_max_elements=cap << 20, slab_min_m=kernels.ByFormat(binary=m, ternary=m)),
+                kernels.slab_rows)
     for cpt, nsg in args.decode:
         VARIANTS[f"16M, a whole matrix, decode {cpt}x{nsg}"] = (
             replace(BASE, decode=kernels.DecodeTile(cpt, nsg)), kernels.slab_rows)

@@ -20,7 +20,8 @@ def test_bench_generate_reports_stages_cold_start_and_streaming(tmp_path):
                          budgets=("auto", "4GB", "none"), pack_kwargs=pack, text_layers=(4, 8, 11), log=lambda *_: None)
     auto, sized, none = out["runs"]
     assert [r["budget"] for r in out["runs"]] == ["auto", "4GB", "none"]
-    assert auto["plan"]["sync"] and auto["plan"]["stream_text_encoder"] and not none["plan"]["sync"]
+    assert auto["plan"]["sync"] and auto["plan"]["stream_text_encoder"] and not none["plan"]["stream_text_encoder"]
+    assert none["plan"]["vae_sync"] is False and none["plan"]["text_sync"] is False  # memory.UNCONSTRAINED
     assert none["footprint"] is None and sized["footprint"]["vae_up_per_pixel"] > 0
     for run in out["runs"]:
         assert run["format"] == "binary" and run["size"] == 64 and len(run["generations"]) == 2

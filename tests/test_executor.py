@@ -15,10 +15,14 @@ GPU_INFO = {"slab_tokens": 1536, "largest_packed": 27648 * 3072}  # klein 4B's, 
 
 
 def test_slab_tuning_raises_the_cap_to_the_largest_packed_matrix_for_whole_slab_plans_only():
-    whole = replace(kernels.DEFAULT_CONFIG, slab_max_elements=27648 * 3072)
+    whole = replace(kernels.DEFAULT_CONFIG, slab_max_elements=27648 * 3072, slab_min_m=kernels.WHOLE_SLAB_MIN_M)
     with slab_tuning(GPU_INFO, MemoryPlan(whole_slabs=True)):
-        assert kernels.current_config() == whole
-        assert kernels.slab_rows(18432, 3072, kernels.current_config()) == 18432  # the MLP's rows: one slab
+        config = kernels.current_config()
+        assert config == whole == kernels.whole_slabs(27648 * 3072)
+        assert kernels.slab_rows(18432, 3072, config) == 18432  # the MLP's rows: one slab
+        # 1,024 image tokens (a 512 px image's) take the slab path with whole slabs, not without
+        assert kernels.choose_path(1024, mx.bfloat16, "cuda", "binary", config) == "slab"
+        assert kernels.choose_path(1024, mx.bfloat16, "cuda", "binary") == "gemm"
     assert kernels.current_config() is kernels.DEFAULT_CONFIG
     no_slab_path = {**GPU_INFO, "slab_tokens": 0}  # the CPU, float32 activations or a dense model
     for info, plan in ((GPU_INFO, MemoryPlan()), (no_slab_path, MemoryPlan(whole_slabs=True))):
@@ -65,9 +69,9 @@ def test_a_resident_text_encoder_runs_layer_by_layer_as_the_plan_says(packed, mo
     te, seen = packed.text_encoder, []
     encode = te.encode
 
-    def recording(*args, **kw):
-        seen.append(kw["sync"])
-        return encode(*args, **kw)
+    def recording(prompts, **kw):
+        seen.extend(kw["sync"] for p in prompts if "fern" in p)  # not the unconditional prompt, encoded once
+        return encode(prompts, **kw)
 
     monkeypatch.setattr(te, "encode", recording)
     plans = (UNCONSTRAINED, MemoryPlan(sync=True), MemoryPlan(sync=True, text_sync=False), MemoryPlan(),

@@ -421,13 +421,14 @@ def test_cli_memory_budget_and_verbose(tmp_path):
 
 
 def _recorded_footprint(run: dict):
-    """The Footprint a recorded H200 run planned with; `slab_tokens`, where the record
-    predates it, as the executor finds it on a GPU."""
+    """The Footprint a recorded H200 run planned with; `slab_tokens` and `whole_slab_tokens`,
+    where the record predates them, as the code of the record found them on a GPU."""
     from bonsai_mlx.kernels import DEFAULT_CONFIG
     from bonsai_mlx.memory import Footprint
 
     fp = {k: v for k, v in run["footprint"].items() if k in Footprint.__dataclass_fields__}
-    return Footprint(**{"slab_tokens": DEFAULT_CONFIG.slab_min_m[run["format"]], **fp})
+    rows = DEFAULT_CONFIG.slab_min_m[run["format"]]  # whole slabs ran from these rows before WHOLE_SLAB_MIN_M
+    return Footprint(**{"slab_tokens": rows, "whole_slab_tokens": rows, **fp})
 
 
 def _recorded_plan(p: dict) -> MemoryPlan:
@@ -555,7 +556,7 @@ def test_plans_that_the_flush_admits_stay_under_their_budgets(fmt):
 def test_whole_blocks_on_the_slab_path_decode_each_matrix_whole():
     """On a footprint whose packed linears take the slab path (c43's, binary, H200), the
     cheapest plan decodes each matrix as one slab: one slab per matrix stepped 6-15% faster
-    in whole blocks (c45). Its estimate counts the largest matrix's slab where the kernels'
+    in whole blocks (c45, c47). Its estimate counts the largest matrix's slab where the kernels'
     slabs count SLAB_ELEMENTS weights, for every block in flight. Whole slabs are offered to
     whole blocks only, and only where the slab path runs (not on a footprint without it, a
     dense model, or an image whose tokens stay under it); the targets' chunked plans are the
@@ -588,7 +589,15 @@ def test_whole_blocks_on_the_slab_path_decode_each_matrix_whole():
     assert replace(target, estimated_peak_bytes=0, stage_estimates={}) == replace(recorded, stage_estimates={})
     offered = [p for p in _candidates(fp, 512, 512, ()) if p.whole_slabs]
     assert offered and all(p.token_chunk is None and p.hidden_parts == 1 for p in offered)
-    for other, size in ((replace(fp, slab_tokens=0), 512), (replace(fp, packed_format=""), 512), (fp, 256)):
+    # From this code's WHOLE_SLAB_MIN_M rows, a 384 px image's 1,088 tokens reach the slab path
+    # with whole slabs only: offered there, with the whole slab counted.
+    now = replace(fp, whole_slab_tokens=1024)
+    p384 = plan_memory(now, 384, 384, AUTO)
+    assert p384.whole_slabs and not plan_memory(fp, 384, 384, AUTO).whole_slabs
+    assert estimate(now, 384, 384, p384)["denoising"] - estimate(now, 384, 384, replace(
+        p384, whole_slabs=False))["denoising"] == pytest.approx(SAFETY * OVERLAP_BLOCKS * 2 * largest, abs=2)
+    for other, size in ((replace(fp, slab_tokens=0, whole_slab_tokens=0), 512),
+                        (replace(fp, packed_format=""), 512), (fp, 256)):
         assert not any(p.whole_slabs for p in _candidates(other, size, size, ()))
         assert not plan_memory(other, size, size, AUTO).whole_slabs
     assert UNCONSTRAINED.whole_slabs  # no limit: no slab cap either
