@@ -462,7 +462,10 @@ def _recorded_plan(p: dict) -> MemoryPlan:
                                      "h200-generate-c43-binary.json", "h200-generate-c43-ternary.json",
                                      "h200-generate-c46-binary-new.json", "h200-generate-c46-ternary-new.json",
                                      "h200-generate-c46-binary-old.json", "h200-generate-c46-ternary-old.json",
-                                     "h200-generate-c47-binary-new.json", "h200-generate-c47-ternary-new.json"])
+                                     "h200-generate-c47-binary-new.json", "h200-generate-c47-ternary-new.json",
+                                     "h200-generate-c49-binary.json", "h200-generate-c49-ternary.json",
+                                     "h200-generate-c50-binary-new1.json", "h200-generate-c50-binary-new2.json",
+                                     "h200-generate-c50-binary-old.json", "h200-generate-c51-binary.json"])
 def test_estimates_cover_the_recorded_h200_peaks(results):
     """Every stage of every planned generation measured on the H200 (docs/results, random
     full-size packs, 4 steps, bfloat16) peaked under the estimate that the current model
