@@ -223,6 +223,7 @@ def memory_plans(pipe) -> list[dict]:
                           "token_chunk": p.token_chunk, "mlp_hidden_parts": p.hidden_parts,
                           "evaluate_block_by_block": p.sync,
                           "two_blocks_in_flight": p.overlap, "vae_two_parts_in_flight": p.vae_execution.overlap,
+                          "decode_each_matrix_whole": p.whole_slabs,
                           "estimated_peak_bytes": p.estimated_peak_bytes,
                           "stage_estimates": p.stage_estimates})
     return plans

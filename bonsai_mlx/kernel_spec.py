@@ -18,7 +18,7 @@ import ast
 import operator
 
 from .errors import BonsaiError
-from .kernels import DEFAULT_CONFIG, FORMATS, GEMM_MIN_M, KernelConfig, io_names, metal_source
+from .kernels import DEFAULT_CONFIG, FORMATS, GEMM_MIN_M, WHOLE_SLAB_MIN_M, KernelConfig, io_names, metal_source
 
 HEADER_FILE = "common.metal"
 
@@ -89,6 +89,11 @@ def metal_kernels(fmts=FORMATS, config: KernelConfig = DEFAULT_CONFIG) -> tuple[
                          "rows = n1 - n0 (n1 = min(n0 + rows, N)), written as [rows, K] in x's dtype; "
                          "part = x @ slab.T ([M, rows], the framework's own matmul); each decode waits for the "
                          "previous part (one slab alive at a time); y = concatenate(parts, axis 1)",
+            },
+            "whole_slabs": {
+                "slab_min_m": {fmt: WHOLE_SLAB_MIN_M[fmt] for fmt in fmts},
+                "steps": "under a memory plan with decode_each_matrix_whole: the slab path from these M, "
+                         "with rows = N (one slab, y = its part)",
             },
         },
     }

@@ -238,9 +238,11 @@ WHOLE_SLAB_MIN_M = ByFormat(binary=1024, ternary=1024)
 
 
 def whole_slabs(largest: int, config: KernelConfig = DEFAULT_CONFIG) -> KernelConfig:
-    """`config` with every matrix of at most `largest` weights decoded as one slab, and the
-    slab path from WHOLE_SLAB_MIN_M rows."""
-    return replace(config, slab_max_elements=max(largest, 1), slab_min_m=WHOLE_SLAB_MIN_M)
+    """`config` with every matrix of at most `largest` weights (the largest a model multiplies
+    by) decoded as one slab, and the slab path from WHOLE_SLAB_MIN_M rows."""
+    if largest < 1:
+        raise BonsaiError(f"whole slabs need the largest matrix's weight count, got {largest}")
+    return replace(config, slab_max_elements=largest, slab_min_m=WHOLE_SLAB_MIN_M)
 
 
 # ---------------------------------------------------------------------------- sources

@@ -288,9 +288,10 @@ class MemoryPlan:
     vae_strip: int | None = None  # image rows per strip of a stage-by-stage decode (vae_strips); not with vae_tile
     vae_encode_strip: int | None = None  # image rows per strip of a stage-by-stage encode of editing images
     hidden_parts: int = 1  # passes over the MLP hidden units (Execution.hidden_parts)
-    # On the packed kernels' slab path, decode each matrix as one slab (the executor runs the
-    # forward under kernels.tuned with a cap of its largest packed matrix): no slab outputs to
-    # concatenate, fewer launches, a larger decoded scratch. Else slabs of at most SLAB_ELEMENTS.
+    # On the packed kernels' slab path, decode each matrix as one slab (the executor builds the
+    # forward under kernels.tuned(kernels.whole_slabs(...)): a cap of its largest packed matrix,
+    # the slab path from WHOLE_SLAB_MIN_M rows): no slab outputs to concatenate, fewer launches,
+    # a larger decoded scratch. Else slabs of at most SLAB_ELEMENTS.
     whole_slabs: bool = False
     vae_overlap: bool | None = None  # two VAE parts (blocks, strips) in flight; None: as `overlap`
     vae_sync: bool | None = None  # evaluate the VAE block by block; None: as `sync`

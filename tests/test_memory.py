@@ -432,10 +432,11 @@ def _recorded_footprint(run: dict):
 
 
 def _recorded_plan(p: dict) -> MemoryPlan:
-    keys = [k for k in MemoryPlan.__dataclass_fields__ if k in p and k not in ("estimated_peak_bytes",
-                                                                                "stage_estimates", "overlap")]
-    # older records carry the overlap in the description only
-    return MemoryPlan(**{k: p[k] for k in keys}, overlap=p.get("overlap", "two blocks in flight" in p["described"]))
+    keys = [k for k in MemoryPlan.__dataclass_fields__ if k in p and k not in (
+        "estimated_peak_bytes", "stage_estimates", "overlap", "whole_slabs")]
+    # older records carry the overlap and whole slabs in the description only
+    return MemoryPlan(**{k: p[k] for k in keys}, overlap=p.get("overlap", "two blocks in flight" in p["described"]),
+                      whole_slabs=p.get("whole_slabs", "each packed matrix decoded whole" in p["described"]))
 
 
 @pytest.mark.parametrize("results", ["h200-generate-4dd7b93.json", "h200-generate-1705795.json",
