@@ -99,6 +99,15 @@ def slab_tokens(packed, dtype, whole: bool = False) -> int:
     return min(rows[fmt] for fmt in gpu)
 
 
+def packed_info(model, dtype) -> dict:
+    """What the planner and `slab_tuning` need from a model's packed linears: the slab path's
+    token thresholds (`slab_tokens`, with and without whole slabs) and the most weights of
+    any packed matrix."""
+    packed = [m for _, m in model.named_modules() if isinstance(m, PackedLinear)]
+    return {"slab_tokens": slab_tokens(packed, dtype), "whole_slab_tokens": slab_tokens(packed, dtype, whole=True),
+            "largest_packed": max((m.out_features * m.in_features for m in packed), default=0)}
+
+
 def slab_tuning(info: dict, plan: MemoryPlan):
     """A context for the plan's forwards: with whole slabs, the kernels' config for them
     (`kernels.whole_slabs`: the slab cap raised to the transformer's largest packed matrix,
@@ -123,9 +132,7 @@ class Models:
         packed = [m for _, m in transformer.named_modules() if isinstance(m, PackedLinear)]
         self.transformer_info = {
             "bytes": nbytes(transformer), "config": transformer.config, "dtype": transformer.dtype,
-            "slab_tokens": slab_tokens(packed, transformer.dtype),
-            "whole_slab_tokens": slab_tokens(packed, transformer.dtype, whole=True),
-            "largest_packed": max((m.out_features * m.in_features for m in packed), default=0),
+            **packed_info(transformer, transformer.dtype),
             "packed_format": packed[0].fmt if len({m.fmt for m in packed}) == 1 else "",
             "reference_matmul": any(runs_on(m) == "reference" for m in packed)}
         self._prompts: OrderedDict = OrderedDict()

@@ -517,7 +517,8 @@ def vae_scores_bytes(latent_px: int) -> int:
 
 def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batches: int = 1,
              images: tuple = ()) -> dict:
-    """Bytes at the peak of each stage under `plan` (run block by block: `plan.sync`).
+    """Bytes at the peak of each stage under `plan` (run block by block: `plan.sync`, with
+    the VAE and a resident text encoder block by block too: `vae_sync`, `text_sync` not False).
     `images`: (width, height) of the images the transformer is conditioned on (references,
     the init image), each encoded by the VAE in a stage of its own and joining the image
     tokens at every step."""
@@ -699,7 +700,7 @@ def _terms(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batches
                             plan.vae_strip, vae_overlap, STRIP_DECODE) if plan.vae_strip
                 else fp.vae_up_fixed + fp.vae_up_per_pixel * th * tw)
     vae_flushed = None
-    if plan.vae_strip and vae_overlap and plan.sync:
+    if plan.vae_strip and vae_overlap and plan.vae_execution.sync:
         one = _strip_part(fp.vae_held_per_pixel, fp.vae_strip_fixed, fp.vae_strip_per_pixel, width, plan.vae_strip,
                           False, STRIP_DECODE)
         vae_flushed = max(mid_block + vae_scores_bytes(latent_px), strips(False) + others), one
@@ -764,7 +765,7 @@ def plan_cost(plan: MemoryPlan, fmt: str = "") -> float:
     return (COST_STREAM_TEXT * reads_text + COST_RELOAD_TRANSFORMER * plan.releases_transformer
             + COST_STRICT * (plan.sync and not plan.overlap)
             + (COST_STRICT_VAE[plan.vae_strip] + COST_STRICT_VAE[plan.vae_encode_strip] * bool(plan.vae_encode_strip))
-            * (plan.sync and not plan.vae_execution.overlap)
+            * (plan.vae_execution.sync and not plan.vae_execution.overlap)
             + _dit_cost(plan, fmt) + COST_SPLIT_SLABS * (bool(fmt) and not plan.whole_slabs)
             + COST_ATTENTION_ROWS[plan.attention_rows]
             + COST_VAE_TILE[plan.vae_tile] + COST_VAE_STRIP[plan.vae_strip] + COST_VAE_STRIP[plan.vae_encode_strip])
@@ -975,6 +976,8 @@ def describe(plan: MemoryPlan) -> str:
         parts.append("block by block" + (", two blocks in flight" if plan.overlap else ""))
         if plan.vae_overlap is not None and plan.vae_overlap != plan.overlap:
             parts.append("the VAE with two parts in flight" if plan.vae_overlap else "the VAE one part at a time")
+        parts += [f"the {what} in one graph" for what, one in (("text encoder", plan.text_sync is False),
+                                                               ("VAE", plan.vae_sync is False)) if one]
     return ", ".join(parts)
 
 

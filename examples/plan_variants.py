@@ -47,6 +47,9 @@ def main():
         pipe, rec, _ = open_random_pipeline(pack, args.format, args.size, budget, args.dtype, (9, 18, 27))
         plan = choose_plan(pipe, args.size, rec)
         if variant is not None:
+            plan = dataclasses.replace(plan, **variant)
+            # whole slabs go with whole blocks only, as the planner offers them
+            variant = {**variant, "whole_slabs": plan.whole_slabs and not (plan.token_chunk or plan.hidden_parts > 1)}
             plan = budgeted(dataclasses.replace(plan, **variant), pipe.footprint(), args.size, args.size,
                             int(round(rec["budget_gb"] * GB)))
             rec["plan"].update(**variant, described=describe(plan), estimated_peak_bytes=plan.estimated_peak_bytes,

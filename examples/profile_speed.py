@@ -368,15 +368,12 @@ def _slab_variants(model, name: str) -> list:
     executor's own `slab_tuning` as a whole-slab plan runs it."""
     from contextlib import nullcontext
 
-    from bonsai_mlx.executor import slab_tokens, slab_tuning
+    from bonsai_mlx.executor import packed_info, slab_tuning
     from bonsai_mlx.memory import MemoryPlan
-    from bonsai_mlx.packed_linear import PackedLinear
 
     variants = [("", nullcontext)]
-    packed = [m for _, m in model.named_modules() if isinstance(m, PackedLinear)]
-    if name != "dense" and packed and os.environ.get("DIT_WHOLE_SLABS"):
-        info = {"slab_tokens": slab_tokens(packed, model.dtype),
-                "largest_packed": max(m.out_features * m.in_features for m in packed)}
+    info = packed_info(model, model.dtype)
+    if name != "dense" and info["largest_packed"] and os.environ.get("DIT_WHOLE_SLABS"):
         variants.append((", whole slabs", lambda: slab_tuning(info, MemoryPlan(whole_slabs=True))))
     return variants
 

@@ -377,7 +377,7 @@ def test_paced_stages_flush_above_their_estimate_less_a_part(pipe, monkeypatch):
     assert [e.flush_above for e in seen + decoded] == [None, None, None]
     mine = replace(plan, stage_estimates={})
     assert mine.paced_execution(10**9) == plan.execution and plan.execution.flush_above is None
-    assert UNCONSTRAINED.paced_execution() == UNCONSTRAINED.execution  # one graph: no parts to pace
+    assert UNCONSTRAINED.paced_execution() == UNCONSTRAINED.execution  # no estimates: nothing to flush above
 
 
 def test_dequantized_encoder_is_counted(pipe, monkeypatch):
