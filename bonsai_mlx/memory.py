@@ -626,7 +626,7 @@ def _terms(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batches
     on_slab = bool(from_tokens) and c >= from_tokens
     cap = max(n * k for n, k in linears) if plan.whole_slabs else SLAB_ELEMENTS
     slab = c * max((n for n, k in linears if n * k > cap), default=0) * s if on_slab else 0
-    scratch = (2 * cap if plan.whole_slabs else SLAB_SCRATCH) if on_slab else 0
+    scratch = 2 * cap if on_slab else 0  # one decoded slab of 16-bit weights (SLAB_SCRATCH at the kernels' cap)
     rows = plan.attention_rows or L
     scores = 0 if fp.fused_attention else 2 * _attention_scores(fp.transformer_heads, rows, L)
     resident = fp.vae_bytes + fp.cached_prompt_bytes
