@@ -168,7 +168,7 @@ def choose_plan(pipe, size: int, record: dict, images: tuple = ()):
     record["plan"] = {**{k: getattr(plan, k) for k in (
         "stream_text_encoder", "keep_text_encoder", "transformer_in_text", "transformer_in_decode",
         "vae_tile", "vae_strip", "vae_encode_strip", "token_chunk", "hidden_parts", "vae_overlap", "attention_rows", "sync",
-        "overlap", "whole_slabs", "vae_sync", "text_sync", "estimated_peak_bytes", "part_bytes", "vae_part_bytes",
+        "overlap", "whole_slabs", "vae_sync", "text_sync", "keep_modulation", "estimated_peak_bytes", "part_bytes", "vae_part_bytes",
         "stage_estimates")},
         "described": describe(plan)}
     return plan

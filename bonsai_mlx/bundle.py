@@ -185,7 +185,7 @@ def load_bundle(directory, memory_budget="auto", verify_files: bool = True):
     """A BonsaiPipeline over a bundle (verified first unless `verify_files` is False)."""
     import mlx.core as mx
 
-    from .loading import load_transformer
+    from .loading import TransformerSource
     from .pipeline import BonsaiPipeline
     from .text_encoder import load_text_encoder
     from .vae import load_vae
@@ -195,9 +195,7 @@ def load_bundle(directory, memory_budget="auto", verify_files: bool = True):
     c = m["components"]
     dtype = getattr(mx, c["transformer"].get("dtype", "bfloat16"))
 
-    def loader():
-        return load_transformer(directory / c["transformer"]["dir"], dtype=dtype)
-
+    loader = TransformerSource(directory / c["transformer"]["dir"], dtype)
     te = load_text_encoder(directory / c["text_encoder"]["dir"], dtype=dtype,
                            layers=c["text_encoder"]["hidden_state_taps"],
                            tokenizer_path=directory / c["tokenizer"]["dir"], resident=False)

@@ -1,7 +1,7 @@
 """Runs the stages of a generation as a memory plan says: text encoding -> (reloading the
-transformer) -> denoising -> (releasing the transformer) -> decoding. The plan decides what
-is resident in each stage and how the models execute (`MemoryPlan.execution`); this module
-only follows it and measures."""
+transformer) -> (every step's modulations) -> denoising -> (releasing the transformer) ->
+decoding. The plan decides what is resident in each stage and how the models execute
+(`MemoryPlan.execution`); this module only follows it and measures."""
 
 from __future__ import annotations
 
@@ -15,13 +15,14 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .errors import BonsaiError, NonFiniteError
+from .errors import BonsaiError, NonFiniteError, WeightsError
 from .lora import LoraSet
 from .memory import (AUTO, Footprint, MemoryMonitor, MemoryPlan, budget_limits, calibrate_vae, calibrate_vae_encoder,
                      conservative_vae_scratch, MlxLimits, vae_enc_held_per_pixel, vae_held_per_pixel)
 from .packed_linear import PackedLinear, auto_backend
 from .results import GenerationResult, StepEvent, to_pil
 from .scheduler import denoise, first_step, flux2_sigmas, noised
+from .transformer import MODULATION_LAYERS, Modulations
 
 # Prompt embeddings kept between generations, most recent first: a repeated prompt (several
 # seeds, a --count run) is not encoded again. 8 MB each at klein's shapes.
@@ -30,6 +31,9 @@ PROMPT_CACHE = 4
 # statistics) equal the untiled decode up to float rounding, so a narrow cross-fade is
 # enough; wide overlaps only multiply the tiles.
 VAE_TILE_OVERLAP = 16
+# Schedules whose modulations are kept (a few hundred KB each at klein's shapes): the sigmas
+# of the last few sizes and step counts, whose runs need no modulation layers.
+MODULATION_CACHE = 4
 
 
 def image_ids(h: int, w: int) -> mx.array:
@@ -135,19 +139,24 @@ class Models:
             **packed_info(transformer, transformer.dtype),
             "packed_format": packed[0].fmt if len({m.fmt for m in packed}) == 1 else "",
             "reference_matmul": any(runs_on(m) == "reference" for m in packed)}
+        # What a plan that leaves the modulation layers on disk frees (0: they cannot be read again).
+        self.transformer_info["modulation_bytes"] = (sum(nbytes(transformer[n]) for n in MODULATION_LAYERS)
+                                                     if hasattr(transformer_loader, "lazy_weights") else 0)
         self._prompts: OrderedDict = OrderedDict()
+        self._modulations: OrderedDict = OrderedDict()
+        self._modulation_on_disk = False
         self._vae_fit = self._vae_enc_fit = None
         self.loras = LoraSet()  # adapters, put back on the transformer whenever it is read again
 
     def release_transformer(self) -> None:
-        if self._loader is None:
-            raise BonsaiError("this pipeline was built from objects, not files: it cannot release its transformer")
+        self.check_plan(MemoryPlan(transformer_in_decode=False))
         self.transformer = None
         mx.clear_cache()
 
     def load_transformer(self):
         if self.transformer is None:
             self.transformer = self._loader()
+            self._modulation_on_disk = False
             self.loras.apply(self.transformer)
         return self.transformer
 
@@ -155,16 +164,62 @@ class Models:
         """Read, check and apply a LoRA; a bad file changes nothing."""
         info = self.transformer_info
         lora = self.loras.load(path, scale, info["config"], info["dtype"], name)
-        self.loras.apply(self.transformer)
+        self._apply_loras()
         return lora.name
 
     def set_lora_scale(self, name: str, scale: float) -> None:
         self.loras.set_scale(name, scale)
-        self.loras.apply(self.transformer)
+        self._apply_loras()
 
     def unload_lora(self, name: str | None = None) -> None:
         self.loras.remove(name)
+        self._apply_loras()
+
+    def _apply_loras(self) -> None:
         self.loras.apply(self.transformer)
+        self._modulations.clear()  # an adapter may change the modulation layers
+
+    def modulations(self, sigmas: list[float], keep: bool = True) -> list[Modulations]:
+        """Each step's Modulations (step i at sigmas[i]), those kept when these sigmas ran
+        lately, else computed at once, which reads the modulation layers where they were on
+        disk. `keep` False leaves them on disk afterwards (their weights lazy reads of the
+        checkpoint again); else they stay as they are."""
+        model, key = self.transformer, tuple(sigmas)
+        if key in self._modulations:
+            self._modulations.move_to_end(key)
+        else:
+            mods = model.modulations(mx.array(sigmas, dtype=mx.float32), model.dtype)
+            steps = [mods.step(i) for i in range(len(sigmas))]
+            mx.eval(steps)
+            self._modulation_on_disk = False  # evaluated, the weights hold their data
+            self._modulations[key] = steps
+            while len(self._modulations) > MODULATION_CACHE:
+                self._modulations.popitem(last=False)
+        if not keep and not self._modulation_on_disk:
+            self.check_plan(MemoryPlan(keep_modulation=False))
+            self._modulation_to_disk()
+            self._modulation_on_disk = True
+        return self._modulations[key]
+
+    def check_plan(self, plan: MemoryPlan) -> None:
+        """Refuse, before any work, a plan that needs what these models cannot do."""
+        objects = "this pipeline was built from objects, not files: "
+        if plan.releases_transformer and self._loader is None:
+            raise BonsaiError(objects + "it cannot release its transformer, so a plan must keep it")
+        if not plan.keep_modulation and not self.transformer_info["modulation_bytes"]:
+            raise BonsaiError(objects + "its modulation layers cannot be read again, so a plan must keep them "
+                              "(keep_modulation=True)")
+
+    def _modulation_to_disk(self) -> None:
+        lazy = self._loader.lazy_weights(MODULATION_LAYERS)
+        held = {k: v for k, v in tree_flatten(self.transformer.parameters()) if k.startswith(MODULATION_LAYERS)}
+        for key, old in held.items():
+            name = key.replace(".base.", ".")  # a LoRA adapter wraps the layer whose weight this is
+            if name not in lazy or lazy[name].shape != old.shape:
+                raise WeightsError(f"the checkpoint of this pipeline's transformer no longer holds {name} as "
+                                   f"{list(old.shape)}: was it changed on disk? Load the pipeline again")
+            _set_weight(self.transformer, key, lazy[name])
+        mx.clear_cache()
 
     def encode(self, prompt: str, plan: MemoryPlan) -> mx.array:
         """Prompt embeddings [1, L, D], from the cache when this prompt was encoded lately."""
@@ -226,7 +281,16 @@ class Models:
             latent_channels=cfg.in_channels,
             lora=any(lora.scale != 0 for lora in self.loras),
             packed_format=self.transformer_info["packed_format"],
+            modulation_bytes=self.transformer_info["modulation_bytes"],
         )
+
+
+def _set_weight(model, key: str, value: mx.array) -> None:
+    *path, last = key.split(".")
+    module = model
+    for part in path:
+        module = module[int(part)] if isinstance(module, list) else module[part]
+    module[last] = value
 
 
 @dataclass
@@ -270,6 +334,7 @@ def run(models: Models, req: Request, plan: MemoryPlan,
     (bytes, AUTO or None) sets MLX's memory and buffer-cache limits for the run with the
     plan's estimate (memory.budget_limits); under AUTO the plan must be the one chosen for
     this request, or the budget None."""
+    models.check_plan(plan)
     te, timings, t_start = models.text_encoder, {}, time.perf_counter()
     active = mx.get_active_memory()
     memory_limit, cache_bytes = budget_limits(budget, plan.estimated_peak_bytes, held=active)
@@ -302,11 +367,19 @@ def run(models: Models, req: Request, plan: MemoryPlan,
                 models.load_transformer()
             timings["transformer_load_s"] = time.perf_counter() - t
 
+        h, w = req.height // 16, req.width // 16
+        sigmas = flux2_sigmas(req.steps, h * w)[req.start:]
+        if not plan.keep_modulation:  # a stage of its own: the layers are read for it, then left on disk
+            t = time.perf_counter()
+            with mon.stage("modulation"):
+                models.modulations(sigmas[:-1], keep=False)
+            timings["modulation_s"] = time.perf_counter() - t
+
         t_denoise = time.perf_counter()
         with mon.stage("denoising"):
             model = models.transformer
             dtype = model.dtype
-            h, w = req.height // 16, req.width // 16
+            mods = dict(zip(sigmas, models.modulations(sigmas[:-1], plan.keep_modulation)))
             img, txt = image_ids(h, w), text_ids(cond.shape[1])
             refs = ref_ids = None
             if encoded:
@@ -316,15 +389,13 @@ def run(models: Models, req: Request, plan: MemoryPlan,
             neg_ctx = None if neg is None else model.prepare(neg.astype(dtype), img, txt, refs, ref_ids)
 
             def velocity(x, sigma):
-                t = mx.array([sigma], dtype=mx.float32)
                 with slab_tuning(models.transformer_info, plan):
-                    v = model.forward(x.astype(dtype), t, ctx, execution=ex).astype(mx.float32)
+                    v = model.forward(x.astype(dtype), mods[sigma], ctx, execution=ex).astype(mx.float32)
                     if neg_ctx is None:
                         return v
-                    v_neg = model.forward(x.astype(dtype), t, neg_ctx, execution=ex).astype(mx.float32)
+                    v_neg = model.forward(x.astype(dtype), mods[sigma], neg_ctx, execution=ex).astype(mx.float32)
                 return v_neg + req.guidance * (v - v_neg)
 
-            sigmas = flux2_sigmas(req.steps, h * w)[req.start:]
             x, keep = req.noise, None
             if req.init_image is not None:  # image to image: from the image noised to the first sigma
                 x0 = encoded[0]
@@ -346,7 +417,7 @@ def run(models: Models, req: Request, plan: MemoryPlan,
                     event.preview = req.preview(step.x0)
                 with limits.paused():  # the caller's work between steps is not held to the run's limit
                     yield event
-            del model, ctx, neg_ctx, step, encoded
+            del model, ctx, neg_ctx, step, encoded, mods
         timings["denoising_s"] = time.perf_counter() - t_denoise
 
         if not plan.transformer_in_decode:

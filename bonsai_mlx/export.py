@@ -212,8 +212,8 @@ def memory_plans(pipe) -> list[dict]:
             except BonsaiError as e:
                 plans.append({"width": width, "height": height, "budget_bytes": int(budget), "refused": str(e)})
                 continue
-            stages = ["text_encoding"] + (["reload_transformer"] if p.releases_transformer else []) + [
-                "denoising", "decoding"]
+            stages = (["text_encoding"] + (["reload_transformer"] if p.releases_transformer else [])
+                      + ([] if p.keep_modulation else ["modulation"]) + ["denoising", "decoding"])
             plans.append({"width": width, "height": height, "budget_bytes": int(budget), "described": describe(p),
                           "stages": stages,
                           "stream_text_encoder": p.stream_text_encoder,
@@ -224,6 +224,7 @@ def memory_plans(pipe) -> list[dict]:
                           "evaluate_block_by_block": p.sync,
                           "two_blocks_in_flight": p.overlap, "vae_two_parts_in_flight": p.vae_execution.overlap,
                           "decode_each_matrix_whole": p.whole_slabs,
+                          "modulation_layers_on_disk": not p.keep_modulation,
                           "estimated_peak_bytes": p.estimated_peak_bytes,
                           "stage_estimates": p.stage_estimates})
     return plans

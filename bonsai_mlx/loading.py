@@ -7,6 +7,7 @@ into the model's parameters, so a checkpoint is never held twice.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -197,6 +198,14 @@ def _read_file(path: Path, cfg):
     return cfg, weights
 
 
+def _read(path: Path, cfg):
+    """(config, quantization config or None, lazy weights, the source to name in errors)."""
+    if path.is_dir():
+        return _read_folder(transformer_folder(ModelFolder(path)), cfg)
+    cfg, weights = _read_file(path, cfg)
+    return cfg, None, weights, path
+
+
 def load_transformer(path, dtype=mx.float16, config=None, quantize: str | None = None,
                      backend: str = "auto") -> Flux2Transformer:
     """Load a FLUX.2 transformer.
@@ -223,12 +232,7 @@ def load_transformer(path, dtype=mx.float16, config=None, quantize: str | None =
             f"{path} does not exist. Pass a diffusers transformer directory (config.json + *.safetensors) "
             "or a FLUX.2 .safetensors checkpoint."
         )
-    qc = None
-    if path.is_dir():
-        cfg, qc, weights, source = _read_folder(transformer_folder(ModelFolder(path)), cfg)
-    else:
-        source = path
-        cfg, weights = _read_file(path, cfg)
+    cfg, qc, weights, source = _read(path, cfg)
     check_blocks(cfg, weights, source)
     model = Flux2Transformer(cfg)  # parameters are lazy and never evaluated before replacement
     check_size(model, weights, source)
@@ -245,6 +249,31 @@ def load_transformer(path, dtype=mx.float16, config=None, quantize: str | None =
     materialize(model, weights, dtype, packed)
     model.eval()
     return model
+
+
+@dataclass(frozen=True)
+class TransformerSource:
+    """Where a pipeline's transformer is read from, and how, to read it again: whole (after a
+    plan released it) or only some of its 16-bit layers (after a plan left them on disk)."""
+    path: Path
+    dtype: mx.Dtype = mx.bfloat16
+    quantize: str | None = None
+    backend: str = "auto"
+    config: TransformerConfig | str | dict | None = None  # as load_transformer's
+
+    def __call__(self) -> Flux2Transformer:
+        return load_transformer(self.path, self.dtype, self.config, self.quantize, self.backend)
+
+    def lazy_weights(self, modules: tuple[str, ...]) -> dict[str, mx.array]:
+        """The weights of the layers under `modules` (module paths), cast to the dtype as
+        `load_transformer` casts them and not read: mx.load maps the file lazily, so each
+        takes memory only once evaluated. Never packed: a pack packs block linears only."""
+        _, _, weights, source = _read(Path(self.path).expanduser(), _resolve_config(self.config))
+        prefixes = tuple(m + "." for m in modules)
+        out = {k: w.astype(self.dtype) for k, w in weights.items() if k.startswith(prefixes)}
+        if not out:
+            raise WeightsError(f"{source} holds no weights of {', '.join(modules)}")
+        return out
 
 
 # ---------------------------------------------------------------------------- Hugging Face Hub

@@ -296,6 +296,10 @@ class MemoryPlan:
     vae_overlap: bool | None = None  # two VAE parts (blocks, strips) in flight; None: as `overlap`
     vae_sync: bool | None = None  # evaluate the VAE block by block; None: as `sync`
     text_sync: bool | None = None  # evaluate a resident text encoder layer by layer; None: as `sync`
+    # The transformer's modulation layers (transformer.MODULATION_LAYERS) resident through the
+    # run. Else every step's modulations are computed before denoising (a "modulation" stage)
+    # and the layers are left on disk until new sigmas need them (Models.modulations).
+    keep_modulation: bool = True
     estimated_peak_bytes: int = 0
     stage_estimates: dict = field(default_factory=dict)
     part_bytes: int = 0  # the largest part of a paced step, estimated (with_estimate)
@@ -413,6 +417,9 @@ class Footprint:
     latent_channels: int = 128  # of a token (the transformer's input)
     lora: bool = False  # LoRA adapters on the transformer's linears (their weights are in transformer_bytes)
     packed_format: str = ""  # of the transformer's packed linears ("" dense): the step costs differ (COST_DIT)
+    # Bytes of the transformer's modulation layers that a plan can leave on disk
+    # (MemoryPlan.keep_modulation); 0 where they cannot be read again (models built from objects).
+    modulation_bytes: int = 0
 
 
 OVERHEAD = 48 * 2**20  # allocator slack, small arrays, ids, schedules
@@ -454,6 +461,10 @@ COST_STREAM_TEXT = 0.5
 # The reload: 0.32 s binary, 0.65 s ternary in a 1024 px generation on an H200
 # (h200-generate-c12-*.json).
 COST_RELOAD_TRANSFORMER = 0.5
+# Modulation layers left on disk: read again (0.34 GB at klein 4B's shapes, 0.38x the binary
+# transformer's bytes: the reload's share) whenever a generation's sigmas are not among the
+# last few computed (a new size or step count); free otherwise.
+COST_RELOAD_MODULATION = 0.1
 # Token chunks, hidden-unit passes and strips: 4 steps at 1024 px, two parts in flight,
 # over block-by-block evaluation: 2048- / 1024- / 512-token chunks +27 / +59 / +90 ms a
 # step for binary (h200-profile-dit-c12.json, -c13-*.json), 2 / 4 / 8 passes +15 / +37 /
@@ -691,9 +702,15 @@ def _terms(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batches
         stages["image_encoding"] = (in_text + kept_text, max(_encode_bytes(fp, w, h, plan) for w, h in images)
                                     + L_ref * fp.latent_channels * 4)
     inputs = cfg_batches * fp.text_len * D * s * 2 + L_img * fp.latent_channels * 4 * 3 + refs
-    stages["denoising"] = (resident + fp.transformer_bytes + kept_text, acts + inputs)
+    # Modulation layers left on disk are read for the modulation stage (every step's
+    # modulations, a few hundred KB) and gone before denoising; a reload of the transformer
+    # reads them too, before that stage.
+    blocks = fp.transformer_bytes - (0 if plan.keep_modulation else fp.modulation_bytes)
+    if not plan.keep_modulation:
+        stages["modulation"] = (resident + fp.transformer_bytes + kept_text, inputs)
+    stages["denoising"] = (resident + blocks + kept_text, acts + inputs)
     flushed = held + scratch + inputs if plan.sync and plan.overlap and plan.hidden_parts > 1 else None
-    stages["decoding"] = (resident + fp.transformer_bytes * plan.transformer_in_decode + kept_text, max(mid, up))
+    stages["decoding"] = (resident + blocks * plan.transformer_in_decode + kept_text, max(mid, up))
     # The decode's parts after its first (the mid block, which starts on what the denoising
     # left, released when the stage began): a block of the up path, or a strip's scratch.
     vae_part = (_strip_part(fp.vae_held_per_pixel, fp.vae_strip_fixed, fp.vae_strip_per_pixel, width,
@@ -763,6 +780,7 @@ def plan_cost(plan: MemoryPlan, fmt: str = "") -> float:
     # The encoder is read again for every new prompt when it is streamed or not kept.
     reads_text = plan.stream_text_encoder or not plan.keep_text_encoder
     return (COST_STREAM_TEXT * reads_text + COST_RELOAD_TRANSFORMER * plan.releases_transformer
+            + COST_RELOAD_MODULATION * (not plan.keep_modulation)
             + COST_STRICT * (plan.sync and not plan.overlap)
             + (COST_STRICT_VAE[plan.vae_strip] + COST_STRICT_VAE[plan.vae_encode_strip] * bool(plan.vae_encode_strip))
             * (plan.vae_execution.sync and not plan.vae_execution.overlap)
@@ -772,7 +790,7 @@ def plan_cost(plan: MemoryPlan, fmt: str = "") -> float:
 
 
 def candidate_plans(width: int, height: int, fused_attention: bool = True, extra_tokens: int = 0,
-                    encode_height: int = 0, fmt: str = "", slab_tokens: int = 0):
+                    encode_height: int = 0, fmt: str = "", slab_tokens: int = 0, modulation: bool = False):
     """Every budgeted plan for this size, cheapest in time first. Each streams the text
     encoder: a budgeted run reads it again for every new prompt, streamed or whole, and
     streamed it holds a layer or two instead of all of it. Attention chunks only
@@ -780,7 +798,8 @@ def candidate_plans(width: int, height: int, fused_attention: bool = True, extra
     kernel); strips and tiles only smaller than the image. A plan decodes whole, in strips
     or in tiles. With images to encode (`encode_height`: the tallest), it encodes them whole
     or in strips lower than that. Whole blocks of a packed `fmt` whose tokens reach the slab
-    path with whole slabs (`slab_tokens`, 0: none) run with whole slabs or the kernels' slabs."""
+    path with whole slabs (`slab_tokens`, 0: none) run with whole slabs or the kernels' slabs.
+    With `modulation` (layers that can be read again) every plan also leaves them on disk."""
     side, L = max(width, height), (width // 16) * (height // 16) + 512 + extra_tokens
     decodes = ([(None, None)] + [(None, s) for s in VAE_STRIPS if s < height]
                + [(t, None) for t in VAE_TILES if t < side])
@@ -796,6 +815,8 @@ def candidate_plans(width: int, height: int, fused_attention: bool = True, extra
              if parts > 1 or chunk not in PASSES_ONLY]
     if fmt and 0 < slab_tokens <= L:
         plans += [replace(p, whole_slabs=True) for p in plans if p.token_chunk is None and p.hidden_parts == 1]
+    if modulation:
+        plans += [replace(p, keep_modulation=False) for p in plans]
     return sorted(plans, key=lambda p: plan_cost(p, fmt))
 
 
@@ -831,7 +852,8 @@ def _extra_tokens(images) -> int:
 
 def _candidates(fp: Footprint, width: int, height: int, images):
     return candidate_plans(width, height, fp.fused_attention, _extra_tokens(images),
-                           max((h for _, h in images), default=0), fp.packed_format, fp.whole_slab_tokens)
+                           max((h for _, h in images), default=0), fp.packed_format, fp.whole_slab_tokens,
+                           fp.modulation_bytes > 0)
 
 
 def _least(terms: "_Terms", est: dict, flush: bool) -> tuple[int | None, int | None]:
@@ -964,6 +986,8 @@ def describe(plan: MemoryPlan) -> str:
                  f"VAE decode in {plan.vae_strip}-row strips" if plan.vae_strip else "whole-image VAE decode")
     if plan.vae_encode_strip:
         parts.append(f"VAE encode in {plan.vae_encode_strip}-row strips")
+    if not plan.keep_modulation:
+        parts.append("every step's modulations first, their layers left on disk")
     if plan.hidden_parts > 1:
         parts.append(f"the MLPs in {plan.hidden_parts} passes over their hidden units")
     if plan.token_chunk:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import threading
-from functools import partial
 from typing import Iterator
 
 import mlx.core as mx
@@ -22,8 +21,8 @@ from .errors import BonsaiError, ConfigError, PipelineBusyError, WeightsError
 from .images import prepare_edit
 from .layouts import DIFFUSERS, MODEL_DEFAULTS, MODEL_INDEX
 from .executor import Models, Request, image_ids, text_ids  # noqa: F401  (part of the API)
-from .loading import (DEFAULT_VAE_REPO, MODELS, VAE_FILES, has_part, load_transformer,  # noqa: F401
-                      resolve_model, transformer_source)
+from .loading import (DEFAULT_VAE_REPO, MODELS, VAE_FILES, TransformerSource, has_part,  # noqa: F401
+                      load_transformer, resolve_model, transformer_source)
 from .memory import AUTO, UNCONSTRAINED, MemoryPlan, cheapest, parse_budget, plan_memory, smallest_plan
 from .results import GenerationResult, StepEvent, to_pil  # noqa: F401  (part of the API)
 from .safe_files import ModelFolder, read_json
@@ -383,8 +382,7 @@ class BonsaiPipeline:
         loras = lora_specs(lora)
         root = resolve_model(path_or_repo_id, revision=revision, cache_dir=cache_dir)
 
-        loader = partial(load_transformer, transformer_source(path_or_repo_id, root), dtype=dtype, quantize=quantize,
-                         backend=backend)
+        loader = TransformerSource(transformer_source(path_or_repo_id, root), dtype, quantize, backend)
 
         defaults = model_defaults(root)
         is_distilled, text_encoder, vae_model = open_parts(root, dtype, vae, text_layers, cache_dir, vae_dtype)

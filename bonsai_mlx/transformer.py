@@ -183,7 +183,7 @@ class TimeGuidanceEmbed(nn.Module):
 
 
 class Modulation(nn.Module):
-    """SiLU -> Linear(D -> 3*sets*D); computed once per forward, shared by all blocks of a kind."""
+    """SiLU -> Linear(D -> 3*sets*D); computed once per timestep, shared by all blocks of a kind."""
 
     def __init__(self, dim: int, sets: int):
         super().__init__()
@@ -327,9 +327,35 @@ class NormOut(nn.Module):
         self.eps = eps
         self.linear = nn.Linear(dim, 2 * dim, bias=False)
 
-    def __call__(self, x: mx.array, temb: mx.array) -> mx.array:
-        scale, shift = mx.split(self.linear(nn.silu(temb)), 2, axis=-1)
-        return modulate(x, shift[:, None], scale[:, None], self.eps)
+    def modulation(self, temb: mx.array) -> list[mx.array]:
+        """[scale, shift], each [B, 1, D]."""
+        return mx.split(self.linear(nn.silu(temb))[:, None, :], 2, axis=-1)
+
+    def __call__(self, x: mx.array, mod: list[mx.array]) -> mx.array:
+        scale, shift = mod
+        return modulate(x, shift, scale, self.eps)
+
+
+class Modulations(NamedTuple):
+    """What a forward needs of its timestep: the modulations of the double blocks' image and
+    text streams, of the single blocks and of the output norm, each a list of [B, 1, D]
+    arrays. They depend on the timestep only, so a sampler computes every step's at once
+    (`Flux2Transformer.modulations` over all its sigmas) and takes each step's with `step`."""
+    img: list[mx.array]
+    txt: list[mx.array]
+    single: list[mx.array]
+    out: list[mx.array]
+
+    def step(self, i: int) -> "Modulations":
+        """The modulations of timestep i of a batch of timesteps, as a batch of one."""
+        return Modulations(*([m[i:i + 1] for m in part] for part in self))
+
+
+# The layers that turn a timestep into its Modulations, by module path: 16-bit weights that a
+# plan can leave on disk while the blocks run (executor.Models). At klein 4B's shapes they are
+# 170M weights, 0.34 GB in bfloat16: 38% of the binary transformer's bytes.
+MODULATION_LAYERS = ("time_guidance_embed", "double_stream_modulation_img", "double_stream_modulation_txt",
+                     "single_stream_modulation", "norm_out")
 
 
 class Context(NamedTuple):
@@ -343,8 +369,9 @@ class Context(NamedTuple):
 class Flux2Transformer(nn.Module):
     """`model(hidden_states, encoder_hidden_states, timestep, img_ids, txt_ids) -> [B, L_img, C_out]`.
 
-    A sampler calls `prepare` once per generation and `forward` once per step: the text
-    embedding and the RoPE angles do not change between steps."""
+    A sampler calls `prepare` once per generation (the text embedding and the RoPE angles do
+    not change between steps), `modulations` once for all its timesteps, and `forward` once
+    per step."""
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -373,7 +400,8 @@ class Flux2Transformer(nn.Module):
                  execution: Execution = ONE_GRAPH) -> mx.array:
         check_inputs(self.config, hidden_states, encoder_hidden_states, timestep, img_ids, txt_ids)
         ctx = self.prepare(encoder_hidden_states, img_ids, txt_ids)
-        return self.forward(hidden_states, timestep, ctx, guidance, execution)
+        timestep = mx.broadcast_to(mx.array(timestep).reshape(-1), (hidden_states.shape[0],))
+        return self.forward(hidden_states, self.modulations(timestep, hidden_states.dtype, guidance), ctx, execution)
 
     def prepare(self, encoder_hidden_states: mx.array, img_ids: mx.array, txt_ids: mx.array,
                 reference: mx.array | None = None, reference_ids: mx.array | None = None) -> Context:
@@ -389,24 +417,26 @@ class Flux2Transformer(nn.Module):
         ref = None if reference is None else self.x_embedder(reference)
         return Context(self.context_embedder(encoder_hidden_states), rope, ref)
 
-    def forward(self, hidden_states: mx.array, timestep: mx.array, ctx: Context, guidance: mx.array | None = None,
-                execution: Execution = ONE_GRAPH) -> mx.array:
-        """One denoising step. `execution` says whether to evaluate block by block (MLX
-        otherwise schedules the whole forward at once and holds many blocks' activations
-        together: 12 GB at 1024x1024 on an H200 against 1.2 GB block by block) and in
-        token chunks."""
-        ex = execution
-        dtype = hidden_states.dtype
-        timestep = mx.broadcast_to(mx.array(timestep).reshape(-1), (hidden_states.shape[0],))
+    def modulations(self, timestep: mx.array, dtype, guidance: mx.array | None = None) -> Modulations:
+        """The Modulations of timesteps [B] (sigmas in [0, 1]) for activations of `dtype`."""
         # The reference rounds sigma to the activation dtype before scaling by 1000.
+        timestep = mx.array(timestep).reshape(-1)
         temb = self.time_guidance_embed(
             timestep.astype(dtype) * 1000,
             None if guidance is None else mx.array(guidance).reshape(-1).astype(dtype) * 1000,
             dtype,
         )
-        mod_img = self.double_stream_modulation_img(temb)
-        mod_txt = self.double_stream_modulation_txt(temb)
-        mod_single = self.single_stream_modulation(temb)
+        return Modulations(self.double_stream_modulation_img(temb), self.double_stream_modulation_txt(temb),
+                            self.single_stream_modulation(temb), self.norm_out.modulation(temb))
+
+    def forward(self, hidden_states: mx.array, mods: Modulations, ctx: Context,
+                execution: Execution = ONE_GRAPH) -> mx.array:
+        """One denoising step at the timestep of `mods` (a batch of one, or one per sample).
+        `execution` says whether to evaluate block by block (MLX otherwise schedules the
+        whole forward at once and holds many blocks' activations together: 12 GB at
+        1024x1024 on an H200 against 1.2 GB block by block) and in token chunks."""
+        ex = execution
+        mod_img, mod_txt, mod_single = mods.img, mods.txt, mods.single
         img, txt = self.x_embedder(hidden_states), ctx.txt
         L_img = img.shape[1]
         if ctx.ref is not None:  # reference tokens ride along; only the image tokens come out
@@ -423,7 +453,7 @@ class Flux2Transformer(nn.Module):
             x = block(x, mod_single, ctx.rope, ex)
             pace(x)
 
-        return self.proj_out(self.norm_out(x[:, L_txt:L_txt + L_img], temb))
+        return self.proj_out(self.norm_out(x[:, L_txt:L_txt + L_img], mods.out))
 
 
 def check_inputs(cfg: TransformerConfig, hidden_states, encoder_hidden_states, timestep, img_ids, txt_ids):

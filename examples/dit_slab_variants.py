@@ -95,8 +95,8 @@ def main():
     try:
         for size, settings in SETTINGS.items():
             inp = klein_inputs(model.config, size, size, 512, mx.bfloat16)
-            ctx = model.prepare(inp[1], inp[3], inp[4])
-            mx.eval(inp, ctx)
+            ctx, mods = model.prepare(inp[1], inp[3], inp[4]), model.modulations(inp[2], mx.bfloat16)
+            mx.eval(inp, ctx, mods)
             for rnd in range(args.rounds):
                 for name, (config, slab_rule) in VARIANTS.items():
                     if not re.search(args.variants, name):
@@ -108,7 +108,7 @@ def main():
                             continue
                         with kernels.tuned(config):
                             timeit(f"dit step {size} {args.format} {name}, {label}",
-                                   lambda: model.forward(inp[0], inp[2], ctx, execution=ex),
+                                   lambda: model.forward(inp[0], mods, ctx, execution=ex),
                                    fmt=args.format, size=size, variant=name, setting=label, round=rnd)
     finally:
         kernels.slab_rows = rule

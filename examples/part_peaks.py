@@ -88,14 +88,14 @@ def main():
     try:
         for size in args.sizes:
             inp = klein_inputs(model.config, size, size, 512, mx.bfloat16)
-            ctx = model.prepare(inp[1], inp[3], inp[4])
-            mx.eval(inp, ctx)
+            ctx, mods = model.prepare(inp[1], inp[3], inp[4]), model.modulations(inp[2], mx.bfloat16)
+            mx.eval(inp, ctx, mods)
             for name, kw in settings(size).items():
                 if not re.search(args.settings, f"{size} {name}"):
                     continue
                 ex = Execution(sync=True, overlap=True, **kw,
                                flush_above=parse_bytes(args.flush_above) if args.flush_above else None)
-                step = lambda: model.forward(inp[0], inp[2], ctx, execution=ex)
+                step = lambda: model.forward(inp[0], mods, ctx, execution=ex)
                 ms = timeit(f"dit step {size} {args.format} {name}", step, fmt=args.format, size=size,
                             setting=name, tag=args.tag)
                 for run in range(args.repeat):

@@ -459,15 +459,15 @@ def section_dit(tiny, root, quick=False):
         inp = klein_inputs(cfg, size, size, txt_len, mx.bfloat16)
         mx.eval(inp)
         for name, m in models.items():
-            ctx = m.prepare(inp[1], inp[3], inp[4])
-            mx.eval(ctx)
+            ctx, mods = m.prepare(inp[1], inp[3], inp[4]), m.modulations(inp[2], mx.bfloat16)
+            mx.eval(ctx, mods)
             for (label, ex), (slabs, tuning) in itertools.product(settings, _slab_variants(m, name)):
                 if name == "dense" and (ex.token_chunk or ex.hidden_parts > 1):
                     continue
                 HOST.update(encode=0.0, wait=0.0)
                 with tuning():
                     ms = timeit(f"dit step {size} {name} {label}{slabs}",
-                                lambda: m.forward(inp[0], inp[2], ctx, execution=ex), runs=5)
+                                lambda: m.forward(inp[0], mods, ctx, execution=ex), runs=5)
                 if ms and os.environ.get("DIT_HOST"):  # per step, over the 7 timed and warm-up steps
                     record(f"dit host {size} {name} {label}{slabs}", step_ms=ms,
                            **{f"{k}_ms": 1e3 * v / 7 for k, v in HOST.items()})
@@ -614,17 +614,17 @@ def section_build(root):
             continue
         m = load_transformer(pack, dtype=mx.bfloat16)
         inp = klein_inputs(KLEIN_4B, 1024, 1024, 512, mx.bfloat16)
-        ctx = m.prepare(inp[1], inp[3], inp[4])
-        mx.eval(m.parameters(), inp, ctx)
+        ctx, mods = m.prepare(inp[1], inp[3], inp[4]), m.modulations(inp[2], mx.bfloat16)
+        mx.eval(m.parameters(), inp, ctx, mods)
         for chunk in (None, 512):
             ex = Execution(chunk, None, False, False)
-            mx.eval(m.forward(inp[0], inp[2], ctx, execution=ex))  # kernels built
+            mx.eval(m.forward(inp[0], mods, ctx, execution=ex))  # kernels built
             for i in range(3):
                 prof = cProfile.Profile() if i == 2 else None
                 t = time.perf_counter()
                 if prof:
                     prof.enable()
-                y = m.forward(inp[0], inp[2], ctx, execution=ex)
+                y = m.forward(inp[0], mods, ctx, execution=ex)
                 if prof:
                     prof.disable()
                 built = time.perf_counter() - t

@@ -79,3 +79,81 @@ def test_a_resident_text_encoder_runs_layer_by_layer_as_the_plan_says(packed, mo
     for i, plan in enumerate(plans):
         packed.generate(f"a fern, take {i}", width=64, height=64, steps=1, seed=1, plan=plan)
     assert seen == [False, True, False, False, True]
+
+
+def test_modulation_layers_left_on_disk_are_read_again_only_for_new_sigmas(packed, monkeypatch):
+    """A plan that leaves the modulation layers on disk computes every step's modulations in a
+    stage of its own, then makes their weights lazy reads of the checkpoint: the denoising
+    stage holds their bytes less than with a plan that keeps them, and the image is the same.
+    Sigmas computed lately are not computed again; new ones (another step count) read the
+    layers again."""
+    models, calls = packed.models, []
+    source = models._loader
+    lazy = type(source).lazy_weights
+    monkeypatch.setattr(type(source), "lazy_weights", lambda self, modules: calls.append(modules) or lazy(self, modules))
+    mod_bytes = models.transformer_info["modulation_bytes"]
+    assert mod_bytes > 0 and mod_bytes == models.footprint(calibrated=False).modulation_bytes
+    keep, away = MemoryPlan(sync=True), MemoryPlan(sync=True, keep_modulation=False)
+    kw = dict(width=64, height=64, steps=2, seed=4)
+    kept = packed.generate("a cedar", plan=keep, **kw)
+    assert calls == [] and "modulation" not in kept.memory["stages"]
+    left = packed.generate("a cedar", plan=away, **kw)
+    np.testing.assert_array_equal(kept.array, left.array)
+    assert len(calls) == 1 and "modulation_s" in left.timings
+    assert list(left.memory["stages"]) == ["text_encoding", "modulation", "denoising", "decoding"]
+    # the same steps without the layers: the denoising stage peaks lower by their bytes
+    low = lambda r: r.memory["stages"]["denoising"]["peak_gb"] * 1e9  # noqa: E731
+    assert low(kept) - low(left) == pytest.approx(mod_bytes, rel=0.02)
+    again = packed.generate("a cedar", plan=away, **kw)  # the same sigmas: nothing is read
+    assert len(calls) == 1
+    np.testing.assert_array_equal(again.array, left.array)
+    packed.generate("a cedar", plan=away, **{**kw, "steps": 3})  # new sigmas: read again, then left again
+    assert len(calls) == 2
+    # A plan that keeps them reads them only for sigmas not kept, and then they stay.
+    assert low(packed.generate("a cedar", plan=keep, **{**kw, "steps": 3})) == pytest.approx(low(left), rel=0.02)
+    assert low(packed.generate("a cedar", plan=keep, **{**kw, "steps": 4})) == pytest.approx(low(kept), rel=0.02)
+    assert low(packed.generate("a cedar", plan=keep, **kw)) == pytest.approx(low(kept), rel=0.02)
+    assert len(calls) == 2
+
+
+def test_a_lora_on_a_modulation_layer_is_not_hidden_by_kept_modulations(packed, tmp_path):
+    """Modulations kept for some sigmas are dropped when the adapters change: an adapter on a
+    modulation layer changes the image, also on a layer left on disk (the adapter wraps the
+    lazy weight)."""
+    D = packed.transformer.config.inner_dim
+    rng = np.random.default_rng(0)
+    path = tmp_path / "mod.safetensors"
+    mx.save_safetensors(str(path), {
+        "transformer.double_stream_modulation_img.linear.lora_A.weight": mx.array(rng.standard_normal((4, D)), mx.float32),
+        "transformer.double_stream_modulation_img.linear.lora_B.weight": mx.array(rng.standard_normal((6 * D, 4)) * 0.1,
+                                                                                  mx.float32)})
+    kw = dict(width=64, height=64, steps=2, seed=6, plan=MemoryPlan(sync=True, keep_modulation=False))
+    plain = packed.generate("a spruce", **kw).array
+    name = packed.load_lora(path)
+    try:
+        adapted = packed.generate("a spruce", **kw).array
+        assert np.abs(adapted - plain).max() > 1e-3
+        packed.set_lora_scale(name, 0.0)
+        np.testing.assert_array_equal(packed.generate("a spruce", **kw).array, plain)
+    finally:
+        packed.unload_lora()
+
+
+def test_a_pipeline_from_objects_refuses_to_leave_its_modulation_layers_on_disk(packed):
+    """Without files to read them from, a plan that leaves the modulation layers (or the
+    transformer) behind is refused before any work, and the planner never offers one."""
+    from bonsai_mlx import BonsaiError
+
+    pipe = BonsaiPipeline(packed.transformer, packed.text_encoder, packed.vae)
+    assert pipe.models.transformer_info["modulation_bytes"] == 0
+    calls = []
+    encode = pipe.text_encoder.encode
+    pipe.text_encoder.encode = lambda *a, **k: calls.append(a) or encode(*a, **k)
+    try:
+        for plan, what in ((MemoryPlan(keep_modulation=False), "modulation layers"),
+                           (MemoryPlan(transformer_in_decode=False), "release its transformer")):
+            with pytest.raises(BonsaiError, match=what):
+                pipe.generate("a yew", width=64, height=64, steps=1, plan=plan)
+    finally:
+        del pipe.text_encoder.encode
+    assert calls == []

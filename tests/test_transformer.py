@@ -99,6 +99,56 @@ def test_memory_saving_modes_change_nothing(saved):
         assert rel_err(chunked, fx.reference_forward(ref_model, inputs)) <= BOUNDS["float32"]
 
 
+
+@pytest.mark.parametrize("name", ["tiny_a", "tiny_c"])  # tiny_c embeds guidance
+def test_every_steps_modulations_at_once_drive_each_step_to_diffusers(saved, name):
+    """`modulations` over a sampler's sigmas at once, taken step by step (`Modulations.step`),
+    give `forward` diffusers' output at each of those timesteps, for a batch of two."""
+    ref_model, directory, _ = saved[name]
+    model = load_transformer(directory, dtype=mx.float32)
+    sigmas = [1.0, 0.71, 0.35, 0.05]
+    guidance = 3.5 if fx.CONFIGS[name]["guidance_embeds"] else None
+    mods = model.modulations(mx.array(sigmas), mx.float32,
+                             None if guidance is None else mx.array([guidance] * len(sigmas)))
+    for i, sigma in enumerate(sigmas):
+        inputs = fx.make_inputs(name, batch=2, grid=(3, 4), txt_len=6, seed=10 + i)
+        inputs["timestep"] = np.full(2, sigma, np.float32)
+        if guidance is not None:
+            inputs["guidance"] = np.full(2, guidance, np.float32)
+        ctx = model.prepare(mx.array(inputs["encoder_hidden_states"]), mx.array(inputs["img_ids"]),
+                            mx.array(inputs["txt_ids"]))
+        out = model.forward(mx.array(inputs["hidden_states"]), mods.step(i), ctx)
+        err = rel_err(np.array(out), fx.reference_forward(ref_model, inputs))
+        assert err <= BOUNDS["float32"], (sigma, err)
+        np.testing.assert_allclose(np.array(out), run(model, inputs, mx.float32), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["diffusers", "bfl"])
+def test_a_transformer_source_reads_its_modulation_layers_lazily(saved, which):
+    """`TransformerSource.lazy_weights`: exactly the modulation layers' weights, cast as the
+    loader casts them, equal to the loaded model's, and nothing read until they are evaluated."""
+    from mlx.utils import tree_flatten
+
+    from bonsai_mlx.loading import TransformerSource
+    from bonsai_mlx.transformer import MODULATION_LAYERS
+
+    _, directory, bfl_file = saved["tiny_c"]
+    config = TransformerConfig.from_json(directory / "config.json")  # a BFL file's RoPE axes
+    source = TransformerSource(directory if which == "diffusers" else bfl_file, mx.bfloat16, config=config)
+    model = source()
+    want = {k: v for k, v in tree_flatten(model.parameters()) if k.startswith(MODULATION_LAYERS)}
+    assert {k.split(".")[0] for k in want} == set(MODULATION_LAYERS)
+    mx.synchronize()
+    before = mx.get_active_memory()
+    lazy = source.lazy_weights(MODULATION_LAYERS)
+    assert mx.get_active_memory() == before
+    assert set(lazy) == set(want)
+    for k, w in lazy.items():
+        assert w.dtype == mx.bfloat16
+        np.testing.assert_array_equal(np.array(w.astype(mx.float32)), np.array(want[k].astype(mx.float32)), k)
+    with pytest.raises(WeightsError, match="no weights of"):
+        source.lazy_weights(("no_such_layer",))
+
 def test_linear_rows_equals_slicing_the_full_output():
     """Running a fused projection part by part gives exactly the parts of the whole."""
     mx.random.seed(3)
