@@ -461,10 +461,11 @@ COST_STREAM_TEXT = 0.5
 # The reload: 0.32 s binary, 0.65 s ternary in a 1024 px generation on an H200
 # (h200-generate-c12-*.json).
 COST_RELOAD_TRANSFORMER = 0.5
-# Modulation layers left on disk: read again (0.34 GB at klein 4B's shapes, 0.38x the binary
-# transformer's bytes: the reload's share) whenever a generation's sigmas are not among the
-# last few computed (a new size or step count); free otherwise.
-COST_RELOAD_MODULATION = 0.1
+# Modulation layers left on disk: read again (0.34 GB at klein 4B's shapes) whenever a
+# generation's sigmas are not among the last few computed (a new size or step count), free
+# otherwise. A new schedule's modulations took 145-169 ms read from disk against 2-4 ms with
+# the layers resident (H200, both formats; h200-modulation-reads-c53-*.json).
+COST_RELOAD_MODULATION = 0.15
 # Token chunks, hidden-unit passes and strips: 4 steps at 1024 px, two parts in flight,
 # over block-by-block evaluation: 2048- / 1024- / 512-token chunks +27 / +59 / +90 ms a
 # step for binary (h200-profile-dit-c12.json, -c13-*.json), 2 / 4 / 8 passes +15 / +37 /
@@ -631,7 +632,9 @@ def _terms(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batches
     # in the same call), while whole blocks at 512 px peak 0.05-0.2 GB higher (h200-profile-c24-*).
     # Whole slabs (`MemoryPlan.whole_slabs`): the largest matrix decoded, nothing concatenated;
     # whole blocks with them peaked lower than with 16M-weight slabs (c45), so this count,
-    # which adds the larger slab to every block in flight, is above what they hold.
+    # which adds the larger slab to every block in flight, is above what they hold. Steps with
+    # the MLP in 2 passes over all tokens peaked as high with them as with the kernels' slabs
+    # (0.38 / 0.88 GB above the weights at 512 / 1024 px, binary; h200-profile-dit-c53.json).
     linears = ((3 * D, D), (D, D + F), (D, D), (D, F), (2 * F if plan.hidden_parts <= 1 else h, D))
     from_tokens = fp.whole_slab_tokens if plan.whole_slabs else fp.slab_tokens
     on_slab = bool(from_tokens) and c >= from_tokens
@@ -797,8 +800,9 @@ def candidate_plans(width: int, height: int, fused_attention: bool = True, extra
     where the attention materialises its scores (chunks cost memory next to a fused
     kernel); strips and tiles only smaller than the image. A plan decodes whole, in strips
     or in tiles. With images to encode (`encode_height`: the tallest), it encodes them whole
-    or in strips lower than that. Whole blocks of a packed `fmt` whose tokens reach the slab
-    path with whole slabs (`slab_tokens`, 0: none) run with whole slabs or the kernels' slabs.
+    or in strips lower than that. Steps over all tokens at once (whole blocks or MLP passes) of a
+    packed `fmt` whose tokens reach the slab path with whole slabs (`slab_tokens`, 0: none) run
+    with whole slabs or the kernels' slabs.
     With `modulation` (layers that can be read again) every plan also leaves them on disk."""
     side, L = max(width, height), (width // 16) * (height // 16) + 512 + extra_tokens
     decodes = ([(None, None)] + [(None, s) for s in VAE_STRIPS if s < height]
@@ -814,7 +818,7 @@ def candidate_plans(width: int, height: int, fused_attention: bool = True, extra
              for enc in encodes for parts in HIDDEN_PARTS for vae_overlap in (None, not overlap)
              if parts > 1 or chunk not in PASSES_ONLY]
     if fmt and 0 < slab_tokens <= L:
-        plans += [replace(p, whole_slabs=True) for p in plans if p.token_chunk is None and p.hidden_parts == 1]
+        plans += [replace(p, whole_slabs=True) for p in plans if p.token_chunk is None]
     if modulation:
         plans += [replace(p, keep_modulation=False) for p in plans]
     return sorted(plans, key=lambda p: plan_cost(p, fmt))

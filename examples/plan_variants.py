@@ -48,8 +48,8 @@ def main():
         plan = choose_plan(pipe, args.size, rec)
         if variant is not None:
             plan = dataclasses.replace(plan, **variant)
-            # whole slabs go with whole blocks only, as the planner offers them
-            variant = {**variant, "whole_slabs": plan.whole_slabs and not (plan.token_chunk or plan.hidden_parts > 1)}
+            # whole slabs go with steps over all tokens only, as the planner offers them
+            variant = {**variant, "whole_slabs": plan.whole_slabs and not plan.token_chunk}
             plan = budgeted(dataclasses.replace(plan, **variant), pipe.footprint(), args.size, args.size,
                             int(round(rec["budget_gb"] * GB)))
             rec["plan"].update(**variant, described=describe(plan), estimated_peak_bytes=plan.estimated_peak_bytes,
