@@ -3,8 +3,9 @@ token chunks and MLP passes, or of its decode's strips, on a random full-size pa
 process: what a plan the estimate does not admit would peak at and take, under the same MLX
 limits.
 
-Each variant replaces only `token_chunk` and `hidden_parts` (`--variants`) or `vae_strip` and
-`vae_overlap` (`--decodes`) of the planned plan; it runs with the budget's memory limits, as a
+Each variant replaces only `token_chunk` and `hidden_parts` (`--variants`), `vae_strip` and
+`vae_overlap` (`--decodes`) or, with `--split-slabs`, `whole_slabs` (the kernels' slabs instead)
+of the planned plan; it runs with the budget's memory limits, as a
 planned run does, and records the estimates the planner gives its plan at that budget
 (`memory.budgeted`: the budget for a stage that fits only with the pacer's flush).
 `--none` adds the unconstrained run last (its cache would crowd the others). Needs MLX's Metal
@@ -33,6 +34,8 @@ def main():
                     help='[token_chunk or null, hidden_parts] pairs, a JSON list')
     ap.add_argument("--decodes", type=json.loads, default=[],
                     help='[vae_strip or null, two strips in flight (true / false)] pairs, a JSON list')
+    ap.add_argument("--split-slabs", action="store_true",
+                    help="also run the planned plan with the kernels' slabs where it decodes each matrix whole")
     ap.add_argument("--generations", type=int, default=2)
     ap.add_argument("--none", action="store_true", help="also run without limits, last")
     ap.add_argument("--dtype", default="bfloat16")
@@ -49,7 +52,8 @@ def main():
         if variant is not None:
             plan = dataclasses.replace(plan, **variant)
             # whole slabs go with steps over all tokens only, as the planner offers them
-            variant = {**variant, "whole_slabs": plan.whole_slabs and not plan.token_chunk}
+            variant = {**variant, "whole_slabs": plan.whole_slabs and not plan.token_chunk and variant.get(
+                "whole_slabs", True)}
             plan = budgeted(dataclasses.replace(plan, **variant), pipe.footprint(), args.size, args.size,
                             int(round(rec["budget_gb"] * GB)))
             rec["plan"].update(**variant, described=describe(plan), estimated_peak_bytes=plan.estimated_peak_bytes,
@@ -69,6 +73,8 @@ def main():
             json.dump(out, f, indent=1)
 
     run("planned", args.budget)
+    if args.split_slabs:
+        run("planned, the kernels' slabs", args.budget, dict(whole_slabs=False))
     for chunk, parts in args.variants:
         run(f"{f'{chunk}-token chunks' if chunk else 'all tokens'}, MLP in {parts} passes", args.budget,
             dict(token_chunk=chunk, hidden_parts=parts))
