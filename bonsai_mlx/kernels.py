@@ -1,4 +1,4 @@
-"""Packed binary/ternary matmul kernels and their launchers.
+"""Packed binary/ternary matmul kernels and their launchers, and the VAE's column moments.
 
 The Metal sources in metal/ are the product: each `<fmt>_<path>.metal` is a
 kernel body for `mx.fast.metal_kernel`, and metal/common.metal is the header
@@ -37,6 +37,9 @@ a forward without a flag on any module), `DEFAULT_CONFIG` outside one.
 
 packed_linear resolves its "metal" and "cuda" backends here (`launcher`); this
 module imports nothing from packed_linear.
+
+`column_moments` (metal/column_moments.metal) gives the VAE's GroupNorm its statistics
+from 16-bit activations without a float32 copy of them, on the same back-ends.
 """
 
 from __future__ import annotations
@@ -61,6 +64,13 @@ OUTPUT_NAMES = ("y",)
 # The decode kernels (slab path) take the packed rows only and write the slab.
 DECODE_INPUT_NAMES = ("w", "scales")
 DECODE_OUTPUT_NAMES = ("slab",)
+MOMENTS = "column_moments"
+MOMENTS_INPUT_NAMES = ("x", "mean")
+MOMENTS_OUTPUT_NAMES = ("out",)
+# Threads a moments launch aims at (channels x row blocks x samples): enough to fill a GPU,
+# few enough that the float32 partial sums stay small (256 KB).
+MOMENTS_THREADS = 1 << 16
+MOMENTS_GROUP = 128  # threads per threadgroup, along the channels
 
 
 # ---------------------------------------------------------------------------- tuning
@@ -283,13 +293,15 @@ def compact(src: str) -> str:
 # header + body on every call, the decode runs once per slab (up to 11 calls
 # per matmul at klein's shapes), and the compacted shared header is ~7.5 KB
 # (Metal) / ~12 KB (CUDA) of per-call text.
-HEADERLESS = ("binary_decode", "ternary_decode")
+HEADERLESS = ("binary_decode", "ternary_decode", MOMENTS)
 
 
 def io_names(kernel: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(input names, output names) of a kernel, as its body spells them."""
     if kernel.endswith("_decode"):
         return DECODE_INPUT_NAMES, DECODE_OUTPUT_NAMES
+    if kernel == MOMENTS:
+        return MOMENTS_INPUT_NAMES, MOMENTS_OUTPUT_NAMES
     return INPUT_NAMES, OUTPUT_NAMES
 
 
@@ -678,3 +690,40 @@ def launcher(backend: str):
     """The launcher `(x, pw) -> y` for "metal" or "cuda"; BonsaiError when MLX lacks that back-end."""
     _check_available(backend)
     return metal_matmul if backend == "metal" else cuda_matmul
+
+
+# ---------------------------------------------------------------------------- column moments
+
+def moments_plan(B: int, R: int, C: int, dtype: mx.Dtype, squared: bool, threads: int = MOMENTS_THREADS) -> Launch:
+    """The column_moments launch for x [B, R, C] of `dtype`: one thread per channel, row block
+    and sample, about `threads` of them."""
+    group = min(MOMENTS_GROUP, 32 * _ceil_div(C, 32))
+    width = group * _ceil_div(C, group)
+    blocks = max(1, min(R, threads // (width * B)))
+    return Launch(MOMENTS, (("T", dtype), ("SQ", int(squared))), (width, blocks, B), (group, 1, 1))
+
+
+def moments_backend(dtype: mx.Dtype) -> str | None:
+    """The back-end that runs column_moments for activations of `dtype`, or None: 16-bit only
+    (a float32 tensor needs no copy to be reduced in float32) and a GPU back-end."""
+    if dtype not in (mx.float16, mx.bfloat16):
+        return None
+    return next((b for b in ("metal", "cuda") if backend_available(b)), None)
+
+
+def column_moments(x: mx.array, mean: mx.array | None = None, backend: str | None = None) -> mx.array:
+    """[B, C] float32: the sums over the rows of x [B, R, C] (16-bit), or with `mean` [B, C]
+    the sums of squared deviations from it, accumulated in float32 as x is read."""
+    backend = backend or moments_backend(x.dtype) or default_backend()
+    B, R, C = x.shape
+    launch = moments_plan(B, R, C, x.dtype, mean is not None)
+    mean = mx.zeros((B, C), dtype=mx.float32) if mean is None else mean.astype(mx.float32).reshape(B, C)
+    (out,) = _kernel_object(backend, MOMENTS)(
+        inputs=[x, mean],
+        template=list(launch.template),
+        grid=launch.grid,
+        threadgroup=launch.threadgroup,
+        output_shapes=[(B, launch.grid[1], C)],
+        output_dtypes=[mx.float32],
+    )
+    return mx.sum(out, axis=1)

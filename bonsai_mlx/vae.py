@@ -18,6 +18,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .attention import sdpa
+from . import kernels
 from .execution import ONE_GRAPH, Execution, Pace
 
 WHOLE = ONE_GRAPH.pace()  # one graph: evaluates nothing by itself
@@ -189,12 +190,24 @@ def group_stats(x, groups: int, pace: Pace = WHOLE):
     the GPU back-ends split over many threadgroups (a reduction over the pixels and a
     group's channels at once runs one threadgroup per group, hundreds of times slower),
     then over each group's channels. Two passes (mean, then squared deviations): no
-    E[x^2] - E[x]^2 cancellation. Running in parts, each pass works on row blocks whose
-    float32 copies stay near `reduce_block` elements, evaluated block by block, and the
-    mean exists before the deviations do.
+    E[x^2] - E[x]^2 cancellation. 16-bit x on a GPU back-end goes through the column_moments
+    kernel, which accumulates in float32 as it reads x. Elsewhere each pass reduces a float32
+    copy: running in parts, of row blocks near `reduce_block` elements, evaluated block by
+    block, the mean existing before the deviations do.
     """
     B, H, W, C = x.shape
     n = H * W * (C // groups)
+    backend = kernels.moments_backend(x.dtype)
+    if backend:  # 16-bit x on a GPU: reduced as read, in float32, with no float32 copy to bound
+        # Each pass is a part of its own when paced: with two parts in flight, the parts
+        # before and after the statistics do not coexist with them.
+        x3 = x.reshape(B, H * W, C)
+        mean = mx.sum(kernels.column_moments(x3, backend=backend).reshape(B, groups, -1), axis=-1) / n
+        pace(mean)
+        mean_c = mx.repeat(mean, C // groups, axis=-1)
+        var = mx.sum(kernels.column_moments(x3, mean_c, backend).reshape(B, groups, -1), axis=-1) / n
+        pace(var)
+        return mean, var
     rows = H if not pace.active else max(1, min(H, pace.execution.reduce_block // max(1, B * W * C)))
     blocks = [x[:, r:r + rows].reshape(B, -1, C) for r in range(0, H, rows)]
 

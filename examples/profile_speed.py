@@ -121,6 +121,16 @@ def section_vae(tiny, quick=False):
                runs=5)
         timeit(f"vae decode {size} (whole, block by block, two in flight)",
                lambda: vae.decode(z, execution=Execution(sync=True, overlap=True)), runs=5)
+        if os.environ.get("VAE_COPIES"):  # the same with GroupNorm statistics from float32 copies
+            from bonsai_mlx import kernels
+            moments_backend = kernels.moments_backend
+            kernels.moments_backend = lambda dtype: None
+            try:
+                timeit(f"vae decode {size} (whole, one graph, float32 copies)", lambda: vae.decode(z), runs=5)
+                timeit(f"vae decode {size} (whole, block by block, two in flight, float32 copies)",
+                       lambda: vae.decode(z, execution=Execution(sync=True, overlap=True)), runs=5)
+            finally:
+                kernels.moments_backend = moments_backend
         for log2 in os.environ.get("VAE_REDUCE_BLOCKS", "").split():  # GroupNorm row blocks of 2**log2 elements
             ex = Execution(sync=True, overlap=True, reduce_block=1 << int(log2))
             timeit(f"vae decode {size} (whole, block by block, two in flight, reduce blocks 2^{log2})",

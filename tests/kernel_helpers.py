@@ -75,3 +75,20 @@ def rel_err(y: np.ndarray, ref: np.ndarray) -> float:
 # Relative error bounds by input dtype: float accumulation vs float64, then the
 # output rounding of the dtype.
 TOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}
+
+
+def run_moments(x: mx.array, mean: mx.array | None = None, threads: int | None = None) -> np.ndarray:
+    """kernels.column_moments through the exact Metal source in the CPU harness (the plan its
+    launcher makes, `threads` aside): [B, C] float64, the partial sums added in float64."""
+    from bonsai_mlx import kernels
+    from metal_harness import harness
+
+    B, R, C = x.shape
+    launch = kernels.moments_plan(B, R, C, x.dtype, mean is not None, threads or kernels.MOMENTS_THREADS)
+    header, body = kernels.metal_source(launch.kernel)
+    inputs, outputs = kernels.io_names(launch.kernel)
+    m = mx.zeros((B, C), dtype=mx.float32) if mean is None else mean.astype(mx.float32).reshape(B, C)
+    (out,) = harness.run(f"bonsai_{launch.kernel}", list(inputs), list(outputs), body, header, [x, m],
+                         [(B, launch.grid[1], C)], [mx.float32], launch.grid, launch.threadgroup, launch.template)
+    assert harness.unwritten(out) == 0, f"{harness.unwritten(out)} partial sums never written"
+    return out.astype(np.float64).sum(axis=1)

@@ -25,7 +25,7 @@ from bonsai_mlx import kernels, packing
 from bonsai_mlx.errors import BonsaiError
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernel_helpers import TOL, bf16_bits_to_float, dense, random_weight, rel_err, slab_weight, to_numpy
+from kernel_helpers import TOL, bf16_bits_to_float, dense, random_weight, rel_err, run_moments, slab_weight, to_numpy
 from metal_harness import harness
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
@@ -582,7 +582,7 @@ def test_harness_poisons_threadgroup_memory():
 
 def test_cuda_twin_is_generated_from_the_metal_source():
     for kernel in ("binary_gemm", "ternary_gemm", "binary_gemv", "ternary_gemv", "binary_gemv_fp32",
-                   "ternary_gemv_fp32", "binary_decode", "ternary_decode"):
+                   "ternary_gemv_fp32", "binary_decode", "ternary_decode", kernels.MOMENTS):
         m_header, m_body = kernels.metal_source(kernel)
         header, body = kernels.cuda_source(kernel)
         assert "threadgroup_barrier" not in body and not re.search(r"\bsimd_sum\(", body)
@@ -631,14 +631,15 @@ def _cuda_translation_unit(kernel, dtype_name, template):
     parameter for each input whose name the body uses, as MLX does)."""
     header, body = kernels.cuda_source(kernel)
     cu = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float"}
-    types = {"x": cu[dtype_name], "w": "uint32_t" if kernel.startswith("binary") else "uint8_t", "scales": "__half"}
+    types = {"x": cu[dtype_name], "w": "uint32_t" if kernel.startswith("binary") else "uint8_t", "scales": "__half",
+             "mean": "float", "out": "float"}
     inputs, outputs = kernels.io_names(kernel)
     params = []
     for n in inputs:
         params.append(f"const {types[n]}* {n}")
         if f"{n}_shape" in body:
             params.append(f"const __grid_constant__ Shape {n}_shape")
-    params += [f"{cu[dtype_name]}* {n}" for n in outputs]
+    params += [f"{types.get(n, cu[dtype_name])}* {n}" for n in outputs]
     consts = []
     for name, v in template:
         consts.append(f"  using {name} = {cu[dtype_name]};" if name == "T" else f"  constexpr int {name} = {v};")
@@ -662,6 +663,11 @@ def test_cuda_twin_compiles_with_nvcc(tmp_path):
             units.append(src)
         assert {kernels.plan(fmt, M, 3072, 3072, mx.float16, "cuda").kernel for M in (4608, 512, 1, 16)} == {
             f"{fmt}_decode", f"{fmt}_gemm", f"{fmt}_gemv"}
+    for dt, squared in ((mx.float16, False), (mx.bfloat16, True)):  # the VAE's column moments
+        L = kernels.moments_plan(1, 1 << 20, 128, dt, squared)
+        dname = str(dt).replace("mlx.core.", "")
+        units.append(_cuda_translation_unit(L.kernel, dname, L.template).replace(
+            f"custom_kernel_{L.kernel}_{dname}", f"custom_kernel_{L.kernel}_{dname}_{int(squared)}"))
     # Headers repeat across units: compile them one file each, in one nvcc call per file.
     for i, src in enumerate(units):
         (tmp_path / f"k{i}.cu").write_text(src)
@@ -669,3 +675,46 @@ def test_cuda_twin_compiles_with_nvcc(tmp_path):
     r = subprocess.run(["nvcc", "-std=c++17", "-arch=sm_90", "--ptx", "-odir", str(tmp_path), *files],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-4000:]
+
+
+# ----------------------------------------------------------------------------- column moments
+
+# (B, rows R, channels C, dtype, threads the plan aims at): one row block; ragged blocks (R not
+# a multiple of their count); C under, at and past a threadgroup (past: threads beyond C return);
+# more blocks than rows would fill (the plan caps them at R).
+MOMENTS_CASES = [
+    (1, 1, 32, "float16", 64),
+    (2, 1000, 96, "bfloat16", 4096),
+    (1, 4097, 160, "float16", 2048),
+    (1, 5000, 32, "float16", 64),  # 2,500 rows a thread, more than a 1024 px decode's 2,048
+    (3, 20, 128, "bfloat16", None),
+]
+
+
+@pytest.mark.parametrize("B,R,C,dtype,threads", MOMENTS_CASES)
+def test_column_moments_kernel_accumulates_in_float32(B, R, C, dtype, threads):
+    """Sums, and sums of squared deviations from a given mean, over the rows of 16-bit x with
+    channel means far apart and far from zero (a float16 running sum would lose them): equal
+    to float64 sums of the values the kernel reads within 1e-5 (a thread sums its block's rows
+    in float32, 64 at a time)."""
+    rng = np.random.default_rng(B * 1000 + R + C)
+    x = rng.standard_normal((B, R, C)) * 3 + rng.uniform(-200, 200, (B, 1, C))
+    xm = mx.array(x.astype(np.float32)).astype(DTYPES[dtype])
+    xs = np.array(xm.astype(mx.float32)).astype(np.float64)
+    launch = kernels.moments_plan(B, R, C, xm.dtype, False, threads or kernels.MOMENTS_THREADS)
+    assert launch.grid[0] % launch.threadgroup[0] == 0 and launch.grid[0] >= C and 1 <= launch.grid[1] <= R
+    np.testing.assert_allclose(run_moments(xm, threads=threads), xs.sum(axis=1), rtol=1e-5, atol=1e-3)
+    mean = xs.mean(axis=1).astype(np.float32)
+    want = ((xs - mean[:, None].astype(np.float64)) ** 2).sum(axis=1)
+    np.testing.assert_allclose(run_moments(xm, mx.array(mean), threads), want, rtol=1e-5)
+
+
+def test_column_moments_plan_at_the_vae_shapes():
+    """About MOMENTS_THREADS threads: a 1024 px stage of 128 channels in 512 row blocks of
+    2,048 pixels, the 128 px mid block's 512 channels in 128 blocks of 128."""
+    L = kernels.moments_plan(1, 1 << 20, 128, mx.float16, False)
+    assert (L.kernel, L.template, L.grid, L.threadgroup) == (
+        "column_moments", (("T", mx.float16), ("SQ", 0)), (128, 512, 1), (128, 1, 1))
+    assert kernels.moments_plan(1, 128 * 128, 512, mx.bfloat16, True).grid == (512, 128, 1)
+    assert kernels.io_names(kernels.MOMENTS) == (("x", "mean"), ("out",))
+    assert kernels.moments_backend(mx.float32) is None  # float32 needs no copy to reduce

@@ -128,3 +128,32 @@ def test_cuda_slab_path_is_chosen_at_slab_min_m_and_compiles(fmt):
     f = mx.compile(lambda a, d, sc: kernels.packed_matmul(a, type(pw)(fmt=fmt, data=d, scales=sc, shape=pw.shape),
                                                            "cuda"))
     np.testing.assert_array_equal(np.array(f(x, pw.data, pw.scales)), np.array(y))
+
+
+@pytest.mark.parametrize("B,R,C,dtype", [(1, 1 << 20, 128, "float16"), (2, 4097, 512, "bfloat16"), (1, 300, 96, "float16")])
+def test_cuda_column_moments_accumulate_in_float32(B, R, C, dtype):
+    """The VAE's column moments on the GPU at a 1024 px stage's shape and others: float64 sums
+    of the values read within 1e-5, channel means far from zero and far apart."""
+    rng = np.random.default_rng(R + C)
+    x = rng.standard_normal((B, R, C)).astype(np.float32) * 3 + rng.uniform(-200, 200, (B, 1, C)).astype(np.float32)
+    xm = mx.array(x).astype(DTYPES[dtype])
+    xs = np.array(xm.astype(mx.float32)).astype(np.float64)
+    np.testing.assert_allclose(np.array(kernels.column_moments(xm, backend="cuda")), xs.sum(axis=1), rtol=1e-5)
+    mean = xs.mean(axis=1).astype(np.float32)
+    want = ((xs - mean[:, None].astype(np.float64)) ** 2).sum(axis=1)
+    np.testing.assert_allclose(np.array(kernels.column_moments(xm, mx.array(mean), "cuda")), want, rtol=1e-5)
+
+
+def test_cuda_group_stats_of_16_bit_activations_equal_the_float32_reduction(monkeypatch):
+    """vae.group_stats on the GPU takes the kernel for float16 and agrees with the float32-copy
+    reduction (forced by hiding the kernel) within 1e-5."""
+    from bonsai_mlx import vae
+
+    rng = np.random.default_rng(0)
+    x = mx.array(rng.standard_normal((2, 96, 80, 128)).astype(np.float32) * 4 + 30).astype(mx.float16)
+    assert kernels.moments_backend(mx.float16) == "cuda"
+    got = [np.array(a) for a in vae.group_stats(x, 32)]
+    monkeypatch.setattr(kernels, "moments_backend", lambda dt: None)
+    want = [np.array(a) for a in vae.group_stats(x, 32)]
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)

@@ -131,6 +131,41 @@ def test_decoding_in_parts_matches_diffusers(vae_dirs, ex):
     np.testing.assert_allclose(parts, whole, rtol=0, atol=1e-5)
 
 
+
+def test_a_16_bit_decode_on_a_gpu_takes_its_statistics_from_the_moments_kernel(vae_dirs, monkeypatch):
+    """With a GPU back-end, a float16 decode's GroupNorm statistics (every norm, batch of two,
+    block by block with two in flight as the default decodes) come from the column_moments
+    kernel, here its exact Metal source run by the CPU harness (in few row blocks: the harness
+    runs a thread per GPU thread): the image is the reference's within the float16 bound, and
+    this CPU's float32-copy statistics give the same image within float16 rounding."""
+    import sys
+
+    from bonsai_mlx import kernels
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from kernel_helpers import run_moments
+
+    ref, ours = ref_model(vae_dirs["small4"]), load_vae(vae_dirs["small4"], dtype=mx.float16)
+    f = 2 * ours.decoder_factor
+    ex = Execution(sync=True, overlap=True)
+    torch.manual_seed(5)
+    tokens = torch.randn(2, 4 * 3, ours.config.patched_channels)
+    _, img = ref_decode_tokens(ref, tokens, 4, 3)
+    plain = np.array(ours.decode_tokens(mx.array(tokens.numpy()), 4 * f, 3 * f, execution=ex).astype(mx.float32))
+    calls = []
+
+    def moments(x, mean=None, backend=None):
+        calls.append((backend, x.dtype, mean is not None))
+        return mx.array(run_moments(x, mean, threads=1024).astype(np.float32))
+
+    monkeypatch.setattr(kernels, "moments_backend", lambda dt: "metal" if dt in (mx.float16, mx.bfloat16) else None)
+    monkeypatch.setattr(kernels, "column_moments", moments)
+    got = np.array(ours.decode_tokens(mx.array(tokens.numpy()), 4 * f, 3 * f, execution=ex).astype(mx.float32))
+    norms = sum(1 for _, m in ours.decoder.named_modules() if type(m).__name__ == "GroupNorm")
+    assert len(calls) == 2 * norms and set(calls) == {("metal", mx.float16, False), ("metal", mx.float16, True)}
+    assert rel_err(got, nhwc(img)) <= REL[mx.float16]
+    assert rel_err(got, plain) <= 2e-3 and np.abs(got - plain).max() <= 2 / 255
+
 def test_decoder_only_checkpoint(vae_dirs):
     """FLUX.2-small-decoder style: decoder.*, post_quant_conv.*, bn.* only."""
     keys = load_file(str(vae_dirs["decoder_only"] / "diffusion_pytorch_model.safetensors")).keys()
