@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
@@ -31,9 +32,11 @@ PROMPT_CACHE = 4
 # statistics) equal the untiled decode up to float rounding, so a narrow cross-fade is
 # enough; wide overlaps only multiply the tiles.
 VAE_TILE_OVERLAP = 16
-# Schedules whose modulations are kept (a few hundred KB each at klein's shapes): the sigmas
-# of the last few sizes and step counts, whose runs need no modulation layers.
-MODULATION_CACHE = 4
+# Bytes of step modulations kept, the schedules run lately (whose runs need no modulation
+# layers), within the estimates' OVERHEAD: 157 steps at klein 4B's shapes in bfloat16 (104 KB
+# a step; a 4-step schedule is 418 KB). A longer schedule is computed a window of that many
+# steps at a time as its steps come, and not kept.
+MODULATION_CACHE_BYTES = 16 << 20
 
 
 def image_ids(h: int, w: int) -> mx.array:
@@ -139,12 +142,16 @@ class Models:
             **packed_info(transformer, transformer.dtype),
             "packed_format": packed[0].fmt if len({m.fmt for m in packed}) == 1 else "",
             "reference_matmul": any(runs_on(m) == "reference" for m in packed)}
-        # What a plan that leaves the modulation layers on disk frees (0: they cannot be read again).
+        # What a plan that leaves the modulation layers on disk frees: 0 where they cannot be read
+        # again (no files, or layers that are not plain 16/32-bit linears, e.g. packed ones).
+        leaves = [m for n in MODULATION_LAYERS for _, m in transformer[n].named_modules() if not m.children()]
+        plain = all(type(m) is nn.Linear and mx.issubdtype(m.weight.dtype, mx.floating) for m in leaves)
         self.transformer_info["modulation_bytes"] = (sum(nbytes(transformer[n]) for n in MODULATION_LAYERS)
-                                                     if hasattr(transformer_loader, "lazy_weights") else 0)
+                                                     if plain and hasattr(transformer_loader, "lazy_weights") else 0)
+        # one step's Modulations: the double blocks' 6 + 6, the single blocks' 3, the output norm's 2 vectors
+        self.transformer_info["modulation_step_bytes"] = 17 * transformer.config.inner_dim * transformer.dtype.size
         self._prompts: OrderedDict = OrderedDict()
         self._modulations: OrderedDict = OrderedDict()
-        self._modulation_on_disk = False
         self._vae_fit = self._vae_enc_fit = None
         self.loras = LoraSet()  # adapters, put back on the transformer whenever it is read again
 
@@ -156,7 +163,6 @@ class Models:
     def load_transformer(self):
         if self.transformer is None:
             self.transformer = self._loader()
-            self._modulation_on_disk = False
             self.loras.apply(self.transformer)
         return self.transformer
 
@@ -179,35 +185,61 @@ class Models:
         self.loras.apply(self.transformer)
         self._modulations.clear()  # an adapter may change the modulation layers
 
-    def modulations(self, sigmas: list[float], keep: bool = True) -> list[Modulations]:
-        """Each step's Modulations (step i at sigmas[i]), those kept when these sigmas ran
-        lately, else computed at once, which reads the modulation layers where they were on
-        disk. `keep` False leaves them on disk afterwards (their weights lazy reads of the
-        checkpoint again); else they stay as they are."""
-        model, key = self.transformer, tuple(sigmas)
-        if key in self._modulations:
-            self._modulations.move_to_end(key)
-        else:
-            mods = model.modulations(mx.array(sigmas, dtype=mx.float32), model.dtype)
-            steps = [mods.step(i) for i in range(len(sigmas))]
-            mx.eval(steps)
-            self._modulation_on_disk = False  # evaluated, the weights hold their data
-            self._modulations[key] = steps
-            while len(self._modulations) > MODULATION_CACHE:
-                self._modulations.popitem(last=False)
-        if not keep and not self._modulation_on_disk:
+    def modulations(self, sigmas: list[float], keep: bool = True) -> Callable[[int], Modulations]:
+        """step i -> the Modulations of the step at sigmas[i]. A schedule whose modulations fit
+        MODULATION_CACHE_BYTES is computed at once and kept (run again, it needs no modulation
+        layers); a longer one is computed a window of steps at a time as the steps come. The
+        layers are read where they were on disk; `keep` False leaves them on disk afterwards
+        (their weights lazy reads of the checkpoint again), else they stay as they are."""
+        if not keep:
             self.check_plan(MemoryPlan(keep_modulation=False))
+        step_bytes = self.transformer_info["modulation_step_bytes"]
+        window = max(1, MODULATION_CACHE_BYTES // step_bytes)
+        if len(sigmas) > window:
+            current: dict = {}
+
+            def step(i: int) -> Modulations:
+                w0 = i - i % window
+                if w0 not in current:
+                    current.clear()
+                    current[w0] = self._computed(sigmas[w0:w0 + window], keep)
+                return current[w0][i - w0]
+
+            step(0)
+            return step
+        key = tuple(sigmas)
+        steps = self._modulations.get(key)
+        if steps is None:
+            steps = self._modulations[key] = self._computed(sigmas, keep)
+            while sum(map(len, self._modulations.values())) * step_bytes > MODULATION_CACHE_BYTES:
+                self._modulations.popitem(last=False)
+        else:
+            self._modulations.move_to_end(key)
+            if not keep:  # they may have been read since (a direct call of the transformer reads them)
+                self._modulation_to_disk()
+        return steps.__getitem__
+
+    def _computed(self, sigmas: list[float], keep: bool) -> list[Modulations]:
+        model = self.transformer
+        mods = model.modulations(mx.array(sigmas, dtype=mx.float32), model.dtype)
+        steps = [mods.step(i) for i in range(len(sigmas))]
+        try:
+            mx.eval(steps)
+        except (RuntimeError, OSError) as e:  # a lazy read of a checkpoint that changed on disk
+            raise WeightsError(f"the modulation layers could not be read again from {getattr(self._loader, 'path', '')} "
+                               f"({e}): was the checkpoint changed or removed? Load the pipeline again") from None
+        if not keep:
             self._modulation_to_disk()
-            self._modulation_on_disk = True
-        return self._modulations[key]
+        return steps
 
     def check_plan(self, plan: MemoryPlan) -> None:
         """Refuse, before any work, a plan that needs what these models cannot do."""
-        objects = "this pipeline was built from objects, not files: "
         if plan.releases_transformer and self._loader is None:
-            raise BonsaiError(objects + "it cannot release its transformer, so a plan must keep it")
+            raise BonsaiError("this pipeline was built from objects, not files: it cannot release its transformer, "
+                              "so a plan must keep it")
         if not plan.keep_modulation and not self.transformer_info["modulation_bytes"]:
-            raise BonsaiError(objects + "its modulation layers cannot be read again, so a plan must keep them "
+            raise BonsaiError("this pipeline's modulation layers cannot be read again from files (a pipeline built "
+                              "from objects, or packed modulation layers), so a plan must keep them "
                               "(keep_modulation=True)")
 
     def _modulation_to_disk(self) -> None:
@@ -369,17 +401,18 @@ def run(models: Models, req: Request, plan: MemoryPlan,
 
         h, w = req.height // 16, req.width // 16
         sigmas = flux2_sigmas(req.steps, h * w)[req.start:]
+        index, step_mods = {s: i for i, s in enumerate(sigmas[:-1])}, None
         if not plan.keep_modulation:  # a stage of its own: the layers are read for it, then left on disk
             t = time.perf_counter()
             with mon.stage("modulation"):
-                models.modulations(sigmas[:-1], keep=False)
+                step_mods = models.modulations(sigmas[:-1], keep=False)
             timings["modulation_s"] = time.perf_counter() - t
 
         t_denoise = time.perf_counter()
         with mon.stage("denoising"):
             model = models.transformer
             dtype = model.dtype
-            mods = dict(zip(sigmas, models.modulations(sigmas[:-1], plan.keep_modulation)))
+            step_mods = step_mods or models.modulations(sigmas[:-1])
             img, txt = image_ids(h, w), text_ids(cond.shape[1])
             refs = ref_ids = None
             if encoded:
@@ -390,10 +423,11 @@ def run(models: Models, req: Request, plan: MemoryPlan,
 
             def velocity(x, sigma):
                 with slab_tuning(models.transformer_info, plan):
-                    v = model.forward(x.astype(dtype), mods[sigma], ctx, execution=ex).astype(mx.float32)
+                    mods = step_mods(index[sigma])
+                    v = model.forward(x.astype(dtype), mods, ctx, execution=ex).astype(mx.float32)
                     if neg_ctx is None:
                         return v
-                    v_neg = model.forward(x.astype(dtype), mods[sigma], neg_ctx, execution=ex).astype(mx.float32)
+                    v_neg = model.forward(x.astype(dtype), mods, neg_ctx, execution=ex).astype(mx.float32)
                 return v_neg + req.guidance * (v - v_neg)
 
             x, keep = req.noise, None
@@ -417,7 +451,7 @@ def run(models: Models, req: Request, plan: MemoryPlan,
                     event.preview = req.preview(step.x0)
                 with limits.paused():  # the caller's work between steps is not held to the run's limit
                     yield event
-            del model, ctx, neg_ctx, step, encoded, mods
+            del model, ctx, neg_ctx, step, encoded, step_mods
         timings["denoising_s"] = time.perf_counter() - t_denoise
 
         if not plan.transformer_in_decode:

@@ -268,7 +268,11 @@ class TransformerSource:
         """The weights of the layers under `modules` (module paths), cast to the dtype as
         `load_transformer` casts them and not read: mx.load maps the file lazily, so each
         takes memory only once evaluated. Never packed: a pack packs block linears only."""
-        _, _, weights, source = _read(Path(self.path).expanduser(), _resolve_config(self.config))
+        path = Path(self.path).expanduser()
+        if not os.path.lexists(path):
+            raise WeightsError(f"{path} no longer exists: the transformer's modulation layers cannot be read again. "
+                               "Load the pipeline again")
+        _, _, weights, source = _read(path, _resolve_config(self.config))
         prefixes = tuple(m + "." for m in modules)
         out = {k: w.astype(self.dtype) for k, w in weights.items() if k.startswith(prefixes)}
         if not out:

@@ -422,7 +422,7 @@ class Footprint:
     modulation_bytes: int = 0
 
 
-OVERHEAD = 48 * 2**20  # allocator slack, small arrays, ids, schedules
+OVERHEAD = 48 * 2**20  # allocator slack, small arrays, ids, schedules, kept step modulations (16 MB at most)
 SLAB_ELEMENTS = 16 << 20  # weights per decoded slab at most: kernels.KernelConfig.slab_max_elements
 SLAB_SCRATCH = 2 * SLAB_ELEMENTS  # one decoded slab of 16-bit weights
 VAE_MARGIN = 104  # pixels of context a decoder tile needs on each side (FLUX.2 VAE)
@@ -706,8 +706,8 @@ def _terms(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batches
                                     + L_ref * fp.latent_channels * 4)
     inputs = cfg_batches * fp.text_len * D * s * 2 + L_img * fp.latent_channels * 4 * 3 + refs
     # Modulation layers left on disk are read for the modulation stage (every step's
-    # modulations, a few hundred KB) and gone before denoising; a reload of the transformer
-    # reads them too, before that stage.
+    # modulations: 104 KB a step at klein's shapes, up to 16 MB kept, in OVERHEAD) and gone
+    # before denoising; a reload of the transformer reads them too, before that stage.
     blocks = fp.transformer_bytes - (0 if plan.keep_modulation else fp.modulation_bytes)
     if not plan.keep_modulation:
         stages["modulation"] = (resident + fp.transformer_bytes + kept_text, inputs)
@@ -803,7 +803,7 @@ def candidate_plans(width: int, height: int, fused_attention: bool = True, extra
     or in strips lower than that. Steps over all tokens at once (whole blocks or MLP passes) of a
     packed `fmt` whose tokens reach the slab path with whole slabs (`slab_tokens`, 0: none) run
     with whole slabs or the kernels' slabs.
-    With `modulation` (layers that can be read again) every plan also leaves them on disk."""
+    With `modulation` (layers that can be read again) each plan is also offered with them left on disk."""
     side, L = max(width, height), (width // 16) * (height // 16) + 512 + extra_tokens
     decodes = ([(None, None)] + [(None, s) for s in VAE_STRIPS if s < height]
                + [(t, None) for t in VAE_TILES if t < side])

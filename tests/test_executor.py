@@ -85,8 +85,9 @@ def test_modulation_layers_left_on_disk_are_read_again_only_for_new_sigmas(packe
     """A plan that leaves the modulation layers on disk computes every step's modulations in a
     stage of its own, then makes their weights lazy reads of the checkpoint: the denoising
     stage holds their bytes less than with a plan that keeps them, and the image is the same.
-    Sigmas computed lately are not computed again; new ones (another step count) read the
-    layers again."""
+    Sigmas computed lately are not computed again (the stage allocates nothing); new ones
+    (another step count) read the layers again. Layers read by a direct call of the
+    transformer are left on disk again by the next such plan."""
     models, calls = packed.models, []
     source = models._loader
     lazy = type(source).lazy_weights
@@ -104,16 +105,68 @@ def test_modulation_layers_left_on_disk_are_read_again_only_for_new_sigmas(packe
     # the same steps without the layers: the denoising stage peaks lower by their bytes
     low = lambda r: r.memory["stages"]["denoising"]["peak_gb"] * 1e9  # noqa: E731
     assert low(kept) - low(left) == pytest.approx(mod_bytes, rel=0.02)
-    again = packed.generate("a cedar", plan=away, **kw)  # the same sigmas: nothing is read
-    assert len(calls) == 1
+    again = packed.generate("a cedar", plan=away, **kw)  # the same sigmas: nothing computed or read
+    assert again.memory["stages"]["modulation"]["peak_gb"] * 1e9 < mod_bytes / 4
     np.testing.assert_array_equal(again.array, left.array)
-    packed.generate("a cedar", plan=away, **{**kw, "steps": 3})  # new sigmas: read again, then left again
-    assert len(calls) == 2
+    packed.generate("a cedar", plan=away, **{**kw, "steps": 3})  # new sigmas: read, then left again
     # A plan that keeps them reads them only for sigmas not kept, and then they stay.
     assert low(packed.generate("a cedar", plan=keep, **{**kw, "steps": 3})) == pytest.approx(low(left), rel=0.02)
     assert low(packed.generate("a cedar", plan=keep, **{**kw, "steps": 4})) == pytest.approx(low(kept), rel=0.02)
     assert low(packed.generate("a cedar", plan=keep, **kw)) == pytest.approx(low(kept), rel=0.02)
-    assert len(calls) == 2
+    # Left on disk, then read by a direct call: the next plan that leaves them leaves them again.
+    assert low(packed.generate("a cedar", plan=away, **kw)) == pytest.approx(low(left), rel=0.02)
+    model, cfg = packed.transformer, packed.transformer.config
+    mx.eval(model(mx.zeros((1, 4, cfg.in_channels)), mx.zeros((1, 3, cfg.joint_attention_dim)), mx.array([0.5]),
+                  mx.zeros((4, 4), dtype=mx.int32), mx.zeros((3, 4), dtype=mx.int32)))
+    assert low(packed.generate("a cedar", plan=away, **kw)) == pytest.approx(low(left), rel=0.02)
+
+
+def test_long_schedules_compute_their_modulations_a_window_at_a_time(packed, monkeypatch):
+    """Past the bytes kept, a schedule's modulations are computed a window of steps at a time
+    as the steps come, and not kept: the image is the one computed at once."""
+    from bonsai_mlx import executor
+
+    kw = dict(width=64, height=64, steps=5, seed=8, plan=MemoryPlan(sync=True, keep_modulation=False))
+    whole = packed.generate("a pine", **kw).array
+    monkeypatch.setattr(executor, "MODULATION_CACHE_BYTES", 2 * packed.models.transformer_info["modulation_step_bytes"])
+    computed, compute = [], packed.models._computed
+    monkeypatch.setattr(packed.models, "_computed", lambda sigmas, keep: computed.append(len(sigmas)) or compute(sigmas, keep))
+    packed.models._modulations.clear()
+    np.testing.assert_array_equal(packed.generate("a pine", **kw).array, whole)
+    assert computed == [2, 2, 1] and not packed.models._modulations
+
+
+def test_a_checkpoint_gone_from_disk_is_a_clear_error(tmp_path):
+    """Modulation layers left on disk whose checkpoint was removed since: new sigmas end in a
+    WeightsError that says to load the pipeline again, not a traceback from MLX's reader."""
+    import shutil
+
+    from bonsai_mlx.errors import WeightsError
+
+    _, path = mp.make_pipeline(tmp_path / "gone", is_distilled=True, seed=3)
+    pipe = BonsaiPipeline.from_pretrained(path, dtype=mx.float32, text_layers=mp.TEXT_LAYERS)
+    away = MemoryPlan(sync=True, keep_modulation=False)
+    pipe.generate("a birch", width=64, height=64, steps=2, seed=1, plan=away)
+    shutil.rmtree(pipe.models._loader.path)
+    with pytest.raises(WeightsError, match="Load the pipeline again"):
+        pipe.generate("a birch", width=64, height=64, steps=3, seed=1, plan=away)
+
+
+def test_packed_modulation_layers_are_never_left_on_disk(packed):
+    """Only plain 16/32-bit linears can be read back as they were loaded: a transformer whose
+    modulation layers are packed frees nothing, and no plan leaves them on disk."""
+    from bonsai_mlx.executor import Models
+    from bonsai_mlx.packed_linear import PackedLinear
+
+    model = packed.transformer
+    linear = model.norm_out.linear
+    try:
+        model.norm_out.linear = PackedLinear.from_dense(linear.weight, "binary", backend="reference")
+        models = Models(model, packed.text_encoder, packed.vae, packed.models._loader)
+        assert models.transformer_info["modulation_bytes"] == 0
+    finally:
+        model.norm_out.linear = linear
+    assert Models(model, packed.text_encoder, packed.vae, packed.models._loader).transformer_info["modulation_bytes"] > 0
 
 
 def test_a_lora_on_a_modulation_layer_is_not_hidden_by_kept_modulations(packed, tmp_path):

@@ -399,11 +399,13 @@ def test_dequantized_encoder_is_counted(pipe, monkeypatch):
     assert grow >= fp.text_dequant_bytes
 
 
-def test_impossible_budget_is_refused_up_front(pipe):
-    t = time.perf_counter()
+def test_impossible_budget_is_refused_up_front(pipe, monkeypatch):
+    ran = []
+    for model, method in ((pipe.text_encoder, "encode"), (pipe.transformer, "forward"), (pipe.vae, "decode_tokens")):
+        monkeypatch.setattr(model, method, lambda *a, _m=method, **k: ran.append(_m))
     with pytest.raises(BonsaiError, match=r"does not fit a memory budget of 0.00 GB.*Use a budget of at least"):
         pipe.generate("x", width=256, height=256, memory_budget="1MB")
-    assert time.perf_counter() - t < 2  # nothing was run
+    assert ran == []  # nothing was run
 
 
 def test_cli_memory_budget_and_verbose(tmp_path):
@@ -927,7 +929,10 @@ def test_modulation_layers_left_on_disk_leave_denoising_and_decoding():
         assert left["modulation"] >= fp.vae_bytes + fp.cached_prompt_bytes + fp.transformer_bytes
         assert left["modulation"] <= kept["denoising"]
     # Without layers that can be read again no plan leaves them on disk.
-    assert all(p.keep_modulation for p in candidate_plans(512, 512, fmt="binary"))
+    from bonsai_mlx.memory import _candidates
+
+    assert any(not p.keep_modulation for p in _candidates(fp, 512, 512, ()))
+    assert all(p.keep_modulation for p in _candidates(replace(fp, modulation_bytes=0), 512, 512, ()))
     assert plan_cost(replace(plan, keep_modulation=False), "binary") > plan_cost(plan, "binary")
 
 

@@ -289,7 +289,7 @@ def compile_source(cpp: str) -> ctypes.CDLL:
     key = hashlib.sha256((cpp + SHIM.read_text()).encode()).hexdigest()[:24]
     so = _cache_dir() / f"k_{key}.so"
     if not so.exists():
-        src = so.with_suffix(".cpp")
+        src = so.with_suffix(f".{os.getpid()}.cpp")  # per process: parallel test workers share the cache
         src.write_text(cpp)
         tmp = so.with_suffix(f".{os.getpid()}.tmp.so")
         cmd = ["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-Wno-attributes",
