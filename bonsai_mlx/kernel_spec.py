@@ -1,4 +1,5 @@
-"""The packed-matmul kernels as data, for apps that launch them without Python.
+"""The packed-matmul kernels (and the VAE's column moments) as data, for apps that launch
+them without Python.
 
 `metal_kernels(fmts)` returns the exact `source` and `header` strings that `kernels.py`
 passes to `mx.fast.metal_kernel` (mlx-swift: `MLXFast.metalKernel`), and a JSON-ready
@@ -18,7 +19,8 @@ import ast
 import operator
 
 from .errors import BonsaiError
-from .kernels import DEFAULT_CONFIG, FORMATS, GEMM_MIN_M, WHOLE_SLAB_MIN_M, KernelConfig, io_names, metal_source
+from .kernels import (DEFAULT_CONFIG, FORMATS, GEMM_MIN_M, MOMENTS, MOMENTS_GROUP, MOMENTS_THREADS, WHOLE_SLAB_MIN_M,
+                      KernelConfig, io_names, metal_source)
 
 HEADER_FILE = "common.metal"
 
@@ -64,6 +66,19 @@ def metal_kernels(fmts=FORMATS, config: KernelConfig = DEFAULT_CONFIG) -> tuple[
             if header:
                 files[HEADER_FILE] = header
             kernels[f"{fmt}_{path}"] = e
+    files[f"{MOMENTS}.metal"] = metal_source(MOMENTS, config)[1]
+    kernels[MOMENTS] = {
+        **_kernel_entry(MOMENTS, [["T", "dtype"], ["SQ", "SQ"]], ["B", "blocks", "C"], ["width", "blocks", "B"],
+                        ["group", 1, 1], False,
+                        let=[["group", f"min({MOMENTS_GROUP}, 32 * ceil_div(C, 32))"],
+                             ["width", "group * ceil_div(C, group)"],
+                             ["blocks", f"max(1, min(R, {MOMENTS_THREADS} // (width * B)))"]]),
+        "output_dtypes": ["float32"],
+        "computes": "GroupNorm statistics of 16-bit x [B, R, C] (pixels x channels) without a float32 copy: "
+                    "out[b, j, c] = the float32 sum over row block j of x[b, r, c] (SQ = 0) or of "
+                    "(x[b, r, c] - mean[b, c])^2 (SQ = 1, mean [B, C] float32; with SQ = 0 any [B, C] float32); "
+                    "sum out over axis 1, then over each group's channels: the mean pass, then the variance pass",
+    }
     spec = {
         "api": "mx.fast.metal_kernel(name, input_names, output_names, source, header) / "
                "MLXFast.metalKernel(name:inputNames:outputNames:source:header:); call with the template, grid, "

@@ -106,3 +106,29 @@ def test_exported_decode_runs_from_its_files(tmp_path, fmt, dtype):
     got = mx.array(slab.view(np.uint16)).view(DTYPES[dtype]).astype(mx.float32)
     want = mx.array(dense(t, s)[n0:n1].astype(np.float32)).astype(DTYPES[dtype]).astype(mx.float32)
     np.testing.assert_array_equal(np.array(got), np.array(want))  # decoding is exact
+
+
+def test_the_moments_spec_equals_the_launcher_and_runs_from_its_files(tmp_path):
+    """The column-moments entry: the launch `kernels.moments_plan` makes for many shapes, and the
+    kernel run from the exported file alone sums as float64 does."""
+    kernel_spec.write_kernels(tmp_path)
+    spec = json.loads((tmp_path / "kernels.json").read_text())
+    e = spec["kernels"][kernels.MOMENTS]
+    for B, R, C in [(1, 1 << 20, 128), (1, 16384, 512), (2, 4097, 96), (3, 5, 160), (1, 1, 32), (2, 262144, 256)]:
+        for sq in (0, 1):
+            names = kernel_spec.evaluate_lets(e["let"], {"B": B, "R": R, "C": C})
+            want = kernels.moments_plan(B, R, C, mx.float16, bool(sq))
+            template = tuple((k, mx.float16 if v == "dtype" else sq) for k, v in e["template"])
+            assert template == want.template
+            assert tuple(kernel_spec.evaluate(g, names) for g in e["grid"]) == want.grid
+            assert tuple(kernel_spec.evaluate(t, names) for t in e["threadgroup"]) == want.threadgroup
+    rng = np.random.default_rng(2)
+    x = mx.array((rng.standard_normal((2, 300, 96)) * 2 + 50).astype(np.float32)).astype(mx.float16)
+    names = kernel_spec.evaluate_lets(e["let"], {"B": 2, "R": 300, "C": 96})
+    (out,) = harness.run(e["name"], e["inputs"], e["outputs"], (tmp_path / e["source"]).read_text(), "",
+                         [x, mx.zeros((2, 96), dtype=mx.float32)],
+                         [tuple(kernel_spec.evaluate(d, names) for d in e["output_shapes"][0])], [mx.float32],
+                         [kernel_spec.evaluate(g, names) for g in e["grid"]],
+                         [kernel_spec.evaluate(t, names) for t in e["threadgroup"]], [("T", mx.float16), ("SQ", 0)])
+    assert harness.unwritten(out) == 0 and e["output_dtypes"] == ["float32"]
+    np.testing.assert_allclose(out.astype(np.float64).sum(axis=1), np.array(x.astype(mx.float32)).sum(axis=1), rtol=1e-5)
