@@ -92,3 +92,26 @@ def run_moments(x: mx.array, mean: mx.array | None = None, threads: int | None =
                          [(B, launch.grid[1], C)], [mx.float32], launch.grid, launch.threadgroup, launch.template)
     assert harness.unwritten(out) == 0, f"{harness.unwritten(out)} partial sums never written"
     return out.astype(np.float64).sum(axis=1)
+
+
+def exported_moments(directory, x: mx.array) -> np.ndarray:
+    """The column sums of x [B, R, C] by the column-moments kernel as an app runs it: the launch
+    kernels.json in `directory` describes, the source file beside it, in the CPU harness.
+    [B, C] float64."""
+    import json
+    from pathlib import Path
+
+    from bonsai_mlx import kernel_spec
+    from metal_harness import harness
+
+    directory = Path(directory)
+    e = json.loads((directory / "kernels.json").read_text())["kernels"]["column_moments"]
+    B, R, C = x.shape
+    names = kernel_spec.evaluate_lets(e["let"], {"B": B, "R": R, "C": C})
+    (out,) = harness.run(e["name"], e["inputs"], e["outputs"], (directory / e["source"]).read_text(), "",
+                         [x, mx.zeros((B, C), dtype=mx.float32)],
+                         [tuple(kernel_spec.evaluate(d, names) for d in e["output_shapes"][0])], [mx.float32],
+                         [kernel_spec.evaluate(g, names) for g in e["grid"]],
+                         [kernel_spec.evaluate(t, names) for t in e["threadgroup"]], [("T", x.dtype), ("SQ", 0)])
+    assert harness.unwritten(out) == 0 and e["output_dtypes"] == ["float32"]
+    return out.astype(np.float64).sum(axis=1)
