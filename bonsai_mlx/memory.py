@@ -418,7 +418,8 @@ class Footprint:
     lora: bool = False  # LoRA adapters on the transformer's linears (their weights are in transformer_bytes)
     packed_format: str = ""  # of the transformer's packed linears ("" dense): the step costs differ (COST_DIT)
     # Bytes of the transformer's modulation layers that a plan can leave on disk
-    # (MemoryPlan.keep_modulation); 0 where they cannot be read again (models built from objects).
+    # (MemoryPlan.keep_modulation); 0 where they cannot be read again as loaded (models built
+    # from objects, packed modulation layers).
     modulation_bytes: int = 0
 
 
