@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from .errors import BonsaiError, NonFiniteError, WeightsError
 from .lora import LoraSet
@@ -250,7 +250,7 @@ class Models:
             if name not in lazy or lazy[name].shape != old.shape:
                 raise WeightsError(f"the checkpoint of this pipeline's transformer no longer holds {name} as "
                                    f"{list(old.shape)}: was it changed on disk? Load the pipeline again")
-            _set_weight(self.transformer, key, lazy[name])
+        self.transformer.update(tree_unflatten([(key, lazy[key.replace(".base.", ".")]) for key in held]))
         mx.clear_cache()
 
     def encode(self, prompt: str, plan: MemoryPlan) -> mx.array:
@@ -315,14 +315,6 @@ class Models:
             packed_format=self.transformer_info["packed_format"],
             modulation_bytes=self.transformer_info["modulation_bytes"],
         )
-
-
-def _set_weight(model, key: str, value: mx.array) -> None:
-    *path, last = key.split(".")
-    module = model
-    for part in path:
-        module = module[int(part)] if isinstance(module, list) else module[part]
-    module[last] = value
 
 
 @dataclass

@@ -199,28 +199,29 @@ def group_stats(x, groups: int, pace: Pace = WHOLE):
     n = H * W * (C // groups)
     backend = kernels.moments_backend(x.dtype)
     if backend:  # 16-bit x on a GPU: reduced as read, in float32, with no float32 copy to bound
-        # Each pass is a part of its own when paced: with two parts in flight, the parts
-        # before and after the statistics do not coexist with them.
         x3 = x.reshape(B, H * W, C)
-        mean = mx.sum(kernels.column_moments(x3, backend=backend).reshape(B, groups, -1), axis=-1) / n
-        pace(mean)
-        mean_c = mx.repeat(mean, C // groups, axis=-1)
-        var = mx.sum(kernels.column_moments(x3, mean_c, backend).reshape(B, groups, -1), axis=-1) / n
-        pace(var)
-        return mean, var
-    rows = H if not pace.active else max(1, min(H, pace.execution.reduce_block // max(1, B * W * C)))
-    blocks = [x[:, r:r + rows].reshape(B, -1, C) for r in range(0, H, rows)]
 
-    def over_blocks(fn):  # the sum over the row blocks of fn(block) [B, C], paced block by block
-        total = None
-        for b in blocks:
-            total = fn(b) if total is None else total + fn(b)
-            pace(total)
-        return total
+        def column_sums(mean_c):  # each pass a part of its own when paced (two parts in flight)
+            sums = kernels.column_moments(x3, mean_c, backend)
+            pace(sums)
+            return sums
+    else:
+        rows = H if not pace.active else max(1, min(H, pace.execution.reduce_block // max(1, B * W * C)))
+        blocks = [x[:, r:r + rows].reshape(B, -1, C) for r in range(0, H, rows)]
 
-    mean = mx.sum(over_blocks(lambda b: mx.sum(b.astype(mx.float32), axis=1)).reshape(B, groups, -1), axis=-1) / n
-    mean_c = mx.repeat(mean, C // groups, axis=-1)[:, None]
-    var = mx.sum(over_blocks(lambda b: mx.sum(_square_dev(b, mean_c), axis=1)).reshape(B, groups, -1), axis=-1) / n
+        def column_sums(mean_c):  # the sum over the row blocks [B, C], paced block by block
+            total, mean_c = None, None if mean_c is None else mean_c[:, None]
+            for b in blocks:
+                part = mx.sum(b.astype(mx.float32) if mean_c is None else _square_dev(b, mean_c), axis=1)
+                total = part if total is None else total + part
+                pace(total)
+            return total
+
+    def per_group(sums):  # [B, C] -> [B, G], over n elements a group
+        return mx.sum(sums.reshape(B, groups, -1), axis=-1) / n
+
+    mean = per_group(column_sums(None))
+    var = per_group(column_sums(mx.repeat(mean, C // groups, axis=-1)))
     return mean, var
 
 
