@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+from contextlib import contextmanager
 from typing import Iterator
 
 import mlx.core as mx
@@ -298,7 +299,20 @@ class BonsaiPipeline:
     max_sequence_length = property(lambda self: self.models.max_sequence_length)
 
     def release_transformer(self) -> None:
-        self.models.release_transformer()
+        with self._between_generations("release the transformer"):
+            self.models.release_transformer()
+
+    @contextmanager
+    def _between_generations(self, what: str):
+        """Holds the pipeline while `what` changes its models: a generation running meanwhile
+        (from any thread, or an open stream of this one) would change models mid-image."""
+        if not self._busy.acquire(blocking=False):
+            raise PipelineBusyError(f"this pipeline is running a generation: {what} once it ends "
+                                    "(or after closing its stream)")
+        try:
+            yield
+        finally:
+            self._busy.release()
 
     # ---------------------------------------------------------------- LoRA
     def load_lora(self, path: str | os.PathLike, scale: float = 1.0, name: str | None = None) -> str:
@@ -306,15 +320,18 @@ class BonsaiPipeline:
         name (the file's stem unless given). Packed layers get it as an adapter beside their
         codes, never as a dense copy; several LoRAs add up. A LoRA that does not fit the
         model is refused whole, naming the layer, and nothing changes."""
-        return self.models.load_lora(path, scale, name)
+        with self._between_generations("load a LoRA"):
+            return self.models.load_lora(path, scale, name)
 
     def set_lora_scale(self, name: str, scale: float) -> None:
         """Change a loaded LoRA's scale (0 turns it off); no weights are read again."""
-        self.models.set_lora_scale(name, scale)
+        with self._between_generations("change a LoRA's scale"):
+            self.models.set_lora_scale(name, scale)
 
     def unload_lora(self, name: str | None = None) -> None:
         """Remove one LoRA, or all of them: the model is again exactly as loaded."""
-        self.models.unload_lora(name)
+        with self._between_generations("unload LoRAs"):
+            self.models.unload_lora(name)
 
     @property
     def loras(self) -> list[tuple[str, str, float]]:

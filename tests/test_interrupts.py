@@ -192,6 +192,23 @@ def test_a_closed_stream_frees_the_pipeline(pipe, reference):
     np.testing.assert_array_equal(pipe.generate(PROMPT, width=W, height=H, seed=3).array, reference[3])
 
 
+def test_models_do_not_change_under_a_running_generation(pipe, reference):
+    """LoRA changes and a transformer release wait for the generation's end: an open stream
+    refuses them (before reading anything: the path need not exist) and keeps its image."""
+    stream = pipe.stream(PROMPT, width=W, height=H, seed=3)
+    next(stream)
+    for change in (lambda: pipe.load_lora("no-such-lora.safetensors"), lambda: pipe.set_lora_scale("x", 0.5),
+                   lambda: pipe.unload_lora(), pipe.release_transformer):
+        with pytest.raises(PipelineBusyError, match="running a generation"):
+            change()
+    result = [item for item in stream][-1]
+    np.testing.assert_array_equal(result.array, reference[3])
+    pipe.unload_lora()  # between generations: allowed again
+    with pytest.raises(Exception) as missing:
+        pipe.load_lora("no-such-lora.safetensors")
+    assert not isinstance(missing.value, PipelineBusyError)
+
+
 def test_two_pipelines_in_two_threads_match_sequential_runs(tiny, pipe, reference):
     other = ours(tiny)
     out, errors = {}, []
