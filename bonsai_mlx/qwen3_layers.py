@@ -153,6 +153,7 @@ class Qwen3Layers:
         self._embed: Optional[nn.Module] = None  # resident modules; None when evicted
         self._blocks: list[nn.Module] = []
         self._norm: Optional[nn.RMSNorm] = None
+        self._read = False  # weights read since the last evict (resident or streamed)
 
     @property
     def dequantize_matmuls(self) -> bool:
@@ -171,10 +172,17 @@ class Qwen3Layers:
         return self
 
     def evict(self) -> None:
-        """Drop the resident modules; the next non-streamed use reads them again."""
+        """Drop the resident modules; the next non-streamed use reads them again. The
+        buffers of what was read since the last evict go back to the system (clear_cache).
+        With nothing read since, nothing of the encoder's is in MLX's buffer cache: what is
+        there (a generation's activations, which the next one reuses) stays, and no
+        allocation has to be made again."""
+        if not self._read:
+            return
         self._embed = None
         self._blocks = []
         self._norm = None
+        self._read = False
         mx.clear_cache()
 
     @property
@@ -266,6 +274,7 @@ class Qwen3Layers:
     def _build(self, prefix: str, module: nn.Module, keys: list[str], weights: Optional[dict] = None) -> nn.Module:
         """Quantize `module` like the checkpoint, then load `keys`; `prefix` is the
         module's path in the checkpoint without the leading "model." ("" for the root)."""
+        self._read = True
         join = (lambda p: f"{prefix}.{p}") if prefix else (lambda p: p)
         nn.quantize(module, class_predicate=lambda p, m: self._quant_params(join(p), m))
         if self._dequantize_matmuls:
@@ -292,6 +301,7 @@ class Qwen3Layers:
         return self._build(f"layers.{i}", qwen3.TransformerBlock(self.args), self._keys_for(i))
 
     def _build_final_norm(self) -> nn.RMSNorm:
+        self._read = True
         norm = nn.RMSNorm(self.args.hidden_size, eps=self.args.rms_norm_eps)
         norm.weight = self.index.load(["model.norm.weight"])["model.norm.weight"].astype(self.dtype)
         return norm

@@ -433,3 +433,26 @@ def test_error_left_padding_and_bad_prompts(enc_small):
             enc_small.encode("x", max_length=L)
     finally:
         enc_small.tokenizer.padding_side = "right"
+
+
+def test_evict_gives_back_only_what_was_read_since(enc_small):
+    """evict() returns MLX's cached buffers after the encoder read weights (resident or
+    streamed), and leaves them after nothing was read: a generation whose prompt is cached
+    keeps the buffers the last generation left for it to reuse."""
+    enc_small.encode(PROMPTS, max_length=L, stream=True)
+    enc_small.evict()
+    a = mx.ones((1 << 20,))
+    mx.eval(a)
+    del a  # 4 MB now in the buffer cache
+    cached = mx.get_cache_memory()
+    assert cached >= 4 << 20
+    enc_small.evict()  # nothing read since
+    assert mx.get_cache_memory() == cached
+    enc_small.encode(PROMPTS, max_length=L, stream=True)  # streamed: read, then dropped
+    assert not enc_small.resident
+    enc_small.evict()
+    assert mx.get_cache_memory() == 0
+    enc_small.encode(PROMPTS, max_length=L)  # resident
+    assert enc_small.resident
+    enc_small.evict()
+    assert not enc_small.resident and mx.get_cache_memory() == 0
