@@ -148,6 +148,9 @@ class Models:
         plain = all(type(m) is nn.Linear and mx.issubdtype(m.weight.dtype, mx.floating) for m in leaves)
         self.transformer_info["modulation_bytes"] = (sum(nbytes(transformer[n]) for n in MODULATION_LAYERS)
                                                      if plain and hasattr(transformer_loader, "lazy_weights") else 0)
+        # reading them again, the file's tensor of one weight beside its cast copy (`_computed`)
+        self.transformer_info["modulation_cast_bytes"] = (transformer_loader.cast_read_bytes(MODULATION_LAYERS)
+                                                          if self.transformer_info["modulation_bytes"] else 0)
         # one step's Modulations: the double blocks' 6 + 6, the single blocks' 3, the output norm's 2 vectors
         self.transformer_info["modulation_step_bytes"] = 17 * transformer.config.inner_dim * transformer.dtype.size
         self._prompts: OrderedDict = OrderedDict()
@@ -224,6 +227,10 @@ class Models:
         mods = model.modulations(mx.array(sigmas, dtype=mx.float32), model.dtype)
         steps = [mods.step(i) for i in range(len(sigmas))]
         try:
+            # Layers left on disk are lazy reads of the checkpoint: read one weight at a time, a
+            # weight the file holds in another dtype lives beside its own cast copy only.
+            for _, w in tree_flatten([model[n].parameters() for n in MODULATION_LAYERS]):
+                mx.eval(w)
             mx.eval(steps)
         except (RuntimeError, OSError) as e:  # a lazy read of a checkpoint that changed on disk
             raise WeightsError(f"the modulation layers could not be read again from {getattr(self._loader, 'path', '')} "
@@ -314,6 +321,7 @@ class Models:
             lora=any(lora.scale != 0 for lora in self.loras),
             packed_format=self.transformer_info["packed_format"],
             modulation_bytes=self.transformer_info["modulation_bytes"],
+            modulation_cast_bytes=self.transformer_info["modulation_cast_bytes"],
         )
 
 

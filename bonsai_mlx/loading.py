@@ -268,13 +268,22 @@ class TransformerSource:
         """The weights of the layers under `modules` (module paths), cast to the dtype as
         `load_transformer` casts them and not read: mx.load maps the file lazily, so each
         takes memory only once evaluated. Never packed: a pack packs block linears only."""
+        return {k: w.astype(self.dtype) for k, w in self._file_weights(modules).items()}
+
+    def cast_read_bytes(self, modules: tuple[str, ...]) -> int:
+        """Bytes of the largest weight under `modules` as the checkpoint holds it, where it
+        holds it in another dtype than the pipeline's: what reading one such weight again
+        holds beside its cast copy. 0 where no weight is cast."""
+        return max((w.nbytes for w in self._file_weights(modules).values() if w.dtype != self.dtype), default=0)
+
+    def _file_weights(self, modules: tuple[str, ...]) -> dict[str, mx.array]:
         path = Path(self.path).expanduser()
         if not os.path.lexists(path):
             raise WeightsError(f"{path} no longer exists: the transformer's modulation layers cannot be read again. "
                                "Load the pipeline again")
         _, _, weights, source = _read(path, _resolve_config(self.config))
         prefixes = tuple(m + "." for m in modules)
-        out = {k: w.astype(self.dtype) for k, w in weights.items() if k.startswith(prefixes)}
+        out = {k: w for k, w in weights.items() if k.startswith(prefixes)}
         if not out:
             raise WeightsError(f"{source} holds no weights of {', '.join(modules)}")
         return out

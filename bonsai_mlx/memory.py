@@ -421,6 +421,9 @@ class Footprint:
     # (MemoryPlan.keep_modulation); 0 where they cannot be read again as loaded (models built
     # from objects, packed modulation layers).
     modulation_bytes: int = 0
+    # Reading them again, the checkpoint's tensor of their largest weight beside its cast copy,
+    # where the file holds them in another dtype than the pipeline's (0 where none is cast).
+    modulation_cast_bytes: int = 0
 
 
 OVERHEAD = 48 * 2**20  # allocator slack, small arrays, ids, schedules, kept step modulations (16 MB at most)
@@ -708,10 +711,11 @@ def _terms(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batches
     inputs = cfg_batches * fp.text_len * D * s * 2 + L_img * fp.latent_channels * 4 * 3 + refs
     # Modulation layers left on disk are read for the modulation stage (every step's
     # modulations: 104 KB a step at klein's shapes, up to 16 MB kept, in OVERHEAD) and gone
-    # before denoising; a reload of the transformer reads them too, before that stage.
+    # before denoising; a reload of the transformer reads them too, before that stage. A file
+    # in another dtype than the pipeline's holds one weight's tensor beside its cast copy then.
     blocks = fp.transformer_bytes - (0 if plan.keep_modulation else fp.modulation_bytes)
     if not plan.keep_modulation:
-        stages["modulation"] = (resident + fp.transformer_bytes + kept_text, inputs)
+        stages["modulation"] = (resident + fp.transformer_bytes + kept_text, inputs + fp.modulation_cast_bytes)
     stages["denoising"] = (resident + blocks + kept_text, acts + inputs)
     flushed = held + scratch + inputs if plan.sync and plan.overlap and plan.hidden_parts > 1 else None
     stages["decoding"] = (resident + blocks * plan.transformer_in_decode + kept_text, max(mid, up))

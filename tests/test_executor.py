@@ -152,6 +152,40 @@ def test_a_checkpoint_gone_from_disk_is_a_clear_error(tmp_path):
         pipe.generate("a birch", width=64, height=64, steps=3, seed=1, plan=away)
 
 
+def test_modulation_layers_read_again_from_a_wider_file_hold_one_weight_beside_its_cast(tmp_path):
+    """A float32 checkpoint under a bfloat16 pipeline: reading the modulation layers again holds
+    their bfloat16 copies and one weight's float32 tensor at a time, at most the largest one
+    (Footprint.modulation_cast_bytes), which the modulation stage's estimate adds. Two of the
+    largest at once (the image and text streams' modulations have the same shape) would be over
+    the bound."""
+    from bonsai_mlx.memory import SAFETY, estimate
+    from bonsai_mlx.transformer import MODULATION_LAYERS
+
+    _, path = mp.make_pipeline(tmp_path / "wide", is_distilled=False, seed=5)  # saved in float32
+    pipe = BonsaiPipeline.from_pretrained(path, dtype=mx.bfloat16, text_layers=mp.TEXT_LAYERS)
+    models, info = pipe.models, pipe.models.transformer_info
+    files = models._loader._file_weights(MODULATION_LAYERS)
+    sizes = sorted(w.nbytes for w in files.values())
+    assert {w.dtype for w in files.values()} == {mx.float32} and sizes[-1] == sizes[-2]
+    fp = models.footprint(calibrated=False)
+    assert info["modulation_cast_bytes"] == fp.modulation_cast_bytes == sizes[-1]
+    away = MemoryPlan(sync=True, keep_modulation=False)
+    added = estimate(fp, 64, 64, away)["modulation"] - estimate(replace(fp, modulation_cast_bytes=0), 64, 64, away)["modulation"]
+    assert added == pytest.approx(SAFETY * sizes[-1], abs=2)
+    models._modulation_to_disk()  # as after a modulation stage: lazy reads of the file
+    mx.synchronize()
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    models._computed([0.9, 0.5], keep=True)
+    extra = mx.get_peak_memory() - base
+    # beyond the bfloat16 copies a file tensor is held (more than the smallest), never more than
+    # the largest; read in one graph, all six (1.2 MB here) were held at once
+    assert info["modulation_bytes"] + sizes[0] < extra <= info["modulation_bytes"] + sizes[-1]
+    # a float32 pipeline on the same file casts nothing
+    same = BonsaiPipeline.from_pretrained(path, dtype=mx.float32, text_layers=mp.TEXT_LAYERS)
+    assert same.models.transformer_info["modulation_cast_bytes"] == 0
+
+
 def test_packed_modulation_layers_are_never_left_on_disk(packed):
     """Only plain 16/32-bit linears can be read back as they were loaded: a transformer whose
     modulation layers are packed frees nothing, and no plan leaves them on disk."""
