@@ -183,6 +183,15 @@ def verify(directory) -> dict:
 
 def load_bundle(directory, memory_budget="auto", verify_files: bool = True):
     """A BonsaiPipeline over a bundle (verified first unless `verify_files` is False)."""
+    directory = Path(directory)
+    m = verify(directory) if verify_files else read_manifest(directory)
+    return pipeline_over(directory, m["components"], m["sampler"], memory_budget)
+
+
+def pipeline_over(directory, components: dict, sampler: dict, memory_budget="auto", transformer=None):
+    """A BonsaiPipeline over the files of a bundle's `components` (the manifest's) in
+    `directory`, not verified; `transformer`: the bundle's transformer already in memory
+    (else read from its files)."""
     import mlx.core as mx
 
     from .loading import TransformerSource
@@ -190,17 +199,15 @@ def load_bundle(directory, memory_budget="auto", verify_files: bool = True):
     from .text_encoder import load_text_encoder
     from .vae import load_vae
 
-    directory = Path(directory)
-    m = verify(directory) if verify_files else read_manifest(directory)
-    c = m["components"]
+    directory, c = Path(directory), components
     dtype = getattr(mx, c["transformer"].get("dtype", "bfloat16"))
-
     loader = TransformerSource(directory / c["transformer"]["dir"], dtype)
     te = load_text_encoder(directory / c["text_encoder"]["dir"], dtype=dtype,
                            layers=c["text_encoder"]["hidden_state_taps"],
                            tokenizer_path=directory / c["tokenizer"]["dir"], resident=False)
     vae = load_vae(directory / c["vae"]["dir"], dtype=getattr(mx, c["vae"].get("dtype", "float16")), layout="mlx")
-    return BonsaiPipeline(loader(), te, vae, is_distilled=bool(m["sampler"]["distilled"]), model=str(directory),
+    return BonsaiPipeline(transformer if transformer is not None else loader(), te, vae,
+                          is_distilled=bool(sampler["distilled"]), model=str(directory),
                           max_sequence_length=c["text_encoder"]["max_sequence_length"],
                           memory_budget=memory_budget, transformer_loader=loader,
-                          default_size=tuple(m["sampler"].get("default_size", (512, 512))))
+                          default_size=tuple(sampler.get("default_size", (512, 512))))

@@ -92,12 +92,13 @@ def runs_on(layer: PackedLinear) -> str:
     return auto_backend() if layer.backend == "auto" else layer.backend
 
 
-def slab_tokens(packed, dtype, whole: bool = False) -> int:
+def slab_tokens(packed, dtype, whole: bool = False, on_gpu: bool = False) -> int:
     """The fewest tokens from which one of the packed linears takes the GPU kernels' slab
     path (16-bit activations only), with the kernels' slabs or, `whole`, with whole slabs
     (kernels.WHOLE_SLAB_MIN_M); 0 when none can: what `memory.estimate` counts a chunk's
-    slab scratch from."""
-    gpu = [m.fmt for m in packed if runs_on(m) in ("metal", "cuda")]
+    slab scratch from. `on_gpu`: as if every packed linear ran on a GPU's kernels (plans
+    made here for another device)."""
+    gpu = [m.fmt for m in packed if on_gpu or runs_on(m) in ("metal", "cuda")]
     if not gpu or dtype not in (mx.float16, mx.bfloat16):
         return 0
     from . import kernels  # the GPU kernels' module: loaded only where they run
@@ -106,12 +107,13 @@ def slab_tokens(packed, dtype, whole: bool = False) -> int:
     return min(rows[fmt] for fmt in gpu)
 
 
-def packed_info(model, dtype) -> dict:
+def packed_info(model, dtype, on_gpu: bool = False) -> dict:
     """What the planner and `slab_tuning` need from a model's packed linears: the slab path's
     token thresholds (`slab_tokens`, with and without whole slabs) and the most weights of
     any packed matrix."""
     packed = [m for _, m in model.named_modules() if isinstance(m, PackedLinear)]
-    return {"slab_tokens": slab_tokens(packed, dtype), "whole_slab_tokens": slab_tokens(packed, dtype, whole=True),
+    return {"slab_tokens": slab_tokens(packed, dtype, on_gpu=on_gpu),
+            "whole_slab_tokens": slab_tokens(packed, dtype, whole=True, on_gpu=on_gpu),
             "largest_packed": max((m.out_features * m.in_features for m in packed), default=0)}
 
 

@@ -81,20 +81,21 @@ def export_bundle(source, output, fmt: str = "binary", text_bits: int = 4, vae: 
             from .vectors import write_vectors
 
             write_vectors(tmp / BUNDLE_VECTORS, transformer, pipe, fmt)
-        manifest = {
-            "format": bundle.FORMAT, "format_version": bundle.VERSION, "software": "bonsai-mlx",
-            "components": {
-                "transformer": {"dir": BUNDLE.transformer, "config": transformer.config.to_dict(), "packing": fmt,
-                                "group_size": 128, "dtype": str(dtype).split(".")[-1]},
-                "text_encoder": _text_component(pipe, layers, text_bits, dtype),
-                "tokenizer": {"dir": BUNDLE.tokenizer},
-                "vae": {"dir": BUNDLE.vae, "config": json.loads((tmp / BUNDLE.vae / "config.json").read_text()),
-                        "variant": vae, "layout": "mlx", "dtype": str(pipe.vae.dtype).split(".")[-1]},
-                "kernels": {"dir": BUNDLE_KERNELS, "spec": f"{BUNDLE_KERNELS}/kernels.json"},
-            },
-            "sampler": sampler_spec(pipe.is_distilled, pipe.default_size),
-            "memory_plans": memory_plans(pipe),
+        components = {
+            "transformer": {"dir": BUNDLE.transformer, "config": transformer.config.to_dict(), "packing": fmt,
+                            "group_size": 128, "dtype": str(dtype).split(".")[-1]},
+            "text_encoder": _text_component(pipe, layers, text_bits, dtype),
+            "tokenizer": {"dir": BUNDLE.tokenizer},
+            "vae": {"dir": BUNDLE.vae, "config": json.loads((tmp / BUNDLE.vae / "config.json").read_text()),
+                    "variant": vae, "layout": "mlx", "dtype": str(pipe.vae.dtype).split(".")[-1]},
+            "kernels": {"dir": BUNDLE_KERNELS, "spec": f"{BUNDLE_KERNELS}/kernels.json"},
         }
+        sampler = sampler_spec(pipe.is_distilled, pipe.default_size)
+        # planned for the bundle's own models (its transformer's format, its text encoder's bits,
+        # its VAE), not the source's
+        own = bundle.pipeline_over(tmp, components, sampler, memory_budget=None, transformer=transformer)
+        manifest = {"format": bundle.FORMAT, "format_version": bundle.VERSION, "software": "bonsai-mlx",
+                    "components": components, "sampler": sampler, "memory_plans": memory_plans(own)}
         packing = {f"{BUNDLE.transformer}/model.safetensors": {n: fmt for n in packed_tensor_names(transformer)}}
         bundle.write_manifest(tmp, manifest, packing)
         if output.exists():
@@ -194,15 +195,19 @@ def sampler_spec(is_distilled: bool, default_size=(512, 512)) -> dict:
 
 def memory_plans(pipe) -> list[dict]:
     """Plans for stated budgets and sizes, from the models' footprint with the Apple GPU's
-    fused attention and packed kernels assumed and the VAE's scratch taken from
-    `memory.conservative_vae_scratch` (above what an H200 and this project's CPU measured;
-    an app follows the plans as they are). No plan counts on the pacer's flush: an app need
-    not implement it, and on Metal it is not measured."""
+    fused attention and packed kernels (their slab path included) assumed and the VAE's
+    scratch taken from `memory.conservative_vae_scratch` (above what an H200 and this
+    project's CPU measured; an app follows the plans as they are). No plan counts on the
+    pacer's flush: an app need not implement it, and on Metal it is not measured."""
     from dataclasses import replace
 
+    from .executor import packed_info
     from .memory import describe, plan_memory
 
-    fp = replace(pipe.footprint(calibrated=False), fused_attention=True, reference_matmul=False, text_dequant_bytes=0)
+    model = pipe.transformer
+    gpu = packed_info(model, model.dtype, on_gpu=True)  # the slab path where an app's kernels take it
+    fp = replace(pipe.footprint(calibrated=False), fused_attention=True, reference_matmul=False, text_dequant_bytes=0,
+                 slab_tokens=gpu["slab_tokens"], whole_slab_tokens=gpu["whole_slab_tokens"])
     plans = []
     sizes = dict.fromkeys([tuple(pipe.default_size)] + [(s, s) for s in PLAN_SIZES])  # the model's own first
     for width, height in sizes:

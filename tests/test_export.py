@@ -52,6 +52,37 @@ def test_diffusers_source_quantized_on_export_matches_quantize_on_load(tmp_path)
     np.testing.assert_allclose(b.array, a.array, rtol=0, atol=1e-5)  # float32 throughout: rounding only
 
 
+def test_exported_plans_are_the_bundles_own_for_an_apple_gpu(tmp_path):
+    """The plans in a bundle exported from a dense diffusers pipeline are made for the bundle's
+    models (its binary transformer, its 4-bit text encoder, its decoder-only VAE) with the GPU
+    kernels' slab path assumed, wherever the export runs: each is the plan of the loaded
+    bundle's footprint under those assumptions, and the source's dense transformer counts in
+    none of them."""
+    from dataclasses import replace
+
+    from bonsai_mlx import kernels
+    from bonsai_mlx.errors import BonsaiError
+    from bonsai_mlx.memory import describe, plan_memory
+
+    _, src = mp.make_pipeline(tmp_path / "tiny", text_layers=(9, 18, 27))
+    out = export_bundle(src, tmp_path / "b", "binary", text_bits=4, vae="small", dtype=mx.bfloat16)
+    got = load_bundle(out, memory_budget=None)
+    fp = replace(got.footprint(calibrated=False), fused_attention=True, reference_matmul=False, text_dequant_bytes=0,
+                 slab_tokens=kernels.DEFAULT_CONFIG.slab_min_m["binary"],
+                 whole_slab_tokens=kernels.WHOLE_SLAB_MIN_M["binary"])
+    plans = json.loads((out / "manifest.json").read_text())["memory_plans"]
+    assert any("refused" not in p for p in plans)
+    for p in plans:
+        if "refused" in p:
+            with pytest.raises(BonsaiError):
+                plan_memory(fp, p["width"], p["height"], p["budget_bytes"], flush=False)
+            continue
+        plan = plan_memory(fp, p["width"], p["height"], p["budget_bytes"], flush=False)
+        assert (describe(plan), plan.stage_estimates) == (p["described"], p["stage_estimates"])
+    source = BonsaiPipeline.from_pretrained(src, dtype=mx.bfloat16, memory_budget=None).footprint(calibrated=False)
+    assert source.transformer_bytes > 2 * fp.transformer_bytes and fp.packed_format == "binary"
+
+
 def test_manifest_describes_every_file_and_tensor(bundle):
     m = json.loads((bundle / "manifest.json").read_text())
     paths = {f["path"] for f in m["files"]}
