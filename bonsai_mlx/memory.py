@@ -798,7 +798,8 @@ def plan_cost(plan: MemoryPlan, fmt: str = "") -> float:
 
 
 def candidate_plans(width: int, height: int, fused_attention: bool = True, extra_tokens: int = 0,
-                    encode_height: int = 0, fmt: str = "", slab_tokens: int = 0, modulation: bool = False):
+                    encode_height: int = 0, fmt: str = "", slab_tokens: int = 0, modulation: bool = False,
+                    text_len: int = 512):
     """Every budgeted plan for this size, cheapest in time first. Each streams the text
     encoder: a budgeted run reads it again for every new prompt, streamed or whole, and
     streamed it holds a layer or two instead of all of it. Attention chunks only
@@ -808,8 +809,9 @@ def candidate_plans(width: int, height: int, fused_attention: bool = True, extra
     or in strips lower than that. Steps over all tokens at once (whole blocks or MLP passes) of a
     packed `fmt` whose tokens reach the slab path with whole slabs (`slab_tokens`, 0: none) run
     with whole slabs or the kernels' slabs.
-    With `modulation` (layers that can be read again) each plan is also offered with them left on disk."""
-    side, L = max(width, height), (width // 16) * (height // 16) + 512 + extra_tokens
+    With `modulation` (layers that can be read again) each plan is also offered with them left on disk.
+    Tokens: the image's, `extra_tokens` (reference images') and `text_len` (the prompt's, padded)."""
+    side, L = max(width, height), (width // 16) * (height // 16) + text_len + extra_tokens
     decodes = ([(None, None)] + [(None, s) for s in VAE_STRIPS if s < height]
                + [(t, None) for t in VAE_TILES if t < side])
     chunks = [c for c in TOKEN_CHUNKS if c is None or c < L]
@@ -862,7 +864,7 @@ def _extra_tokens(images) -> int:
 def _candidates(fp: Footprint, width: int, height: int, images):
     return candidate_plans(width, height, fp.fused_attention, _extra_tokens(images),
                            max((h for _, h in images), default=0), fp.packed_format, fp.whole_slab_tokens,
-                           fp.modulation_bytes > 0)
+                           fp.modulation_bytes > 0, fp.text_len)
 
 
 def _least(terms: "_Terms", est: dict, flush: bool) -> tuple[int | None, int | None]:

@@ -619,6 +619,11 @@ def test_whole_blocks_on_the_slab_path_decode_each_matrix_whole():
                         (replace(fp, packed_format=""), 512), (fp, 256)):
         assert not any(p.whole_slabs for p in _candidates(other, size, size, ()))
         assert not plan_memory(other, size, size, AUTO).whole_slabs
+    # The prompt's padded length counts as the estimate counts it: 256 text tokens leave a 384 px
+    # image's 832 tokens under the slab path; 1,024 take a 256 px image's 1,280 onto it.
+    assert not any(p.whole_slabs for p in _candidates(replace(now, text_len=256), 384, 384, ()))
+    long = replace(now, text_len=1024)
+    assert any(p.whole_slabs for p in _candidates(long, 256, 256, ())) and plan_memory(long, 256, 256, AUTO).whole_slabs
     assert UNCONSTRAINED.whole_slabs  # no limit: no slab cap either
 
 
