@@ -150,9 +150,10 @@ class Models:
         plain = all(type(m) is nn.Linear and mx.issubdtype(m.weight.dtype, mx.floating) for m in leaves)
         self.transformer_info["modulation_bytes"] = (sum(nbytes(transformer[n]) for n in MODULATION_LAYERS)
                                                      if plain and hasattr(transformer_loader, "lazy_weights") else 0)
-        # reading them again, the file's tensor of one weight beside its cast copy (`_computed`)
-        self.transformer_info["modulation_cast_bytes"] = (transformer_loader.cast_read_bytes(MODULATION_LAYERS)
-                                                          if self.transformer_info["modulation_bytes"] else 0)
+        # reading them again, file tensors beside their cast copies (`_computed`)
+        cast = getattr(transformer_loader, "cast_read_bytes", None)
+        self.transformer_info["modulation_cast_bytes"] = (cast(MODULATION_LAYERS)
+                                                          if cast and self.transformer_info["modulation_bytes"] else 0)
         # one step's Modulations: the double blocks' 6 + 6, the single blocks' 3, the output norm's 2 vectors
         self.transformer_info["modulation_step_bytes"] = 17 * transformer.config.inner_dim * transformer.dtype.size
         self._prompts: OrderedDict = OrderedDict()
@@ -230,7 +231,9 @@ class Models:
         steps = [mods.step(i) for i in range(len(sigmas))]
         try:
             # Layers left on disk are lazy reads of the checkpoint: read one weight at a time, a
-            # weight the file holds in another dtype lives beside its own cast copy only.
+            # weight the file holds in another dtype lives beside its own cast copy, and beside
+            # the one before it where the device frees buffers after eval returns (Metal frees a
+            # command buffer's inputs in its completion handler): two at most.
             for _, w in tree_flatten([model[n].parameters() for n in MODULATION_LAYERS]):
                 mx.eval(w)
             mx.eval(steps)

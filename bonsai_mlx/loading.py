@@ -271,10 +271,12 @@ class TransformerSource:
         return {k: w.astype(self.dtype) for k, w in self._file_weights(modules).items()}
 
     def cast_read_bytes(self, modules: tuple[str, ...]) -> int:
-        """Bytes of the largest weight under `modules` as the checkpoint holds it, where it
-        holds it in another dtype than the pipeline's: what reading one such weight again
-        holds beside its cast copy. 0 where no weight is cast."""
-        return max((w.nbytes for w in self._file_weights(modules).values() if w.dtype != self.dtype), default=0)
+        """Bytes of the two largest weights under `modules` as the checkpoint holds them, where
+        it holds them in another dtype than the pipeline's: what reading them again one at a
+        time holds beside their cast copies (the last one's tensor may live until the device
+        is done with it). 0 where no weight is cast."""
+        cast = sorted(w.nbytes for w in self._file_weights(modules).values() if w.dtype != self.dtype)
+        return sum(cast[-2:])
 
     def _file_weights(self, modules: tuple[str, ...]) -> dict[str, mx.array]:
         path = Path(self.path).expanduser()

@@ -421,8 +421,8 @@ class Footprint:
     # (MemoryPlan.keep_modulation); 0 where they cannot be read again as loaded (models built
     # from objects, packed modulation layers).
     modulation_bytes: int = 0
-    # Reading them again, the checkpoint's tensor of their largest weight beside its cast copy,
-    # where the file holds them in another dtype than the pipeline's (0 where none is cast).
+    # Reading them again, the checkpoint's tensors of their two largest weights beside the cast
+    # copies, where the file holds them in another dtype than the pipeline's (0 where none is cast).
     modulation_cast_bytes: int = 0
 
 
@@ -712,7 +712,7 @@ def _terms(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batches
     # Modulation layers left on disk are read for the modulation stage (every step's
     # modulations: 104 KB a step at klein's shapes, up to 16 MB kept, in OVERHEAD) and gone
     # before denoising; a reload of the transformer reads them too, before that stage. A file
-    # in another dtype than the pipeline's holds one weight's tensor beside its cast copy then.
+    # in another dtype than the pipeline's holds file tensors beside the cast copies then.
     blocks = fp.transformer_bytes - (0 if plan.keep_modulation else fp.modulation_bytes)
     if not plan.keep_modulation:
         stages["modulation"] = (resident + fp.transformer_bytes + kept_text, inputs + fp.modulation_cast_bytes)
@@ -1019,13 +1019,16 @@ def describe(plan: MemoryPlan) -> str:
 # ---------------------------------------------------------------------------- calibration
 
 def calibration_runs() -> int:
-    """Runs of each calibration measurement, of which the least counts. On a GPU back-end one
+    """Runs of each calibration measurement, of which the least counts. On a GPU back-end a
     run's peak may hold bytes that are not the measured function's steady scratch: on an
-    H200, 11 of 21 calibrations of the full FLUX.2 VAE had a measurement tens to 150 MB above
-    its repeats, which turned the fitted strip scratch from 5.5 KB per window pixel into
-    1.6-49 KB and changed the plans chosen for one budget (docs/benchmarks.md, c59-c61).
-    The excess was always upward, so the least of three runs drops it. On the CPU the runs
-    measure the same bytes (and a full-size calibration takes minutes there): one run."""
+    H200, 10 of 23 calibrations of the full FLUX.2 VAE (one run each) fitted a strip scratch
+    of 1.6-49 KB per window pixel against 5.5 KB in the others, which changed the plans chosen
+    for one budget (docs/benchmarks.md, c59-c61). Every excess seen was upward; the least of
+    three runs narrowed the fitted figures (c62) but did not always remove it: where it stays
+    at the smaller window the strip slope comes out low, under the per-pixel floors that
+    `_strip_part` applies (STRIP_DECODE x the held bytes: 7-14 KB at the FLUX.2 VAE's).
+    On the CPU a calibration repeats to within kilobytes from the same cache state (and
+    takes minutes at full size): one run."""
     return 1 if mx.default_device() == mx.cpu else 3
 
 

@@ -289,6 +289,7 @@ class BonsaiPipeline:
         self.models = Models(transformer, text_encoder, vae, transformer_loader, max_sequence_length)
         # One generation at a time: the stages share the models and what is resident.
         self._busy = threading.Lock()
+        self._models_changed = 0  # LoRA changes and releases made so far (`_between_generations`)
         self.is_distilled, self.model, self.memory_budget = is_distilled, model, parse_budget(memory_budget)
         self._preview_decoder = "auto"
 
@@ -309,9 +310,14 @@ class BonsaiPipeline:
         if not self._busy.acquire(blocking=False):
             raise PipelineBusyError(f"this pipeline is running a generation: {what} once it ends "
                                     "(or after closing its stream)")
+        shared = False
         try:
+            shared = _take_device()  # on a GPU, after other pipelines' generations: it evaluates too
             yield
+            self._models_changed += 1  # a stream planned before this re-plans at its first step
         finally:
+            if shared:
+                _give_device()
             self._busy.release()
 
     # ---------------------------------------------------------------- LoRA
@@ -439,7 +445,7 @@ class BonsaiPipeline:
             raise BonsaiError(f"strength {edit.strength} leaves no step of {steps} to run; raise strength or steps")
         use_cfg = guidance > 1.0 and not self.is_distilled
         budget = self.memory_budget if memory_budget == "default" else parse_budget(memory_budget)
-        chosen = plan is None
+        chosen, changes = plan is None, self._models_changed
         if chosen:  # refuses up front when nothing fits
             plan = self.plan(width, height, budget, cfg=use_cfg, images=edit.sizes)
         noise, seed = initial_noise(self.models.transformer_info["config"].in_channels, seed, latents, width, height)
@@ -449,7 +455,16 @@ class BonsaiPipeline:
         # Everything above runs now, so bad arguments fail at the call, not at the first next().
         # auto's limits follow the estimate of its own plan; a caller's plan may be for another request
         limits = budget if chosen or budget != AUTO else None
-        return one_at_a_time(self._busy, executor.run(self.models, req, plan, limits))
+
+        def run():
+            # Planned at the call; a LoRA change or a release between the call and the first
+            # step (which takes the pipeline) changed the models the plan was made for.
+            chosen_now = plan
+            if chosen and self._models_changed != changes:
+                chosen_now = self.plan(width, height, budget, cfg=use_cfg, images=edit.sizes)
+            yield from executor.run(self.models, req, chosen_now, limits)
+
+        return one_at_a_time(self._busy, run())
 
     def generate(self, prompt: str, width: int | None = None, height: int | None = None, steps: int | None = None,
                  seed: int | None = None, guidance: float | None = None, negative_prompt: str | None = None,

@@ -163,12 +163,12 @@ class Qwen3Layers:
 
     def load(self) -> "Qwen3Layers":
         """Read every needed weight into memory."""
-        if self._embed is None:
-            self._embed = self._build_embedding()
-            self._blocks = [self._build_layer(i) for i in range(self.num_layers)]
-            self._norm = self._build_final_norm() if self.has_final_norm else None
-            mx.eval(self._embed.parameters(), [b.parameters() for b in self._blocks],
-                    self._norm.parameters() if self._norm is not None else [])
+        if self._embed is None:  # built apart and kept together: a failed read leaves it evicted
+            embed = self._build_embedding()
+            blocks = [self._build_layer(i) for i in range(self.num_layers)]
+            norm = self._build_final_norm() if self.has_final_norm else None
+            mx.eval(embed.parameters(), [b.parameters() for b in blocks], norm.parameters() if norm is not None else [])
+            self._embed, self._blocks, self._norm = embed, blocks, norm
         return self
 
     def evict(self) -> None:

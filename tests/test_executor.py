@@ -154,10 +154,9 @@ def test_a_checkpoint_gone_from_disk_is_a_clear_error(tmp_path):
 
 def test_modulation_layers_read_again_from_a_wider_file_hold_one_weight_beside_its_cast(tmp_path):
     """A float32 checkpoint under a bfloat16 pipeline: reading the modulation layers again holds
-    their bfloat16 copies and one weight's float32 tensor at a time, at most the largest one
-    (Footprint.modulation_cast_bytes), which the modulation stage's estimate adds. Two of the
-    largest at once (the image and text streams' modulations have the same shape) would be over
-    the bound."""
+    their bfloat16 copies and one weight's float32 tensor at a time here, at most the largest
+    one; the modulation stage's estimate adds the two largest (Footprint.modulation_cast_bytes:
+    a GPU may free the one before after eval returns). Read in one graph, all six were held."""
     from bonsai_mlx.memory import SAFETY, estimate
     from bonsai_mlx.transformer import MODULATION_LAYERS
 
@@ -168,10 +167,10 @@ def test_modulation_layers_read_again_from_a_wider_file_hold_one_weight_beside_i
     sizes = sorted(w.nbytes for w in files.values())
     assert {w.dtype for w in files.values()} == {mx.float32} and sizes[-1] == sizes[-2]
     fp = models.footprint(calibrated=False)
-    assert info["modulation_cast_bytes"] == fp.modulation_cast_bytes == sizes[-1]
+    assert info["modulation_cast_bytes"] == fp.modulation_cast_bytes == sizes[-1] + sizes[-2]
     away = MemoryPlan(sync=True, keep_modulation=False)
     added = estimate(fp, 64, 64, away)["modulation"] - estimate(replace(fp, modulation_cast_bytes=0), 64, 64, away)["modulation"]
-    assert added == pytest.approx(SAFETY * sizes[-1], abs=2)
+    assert added == pytest.approx(SAFETY * (sizes[-1] + sizes[-2]), abs=2)
     models._modulation_to_disk()  # as after a modulation stage: lazy reads of the file
     mx.synchronize()
     base = mx.get_active_memory()
@@ -179,7 +178,7 @@ def test_modulation_layers_read_again_from_a_wider_file_hold_one_weight_beside_i
     models._computed([0.9, 0.5], keep=True)
     extra = mx.get_peak_memory() - base
     # beyond the bfloat16 copies a file tensor is held (more than the smallest), never more than
-    # the largest; read in one graph, all six (1.2 MB here) were held at once
+    # the largest on this CPU; read in one graph, all six (1.2 MB here) were held at once
     assert info["modulation_bytes"] + sizes[0] < extra <= info["modulation_bytes"] + sizes[-1]
     # a float32 pipeline on the same file casts nothing
     same = BonsaiPipeline.from_pretrained(path, dtype=mx.float32, text_layers=mp.TEXT_LAYERS)

@@ -209,6 +209,39 @@ def test_models_do_not_change_under_a_running_generation(pipe, reference):
     assert not isinstance(missing.value, PipelineBusyError)
 
 
+def test_a_stream_planned_before_a_model_change_plans_again_at_its_first_step(pipe, reference, monkeypatch):
+    """A stream is planned at the call and takes the pipeline at its first step: a LoRA change
+    or a release in between changed the models the plan was made for, so it plans again."""
+    calls, plan = [], pipe.plan
+    monkeypatch.setattr(pipe, "plan", lambda *a, **kw: calls.append(1) or plan(*a, **kw))
+    for change, planned in ((lambda: None, 1), (pipe.unload_lora, 2), (pipe.release_transformer, 2)):
+        calls.clear()
+        stream = pipe.stream(PROMPT, width=W, height=H, seed=2)
+        change()
+        result = [item for item in stream][-1]
+        assert len(calls) == planned
+        np.testing.assert_array_equal(result.array, reference[2])
+
+
+def test_on_a_gpu_model_changes_wait_for_other_pipelines_generations(tiny, pipe, monkeypatch):
+    """On a GPU a LoRA change evaluates on the device too: it takes the device's turn, so it
+    waits for another pipeline's generation, and a thread holding one open is refused."""
+    import bonsai_mlx.pipeline as pl
+    monkeypatch.setattr(pl, "serialized_device", lambda: True)
+    other = ours(tiny)
+    stream = other.stream(PROMPT, width=W, height=H, seed=1)
+    next(stream)  # this thread holds the device's turn
+    with pytest.raises(PipelineBusyError, match="this thread has another generation open"):
+        pipe.unload_lora()
+    done = threading.Event()
+    waiting = threading.Thread(target=lambda: (pipe.unload_lora(), done.set()))
+    waiting.start()
+    assert not done.wait(0.5)  # waits its turn
+    stream.close()
+    waiting.join(60)
+    assert done.is_set()
+
+
 def test_two_pipelines_in_two_threads_match_sequential_runs(tiny, pipe, reference):
     other = ours(tiny)
     out, errors = {}, []

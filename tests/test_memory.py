@@ -477,7 +477,10 @@ def _recorded_plan(p: dict) -> MemoryPlan:
                                      "h200-generate-c54-ternary-old.json", "h200-generate-c56-binary.json",
                                      "h200-generate-c59-binary.json", "h200-generate-c59-ternary.json",
                                      "h200-generate-c60-binary-new.json", "h200-generate-c60-ternary-new.json",
-                                     "h200-generate-c60-binary-old.json", "h200-generate-c60-ternary-old.json"])
+                                     "h200-generate-c60-binary-old.json", "h200-generate-c60-ternary-old.json",
+                                     "h200-generate-c61-ternary-auto.json", "h200-generate-c61-ternary-auto-from512.json",
+                                     "h200-generate-c61-binary-target.json", "h200-generate-c61-ternary-target.json",
+                                     "h200-generate-c62-ternary.json"])
 def test_estimates_cover_the_recorded_h200_peaks(results):
     """Every stage of every planned generation measured on the H200 (docs/results, random
     full-size packs, 4 steps, bfloat16) peaked under the estimate that the current model

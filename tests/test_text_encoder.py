@@ -443,16 +443,39 @@ def test_evict_gives_back_only_what_was_read_since(enc_small):
     enc_small.evict()
     a = mx.ones((1 << 20,))
     mx.eval(a)
-    del a  # 4 MB now in the buffer cache
+    del a
+    mx.synchronize()  # a GPU may put buffers back after eval returns
     cached = mx.get_cache_memory()
-    assert cached >= 4 << 20
+    assert cached >= 4 << 20  # the 4 MB buffer is in the cache
     enc_small.evict()  # nothing read since
-    assert mx.get_cache_memory() == cached
+    mx.synchronize()
+    assert mx.get_cache_memory() >= cached
     enc_small.encode(PROMPTS, max_length=L, stream=True)  # streamed: read, then dropped
     assert not enc_small.resident
     enc_small.evict()
-    assert mx.get_cache_memory() == 0
+    mx.synchronize()
+    assert mx.get_cache_memory() < 1 << 20
     enc_small.encode(PROMPTS, max_length=L)  # resident
     assert enc_small.resident
     enc_small.evict()
-    assert not enc_small.resident and mx.get_cache_memory() == 0
+    mx.synchronize()
+    assert not enc_small.resident and mx.get_cache_memory() < 1 << 20
+
+
+def test_a_failed_read_leaves_the_encoder_evicted(enc_small, monkeypatch):
+    """A layer that cannot be read leaves nothing half-resident: the next encode reads again."""
+    out = np.array(enc_small.encode(PROMPTS, max_length=L, stream=True))
+    enc_small.evict()
+    build = enc_small.weights._build_layer
+
+    def broken(i):
+        if i == 1:
+            raise OSError("read error")
+        return build(i)
+
+    monkeypatch.setattr(enc_small.weights, "_build_layer", broken)
+    with pytest.raises(OSError):
+        enc_small.weights.load()
+    assert not enc_small.resident
+    monkeypatch.undo()
+    np.testing.assert_array_equal(np.array(enc_small.encode(PROMPTS, max_length=L)), out)
