@@ -169,7 +169,12 @@ def verify(directory) -> dict:
             raise BundleError(f"{rel}: sha256 differs from {MANIFEST} (the file or the manifest was altered)")
         if rel.endswith(".safetensors"):
             header = safetensors_header(path)
-            stated = {t["name"]: {"dtype": t["dtype"], "shape": t["shape"]} for t in entry.get("tensors", [])}
+            tensors = entry.get("tensors", [])
+            if not isinstance(tensors, list) or not all(isinstance(t, dict) and {"name", "dtype", "shape"} <= t.keys()
+                                                        and isinstance(t["name"], str) for t in tensors):
+                raise BundleError(f"{directory / MANIFEST}: the tensors of {rel} must be objects with name, dtype "
+                                  "and shape (the manifest was altered)")
+            stated = {t["name"]: {"dtype": t["dtype"], "shape": t["shape"]} for t in tensors}
             if header != stated:
                 names = sorted(set(header) ^ set(stated)) or sorted(k for k in header if header[k] != stated.get(k))
                 raise BundleError(f"{rel}: tensors disagree with {MANIFEST} (first: {names[:3]})")

@@ -165,6 +165,24 @@ def test_manifest_that_disagrees_with_a_header(bundle, tmp_path):
         verify(b)
 
 
+@pytest.mark.parametrize("alter", ["key", "entry", "list"])
+def test_manifest_tensor_entries_of_the_wrong_form_are_refused(bundle, tmp_path, alter):
+    """A tensor entry without its dtype (a renamed key), an entry that is no object, or tensors
+    that are no list: a BundleError that names the file, not a KeyError."""
+    b = _copy(bundle, tmp_path)
+    m = json.loads((b / "manifest.json").read_text())
+    entry = next(f for f in m["files"] if f["path"] == "vae/vae.safetensors")
+    if alter == "key":
+        entry["tensors"][0]["dtypa"] = entry["tensors"][0].pop("dtype")
+    elif alter == "entry":
+        entry["tensors"][0] = "decoder.conv_in.weight"
+    else:
+        entry["tensors"] = {"decoder.conv_in.weight": {}}
+    (b / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="the tensors of vae/vae.safetensors must be objects"):
+        verify(b)
+
+
 def test_interrupted_export_leaves_nothing(pack, tmp_path, monkeypatch):
     import bonsai_mlx.export as ex
 
