@@ -458,8 +458,9 @@ def test_auto_encodes_in_strips_where_the_whole_encode_is_the_peak(vae_dirs):
 def test_calibration_takes_the_least_of_its_runs_of_each_measurement(vae_dirs, monkeypatch):
     """With several runs (as on a GPU: memory.calibration_runs), an excess in one run's peak
     (here 64 MB added to one run in three) does not reach the fitted figures: they are those
-    of the same runs without it, to within the runs' own spread (kilobytes here). With one
-    run the excess goes into the fit, which is what the repeats are for."""
+    of the same runs without it, to within the runs' own spread (kilobytes here, set by the
+    order in which the CPU's threads free and allocate; bounded at 1 MB against the 64 MB).
+    With one run the excess goes into the fit, which is what the repeats are for."""
     import bonsai_mlx.memory as memory
 
     vae = load_vae(vae_dirs["small4"], dtype=mx.float32)
@@ -477,7 +478,7 @@ def test_calibration_takes_the_least_of_its_runs_of_each_measurement(vae_dirs, m
     spiky = calibrate_vae(vae)
     assert calls[0] == 3 * 8  # 8 measurements (attention, mid, up at two sizes; strips at two), 3 runs each
     for key, value in clean.items():
-        assert spiky[key] == pytest.approx(value, rel=0.05, abs=(16 << 10) if key.endswith("fixed") else 16), key
+        assert spiky[key] == pytest.approx(value, rel=0.05, abs=(1 << 20) if key.endswith("fixed") else 64), key
     monkeypatch.setattr(memory, "calibration_runs", lambda: 1)
     single = calibrate_vae(vae)  # measurements 2, 5 and 8 of this call carry the excess
     assert max(abs(single[k] - clean[k]) for k in clean if k.endswith("fixed")) > 32 << 20
