@@ -1071,7 +1071,7 @@ def conservative_vae_scratch(config) -> dict:
             "vae_strip_per_pixel": 96.0 * c_out}
 
 
-def calibrate_vae(vae) -> dict:
+def calibrate_vae(vae, runs: int | None = None) -> dict:
     """Peak decoder scratch on this device and dtype, as Footprint's figures: the up path's
     fixed bytes and bytes per output pixel, the mid block's fixed bytes and bytes per latent
     pixel, and a strip decode's fixed bytes and bytes per pixel of a strip's window beyond
@@ -1080,8 +1080,8 @@ def calibrate_vae(vae) -> dict:
     windows, the mid block on 16x16 and 32x32 latents (less its attention's measured
     scratch: `estimate` adds scores for the real size), strips of f and 2f rows at the
     heaviest stage (`vae_strips.stage_rows`) over 8x16 and 8x32 latents (windows of
-    (8 + 2) x 128 and (16 + 2) x 256 pixels). Each measurement is the least of
-    `calibration_runs()` runs.
+    (8 + 2) x 128 and (16 + 2) x 256 pixels). Each measurement is the least of `runs`
+    runs (None: `calibration_runs()`).
     Backends differ by several x (MLX's CPU convolution unfolds 3x3 patches, GPU kernels
     do not), so this is measured; it resets the peak-memory counter. The GroupNorm
     statistics' float32 row blocks are bounded in size, not in pixels: they are measured
@@ -1089,7 +1089,7 @@ def calibrate_vae(vae) -> dict:
     real block. It decodes a 256x256 window: seconds on a GPU, about 5 minutes for the
     full FLUX.2 VAE on MLX's Linux CPU wheel (its convolutions run at 1-2 GFLOP/s), so
     plans that can do with `conservative_vae_scratch` use that instead."""
-    dec, ex, runs = vae.decoder, Execution(sync=True, reduce_block=1 << 16), calibration_runs()
+    dec, ex, runs = vae.decoder, Execution(sync=True, reduce_block=1 << 16), runs or calibration_runs()
     C_lat, C_mid = vae.config.latent_channels, vae.config.decoder_channels[-1]
     up, mid, strips = [], [], []
     for side in (16, 32):

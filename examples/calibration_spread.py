@@ -29,17 +29,12 @@ def main() -> None:
     vae.set_dtype(getattr(mx, args.dtype))
     mx.eval(vae.parameters())
     repeats, records = memory.calibration_runs(), []
-    default_runs = memory.calibration_runs
-    try:
-        for i in range(args.rounds):
-            for runs in (1, repeats):
-                memory.calibration_runs = lambda runs=runs: runs
-                t = time.perf_counter()
-                fit = memory.calibrate_vae(vae)
-                records.append({"round": i, "runs": runs, "s": time.perf_counter() - t, **fit})
-                print(json.dumps(records[-1]), flush=True)
-    finally:
-        memory.calibration_runs = default_runs
+    for i in range(args.rounds):
+        for runs in (1, repeats):
+            t = time.perf_counter()
+            fit = memory.calibrate_vae(vae, runs)
+            records.append({"round": i, "runs": runs, "s": time.perf_counter() - t, **fit})
+            print(json.dumps(records[-1]), flush=True)
     spread = {f"{key} ({runs} run{'s' if runs > 1 else ''})": [min(r[key] for r in records if r["runs"] == runs),
                                                                  max(r[key] for r in records if r["runs"] == runs)]
               for runs in sorted({1, repeats}) for key in records[0] if key not in ("round", "runs", "s")}

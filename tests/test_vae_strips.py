@@ -464,9 +464,8 @@ def test_calibration_takes_the_least_of_its_runs_of_each_measurement(vae_dirs, m
     import bonsai_mlx.memory as memory
 
     vae = load_vae(vae_dirs["small4"], dtype=mx.float32)
-    monkeypatch.setattr(memory, "calibration_runs", lambda: 3)
     mx.clear_cache()  # each calibration from the same buffer cache: what it holds moves the peaks by kilobytes
-    clean = calibrate_vae(vae)
+    clean = calibrate_vae(vae, runs=3)
     peak, calls = mx.get_peak_memory, [0]
 
     def spiky_peak():
@@ -475,12 +474,11 @@ def test_calibration_takes_the_least_of_its_runs_of_each_measurement(vae_dirs, m
 
     monkeypatch.setattr(memory.mx, "get_peak_memory", spiky_peak)
     mx.clear_cache()
-    spiky = calibrate_vae(vae)
+    spiky = calibrate_vae(vae, runs=3)
     assert calls[0] == 3 * 8  # 8 measurements (attention, mid, up at two sizes; strips at two), 3 runs each
     for key, value in clean.items():
         assert spiky[key] == pytest.approx(value, rel=0.05, abs=(1 << 20) if key.endswith("fixed") else 64), key
-    monkeypatch.setattr(memory, "calibration_runs", lambda: 1)
-    single = calibrate_vae(vae)  # measurements 2, 5 and 8 of this call carry the excess
+    single = calibrate_vae(vae, runs=1)  # measurements 2, 5 and 8 of this call carry the excess
     assert max(abs(single[k] - clean[k]) for k in clean if k.endswith("fixed")) > 32 << 20
 
 
