@@ -241,7 +241,7 @@ class Models:
             raise WeightsError(f"the modulation layers could not be read again from {getattr(self._loader, 'path', '')} "
                                f"({e}): was the checkpoint changed or removed? Load the pipeline again") from None
         if not keep:
-            self._modulation_to_disk()
+            self._modulation_to_disk(read=True)
         return steps
 
     def check_plan(self, plan: MemoryPlan) -> None:
@@ -254,16 +254,22 @@ class Models:
                               "from objects, or packed modulation layers), so a plan must keep them "
                               "(keep_modulation=True)")
 
-    def _modulation_to_disk(self) -> None:
+    def _modulation_to_disk(self, read: bool = False) -> None:
+        """Make the modulation layers lazy reads of the checkpoint again. MLX's cached buffers
+        go back to the system only where weights were dropped: `read` (just read), or layers
+        that held memory (read since by a direct call of the transformer). Layers still on
+        disk free nothing, and the buffers a generation left for the next one to reuse stay."""
         lazy = self._loader.lazy_weights(MODULATION_LAYERS)
-        held = {k: v for k, v in tree_flatten(self.transformer.parameters()) if k.startswith(MODULATION_LAYERS)}
-        for key, old in held.items():
+        shapes = {k: v.shape for k, v in tree_flatten(self.transformer.parameters()) if k.startswith(MODULATION_LAYERS)}
+        for key, shape in shapes.items():
             name = key.replace(".base.", ".")  # a LoRA adapter wraps the layer whose weight this is
-            if name not in lazy or lazy[name].shape != old.shape:
+            if name not in lazy or lazy[name].shape != shape:
                 raise WeightsError(f"the checkpoint of this pipeline's transformer no longer holds {name} as "
-                                   f"{list(old.shape)}: was it changed on disk? Load the pipeline again")
-        self.transformer.update(tree_unflatten([(key, lazy[key.replace(".base.", ".")]) for key in held]))
-        mx.clear_cache()
+                                   f"{list(shape)}: was it changed on disk? Load the pipeline again")
+        before = mx.get_active_memory()
+        self.transformer.update(tree_unflatten([(key, lazy[key.replace(".base.", ".")]) for key in shapes]))
+        if read or mx.get_active_memory() < before:
+            mx.clear_cache()
 
     def encode(self, prompt: str, plan: MemoryPlan) -> mx.array:
         """Prompt embeddings [1, L, D], from the cache when this prompt was encoded lately."""

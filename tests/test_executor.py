@@ -9,6 +9,7 @@ import pytest
 from bonsai_mlx import BonsaiPipeline, kernels
 from bonsai_mlx.executor import slab_tuning
 from bonsai_mlx.memory import UNCONSTRAINED, MemoryPlan
+from bonsai_mlx.scheduler import flux2_sigmas
 from fixtures import make_pipeline as mp
 
 GPU_INFO = {"slab_tokens": 1536, "largest_packed": 27648 * 3072}  # klein 4B's, where the slab path runs
@@ -126,6 +127,33 @@ def test_modulation_layers_left_on_disk_are_read_again_only_for_new_sigmas(packe
     mx.eval(model(mx.zeros((1, 4, cfg.in_channels)), mx.zeros((1, 3, cfg.joint_attention_dim)), mx.array([0.5]),
                   mx.zeros((4, 4), dtype=mx.int32), mx.zeros((3, 4), dtype=mx.int32)))
     assert low(packed.generate("a cedar", plan=away, **kw)) == pytest.approx(low(left), rel=0.02)
+
+
+def test_layers_left_on_disk_give_back_the_cache_only_after_a_read(packed):
+    """Leaving the modulation layers on disk again empties MLX's buffer cache only where
+    weights were dropped: after a read for new sigmas, or after a direct call of the
+    transformer read them. For sigmas computed lately nothing is read, and the buffers the
+    last generation left for the next one stay."""
+    models, away = packed.models, MemoryPlan(sync=True, keep_modulation=False)
+    kw = dict(width=64, height=64, seed=4, plan=away)
+
+    def cache_after(stage):
+        a = mx.ones((1 << 20,))  # a 4 MB buffer in the cache as the modulation stage starts
+        mx.eval(a)
+        del a
+        mx.synchronize()  # a GPU may put buffers back after eval returns
+        assert mx.get_cache_memory() >= 4 << 20
+        stage()
+        mx.synchronize()
+        return mx.get_cache_memory()
+
+    packed.generate("a larch", steps=2, **kw)
+    assert cache_after(lambda: models.modulations(flux2_sigmas(2, 16)[:-1], keep=False)) >= 4 << 20
+    assert cache_after(lambda: models.modulations(flux2_sigmas(5, 16)[:-1], keep=False)) < 1 << 20  # new sigmas
+    model, cfg = packed.transformer, packed.transformer.config
+    mx.eval(model(mx.zeros((1, 4, cfg.in_channels)), mx.zeros((1, 3, cfg.joint_attention_dim)), mx.array([0.5]),
+                  mx.zeros((4, 4), dtype=mx.int32), mx.zeros((3, 4), dtype=mx.int32)))  # reads the layers
+    assert cache_after(lambda: models.modulations(flux2_sigmas(5, 16)[:-1], keep=False)) < 1 << 20
 
 
 def test_long_schedules_compute_their_modulations_a_window_at_a_time(packed, monkeypatch):
