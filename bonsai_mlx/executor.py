@@ -24,6 +24,7 @@ from .packed_linear import PackedLinear, auto_backend
 from .results import GenerationResult, StepEvent, to_pil
 from .scheduler import denoise, first_step, flux2_sigmas, noised
 from .transformer import MODULATION_LAYERS, Modulations
+from .vae import moments_in_kernel
 
 # Prompt embeddings kept between generations, most recent first: a repeated prompt (several
 # seeds, a --count run) is not encoded again. 8 MB each at klein's shapes.
@@ -319,6 +320,7 @@ class Models:
             text_hidden=args.hidden_size, text_heads=args.num_attention_heads, text_len=self.max_sequence_length,
             vae_bytes=nbytes(self.vae), vae_mid_channels=self.vae.config.decoder_channels[-1],
             vae_held_per_pixel=vae_held_per_pixel(self.vae), **vae_fit,
+            vae_moments_kernel=calibrated and moments_in_kernel(self.vae.dtype),
             fused_attention=fused_attention(self.transformer_info["dtype"]),
             slab_tokens=self.transformer_info["slab_tokens"],
             whole_slab_tokens=self.transformer_info["whole_slab_tokens"],

@@ -415,6 +415,11 @@ class Footprint:
     vae_enc_strip_fixed: float = 0.0
     vae_enc_strip_per_pixel: float = 0.0
     latent_channels: int = 128  # of a token (the transformer's input)
+    # GroupNorm statistics of the VAE's 16-bit activations reduced as read (vae.group_stats on
+    # a GPU back-end's column-moments kernel): no float32 row blocks to count. Else (float32,
+    # the CPU, or plans for a device that may not run the kernel) up to Execution.reduce_block
+    # float32 elements a reduction.
+    vae_moments_kernel: bool = False
     lora: bool = False  # LoRA adapters on the transformer's linears (their weights are in transformer_bytes)
     packed_format: str = ""  # of the transformer's packed linears ("" dense): the step costs differ (COST_DIT)
     # Bytes of the transformer's modulation layers that a plan can leave on disk
@@ -686,7 +691,7 @@ def _terms(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batches
     mid_block = fp.vae_mid_fixed + fp.vae_mid_per_pixel * latent_px
     mid = in_flight * mid_block + vae_scores_bytes(latent_px)
     up = (latent_px * fp.vae_mid_channels * s + in_flight * (fp.vae_up_fixed + fp.vae_up_per_pixel * th * tw)
-          + 4 * in_flight * min(Execution().reduce_block, th * tw * fp.vae_mid_channels)
+          + in_flight * _stats_bytes(fp, th * tw * fp.vae_mid_channels)
           + height * width * 4 * 4 * 2)
     if plan.vae_strip:
         # Strips: the whole tensors of the widest stage and a strip's scratch per part in
@@ -695,7 +700,7 @@ def _terms(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batches
         strips = lambda overlap: _strip_bytes(fp.vae_held_per_pixel, fp.vae_strip_fixed,  # noqa: E731
                                               fp.vae_strip_per_pixel, width, height, plan.vae_strip, overlap,
                                               STRIP_DECODE)
-        others = 4 * min(Execution().reduce_block, latent_px * fp.vae_mid_channels) + height * width * 4 * 4 * 2
+        others = _stats_bytes(fp, latent_px * fp.vae_mid_channels) + height * width * 4 * 4 * 2
         up = strips(vae_overlap) + others
     # Each stage: the weights it holds, whose bytes are exact, and what is modelled
     # (activations, scratch), to which the safety factor applies. The VAE (small) stays
@@ -766,8 +771,14 @@ def _encode_bytes(fp: Footprint, width: int, height: int, plan: MemoryPlan) -> f
               + width * height * 3 * 4 * 2)
     mid = (latent_px * fp.vae_mid_channels * s + (OVERLAP_DECODER if plan.vae_execution.overlap else 1)
            * (fp.vae_mid_fixed + fp.vae_mid_per_pixel * latent_px) + vae_scores_bytes(latent_px)
-           + 4 * min(Execution().reduce_block, latent_px * fp.vae_mid_channels))
+           + _stats_bytes(fp, latent_px * fp.vae_mid_channels))
     return max(strips, mid)
+
+
+def _stats_bytes(fp: Footprint, elements: int) -> int:
+    """The float32 row block a GroupNorm's statistics reduce over `elements` values at a time
+    (vae.group_stats); none where the column-moments kernel reduces 16-bit values as read."""
+    return 0 if fp.vae_moments_kernel else 4 * min(Execution().reduce_block, elements)
 
 
 def _dit_cost(plan: MemoryPlan, fmt: str) -> float:

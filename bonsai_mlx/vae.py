@@ -183,6 +183,12 @@ class GroupNorm(nn.Module):
         return _normalize_silu_fn if silu else _normalize_fn
 
 
+def moments_in_kernel(dtype) -> bool:
+    """Whether group_stats reduces activations of `dtype` as it reads them (the column-moments
+    kernel: 16-bit values on a GPU back-end), with no float32 copies of them."""
+    return kernels.moments_backend(dtype) is not None
+
+
 def group_stats(x, groups: int, pace: Pace = WHOLE):
     """x [B, H, W, C] -> float32 mean and biased variance [B, G] over (H, W, C/G).
 

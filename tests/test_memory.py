@@ -423,15 +423,25 @@ def test_cli_memory_budget_and_verbose(tmp_path):
     assert "memory plan: " in r.stderr and "estimated peaks: text_encoding" in r.stderr
 
 
-def _recorded_footprint(run: dict):
+# The first device call whose code took the VAE's GroupNorm statistics from the column-moments
+# kernel (vae.group_stats): its records and later ones ran without float32 row blocks.
+MOMENTS_KERNEL_FROM_CALL = 56
+
+
+def _recorded_footprint(run: dict, results: str = ""):
     """The Footprint a recorded H200 run planned with; `slab_tokens` and `whole_slab_tokens`,
-    where the record predates them, as the code of the record found them on a GPU."""
+    where the record predates them, as the code of the record found them on a GPU, and
+    `vae_moments_kernel` from the call's number in the file name `results`."""
+    import re
+
     from bonsai_mlx.kernels import DEFAULT_CONFIG
     from bonsai_mlx.memory import Footprint
 
     fp = {k: v for k, v in run["footprint"].items() if k in Footprint.__dataclass_fields__}
     rows = DEFAULT_CONFIG.slab_min_m[run["format"]]  # whole slabs ran from these rows before WHOLE_SLAB_MIN_M
-    return Footprint(**{"slab_tokens": rows, "whole_slab_tokens": rows, **fp})
+    call = re.search(r"-c(\d+)-", results)
+    moments = bool(call) and int(call.group(1)) >= MOMENTS_KERNEL_FROM_CALL
+    return Footprint(**{"slab_tokens": rows, "whole_slab_tokens": rows, "vae_moments_kernel": moments, **fp})
 
 
 def _recorded_plan(p: dict) -> MemoryPlan:
@@ -498,7 +508,7 @@ def test_estimates_cover_the_recorded_h200_peaks(results):
     planned = [r for r in runs if r["footprint"] is not None]
     assert planned
     for run in planned:
-        est = estimate(_recorded_footprint(run), run["size"], run["size"], _recorded_plan(run["plan"]))
+        est = estimate(_recorded_footprint(run, results), run["size"], run["size"], _recorded_plan(run["plan"]))
         for i, gen in enumerate(run["generations"]):
             stages = gen["memory"]["stages"]
             for stage, bytes_ in est.items():
@@ -968,3 +978,33 @@ def test_the_targets_leave_the_modulation_layers_on_disk_for_larger_parts(fmt):
         assert before.releases_transformer == (size == 1024)
         if size == 512:
             assert after.token_chunk is None and (before.token_chunk == 512) == (fmt == "binary")
+
+
+def test_the_moments_kernel_leaves_the_float32_row_blocks_out(pipe, monkeypatch):
+    """Where GroupNorm statistics of 16-bit activations come from the column-moments kernel
+    (a GPU back-end), the footprint says so and the decode's estimate counts no float32 row
+    blocks: a whole 512 px decode two blocks in flight less the safety factor times
+    OVERLAP_WHOLE_DECODE blocks of Execution.reduce_block float32 values; strips less one block
+    of the mid output's statistics. The uncalibrated (conservative) footprint keeps them."""
+    from dataclasses import replace
+
+    from bonsai_mlx import kernels
+    from bonsai_mlx.execution import Execution
+    from bonsai_mlx.memory import OVERLAP_WHOLE_DECODE, SAFETY, estimate
+
+    models = pipe.models
+    assert not models.footprint().vae_moments_kernel  # float32 VAE, or no GPU back-end here
+    monkeypatch.setattr(kernels, "moments_backend", lambda dtype: "cuda")
+    assert models.footprint().vae_moments_kernel and not models.footprint(calibrated=False).vae_moments_kernel
+    import json
+    from pathlib import Path
+
+    rows = json.loads((Path(__file__).parent.parent / "docs/results/h200-profile-strips-c7.json").read_text())
+    fp = replace(_profiled_vae_footprint(next(r for r in rows if r["name"] == "vae calibration float16"), 2),
+                 vae_moments_kernel=True)  # the full FLUX.2 VAE as calibrated on the H200
+    block = 4 * Execution().reduce_block
+    whole = MemoryPlan(sync=True, overlap=True)
+    for plan, saved in ((whole, SAFETY * OVERLAP_WHOLE_DECODE * block),
+                        (replace(whole, vae_strip=64), SAFETY * 4 * 64 * 64 * 512)):
+        counted = estimate(replace(fp, vae_moments_kernel=False), 512, 512, plan)["decoding"]
+        assert counted - estimate(fp, 512, 512, plan)["decoding"] == pytest.approx(saved, abs=2)
