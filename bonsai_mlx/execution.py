@@ -54,7 +54,14 @@ class Execution:
 
     def in_parts(self, length: int) -> bool:
         """Whether a block of `length` tokens runs in parts: token chunks or hidden passes."""
-        return len(self.chunks(length)) > 1 or self.hidden_parts > 1
+        return self.chunked(length) or self.hidden_parts > 1
+
+    def chunked(self, length: int) -> bool:
+        """Whether `length` tokens run in more than one token chunk. A block over all its
+        tokens at once (in hidden passes) starts parts where memory is decided: the attention
+        (q, k and v with it) and each pass. Every part the pacer starts costs the host a
+        launch and a wait, which small parts do not repay."""
+        return len(self.chunks(length)) > 1
 
     def pace(self, active: bool = True) -> "Pace":
         """A pacer for one loop over parts (blocks, chunks); inactive when not running in parts."""

@@ -233,6 +233,7 @@ class JointAttention(nn.Module):
         L = L_txt + img.shape[1]
         bufs = [ex.buffer((B, L, self.heads, D // self.heads), txt.dtype) for _ in range(3)]
         pace = ex.pace(ex.in_parts(max(L_txt, img.shape[1])))
+        chunked = ex.chunked(max(L_txt, img.shape[1]))
         for x, off, pq, pk, pv, nq, nk in (
                 (txt, 0, self.add_q_proj, self.add_k_proj, self.add_v_proj, self.norm_added_q, self.norm_added_k),
                 (img, L_txt, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)):
@@ -241,7 +242,9 @@ class JointAttention(nn.Module):
                 parts = (apply_rope(nq(pq(xc).reshape(B, r1 - r0, self.heads, -1)), rot),
                          apply_rope(nk(pk(xc).reshape(B, r1 - r0, self.heads, -1)), rot),
                          pv(xc).reshape(B, r1 - r0, self.heads, -1))
-                pace(*(b.write(*rows, p) for b, p in zip(bufs, parts)), wait=parts)
+                writes = [b.write(*rows, p) for b, p in zip(bufs, parts)]
+                if chunked:  # token by token; whole, q, k and v run in the attention's part
+                    pace(*writes, wait=parts)
         o = attention(*(b.value for b in bufs), ex.attention_rows)  # [B, L_txt + L_img, D]
         del bufs
         pace(o)  # the output projections' chunks all read it
@@ -288,7 +291,7 @@ class ParallelAttention(nn.Module):
         B, L, _ = x.shape
         D, proj = self.dim, self.to_qkv_mlp_proj
         bufs = [ex.buffer((B, L, self.heads, D // self.heads), x.dtype) for _ in range(3)]
-        pace = ex.pace(ex.in_parts(L))
+        pace, chunked = ex.pace(ex.in_parts(L)), ex.chunked(L)
         for r0, r1 in ex.chunks(L):
             # q, k and v as three row ranges of the projection: each is its own output (no
             # parts to concatenate, nothing to copy for the head split).
@@ -297,14 +300,18 @@ class ParallelAttention(nn.Module):
                           for i in range(3))
             rot = tuple(t[r0:r1] for t in rope)
             parts = (apply_rope(self.norm_q(qc), rot), apply_rope(self.norm_k(kc), rot), vc)
-            pace(*(b.write(r0, r1, p) for b, p in zip(bufs, parts)), wait=parts)
+            writes = [b.write(r0, r1, p) for b, p in zip(bufs, parts)]
+            if chunked:  # whole, q, k and v run in the attention's part
+                pace(*writes, wait=parts)
         o = attention(*(b.value for b in bufs), ex.attention_rows)
         del bufs  # q, k, v die with the attention's evaluation
         pace(o)
         out = ex.buffer((B, L, D), x.dtype)
         for r0, r1 in ex.chunks(L):
             y = self.to_out(swiglu_rows(proj, x[:, r0:r1], self.hidden, ex, 3 * D, head=o[:, r0:r1]))
-            pace(out.write(r0, r1, y), wait=(y,))
+            written = out.write(r0, r1, y)
+            if chunked:  # whole, the output projection runs in the part that ends the block
+                pace(written, wait=(y,))
         return out.value
 
 

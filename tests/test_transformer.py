@@ -91,13 +91,40 @@ def test_memory_saving_modes_change_nothing(saved):
     plain = run(model, inputs, mx.float32)
     for ex in (Execution(token_chunk=5, attention_rows=7, sync=True), Execution(sync=True, overlap=True),
                Execution(token_chunk=5, sync=True, overlap=True), Execution(hidden_parts=3),
-               Execution(hidden_parts=4, sync=True, overlap=True),
+               Execution(hidden_parts=4, sync=True, overlap=True), Execution(hidden_parts=2, sync=True),
                Execution(token_chunk=5, hidden_parts=2, sync=True, overlap=True),
                Execution(token_chunk=5, hidden_parts=2, sync=True, overlap=True, flush_above=0)):
         chunked = run(model, inputs, mx.float32, execution=ex)
         np.testing.assert_allclose(chunked, plain, rtol=0, atol=1e-5 * np.abs(plain).max())
         assert rel_err(chunked, fx.reference_forward(ref_model, inputs)) <= BOUNDS["float32"]
 
+
+def test_blocks_over_all_tokens_start_parts_only_where_memory_is_decided(saved, monkeypatch):
+    """With the MLP in passes over all tokens, a block starts a part for its attention (q, k
+    and v in it), one per pass and one that ends it: a double block 1 + 2 x 2 + 1, a single
+    block 1 + 2 + 1. In token chunks, each chunk's q, k and v and output are parts too."""
+    from bonsai_mlx import execution
+
+    _, directory, _ = saved["tiny_a"]
+    inputs = fx.make_inputs("tiny_a", batch=1, grid=(4, 6), txt_len=9)
+    model = load_transformer(directory, dtype=mx.float32)
+    cfg = model.config
+    started, call = [], execution.Pace.__call__
+    monkeypatch.setattr(execution.Pace, "__call__", lambda self, *a, **k: (started.append(1) if self.active else None,
+                                                                            call(self, *a, **k))[1])
+    for ex, double, single in ((Execution(sync=True, overlap=True, hidden_parts=2), 6, 4),
+                               (Execution(sync=True, hidden_parts=2), 6, 4),
+                               (Execution(sync=True, overlap=True), 1, 1),
+                               # 24 image and 9 text tokens in 16-token chunks. Double: 1 + 2 chunks'
+                               # q/k/v, the attention, 2 image chunks of the output projection, 2
+                               # image chunks of 2 passes and an output each, 1 text chunk of 2
+                               # passes, the end. Single: 3 chunks of 33 tokens' q/k/v, the
+                               # attention, 3 chunks of 2 passes and an output, the end.
+                               (Execution(token_chunk=16, sync=True, overlap=True, hidden_parts=2),
+                                3 + 1 + 2 + 2 * 3 + 2 + 1, 3 + 1 + 3 * 3 + 1)):
+        started.clear()
+        run(model, inputs, mx.float32, execution=ex)
+        assert len(started) == cfg.num_layers * double + cfg.num_single_layers * single, ex
 
 
 @pytest.mark.parametrize("name", ["tiny_a", "tiny_c"])  # tiny_c embeds guidance
