@@ -30,6 +30,10 @@ class Execution:
     # splitting the tokens instead, which shrinks every matmul and reads every weight once
     # per chunk.
     hidden_parts: int = 1
+    # With sync: a block's attention (q, k and v with it) a part of its own, before the rest of
+    # the block (its MLP and output, in one part where the MLP runs in one pass): a block's
+    # attention and its MLP, with their decoded slabs, never in one part.
+    attention_apart: bool = False
     # Running in parts, a reduction over a large activation (the VAE's GroupNorm statistics)
     # works on blocks of rows whose float32 copy has at most this many elements.
     reduce_block: int = 1 << 25
@@ -53,8 +57,9 @@ class Execution:
         return _spans(hidden, step)
 
     def in_parts(self, length: int) -> bool:
-        """Whether a block of `length` tokens runs in parts: token chunks or hidden passes."""
-        return self.chunked(length) or self.hidden_parts > 1
+        """Whether a block of `length` tokens runs in parts: token chunks, hidden passes or its
+        attention apart."""
+        return self.chunked(length) or self.hidden_parts > 1 or self.attention_apart
 
     def chunked(self, length: int) -> bool:
         """Whether `length` tokens run in more than one token chunk. A block over all its

