@@ -184,10 +184,10 @@ def test_a_block_runs_in_parts_with_token_chunks_or_hidden_passes():
     assert Execution(token_chunk=4).in_parts(10) and Execution(hidden_parts=2).in_parts(10)
 
 
-def test_a_block_in_hidden_passes_evaluates_its_attention_inputs_on_their_own(monkeypatch):
-    """Whole tokens in hidden passes: q, k, v and the attention output are parts of their
-    own, so the passes that follow do not hold the projection's temporaries with theirs; in
-    token chunks, each chunk's q, k and v are one part."""
+def test_a_block_in_hidden_passes_evaluates_its_attention_as_a_part_of_its_own(monkeypatch):
+    """Whole tokens in hidden passes: the attention (q, k and v with it) is a part of its own,
+    so the passes that follow do not hold its temporaries with theirs, and each pass is one;
+    in token chunks, each chunk's q, k and v are one part."""
     from bonsai_mlx import transformer as T
     from bonsai_mlx.config import TransformerConfig
 
@@ -199,11 +199,11 @@ def test_a_block_in_hidden_passes_evaluates_its_attention_inputs_on_their_own(mo
     txt, img = mx.random.normal((1, L_txt, D)), mx.random.normal((1, L_img, D))
     single, double = T.SingleStreamBlock(cfg), T.DoubleStreamBlock(cfg)
     zeros = [mx.zeros((1, 1, D))] * 6
-    # The single block: q, k, v; the attention output; two passes; the output projection. The
-    # double block: the text's q, k, v, the image's, the attention output, then the two passes
-    # of each stream's feed-forward.
-    runs = [(lambda ex: single(mx.concatenate([txt, img], axis=1), zeros[:3], rope, ex), 5),
-            (lambda ex: double(img, txt, zeros, zeros, rope, ex), 3 + 2 * 2)]
+    # The single block: the attention with q, k and v, then two passes (its output projection
+    # runs in the part that ends the block, the caller's). The double block: the attention with
+    # both streams' q, k and v, then the two passes of each stream's feed-forward.
+    runs = [(lambda ex: single(mx.concatenate([txt, img], axis=1), zeros[:3], rope, ex), 1 + 2),
+            (lambda ex: double(img, txt, zeros, zeros, rope, ex), 1 + 2 * 2)]
     # In 8-token chunks (the single block's 17 tokens in 3, the image's 12 in 2): the single
     # block's 3 q/k/v chunks, the attention and 3 output chunks; the double block's text q/k/v
     # (one chunk), 2 image q/k/v chunks, the attention, 2 image output chunks and 2 image MLP
