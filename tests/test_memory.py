@@ -492,7 +492,8 @@ def _recorded_plan(p: dict) -> MemoryPlan:
                                      "h200-generate-c61-binary-target.json", "h200-generate-c61-ternary-target.json",
                                      "h200-generate-c62-ternary.json", "h200-generate-c63-binary.json",
                                      "h200-generate-c63-ternary.json", "h200-generate-c64-binary-old.json",
-                                     "h200-generate-c64-ternary-old.json"])
+                                     "h200-generate-c64-ternary-old.json", "h200-generate-c67-binary-prev.json",
+                                     "h200-generate-c67-binary-new.json", "h200-generate-c67-binary-prev2.json"])
 def test_estimates_cover_the_recorded_h200_peaks(results):
     """Every stage of every planned generation measured on the H200 (docs/results, random
     full-size packs, 4 steps, bfloat16) peaked under the estimate that the current model
