@@ -285,6 +285,8 @@ class LoraSet:
         self._loras: dict[str, Lora] = {}
 
     def __iter__(self):
+        # A copy taken in one step: a pipeline's plan reads the set (its footprint) while
+        # another thread may load or unload a LoRA, and the reader sees the set before or after.
         return iter(list(self._loras.values()))
 
     def __len__(self) -> int:
@@ -292,7 +294,7 @@ class LoraSet:
 
     @property
     def nbytes(self) -> int:
-        return sum(lora.nbytes for lora in self._loras.values())
+        return sum(lora.nbytes for lora in self)
 
     def load(self, path, scale: float, cfg: TransformerConfig, dtype, name: str | None = None) -> Lora:
         """Read and check a LoRA file (nothing is added if that fails); cast to `dtype`."""

@@ -213,3 +213,24 @@ def test_adapter_rows_are_the_rows_of_the_whole(base_kind):
     plain = np.array(base(x))
     manual = plain + sum(s * (np.array(x) @ np.array(a).T) @ np.array(b).T for a, b, s in updates)
     assert np.abs(full - manual).max() <= 1e-5 * np.abs(manual).max()
+
+
+def test_a_lora_set_is_read_as_one_snapshot():
+    """A plan reads the LoRA set (the footprint's bytes and scales) while another thread may
+    load or unload one: the read sees the set as it was when it started, and does not fail
+    on a change made meanwhile."""
+    from bonsai_mlx.lora import Lora, LoraSet, LoraUpdate
+
+    loras = LoraSet()
+    update = LoraUpdate(mx.zeros((2, 4)), mx.zeros((4, 2)), 1.0)
+
+    class Changing(Lora):  # reading its bytes stands for another thread changing the set then
+        @property
+        def nbytes(self):
+            loras._loras.setdefault("late", Lora("late", "late", 1.0, {"x": update}))
+            return super().nbytes
+
+    for name in ("a", "b"):
+        loras._loras[name] = Changing(name, name, 1.0, {"x": update})
+    assert loras.nbytes == 2 * 2 * 2 * 4 * 4  # a and b, each 2 x (2 x 4) float32; not "late"
+    assert [lora.name for lora in loras] == ["a", "b", "late"]
