@@ -151,7 +151,7 @@ class Models:
         plain = all(type(m) is nn.Linear and mx.issubdtype(m.weight.dtype, mx.floating) for m in leaves)
         self.transformer_info["modulation_bytes"] = (sum(nbytes(transformer[n]) for n in MODULATION_LAYERS)
                                                      if plain and hasattr(transformer_loader, "lazy_weights") else 0)
-        # reading them again, file tensors beside their cast copies (`_computed`)
+        # reading them again, file tensors beside their cast or rearranged copies (`_computed`)
         cast = getattr(transformer_loader, "cast_read_bytes", None)
         self.transformer_info["modulation_cast_bytes"] = (cast(MODULATION_LAYERS)
                                                           if cast and self.transformer_info["modulation_bytes"] else 0)

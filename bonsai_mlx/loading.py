@@ -22,7 +22,7 @@ from .safe_files import PICKLE_SUFFIXES, ModelFolder, files_named, in_file, load
 from .layouts import (DEMO_TERNARY_TRANSFORMER, ENCODER_SUBDIRS, MODEL_DEFAULTS, MODEL_INDEX, TOKENIZER_SUBDIRS,
                       TRANSFORMER_SUBDIRS, VAE_SUBDIRS)
 from .transformer import Flux2Transformer
-from .weight_names import bfl_to_diffusers, is_bfl_checkpoint
+from .weight_names import BFL_REARRANGED, bfl_to_diffusers, is_bfl_checkpoint
 
 _MAX_LISTED = 12
 # Where a pack (PrismML's MLX layout) or a diffusers pipeline keeps its transformer.
@@ -186,24 +186,26 @@ def _read_file(path: Path, cfg):
     if path.suffix.lower() != ".safetensors":
         raise WeightsError(f"{path} is not a .safetensors file; pass a .safetensors checkpoint or a directory")
     folder = ModelFolder(path.parent)
-    weights = load_shards([folder.file(path.name, "safetensors checkpoint")])
+    weights, rearranged = load_shards([folder.file(path.name, "safetensors checkpoint")]), frozenset()
     if is_bfl_checkpoint(weights):
         with in_file(path):
             cfg = cfg or infer_bfl_config(weights)
             weights = bfl_to_diffusers(weights)
+        rearranged = BFL_REARRANGED & weights.keys()
     elif cfg is None:
         if not folder.exists("config.json"):
             raise ConfigError(f"{path} has diffusers weight names but no config.json beside it; pass config=")
         cfg = TransformerConfig.from_json(folder.file("config.json", "transformer config"))
-    return cfg, weights
+    return cfg, weights, rearranged
 
 
 def _read(path: Path, cfg):
-    """(config, quantization config or None, lazy weights, the source to name in errors)."""
+    """(config, quantization config or None, lazy weights, the source to name in errors, the
+    names of the weights made anew from the file's tensors rather than read as they are)."""
     if path.is_dir():
-        return _read_folder(transformer_folder(ModelFolder(path)), cfg)
-    cfg, weights = _read_file(path, cfg)
-    return cfg, None, weights, path
+        return (*_read_folder(transformer_folder(ModelFolder(path)), cfg), frozenset())
+    cfg, weights, rearranged = _read_file(path, cfg)
+    return cfg, None, weights, path, rearranged
 
 
 def load_transformer(path, dtype=mx.float16, config=None, quantize: str | None = None,
@@ -232,7 +234,7 @@ def load_transformer(path, dtype=mx.float16, config=None, quantize: str | None =
             f"{path} does not exist. Pass a diffusers transformer directory (config.json + *.safetensors) "
             "or a FLUX.2 .safetensors checkpoint."
         )
-    cfg, qc, weights, source = _read(path, cfg)
+    cfg, qc, weights, source, _ = _read(path, cfg)
     check_blocks(cfg, weights, source)
     model = Flux2Transformer(cfg)  # parameters are lazy and never evaluated before replacement
     check_size(model, weights, source)
@@ -271,24 +273,28 @@ class TransformerSource:
         return {k: w.astype(self.dtype) for k, w in self._file_weights(modules).items()}
 
     def cast_read_bytes(self, modules: tuple[str, ...]) -> int:
-        """Bytes of the two largest weights under `modules` as the checkpoint holds them, where
-        it holds them in another dtype than the pipeline's: what reading them again one at a
-        time holds beside their cast copies (the last one's tensor may live until the device
-        is done with it). 0 where no weight is cast."""
-        cast = sorted(w.nbytes for w in self._file_weights(modules).values() if w.dtype != self.dtype)
-        return sum(cast[-2:])
+        """What reading the weights under `modules` again one at a time holds beside their
+        results, for the two weights that hold the most (the last one's may live until the
+        device is done with it): the checkpoint's tensor where it holds a weight in another
+        dtype than the pipeline's, and once more where the weight is made anew from it (a BFL
+        checkpoint's output norm, its halves swapped). 0 where every weight is read as it is."""
+        weights, rearranged = self._file_weights(modules, with_rearranged=True)
+        held = sorted(w.nbytes * ((w.dtype != self.dtype) + (k in rearranged)) for k, w in weights.items())
+        return sum(held[-2:])
 
-    def _file_weights(self, modules: tuple[str, ...]) -> dict[str, mx.array]:
+    def _file_weights(self, modules: tuple[str, ...], with_rearranged: bool = False):
+        """The checkpoint's weights under `modules`, lazy, as the file holds them (renamed);
+        with `with_rearranged`, also the names of those made anew from the file's tensors."""
         path = Path(self.path).expanduser()
         if not os.path.lexists(path):
             raise WeightsError(f"{path} no longer exists: the transformer's modulation layers cannot be read again. "
                                "Load the pipeline again")
-        _, _, weights, source = _read(path, _resolve_config(self.config))
+        _, _, weights, source, rearranged = _read(path, _resolve_config(self.config))
         prefixes = tuple(m + "." for m in modules)
         out = {k: w for k, w in weights.items() if k.startswith(prefixes)}
         if not out:
             raise WeightsError(f"{source} holds no weights of {', '.join(modules)}")
-        return out
+        return (out, rearranged) if with_rearranged else out
 
 
 # ---------------------------------------------------------------------------- Hugging Face Hub

@@ -431,8 +431,10 @@ class Footprint:
     # (MemoryPlan.keep_modulation); 0 where they cannot be read again as loaded (models built
     # from objects, packed modulation layers).
     modulation_bytes: int = 0
-    # Reading them again, the checkpoint's tensors of their two largest weights beside the cast
-    # copies, where the file holds them in another dtype than the pipeline's (0 where none is cast).
+    # Reading them again, what the two weights that hold the most hold beside their results: the
+    # checkpoint's tensor where the file holds a weight in another dtype than the pipeline's, and
+    # once more where the weight is made anew from it (TransformerSource.cast_read_bytes; 0 where
+    # every weight is read as it is).
     modulation_cast_bytes: int = 0
 
 
@@ -722,7 +724,8 @@ def _terms(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batches
     # Modulation layers left on disk are read for the modulation stage (every step's
     # modulations: 104 KB a step at klein's shapes, up to 16 MB kept, in OVERHEAD) and gone
     # before denoising; a reload of the transformer reads them too, before that stage. A file
-    # in another dtype than the pipeline's holds file tensors beside the cast copies then.
+    # in another dtype than the pipeline's, or a BFL file's output norm, holds file tensors
+    # beside the copies made from them then.
     blocks = fp.transformer_bytes - (0 if plan.keep_modulation else fp.modulation_bytes)
     if not plan.keep_modulation:
         stages["modulation"] = (resident + fp.transformer_bytes + kept_text, inputs + fp.modulation_cast_bytes)

@@ -89,6 +89,12 @@ def is_bfl_checkpoint(keys) -> bool:
     return any(k.startswith(("double_blocks.", "single_blocks.", "img_in.", "final_layer.")) for k in keys)
 
 
+# The diffusers names whose tensors bfl_to_diffusers makes anew from the file's rather than
+# renaming them (the output norm's shift and scale halves, swapped): reading one holds the file's
+# tensor beside its rearranged copy.
+BFL_REARRANGED = frozenset({"norm_out.linear.weight", "norm_out.linear.bias"})
+
+
 def bfl_to_diffusers(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     """Rename a BFL FLUX.2 state dict to diffusers names. Unknown keys pass through
     unchanged, so the loader reports them as unexpected instead of dropping them."""

@@ -180,6 +180,29 @@ def test_a_transformer_source_reads_its_modulation_layers_lazily(saved, which):
     with pytest.raises(WeightsError, match="no weights of"):
         source.lazy_weights(("no_such_layer",))
 
+def test_rereading_a_bfl_output_norm_counts_its_rearranged_copy(saved):
+    """A BFL checkpoint's output norm is made anew from the file's tensor (its halves swapped):
+    reading it again holds the file's tensor beside the copy, which `cast_read_bytes` counts
+    (with nothing cast, that weight's bytes; a diffusers checkpoint's weights are read as they
+    are: 0). Measured here: the read peaks at the tensor and its copy."""
+    from bonsai_mlx.loading import TransformerSource
+    from bonsai_mlx.transformer import MODULATION_LAYERS
+
+    _, directory, bfl_file = saved["tiny_c"]
+    config = TransformerConfig.from_json(directory / "config.json")  # a BFL file's RoPE axes
+    bfl, diffusers = (TransformerSource(p, mx.float32, config=config) for p in (bfl_file, directory))
+    norm = bfl.lazy_weights(MODULATION_LAYERS)["norm_out.linear.weight"]
+    assert bfl.cast_read_bytes(MODULATION_LAYERS) == norm.nbytes
+    assert diffusers.cast_read_bytes(MODULATION_LAYERS) == 0
+    mx.synchronize()
+    mx.clear_cache()  # a cached buffer larger than a request would count whole
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    mx.eval(norm)
+    beside = mx.get_peak_memory() - base - norm.nbytes  # what the read held beside its result
+    assert norm.nbytes <= beside <= bfl.cast_read_bytes(MODULATION_LAYERS) + (16 << 10)
+
+
 def test_linear_rows_equals_slicing_the_full_output():
     """Running a fused projection part by part gives exactly the parts of the whole."""
     mx.random.seed(3)
