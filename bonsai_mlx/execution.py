@@ -68,9 +68,10 @@ class Execution:
         launch and a wait, which small parts do not repay."""
         return len(self.chunks(length)) > 1
 
-    def pace(self, active: bool = True) -> "Pace":
-        """A pacer for one loop over parts (blocks, chunks); inactive when not running in parts."""
-        return Pace(self, self.sync and active)
+    def pace(self, active: bool = True, after: tuple = ()) -> "Pace":
+        """A pacer for one loop over parts (blocks, chunks); inactive when not running in parts.
+        `after`: what its first part waits for once started, as if it were the part before."""
+        return Pace(self, self.sync and active, after)
 
     def buffer(self, shape, dtype) -> "TokenBuffer":
         """A TokenBuffer for a loop paced by this execution."""
@@ -90,9 +91,9 @@ class Pace:
     next is built (one part's temporaries at a time). Overlapped: each part is started at
     once and the host waits for the part before it, so at most two parts are in flight."""
 
-    def __init__(self, execution: Execution, active: bool):
+    def __init__(self, execution: Execution, active: bool, after: tuple = ()):
         self.execution, self.active = execution, active
-        self._previous: tuple = ()
+        self._previous: tuple = tuple(after)
 
     def __call__(self, *arrays: mx.array, wait: tuple = ()) -> None:
         """Evaluate `arrays` (strict) or start them (overlapped). `wait`: what finishing

@@ -232,9 +232,10 @@ class Models:
         steps = [mods.step(i) for i in range(len(sigmas))]
         try:
             # Layers left on disk are lazy reads of the checkpoint: read one weight at a time, a
-            # weight the file holds in another dtype lives beside its own cast copy, and beside
-            # the one before it where the device frees buffers after eval returns (Metal frees a
-            # command buffer's inputs in its completion handler): two at most.
+            # weight the file holds in another dtype (or a BFL file's output norm, made anew from
+            # its tensor) lives beside the copy made from it, and beside the one before it where
+            # the device frees buffers after eval returns (Metal frees a command buffer's inputs
+            # in its completion handler): two at most.
             for _, w in tree_flatten([model[n].parameters() for n in MODULATION_LAYERS]):
                 mx.eval(w)
             mx.eval(steps)
@@ -258,8 +259,9 @@ class Models:
     def _modulation_to_disk(self, read: bool = False) -> None:
         """Make the modulation layers lazy reads of the checkpoint again. MLX's cached buffers
         go back to the system only where weights were dropped: `read` (just read), or layers
-        that held memory (read since by a direct call of the transformer). Layers still on
-        disk free nothing, and the buffers a generation left for the next one to reuse stay."""
+        that held memory (read since, by a direct call of the transformer or a plan that keeps
+        them). Layers still on disk free nothing, and the buffers a generation left for the
+        next one to reuse stay."""
         lazy = self._loader.lazy_weights(MODULATION_LAYERS)
         shapes = {k: v.shape for k, v in tree_flatten(self.transformer.parameters()) if k.startswith(MODULATION_LAYERS)}
         for key, shape in shapes.items():
@@ -267,6 +269,7 @@ class Models:
             if name not in lazy or lazy[name].shape != shape:
                 raise WeightsError(f"the checkpoint of this pipeline's transformer no longer holds {name} as "
                                    f"{list(shape)}: was it changed on disk? Load the pipeline again")
+        mx.synchronize()  # buffers the device still releases would otherwise move the count
         before = mx.get_active_memory()
         self.transformer.update(tree_unflatten([(key, lazy[key.replace(".base.", ".")]) for key in shapes]))
         if read or mx.get_active_memory() < before:

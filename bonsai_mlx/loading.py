@@ -191,7 +191,7 @@ def _read_file(path: Path, cfg):
         with in_file(path):
             cfg = cfg or infer_bfl_config(weights)
             weights = bfl_to_diffusers(weights)
-        rearranged = BFL_REARRANGED & weights.keys()
+        rearranged = frozenset(BFL_REARRANGED & weights.keys())
     elif cfg is None:
         if not folder.exists("config.json"):
             raise ConfigError(f"{path} has diffusers weight names but no config.json beside it; pass config=")

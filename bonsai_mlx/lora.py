@@ -285,8 +285,9 @@ class LoraSet:
         self._loras: dict[str, Lora] = {}
 
     def __iter__(self):
-        # A copy taken in one step: a pipeline's plan reads the set (its footprint) while
-        # another thread may load or unload a LoRA, and the reader sees the set before or after.
+        # A copy taken in one step (one C call under the GIL): a plan reads the set (its
+        # footprint) or a reload applies it while another thread may load or unload a LoRA, and
+        # the reader sees the set before or after.
         return iter(list(self._loras.values()))
 
     def __len__(self) -> int:
@@ -312,7 +313,7 @@ class LoraSet:
 
     def get(self, name: str) -> Lora:
         if name not in self._loras:
-            loaded = ", ".join(self._loras) or "none"
+            loaded = ", ".join(lora.name for lora in self) or "none"
             raise BonsaiError(f"no LoRA named {name!r} is loaded (loaded: {loaded})")
         return self._loras[name]
 
@@ -332,7 +333,7 @@ class LoraSet:
             return
         detach(model)
         targets: dict[str, list] = {}
-        for lora in self._loras.values():
+        for lora in self:
             for layer, u in lora.updates.items():
                 if lora.scale != 0:
                     targets.setdefault(layer, []).append((u.a, u.b, lora.scale * u.scale))

@@ -308,9 +308,11 @@ class MemoryPlan:
     @property
     def execution(self) -> Execution:
         """How the transformer runs. Two parts in flight, a block's attention is a part of its
-        own (Execution.attention_apart): whole blocks at 512 / 1024 px stepped in 0.94 / 0.96x
-        the time of one part a block (binary; ternary 0.94 / 0.98x), peaking no higher (c66,
-        H200): the device starts the attention while the host builds the rest of the block."""
+        own (Execution.attention_apart): the device starts the attention while the host builds
+        the rest of the block. On an H200 (c66) whole blocks with each packed matrix one slab
+        stepped in 0.94 / 0.96x the time of one part a block at 512 / 1024 px (binary; ternary
+        0.94 / 0.98x) and peaked no higher; with the kernels' slabs they peaked up to 0.3 GB
+        higher (ternary 512 px), under the estimate, which counts two whole blocks in flight."""
         return Execution(self.token_chunk, self.attention_rows, self.sync, self.overlap,
                          hidden_parts=self.hidden_parts, attention_apart=self.sync and self.overlap)
 
@@ -361,10 +363,10 @@ def flush_measured() -> bool:
 
 
 # No limit: everything resident, nothing estimated, each part run the fastest measured way.
-# The transformer runs block by block with two blocks in flight (each block's attention a part
-# of its own: `MemoryPlan.execution`): a step took 0.84-0.96x
-# the time of one graph over the whole forward (c44, c47: H200, 512 and 1024 px), where
-# MLX holds every block's activations at once; with every packed matrix one slab. The VAE
+# The transformer runs block by block with two blocks in flight: a step took 0.84-0.96x the
+# time of one graph over the whole forward (c44, c47: H200, 512 and 1024 px), where MLX holds
+# every block's activations at once, and each block's attention a part of its own another
+# 0.94-0.98x (c66; `MemoryPlan.execution`); with every packed matrix one slab. The VAE
 # decodes in one graph: block by block with two blocks in flight, a 1024 px decode took 1.12x
 # as long alone (c48) and 1.3x in generations (c47); so does the text encoder: layer by
 # layer, a new prompt's encode took 1.2-1.5x as long (c47).
@@ -698,12 +700,12 @@ def _terms(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batches
     mid_block = fp.vae_mid_fixed + fp.vae_mid_per_pixel * latent_px
     mid = in_flight * mid_block + vae_scores_bytes(latent_px)
     up = (latent_px * fp.vae_mid_channels * s + in_flight * (fp.vae_up_fixed + fp.vae_up_per_pixel * th * tw)
-          + in_flight * _stats_bytes(fp, th * tw * fp.vae_mid_channels)
+          + in_flight * _stats_bytes(fp, th * tw * fp.vae_mid_channels, tiled=bool(plan.vae_tile))
           + height * width * 4 * 4 * 2)
     if plan.vae_strip:
         # Strips: the whole tensors of the widest stage and a strip's scratch per part in
-        # flight (`_strip_bytes`), the mid output's statistics in float32 row blocks, and the
-        # image's float32 copies.
+        # flight (`_strip_bytes`), the mid output's statistics in float32 row blocks (where the
+        # moments kernel does not reduce them as read), and the image's float32 copies.
         strips = lambda overlap: _strip_bytes(fp.vae_held_per_pixel, fp.vae_strip_fixed,  # noqa: E731
                                               fp.vae_strip_per_pixel, width, height, plan.vae_strip, overlap,
                                               STRIP_DECODE)
@@ -770,7 +772,8 @@ def _encode_bytes(fp: Footprint, width: int, height: int, plan: MemoryPlan) -> f
     the whole tensors of the encoder's widest stage, a strip's scratch per part in flight,
     and the float32 pixels and their 2x - 1 copy; or, when larger, the mid block at the
     latent's resolution (its input, the decoder's calibrated mid-block scratch, its
-    attention scores and its statistics' float32 row blocks)."""
+    attention scores and, where the moments kernel does not run, its statistics' float32 row
+    blocks)."""
     if not plan.vae_encode_strip:
         return fp.vae_enc_fixed + fp.vae_enc_per_pixel * width * height
     s, latent_px = fp.dtype_bytes, (height // 8) * (width // 8)
@@ -783,10 +786,12 @@ def _encode_bytes(fp: Footprint, width: int, height: int, plan: MemoryPlan) -> f
     return max(strips, mid)
 
 
-def _stats_bytes(fp: Footprint, elements: int) -> int:
+def _stats_bytes(fp: Footprint, elements: int, tiled: bool = False) -> int:
     """The float32 row block a GroupNorm's statistics reduce over `elements` values at a time
-    (vae.group_stats); none where the column-moments kernel reduces 16-bit values as read."""
-    return 0 if fp.vae_moments_kernel else 4 * min(Execution().reduce_block, elements)
+    (vae.group_stats); none where the column-moments kernel reduces 16-bit values as read,
+    except for tiles: a tile's statistics read a strided core of the tile, which the kernel's
+    row-contiguous input copies first (not calibrated; the row block stands for it)."""
+    return 0 if fp.vae_moments_kernel and not tiled else 4 * min(Execution().reduce_block, elements)
 
 
 def _dit_cost(plan: MemoryPlan, fmt: str) -> float:
@@ -1102,10 +1107,10 @@ def calibrate_vae(vae, runs: int | None = None) -> dict:
     (8 + 2) x 128 and (16 + 2) x 256 pixels). Each measurement is the least of `runs`
     runs (None: `calibration_runs()`).
     Backends differ by several x (MLX's CPU convolution unfolds 3x3 patches, GPU kernels
-    do not), so this is measured; it resets the peak-memory counter. The GroupNorm
-    statistics' float32 row blocks are bounded in size, not in pixels: they are measured
-    here at a block small enough to be bounded at these sizes too, and `estimate` adds the
-    real block. It decodes a 256x256 window: seconds on a GPU, about 5 minutes for the
+    do not), so this is measured; it resets the peak-memory counter. Where the GroupNorm
+    statistics reduce float32 row blocks (no moments kernel), the blocks are bounded in size,
+    not in pixels: they are measured here at a block small enough to be bounded at these
+    sizes too, and `estimate` adds the real block. It decodes a 256x256 window: seconds on a GPU, about 5 minutes for the
     full FLUX.2 VAE on MLX's Linux CPU wheel (its convolutions run at 1-2 GFLOP/s), so
     plans that can do with `conservative_vae_scratch` use that instead."""
     dec, ex, runs = vae.decoder, Execution(sync=True, reduce_block=1 << 16), runs or calibration_runs()

@@ -205,6 +205,16 @@ class FeedForward(nn.Module):
         return self.linear_out(swiglu_rows(self.linear_in, x, self.hidden, ex))
 
 
+def _block_inputs(ex: Execution, chunked: bool, *inputs: mx.array) -> tuple:
+    """What a block's attention waits for once started, where the block runs its MLP in passes
+    over all its tokens: its inputs, so that the block before has finished. Its q, k and v are
+    no part of their own there (the wait they made), and without it the passes would start
+    while the block before still runs: four parts in flight, where the estimate counts three.
+    Elsewhere nothing: token chunks pace their q, k and v, and a whole block's attention apart
+    (two parts a block) keeps at most three half blocks in flight, under two whole blocks."""
+    return inputs if ex.hidden_parts > 1 and not chunked else ()
+
+
 class JointAttention(nn.Module):
     """Attention of the double-stream block: separate projections per stream, one softmax."""
 
@@ -232,8 +242,8 @@ class JointAttention(nn.Module):
         B, L_txt, D = txt.shape
         L = L_txt + img.shape[1]
         bufs = [ex.buffer((B, L, self.heads, D // self.heads), txt.dtype) for _ in range(3)]
-        pace = ex.pace(ex.in_parts(max(L_txt, img.shape[1])))
         chunked = ex.chunked(max(L_txt, img.shape[1]))
+        pace = ex.pace(ex.in_parts(max(L_txt, img.shape[1])), after=_block_inputs(ex, chunked, img, txt))
         for x, off, pq, pk, pv, nq, nk in (
                 (txt, 0, self.add_q_proj, self.add_k_proj, self.add_v_proj, self.norm_added_q, self.norm_added_k),
                 (img, L_txt, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)):
@@ -291,7 +301,8 @@ class ParallelAttention(nn.Module):
         B, L, _ = x.shape
         D, proj = self.dim, self.to_qkv_mlp_proj
         bufs = [ex.buffer((B, L, self.heads, D // self.heads), x.dtype) for _ in range(3)]
-        pace, chunked = ex.pace(ex.in_parts(L)), ex.chunked(L)
+        chunked = ex.chunked(L)
+        pace = ex.pace(ex.in_parts(L), after=_block_inputs(ex, chunked, x))
         for r0, r1 in ex.chunks(L):
             # q, k and v as three row ranges of the projection: each is its own output (no
             # parts to concatenate, nothing to copy for the head split).

@@ -89,9 +89,10 @@ def is_bfl_checkpoint(keys) -> bool:
     return any(k.startswith(("double_blocks.", "single_blocks.", "img_in.", "final_layer.")) for k in keys)
 
 
-# The diffusers names whose tensors bfl_to_diffusers makes anew from the file's rather than
-# renaming them (the output norm's shift and scale halves, swapped): reading one holds the file's
-# tensor beside its rearranged copy.
+# Of the weights a plan reads again from a BFL file (the modulation layers), those that
+# bfl_to_diffusers makes anew from the file's tensor rather than renaming it (the output norm's
+# shift and scale halves, swapped): reading one holds the file's tensor beside the copy. (The
+# double blocks' q, k and v are row slices of theirs: views, never read again.)
 BFL_REARRANGED = frozenset({"norm_out.linear.weight", "norm_out.linear.bias"})
 
 

@@ -179,9 +179,22 @@ def test_kept_chunks_must_come_in_order():
         cols.write_columns(2, 4, mx.zeros((1, 2, 2)))
 
 
-def test_a_block_runs_in_parts_with_token_chunks_or_hidden_passes():
+def test_a_block_runs_in_parts_with_token_chunks_hidden_passes_or_its_attention_apart():
     assert not ONE_GRAPH.in_parts(10) and not Execution(token_chunk=16, sync=True).in_parts(10)
     assert Execution(token_chunk=4).in_parts(10) and Execution(hidden_parts=2).in_parts(10)
+    assert Execution(sync=True, overlap=True, attention_apart=True).in_parts(10)
+    assert Execution(token_chunk=4).chunked(10) and not Execution(hidden_parts=2).chunked(10)
+    assert not Execution(token_chunk=16).chunked(10)
+
+
+def test_a_pacer_started_after_a_part_waits_for_it_first(monkeypatch):
+    """`after`: the first part, once started, waits for what stands for the part before it."""
+    spy = Spy(monkeypatch)
+    before, a, b = mx.array(0), mx.array(1), mx.array(2)
+    pace = Execution(sync=True, overlap=True).pace(after=(before,))
+    pace(a)
+    pace(b)
+    assert spy.calls == [("async", (a,)), ("eval", (before,)), ("async", (b,)), ("eval", (a,))]
 
 
 def test_a_block_in_hidden_passes_evaluates_its_attention_as_a_part_of_its_own(monkeypatch):

@@ -131,6 +131,44 @@ def test_blocks_over_all_tokens_start_parts_only_where_memory_is_decided(saved, 
         assert len(started) == cfg.num_layers * double + cfg.num_single_layers * single, ex
 
 
+def test_paced_blocks_keep_at_most_three_parts_in_flight(saved, monkeypatch):
+    """Two parts in flight, a part is started and the host then waits for the one before: on a
+    device that runs parts in order, a block in parts never has more than three parts started and
+    not known finished (the estimate's OVERLAP_PARTS), also where it runs its MLP in passes over
+    all its tokens without its q, k and v as a part of their own (its attention waits for the
+    block's inputs instead); whole blocks, their attention apart or not, never more than two
+    blocks. Waiting on an array that no started part returned (one inside the newest part's
+    graph) means every part before the newest finished."""
+    from bonsai_mlx import execution
+    from bonsai_mlx.memory import OVERLAP_PARTS
+
+    _, directory, _ = saved["tiny_a"]
+    inputs = fx.make_inputs("tiny_a", batch=1, grid=(4, 6), txt_len=9)
+    model = load_transformer(directory, dtype=mx.float32)
+    started, done, most = [], [0], [0]  # the arrays each started part returned (kept: no id is reused)
+    real_eval, real_async = mx.eval, mx.async_eval
+
+    def async_eval(*arrays):
+        real_async(*arrays)
+        started.append(arrays)
+        most[0] = max(most[0], len(started) - done[0])
+
+    def wait(*arrays):
+        real_eval(*arrays)
+        hit = [i for i, part in enumerate(started) if any(a is b for a in arrays for b in part)]
+        done[0] = max(done[0], hit[-1] + 1 if hit else len(started) - 1)
+
+    monkeypatch.setattr(execution.mx, "async_eval", async_eval)
+    monkeypatch.setattr(execution.mx, "eval", wait)
+    for ex, bound in ((Execution(sync=True, overlap=True, hidden_parts=2), OVERLAP_PARTS),
+                      (Execution(sync=True, overlap=True, hidden_parts=4), OVERLAP_PARTS),
+                      (Execution(sync=True, overlap=True), 2),  # whole blocks
+                      (Execution(sync=True, overlap=True, attention_apart=True), 2 * 2)):  # two parts a block
+        started.clear()
+        done[0] = most[0] = 0
+        run(model, inputs, mx.float32, execution=ex)
+        assert 2 <= most[0] <= bound, (ex, most[0])
+
 @pytest.mark.parametrize("name", ["tiny_a", "tiny_c"])  # tiny_c embeds guidance
 def test_every_steps_modulations_at_once_drive_each_step_to_diffusers(saved, name):
     """`modulations` over a sampler's sigmas at once, taken step by step (`Modulations.step`),
