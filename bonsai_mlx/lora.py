@@ -312,10 +312,11 @@ class LoraSet:
         return lora
 
     def get(self, name: str) -> Lora:
-        if name not in self._loras:
+        lora = self._loras.get(name)  # one look-up: the set may change meanwhile
+        if lora is None:
             loaded = ", ".join(lora.name for lora in self) or "none"
             raise BonsaiError(f"no LoRA named {name!r} is loaded (loaded: {loaded})")
-        return self._loras[name]
+        return lora
 
     def set_scale(self, name: str, scale: float) -> None:
         self.get(name).scale = _check_scale(scale)

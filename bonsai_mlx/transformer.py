@@ -205,14 +205,17 @@ class FeedForward(nn.Module):
         return self.linear_out(swiglu_rows(self.linear_in, x, self.hidden, ex))
 
 
-def _block_inputs(ex: Execution, chunked: bool, *inputs: mx.array) -> tuple:
+def _block_inputs(ex: Execution, chunked: bool, after: tuple) -> tuple:
     """What a block's attention waits for once started, where the block runs its MLP in passes
-    over all its tokens: its inputs, so that the block before has finished. Its q, k and v are
-    no part of their own there (the wait they made), and without it the passes would start
-    while the block before still runs: four parts in flight, where the estimate counts three.
-    Elsewhere nothing: token chunks pace their q, k and v, and a whole block's attention apart
-    (two parts a block) keeps at most three half blocks in flight, under two whole blocks."""
-    return inputs if ex.hidden_parts > 1 and not chunked else ()
+    over all its tokens: `after`, the block's inputs as the part before returned them (not
+    their modulated copies, which the attention's own part computes: MLX signals a part's
+    arrays when all of it is done, so waiting on one would idle the device until the attention
+    finished). Its q, k and v are no part of their own there (the wait they made); without
+    this the passes would start while the block before still runs, up to five parts in flight
+    on a device that runs them in order, where the estimate counts three. Elsewhere nothing:
+    token chunks pace their q, k and v, and whole blocks with the attention apart (two parts a
+    block) keep at most four half blocks in flight: two whole blocks, as `estimate` counts."""
+    return after if ex.hidden_parts > 1 and not chunked else ()
 
 
 class JointAttention(nn.Module):
@@ -235,7 +238,8 @@ class JointAttention(nn.Module):
         self.norm_added_q = nn.RMSNorm(Dh, eps=cfg.eps)
         self.norm_added_k = nn.RMSNorm(Dh, eps=cfg.eps)
 
-    def __call__(self, img: mx.array, txt: mx.array, rope: tuple[mx.array, mx.array], ex: Execution):
+    def __call__(self, img: mx.array, txt: mx.array, rope: tuple[mx.array, mx.array], ex: Execution,
+                 after: tuple = ()):
         """q, k, v of both streams (text first) are written chunk by chunk into [B, L, H, Dh]
         buffers: the float32 RoPE temporaries exist for one chunk at a time, nothing is
         concatenated. Returns the image and text outputs."""
@@ -243,7 +247,7 @@ class JointAttention(nn.Module):
         L = L_txt + img.shape[1]
         bufs = [ex.buffer((B, L, self.heads, D // self.heads), txt.dtype) for _ in range(3)]
         chunked = ex.chunked(max(L_txt, img.shape[1]))
-        pace = ex.pace(ex.in_parts(max(L_txt, img.shape[1])), after=_block_inputs(ex, chunked, img, txt))
+        pace = ex.pace(ex.in_parts(max(L_txt, img.shape[1])), after=_block_inputs(ex, chunked, after))
         for x, off, pq, pk, pv, nq, nk in (
                 (txt, 0, self.add_q_proj, self.add_k_proj, self.add_v_proj, self.norm_added_q, self.norm_added_k),
                 (img, L_txt, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)):
@@ -272,9 +276,8 @@ class DoubleStreamBlock(nn.Module):
     def __call__(self, img, txt, mod_img, mod_txt, rope, ex: Execution = ONE_GRAPH):
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod_img
         c_shift_a, c_scale_a, c_gate_a, c_shift_m, c_scale_m, c_gate_m = mod_txt
-        attn_img, attn_txt = self.attn(
-            modulate(img, shift_a, scale_a, self.eps), modulate(txt, c_shift_a, c_scale_a, self.eps), rope, ex
-        )
+        attn_img, attn_txt = self.attn(modulate(img, shift_a, scale_a, self.eps),
+                                       modulate(txt, c_shift_a, c_scale_a, self.eps), rope, ex, after=(img, txt))
         img = gated_ff(self.ff, gated_add(img, gate_a, attn_img), shift_m, scale_m, gate_m, self.eps, ex)
         txt = gated_ff(self.ff_context, gated_add(txt, c_gate_a, attn_txt), c_shift_m, c_scale_m, c_gate_m,
                        self.eps, ex)
@@ -293,7 +296,7 @@ class ParallelAttention(nn.Module):
         self.norm_q = nn.RMSNorm(cfg.attention_head_dim, eps=cfg.eps)
         self.norm_k = nn.RMSNorm(cfg.attention_head_dim, eps=cfg.eps)
 
-    def __call__(self, x: mx.array, rope: tuple[mx.array, mx.array], ex: Execution) -> mx.array:
+    def __call__(self, x: mx.array, rope: tuple[mx.array, mx.array], ex: Execution, after: tuple = ()) -> mx.array:
         """x [B, L, D]. The fused projection and the MLP are token-wise and run in two passes
         over the projection's rows (q, k, v rows before attention, MLP rows after it), token
         chunk by token chunk, so only q, k, v, the attention output and the result ([B, L, 5D]
@@ -302,7 +305,7 @@ class ParallelAttention(nn.Module):
         D, proj = self.dim, self.to_qkv_mlp_proj
         bufs = [ex.buffer((B, L, self.heads, D // self.heads), x.dtype) for _ in range(3)]
         chunked = ex.chunked(L)
-        pace = ex.pace(ex.in_parts(L), after=_block_inputs(ex, chunked, x))
+        pace = ex.pace(ex.in_parts(L), after=_block_inputs(ex, chunked, after))
         for r0, r1 in ex.chunks(L):
             # q, k and v as three row ranges of the projection: each is its own output (no
             # parts to concatenate, nothing to copy for the head split).
@@ -334,7 +337,7 @@ class SingleStreamBlock(nn.Module):
 
     def __call__(self, x, mod, rope, ex: Execution = ONE_GRAPH):
         shift, scale, gate = mod
-        return clip_fp16(gated_add(x, gate, self.attn(modulate(x, shift, scale, self.eps), rope, ex)))
+        return clip_fp16(gated_add(x, gate, self.attn(modulate(x, shift, scale, self.eps), rope, ex, after=(x,))))
 
 
 class NormOut(nn.Module):
