@@ -263,15 +263,16 @@ class Models:
         them). Layers still on disk free nothing, and the buffers a generation left for the
         next one to reuse stay."""
         lazy = self._loader.lazy_weights(MODULATION_LAYERS)
-        shapes = {k: v.shape for k, v in tree_flatten(self.transformer.parameters()) if k.startswith(MODULATION_LAYERS)}
-        for key, shape in shapes.items():
-            name = key.replace(".base.", ".")  # a LoRA adapter wraps the layer whose weight this is
+        # the file's name of each held weight: a LoRA adapter wraps the layer whose weight it is
+        held = {k: (k.replace(".base.", "."), v.shape) for k, v in tree_flatten(self.transformer.parameters())
+                if k.startswith(MODULATION_LAYERS)}
+        for name, shape in held.values():
             if name not in lazy or lazy[name].shape != shape:
                 raise WeightsError(f"the checkpoint of this pipeline's transformer no longer holds {name} as "
                                    f"{list(shape)}: was it changed on disk? Load the pipeline again")
         mx.synchronize()  # buffers the device still releases would otherwise move the count
         before = mx.get_active_memory()
-        self.transformer.update(tree_unflatten([(key, lazy[key.replace(".base.", ".")]) for key in shapes]))
+        self.transformer.update(tree_unflatten([(key, lazy[name]) for key, (name, _) in held.items()]))
         if read or mx.get_active_memory() < before:
             mx.clear_cache()
 

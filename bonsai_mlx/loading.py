@@ -270,7 +270,7 @@ class TransformerSource:
         """The weights of the layers under `modules` (module paths), cast to the dtype as
         `load_transformer` casts them and not read: mx.load maps the file lazily, so each
         takes memory only once evaluated. Never packed: a pack packs block linears only."""
-        return {k: w.astype(self.dtype) for k, w in self._file_weights(modules).items()}
+        return {k: w.astype(self.dtype) for k, w in self._file_weights(modules)[0].items()}
 
     def cast_read_bytes(self, modules: tuple[str, ...]) -> int:
         """What reading the weights under `modules` again one at a time holds beside their
@@ -278,13 +278,13 @@ class TransformerSource:
         device is done with it): the checkpoint's tensor where it holds a weight in another
         dtype than the pipeline's, and once more where the weight is made anew from it (a BFL
         checkpoint's output norm, its halves swapped). 0 where every weight is read as it is."""
-        weights, rearranged = self._file_weights(modules, with_rearranged=True)
+        weights, rearranged = self._file_weights(modules)
         held = sorted(w.nbytes * ((w.dtype != self.dtype) + (k in rearranged)) for k, w in weights.items())
         return sum(held[-2:])
 
-    def _file_weights(self, modules: tuple[str, ...], with_rearranged: bool = False):
-        """The checkpoint's weights under `modules`, lazy, as the file holds them (renamed);
-        with `with_rearranged`, also the names of those made anew from the file's tensors."""
+    def _file_weights(self, modules: tuple[str, ...]) -> tuple[dict[str, mx.array], frozenset]:
+        """The checkpoint's weights under `modules`, lazy, as the file holds them (renamed), and
+        the names of those made anew from the file's tensors."""
         path = Path(self.path).expanduser()
         if not os.path.lexists(path):
             raise WeightsError(f"{path} no longer exists: the transformer's modulation layers cannot be read again. "
@@ -294,7 +294,7 @@ class TransformerSource:
         out = {k: w for k, w in weights.items() if k.startswith(prefixes)}
         if not out:
             raise WeightsError(f"{source} holds no weights of {', '.join(modules)}")
-        return (out, rearranged) if with_rearranged else out
+        return out, rearranged
 
 
 # ---------------------------------------------------------------------------- Hugging Face Hub

@@ -312,11 +312,11 @@ class LoraSet:
         return lora
 
     def get(self, name: str) -> Lora:
-        lora = self._loras.get(name)  # one look-up: the set may change meanwhile
-        if lora is None:
+        found = self._loras.get(name)  # one look-up: the set may change meanwhile
+        if found is None:
             loaded = ", ".join(lora.name for lora in self) or "none"
             raise BonsaiError(f"no LoRA named {name!r} is loaded (loaded: {loaded})")
-        return lora
+        return found
 
     def set_scale(self, name: str, scale: float) -> None:
         self.get(name).scale = _check_scale(scale)

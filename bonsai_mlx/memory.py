@@ -1110,9 +1110,10 @@ def calibrate_vae(vae, runs: int | None = None) -> dict:
     do not), so this is measured; it resets the peak-memory counter. Where the GroupNorm
     statistics reduce float32 row blocks (no moments kernel), the blocks are bounded in size,
     not in pixels: they are measured here at a block small enough to be bounded at these
-    sizes too, and `estimate` adds the real block. It decodes a 256x256 window: seconds on a GPU, about 5 minutes for the
-    full FLUX.2 VAE on MLX's Linux CPU wheel (its convolutions run at 1-2 GFLOP/s), so
-    plans that can do with `conservative_vae_scratch` use that instead."""
+    sizes too, and `estimate` adds the real block. It decodes a 256x256 window: seconds on a
+    GPU, about 5 minutes for the full FLUX.2 VAE on MLX's Linux CPU wheel (its convolutions
+    run at 1-2 GFLOP/s), so plans that can do with `conservative_vae_scratch` use that
+    instead."""
     dec, ex, runs = vae.decoder, Execution(sync=True, reduce_block=1 << 16), runs or calibration_runs()
     C_lat, C_mid = vae.config.latent_channels, vae.config.decoder_channels[-1]
     up, mid, strips = [], [], []
