@@ -500,17 +500,18 @@ COST_ATTENTION_ROWS = {None: 0, 1024: 0.1, 512: 0.2, 256: 0.4}
 COST_HIDDEN_PARTS = {1: 0, 2: 0.06, 4: 0.15, 8: 0.36}
 COST_PARTS_IN_CHUNKS = 0.2  # both at once cost more than the two apart (2048 tokens, 4 passes: +0.5 s)
 # A step in parts that fits a byte budget only with one part at a time, the pacer flushing
-# before many parts (`flushed_estimate`), by packed format and image tokens: each flush idles
-# the device while the host builds the next part, which costs a 512 px step, bound by the host,
-# most. At 512 px passes over all tokens took 1.06-1.23x (binary) and 0.61-0.71x (ternary) the
-# time of 512-token chunks there (h200-plan-variants-c36-*-512-flush.json), whose costs
-# (COST_TOKEN_CHUNK, COST_DIT) bracket it. At 1024 px (4096 image tokens) the flushed passes
-# over all tokens at the binary target denoised 0.075-0.128 s over `none` in the same calls,
-# against 0.116-0.179 s for 1536-token chunks (h200-plan-variants-c69-*, -c71-*): the passes'
-# own cost (COST_HIDDEN_PARTS) and this. Ternary's took 0.095-0.105 s against 0.083-0.142 s,
-# and its decode after them 1.1-1.4x as long (not explained): the 512 px figure stays. So it
-# does for sizes between and for token chunks (their flushing not measured).
-COST_FLUSHING = {"binary": {0: 0.4, 4096: 0.04}}
+# before many parts (`flushed_estimate`), by packed format and the tokens beside the prompt's:
+# each flush idles the device while the host builds the next part, which costs a step bound by
+# the host (512 px) most. At 512 px passes over all tokens took 1.06-1.23x (binary) and
+# 0.61-0.71x (ternary) the time of 512-token chunks there (h200-plan-variants-c36-*-512-flush.json),
+# whose costs (COST_TOKEN_CHUNK, COST_DIT) bracket it. At 1024 px (4096 image tokens) binary's
+# flushed passes over all tokens denoised in 0.02-0.07 s less than the 1536-token chunks in 2
+# passes of the same calls (h200-plan-variants-c69-binary-1024.json, -c71-): their cost,
+# COST_HIDDEN_PARTS[2] and this, is the chunks' COST_DIT less about that. Ternary's denoised
+# in 0.028 s less to 0.001 s more, but its decode after them took 1.0-1.5x as long (not
+# explained) and its whole generations 0.98-1.14x; ternary, token chunks and steps of fewer
+# tokens (whose flushing is not measured) take the 512 px figure, COST_FLUSHING_DEFAULT.
+COST_FLUSHING = {"binary": {4096: 0.01}}
 COST_FLUSHING_DEFAULT = 0.4
 # A strip decode two strips in flight that fits a byte budget only with the pacer's flush
 # (`_flushed_decode`): it flushes where active memory nears the budget, at the decode's peaks,
@@ -532,15 +533,11 @@ COST_SPLIT_SLABS = 0.01
 # 1536-token chunks (three equal chunks at 1024 px, where 2048-token ones leave a third of
 # 512) step in 95-96 ms whole, 100-102 ms with the MLP in 2 passes and 107-118 ms in 4
 # (h200-part-peaks-c34-*.json.steps.json; 2048-token chunks 96-111 and 107-117 ms there).
-# Measured again in whole generations at the 1024 px targets, against `none` of the same call
-# (h200-plan-variants-c69-*, -c71-*; generations 2 and 3): binary 1536- / 2048-token chunks in
-# 2 passes +0.116-0.179 / +0.147-0.149 s, 1536-token chunks in 4 passes +0.273-0.275 s; ternary
-# +0.083-0.142 / +0.136-0.141 s and +0.174-0.208 s.
 COST_DIT = {
-    "binary": {(2048, 2): 0.15, (2048, 4): 0.15, (1536, 1): 0.065, (1536, 2): 0.14, (1536, 4): 0.27,
+    "binary": {(2048, 2): 0.09, (2048, 4): 0.15, (1536, 1): 0.065, (1536, 2): 0.09, (1536, 4): 0.15,
                (1024, 2): 0.29, (1024, 4): 0.36},
-    "ternary": {(2048, 1): 0.12, (2048, 2): 0.14, (2048, 4): 0.17, (1536, 1): 0.055, (1536, 2): 0.12,
-                (1536, 4): 0.19, (1024, 1): 0.34, (512, 1): 0.70, (1024, 2): 0.26, (1024, 4): 0.37},
+    "ternary": {(2048, 1): 0.12, (2048, 2): 0.11, (2048, 4): 0.17, (1536, 1): 0.055, (1536, 2): 0.09,
+                (1536, 4): 0.10, (1024, 1): 0.34, (512, 1): 0.70, (1024, 2): 0.26, (1024, 4): 0.37},
 }
 COST_VAE_TILE = {None: 0, 1024: 20, 768: 25, 512: 30, 384: 40, 256: 60, 128: 120}
 COST_VAE_STRIP = {None: 0, 256: 0.017, 128: 0.031, 64: 0.05, 32: 0.054, 16: 0.1}
@@ -937,9 +934,10 @@ def smallest_plan(fp: Footprint, width: int, height: int, cfg_batches: int = 1, 
 
 
 def flushing_cost(plan: MemoryPlan, fmt: str, image_tokens: int) -> float:
-    """What flushing before many parts adds to a generation of this many image tokens under
-    `plan` for the packed format `fmt` (COST_FLUSHING: steps over all tokens by the largest
-    size measured at or below theirs; token chunks and other formats COST_FLUSHING_DEFAULT)."""
+    """What flushing before many parts adds to a generation with this many image (and
+    reference) tokens under `plan` for the packed format `fmt` (COST_FLUSHING: steps over all
+    tokens by the largest token count measured at or below theirs, where larger steps are the
+    more bound by the device; token chunks and other formats COST_FLUSHING_DEFAULT)."""
     by_size = COST_FLUSHING.get(fmt, {})
     measured = [t for t in by_size if t <= image_tokens]
     return by_size[max(measured)] if measured and plan.token_chunk is None else COST_FLUSHING_DEFAULT
@@ -950,8 +948,8 @@ def _with_flush(plan: MemoryPlan, terms: "_Terms", est: dict, limit: int, flush:
     """(what the flush adds to the plan's cost, the plan with its estimates) where `plan` is
     over `limit` (its stage bytes `est`) but the pacer's flush keeps each stage over it under
     it: those stages' estimates are the limit. A step with two parts in flight under the limit
-    seldom waits, with only one it often does (`flushing_cost` of the image's tokens); a
-    decode flushes at its peaks. None otherwise."""
+    seldom waits, with only one it often does (`flushing_cost` of the image's and the
+    references' tokens); a decode flushes at its peaks. None otherwise."""
     step, decode = _least(terms, est, flush)
     over = {k for k, v in est.items() if v > limit}
     if not over or not over <= {k for k, least in (("denoising", step), ("decoding", decode)) if least and least <= limit}:
@@ -968,7 +966,7 @@ def budgeted(plan: MemoryPlan, fp: Footprint, width: int, height: int, budget: i
     them). A plan that does not fit keeps its own estimates."""
     terms = _terms(fp, width, height, plan, cfg_batches, images)
     flushed = _with_flush(plan, terms, _stage_bytes(terms), budget, flush_measured() if flush is None else flush,
-                          fp.packed_format, _image_tokens(width, height))
+                          fp.packed_format, _image_tokens(width, height) + _extra_tokens(images))
     return flushed[1] if flushed else _estimated(plan, terms)
 
 
@@ -997,7 +995,7 @@ def plan_memory(fp: Footprint, width: int, height: int, budget, cfg_batches: int
                 return with_estimate(p, fp, width, height, cfg_batches, images)
             return _estimated(p, terms)
         flushed = _with_flush(p, terms, est, limit, flush and not auto, fp.packed_format,
-                              _image_tokens(width, height))
+                              _image_tokens(width, height) + _extra_tokens(images))
         if flushed and (not flushing or cost + flushed[0] < flushing[0]):
             flushing = cost + flushed[0], flushed[1]
     if flushing:

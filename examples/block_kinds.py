@@ -5,7 +5,8 @@ streams' MLPs: 2 x D x 2F in, 2 x F x D out, against D x 2F and (D + F) x D), so
 that keeps the doubles in MLP passes or token chunks may leave the singles whole. For each
 variant: the step's time (median of 5) and the host's time starting and waiting for parts,
 its extra peak above the weights, and the peak of each kind's blocks alone (the step run
-again with a synchronize between the kinds).
+again with a synchronize between the kinds). A format's first variant's host times include
+the kernel builds of its warm-ups.
 
     python examples/block_kinds.py --root /tmp/g --formats binary ternary --sizes 512 1024 [--tiny]
 """
@@ -27,7 +28,14 @@ sys.path.insert(0, os.path.dirname(__file__))
 import profile_speed as P  # noqa: E402  (timing helpers, the pace instrumentation)
 
 from bonsai_mlx import transformer as T  # noqa: E402
+from bonsai_mlx.benchmark import klein_inputs, random_transformer  # noqa: E402
+from bonsai_mlx.config import KLEIN_4B, TransformerConfig  # noqa: E402
 from bonsai_mlx.execution import Execution  # noqa: E402
+from bonsai_mlx.executor import packed_info, slab_tuning  # noqa: E402
+from bonsai_mlx.loading import load_transformer  # noqa: E402
+from bonsai_mlx.memory import MemoryPlan  # noqa: E402
+
+RUNS, WARMUP = 5, 2  # timed steps and warm-ups per variant (the host's times are per step over both)
 
 
 def ex(chunk=None, parts=1):
@@ -46,7 +54,8 @@ VARIANTS = {
 
 
 def forward(m, x, mods, ctx, ex_double: Execution, ex_single: Execution, between=None):
-    """Flux2Transformer.forward with each kind of block under its own execution."""
+    """Flux2Transformer.forward (without reference tokens) with each kind of block under its
+    own execution: the model's forward takes one for all its blocks."""
     img, txt = m.x_embedder(x), ctx.txt
     pace = ex_double.pace()
     for block in m.transformer_blocks:
@@ -98,12 +107,6 @@ def main():
     a = ap.parse_args()
     P.JSON[0] = a.json
     P.record("device", device=str(mx.default_device()), mlx=mx.__version__)
-    from bonsai_mlx.benchmark import klein_inputs, random_transformer
-    from bonsai_mlx.config import KLEIN_4B, TransformerConfig
-    from bonsai_mlx.executor import packed_info, slab_tuning
-    from bonsai_mlx.loading import load_transformer
-    from bonsai_mlx.memory import MemoryPlan
-
     P._instrument_pace()
     if a.no_input_wait:
         T._block_inputs = lambda ex, chunked, after: ()
@@ -127,8 +130,9 @@ def main():
                 P.HOST.update(encode=0.0, wait=0.0)
                 with tuning:
                     t = time.perf_counter()
-                    ms = P.timeit(f"step {name}", lambda: forward(m, inp[0], mods, ctx, exd, exs), runs=5)
-                    host = {f"{k}_ms": 1e3 * v / 7 for k, v in P.HOST.items()}
+                    ms = P.timeit(f"step {name}", lambda: forward(m, inp[0], mods, ctx, exd, exs), runs=RUNS,
+                                  warmup=WARMUP)
+                    host = {f"{k}_ms": 1e3 * v / (RUNS + WARMUP) for k, v in P.HOST.items()}
                     peaks = kind_peaks(m, inp, mods, ctx, exd, exs)
                 P.record(f"kinds {name}", step_ms=ms, double_peak_mb=peaks[0] / 1e6, single_peak_mb=peaks[1] / 1e6,
                          s=time.perf_counter() - t, **host)
