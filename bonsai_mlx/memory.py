@@ -619,8 +619,7 @@ class _Terms(NamedTuple):
 def _terms(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batches: int, images: tuple) -> _Terms:
     """The modelled terms of `estimate`, `flushed_estimate` and a plan's parts (`with_estimate`)."""
     s = fp.dtype_bytes
-    L_img = (width // 16) * (height // 16)
-    L_ref = sum((w // 16) * (h // 16) for w, h in images)
+    L_img, L_ref = _image_tokens(width, height), _extra_tokens(images)
     L = L_img + L_ref + fp.text_len
     D, F = fp.transformer_dim, fp.transformer_mlp
     c = min(plan.token_chunk or L, L)
@@ -844,7 +843,7 @@ def candidate_plans(width: int, height: int, fused_attention: bool = True, extra
     with whole slabs or the kernels' slabs.
     With `modulation` (layers that can be read again) each plan is also offered with them left on disk.
     Tokens: the image's, `extra_tokens` (reference images') and `text_len` (the prompt's, padded)."""
-    side, L = max(width, height), (width // 16) * (height // 16) + text_len + extra_tokens
+    side, L = max(width, height), _image_tokens(width, height) + text_len + extra_tokens
     decodes = ([(None, None)] + [(None, s) for s in VAE_STRIPS if s < height]
                + [(t, None) for t in VAE_TILES if t < side])
     chunks = [c for c in TOKEN_CHUNKS if c is None or c < L]
@@ -933,28 +932,28 @@ def smallest_plan(fp: Footprint, width: int, height: int, cfg_batches: int = 1, 
     return min((needs(p) for p in _candidates(fp, width, height, images)), key=rank)
 
 
-def flushing_cost(plan: MemoryPlan, fmt: str, image_tokens: int) -> float:
+def flushing_cost(plan: MemoryPlan, fmt: str, tokens: int) -> float:
     """What flushing before many parts adds to a generation with this many image (and
     reference) tokens under `plan` for the packed format `fmt` (COST_FLUSHING: steps over all
     tokens by the largest token count measured at or below theirs, where larger steps are the
     more bound by the device; token chunks and other formats COST_FLUSHING_DEFAULT)."""
     by_size = COST_FLUSHING.get(fmt, {})
-    measured = [t for t in by_size if t <= image_tokens]
+    measured = [t for t in by_size if t <= tokens]
     return by_size[max(measured)] if measured and plan.token_chunk is None else COST_FLUSHING_DEFAULT
 
 
 def _with_flush(plan: MemoryPlan, terms: "_Terms", est: dict, limit: int, flush: bool, fmt: str,
-                image_tokens: int) -> tuple[float, MemoryPlan] | None:
+                tokens: int) -> tuple[float, MemoryPlan] | None:
     """(what the flush adds to the plan's cost, the plan with its estimates) where `plan` is
     over `limit` (its stage bytes `est`) but the pacer's flush keeps each stage over it under
     it: those stages' estimates are the limit. A step with two parts in flight under the limit
-    seldom waits, with only one it often does (`flushing_cost` of the image's and the
-    references' tokens); a decode flushes at its peaks. None otherwise."""
+    seldom waits, with only one it often does (`flushing_cost` of `tokens`, the image's and the
+    references'); a decode flushes at its peaks. None otherwise."""
     step, decode = _least(terms, est, flush)
     over = {k for k, v in est.items() if v > limit}
     if not over or not over <= {k for k, least in (("denoising", step), ("decoding", decode)) if least and least <= limit}:
         return None
-    cost = (flushing_cost(plan, fmt, image_tokens) * ("denoising" in over and _flushed_bytes(terms)[1] > limit)
+    cost = (flushing_cost(plan, fmt, tokens) * ("denoising" in over and _flushed_bytes(terms)[1] > limit)
             + COST_FLUSHING_VAE * COST_STRICT_VAE[plan.vae_strip] * ("decoding" in over))
     return cost, _estimated(plan, terms, limit if "denoising" in over else None, limit if "decoding" in over else None)
 
@@ -983,6 +982,7 @@ def plan_memory(fp: Footprint, width: int, height: int, budget, cfg_batches: int
     flush = flush_measured() if flush is None else flush
     limit = device_cap() if auto else budget
     flushing = None  # (cost, plan): the cheapest plan that fits a byte budget only with the pacer's flush
+    tokens = _image_tokens(width, height) + _extra_tokens(images)  # beside the prompt's, in every step
     for p in _candidates(fp, width, height, images):
         cost = plan_cost(p, fp.packed_format)
         if flushing and cost > flushing[0]:
@@ -994,8 +994,7 @@ def plan_memory(fp: Footprint, width: int, height: int, budget, cfg_batches: int
                 p, est = _auto_encode(fp, width, height, p, est, cfg_batches, images, limit)
                 return with_estimate(p, fp, width, height, cfg_batches, images)
             return _estimated(p, terms)
-        flushed = _with_flush(p, terms, est, limit, flush and not auto, fp.packed_format,
-                              _image_tokens(width, height) + _extra_tokens(images))
+        flushed = _with_flush(p, terms, est, limit, flush and not auto, fp.packed_format, tokens)
         if flushed and (not flushing or cost + flushed[0] < flushing[0]):
             flushing = cost + flushed[0], flushed[1]
     if flushing:

@@ -17,7 +17,6 @@ import gc
 import json
 import os
 import re
-import statistics
 import sys
 import time
 from contextlib import nullcontext

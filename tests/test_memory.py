@@ -784,9 +784,10 @@ def test_the_1024_px_targets_take_the_steps_measured_fastest(fmt):
     2 passes, the whole generation too, and within 6% of each call's fastest variant. The
     ternary target keeps 1536-token chunks in 2 passes, which fit without the flush: its passes
     were no faster there (COST_FLUSHING). Every variant stayed under the budget."""
-    run = next(r for r in json.loads((RESULTS / f"h200-generate-c63-{fmt}.json").read_text())["runs"]
+    name = f"h200-generate-c63-{fmt}.json"
+    run = next(r for r in json.loads((RESULTS / name).read_text())["runs"]
                if r["budget"] == "target" and r["size"] == 1024)
-    fp, budget = _recorded_footprint(run, "-c63-"), int(run["budget_gb"] * GB)
+    fp, budget = _recorded_footprint(run, name), int(run["budget_gb"] * GB)
     plan = plan_memory(fp, 1024, 1024, budget, flush=True)
     passes = fmt == "binary"
     want = (None, 2, True) if passes else (1536, 2, False)
