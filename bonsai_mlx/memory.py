@@ -507,7 +507,10 @@ COST_PARTS_IN_CHUNKS = 0.2  # both at once cost more than the two apart (2048 to
 # whose costs (COST_TOKEN_CHUNK, COST_DIT) bracket it. At 1024 px (4096 image tokens) binary's
 # flushed passes over all tokens denoised in 0.02-0.07 s less than the 1536-token chunks in 2
 # passes of the same calls (h200-plan-variants-c69-binary-1024.json, -c71-): their cost,
-# COST_HIDDEN_PARTS[2] and this, is the chunks' COST_DIT less about that. Ternary's denoised
+# COST_HIDDEN_PARTS[2] and this, is the chunks' COST_DIT less about that. Larger binary steps
+# too: at 1280 px (2.8 GB) and 1536 px (3.4 GB) the flushed passes denoised in 0.81-0.86x and
+# 0.91x the time of the 2048-token chunks that the 512 px figure would plan there
+# (h200-plan-variants-c72-binary-1280.json, -1536.json). Ternary's denoised
 # in 0.028 s less to 0.001 s more, but its decode after them took 1.0-1.5x as long (not
 # explained) and its whole generations 0.98-1.14x; ternary, token chunks and steps of fewer
 # tokens (whose flushing is not measured) take the 512 px figure, COST_FLUSHING_DEFAULT.

@@ -813,6 +813,41 @@ def test_the_1024_px_targets_take_the_steps_measured_fastest(fmt):
                 assert max(g["memory"]["peak_gb"] for g in r["generations"]) <= r["budget_gb"], (call, r["variant"])
 
 
+@pytest.mark.parametrize("size, budget, chunks", [(1280, 2.8, (2048, 2)), (1536, 3.4, (2048, 1))])
+def test_binary_flushed_passes_beyond_1024_px_are_the_faster_measured(size, budget, chunks):
+    """Beyond the 1024 px target, binary budgets that fit passes over all tokens only with the
+    pacer's flush plan them (COST_FLUSHING), where the 512 px flushing cost would take 2048-token
+    chunks. In whole generations at those budgets (c72, generations 2 and 3) the passes denoised
+    and generated faster than those chunks, under the budget."""
+    from bonsai_mlx import memory
+
+    name = "h200-generate-c63-binary.json"
+    run = next(r for r in json.loads((RESULTS / name).read_text())["runs"]
+               if r["budget"] == "target" and r["size"] == 1024)
+    fp, b = _recorded_footprint(run, name), int(budget * GB)
+    plan = plan_memory(fp, size, size, b, flush=True)
+    assert (plan.token_chunk, plan.hidden_parts, plan.whole_slabs) == (None, 2, True)
+    assert plan.stage_estimates["denoising"] == b  # fits with the flush only
+    assert memory.flushing_cost(plan, "binary", size * size // 256) < memory.COST_FLUSHING_DEFAULT
+    saved = dict(memory.COST_FLUSHING)
+    try:
+        memory.COST_FLUSHING.clear()  # every step at the 512 px figure
+        assert (plan_memory(fp, size, size, b, flush=True).token_chunk,
+                plan_memory(fp, size, size, b, flush=True).hidden_parts) == chunks
+    finally:
+        memory.COST_FLUSHING.update(saved)
+    runs = {r["variant"]: r for r in json.loads((RESULTS / f"h200-plan-variants-c72-binary-{size}.json").read_text())["runs"]}
+    planned, chunked = runs["planned"], runs[f"2048-token chunks, MLP in {chunks[1]} passes"]
+    assert (planned["plan"]["token_chunk"], planned["plan"]["hidden_parts"]) == (None, 2)
+    assert (chunked["plan"]["token_chunk"], chunked["plan"]["hidden_parts"]) == chunks
+    for g_planned, g_chunked in zip(planned["generations"][1:], chunked["generations"][1:]):
+        assert g_planned["timings"]["denoising_s"] < g_chunked["timings"]["denoising_s"]
+        whole = [g["timings"]["denoising_s"] + g["timings"]["decoding_s"] for g in (g_planned, g_chunked)]
+        assert whole[0] < whole[1]
+    for r in (planned, chunked):
+        assert max(g["memory"]["peak_gb"] for g in r["generations"]) <= budget
+
+
 def test_step_costs_follow_the_packed_format(tmp_path):
     """Token chunks are ranked by what they cost for the transformer's packed format (COST_DIT),
     which the footprint reports. Under the 1024 px targets both formats take three 1536-token
