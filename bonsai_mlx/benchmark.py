@@ -187,7 +187,8 @@ def timed_generation(pipe, prompt: str, size: int, steps: int, seed: int, plan, 
     result = pipe.generate(prompt, width=size, height=size, steps=steps, seed=seed, plan=plan, callback=step_done,
                            **edit)
     t = result.timings
-    start = t["text_encoding_s"] + t.get("image_encoding_s", 0.0) + t.get("transformer_load_s", 0.0)
+    # the stages before denoising: the first step starts after every one of them
+    start = sum(t.get(k, 0.0) for k in ("text_encoding_s", "image_encoding_s", "transformer_load_s", "modulation_s"))
     log(f"[{label}] peak {result.memory['peak_gb']:.3f} GB, mean-active {result.memory['mean_active_gb']:.3f} GB, "
         f"active+cached (sampled) {result.memory['sampled_footprint_gb']:.3f} GB, "
         f"{t['total_s']:.2f} s ({', '.join(f'{k} {v:.3f}' for k, v in t.items())})")

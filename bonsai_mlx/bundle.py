@@ -210,7 +210,8 @@ def pipeline_over(directory, components: dict, sampler: dict, memory_budget="aut
     te = load_text_encoder(directory / c["text_encoder"]["dir"], dtype=dtype,
                            layers=c["text_encoder"]["hidden_state_taps"],
                            tokenizer_path=directory / c["tokenizer"]["dir"], resident=False)
-    vae = load_vae(directory / c["vae"]["dir"], dtype=getattr(mx, c["vae"].get("dtype", "float16")), layout="mlx")
+    vae = load_vae(directory / c["vae"]["dir"], dtype=getattr(mx, c["vae"].get("dtype", "float16")), layout="mlx",
+                   lazy_encoder=True)
     return BonsaiPipeline(transformer if transformer is not None else loader(), te, vae,
                           is_distilled=bool(sampler["distilled"]), model=str(directory),
                           max_sequence_length=c["text_encoder"]["max_sequence_length"],

@@ -304,6 +304,8 @@ class Models:
         encoder's measured scratch (measured once, when first asked for: only editing
         encodes images)."""
         cfg, te = self.transformer_info["config"], self.text_encoder
+        if encoder:
+            self.vae.read_encoder()  # resident from the plan on, as every stage of an edit counts it
         if encoder and self._vae_enc_fit is None and self.vae.has_encoder:
             self._vae_enc_fit = calibrate_vae_encoder(self.vae)
         enc_fit = self._vae_enc_fit if encoder and self._vae_enc_fit else {}

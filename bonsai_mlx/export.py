@@ -158,6 +158,8 @@ def _text_tensors(arrays: dict, quantized: bool, bits: int, dtype) -> dict:
 
 def _write_vae(vae, directory: Path, decoder_only: bool) -> None:
     directory.mkdir(parents=True)
+    if not decoder_only:
+        vae.read_encoder()
     weights = {k: v for k, v in tree_flatten(vae.parameters())
                if not (decoder_only and k.startswith(("encoder.", "quant_conv.")))}
     cfg = {"_class_name": "AutoencoderKLFlux2", **{k: (list(v) if isinstance(v, tuple) else v)

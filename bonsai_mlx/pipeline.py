@@ -254,7 +254,7 @@ def open_parts(root, dtype, vae, text_layers, cache_dir, vae_dtype):
             DEFAULT_VAE_REPO, cache_dir=cache_dir, files=VAE_FILES,
             what="the VAE (PrismML packs decode with BFL's small decoder; or pass vae=)")
     vae_dtype = vae_dtype or (mx.float32 if dtype == mx.float32 else mx.float16)
-    vae_model = load_vae(vae, dtype=vae_dtype) if isinstance(vae, (str, os.PathLike)) else vae
+    vae_model = load_vae(vae, dtype=vae_dtype, lazy_encoder=True) if isinstance(vae, (str, os.PathLike)) else vae
     return is_distilled, text_encoder, vae_model
 
 

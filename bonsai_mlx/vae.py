@@ -471,6 +471,9 @@ class AutoencoderKLFlux2(nn.Module):
     def __init__(self, config: VAEConfig, has_encoder: bool = True):
         super().__init__()
         self.config = config
+        # Reads the encoder's weights from the checkpoint where `load_vae` left them there
+        # (lazy_encoder): (weights by parameter name, what to name in an error).
+        self._encoder_reader = None
         if has_encoder:
             self.encoder = Encoder(config)
             if config.use_quant_conv:
@@ -482,7 +485,31 @@ class AutoencoderKLFlux2(nn.Module):
 
     @property
     def has_encoder(self) -> bool:
+        """Whether it can encode images: its encoder resident, or still on disk."""
+        return "encoder" in self or self._encoder_reader is not None
+
+    @property
+    def encoder_resident(self) -> bool:
         return "encoder" in self
+
+    def read_encoder(self) -> None:
+        """Read the encoder's weights where `load_vae` left them on disk (lazy_encoder), one
+        at a time: a file tensor and its cast copy are all that live beside the weights read
+        so far. Nothing to do when resident or decoder-only."""
+        if "encoder" in self or self._encoder_reader is None:
+            return
+        weights = self._encoder_reader()
+        try:
+            for w in weights.values():
+                mx.eval(w)
+        except (RuntimeError, OSError) as e:  # a lazy read of a file that changed on disk
+            raise WeightsError(f"the VAE's encoder could not be read from its checkpoint ({e}): was it changed or "
+                               "removed? Load the VAE again") from None
+        self.encoder = Encoder(self.config)
+        if self.config.use_quant_conv:
+            self.quant_conv = nn.Conv2d(2 * self.config.latent_channels, 2 * self.config.latent_channels, 1)
+        self.update(tree_unflatten(list(weights.items())))
+        self._encoder_reader = None
 
     @property
     def dtype(self):
@@ -521,6 +548,7 @@ class AutoencoderKLFlux2(nn.Module):
         runs whole, in one graph."""
         if not self.has_encoder:
             raise BonsaiError("this VAE checkpoint has no encoder (decoder-only); it cannot encode images")
+        self.read_encoder()
         f = self.encoder_factor
         if x.ndim != 4 or x.shape[-1] != self.config.in_channels or x.shape[1] % f or x.shape[2] % f:
             raise BonsaiError(f"encode expects [B, H, W, {self.config.in_channels}] with H, W multiples "
@@ -785,13 +813,16 @@ def _read_weights(folder: ModelFolder) -> tuple[dict, str]:
     return load_shards(files), files_named(files)
 
 
-def load_vae(path, dtype=mx.float16, layout: str = "diffusers") -> AutoencoderKLFlux2:
+def load_vae(path, dtype=mx.float16, layout: str = "diffusers", lazy_encoder: bool = False) -> AutoencoderKLFlux2:
     """Load a diffusers AutoencoderKLFlux2 directory (config.json + safetensors).
 
     A checkpoint without any `encoder.*` key loads as decoder-only. The BatchNorm
     statistics stay float32; everything else is cast to `dtype`. layout="mlx" reads
     weights already in this module's layout (channels-last convolutions, as bundles
-    store them) instead of diffusers'.
+    store them) instead of diffusers'. `lazy_encoder`: the encoder's weights (and its
+    quant_conv's), checked here, stay on disk until the first encode reads them
+    (`AutoencoderKLFlux2.read_encoder`): only editing encodes images, and for FLUX.2's VAE
+    they are 69 MB in float16 that a text-to-image run never needs.
     """
     if layout not in ("diffusers", "mlx"):
         raise BonsaiError(f"VAE layout must be 'diffusers' or 'mlx', got {layout!r}")
@@ -821,18 +852,48 @@ def load_vae(path, dtype=mx.float16, layout: str = "diffusers") -> AutoencoderKL
     not_float = sorted(k for k, w in raw.items() if not mx.issubdtype(w.dtype, mx.floating))
     if not_float:
         problems.append(f"weights that are not floating point: {_list(not_float)}")
-    weights = {}
-    bad_shapes = []
-    for k in expected.keys() & raw.keys():
-        w = _to_mlx(k, raw[k]) if layout == "diffusers" else raw[k]
-        if w.shape != expected[k].shape:
-            bad_shapes.append(f"{k}: expected {tuple(expected[k].shape)} (MLX layout), "
-                              f"got {tuple(w.shape)} (from {tuple(raw[k].shape)})")
-        weights[k] = w.astype(mx.float32 if k.startswith("bn.") else dtype)
+    weights, bad_shapes = _converted(raw, {k: v.shape for k, v in expected.items()}, layout, dtype)
     if bad_shapes:
         problems.append(f"shape mismatches ({len(bad_shapes)}): " + "; ".join(sorted(bad_shapes)[:20]))
     if problems:
         raise WeightsError(f"VAE weights in {source} do not fit its config.json: " + " | ".join(problems))
+    if lazy_encoder and has_encoder:
+        on_disk = {k for k in weights if k.startswith(_ENCODER_KEYS)}
+        for name in ("encoder", "quant_conv"):
+            if name in model:
+                del model[name]
+        weights = {k: w for k, w in weights.items() if k not in on_disk}
+        shapes = {k: expected[k].shape for k in on_disk}
+        model._encoder_reader = lambda: _read_again(folder, shapes, layout, dtype)
     model.update(tree_unflatten(list(weights.items())))
     mx.eval(model.parameters())
     return model
+
+
+_ENCODER_KEYS = ("encoder.", "quant_conv.")
+
+
+def _converted(raw: dict, shapes: dict, layout: str, dtype) -> tuple[dict, list[str]]:
+    """The checkpoint's weights that `shapes` names, lazy, in this module's layout and
+    dtype, and the shape mismatches found."""
+    weights, bad_shapes = {}, []
+    for k in shapes.keys() & raw.keys():
+        w = _to_mlx(k, raw[k]) if layout == "diffusers" else raw[k]
+        if w.shape != tuple(shapes[k]):
+            bad_shapes.append(f"{k}: expected {tuple(shapes[k])} (MLX layout), "
+                              f"got {tuple(w.shape)} (from {tuple(raw[k].shape)})")
+        weights[k] = w.astype(mx.float32 if k.startswith("bn.") else dtype)
+    return weights, bad_shapes
+
+
+def _read_again(folder: ModelFolder, shapes: dict, layout: str, dtype) -> dict:
+    """The weights `shapes` names, lazy reads of the checkpoint as `load_vae` found it."""
+    try:
+        raw, source = _read_weights(folder)
+    except BonsaiError as e:
+        raise WeightsError(f"the VAE's encoder could not be read again: {e}. Load the VAE again") from None
+    weights, bad_shapes = _converted(raw, shapes, layout, dtype)
+    if bad_shapes or len(weights) != len(shapes):
+        raise WeightsError(f"{source} no longer holds the VAE encoder's weights as loaded: was it changed on disk? "
+                           "Load the VAE again")
+    return weights

@@ -81,7 +81,7 @@ def write_vectors(directory: Path, transformer, pipe, fmt: str, seed: int = 0) -
          {"sigmas": mx.array(sigmas, dtype=F32), "x": xs, "v": v, "x_next": euler_step(xs, v, sigmas[0], sigmas[1])})
 
     vae = pipe.vae
-    vae32 = type(vae)(vae.config, has_encoder=vae.has_encoder)
+    vae32 = type(vae)(vae.config, has_encoder=vae.encoder_resident)
     vae32.update(tree_map(lambda p: p.astype(F32), vae.parameters()))
     tokens = normal(1, 4, vae.config.patched_channels)
     size = 4 * vae.decoder_factor

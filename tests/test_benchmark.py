@@ -3,6 +3,7 @@
 import json
 
 import mlx.core as mx
+import numpy as np
 
 from bonsai_mlx.benchmark import EDIT_CASES, EDIT_COLUMNS, RATIOS, bench_generate, forward_flops
 from bonsai_mlx.cli import main
@@ -86,3 +87,24 @@ def test_benchmark_edit_command_runs_every_case_on_the_pack_in_dir(tmp_path, cap
     assert len(rows) == 2 * len(EDIT_CASES) and all(line.count("|") == len(EDIT_COLUMNS) + 1 for line in rows)
     main(["benchmark", "edit", "--table", str(out)])
     assert capsys.readouterr().out == table
+
+
+def test_step_times_start_after_every_stage_before_denoising():
+    """A step's time runs from the end of the step before it; the first one's from the end of
+    the last stage before denoising, the modulation stage (budgeted plans) included."""
+    from types import SimpleNamespace
+
+    from bonsai_mlx.benchmark import timed_generation
+
+    class Pipe:
+        def generate(self, prompt, callback, **kw):
+            for elapsed in (1.55, 1.75):  # text 1.0 s, image 0.2 s, load 0.25 s, modulation 0.05 s
+                callback(SimpleNamespace(elapsed=elapsed))
+            timings = {"text_encoding_s": 1.0, "image_encoding_s": 0.2, "transformer_load_s": 0.25,
+                       "modulation_s": 0.05, "denoising_s": 0.3, "total_s": 2.0}
+            return SimpleNamespace(timings=timings, memory={"peak_gb": 1.0, "mean_active_gb": 0.5,
+                                                            "sampled_footprint_gb": 1.0},
+                                   array=np.zeros((2, 2, 3), np.float32))
+
+    gen = timed_generation(Pipe(), "p", 64, 2, 0, None, log=lambda *_: None)
+    assert np.allclose(gen["step_s"], [0.05, 0.2])

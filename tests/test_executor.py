@@ -279,3 +279,27 @@ def test_a_pipeline_from_objects_refuses_to_leave_its_modulation_layers_on_disk(
     finally:
         del pipe.text_encoder.encode
     assert calls == []
+
+
+def test_the_vae_encoder_stays_on_disk_until_an_edit_plans(packed):
+    """A pipeline loaded from files holds the VAE's decoder only: text-to-image generations
+    never read the encoder and their footprint counts none of it; planning an edit reads it
+    (its scratch is measured then), and from then on every plan counts it."""
+    from mlx.utils import tree_flatten
+
+    from bonsai_mlx.benchmark import picture
+    from bonsai_mlx.executor import nbytes
+    from bonsai_mlx.vae import load_vae
+
+    pipe = BonsaiPipeline.from_pretrained(packed.model, dtype=mx.float32, quantize="binary", text_layers=mp.TEXT_LAYERS)
+    full = load_vae(packed.model + "/vae", dtype=pipe.vae.dtype)  # the same file, read whole
+    encoder = sum(v.nbytes for k, v in tree_flatten(full.parameters()) if k.startswith(("encoder.", "quant_conv.")))
+    assert encoder > 0 and pipe.vae.has_encoder and not pipe.vae.encoder_resident
+    pipe.generate("a cat", width=64, height=64, steps=2, memory_budget="4GB")
+    assert not pipe.vae.encoder_resident
+    assert pipe.footprint().vae_bytes == nbytes(pipe.vae) == nbytes(full) - encoder
+    pipe.plan(64, 64, memory_budget="4GB", images=((64, 64),))
+    assert pipe.vae.encoder_resident
+    assert pipe.footprint().vae_bytes == nbytes(full)
+    got = pipe.generate("a cat", width=64, height=64, steps=2, image=[picture(64, 64, 1)], memory_budget="4GB")
+    assert np.isfinite(got.array).all()

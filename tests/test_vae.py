@@ -16,6 +16,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
@@ -86,8 +87,10 @@ def nhwc(t):
 
 @pytest.mark.parametrize("name", ["small4", "small3"])
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16])
-def test_encode_matches_diffusers(vae_dirs, name, dtype):
-    ref, ours = ref_model(vae_dirs[name]), load_vae(vae_dirs[name], dtype=dtype)
+@pytest.mark.parametrize("lazy", [False, True])
+def test_encode_matches_diffusers(vae_dirs, name, dtype, lazy):
+    ref, ours = ref_model(vae_dirs[name]), load_vae(vae_dirs[name], dtype=dtype, lazy_encoder=lazy)
+    assert ours.encoder_resident != lazy
     f = 2 * ours.encoder_factor
     torch.manual_seed(0)
     img = torch.rand(2, 3, 3 * f, 5 * f)  # batch 2, non-square
@@ -296,3 +299,56 @@ def test_load_errors(vae_dirs, tmp_path):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match="divisible"):
         load_vae(d)
+
+
+def _encoder_bytes(vae) -> int:
+    return sum(v.nbytes for k, v in tree_flatten(vae.parameters()) if k.startswith(("encoder.", "quant_conv.")))
+
+
+def test_a_lazy_encoder_stays_on_disk_until_the_first_encode(vae_dirs, tmp_path):
+    """load_vae(lazy_encoder=True) holds the decoder only: MLX's active memory grows by the
+    eager load's less the encoder's bytes; decoding reads nothing more; the first encode reads
+    the encoder and equals the eager VAE's encode exactly."""
+    d = make_vae_mod.make_vae(tmp_path / "lazy", "wide", seed=4)
+    load_vae(d)  # a first load's one-off allocations (kilobytes) are not a VAE's
+
+    def loaded(**kw):
+        mx.synchronize()
+        start = mx.get_active_memory()
+        vae = load_vae(d, **kw)
+        return vae, mx.get_active_memory() - start
+
+    lazy, lazy_bytes = loaded(lazy_encoder=True)
+    eager, eager_bytes = loaded()
+    enc = _encoder_bytes(eager)
+    assert enc > 2e6 and enc > 0.3 * eager_bytes
+    # tens of KB of MLX's own allocations either way (other tests' in the same process)
+    assert abs(lazy_bytes - (eager_bytes - enc)) <= 0.03 * enc, (lazy_bytes, eager_bytes, enc)
+    assert lazy.has_encoder and not lazy.encoder_resident and _encoder_bytes(lazy) == 0
+    f = 2 * eager.encoder_factor
+    tokens = mx.random.normal((1, 6, eager.config.patched_channels), key=mx.random.key(0))
+    assert np.array_equal(np.array(lazy.decode_tokens(tokens, 2 * f, 3 * f)),
+                          np.array(eager.decode_tokens(tokens, 2 * f, 3 * f)))
+    assert not lazy.encoder_resident
+    img = mx.random.uniform(shape=(1, 2 * f, 3 * f, 3), key=mx.random.key(1))
+    got = lazy.encode(img)
+    assert lazy.encoder_resident and _encoder_bytes(lazy) == enc
+    assert np.array_equal(np.array(got), np.array(eager.encode(img)))
+    assert sorted(k for k, _ in tree_flatten(lazy.parameters())) == sorted(k for k, _ in tree_flatten(eager.parameters()))
+
+
+def test_a_lazy_encoder_changed_on_disk_is_refused_at_the_first_encode(vae_dirs, tmp_path):
+    img = mx.zeros((1, 16, 16, 3))
+    d = _copy(vae_dirs["small3"], tmp_path / "changed")
+    vae = load_vae(d, lazy_encoder=True)
+    _edit_weights(d, lambda sd: sd.update({"encoder.conv_in.weight": np.zeros((8, 3, 5, 5), np.float32)}))
+    with pytest.raises(WeightsError, match="no longer holds the VAE encoder's weights as loaded"):
+        vae.encode(img)
+    assert not vae.encoder_resident
+    d = _copy(vae_dirs["small3"], tmp_path / "removed")
+    vae = load_vae(d, lazy_encoder=True)
+    (d / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(WeightsError, match="could not be read again.*Load the VAE again"):
+        vae.encode(img)
+    side = 2 * vae.decoder_factor  # one token: decoding needs nothing of the encoder
+    assert np.isfinite(np.array(vae.decode_tokens(mx.zeros((1, 1, vae.config.patched_channels)), side, side))).all()
