@@ -37,6 +37,7 @@ from .convert import transformer_in_format
 from .packed_checkpoint import save_packed
 from .packed_linear import PackedLinear
 from .scheduler import compute_empirical_mu
+from .vae import ENCODER_KEYS
 
 TEXT_GROUP_SIZE = 64
 # Budgets and sizes the manifest carries memory plans for (bytes, pixels).
@@ -160,8 +161,9 @@ def _write_vae(vae, directory: Path, decoder_only: bool) -> None:
     directory.mkdir(parents=True)
     if not decoder_only:
         vae.read_encoder()
-    weights = {k: v for k, v in tree_flatten(vae.parameters())
-               if not (decoder_only and k.startswith(("encoder.", "quant_conv.")))}
+    # in name order: the file's layout does not depend on when the encoder was read
+    weights = {k: v for k, v in sorted(tree_flatten(vae.parameters()))
+               if not (decoder_only and k.startswith(ENCODER_KEYS))}
     cfg = {"_class_name": "AutoencoderKLFlux2", **{k: (list(v) if isinstance(v, tuple) else v)
                                                    for k, v in vae.config.__dict__.items()}}
     (directory / "config.json").write_text(json.dumps(cfg, indent=2))
@@ -208,6 +210,7 @@ def memory_plans(pipe) -> list[dict]:
 
     model = pipe.transformer
     gpu = packed_info(model, model.dtype, on_gpu=True)  # the slab path where an app's kernels take it
+    pipe.vae.read_encoder()  # an app may hold all of the VAE it loads: the plans count its encoder
     fp = replace(pipe.footprint(calibrated=False), fused_attention=True, reference_matmul=False, text_dequant_bytes=0,
                  slab_tokens=gpu["slab_tokens"], whole_slab_tokens=gpu["whole_slab_tokens"])
     plans = []

@@ -471,8 +471,8 @@ class AutoencoderKLFlux2(nn.Module):
     def __init__(self, config: VAEConfig, has_encoder: bool = True):
         super().__init__()
         self.config = config
-        # Reads the encoder's weights from the checkpoint where `load_vae` left them there
-        # (lazy_encoder): (weights by parameter name, what to name in an error).
+        # Where `load_vae` left the encoder on disk (lazy_encoder): dtype -> its weights by
+        # parameter name, lazy reads of the checkpoint cast to dtype.
         self._encoder_reader = None
         if has_encoder:
             self.encoder = Encoder(config)
@@ -498,18 +498,23 @@ class AutoencoderKLFlux2(nn.Module):
         so far. Nothing to do when resident or decoder-only."""
         if "encoder" in self or self._encoder_reader is None:
             return
-        weights = self._encoder_reader()
+        # in the decoder's dtype, which may have changed since the load (set_dtype)
+        weights = self._encoder_reader(self.dtype)
         try:
             for w in weights.values():
                 mx.eval(w)
         except (RuntimeError, OSError) as e:  # a lazy read of a file that changed on disk
             raise WeightsError(f"the VAE's encoder could not be read from its checkpoint ({e}): was it changed or "
                                "removed? Load the VAE again") from None
-        self.encoder = Encoder(self.config)
+        # attached only with its weights in: a reader stopped before this finds it still on disk
+        tree = tree_unflatten(list(weights.items()))
+        encoder = Encoder(self.config)
+        encoder.update(tree["encoder"])
         if self.config.use_quant_conv:
-            self.quant_conv = nn.Conv2d(2 * self.config.latent_channels, 2 * self.config.latent_channels, 1)
-        self.update(tree_unflatten(list(weights.items())))
-        self._encoder_reader = None
+            quant = nn.Conv2d(2 * self.config.latent_channels, 2 * self.config.latent_channels, 1)
+            quant.update(tree["quant_conv"])
+            self.quant_conv = quant
+        self.encoder, self._encoder_reader = encoder, None
 
     @property
     def dtype(self):
@@ -548,13 +553,13 @@ class AutoencoderKLFlux2(nn.Module):
         runs whole, in one graph."""
         if not self.has_encoder:
             raise BonsaiError("this VAE checkpoint has no encoder (decoder-only); it cannot encode images")
-        self.read_encoder()
         f = self.encoder_factor
         if x.ndim != 4 or x.shape[-1] != self.config.in_channels or x.shape[1] % f or x.shape[2] % f:
             raise BonsaiError(f"encode expects [B, H, W, {self.config.in_channels}] with H, W multiples "
                               f"of {f}; got {tuple(x.shape)}")
         if strip is not None and (not is_int(strip) or strip <= 0 or strip % f):
             raise BonsaiError(f"strip must be a positive multiple of {f} image rows; got strip={strip!r}")
+        self.read_encoder()
         x = x.astype(self.dtype)
         h = self.encoder(x) if strip is None else encode_strips(self.encoder, x, strip, execution)
         if "quant_conv" in self:
@@ -858,19 +863,19 @@ def load_vae(path, dtype=mx.float16, layout: str = "diffusers", lazy_encoder: bo
     if problems:
         raise WeightsError(f"VAE weights in {source} do not fit its config.json: " + " | ".join(problems))
     if lazy_encoder and has_encoder:
-        on_disk = {k for k in weights if k.startswith(_ENCODER_KEYS)}
+        on_disk = {k for k in weights if k.startswith(ENCODER_KEYS)}
         for name in ("encoder", "quant_conv"):
             if name in model:
                 del model[name]
         weights = {k: w for k, w in weights.items() if k not in on_disk}
-        shapes = {k: expected[k].shape for k in on_disk}
-        model._encoder_reader = lambda: _read_again(folder, shapes, layout, dtype)
+        shapes, files = {k: expected[k].shape for k in on_disk}, _file_stamps(folder)
+        model._encoder_reader = lambda to: _read_again(folder, files, shapes, layout, to)
     model.update(tree_unflatten(list(weights.items())))
     mx.eval(model.parameters())
     return model
 
 
-_ENCODER_KEYS = ("encoder.", "quant_conv.")
+ENCODER_KEYS = ("encoder.", "quant_conv.")
 
 
 def _converted(raw: dict, shapes: dict, layout: str, dtype) -> tuple[dict, list[str]]:
@@ -886,14 +891,21 @@ def _converted(raw: dict, shapes: dict, layout: str, dtype) -> tuple[dict, list[
     return weights, bad_shapes
 
 
-def _read_again(folder: ModelFolder, shapes: dict, layout: str, dtype) -> dict:
+def _file_stamps(folder: ModelFolder) -> list[tuple[str, int, int]]:
+    """(path, size, mtime in ns) of each weight file: what a later read checks first."""
+    files = shard_files(folder, preferred=("diffusion_pytorch_model.safetensors",), what="VAE weights")
+    return [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+
+
+def _read_again(folder: ModelFolder, files: list, shapes: dict, layout: str, dtype) -> dict:
     """The weights `shapes` names, lazy reads of the checkpoint as `load_vae` found it."""
     try:
+        now = _file_stamps(folder)
         raw, source = _read_weights(folder)
-    except BonsaiError as e:
+    except (BonsaiError, OSError) as e:
         raise WeightsError(f"the VAE's encoder could not be read again: {e}. Load the VAE again") from None
     weights, bad_shapes = _converted(raw, shapes, layout, dtype)
-    if bad_shapes or len(weights) != len(shapes):
+    if now != files or bad_shapes or len(weights) != len(shapes):
         raise WeightsError(f"{source} no longer holds the VAE encoder's weights as loaded: was it changed on disk? "
                            "Load the VAE again")
     return weights

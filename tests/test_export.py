@@ -249,3 +249,33 @@ def test_every_kernel_in_the_bundle_runs_from_its_files(bundle):
         y = mx.array(y.view(np.uint16)).view(dtype).astype(mx.float32) if dtype != mx.float32 else mx.array(y)
         ref = dense(t, s) if M is None else to_numpy(x).astype(np.float64) @ dense(t, s).T
         assert rel_err(np.array(y), ref) < (1e-5 if dtype == mx.float32 else 1e-2), key
+
+
+def test_a_full_bundles_plans_count_its_vae_encoder(bundle):
+    """A pipeline loaded from a bundle leaves the VAE's encoder on disk until an edit reads it,
+    but an app may hold all of the VAE it loads: a full bundle's plans count the encoder."""
+    from dataclasses import replace
+
+    from bonsai_mlx.executor import packed_info
+    from bonsai_mlx.memory import plan_memory
+
+    got = load_bundle(bundle, memory_budget=None)
+    assert got.vae.has_encoder and not got.vae.encoder_resident
+    without = got.footprint(calibrated=False).vae_bytes
+    got.vae.read_encoder()
+    model = got.transformer
+    gpu = packed_info(model, model.dtype, on_gpu=True)
+    fp = replace(got.footprint(calibrated=False), fused_attention=True, reference_matmul=False, text_dequant_bytes=0,
+                 slab_tokens=gpu["slab_tokens"], whole_slab_tokens=gpu["whole_slab_tokens"])
+    encoder = fp.vae_bytes - without
+    assert encoder > 0
+    plans = [p for p in json.loads((bundle / "manifest.json").read_text())["memory_plans"] if "refused" not in p]
+    assert plans
+    for p in plans:
+        # the exporter plans with the transformer it wrote, which counts 768 bytes less than the
+        # same transformer read back from the bundle at this fixture's dtype
+        for with_encoder, vae_bytes in ((True, fp.vae_bytes), (False, without)):
+            plan = plan_memory(replace(fp, vae_bytes=vae_bytes), p["width"], p["height"], p["budget_bytes"],
+                               flush=False)
+            off = max(abs(plan.stage_estimates[k] - v) for k, v in p["stage_estimates"].items())
+            assert (off <= 1024) == with_encoder and (off >= encoder - 1024) != with_encoder, (p, off, encoder)

@@ -352,3 +352,31 @@ def test_a_lazy_encoder_changed_on_disk_is_refused_at_the_first_encode(vae_dirs,
         vae.encode(img)
     side = 2 * vae.decoder_factor  # one token: decoding needs nothing of the encoder
     assert np.isfinite(np.array(vae.decode_tokens(mx.zeros((1, 1, vae.config.patched_channels)), side, side))).all()
+
+
+def test_a_lazy_encoder_is_read_in_the_vaes_dtype_and_whole_or_not_at_all(vae_dirs, tmp_path, monkeypatch):
+    """Read after set_dtype, the encoder takes the decoder's dtype from the file's values (as a
+    load in that dtype does); a read that fails midway leaves it on disk, to be read again."""
+    f = 2 * 8  # small4: 4 levels
+    img = mx.random.uniform(shape=(1, f, 2 * f, 3), key=mx.random.key(2))
+    lazy = load_vae(vae_dirs["small4"], dtype=mx.float16, lazy_encoder=True)
+    lazy.set_dtype(mx.float32)
+    want = load_vae(vae_dirs["small4"], dtype=mx.float32).encode(img)
+    assert np.array_equal(np.array(lazy.encode(img)), np.array(want))
+    assert lazy.encoder.conv_in.weight.dtype == mx.float32
+
+    lazy = load_vae(vae_dirs["small4"], lazy_encoder=True)
+    real_eval, calls = mx.eval, []
+
+    def failing(*arrays):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("[load] unexpected end of file")
+        return real_eval(*arrays)
+
+    monkeypatch.setattr(mx, "eval", failing)
+    with pytest.raises(WeightsError, match="could not be read from its checkpoint.*Load the VAE again"):
+        lazy.encode(img)
+    monkeypatch.setattr(mx, "eval", real_eval)
+    assert not lazy.encoder_resident and lazy.has_encoder
+    assert np.array_equal(np.array(lazy.encode(img)), np.array(load_vae(vae_dirs["small4"]).encode(img)))
