@@ -465,6 +465,14 @@ def unpack(tokens, h: int, w: int):
 
 # ----------------------------------------------------------------------------- model
 
+def _encoder_modules(config: VAEConfig) -> dict[str, nn.Module]:
+    """The modules that encode (ENCODER_KEYS), by attribute name, the encoder first."""
+    modules = {"encoder": Encoder(config)}
+    if config.use_quant_conv:
+        modules["quant_conv"] = nn.Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
+    return modules
+
+
 class AutoencoderKLFlux2(nn.Module):
     """FLUX.2 VAE. `has_encoder=False` builds the decoder-only variant (FLUX.2-small-decoder)."""
 
@@ -475,9 +483,8 @@ class AutoencoderKLFlux2(nn.Module):
         # parameter name, lazy reads of the checkpoint cast to dtype.
         self._encoder_reader = None
         if has_encoder:
-            self.encoder = Encoder(config)
-            if config.use_quant_conv:
-                self.quant_conv = nn.Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
+            for name, module in _encoder_modules(config).items():
+                setattr(self, name, module)
         self.decoder = Decoder(config)
         if config.use_post_quant_conv:
             self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
@@ -506,15 +513,15 @@ class AutoencoderKLFlux2(nn.Module):
         except (RuntimeError, OSError) as e:  # a lazy read of a file that changed on disk
             raise WeightsError(f"the VAE's encoder could not be read from its checkpoint ({e}): was it changed or "
                                "removed? Load the VAE again") from None
-        # attached only with its weights in: a reader stopped before this finds it still on disk
         tree = tree_unflatten(list(weights.items()))
-        encoder = Encoder(self.config)
-        encoder.update(tree["encoder"])
-        if self.config.use_quant_conv:
-            quant = nn.Conv2d(2 * self.config.latent_channels, 2 * self.config.latent_channels, 1)
-            quant.update(tree["quant_conv"])
-            self.quant_conv = quant
-        self.encoder, self._encoder_reader = encoder, None
+        modules = _encoder_modules(self.config)
+        for name, module in modules.items():
+            module.update(tree[name])
+        # attached only with its weights in, the encoder itself last: a reader stopped before
+        # then finds it still on disk
+        for name in reversed(modules):
+            setattr(self, name, modules[name])
+        self._encoder_reader = None
 
     @property
     def dtype(self):
@@ -813,8 +820,11 @@ def _list(names, limit=20):
     return ", ".join(names[:limit]) + more
 
 
-def _read_weights(folder: ModelFolder) -> tuple[dict, str]:
-    files = shard_files(folder, preferred=("diffusion_pytorch_model.safetensors",), what="VAE weights")
+def _weight_files(folder: ModelFolder) -> list[Path]:
+    return shard_files(folder, preferred=("diffusion_pytorch_model.safetensors",), what="VAE weights")
+
+
+def _read_weights(files: list[Path]) -> tuple[dict, str]:
     return load_shards(files), files_named(files)
 
 
@@ -841,7 +851,8 @@ def load_vae(path, dtype=mx.float16, layout: str = "diffusers", lazy_encoder: bo
     with in_file(cfg_file):
         config = VAEConfig.from_dict(read_json(cfg_file, "VAE config"))
 
-    raw, source = _read_weights(folder)
+    files = _weight_files(folder)
+    raw, source = _read_weights(files)
     raw = {k: v for k, v in raw.items() if k not in _IGNORED_KEYS}
     has_encoder = any(k.startswith("encoder.") for k in raw)
     model = AutoencoderKLFlux2(config, has_encoder=has_encoder)
@@ -864,12 +875,12 @@ def load_vae(path, dtype=mx.float16, layout: str = "diffusers", lazy_encoder: bo
         raise WeightsError(f"VAE weights in {source} do not fit its config.json: " + " | ".join(problems))
     if lazy_encoder and has_encoder:
         on_disk = {k for k in weights if k.startswith(ENCODER_KEYS)}
-        for name in ("encoder", "quant_conv"):
+        for name in _encoder_modules(config):
             if name in model:
                 del model[name]
         weights = {k: w for k, w in weights.items() if k not in on_disk}
-        shapes, files = {k: expected[k].shape for k in on_disk}, _file_stamps(folder)
-        model._encoder_reader = lambda to: _read_again(folder, files, shapes, layout, to)
+        shapes, stamps = {k: expected[k].shape for k in on_disk}, _file_stamps(files)
+        model._encoder_reader = lambda to: _read_again(folder, stamps, shapes, layout, to)
     model.update(tree_unflatten(list(weights.items())))
     mx.eval(model.parameters())
     return model
@@ -891,21 +902,21 @@ def _converted(raw: dict, shapes: dict, layout: str, dtype) -> tuple[dict, list[
     return weights, bad_shapes
 
 
-def _file_stamps(folder: ModelFolder) -> list[tuple[str, int, int]]:
+def _file_stamps(files: list[Path]) -> list[tuple[str, int, int]]:
     """(path, size, mtime in ns) of each weight file: what a later read checks first."""
-    files = shard_files(folder, preferred=("diffusion_pytorch_model.safetensors",), what="VAE weights")
     return [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
 
 
-def _read_again(folder: ModelFolder, files: list, shapes: dict, layout: str, dtype) -> dict:
+def _read_again(folder: ModelFolder, stamps: list, shapes: dict, layout: str, dtype) -> dict:
     """The weights `shapes` names, lazy reads of the checkpoint as `load_vae` found it."""
     try:
-        now = _file_stamps(folder)
-        raw, source = _read_weights(folder)
+        files = _weight_files(folder)
+        now = _file_stamps(files)
+        raw, source = _read_weights(files)
     except (BonsaiError, OSError) as e:
         raise WeightsError(f"the VAE's encoder could not be read again: {e}. Load the VAE again") from None
     weights, bad_shapes = _converted(raw, shapes, layout, dtype)
-    if now != files or bad_shapes or len(weights) != len(shapes):
+    if now != stamps or bad_shapes or len(weights) != len(shapes):
         raise WeightsError(f"{source} no longer holds the VAE encoder's weights as loaded: was it changed on disk? "
                            "Load the VAE again")
     return weights
