@@ -24,6 +24,15 @@ class Execution:
     # plain evaluation per block made a 512x512 step 1.5x slower on an H200), at the price
     # of two parts' temporaries at a time instead of one.
     overlap: bool = False
+    # With sync and without overlap: start each part once the part before it is done, the host
+    # having built it while the device ran that one. Evaluating each part before the next is
+    # built idles the device while the host builds; built ahead, it idles only while the host
+    # starts the part. Either way one part runs at a time and the next allocates nothing until
+    # it starts (building a part reads no weights and writes no buffer in place: MLX allocates
+    # when it evaluates), so the peak is one part's temporaries. A part's buffer writes cannot
+    # be waited on once the next write is built (`Pace.__call__`), so buffers are not written
+    # in place ahead.
+    ahead: bool = False
     # Passes over the MLP's hidden units: each pass computes the gate and up rows of its
     # units for every token (large matmuls, each weight row read once), so the [L, 2F]
     # projection output never exists whole. Token chunks bound the same memory by
@@ -75,7 +84,7 @@ class Execution:
 
     def buffer(self, shape, dtype) -> "TokenBuffer":
         """A TokenBuffer for a loop paced by this execution."""
-        return TokenBuffer(shape, dtype, in_place=not (self.sync and self.overlap))
+        return TokenBuffer(shape, dtype, in_place=not (self.sync and (self.overlap or self.ahead)))
 
 
 ONE_GRAPH = Execution()
@@ -88,27 +97,34 @@ def _spans(length: int, step: int) -> list[tuple[int, int]]:
 
 class Pace:
     """Evaluates a loop's parts as they are built. Strict: each part is evaluated before the
-    next is built (one part's temporaries at a time). Overlapped: each part is started at
-    once and the host waits for the part before it, so at most two parts are in flight."""
+    next is built (one part's temporaries at a time). Ahead: each part is started once the
+    part before it is done (one part at a time, built while the one before runs).
+    Overlapped: each part is started at once and the host waits for the part before it, so
+    at most two parts are in flight."""
 
     def __init__(self, execution: Execution, active: bool, after: tuple = ()):
         self.execution, self.active = execution, active
         self._previous: tuple = tuple(after)
 
     def __call__(self, *arrays: mx.array, wait: tuple = ()) -> None:
-        """Evaluate `arrays` (strict) or start them (overlapped). `wait`: what finishing
+        """Evaluate `arrays` (strict) or start them (ahead, overlapped). `wait`: what finishing
         this part means, when `arrays` are not it. A buffer written in place (TokenBuffer)
         is the same Python object after every write, so waiting on it later would wait on
         its newest write: the part written into it is what is waited on instead."""
         if not self.active:
             return
-        if not self.execution.overlap:
-            mx.eval(*arrays)
-        else:
+        if self.execution.overlap:
             mx.async_eval(*arrays)
             if self._previous:
                 mx.eval(*self._previous)
             self._previous = tuple(wait) or arrays
+        elif self.execution.ahead:
+            if self._previous:
+                mx.eval(*self._previous)
+            mx.async_eval(*arrays)
+            self._previous = tuple(wait) or arrays
+        else:
+            mx.eval(*arrays)
         flush = self.execution.flush_above
         if flush is not None and mx.get_active_memory() > flush:
             mx.synchronize()

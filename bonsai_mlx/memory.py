@@ -333,9 +333,10 @@ class MemoryPlan:
     @property
     def vae_execution(self) -> Execution:
         """How the VAE decodes and encodes: block by block like the transformer, with two
-        parts in flight or not on its own."""
+        parts in flight or not on its own; one part at a time, each built while the one
+        before runs (`Execution.ahead`: a VAE part reads no weights as it is built)."""
         return Execution(sync=self.sync if self.vae_sync is None else self.vae_sync,
-                         overlap=self.overlap if self.vae_overlap is None else self.vae_overlap)
+                         overlap=self.overlap if self.vae_overlap is None else self.vae_overlap, ahead=True)
 
     @property
     def text_layer_by_layer(self) -> bool:
@@ -1142,7 +1143,7 @@ def calibrate_vae(vae, runs: int | None = None) -> dict:
     GPU, about 5 minutes for the full FLUX.2 VAE on MLX's Linux CPU wheel (its convolutions
     run at 1-2 GFLOP/s), so plans that can do with `conservative_vae_scratch` use that
     instead."""
-    dec, ex, runs = vae.decoder, Execution(sync=True, reduce_block=1 << 16), runs or calibration_runs()
+    dec, ex, runs = vae.decoder, Execution(sync=True, ahead=True, reduce_block=1 << 16), runs or calibration_runs()
     C_lat, C_mid = vae.config.latent_channels, vae.config.decoder_channels[-1]
     up, mid, strips = [], [], []
     for side in (16, 32):
@@ -1191,7 +1192,7 @@ def calibrate_vae_encoder(vae) -> dict:
         mx.eval(x)
         whole.append(_scratch_peak(lambda: vae.encode(x), runs))
         del x
-    ex = Execution(sync=True, reduce_block=1 << 16)
+    ex = Execution(sync=True, ahead=True, reduce_block=1 << 16)
     for rows in (1, 2):
         x = mx.zeros((1, 8 * f, 16 * rows * f, 3), dtype=mx.float32)
         mx.eval(x)

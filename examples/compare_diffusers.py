@@ -5,7 +5,7 @@ Run it in the same device call as `python -m bonsai_mlx benchmark generate` (or
 examples/profile_speed.py) so that every ratio in docs/benchmarks.md compares two figures
 from one machine and one run. Needs torch with CUDA, diffusers and transformers.
 
-    python examples/compare_diffusers.py --json ref.json [--sizes 512 1024]
+    python examples/compare_diffusers.py --json ref.json [--sizes 512 1024] [--parts dit vae qwen3]
 """
 from __future__ import annotations
 
@@ -97,14 +97,16 @@ def qwen3(txt_len=512) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", nargs="+", type=int, default=[512, 1024])
+    ap.add_argument("--parts", nargs="+", choices=("dit", "vae", "qwen3"), default=["dit", "vae", "qwen3"])
     ap.add_argument("--json")
     a = ap.parse_args()
     import diffusers
     import transformers
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "diffusers": diffusers.__version__,
            "transformers": transformers.__version__}
-    for part in (lambda: dit(a.sizes), lambda: vae(a.sizes), qwen3):
-        res.update(part())
+    parts = {"dit": lambda: dit(a.sizes), "vae": lambda: vae(a.sizes), "qwen3": qwen3}
+    for name in a.parts:
+        res.update(parts[name]())
         if a.json:
             json.dump(res, open(a.json, "w"), indent=1)
     print(json.dumps(res, indent=1))

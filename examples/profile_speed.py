@@ -260,11 +260,14 @@ def section_strips(tiny, quick=False):
         lazy = vae_strips._stages
         vae_strips._stages = lambda dec: [("upsample" if k == "lazy_upsample" else k, m) for k, m in lazy(dec)]
         record("strips with the last upsampler held")
+    ahead = Execution(sync=True, ahead=True)  # one part at a time, built while the one before runs
     cases = [("whole, one graph (none)", None, None, Execution()), ("whole, block by block, strict", None, None, strict),
+             ("whole, block by block, ahead", None, None, ahead),
              ("whole, block by block, two in flight (auto)", None, None, two)]
     for strip in rows:
         cases += [(f"{strip}-row strips, two in flight", strip, None, two),
-                  (f"{strip}-row strips, strict", strip, None, strict)]
+                  (f"{strip}-row strips, strict", strip, None, strict),
+                  (f"{strip}-row strips, ahead", strip, None, ahead)]
     if not quick:  # exact tiles re-run the up path once per GroupNorm: minutes on a CPU
         tiles = (32, 64) if tiny else (256, 512)
         cases += [(f"exact {tiles[0]} px tiles, strict", None, tiles[0], strict),
@@ -307,7 +310,7 @@ def section_strips(tiny, quick=False):
                 HOST.update(encode=0.0, wait=0.0)
                 ms = timeit(f"vae decode {size} {dname} {label}", fn, runs=1 if slow else runs,
                             warmup=1 if slow else warmup, size=size, dtype=dname, strip=strip, tile=tile, sync=ex.sync,
-                            overlap=ex.overlap, estimate_mb=est, first_call_extra_peak_mb=first_mb,
+                            overlap=ex.overlap, ahead=ex.ahead, estimate_mb=est, first_call_extra_peak_mb=first_mb,
                             max_diff_vs_whole=diff, rel_diff_vs_whole=rel,
                             whole_max_abs=float(np.abs(whole).max()))
                 if not slow:

@@ -40,6 +40,32 @@ def test_pace_overlapped_starts_each_part_and_waits_for_the_one_before(monkeypat
     assert spy.calls == [("async", (a,)), ("async", (b,)), ("eval", (a,)), ("async", (c,)), ("eval", (b,))]
 
 
+def test_pace_ahead_waits_for_the_part_before_then_starts_each_part(monkeypatch):
+    """Ahead: a part starts only once the part before it is done (one part on the device at
+    a time, as strict), and the host returns to build the next while it runs. A pacer
+    started after a part waits for it before its first part."""
+    spy = Spy(monkeypatch)
+    before, a, b, c = mx.array(0), mx.array(1), mx.array(2), mx.array(3)
+    pace = Execution(sync=True, ahead=True).pace(after=(before,))
+    for x in (a, b, c):
+        pace(x)
+    assert spy.calls == [("eval", (before,)), ("async", (a,)), ("eval", (a,)), ("async", (b,)),
+                         ("eval", (b,)), ("async", (c,))]
+    spy.calls.clear()
+    pace = Execution(sync=True, ahead=True).pace()
+    pace(a, wait=(before,))
+    pace(b)
+    assert spy.calls == [("async", (a,)), ("eval", (before,)), ("async", (b,))]
+
+
+def test_buffers_are_not_written_in_place_ahead():
+    """Built ahead, a buffer's next write exists before the part before it is waited on, so
+    its chunks are kept, as with two parts in flight; in one graph it writes in place."""
+    assert not Execution(sync=True, overlap=True, ahead=True).buffer((1, 4), mx.float32).in_place
+    assert not Execution(sync=True, ahead=True).buffer((1, 4), mx.float32).in_place
+    assert Execution(ahead=True).buffer((1, 4), mx.float32).in_place  # one graph
+
+
 def test_pace_flushes_only_above_its_threshold(monkeypatch):
     """Over `flush_above` bytes of active memory after a part, the pacer waits for the device
     and its releases (mx.synchronize) before the next part; at or under it, or without a
@@ -82,7 +108,8 @@ def test_pace_results_are_the_same(monkeypatch):
     x = mx.random.normal((4, 4))
     outs = []
     flushing = (Execution(sync=True, flush_above=0), Execution(sync=True, overlap=True, flush_above=0))
-    for ex in (ONE_GRAPH, Execution(sync=True), Execution(sync=True, overlap=True), *flushing):
+    for ex in (ONE_GRAPH, Execution(sync=True), Execution(sync=True, ahead=True), Execution(sync=True, overlap=True),
+               *flushing):
         pace, y = ex.pace(), x
         for _ in range(5):
             y = y @ x / 4
@@ -92,7 +119,8 @@ def test_pace_results_are_the_same(monkeypatch):
         np.testing.assert_array_equal(outs[0], out)
 
 
-@pytest.mark.parametrize("ex", [ONE_GRAPH, Execution(sync=True), Execution(sync=True, overlap=True)])
+@pytest.mark.parametrize("ex", [ONE_GRAPH, Execution(sync=True), Execution(sync=True, overlap=True),
+                                Execution(sync=True, ahead=True)])
 def test_token_buffer_assembles_chunks(ex):
     parts = [mx.random.normal((2, n, 3)) for n in (4, 4, 2)]
     buf, pace = TokenBuffer((2, 10, 3), mx.float32), ex.pace()
@@ -104,7 +132,8 @@ def test_token_buffer_assembles_chunks(ex):
 
 
 @pytest.mark.parametrize("ex", [ONE_GRAPH, Execution(token_chunk=3), Execution(token_chunk=3, sync=True),
-                                Execution(token_chunk=3, sync=True, overlap=True)])
+                                Execution(token_chunk=3, sync=True, overlap=True),
+                                Execution(token_chunk=3, sync=True, ahead=True)])
 def test_by_chunks_equals_the_whole_map(ex):
     x = mx.random.normal((2, 11, 5))
     w = mx.random.normal((5, 7))
