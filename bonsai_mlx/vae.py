@@ -197,9 +197,10 @@ def group_stats(x, groups: int, pace: Pace = WHOLE):
     group's channels at once runs one threadgroup per group, hundreds of times slower),
     then over each group's channels. Two passes (mean, then squared deviations): no
     E[x^2] - E[x]^2 cancellation. 16-bit x on a GPU back-end goes through the column_moments
-    kernel, which accumulates in float32 as it reads x. Elsewhere each pass reduces a float32
-    copy: running in parts, of row blocks near `reduce_block` elements, evaluated block by
-    block, the mean existing before the deviations do.
+    kernel, which accumulates in float32 as it reads x: the statistics then join the part
+    that reads them (they hold [B, C] floats). Elsewhere each pass reduces a float32 copy:
+    running in parts, of row blocks near `reduce_block` elements, evaluated block by block,
+    the mean existing before the deviations do.
     """
     B, H, W, C = x.shape
     n = H * W * (C // groups)
@@ -207,10 +208,8 @@ def group_stats(x, groups: int, pace: Pace = WHOLE):
     if backend:  # 16-bit x on a GPU: reduced as read, in float32, with no float32 copy to bound
         x3 = x.reshape(B, H * W, C)
 
-        def column_sums(mean_c):  # each pass a part of its own when paced (two parts in flight)
-            sums = kernels.column_moments(x3, mean_c, backend)
-            pace(sums)
-            return sums
+        def column_sums(mean_c):  # no part of its own: it allocates [B, C], and a part costs the host a start
+            return kernels.column_moments(x3, mean_c, backend)
     else:
         rows = H if not pace.active else max(1, min(H, pace.execution.reduce_block // max(1, B * W * C)))
         blocks = [x[:, r:r + rows].reshape(B, -1, C) for r in range(0, H, rows)]

@@ -169,6 +169,43 @@ def test_a_16_bit_decode_on_a_gpu_takes_its_statistics_from_the_moments_kernel(v
     assert rel_err(got, nhwc(img)) <= REL[mx.float16]
     assert rel_err(got, plain) <= 2e-3 and np.abs(got - plain).max() <= 2 / 255
 
+def test_statistics_from_the_moments_kernel_are_no_part_of_their_own(vae_dirs, monkeypatch):
+    """Decoding block by block with the column_moments kernel (a GPU back-end), a GroupNorm's
+    statistics ([B, C] sums) join the part that reads them: the pacer starts the resnets'
+    and blocks' parts only, where this CPU's float32-copy statistics are parts of their own
+    (row blocks bounded in memory). The image is the same either way."""
+    from bonsai_mlx import execution, kernels
+
+    ours = load_vae(vae_dirs["small4"], dtype=mx.float16)
+    tokens = mx.random.normal((1, 4 * 3, ours.config.patched_channels), key=mx.random.key(3))
+    f = 2 * ours.decoder_factor
+    parts = []
+    paced = execution.Pace.__call__
+
+    def spy(self, *arrays, wait=()):
+        parts.append([a.shape for a in arrays])
+        return paced(self, *arrays, wait=wait)
+
+    monkeypatch.setattr(execution.Pace, "__call__", spy)
+    ex = Execution(sync=True, ahead=True)
+    plain = np.array(ours.decode_tokens(tokens, 4 * f, 3 * f, execution=ex).astype(mx.float32))
+    copies = len(parts)
+    assert any(len(s) == 2 for p in parts for s in p)  # float32-copy sums: parts of their own
+
+    def moments(x, mean=None, backend=None):  # the kernel's sums, in float32 as it reads x
+        x32 = x.astype(mx.float32)
+        return mx.sum(x32 if mean is None else mx.square(x32 - mean[:, None]), axis=1)
+
+    monkeypatch.setattr(kernels, "moments_backend", lambda dt: "metal" if dt in (mx.float16, mx.bfloat16) else None)
+    monkeypatch.setattr(kernels, "column_moments", moments)
+    parts.clear()
+    got = np.array(ours.decode_tokens(tokens, 4 * f, 3 * f, execution=ex).astype(mx.float32))
+    norms = sum(1 for _, m in ours.decoder.named_modules() if type(m).__name__ == "GroupNorm")
+    assert not any(len(s) == 2 for p in parts for s in p), parts
+    assert len(parts) <= copies - 2 * norms, (len(parts), copies, norms)
+    assert np.abs(got - plain).max() <= 2 / 255
+
+
 def test_decoder_only_checkpoint(vae_dirs):
     """FLUX.2-small-decoder style: decoder.*, post_quant_conv.*, bn.* only."""
     keys = load_file(str(vae_dirs["decoder_only"] / "diffusion_pytorch_model.safetensors")).keys()
