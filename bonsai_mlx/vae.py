@@ -189,6 +189,16 @@ def moments_in_kernel(dtype) -> bool:
     return kernels.moments_backend(dtype) is not None
 
 
+# Paced, statistics from the moments kernel over more values than this are a part of their
+# own, over fewer they join the part that normalizes with them. A part costs the host a
+# start, which a small tensor's parts do not repay (a 512 px decode block by block took 22 ms
+# without them against 32 ms with, 21.6 ms in one graph, on an H200); before a large tensor's
+# normalization, the wait for its statistics lets the back-end release the previous part's
+# buffers first (a 1024 px decode block by block peaked 0.5-1.3 GB higher without them:
+# docs/benchmarks.md, c77 and c78). 2^25 is a 512 px image's full-resolution tensor.
+STATS_PART_ELEMENTS = 1 << 25
+
+
 def group_stats(x, groups: int, pace: Pace = WHOLE):
     """x [B, H, W, C] -> float32 mean and biased variance [B, G] over (H, W, C/G).
 
@@ -198,7 +208,8 @@ def group_stats(x, groups: int, pace: Pace = WHOLE):
     then over each group's channels. Two passes (mean, then squared deviations): no
     E[x^2] - E[x]^2 cancellation. 16-bit x on a GPU back-end goes through the column_moments
     kernel, which accumulates in float32 as it reads x: the statistics then join the part
-    that reads them (they hold [B, C] floats). Elsewhere each pass reduces a float32 copy:
+    that reads them (they hold [B, C] floats), except over more than STATS_PART_ELEMENTS
+    values. Elsewhere each pass reduces a float32 copy:
     running in parts, of row blocks near `reduce_block` elements, evaluated block by block,
     the mean existing before the deviations do.
     """
@@ -206,10 +217,13 @@ def group_stats(x, groups: int, pace: Pace = WHOLE):
     n = H * W * (C // groups)
     backend = kernels.moments_backend(x.dtype)
     if backend:  # 16-bit x on a GPU: reduced as read, in float32, with no float32 copy to bound
-        x3 = x.reshape(B, H * W, C)
+        x3, own_part = x.reshape(B, H * W, C), x.size > STATS_PART_ELEMENTS
 
-        def column_sums(mean_c):  # no part of its own: it allocates [B, C], and a part costs the host a start
-            return kernels.column_moments(x3, mean_c, backend)
+        def column_sums(mean_c):
+            sums = kernels.column_moments(x3, mean_c, backend)
+            if own_part:
+                pace(sums)
+            return sums
     else:
         rows = H if not pace.active else max(1, min(H, pace.execution.reduce_block // max(1, B * W * C)))
         blocks = [x[:, r:r + rows].reshape(B, -1, C) for r in range(0, H, rows)]
