@@ -23,7 +23,7 @@ from .memory import (AUTO, Footprint, MemoryMonitor, MemoryPlan, budget_limits, 
 from .packed_linear import PackedLinear, auto_backend
 from .results import GenerationResult, StepEvent, to_pil
 from .scheduler import denoise, first_step, flux2_sigmas, noised
-from .transformer import MODULATION_LAYERS, Modulations
+from .transformer import MODULATION_LAYERS, ON_DISK_LAYERS, Modulations
 from .vae import moments_in_kernel
 
 # Prompt embeddings kept between generations, most recent first: a repeated prompt (several
@@ -145,19 +145,21 @@ class Models:
             **packed_info(transformer, transformer.dtype),
             "packed_format": packed[0].fmt if len({m.fmt for m in packed}) == 1 else "",
             "reference_matmul": any(runs_on(m) == "reference" for m in packed)}
-        # What a plan that leaves the modulation layers on disk frees: 0 where they cannot be read
-        # again (no files, or layers that are not plain 16/32-bit linears, e.g. packed ones).
-        leaves = [m for n in MODULATION_LAYERS for _, m in transformer[n].named_modules() if not m.children()]
+        # What a plan that leaves the modulation layers and the context embedder on disk
+        # (ON_DISK_LAYERS) frees: 0 where they cannot be read again (no files, or layers that
+        # are not plain 16/32-bit linears, e.g. packed ones).
+        leaves = [m for n in ON_DISK_LAYERS for _, m in transformer[n].named_modules() if not m.children()]
         plain = all(type(m) is nn.Linear and mx.issubdtype(m.weight.dtype, mx.floating) for m in leaves)
-        self.transformer_info["modulation_bytes"] = (sum(nbytes(transformer[n]) for n in MODULATION_LAYERS)
+        self.transformer_info["modulation_bytes"] = (sum(nbytes(transformer[n]) for n in ON_DISK_LAYERS)
                                                      if plain and hasattr(transformer_loader, "lazy_weights") else 0)
         # reading them again, file tensors beside their cast or rearranged copies (`_computed`)
         cast = getattr(transformer_loader, "cast_read_bytes", None)
-        self.transformer_info["modulation_cast_bytes"] = (cast(MODULATION_LAYERS)
+        self.transformer_info["modulation_cast_bytes"] = (cast(ON_DISK_LAYERS)
                                                           if cast and self.transformer_info["modulation_bytes"] else 0)
         # one step's Modulations: the double blocks' 6 + 6, the single blocks' 3, the output norm's 2 vectors
         self.transformer_info["modulation_step_bytes"] = 17 * transformer.config.inner_dim * transformer.dtype.size
         self._prompts: OrderedDict = OrderedDict()
+        self._tokens: OrderedDict = OrderedDict()  # id(prompt embeddings) -> (them, their text tokens)
         self._modulations: OrderedDict = OrderedDict()
         self._vae_fit = self._vae_enc_fit = None
         self.loras = LoraSet()  # adapters, put back on the transformer whenever it is read again
@@ -191,13 +193,15 @@ class Models:
     def _apply_loras(self) -> None:
         self.loras.apply(self.transformer)
         self._modulations.clear()  # an adapter may change the modulation layers
+        self._tokens.clear()  # and the context embedder
 
     def modulations(self, sigmas: list[float], keep: bool = True) -> Callable[[int], Modulations]:
         """step i -> the Modulations of the step at sigmas[i]. A schedule whose modulations fit
         MODULATION_CACHE_BYTES is computed at once and kept (run again, it needs no modulation
         layers); a longer one is computed a window of steps at a time as the steps come. The
-        layers are read where they were on disk; `keep` False leaves them on disk afterwards
-        (their weights lazy reads of the checkpoint again), else they stay as they are."""
+        layers are read where they were on disk; `keep` False leaves them and the context
+        embedder (ON_DISK_LAYERS) on disk afterwards (their weights lazy reads of the checkpoint
+        again), else they stay as they are."""
         if not keep:
             self.check_plan(MemoryPlan(keep_modulation=False))
         step_bytes = self.transformer_info["modulation_step_bytes"]
@@ -223,7 +227,7 @@ class Models:
         else:
             self._modulations.move_to_end(key)
             if not keep:  # they may have been read since (a direct call of the transformer reads them)
-                self._modulation_to_disk()
+                self._to_disk()
         return steps.__getitem__
 
     def _computed(self, sigmas: list[float], keep: bool) -> list[Modulations]:
@@ -243,8 +247,29 @@ class Models:
             raise WeightsError(f"the modulation layers could not be read again from {getattr(self._loader, 'path', '')} "
                                f"({e}): was the checkpoint changed or removed? Load the pipeline again") from None
         if not keep:
-            self._modulation_to_disk(read=True)
+            self._to_disk(read=True)
         return steps
+
+    def text_tokens(self, emb: mx.array) -> mx.array:
+        """A prompt's text tokens, context_embedder(emb) [1, L, D] in the transformer's dtype,
+        evaluated; kept as long as `encode` keeps the embeddings (the same array while the
+        prompt is cached), so a cached prompt reads no context embedder. The layer is read
+        where it was on disk, and stays until `modulations(keep=False)` leaves it there again."""
+        hit = self._tokens.get(id(emb))
+        if hit is not None and hit[0] is emb:
+            self._tokens.move_to_end(id(emb))
+            return hit[1]
+        model = self.transformer
+        try:
+            tokens = model.context_embedder(emb.astype(model.dtype))
+            mx.eval(tokens)
+        except (RuntimeError, OSError) as e:  # a lazy read of a checkpoint that changed on disk
+            raise WeightsError(f"the context embedder could not be read again from {getattr(self._loader, 'path', '')} "
+                               f"({e}): was the checkpoint changed or removed? Load the pipeline again") from None
+        self._tokens[id(emb)] = (emb, tokens)
+        while len(self._tokens) > PROMPT_CACHE:  # embeddings not from `encode`
+            self._tokens.popitem(last=False)
+        return tokens
 
     def check_plan(self, plan: MemoryPlan) -> None:
         """Refuse, before any work, a plan that needs what these models cannot do."""
@@ -256,16 +281,17 @@ class Models:
                               "from objects, or packed modulation layers), so a plan must keep them "
                               "(keep_modulation=True)")
 
-    def _modulation_to_disk(self, read: bool = False) -> None:
-        """Make the modulation layers lazy reads of the checkpoint again. MLX's cached buffers
+    def _to_disk(self, read: bool = False) -> None:
+        """Make the modulation layers and the context embedder (ON_DISK_LAYERS) lazy reads of
+        the checkpoint again. MLX's cached buffers
         go back to the system only where weights were dropped: `read` (just read), or layers
         that held memory (read since, by a direct call of the transformer or a plan that keeps
         them). Layers still on disk free nothing, and the buffers a generation left for the
         next one to reuse stay."""
-        lazy = self._loader.lazy_weights(MODULATION_LAYERS)
+        lazy = self._loader.lazy_weights(ON_DISK_LAYERS)
         # the file's name of each held weight: a LoRA adapter wraps the layer whose weight it is
         held = {k: (k.replace(".base.", "."), v.shape) for k, v in tree_flatten(self.transformer.parameters())
-                if k.startswith(MODULATION_LAYERS)}
+                if k.startswith(ON_DISK_LAYERS)}
         for name, shape in held.values():
             if name not in lazy or lazy[name].shape != shape:
                 raise WeightsError(f"the checkpoint of this pipeline's transformer no longer holds {name} as "
@@ -294,7 +320,8 @@ class Models:
                 "text encoding")
         self._prompts[key] = emb
         while len(self._prompts) > PROMPT_CACHE:
-            self._prompts.popitem(last=False)
+            _, gone = self._prompts.popitem(last=False)
+            self._tokens.pop(id(gone), None)  # its text tokens go with it
         return emb
 
     def footprint(self, calibrated: bool = True, encoder: bool = False) -> Footprint:
@@ -334,7 +361,9 @@ class Models:
             text_dequant_bytes=2 * max(args.intermediate_size, args.num_attention_heads * args.head_dim)
             * args.hidden_size * te.dtype.size if te.dequantize_matmuls else 0,
             dtype_bytes=self.transformer_info["dtype"].size,
-            cached_prompt_bytes=PROMPT_CACHE * self.max_sequence_length * te.config.output_dim * te.dtype.size,
+            # the kept prompts' embeddings and their text tokens
+            cached_prompt_bytes=PROMPT_CACHE * self.max_sequence_length
+            * (te.config.output_dim * te.dtype.size + cfg.inner_dim * self.transformer_info["dtype"].size),
             **enc_fit, vae_enc_held_per_pixel=vae_enc_held_per_pixel(self.vae) if enc_fit else 0.0,
             latent_channels=cfg.in_channels,
             lora=any(lora.scale != 0 for lora in self.loras),
@@ -420,11 +449,12 @@ def run(models: Models, req: Request, plan: MemoryPlan,
 
         h, w = req.height // 16, req.width // 16
         sigmas = flux2_sigmas(req.steps, h * w)[req.start:]
-        index, step_mods = {s: i for i, s in enumerate(sigmas[:-1])}, None
+        index, step_mods, tokens = {s: i for i, s in enumerate(sigmas[:-1])}, None, None
         if not plan.keep_modulation:  # a stage of its own: the layers are read for it, then left on disk
             t = time.perf_counter()
             with mon.stage("modulation"):
-                step_mods = models.modulations(sigmas[:-1], keep=False)
+                tokens = [models.text_tokens(e) for e in (cond, neg) if e is not None]
+                step_mods = models.modulations(sigmas[:-1], keep=False)  # and the context embedder
             timings["modulation_s"] = time.perf_counter() - t
 
         t_denoise = time.perf_counter()
@@ -432,13 +462,14 @@ def run(models: Models, req: Request, plan: MemoryPlan,
             model = models.transformer
             dtype = model.dtype
             step_mods = step_mods or models.modulations(sigmas[:-1])
+            tokens = tokens or [models.text_tokens(e) for e in (cond, neg) if e is not None]
             img, txt = image_ids(h, w), text_ids(cond.shape[1])
             refs = ref_ids = None
             if encoded:
                 refs = mx.concatenate(encoded, axis=1).astype(dtype)
                 ref_ids = reference_ids([(p.shape[0] // 16, p.shape[1] // 16) for p in req.conditions])
-            ctx = model.prepare(cond.astype(dtype), img, txt, refs, ref_ids)
-            neg_ctx = None if neg is None else model.prepare(neg.astype(dtype), img, txt, refs, ref_ids)
+            ctx = model.prepare(cond, img, txt, refs, ref_ids, tokens=tokens[0])
+            neg_ctx = None if neg is None else model.prepare(neg, img, txt, refs, ref_ids, tokens=tokens[1])
 
             def velocity(x, sigma):
                 with slab_tuning(models.transformer_info, plan):
@@ -470,7 +501,7 @@ def run(models: Models, req: Request, plan: MemoryPlan,
                     event.preview = req.preview(step.x0)
                 with limits.paused():  # the caller's work between steps is not held to the run's limit
                     yield event
-            del model, ctx, neg_ctx, step, encoded, step_mods
+            del model, ctx, neg_ctx, step, encoded, step_mods, tokens
         timings["denoising_s"] = time.perf_counter() - t_denoise
 
         if not plan.transformer_in_decode:

@@ -296,9 +296,10 @@ class MemoryPlan:
     vae_overlap: bool | None = None  # two VAE parts (blocks, strips) in flight; None: as `overlap`
     vae_sync: bool | None = None  # evaluate the VAE block by block; None: as `sync`
     text_sync: bool | None = None  # evaluate a resident text encoder layer by layer; None: as `sync`
-    # The transformer's modulation layers (transformer.MODULATION_LAYERS) resident through the
-    # run. Else every step's modulations are computed before denoising (a "modulation" stage)
-    # and the layers are left on disk until new sigmas need them (Models.modulations).
+    # The transformer's modulation layers and context embedder (transformer.ON_DISK_LAYERS)
+    # resident through the run. Else every step's modulations and the prompt's text tokens are
+    # computed before denoising (a "modulation" stage) and the layers are left on disk until new
+    # sigmas or a new prompt need them (Models.modulations, Models.text_tokens).
     keep_modulation: bool = True
     estimated_peak_bytes: int = 0
     stage_estimates: dict = field(default_factory=dict)
@@ -430,9 +431,9 @@ class Footprint:
     vae_moments_kernel: bool = False
     lora: bool = False  # LoRA adapters on the transformer's linears (their weights are in transformer_bytes)
     packed_format: str = ""  # of the transformer's packed linears ("" dense): the step costs differ (COST_DIT)
-    # Bytes of the transformer's modulation layers that a plan can leave on disk
-    # (MemoryPlan.keep_modulation); 0 where they cannot be read again as loaded (models built
-    # from objects, packed modulation layers).
+    # Bytes of the transformer's modulation layers and context embedder that a plan can leave on
+    # disk (MemoryPlan.keep_modulation); 0 where they cannot be read again as loaded (models
+    # built from objects, packed modulation layers).
     modulation_bytes: int = 0
     # Reading them again, what the two weights that hold the most hold beside their results: the
     # checkpoint's tensor where the file holds a weight in another dtype than the pipeline's, and

@@ -377,6 +377,12 @@ class Modulations(NamedTuple):
 # 170M weights, 0.34 GB in bfloat16: 38% of the binary transformer's bytes.
 MODULATION_LAYERS = ("time_guidance_embed", "double_stream_modulation_img", "double_stream_modulation_txt",
                      "single_stream_modulation", "norm_out")
+# The layer that turns a prompt's embeddings into its text tokens (Context.txt), once per
+# prompt: 16-bit weights (47 MB in bfloat16 at klein 4B's shapes) that a plan leaves on disk
+# with the modulation layers.
+PROMPT_LAYERS = ("context_embedder",)
+# Every layer a plan can leave on disk: each is read only before the blocks run.
+ON_DISK_LAYERS = MODULATION_LAYERS + PROMPT_LAYERS
 
 
 class Context(NamedTuple):
@@ -425,18 +431,21 @@ class Flux2Transformer(nn.Module):
         return self.forward(hidden_states, self.modulations(timestep, hidden_states.dtype, guidance), ctx, execution)
 
     def prepare(self, encoder_hidden_states: mx.array, img_ids: mx.array, txt_ids: mx.array,
-                reference: mx.array | None = None, reference_ids: mx.array | None = None) -> Context:
+                reference: mx.array | None = None, reference_ids: mx.array | None = None,
+                tokens: mx.array | None = None) -> Context:
         """`reference` [1, L_ref, C]: clean latent tokens of reference images with their
         `reference_ids` (t, i, j, 0), t = 10, 20, ... per image. They join the image tokens
         at every step, as Flux2KleinPipeline appends them, and are embedded once here (the
-        embedding is token-wise, so that equals embedding them with the image each step)."""
+        embedding is token-wise, so that equals embedding them with the image each step).
+        `tokens`: context_embedder(encoder_hidden_states) where the caller computed it
+        already (a sampler whose context embedder is on disk while the blocks run)."""
         # Batched ids are assumed equal across the batch, as in the reference.
         ids = [t[0] if t.ndim == 3 else t for t in (txt_ids, img_ids)]
         if reference is not None:
             ids.append(reference_ids[0] if reference_ids.ndim == 3 else reference_ids)
         rope = rope_rotation(mx.concatenate(ids, axis=0), self.config.axes_dims_rope, self.config.rope_theta)
         ref = None if reference is None else self.x_embedder(reference)
-        return Context(self.context_embedder(encoder_hidden_states), rope, ref)
+        return Context(self.context_embedder(encoder_hidden_states) if tokens is None else tokens, rope, ref)
 
     def modulations(self, timestep: mx.array, dtype, guidance: mx.array | None = None) -> Modulations:
         """The Modulations of timesteps [B] (sigmas in [0, 1]) for activations of `dtype`."""

@@ -130,6 +130,36 @@ def test_modulation_layers_left_on_disk_are_read_again_only_for_new_sigmas(packe
     assert low(packed.generate("a cedar", plan=away, **kw)) == pytest.approx(low(left), rel=0.02)
 
 
+def test_the_context_embedder_left_on_disk_is_read_for_new_prompts_only(packed, monkeypatch):
+    """A plan that leaves the modulation layers on disk leaves the context embedder there too:
+    the modulation stage computes a new prompt's text tokens (reading the layer), and a cached
+    prompt's come from the cache, under any plan; the image is the same. (The denoising stage
+    holds the layer's bytes less: test_modulation_layers_left_on_disk_are_read_again_only_for_new_sigmas.)
+    A prompt's tokens go when `encode` drops its embeddings."""
+    import mlx.nn as nn
+
+    from bonsai_mlx.executor import PROMPT_CACHE
+
+    models = packed.models
+    embedder, calls, linear = models.transformer.context_embedder, [], nn.Linear.__call__
+    monkeypatch.setattr(nn.Linear, "__call__", lambda self, x: (calls.append(1) if self is embedder else None)
+                        or linear(self, x))
+    keep, away = MemoryPlan(sync=True), MemoryPlan(sync=True, keep_modulation=False)
+    kw = dict(width=64, height=64, steps=1, seed=6)
+    first = packed.generate("a larch in fog", plan=away, **kw)
+    assert len(calls) == 1 and "modulation" in first.memory["stages"]
+    again = packed.generate("a larch in fog", plan=away, **kw)
+    kept = packed.generate("a larch in fog", plan=keep, **kw)
+    assert len(calls) == 1
+    np.testing.assert_array_equal(again.array, first.array)
+    np.testing.assert_array_equal(kept.array, first.array)
+    emb = models.encode("a larch in fog", keep)
+    assert models._tokens[id(emb)][0] is emb
+    for i in range(PROMPT_CACHE):  # other prompts push it out of the cache, and its tokens with it
+        models.encode(f"a larch, take {i}", keep)
+    assert id(emb) not in models._tokens and len(models._tokens) <= PROMPT_CACHE
+
+
 def test_layers_left_on_disk_give_back_the_cache_only_after_a_read(packed):
     """Leaving the modulation layers on disk again empties MLX's buffer cache only where
     weights were dropped: after a read for new sigmas, or after a direct call of the
@@ -193,13 +223,14 @@ def test_modulation_layers_read_again_from_a_wider_file_hold_one_weight_beside_i
     their bfloat16 copies and one weight's float32 tensor at a time here, at most the largest
     one; the modulation stage's estimate adds the two largest (Footprint.modulation_cast_bytes:
     a GPU may free the one before after eval returns). Read in one graph, all six were held."""
+    from bonsai_mlx.executor import nbytes
     from bonsai_mlx.memory import SAFETY, estimate
-    from bonsai_mlx.transformer import MODULATION_LAYERS
+    from bonsai_mlx.transformer import MODULATION_LAYERS, ON_DISK_LAYERS
 
     _, path = mp.make_pipeline(tmp_path / "wide", is_distilled=False, seed=5)  # saved in float32
     pipe = BonsaiPipeline.from_pretrained(path, dtype=mx.bfloat16, text_layers=mp.TEXT_LAYERS)
     models, info = pipe.models, pipe.models.transformer_info
-    files, _ = models._loader._file_weights(MODULATION_LAYERS)
+    files, _ = models._loader._file_weights(ON_DISK_LAYERS)
     sizes = sorted(w.nbytes for w in files.values())
     assert {w.dtype for w in files.values()} == {mx.float32} and sizes[-1] == sizes[-2]
     fp = models.footprint(calibrated=False)
@@ -207,15 +238,17 @@ def test_modulation_layers_read_again_from_a_wider_file_hold_one_weight_beside_i
     away = MemoryPlan(sync=True, keep_modulation=False)
     added = estimate(fp, 64, 64, away)["modulation"] - estimate(replace(fp, modulation_cast_bytes=0), 64, 64, away)["modulation"]
     assert added == pytest.approx(SAFETY * (sizes[-1] + sizes[-2]), abs=2)
-    models._modulation_to_disk()  # as after a modulation stage: lazy reads of the file
+    models._to_disk()  # as after a modulation stage: lazy reads of the file
     mx.synchronize()
     base = mx.get_active_memory()
     mx.reset_peak_memory()
-    models._computed([0.9, 0.5], keep=True)
+    models._computed([0.9, 0.5], keep=True)  # reads the modulation layers (not the context embedder)
     extra = mx.get_peak_memory() - base
+    copies = sum(nbytes(pipe.transformer[n]) for n in MODULATION_LAYERS)
+    mod_sizes = sorted(w.nbytes for k, w in files.items() if k.startswith(MODULATION_LAYERS))
     # beyond the bfloat16 copies a file tensor is held (more than the smallest), never more than
     # the largest on this CPU; read in one graph, all six (1.2 MB here) were held at once
-    assert info["modulation_bytes"] + sizes[0] < extra <= info["modulation_bytes"] + sizes[-1]
+    assert copies + mod_sizes[0] < extra <= copies + mod_sizes[-1]
     # a float32 pipeline on the same file casts nothing
     same = BonsaiPipeline.from_pretrained(path, dtype=mx.float32, text_layers=mp.TEXT_LAYERS)
     assert same.models.transformer_info["modulation_cast_bytes"] == 0
