@@ -501,7 +501,11 @@ def _recorded_plan(p: dict) -> MemoryPlan:
                                      "h200-generate-c67-binary-new.json", "h200-generate-c67-binary-prev2.json",
                                      "h200-generate-c70-binary.json", "h200-generate-c70-ternary.json",
                                      "h200-generate-c74-binary.json", "h200-generate-c74-ternary.json",
-                                     "h200-generate-c74-binary-old.json", "h200-generate-c74-ternary-old.json"])
+                                     "h200-generate-c74-binary-old.json", "h200-generate-c74-ternary-old.json",
+                                     "h200-generate-c77-ternary.json", "h200-generate-c77-ternary-old.json",
+                                     "h200-generate-c78-binary.json", "h200-generate-c78-ternary.json",
+                                     "h200-generate-c79-binary.json", "h200-generate-c79-ternary.json",
+                                     "h200-generate-c79-binary-auto.json"])
 def test_estimates_cover_the_recorded_h200_peaks(results):
     """Every stage of every planned generation measured on the H200 (docs/results, random
     full-size packs, 4 steps, bfloat16) peaked under the estimate that the current model
@@ -568,6 +572,34 @@ def test_the_512_px_targets_decode_in_taller_parts_with_the_vae_encoder_on_disk(
         assert g_after["timings"]["decoding_s"] < g_before["timings"]["decoding_s"]
     for run in (before, after):
         assert max(g["memory"]["peak_gb"] for g in run["generations"]) <= run["budget_gb"]
+
+
+@pytest.mark.parametrize("fmt", ["binary", "ternary"])
+def test_the_1024_px_targets_decode_in_taller_strips_with_the_context_embedder_on_disk(fmt):
+    """Plans that leave the modulation layers on disk leave the context embedder there too
+    (47.2 MB in bfloat16 at klein 4B's shapes): with c79's footprints the 1024 px targets
+    decode in 32-row strips, as c79 ran them, and with the embedder's bytes held (c78's code)
+    in 16-row strips. On the H200 the 32-row strips decoded in 119-128 ms (c79, generations 2
+    and 3) where c78's 16-row ones took 149-173 ms, every stage under the budget."""
+    from dataclasses import replace
+
+    from mlx.utils import tree_flatten
+
+    from bonsai_mlx import KLEIN_4B
+    from bonsai_mlx.transformer import PROMPT_LAYERS, Flux2Transformer
+
+    embedder = 2 * sum(v.size for k, v in tree_flatten(Flux2Transformer(KLEIN_4B).parameters())
+                       if k.startswith(PROMPT_LAYERS))
+    assert embedder == 47_185_920
+    name = f"h200-generate-c79-{fmt}.json"
+    run = next(r for r in json.loads((RESULTS / name).read_text())["runs"] if r["budget"] == "target" and r["size"] == 1024)
+    fp, budget = _recorded_footprint(run, name), int(run["budget_gb"] * GB)
+    now = plan_memory(fp, 1024, 1024, budget, flush=True)
+    held = plan_memory(replace(fp, modulation_bytes=fp.modulation_bytes - embedder), 1024, 1024, budget, flush=True)
+    assert not now.keep_modulation and (now.vae_strip, held.vae_strip) == (run["plan"]["vae_strip"], 16) == (32, 16)
+    assert max(now.stage_estimates.values()) <= budget
+    for gen in run["generations"]:
+        assert gen["memory"]["peak_gb"] <= run["budget_gb"]
 
 
 @pytest.mark.parametrize("fmt", ["binary", "ternary"])
