@@ -27,11 +27,14 @@ class Execution:
     # With sync and without overlap: start each part once the part before it is done, the host
     # having built it while the device ran that one. Evaluating each part before the next is
     # built idles the device while the host builds; built ahead, it idles only while the host
-    # starts the part. Either way one part runs at a time and the next allocates nothing until
-    # it starts (building a part reads no weights and writes no buffer in place: MLX allocates
-    # when it evaluates), so the peak is one part's temporaries. A part's buffer writes cannot
-    # be waited on once the next write is built (`Pace.__call__`), so buffers are not written
-    # in place ahead.
+    # starts the part. One part runs at a time, and building one allocates nothing (MLX
+    # allocates when it evaluates), but a back-end that releases a finished part's buffers
+    # after the wait returns (MLX's CUDA back-end from a worker thread, Metal in a completion
+    # handler) may still hold them when the next part starts at once: on an H200 the peaks lay
+    # between strict's and two in flight's. So plans run ahead only where the pacer's flush
+    # holds a stage to its estimate (`MemoryPlan.paced_vae_execution`). A part's buffer writes
+    # cannot be waited on once the next write is built (`Pace.__call__`), so buffers are not
+    # written in place ahead.
     ahead: bool = False
     # Passes over the MLP's hidden units: each pass computes the gate and up rows of its
     # units for every token (large matmuls, each weight row read once), so the [L, 2F]
@@ -46,6 +49,15 @@ class Execution:
     # Running in parts, a reduction over a large activation (the VAE's GroupNorm statistics)
     # works on blocks of rows whose float32 copy has at most this many elements.
     reduce_block: int = 1 << 25
+    # Running in parts, GroupNorm statistics that the moments kernel reduces as it reads a
+    # 16-bit activation are a part of their own over more values than this; over fewer they
+    # join the part that normalizes with them. A part costs the host a start, which a small
+    # tensor's statistics do not repay (a 512 px decode block by block took 22 ms without
+    # them against 32 ms with, 21.6 ms in one graph, on an H200); before a large tensor's
+    # normalization, the wait for its statistics lets the back-end release the part before it
+    # first (a 1024 px decode block by block peaked 0.5-1.3 GB higher without them, c77 / c78).
+    # 2^25 is a 512 px image's full-resolution tensor.
+    stats_apart: int = 1 << 25
     # With sync: when MLX's active memory is above this many bytes after a part, wait for the
     # device to finish and release everything it holds (mx.synchronize) before the next part
     # is built. A back-end releases a finished part's buffers after the part, asynchronously
@@ -128,6 +140,13 @@ class Pace:
         flush = self.execution.flush_above
         if flush is not None and mx.get_active_memory() > flush:
             mx.synchronize()
+
+    def settle(self) -> None:
+        """Wait for a part started ahead before work that evaluates outside the pacer (an
+        attention evaluated chunk by chunk), so that work does not run beside it."""
+        if self.active and self.execution.ahead and not self.execution.overlap and self._previous:
+            mx.eval(*self._previous)
+            self._previous = ()
 
 
 class TokenBuffer:

@@ -27,7 +27,8 @@ from .transformer import MODULATION_LAYERS, ON_DISK_LAYERS, Modulations
 from .vae import moments_in_kernel
 
 # Prompt embeddings kept between generations, most recent first: a repeated prompt (several
-# seeds, a --count run) is not encoded again. 8 MB each at klein's shapes.
+# seeds, a --count run) is not encoded again. 8 MB each at klein's shapes, and 3 MB of text
+# tokens once a generation has computed them (Models.text_tokens).
 PROMPT_CACHE = 4
 # Pixels shared by neighbouring VAE tiles. Exact tiles (full context, whole-image GroupNorm
 # statistics) equal the untiled decode up to float rounding, so a narrow cross-fade is
@@ -131,6 +132,58 @@ def slab_tuning(info: dict, plan: MemoryPlan):
     return kernels.tuned(kernels.whole_slabs(info["largest_packed"]))
 
 
+class Prompts:
+    """Prompt embeddings kept between generations (PROMPT_CACHE, most recent last) and, once a
+    generation has computed them, their text tokens (the context embedder of them): a repeated
+    prompt is neither encoded nor embedded again. A prompt's tokens go with its embeddings;
+    they are kept by the identity of embeddings the cache holds, which no other array can take
+    while it holds them."""
+
+    def __init__(self):
+        self._embeddings: OrderedDict = OrderedDict()  # (prompt, length, dtype) -> embeddings
+        self._tokens: dict = {}  # id(kept embeddings) -> their text tokens
+
+    def embeddings(self, te, prompt: str, max_length: int, plan: MemoryPlan) -> mx.array:
+        key = (prompt, max_length, te.dtype)
+        if key in self._embeddings:
+            self._embeddings.move_to_end(key)
+            return self._embeddings[key]
+        emb = te.encode([prompt], max_length=max_length, stream=plan.stream_text_encoder,
+                        sync=plan.text_layer_by_layer)
+        mx.eval(emb)
+        if not all_finite(emb):
+            raise NonFiniteError(
+                f"text encoding produced NaN or Inf in {dtype_name(emb.dtype)}: "
+                + ("Qwen3's activations exceed float16's range; use dtype bfloat16 (the default) or float32"
+                   if emb.dtype == mx.float16 else "the text encoder's weights may hold NaN or Inf"),
+                "text encoding")
+        self._embeddings[key] = emb
+        while len(self._embeddings) > PROMPT_CACHE:
+            _, gone = self._embeddings.popitem(last=False)
+            self._tokens.pop(id(gone), None)
+        return emb
+
+    def tokens(self, emb: mx.array, model, source: str = "") -> mx.array:
+        """context_embedder(emb) [1, L, D] in `model`'s dtype, evaluated; from the cache when
+        `emb` is kept embeddings whose tokens were computed."""
+        kept = any(e is emb for e in self._embeddings.values())
+        if kept and id(emb) in self._tokens:
+            return self._tokens[id(emb)]
+        try:
+            tokens = model.context_embedder(emb.astype(model.dtype))
+            mx.eval(tokens)
+        except (RuntimeError, OSError) as e:  # a lazy read of a checkpoint that changed on disk
+            raise WeightsError(f"the context embedder could not be read again from {source} ({e}): was the "
+                               "checkpoint changed or removed? Load the pipeline again") from None
+        if kept:
+            self._tokens[id(emb)] = tokens
+        return tokens
+
+    def forget_tokens(self) -> None:
+        """Drop every kept prompt's tokens (the context embedder changed: a LoRA adapter)."""
+        self._tokens.clear()
+
+
 class Models:
     """The loaded models, what is resident now, and the prompt embeddings kept."""
 
@@ -158,8 +211,7 @@ class Models:
                                                           if cast and self.transformer_info["modulation_bytes"] else 0)
         # one step's Modulations: the double blocks' 6 + 6, the single blocks' 3, the output norm's 2 vectors
         self.transformer_info["modulation_step_bytes"] = 17 * transformer.config.inner_dim * transformer.dtype.size
-        self._prompts: OrderedDict = OrderedDict()
-        self._tokens: OrderedDict = OrderedDict()  # id(prompt embeddings) -> (them, their text tokens)
+        self.prompts = Prompts()
         self._modulations: OrderedDict = OrderedDict()
         self._vae_fit = self._vae_enc_fit = None
         self.loras = LoraSet()  # adapters, put back on the transformer whenever it is read again
@@ -193,7 +245,7 @@ class Models:
     def _apply_loras(self) -> None:
         self.loras.apply(self.transformer)
         self._modulations.clear()  # an adapter may change the modulation layers
-        self._tokens.clear()  # and the context embedder
+        self.prompts.forget_tokens()  # and the context embedder
 
     def modulations(self, sigmas: list[float], keep: bool = True) -> Callable[[int], Modulations]:
         """step i -> the Modulations of the step at sigmas[i]. A schedule whose modulations fit
@@ -250,27 +302,6 @@ class Models:
             self._to_disk(read=True)
         return steps
 
-    def text_tokens(self, emb: mx.array) -> mx.array:
-        """A prompt's text tokens, context_embedder(emb) [1, L, D] in the transformer's dtype,
-        evaluated; kept as long as `encode` keeps the embeddings (the same array while the
-        prompt is cached), so a cached prompt reads no context embedder. The layer is read
-        where it was on disk, and stays until `modulations(keep=False)` leaves it there again."""
-        hit = self._tokens.get(id(emb))
-        if hit is not None and hit[0] is emb:
-            self._tokens.move_to_end(id(emb))
-            return hit[1]
-        model = self.transformer
-        try:
-            tokens = model.context_embedder(emb.astype(model.dtype))
-            mx.eval(tokens)
-        except (RuntimeError, OSError) as e:  # a lazy read of a checkpoint that changed on disk
-            raise WeightsError(f"the context embedder could not be read again from {getattr(self._loader, 'path', '')} "
-                               f"({e}): was the checkpoint changed or removed? Load the pipeline again") from None
-        self._tokens[id(emb)] = (emb, tokens)
-        while len(self._tokens) > PROMPT_CACHE:  # embeddings not from `encode`
-            self._tokens.popitem(last=False)
-        return tokens
-
     def check_plan(self, plan: MemoryPlan) -> None:
         """Refuse, before any work, a plan that needs what these models cannot do."""
         if plan.releases_transformer and self._loader is None:
@@ -304,25 +335,12 @@ class Models:
 
     def encode(self, prompt: str, plan: MemoryPlan) -> mx.array:
         """Prompt embeddings [1, L, D], from the cache when this prompt was encoded lately."""
-        te = self.text_encoder
-        key = (prompt, self.max_sequence_length, te.dtype)
-        if key in self._prompts:
-            self._prompts.move_to_end(key)
-            return self._prompts[key]
-        emb = te.encode([prompt], max_length=self.max_sequence_length, stream=plan.stream_text_encoder,
-                        sync=plan.text_layer_by_layer)
-        mx.eval(emb)
-        if not all_finite(emb):
-            raise NonFiniteError(
-                f"text encoding produced NaN or Inf in {dtype_name(emb.dtype)}: "
-                + ("Qwen3's activations exceed float16's range; use dtype bfloat16 (the default) or float32"
-                   if emb.dtype == mx.float16 else "the text encoder's weights may hold NaN or Inf"),
-                "text encoding")
-        self._prompts[key] = emb
-        while len(self._prompts) > PROMPT_CACHE:
-            _, gone = self._prompts.popitem(last=False)
-            self._tokens.pop(id(gone), None)  # its text tokens go with it
-        return emb
+        return self.prompts.embeddings(self.text_encoder, prompt, self.max_sequence_length, plan)
+
+    def text_tokens(self, emb: mx.array) -> mx.array:
+        """A prompt's text tokens (Prompts.tokens). The context embedder is read where it was on
+        disk, and stays until `modulations(keep=False)` leaves it there again."""
+        return self.prompts.tokens(emb, self.transformer, getattr(self._loader, "path", ""))
 
     def footprint(self, calibrated: bool = True, encoder: bool = False) -> Footprint:
         """What the planner needs to know. `calibrated`: the VAE's scratch measured on this

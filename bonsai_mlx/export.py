@@ -236,6 +236,7 @@ def memory_plans(pipe) -> list[dict]:
                           "vae_two_parts_in_flight": p.vae_execution.overlap,
                           "decode_each_matrix_whole": p.whole_slabs,
                           "modulation_layers_on_disk": not p.keep_modulation,
+                          "context_embedder_on_disk": not p.keep_modulation,
                           "estimated_peak_bytes": p.estimated_peak_bytes,
                           "stage_estimates": p.stage_estimates})
     return plans

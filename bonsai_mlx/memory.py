@@ -328,16 +328,19 @@ class MemoryPlan:
         return _flushing(self.execution, self.stage_estimates.get("denoising"), held, self.part_bytes)
 
     def paced_vae_execution(self, held: int = 0) -> Execution:
-        """How the VAE decodes to stay under its decoding estimate, as `paced_execution`."""
-        return _flushing(self.vae_execution, self.stage_estimates.get("decoding"), held, self.vae_part_bytes)
+        """How the VAE decodes to stay under its decoding estimate, as `paced_execution`. One
+        part at a time, each is built while the one before runs (`Execution.ahead`) where the
+        flush holds the stage to its estimate (`flush_measured`), and evaluated before the next
+        is built elsewhere."""
+        ex = _flushing(self.vae_execution, self.stage_estimates.get("decoding"), held, self.vae_part_bytes)
+        return replace(ex, ahead=ex.flush_above is not None and flush_measured())
 
     @property
     def vae_execution(self) -> Execution:
         """How the VAE decodes and encodes: block by block like the transformer, with two
-        parts in flight or not on its own; one part at a time, each built while the one
-        before runs (`Execution.ahead`: a VAE part reads no weights as it is built)."""
+        parts in flight or not on its own."""
         return Execution(sync=self.sync if self.vae_sync is None else self.vae_sync,
-                         overlap=self.overlap if self.vae_overlap is None else self.vae_overlap, ahead=True)
+                         overlap=self.overlap if self.vae_overlap is None else self.vae_overlap)
 
     @property
     def text_layer_by_layer(self) -> bool:
@@ -411,7 +414,7 @@ class Footprint:
     whole_slab_tokens: int = 0  # the same under a plan with whole slabs (kernels.WHOLE_SLAB_MIN_M)
     text_dequant_bytes: int = 0  # dense weights alive at once when the encoder dequantizes per matmul
     dtype_bytes: int = 2
-    cached_prompt_bytes: int = 0  # prompt embeddings kept between generations
+    cached_prompt_bytes: int = 0  # prompt embeddings and their text tokens kept between generations
     # Measured like the decoder (calibrate_vae_encoder), only when images are to be encoded:
     # the encoder's peak scratch, fixed plus per input pixel.
     vae_enc_fixed: float = 0.0
@@ -496,6 +499,9 @@ COST_RELOAD_MODULATION = 0.15
 COST_STRICT = 0.25  # the device idles at every evaluation while the host builds the next part
 # The VAE strict, over two parts in flight: +21 ms for a whole 1024 px decode block by block,
 # +30 / +51 / +76 / +143 ms in 256- / 128- / 64- / 32-row strips (h200-profile-strips-c6.json).
+# Paced with the flush on MLX's CUDA back-end, one part at a time runs ahead
+# (`paced_vae_execution`), which took 0.75-0.90x strict's time (h200-profile-strips-c77.json):
+# these costs overcharge it there.
 COST_STRICT_VAE = {None: 0.02, 256: 0.013, 128: 0.02, 64: 0.025, 32: 0.09, 16: 0.18}
 COST_TOKEN_CHUNK = {None: 0, 4096: 0.1, 2048: 0.11, 1536: 0.11, 1024: 0.24, 512: 0.36, 256: 1.0}
 COST_ATTENTION_ROWS = {None: 0, 1024: 0.1, 512: 0.2, 256: 0.4}
@@ -1052,7 +1058,7 @@ def describe(plan: MemoryPlan) -> str:
     if plan.vae_encode_strip:
         parts.append(f"VAE encode in {plan.vae_encode_strip}-row strips")
     if not plan.keep_modulation:
-        parts.append("every step's modulations first, their layers left on disk")
+        parts.append("every step's modulations and the prompt's text tokens first, their layers left on disk")
     if plan.hidden_parts > 1:
         parts.append(f"the MLPs in {plan.hidden_parts} passes over their hidden units")
     if plan.token_chunk:
@@ -1144,7 +1150,7 @@ def calibrate_vae(vae, runs: int | None = None) -> dict:
     GPU, about 5 minutes for the full FLUX.2 VAE on MLX's Linux CPU wheel (its convolutions
     run at 1-2 GFLOP/s), so plans that can do with `conservative_vae_scratch` use that
     instead."""
-    dec, ex, runs = vae.decoder, Execution(sync=True, ahead=True, reduce_block=1 << 16), runs or calibration_runs()
+    dec, ex, runs = vae.decoder, Execution(sync=True, reduce_block=1 << 16), runs or calibration_runs()
     C_lat, C_mid = vae.config.latent_channels, vae.config.decoder_channels[-1]
     up, mid, strips = [], [], []
     for side in (16, 32):
@@ -1193,7 +1199,7 @@ def calibrate_vae_encoder(vae) -> dict:
         mx.eval(x)
         whole.append(_scratch_peak(lambda: vae.encode(x), runs))
         del x
-    ex = Execution(sync=True, ahead=True, reduce_block=1 << 16)
+    ex = Execution(sync=True, reduce_block=1 << 16)
     for rows in (1, 2):
         x = mx.zeros((1, 8 * f, 16 * rows * f, 3), dtype=mx.float32)
         mx.eval(x)

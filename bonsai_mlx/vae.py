@@ -189,16 +189,6 @@ def moments_in_kernel(dtype) -> bool:
     return kernels.moments_backend(dtype) is not None
 
 
-# Paced, statistics from the moments kernel over more values than this are a part of their
-# own, over fewer they join the part that normalizes with them. A part costs the host a
-# start, which a small tensor's parts do not repay (a 512 px decode block by block took 22 ms
-# without them against 32 ms with, 21.6 ms in one graph, on an H200); before a large tensor's
-# normalization, the wait for its statistics lets the back-end release the previous part's
-# buffers first (a 1024 px decode block by block peaked 0.5-1.3 GB higher without them:
-# docs/benchmarks.md, c77 and c78). 2^25 is a 512 px image's full-resolution tensor.
-STATS_PART_ELEMENTS = 1 << 25
-
-
 def group_stats(x, groups: int, pace: Pace = WHOLE):
     """x [B, H, W, C] -> float32 mean and biased variance [B, G] over (H, W, C/G).
 
@@ -208,8 +198,8 @@ def group_stats(x, groups: int, pace: Pace = WHOLE):
     then over each group's channels. Two passes (mean, then squared deviations): no
     E[x^2] - E[x]^2 cancellation. 16-bit x on a GPU back-end goes through the column_moments
     kernel, which accumulates in float32 as it reads x: the statistics then join the part
-    that reads them (they hold [B, C] floats), except over more than STATS_PART_ELEMENTS
-    values. Elsewhere each pass reduces a float32 copy:
+    that reads them (they hold [B, C] floats), except over more than the execution's
+    `stats_apart` values. Elsewhere each pass reduces a float32 copy:
     running in parts, of row blocks near `reduce_block` elements, evaluated block by block,
     the mean existing before the deviations do.
     """
@@ -217,7 +207,7 @@ def group_stats(x, groups: int, pace: Pace = WHOLE):
     n = H * W * (C // groups)
     backend = kernels.moments_backend(x.dtype)
     if backend:  # 16-bit x on a GPU: reduced as read, in float32, with no float32 copy to bound
-        x3, own_part = x.reshape(B, H * W, C), x.size > STATS_PART_ELEMENTS
+        x3, own_part = x.reshape(B, H * W, C), x.size > pace.execution.stats_apart
 
         def column_sums(mean_c):
             sums = kernels.column_moments(x3, mean_c, backend)
@@ -297,6 +287,7 @@ class Attention(nn.Module):
         h = self.group_norm(x, pace=pace).reshape(B, 1, H * W, C)  # one head of dim C
         q, k, v = self.to_q(h), self.to_k(h), self.to_v(h)
         # No fused kernel takes a 512-wide head, so each query chunk materialises its scores.
+        pace.settle()
         out = sdpa(q, k, v, C ** -0.5, rows=max(1, _MAX_SCORES // (H * W)), sync=pace.active)
         return x + self.to_out[0](out).reshape(B, H, W, C)
 

@@ -58,6 +58,26 @@ def test_pace_ahead_waits_for_the_part_before_then_starts_each_part(monkeypatch)
     assert spy.calls == [("async", (a,)), ("eval", (before,)), ("async", (b,))]
 
 
+def test_a_pacer_ahead_settles_before_work_outside_it(monkeypatch):
+    """`settle`: the part started ahead is waited for before work that evaluates outside the
+    pacer; strict and two-in-flight pacers have nothing to settle."""
+    spy = Spy(monkeypatch)
+    a, b = mx.array(1), mx.array(2)
+    pace = Execution(sync=True, ahead=True).pace()
+    pace(a)
+    pace.settle()
+    pace(b)
+    assert spy.calls == [("async", (a,)), ("eval", (a,)), ("async", (b,))]
+    spy.calls.clear()
+    for ex in (Execution(sync=True), Execution(sync=True, overlap=True), ONE_GRAPH):
+        pace = ex.pace()
+        pace(a)
+        calls = list(spy.calls)
+        pace.settle()
+        assert spy.calls == calls
+        spy.calls.clear()
+
+
 def test_buffers_are_not_written_in_place_ahead():
     """Built ahead, a buffer's next write exists before the part before it is waited on, so
     its chunks are kept, as with two parts in flight; in one graph it writes in place."""

@@ -154,10 +154,15 @@ def test_the_context_embedder_left_on_disk_is_read_for_new_prompts_only(packed, 
     np.testing.assert_array_equal(again.array, first.array)
     np.testing.assert_array_equal(kept.array, first.array)
     emb = models.encode("a larch in fog", keep)
-    assert models._tokens[id(emb)][0] is emb
+    assert models.prompts._tokens[id(emb)] is models.text_tokens(emb)
     for i in range(PROMPT_CACHE):  # other prompts push it out of the cache, and its tokens with it
         models.encode(f"a larch, take {i}", keep)
-    assert id(emb) not in models._tokens and len(models._tokens) <= PROMPT_CACHE
+    assert id(emb) not in models.prompts._tokens and len(models.prompts._tokens) <= PROMPT_CACHE
+    calls.clear()
+    loose = mx.zeros_like(emb)  # embeddings the cache does not hold: embedded, never kept
+    models.text_tokens(loose)
+    models.text_tokens(loose)
+    assert len(calls) == 2 and id(loose) not in models.prompts._tokens
 
 
 def test_layers_left_on_disk_give_back_the_cache_only_after_a_read(packed):

@@ -80,6 +80,7 @@ def test_exported_plans_are_the_bundles_own_for_an_apple_gpu(tmp_path):
         plan = plan_memory(fp, p["width"], p["height"], p["budget_bytes"], flush=False)
         assert (describe(plan), plan.stage_estimates) == (p["described"], p["stage_estimates"])
         assert p["attention_apart"] == p["two_blocks_in_flight"] == plan.execution.attention_apart
+        assert p["context_embedder_on_disk"] == p["modulation_layers_on_disk"] == (not plan.keep_modulation)
     source = BonsaiPipeline.from_pretrained(src, dtype=mx.bfloat16, memory_budget=None).footprint(calibrated=False)
     assert source.transformer_bytes > 2 * fp.transformer_bytes and fp.packed_format == "binary"
 

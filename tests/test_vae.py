@@ -11,6 +11,7 @@ activations, GroupNorm and BatchNorm statistics in fp32).
 
 import importlib.util
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -171,11 +172,11 @@ def test_a_16_bit_decode_on_a_gpu_takes_its_statistics_from_the_moments_kernel(v
 
 def test_statistics_from_the_moments_kernel_are_a_part_of_their_own_over_large_tensors(vae_dirs, monkeypatch):
     """Decoding block by block with the column_moments kernel (a GPU back-end), a GroupNorm's
-    statistics ([B, C] sums) of a tensor of at most STATS_PART_ELEMENTS values join the part
+    statistics ([B, C] sums) of a tensor of at most `Execution.stats_apart` values join the part
     that reads them: the pacer starts the resnets' and blocks' parts only, where this CPU's
     float32-copy statistics are parts of their own (row blocks bounded in memory). Over more
     values they are parts of their own again. The image is the same every way."""
-    from bonsai_mlx import execution, kernels, vae
+    from bonsai_mlx import execution, kernels
 
     ours = load_vae(vae_dirs["small4"], dtype=mx.float16)
     tokens = mx.random.normal((1, 4 * 3, ours.config.patched_channels), key=mx.random.key(3))
@@ -206,9 +207,8 @@ def test_statistics_from_the_moments_kernel_are_a_part_of_their_own_over_large_t
     assert len(parts) <= copies - 2 * norms, (len(parts), copies, norms)
     assert np.abs(got - plain).max() <= 2 / 255
     small = len(parts)
-    monkeypatch.setattr(vae, "STATS_PART_ELEMENTS", 0)
     parts.clear()
-    large = np.array(ours.decode_tokens(tokens, 4 * f, 3 * f, execution=ex).astype(mx.float32))
+    large = np.array(ours.decode_tokens(tokens, 4 * f, 3 * f, execution=replace(ex, stats_apart=0)).astype(mx.float32))
     assert sum(1 for p in parts if len(p[0]) == 2) == 2 * norms and len(parts) == small + 2 * norms
     np.testing.assert_array_equal(large, got)
 
