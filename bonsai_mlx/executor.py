@@ -26,7 +26,7 @@ from .scheduler import denoise, first_step, flux2_sigmas, noised
 from .transformer import MODULATION_LAYERS, ON_DISK_LAYERS, Modulations
 from .vae import moments_in_kernel
 
-# Prompt embeddings kept between generations, most recent first: a repeated prompt (several
+# Prompt embeddings kept between generations, most recent last: a repeated prompt (several
 # seeds, a --count run) is not encoded again. 8 MB each at klein's shapes, and 3 MB of text
 # tokens once a generation has computed them (Models.text_tokens).
 PROMPT_CACHE = 4

@@ -333,7 +333,7 @@ class MemoryPlan:
         flush holds the stage to its estimate (`flush_measured`), and evaluated before the next
         is built elsewhere."""
         ex = _flushing(self.vae_execution, self.stage_estimates.get("decoding"), held, self.vae_part_bytes)
-        return replace(ex, ahead=ex.flush_above is not None and flush_measured())
+        return replace(ex, ahead=ex.flush_above is not None and not ex.overlap and flush_measured())
 
     @property
     def vae_execution(self) -> Execution:
@@ -500,8 +500,8 @@ COST_STRICT = 0.25  # the device idles at every evaluation while the host builds
 # The VAE strict, over two parts in flight: +21 ms for a whole 1024 px decode block by block,
 # +30 / +51 / +76 / +143 ms in 256- / 128- / 64- / 32-row strips (h200-profile-strips-c6.json).
 # Paced with the flush on MLX's CUDA back-end, one part at a time runs ahead
-# (`paced_vae_execution`), which took 0.75-0.90x strict's time (h200-profile-strips-c77.json):
-# these costs overcharge it there.
+# (`paced_vae_execution`); decodes alone, without the flush, took 0.74-0.97x strict's time
+# ahead (h200-profile-strips-c77.json, -c78.json): these costs overcharge it there.
 COST_STRICT_VAE = {None: 0.02, 256: 0.013, 128: 0.02, 64: 0.025, 32: 0.09, 16: 0.18}
 COST_TOKEN_CHUNK = {None: 0, 4096: 0.1, 2048: 0.11, 1536: 0.11, 1024: 0.24, 512: 0.36, 256: 1.0}
 COST_ATTENTION_ROWS = {None: 0, 1024: 0.1, 512: 0.2, 256: 0.4}
@@ -1136,7 +1136,8 @@ def calibrate_vae(vae, runs: int | None = None) -> dict:
     fixed bytes and bytes per output pixel, the mid block's fixed bytes and bytes per latent
     pixel, and a strip decode's fixed bytes and bytes per pixel of a strip's window beyond
     the whole tensors it holds (`vae_strips.held_bytes`). Each is fitted to two measured
-    runs block by block as planned decodes run them: the up path on 16x16 and 32x32 latent
+    runs block by block, one part evaluated before the next is built (on MLX's CUDA back-end
+    planned decodes run ahead under the pacer's flush, which holds them to the estimate): the up path on 16x16 and 32x32 latent
     windows, the mid block on 16x16 and 32x32 latents (less its attention's measured
     scratch: `estimate` adds scores for the real size), strips of f and 2f rows at the
     heaviest stage (`vae_strips.stage_rows`) over 8x16 and 8x32 latents (windows of

@@ -423,6 +423,7 @@ class Decoder(nn.Module):
         for b in self.up_blocks:
             x = b(x, tile, pace)
             pace(x)
+        pace.settle()  # the output norm and conv are evaluated by the caller, outside the pacer
         return self.conv_out(self.conv_norm_out(x, tile, silu=True, pace=pace))
 
     def __call__(self, z, execution: Execution = ONE_GRAPH):
@@ -783,6 +784,7 @@ def _decode_tiled(decoder: Decoder, z, f: int, tile_size: int, overlap: int, til
                         run(a, b, _TileNorms(stats, acc, (oy0, oy1, ox0, ox1)))
                     except _Stop:
                         pass
+                    pace.settle()
                     mx.eval(acc)
             n, mean, m2 = acc
             stats.append((mean, m2 / n))
@@ -798,6 +800,7 @@ def _decode_tiled(decoder: Decoder, z, f: int, tile_size: int, overlap: int, til
             sy, sx = slice(a * f, (a + th) * f), slice(b * f, (b + tw) * f)
             out[:, sy, sx] = out[:, sy, sx] + y * w
             wsum[sy, sx] = wsum[sy, sx] + w
+            pace.settle()
             mx.eval(out, wsum)
     return out / wsum
 

@@ -360,6 +360,7 @@ def _run(stages, x, stats, strip: int, pace: Pace, last_norm=None):
     for i, ((kind, m), rows) in enumerate(zip(stages, stage_rows(stages, x.shape[1], x.shape[2], strip))):
         nxt = _input_norm(*stages[i + 1]) if i + 1 < len(stages) else last_norm
         x, stats = _KINDS[kind][0](m, x, stats, rows, nxt, pace)
+    pace.settle()  # the caller evaluates the assembled output outside the pacer
     return x.whole(), stats
 
 

@@ -40,7 +40,8 @@ def main():
     ap.add_argument("--none", action="store_true", help="also run without limits, last")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--no-flush", action="store_true",
-                    help="run without the pacer's flush (MemoryPlan.paced_execution)")
+                    help="run without the pacer's flush (MemoryPlan.paced_execution); on MLX's CUDA "
+                         "back-end a one-part-at-a-time decode then runs strict instead of ahead")
     ap.add_argument("--json", required=True)
     args = ap.parse_args()
     pack = random_pack(args.root, args.format)

@@ -66,7 +66,8 @@ def test_a_pacer_ahead_settles_before_work_outside_it(monkeypatch):
     pace = Execution(sync=True, ahead=True).pace()
     pace(a)
     pace.settle()
-    pace(b)
+    assert spy.calls == [("async", (a,)), ("eval", (a,))]
+    pace(b)  # nothing left to wait for
     assert spy.calls == [("async", (a,)), ("eval", (a,)), ("async", (b,))]
     spy.calls.clear()
     for ex in (Execution(sync=True), Execution(sync=True, overlap=True), ONE_GRAPH):

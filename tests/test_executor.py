@@ -138,7 +138,7 @@ def test_the_context_embedder_left_on_disk_is_read_for_new_prompts_only(packed, 
     A prompt's tokens go when `encode` drops its embeddings."""
     import mlx.nn as nn
 
-    from bonsai_mlx.executor import PROMPT_CACHE
+    from bonsai_mlx.executor import PROMPT_CACHE, Prompts
 
     models = packed.models
     embedder, calls, linear = models.transformer.context_embedder, [], nn.Linear.__call__
@@ -146,11 +146,13 @@ def test_the_context_embedder_left_on_disk_is_read_for_new_prompts_only(packed, 
                         or linear(self, x))
     keep, away = MemoryPlan(sync=True), MemoryPlan(sync=True, keep_modulation=False)
     kw = dict(width=64, height=64, steps=1, seed=6)
+    models.prompts = Prompts()  # no prompt kept from other tests
     first = packed.generate("a larch in fog", plan=away, **kw)
-    assert len(calls) == 1 and "modulation" in first.memory["stages"]
+    new = 1 + (first.guidance != 1.0)  # the prompt and, with guidance, the (empty) negative one
+    assert len(calls) == new and "modulation" in first.memory["stages"]
     again = packed.generate("a larch in fog", plan=away, **kw)
     kept = packed.generate("a larch in fog", plan=keep, **kw)
-    assert len(calls) == 1
+    assert len(calls) == new
     np.testing.assert_array_equal(again.array, first.array)
     np.testing.assert_array_equal(kept.array, first.array)
     emb = models.encode("a larch in fog", keep)
@@ -158,6 +160,10 @@ def test_the_context_embedder_left_on_disk_is_read_for_new_prompts_only(packed, 
     for i in range(PROMPT_CACHE):  # other prompts push it out of the cache, and its tokens with it
         models.encode(f"a larch, take {i}", keep)
     assert id(emb) not in models.prompts._tokens and len(models.prompts._tokens) <= PROMPT_CACHE
+    models.text_tokens(models.encode(f"a larch, take {PROMPT_CACHE - 1}", keep))
+    assert models.prompts._tokens
+    models._apply_loras()  # an adapter may change the context embedder: no tokens kept
+    assert not models.prompts._tokens
     calls.clear()
     loose = mx.zeros_like(emb)  # embeddings the cache does not hold: embedded, never kept
     models.text_tokens(loose)

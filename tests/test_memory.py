@@ -1057,8 +1057,9 @@ def test_strip_estimates_cover_the_profiled_h200_peaks():
     and two in flight, of that run and of c6. The strip floors are fitted to c7; the
     generations of c8 (test_estimates_cover_the_recorded_h200_peaks) ran strip plans apart
     from it. c77 and c78 (float16 decodes, 16- to 64-row strips and whole, strict, ahead and
-    two in flight, by the code of their call) are held too, but for c77's 512 px 16-row
-    strips (two in flight 462 MB against 425, ahead 366 against 362, strict under): parts
+    two in flight, by the code of their call, each against its run's calibration, which ran
+    ahead) are held too, but for c77's 512 px 16-row strips two in flight (462 MB against
+    425) and ahead (366 against 362): parts
     that small finish faster than MLX's CUDA back-end releases their buffers, and a run
     without the pacer's flush piles them up; a planned decode runs with the flush
     (`MemoryPlan.paced_vae_execution`), and no target plans 512 px strips that low."""
@@ -1075,9 +1076,9 @@ def test_strip_estimates_cover_the_profiled_h200_peaks():
             calib[r["dtype"]] = r
             continue
         whole = r.get("strip") is None and r.get("tile") is None and r.get("sync") and "encode" not in r["name"]
-        if "ms" not in r or not (whole or r.get("strip") is not None and "c7" in name):
+        if "ms" not in r or not (whole or r.get("strip") is not None and "c6" not in name):
             continue
-        if "c77" in name and r["size"] == 512 and r.get("strip") == 16:
+        if "c77" in name and r["size"] == 512 and r.get("strip") == 16 and (r.get("overlap") or r.get("ahead")):
             continue
         fp = _profiled_vae_footprint(calib[r["dtype"]], 2)
         encode = "encode" in r["name"]
@@ -1088,7 +1089,7 @@ def test_strip_estimates_cover_the_profiled_h200_peaks():
         peak = max(r["extra_peak_mb"], r.get("first_call_extra_peak_mb") or 0) * 1e6
         assert peak <= est, (r["name"], peak / 1e6, est / 1e6)
         checked["whole" if whole else stage] += 1
-    assert checked == {"decoding": 32 + 15 + 12, "image_encoding": 32, "whole": 16 + 12}
+    assert checked == {"decoding": 32 + 16 + 12, "image_encoding": 32, "whole": 16 + 12}
 
 
 def test_the_slab_the_estimate_counts_is_the_kernels_slab():

@@ -213,6 +213,23 @@ def test_strips_built_ahead_hold_what_strict_strips_hold(vae_dirs):
         np.testing.assert_array_equal(np.array(fn(AHEAD)), np.array(fn(STRICT)))
 
 
+def test_a_decode_ahead_settles_before_its_attention_evaluates_outside_the_pacer(vae_dirs, monkeypatch):
+    """The mid block's attention evaluates its query chunks itself: decoding ahead, the part in
+    flight is waited for first (`Pace.settle` right before it), as it is after the last up
+    block, before the output norm and conv that the caller evaluates."""
+    from bonsai_mlx import execution
+    from bonsai_mlx import vae as vae_module
+
+    events, settle, sdpa, paced = [], execution.Pace.settle, vae_module.sdpa, execution.Pace.__call__
+    monkeypatch.setattr(execution.Pace, "settle", lambda self: events.append("settle") or settle(self))
+    monkeypatch.setattr(execution.Pace, "__call__", lambda self, *a, **k: events.append("part") or paced(self, *a, **k))
+    monkeypatch.setattr(vae_module, "sdpa", lambda *a, **k: events.append("sdpa") or sdpa(*a, **k))
+    vae = load_vae(vae_dirs["small4"], dtype=mx.float32)
+    mx.eval(vae.decode(latents(vae, 4, 3, seed=9), execution=AHEAD))
+    assert "sdpa" in events and all(events[i - 1] == "settle" for i, e in enumerate(events) if e == "sdpa")
+    assert events.count("settle") == events.count("sdpa") + 1  # and after the last up block
+
+
 def test_planned_decodes_run_ahead_only_where_the_flush_holds_them(monkeypatch):
     """A plan's VAE runs its one-at-a-time parts ahead only in a paced decode whose flush is
     measured to hold the stage to its estimate (MLX's CUDA back-end); elsewhere (Metal, this
@@ -228,7 +245,7 @@ def test_planned_decodes_run_ahead_only_where_the_flush_holds_them(monkeypatch):
         assert one.paced_vae_execution().ahead == measured
         assert one.paced_vae_execution().flush_above == 9 * 10**8
         assert not MemoryPlan(sync=True).paced_vae_execution().ahead  # no estimates: no flush
-        assert two.paced_vae_execution().overlap
+        assert two.paced_vae_execution().overlap and not two.paced_vae_execution().ahead
 
 
 # ----------------------------------------------------------------------------- the planner
