@@ -127,26 +127,29 @@ class Pace:
             return
         if self.execution.overlap:
             mx.async_eval(*arrays)
-            if self._previous:
-                mx.eval(*self._previous)
-            self._previous = tuple(wait) or arrays
+            self._wait()
         elif self.execution.ahead:
-            if self._previous:
-                mx.eval(*self._previous)
+            self._wait()
             mx.async_eval(*arrays)
-            self._previous = tuple(wait) or arrays
         else:
             mx.eval(*arrays)
+        if self.execution.overlap or self.execution.ahead:
+            self._previous = tuple(wait) or arrays
         flush = self.execution.flush_above
         if flush is not None and mx.get_active_memory() > flush:
             mx.synchronize()
 
+    def _wait(self) -> None:
+        """Wait for the part before (started, or what stands for it)."""
+        if self._previous:
+            mx.eval(*self._previous)
+            self._previous = ()
+
     def settle(self) -> None:
         """Wait for a part started ahead before work that evaluates outside the pacer (an
         attention evaluated chunk by chunk), so that work does not run beside it."""
-        if self.active and self.execution.ahead and not self.execution.overlap and self._previous:
-            mx.eval(*self._previous)
-            self._previous = ()
+        if self.active and self.execution.ahead and not self.execution.overlap:
+            self._wait()
 
 
 class TokenBuffer:

@@ -1137,8 +1137,8 @@ def calibrate_vae(vae, runs: int | None = None) -> dict:
     pixel, and a strip decode's fixed bytes and bytes per pixel of a strip's window beyond
     the whole tensors it holds (`vae_strips.held_bytes`). Each is fitted to two measured
     runs block by block, one part evaluated before the next is built (on MLX's CUDA back-end
-    planned decodes run ahead under the pacer's flush, which holds them to the estimate): the up path on 16x16 and 32x32 latent
-    windows, the mid block on 16x16 and 32x32 latents (less its attention's measured
+    planned decodes run ahead under the pacer's flush, which holds them to the estimate): the
+    up path on 16x16 and 32x32 latent windows, the mid block on 16x16 and 32x32 latents (less its attention's measured
     scratch: `estimate` adds scores for the real size), strips of f and 2f rows at the
     heaviest stage (`vae_strips.stage_rows`) over 8x16 and 8x32 latents (windows of
     (8 + 2) x 128 and (16 + 2) x 256 pixels). Each measurement is the least of `runs`
