@@ -129,25 +129,33 @@ def linear_rows(linear, x: mx.array, r0: int, r1: int) -> mx.array:
 
 
 def swiglu_rows(linear, x: mx.array, hidden: int, ex: Execution, row0: int = 0,
-                head: mx.array | None = None) -> mx.array:
+                head: mx.array | None = None, joins: bool = False, after: tuple = ()) -> mx.array:
     """swiglu of a projection's rows [row0, row0 + 2 * hidden) (gate rows, then up rows),
     after `head` along the features when given ([head | swiglu], what the single block's
     output projection reads). In `ex.hidden_parts` passes: each computes the gate and up
     rows of its hidden units for every token of x and writes its columns into one buffer,
     so the [.., 2 * hidden] projection output never exists whole and each weight row is
-    read once."""
+    read once.
+    `joins` (two parts in flight): `head` is no part's result yet and the first pass's part
+    computes it too, and the last pass runs in the caller's next part; `after` is what the
+    first pass's part waits for once started (see `_block_inputs`)."""
     spans = ex.hidden_spans(hidden)
     if len(spans) == 1:
         m = swiglu(linear_rows(linear, x, row0, row0 + 2 * hidden))
         return m if head is None else mx.concatenate([head, m], axis=-1)
     h0 = 0 if head is None else head.shape[-1]
-    out, pace = ex.buffer((*x.shape[:-1], h0 + hidden), x.dtype), ex.pace()
+    out, pace = ex.buffer((*x.shape[:-1], h0 + hidden), x.dtype), ex.pace(after=after)
     if head is not None:
         out.write_columns(0, h0, head)
-    for c0, c1 in spans:
+    for i, (c0, c1) in enumerate(spans):
         part = swiglu_pair(linear_rows(linear, x, row0 + c0, row0 + c1),
                            linear_rows(linear, x, row0 + hidden + c0, row0 + hidden + c1))
-        pace(out.write_columns(h0 + c0, h0 + c1, part), wait=(part,))
+        written = out.write_columns(h0 + c0, h0 + c1, part)
+        if not joins:
+            pace(written, wait=(part,))
+        elif i < len(spans) - 1:
+            joined = (head,) if i == 0 and head is not None else ()
+            pace(written, *joined, wait=(part, *joined))
     return out.value
 
 
@@ -305,7 +313,13 @@ class ParallelAttention(nn.Module):
         D, proj = self.dim, self.to_qkv_mlp_proj
         bufs = [ex.buffer((B, L, self.heads, D // self.heads), x.dtype) for _ in range(3)]
         chunked = ex.chunked(L)
-        pace = ex.pace(ex.in_parts(L), after=_block_inputs(ex, chunked, after))
+        # Two parts in flight over all tokens in MLP passes, the attention runs in the first
+        # pass's part (the MLP does not read it) and the last pass in the block's end: two
+        # parts a block in 2 passes, as whole blocks with their attention apart. Every part
+        # costs the host a start and a wait, which at 512 px a pass does not repay.
+        joins = ex.sync and ex.overlap and not chunked and len(ex.hidden_spans(self.hidden)) > 1
+        inputs = _block_inputs(ex, chunked, after)
+        pace = ex.pace(ex.in_parts(L), after=() if joins else inputs)
         for r0, r1 in ex.chunks(L):
             # q, k and v as three row ranges of the projection: each is its own output (no
             # parts to concatenate, nothing to copy for the head split).
@@ -319,10 +333,12 @@ class ParallelAttention(nn.Module):
                 pace(*writes, wait=parts)
         o = attention(*(b.value for b in bufs), ex.attention_rows)
         del bufs  # q, k, v die with the attention's evaluation
-        pace(o)
+        if not joins:
+            pace(o)
         out = ex.buffer((B, L, D), x.dtype)
         for r0, r1 in ex.chunks(L):
-            y = self.to_out(swiglu_rows(proj, x[:, r0:r1], self.hidden, ex, 3 * D, head=o[:, r0:r1]))
+            y = self.to_out(swiglu_rows(proj, x[:, r0:r1], self.hidden, ex, 3 * D, head=o[:, r0:r1],
+                                        joins=joins, after=inputs if joins else ()))
             written = out.write(r0, r1, y)
             if chunked:  # whole, the output projection runs in the part that ends the block
                 pace(written, wait=(y,))

@@ -103,8 +103,10 @@ def test_memory_saving_modes_change_nothing(saved):
 def test_blocks_over_all_tokens_start_parts_only_where_memory_is_decided(saved, monkeypatch):
     """With the MLP in passes over all tokens, a block starts a part for its attention (q, k
     and v in it), one per pass and one that ends it: a double block 1 + 2 x 2 + 1, a single
-    block 1 + 2 + 1. With its attention apart and the MLP in one pass: the attention and the
-    rest. In token chunks, each chunk's q, k and v and output are parts too."""
+    block 1 + 2 + 1 evaluated strictly. Two parts in flight, the single block's attention runs
+    in its first pass's part and its last pass in the block's end: 2. With its attention apart
+    and the MLP in one pass: the attention and the rest. In token chunks, each chunk's q, k
+    and v and output are parts too."""
     from bonsai_mlx import execution
 
     _, directory, _ = saved["tiny_a"]
@@ -114,11 +116,12 @@ def test_blocks_over_all_tokens_start_parts_only_where_memory_is_decided(saved, 
     started, call = [], execution.Pace.__call__
     monkeypatch.setattr(execution.Pace, "__call__", lambda self, *a, **k: (started.append(1) if self.active else None,
                                                                             call(self, *a, **k))[1])
-    for ex, double, single in ((Execution(sync=True, overlap=True, hidden_parts=2), 6, 4),
+    for ex, double, single in ((Execution(sync=True, overlap=True, hidden_parts=2), 6, 2),
                                (Execution(sync=True, hidden_parts=2), 6, 4),
+                               (Execution(sync=True, overlap=True, hidden_parts=4), 1 + 2 * 4 + 1, 3 + 1),
                                (Execution(sync=True, overlap=True), 1, 1),
                                (Execution(sync=True, overlap=True, attention_apart=True), 2, 2),
-                               (Execution(sync=True, overlap=True, attention_apart=True, hidden_parts=2), 6, 4),
+                               (Execution(sync=True, overlap=True, attention_apart=True, hidden_parts=2), 6, 2),
                                # 24 image and 9 text tokens in 16-token chunks. Double: 1 + 2 chunks'
                                # q/k/v, the attention, 2 image chunks of the output projection, 2
                                # image chunks of 2 passes and an output each, 1 text chunk of 2
