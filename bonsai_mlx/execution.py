@@ -64,6 +64,21 @@ class Execution:
     # (MLX's CUDA back-end from a worker thread); when the releases fall behind, finished
     # parts' buffers pile up under the next ones.
     flush_above: int | None = None
+    # With sync, two parts in flight and the MLP in passes over all of a block's tokens, up to
+    # this many tokens a block runs its attention in its first pass's part and its last pass
+    # in the block's end (`joins`): two parts a single block in 2 passes where it starts four,
+    # three a double block where it starts six. Every part costs the host a start and a wait,
+    # which bounds small steps: on an H200 a 512 px binary step (1,536 tokens) took 0.79-0.82x
+    # the time, while at 1024 px (4,608) steps were 1.00-1.03x and peaked higher (c80). The
+    # parts are larger, so plans join only where the pacer's flush holds a step to its
+    # estimate (`MemoryPlan.paced_execution`).
+    join_upto: int = 0
+
+    def joins(self, length: int) -> bool:
+        """Whether a block of `length` tokens joins its attention and its last MLP pass to
+        their neighbours (see `join_upto`)."""
+        return (self.sync and self.overlap and self.hidden_parts > 1 and not self.chunked(length)
+                and length <= self.join_upto)
 
     def chunks(self, length: int) -> list[tuple[int, int]]:
         """Row ranges [r0, r1) covering `length` tokens `token_chunk` at a time."""

@@ -19,7 +19,7 @@ import numpy as np
 
 from .attention import sdpa
 from .config import TransformerConfig
-from .execution import ONE_GRAPH, Execution, by_chunks
+from .execution import ONE_GRAPH, Execution, Pace, by_chunks
 from .packed_linear import PackedLinear
 
 FP16_MAX = 65504.0
@@ -129,22 +129,23 @@ def linear_rows(linear, x: mx.array, r0: int, r1: int) -> mx.array:
 
 
 def swiglu_rows(linear, x: mx.array, hidden: int, ex: Execution, row0: int = 0,
-                head: mx.array | None = None, joins: bool = False, after: tuple = ()) -> mx.array:
+                head: mx.array | None = None, pace: Pace | None = None) -> mx.array:
     """swiglu of a projection's rows [row0, row0 + 2 * hidden) (gate rows, then up rows),
     after `head` along the features when given ([head | swiglu], what the single block's
     output projection reads). In `ex.hidden_parts` passes: each computes the gate and up
     rows of its hidden units for every token of x and writes its columns into one buffer,
     so the [.., 2 * hidden] projection output never exists whole and each weight row is
     read once.
-    `joins` (two parts in flight): `head` is no part's result yet and the first pass's part
-    computes it too, and the last pass runs in the caller's next part; `after` is what the
-    first pass's part waits for once started (see `_block_inputs`)."""
+    `pace`: the block's pacer where it joins its parts (`Execution.joins`): the first pass's
+    part computes `head` too (no part's result yet), and the last pass runs in the caller's
+    next part."""
     spans = ex.hidden_spans(hidden)
     if len(spans) == 1:
         m = swiglu(linear_rows(linear, x, row0, row0 + 2 * hidden))
         return m if head is None else mx.concatenate([head, m], axis=-1)
     h0 = 0 if head is None else head.shape[-1]
-    out, pace = ex.buffer((*x.shape[:-1], h0 + hidden), x.dtype), ex.pace(after=after)
+    joins = pace is not None
+    out, pace = ex.buffer((*x.shape[:-1], h0 + hidden), x.dtype), pace or ex.pace()
     if head is not None:
         out.write_columns(0, h0, head)
     for i, (c0, c1) in enumerate(spans):
@@ -159,10 +160,10 @@ def swiglu_rows(linear, x: mx.array, hidden: int, ex: Execution, row0: int = 0,
     return out.value
 
 
-def gated_ff(ff, x, shift, scale, gate, eps, ex: Execution):
+def gated_ff(ff, x, shift, scale, gate, eps, ex: Execution, pace: Pace | None = None):
     """x + gate * ff(modulate(x)): token-wise, so it runs `ex.token_chunk` tokens at a time,
-    bounding the [chunk, 2F] intermediate instead of holding [L, 2F]."""
-    return by_chunks(lambda xc: gated_add(xc, gate, ff(modulate(xc, shift, scale, eps), ex)), x, ex)
+    bounding the [chunk, 2F] intermediate instead of holding [L, 2F]. `pace`: see swiglu_rows."""
+    return by_chunks(lambda xc: gated_add(xc, gate, ff(modulate(xc, shift, scale, eps), ex, pace)), x, ex)
 
 
 class TimestepEmbedder(nn.Module):
@@ -209,8 +210,8 @@ class FeedForward(nn.Module):
         self.linear_in = nn.Linear(dim, 2 * hidden, bias=False)
         self.linear_out = nn.Linear(hidden, dim, bias=False)
 
-    def __call__(self, x: mx.array, ex: Execution = ONE_GRAPH) -> mx.array:
-        return self.linear_out(swiglu_rows(self.linear_in, x, self.hidden, ex))
+    def __call__(self, x: mx.array, ex: Execution = ONE_GRAPH, pace: Pace | None = None) -> mx.array:
+        return self.linear_out(swiglu_rows(self.linear_in, x, self.hidden, ex, pace=pace))
 
 
 def _block_inputs(ex: Execution, chunked: bool, after: tuple) -> tuple:
@@ -247,10 +248,11 @@ class JointAttention(nn.Module):
         self.norm_added_k = nn.RMSNorm(Dh, eps=cfg.eps)
 
     def __call__(self, img: mx.array, txt: mx.array, rope: tuple[mx.array, mx.array], ex: Execution,
-                 after: tuple = ()):
+                 after: tuple = (), joins: bool = False):
         """q, k, v of both streams (text first) are written chunk by chunk into [B, L, H, Dh]
         buffers: the float32 RoPE temporaries exist for one chunk at a time, nothing is
-        concatenated. Returns the image and text outputs."""
+        concatenated. Returns the image and text outputs. `joins`: the attention runs in the
+        part of the MLP pass that first reads it (`Execution.joins`)."""
         B, L_txt, D = txt.shape
         L = L_txt + img.shape[1]
         bufs = [ex.buffer((B, L, self.heads, D // self.heads), txt.dtype) for _ in range(3)]
@@ -269,7 +271,8 @@ class JointAttention(nn.Module):
                     pace(*writes, wait=parts)
         o = attention(*(b.value for b in bufs), ex.attention_rows)  # [B, L_txt + L_img, D]
         del bufs
-        pace(o)  # the output projections' chunks all read it
+        if not joins:
+            pace(o)  # the output projections' chunks all read it
         return by_chunks(self.to_out[0], o[:, L_txt:], ex), by_chunks(self.to_add_out, o[:, :L_txt], ex)
 
 
@@ -284,11 +287,16 @@ class DoubleStreamBlock(nn.Module):
     def __call__(self, img, txt, mod_img, mod_txt, rope, ex: Execution = ONE_GRAPH):
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod_img
         c_shift_a, c_scale_a, c_gate_a, c_shift_m, c_scale_m, c_gate_m = mod_txt
+        # Joined (`Execution.joins`), one pacer runs the block's parts: the attention and the
+        # image's first pass once the block's inputs are done, the text's first pass, the
+        # rest in the block's end.
+        joined = ex.pace(after=(img, txt)) if ex.joins(img.shape[1] + txt.shape[1]) else None
         attn_img, attn_txt = self.attn(modulate(img, shift_a, scale_a, self.eps),
-                                       modulate(txt, c_shift_a, c_scale_a, self.eps), rope, ex, after=(img, txt))
-        img = gated_ff(self.ff, gated_add(img, gate_a, attn_img), shift_m, scale_m, gate_m, self.eps, ex)
+                                       modulate(txt, c_shift_a, c_scale_a, self.eps), rope, ex, after=(img, txt),
+                                       joins=joined is not None)
+        img = gated_ff(self.ff, gated_add(img, gate_a, attn_img), shift_m, scale_m, gate_m, self.eps, ex, joined)
         txt = gated_ff(self.ff_context, gated_add(txt, c_gate_a, attn_txt), c_shift_m, c_scale_m, c_gate_m,
-                       self.eps, ex)
+                       self.eps, ex, joined)
         return img, clip_fp16(txt)
 
 
@@ -312,14 +320,10 @@ class ParallelAttention(nn.Module):
         B, L, _ = x.shape
         D, proj = self.dim, self.to_qkv_mlp_proj
         bufs = [ex.buffer((B, L, self.heads, D // self.heads), x.dtype) for _ in range(3)]
-        chunked = ex.chunked(L)
-        # Two parts in flight over all tokens in MLP passes, the attention runs in the first
-        # pass's part (the MLP does not read it) and the last pass in the block's end: two
-        # parts a block in 2 passes, as whole blocks with their attention apart. Every part
-        # costs the host a start and a wait, which at 512 px a pass does not repay.
-        joins = ex.sync and ex.overlap and not chunked and len(ex.hidden_spans(self.hidden)) > 1
-        inputs = _block_inputs(ex, chunked, after)
-        pace = ex.pace(ex.in_parts(L), after=() if joins else inputs)
+        chunked, joins = ex.chunked(L), ex.joins(L)
+        # Joined (`Execution.joins`), the attention runs in the first pass's part (the MLP does
+        # not read it), which waits for the block's inputs, and the last pass in the block's end.
+        pace = ex.pace(ex.in_parts(L), after=_block_inputs(ex, chunked, after))
         for r0, r1 in ex.chunks(L):
             # q, k and v as three row ranges of the projection: each is its own output (no
             # parts to concatenate, nothing to copy for the head split).
@@ -338,7 +342,7 @@ class ParallelAttention(nn.Module):
         out = ex.buffer((B, L, D), x.dtype)
         for r0, r1 in ex.chunks(L):
             y = self.to_out(swiglu_rows(proj, x[:, r0:r1], self.hidden, ex, 3 * D, head=o[:, r0:r1],
-                                        joins=joins, after=inputs if joins else ()))
+                                        pace=pace if joins else None))
             written = out.write(r0, r1, y)
             if chunked:  # whole, the output projection runs in the part that ends the block
                 pace(written, wait=(y,))

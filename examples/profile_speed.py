@@ -464,7 +464,9 @@ def section_dit(tiny, root, quick=False):
     for parts in (2, 4, 8):
         settings += [(f"block by block, MLP in {parts} parts", Execution(sync=True, hidden_parts=parts)),
                      (f"block by block, MLP in {parts} parts, two in flight",
-                      Execution(sync=True, overlap=True, hidden_parts=parts))]
+                      Execution(sync=True, overlap=True, hidden_parts=parts)),
+                     (f"block by block, MLP in {parts} parts, two in flight, joined",  # Execution.joins at any size
+                      Execution(sync=True, overlap=True, hidden_parts=parts, join_upto=1 << 30))]
     settings += [(f"block by block, {chunk}-token chunks, MLP in {parts} parts, two in flight",
                   Execution(chunk, None, True, True, hidden_parts=parts)) for chunk in (2048, 1024) for parts in (2, 4)]
     if os.environ.get("DIT_SETTINGS"):  # a subset by label substring, e.g. "parts|flight"

@@ -250,8 +250,9 @@ def test_a_pacer_started_after_a_part_waits_for_it_first(monkeypatch):
 def test_a_block_in_hidden_passes_evaluates_its_attention_as_a_part_of_its_own(monkeypatch):
     """Whole tokens in hidden passes: the attention (q, k and v with it) is a part of its own,
     so the passes that follow do not hold its temporaries with theirs, and each pass is one;
-    in token chunks, each chunk's q, k and v are one part. Two parts in flight, the single
-    block's attention runs in its first pass's part and its last pass in the caller's: one part."""
+    in token chunks, each chunk's q, k and v are one part. Joined (`Execution.joins`), the
+    attention runs in the first pass's part and the last pass in the caller's: the single
+    block starts one part, the double block one for each stream's first pass."""
     from bonsai_mlx import transformer as T
     from bonsai_mlx.config import TransformerConfig
 
@@ -264,22 +265,23 @@ def test_a_block_in_hidden_passes_evaluates_its_attention_as_a_part_of_its_own(m
     single, double = T.SingleStreamBlock(cfg), T.DoubleStreamBlock(cfg)
     zeros = [mx.zeros((1, 1, D))] * 6
     # The single block: the attention with q, k and v, then two passes (its output projection
-    # runs in the part that ends the block, the caller's); two in flight, the attention and the
-    # first pass, the second in the caller's part. The double block: the attention with both
-    # streams' q, k and v, then the two passes of each stream's feed-forward.
-    runs = [(lambda ex: single(mx.concatenate([txt, img], axis=1), zeros[:3], rope, ex), {False: 1 + 2, True: 1}),
-            (lambda ex: double(img, txt, zeros, zeros, rope, ex), {False: 1 + 2 * 2, True: 1 + 2 * 2})]
+    # runs in the part that ends the block, the caller's). The double block: the attention with
+    # both streams' q, k and v, then the two passes of each stream's feed-forward.
+    runs = [(lambda ex: single(mx.concatenate([txt, img], axis=1), zeros[:3], rope, ex), 1 + 2, 1),
+            (lambda ex: double(img, txt, zeros, zeros, rope, ex), 1 + 2 * 2, 2)]
     # In 8-token chunks (the single block's 17 tokens in 3, the image's 12 in 2): the single
     # block's 3 q/k/v chunks, the attention and 3 output chunks; the double block's text q/k/v
     # (one chunk), 2 image q/k/v chunks, the attention, 2 image output chunks and 2 image MLP
     # chunks (the text's output and MLP, one chunk each, run unpaced inside the block's part).
     chunked = [3 + 1 + 3, 1 + 2 + 1 + 2 + 2]
-    for (forward, parts), in_chunks in zip(runs, chunked):
+    for (forward, parts, joined), in_chunks in zip(runs, chunked):
         want = forward(ONE_GRAPH)
         mx.eval(want)
         for overlap in (False, True):
-            for ex, n in ((Execution(sync=True, overlap=overlap, hidden_parts=2), parts[overlap]),
-                          (Execution(8, None, sync=True, overlap=overlap), in_chunks)):
+            for ex, n in ((Execution(sync=True, overlap=overlap, hidden_parts=2), parts),
+                          (Execution(8, None, sync=True, overlap=overlap), in_chunks),
+                          (Execution(sync=True, overlap=overlap, hidden_parts=2, join_upto=L),
+                           joined if overlap else parts)):
                 spy = Spy(monkeypatch)
                 got = forward(ex)
                 monkeypatch.undo()

@@ -505,7 +505,8 @@ def _recorded_plan(p: dict) -> MemoryPlan:
                                      "h200-generate-c77-ternary.json", "h200-generate-c77-ternary-old.json",
                                      "h200-generate-c78-binary.json", "h200-generate-c78-ternary.json",
                                      "h200-generate-c79-binary.json", "h200-generate-c79-ternary.json",
-                                     "h200-generate-c79-binary-auto.json"])
+                                     "h200-generate-c79-binary-auto.json",
+                                     "h200-generate-c80-binary.json", "h200-generate-c80-ternary.json"])
 def test_estimates_cover_the_recorded_h200_peaks(results):
     """Every stage of every planned generation measured on the H200 (docs/results, random
     full-size packs, 4 steps, bfloat16) peaked under the estimate that the current model
@@ -1203,3 +1204,24 @@ def test_plans_with_two_parts_in_flight_run_each_blocks_attention_apart():
     assert not MemoryPlan().execution.attention_apart
     budget = MemoryPlan(sync=True, overlap=True, stage_estimates={"denoising": 10**9}, part_bytes=10**8)
     assert budget.paced_execution().attention_apart and budget.paced_execution().flush_above == 9 * 10**8
+
+
+def test_planned_steps_join_their_parts_only_where_the_flush_holds_them(monkeypatch):
+    """A plan's transformer joins a block's attention and last MLP pass to the passes' parts
+    (`Execution.joins`, larger parts) only in a paced step whose flush is measured to hold the
+    stage to its estimate (MLX's CUDA back-end), and only in blocks of up to JOIN_UPTO tokens:
+    a 512 px step's 1,536, not a 1024 px step's 4,608."""
+    from bonsai_mlx import memory
+    from bonsai_mlx.memory import JOIN_UPTO
+
+    est = dict(stage_estimates={"denoising": 10**9}, part_bytes=10**8)
+    passes = MemoryPlan(sync=True, overlap=True, hidden_parts=2, **est)
+    for measured in (False, True):
+        monkeypatch.setattr(memory, "flush_measured", lambda: measured)
+        ex = passes.paced_execution()
+        assert ex.flush_above == 9 * 10**8 and ex.join_upto == (JOIN_UPTO if measured else 0)
+        assert ex.joins(1536) == measured and not ex.joins(4608)
+        assert not MemoryPlan(sync=True, overlap=True, hidden_parts=2).paced_execution().joins(1536)  # no flush
+        assert not MemoryPlan(sync=True, hidden_parts=2, **est).paced_execution().joins(1536)  # strict
+        assert not MemoryPlan(sync=True, overlap=True, **est).paced_execution().joins(1536)  # one pass
+        assert not replace(passes, token_chunk=512).paced_execution().joins(1536)  # token chunks

@@ -20,6 +20,7 @@ from fixtures import make_flux2 as fx
 BOUNDS = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 2e-2}
 MX = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+JOIN_ALL = 1 << 30  # Execution.join_upto: blocks of any length join their parts
 
 
 def rel_err(out, ref):
@@ -94,7 +95,9 @@ def test_memory_saving_modes_change_nothing(saved):
                Execution(hidden_parts=4, sync=True, overlap=True), Execution(hidden_parts=2, sync=True),
                Execution(sync=True, overlap=True, attention_apart=True),
                Execution(token_chunk=5, hidden_parts=2, sync=True, overlap=True),
-               Execution(token_chunk=5, hidden_parts=2, sync=True, overlap=True, flush_above=0)):
+               Execution(token_chunk=5, hidden_parts=2, sync=True, overlap=True, flush_above=0),
+               Execution(hidden_parts=2, sync=True, overlap=True, join_upto=JOIN_ALL),
+               Execution(hidden_parts=4, sync=True, overlap=True, join_upto=JOIN_ALL, flush_above=0)):
         chunked = run(model, inputs, mx.float32, execution=ex)
         np.testing.assert_allclose(chunked, plain, rtol=0, atol=1e-5 * np.abs(plain).max())
         assert rel_err(chunked, fx.reference_forward(ref_model, inputs)) <= BOUNDS["float32"]
@@ -103,10 +106,11 @@ def test_memory_saving_modes_change_nothing(saved):
 def test_blocks_over_all_tokens_start_parts_only_where_memory_is_decided(saved, monkeypatch):
     """With the MLP in passes over all tokens, a block starts a part for its attention (q, k
     and v in it), one per pass and one that ends it: a double block 1 + 2 x 2 + 1, a single
-    block 1 + 2 + 1 evaluated strictly. Two parts in flight, the single block's attention runs
-    in its first pass's part and its last pass in the block's end: 2. With its attention apart
-    and the MLP in one pass: the attention and the rest. In token chunks, each chunk's q, k
-    and v and output are parts too."""
+    block 1 + 2 + 1. Joined (`Execution.joins`: two in flight, up to `join_upto` tokens), the
+    attention runs in the first pass's part and each stream's last pass in the block's end: a
+    double block 2 + 1, a single block 1 + 1. With its attention apart and the MLP in one
+    pass: the attention and the rest. In token chunks, each chunk's q, k and v and output are
+    parts too."""
     from bonsai_mlx import execution
 
     _, directory, _ = saved["tiny_a"]
@@ -116,12 +120,16 @@ def test_blocks_over_all_tokens_start_parts_only_where_memory_is_decided(saved, 
     started, call = [], execution.Pace.__call__
     monkeypatch.setattr(execution.Pace, "__call__", lambda self, *a, **k: (started.append(1) if self.active else None,
                                                                             call(self, *a, **k))[1])
-    for ex, double, single in ((Execution(sync=True, overlap=True, hidden_parts=2), 6, 2),
+    for ex, double, single in ((Execution(sync=True, overlap=True, hidden_parts=2), 6, 4),
                                (Execution(sync=True, hidden_parts=2), 6, 4),
-                               (Execution(sync=True, overlap=True, hidden_parts=4), 1 + 2 * 4 + 1, 3 + 1),
                                (Execution(sync=True, overlap=True), 1, 1),
                                (Execution(sync=True, overlap=True, attention_apart=True), 2, 2),
-                               (Execution(sync=True, overlap=True, attention_apart=True, hidden_parts=2), 6, 2),
+                               (Execution(sync=True, overlap=True, attention_apart=True, hidden_parts=2), 6, 4),
+                               (Execution(sync=True, overlap=True, hidden_parts=2, join_upto=JOIN_ALL), 2 + 1, 1 + 1),
+                               (Execution(sync=True, overlap=True, hidden_parts=4, join_upto=JOIN_ALL), 2 * 3 + 1, 3 + 1),
+                               (Execution(sync=True, hidden_parts=2, join_upto=JOIN_ALL), 6, 4),  # strict: never
+                               # 24 image and 9 text tokens: over 32, blocks do not join
+                               (Execution(sync=True, overlap=True, hidden_parts=2, join_upto=32), 6, 4),
                                # 24 image and 9 text tokens in 16-token chunks. Double: 1 + 2 chunks'
                                # q/k/v, the attention, 2 image chunks of the output projection, 2
                                # image chunks of 2 passes and an output each, 1 text chunk of 2
@@ -169,6 +177,8 @@ def test_paced_blocks_keep_at_most_three_parts_in_flight(saved, monkeypatch):
     monkeypatch.setattr(execution.mx, "eval", wait)
     for ex, bound in ((Execution(sync=True, overlap=True, hidden_parts=2), OVERLAP_PARTS),
                       (Execution(sync=True, overlap=True, hidden_parts=4), OVERLAP_PARTS),
+                      (Execution(sync=True, overlap=True, hidden_parts=2, join_upto=JOIN_ALL), OVERLAP_PARTS),
+                      (Execution(sync=True, overlap=True, hidden_parts=4, join_upto=JOIN_ALL), OVERLAP_PARTS),
                       (Execution(sync=True, overlap=True), 2),  # whole blocks
                       (Execution(sync=True, overlap=True, attention_apart=True), 2 * 2)):  # two parts a block
         started.clear()
