@@ -526,11 +526,13 @@ COST_PARTS_IN_CHUNKS = 0.2  # both at once cost more than the two apart (2048 to
 # COST_HIDDEN_PARTS[2] and this, is the chunks' COST_DIT less about that. Larger binary steps
 # too: at 1280 px (2.8 GB) and 1536 px (3.4 GB) the flushed passes denoised in 0.81-0.86x and
 # 0.91x the time of the 2048-token chunks that the 512 px figure would plan there
-# (h200-plan-variants-c72-binary-1280.json, -1536.json). Ternary's denoised
-# in 0.028 s less to 0.001 s more, but its decode after them took 1.0-1.5x as long (not
-# explained) and its whole generations 0.98-1.14x; ternary, token chunks and steps of fewer
-# tokens (whose flushing is not measured) take the 512 px figure, COST_FLUSHING_DEFAULT.
-COST_FLUSHING = {"binary": {4096: 0.01}}
+# (h200-plan-variants-c72-binary-1280.json, -1536.json). Ternary's at 1024 px denoised in
+# 0.028 s less to 0.001 s more in c69-c71, its decode after them taking 1.0-1.5x as long; in
+# c82 (h200-plan-variants-c82-ternary-1024.json, generations 2 and 3) in 0.367 s against the
+# 1536-token chunks' 0.402-0.458 s, decoding in 0.088-0.089 s against 0.084-0.087 s. Token
+# chunks and steps of fewer tokens (whose flushing is not measured) take the 512 px figure,
+# COST_FLUSHING_DEFAULT.
+COST_FLUSHING = {"binary": {4096: 0.01}, "ternary": {4096: 0.01}}
 COST_FLUSHING_DEFAULT = 0.4
 # A strip decode two strips in flight that fits a byte budget only with the pacer's flush
 # (`_flushed_decode`): it flushes where active memory nears the budget, at the decode's peaks,
