@@ -44,7 +44,8 @@ class Execution:
     hidden_parts: int = 1
     # With sync: a block's attention (q, k and v with it) a part of its own, before the rest of
     # the block (its MLP and output, in one part where the MLP runs in one pass): a block's
-    # attention and its MLP, with their decoded slabs, never in one part.
+    # attention and its MLP, with their decoded slabs, in one part only where the block joins
+    # its parts (`joins`).
     attention_apart: bool = False
     # Running in parts, a reduction over a large activation (the VAE's GroupNorm statistics)
     # works on blocks of rows whose float32 copy has at most this many elements.

@@ -309,8 +309,9 @@ class MemoryPlan:
     @property
     def execution(self) -> Execution:
         """How the transformer runs. Two parts in flight, a block's attention is a part of its
-        own (Execution.attention_apart): the device starts the attention while the host builds
-        the rest of the block. On an H200 (c66) whole blocks with each packed matrix one slab
+        own (Execution.attention_apart), but for blocks that join their parts
+        (`paced_execution`): the device starts the attention while the host builds the rest of
+        the block. On an H200 (c66) whole blocks with each packed matrix one slab
         stepped in 0.94 / 0.96x the time of one part a block at 512 / 1024 px (binary; ternary
         0.94 / 0.98x) and peaked no higher; with the kernels' slabs they peaked up to 0.3 GB
         higher (ternary 512 px), under the estimate, which counts two whole blocks in flight."""
@@ -526,18 +527,20 @@ COST_PARTS_IN_CHUNKS = 0.2  # both at once cost more than the two apart (2048 to
 # COST_HIDDEN_PARTS[2] and this, is the chunks' COST_DIT less about that. Larger binary steps
 # too: at 1280 px (2.8 GB) and 1536 px (3.4 GB) the flushed passes denoised in 0.81-0.86x and
 # 0.91x the time of the 2048-token chunks that the 512 px figure would plan there
-# (h200-plan-variants-c72-binary-1280.json, -1536.json). Ternary's at 1024 px denoised in
+# (h200-plan-variants-c72-binary-1280.json, -1536.json). Ternary's flushed passes at 1024 px denoised in
 # 0.028 s less to 0.001 s more in c69-c71, its decode after them taking 1.0-1.5x as long; in
 # c82 (h200-plan-variants-c82-ternary-1024.json, generations 2 and 3) in 0.367 s against the
-# 1536-token chunks' 0.402-0.458 s, decoding in 0.088-0.089 s against 0.084-0.087 s. Token
-# chunks and steps of fewer tokens (whose flushing is not measured) take the 512 px figure,
+# 1536-token chunks' 0.402-0.458 s, decoding in 0.088-0.089 s against 0.084-0.087 s; planned
+# so, the ternary 1024 px target denoised in 1.16-1.21x the time of `none` in the same process
+# (h200-generate-c84-ternary.json, -c86-ternary-1024.json) where c81's 1536-token chunks took
+# 1.28-1.31x. Token chunks and steps of fewer tokens (whose flushing is not measured) take the 512 px figure,
 # COST_FLUSHING_DEFAULT.
 COST_FLUSHING = {"binary": {4096: 0.01}, "ternary": {4096: 0.01}}
 COST_FLUSHING_DEFAULT = 0.4
-# A strip decode two strips in flight that fits a byte budget only with the pacer's flush
-# (`_flushed_decode`): it flushes where active memory nears the budget, at the decode's peaks,
-# not at every strip as a strict decode waits: this share of what running it strict adds
-# (COST_STRICT_VAE).
+# A decode two parts in flight (strips, or whole block by block) that fits a byte budget only
+# with the pacer's flush (`_flushed_decode`): it flushes where active memory nears the budget,
+# at the decode's peaks, not at every part as a strict decode waits: this share of what running
+# it strict adds (COST_STRICT_VAE).
 COST_FLUSHING_VAE = 0.5
 # A packed model's step with slabs of at most SLAB_ELEMENTS weights against one slab per
 # matrix: whole blocks two in flight took 2.3-2.9 ms more a step at 512 px and 4.6-5.4 ms at
@@ -616,10 +619,11 @@ def _flushed_bytes(terms: "_Terms") -> tuple[int, int] | None:
 
 
 def _flushed_decode(terms: "_Terms") -> tuple[int, int] | None:
-    """For a strip decode two strips in flight, run with the pacer's flush at the budget less
-    one strip (`MemoryPlan.paced_vae_execution`): the decoding stage's bytes with one strip at
-    a time (what the flush falls back to: the least the budget must hold) and that strip's
-    bytes (the flush's margin). None for other plans."""
+    """For a decode two parts in flight (strips, or whole block by block), run with the
+    pacer's flush at the budget less one part (`MemoryPlan.paced_vae_execution`): the decoding
+    stage's bytes with one part at a time (what the flush falls back to: the least the budget
+    must hold) and what the part in flight beside it adds (the flush's margin: a strip's
+    bytes, or the second block's share of a whole decode's). None for other plans."""
     if terms.vae_flushed is None:
         return None
     weights = terms.stages["decoding"][0]
@@ -632,8 +636,9 @@ class _Terms(NamedTuple):
     part: float  # the largest part of a denoising step
     flushed: float | None  # a step with the MLP in passes, two parts at a time: its denoising bytes without a part
     vae_part: float  # the largest part of the decode
-    # A strip decode two strips in flight: its decoding bytes with one strip at a time, and
-    # that strip's scratch as a strict decode counts it (what one strip can add).
+    # A decode two parts in flight: its decoding bytes with one part at a time, and what the
+    # second part adds (a strip's scratch as a strict decode counts it, or a whole decode's
+    # second block: `_flushed_decode`).
     vae_flushed: tuple[float, float] | None = None
 
 
@@ -773,6 +778,11 @@ def _terms(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batches
         one = _strip_part(fp.vae_held_per_pixel, fp.vae_strip_fixed, fp.vae_strip_per_pixel, width, plan.vae_strip,
                           False, STRIP_DECODE)
         vae_flushed = max(mid_block + vae_scores_bytes(latent_px), strips(False) + others), one
+    elif not plan.vae_tile and vae_overlap and plan.vae_execution.sync:
+        # A whole decode two blocks in flight: one block at a time it is the up path's
+        # scratch once; the second block in flight adds what OVERLAP_WHOLE_DECODE counts.
+        one = (fp.vae_up_fixed + fp.vae_up_per_pixel * th * tw + _stats_bytes(fp, th * tw * fp.vae_mid_channels))
+        vae_flushed = max(mid_block + vae_scores_bytes(latent_px), up - (in_flight - 1) * one), (in_flight - 1) * one
     return _Terms(stages, part, flushed, vae_part, vae_flushed)
 
 
@@ -1141,7 +1151,7 @@ def conservative_vae_scratch(config) -> dict:
             "vae_strip_per_pixel": 96.0 * c_out}
 
 
-def calibrate_vae(vae, runs: int | None = None) -> dict:
+def calibrate_vae(vae, runs: int | None = None, flush: bool = True) -> dict:
     """Peak decoder scratch on this device and dtype, as Footprint's figures: the up path's
     fixed bytes and bytes per output pixel, the mid block's fixed bytes and bytes per latent
     pixel, and a strip decode's fixed bytes and bytes per pixel of a strip's window beyond
@@ -1152,7 +1162,12 @@ def calibrate_vae(vae, runs: int | None = None) -> dict:
     scratch: `estimate` adds scores for the real size), strips of f and 2f rows at the
     heaviest stage (`vae_strips.stage_rows`) over 8x16 and 8x32 latents (windows of
     (8 + 2) x 128 and (16 + 2) x 256 pixels). Each measurement is the least of `runs`
-    runs (None: `calibration_runs()`).
+    runs (None: `calibration_runs()`). With `flush`, each part waits for the device and its
+    buffer releases before the next part is built (`Execution.flush_above` 0), so a part's
+    peak holds no bytes of the part before that the back-end has yet to release: on an H200,
+    48 of 48 calibrations of the full FLUX.2 VAE in three processes gave the same figures so,
+    one run or three, where without it one run's up path ranged over 2,336-4,278 bytes per
+    pixel and three runs' over 2,603-3,168 (h200-calibration-spread-c85-*.json).
     Backends differ by several x (MLX's CPU convolution unfolds 3x3 patches, GPU kernels
     do not), so this is measured; it resets the peak-memory counter. Where the GroupNorm
     statistics reduce float32 row blocks (no moments kernel), the blocks are bounded in size,
@@ -1161,7 +1176,8 @@ def calibrate_vae(vae, runs: int | None = None) -> dict:
     GPU, about 5 minutes for the full FLUX.2 VAE on MLX's Linux CPU wheel (its convolutions
     run at 1-2 GFLOP/s), so plans that can do with `conservative_vae_scratch` use that
     instead."""
-    dec, ex, runs = vae.decoder, Execution(sync=True, reduce_block=1 << 16), runs or calibration_runs()
+    dec, runs = vae.decoder, runs or calibration_runs()
+    ex = Execution(sync=True, reduce_block=1 << 16, flush_above=0 if flush else None)
     C_lat, C_mid = vae.config.latent_channels, vae.config.decoder_channels[-1]
     up, mid, strips = [], [], []
     for side in (16, 32):

@@ -1,6 +1,7 @@
 """The spread of the planner's VAE calibration (memory.calibrate_vae) on this device: the full
 FLUX.2 VAE (random weights) calibrated again and again in one process, in turn with one run
-of each measurement and with memory.calibration_runs()'s repeats (the least counts). JSON
+of each measurement and with memory.calibration_runs()'s repeats (the least counts), each
+also with `--flush` (every part waits for the device and its releases before the next). JSON
 lines on stdout and in --json: each fit, then per figure and setting the least and the most.
 
     python examples/calibration_spread.py --rounds 6 --json out.json
@@ -22,6 +23,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--dtype", default="float16")
+    ap.add_argument("--flush", action="store_true", help="also calibrate with the flush after every part")
     ap.add_argument("--json")
     args = ap.parse_args()
     keep = {k: v for k, v in FLUX2_VAE.items() if k in VAEConfig.__dataclass_fields__}
@@ -29,15 +31,17 @@ def main() -> None:
     vae.set_dtype(getattr(mx, args.dtype))
     mx.eval(vae.parameters())
     repeats, records = memory.calibration_runs(), []
+    settings = [(r, f) for r in sorted({1, repeats}) for f in ((False, True) if args.flush else (False,))]
     for i in range(args.rounds):
-        for runs in (1, repeats):
+        for runs, flush in settings:
             t = time.perf_counter()
-            fit = memory.calibrate_vae(vae, runs)
-            records.append({"round": i, "runs": runs, "s": time.perf_counter() - t, **fit})
+            fit = memory.calibrate_vae(vae, runs, flush)
+            records.append({"round": i, "runs": runs, "flush": flush, "s": time.perf_counter() - t, **fit})
             print(json.dumps(records[-1]), flush=True)
-    spread = {f"{key} ({runs} run{'s' if runs > 1 else ''})": [min(r[key] for r in records if r["runs"] == runs),
-                                                                 max(r[key] for r in records if r["runs"] == runs)]
-              for runs in sorted({1, repeats}) for key in records[0] if key not in ("round", "runs", "s")}
+    spread = {f"{key} ({runs} run{'s' if runs > 1 else ''}{', flush' if flush else ''})":
+              [min(r[key] for r in records if (r["runs"], r["flush"]) == (runs, flush)),
+               max(r[key] for r in records if (r["runs"], r["flush"]) == (runs, flush))]
+              for runs, flush in settings for key in records[0] if key not in ("round", "runs", "flush", "s")}
     print(json.dumps(spread, indent=1))
     if args.json:
         json.dump({"device": str(mx.default_device()), "dtype": args.dtype, "fits": records, "spread": spread},

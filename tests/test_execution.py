@@ -247,12 +247,14 @@ def test_a_pacer_started_after_a_part_waits_for_it_first(monkeypatch):
     assert spy.calls == [("async", (a,)), ("eval", (before,)), ("async", (b,)), ("eval", (a,))]
 
 
-def test_a_block_in_hidden_passes_evaluates_its_attention_as_a_part_of_its_own(monkeypatch):
+def test_a_block_in_hidden_passes_evaluates_its_attention_as_a_part_of_its_own_unless_joined(monkeypatch):
     """Whole tokens in hidden passes: the attention (q, k and v with it) is a part of its own,
     so the passes that follow do not hold its temporaries with theirs, and each pass is one;
     in token chunks, each chunk's q, k and v are one part. Joined (`Execution.joins`), the
     attention runs in the first pass's part and the last pass in the caller's: the single
-    block starts one part, the double block one for each stream's first pass."""
+    block starts one part, with the attention's output in it, the double block one for each
+    stream's first pass. Every way computes what one graph does (random modulations: every
+    branch reaches the output)."""
     from bonsai_mlx import transformer as T
     from bonsai_mlx.config import TransformerConfig
 
@@ -263,12 +265,12 @@ def test_a_block_in_hidden_passes_evaluates_its_attention_as_a_part_of_its_own(m
     rope = T.rope_rotation(mx.broadcast_to(mx.arange(L)[:, None], (L, 4)), cfg.axes_dims_rope, cfg.rope_theta)
     txt, img = mx.random.normal((1, L_txt, D)), mx.random.normal((1, L_img, D))
     single, double = T.SingleStreamBlock(cfg), T.DoubleStreamBlock(cfg)
-    zeros = [mx.zeros((1, 1, D))] * 6
+    mods = [0.5 * mx.random.normal((1, 1, D)) for _ in range(6)]
     # The single block: the attention with q, k and v, then two passes (its output projection
     # runs in the part that ends the block, the caller's). The double block: the attention with
     # both streams' q, k and v, then the two passes of each stream's feed-forward.
-    runs = [(lambda ex: single(mx.concatenate([txt, img], axis=1), zeros[:3], rope, ex), 1 + 2, 1),
-            (lambda ex: double(img, txt, zeros, zeros, rope, ex), 1 + 2 * 2, 2)]
+    runs = [(lambda ex: single(mx.concatenate([txt, img], axis=1), mods[:3], rope, ex), 1 + 2, 1),
+            (lambda ex: double(img, txt, mods, mods[::-1], rope, ex), 1 + 2 * 2, 2)]
     # In 8-token chunks (the single block's 17 tokens in 3, the image's 12 in 2): the single
     # block's 3 q/k/v chunks, the attention and 3 output chunks; the double block's text q/k/v
     # (one chunk), 2 image q/k/v chunks, the attention, 2 image output chunks and 2 image MLP
@@ -285,7 +287,10 @@ def test_a_block_in_hidden_passes_evaluates_its_attention_as_a_part_of_its_own(m
                 spy = Spy(monkeypatch)
                 got = forward(ex)
                 monkeypatch.undo()
-                assert len([c for c in spy.calls if c[0] == ("async" if overlap else "eval")]) == n, (ex, n)
+                started = [c[1] for c in spy.calls if c[0] == ("async" if overlap else "eval")]
+                assert len(started) == n, (ex, n)
+                if ex.joins(L) and n == 1:  # the single block: [attention | first pass] and the attention
+                    assert len(started[0]) == 2 and started[0][1].shape == (1, L, D)
                 for g, w in zip(got if isinstance(got, tuple) else (got,),
                                 want if isinstance(want, tuple) else (want,)):
                     np.testing.assert_allclose(np.array(g), np.array(w), rtol=1e-5, atol=1e-5)
