@@ -348,47 +348,54 @@ class Models:
         the conservative figures (memory.conservative_vae_scratch). `encoder` adds the VAE
         encoder's measured scratch (measured once, when first asked for: only editing
         encodes images)."""
-        cfg, te = self.transformer_info["config"], self.text_encoder
         if encoder:
             self.vae.read_encoder()  # resident from the plan on, as every stage of an edit counts it
         if encoder and self._vae_enc_fit is None and self.vae.has_encoder:
             self._vae_enc_fit = calibrate_vae_encoder(self.vae)
         enc_fit = self._vae_enc_fit if encoder and self._vae_enc_fit else {}
-        layers = [te.weight_bytes(i) for i in range(te.config.num_layers_needed)]
-        args = te.config.args
         if calibrated and self._vae_fit is None:
             self._vae_fit = calibrate_vae(self.vae)
         vae_fit = self._vae_fit if calibrated else conservative_vae_scratch(self.vae.config)
-        return Footprint(
-            transformer_bytes=self.transformer_info["bytes"] + self.loras.nbytes, transformer_dim=cfg.inner_dim,
-            transformer_mlp=cfg.mlp_hidden_dim, transformer_heads=cfg.num_attention_heads,
-            transformer_max_out=3 * cfg.inner_dim + 2 * cfg.mlp_hidden_dim,
-            reference_matmul=self.transformer_info["reference_matmul"],
-            text_resident_bytes=te.weight_bytes(None) + sum(layers),
-            # streamed, the embedding table's rows of the prompt's ids only; one layer is read ahead
-            text_stream_bytes=2 * max(layers, default=0)
-            + self.max_sequence_length * -(-te.weight_bytes(None) // args.vocab_size),
-            text_hidden=args.hidden_size, text_heads=args.num_attention_heads, text_len=self.max_sequence_length,
-            vae_bytes=nbytes(self.vae), vae_mid_channels=self.vae.config.decoder_channels[-1],
-            vae_held_per_pixel=vae_held_per_pixel(self.vae), **vae_fit,
-            vae_moments_kernel=calibrated and moments_in_kernel(self.vae.dtype),
-            fused_attention=fused_attention(self.transformer_info["dtype"]),
-            slab_tokens=self.transformer_info["slab_tokens"],
-            whole_slab_tokens=self.transformer_info["whole_slab_tokens"],
-            # the widest layer's dense weight, twice (MLX may dequantize the next before the last is freed)
-            text_dequant_bytes=2 * max(args.intermediate_size, args.num_attention_heads * args.head_dim)
-            * args.hidden_size * te.dtype.size if te.dequantize_matmuls else 0,
-            dtype_bytes=self.transformer_info["dtype"].size,
-            # the kept prompts' embeddings and their text tokens
-            cached_prompt_bytes=PROMPT_CACHE * self.max_sequence_length
-            * (te.config.output_dim * te.dtype.size + cfg.inner_dim * self.transformer_info["dtype"].size),
-            **enc_fit, vae_enc_held_per_pixel=vae_enc_held_per_pixel(self.vae) if enc_fit else 0.0,
-            latent_channels=cfg.in_channels,
-            lora=any(lora.scale != 0 for lora in self.loras),
-            packed_format=self.transformer_info["packed_format"],
-            modulation_bytes=self.transformer_info["modulation_bytes"],
-            modulation_cast_bytes=self.transformer_info["modulation_cast_bytes"],
-        )
+        return models_footprint(self, vae_fit, enc_fit, moments=calibrated and moments_in_kernel(self.vae.dtype))
+
+
+def models_footprint(models: Models, vae_fit: dict, enc_fit: dict, moments: bool) -> Footprint:
+    """The Footprint of `models` with the VAE's scratch figures `vae_fit` (and the encoder's,
+    `enc_fit`, or none), `moments`: whether its GroupNorm statistics come from the moments
+    kernel (`Models.footprint`)."""
+    cfg, te = models.transformer_info["config"], models.text_encoder
+    layers = [te.weight_bytes(i) for i in range(te.config.num_layers_needed)]
+    args = te.config.args
+    return Footprint(
+        transformer_bytes=models.transformer_info["bytes"] + models.loras.nbytes, transformer_dim=cfg.inner_dim,
+        transformer_mlp=cfg.mlp_hidden_dim, transformer_heads=cfg.num_attention_heads,
+        transformer_max_out=3 * cfg.inner_dim + 2 * cfg.mlp_hidden_dim,
+        reference_matmul=models.transformer_info["reference_matmul"],
+        text_resident_bytes=te.weight_bytes(None) + sum(layers),
+        # streamed, the embedding table's rows of the prompt's ids only; one layer is read ahead
+        text_stream_bytes=2 * max(layers, default=0)
+        + models.max_sequence_length * -(-te.weight_bytes(None) // args.vocab_size),
+        text_hidden=args.hidden_size, text_heads=args.num_attention_heads, text_len=models.max_sequence_length,
+        vae_bytes=nbytes(models.vae), vae_mid_channels=models.vae.config.decoder_channels[-1],
+        vae_held_per_pixel=vae_held_per_pixel(models.vae), **vae_fit,
+        vae_moments_kernel=moments,
+        fused_attention=fused_attention(models.transformer_info["dtype"]),
+        slab_tokens=models.transformer_info["slab_tokens"],
+        whole_slab_tokens=models.transformer_info["whole_slab_tokens"],
+        # the widest layer's dense weight, twice (MLX may dequantize the next before the last is freed)
+        text_dequant_bytes=2 * max(args.intermediate_size, args.num_attention_heads * args.head_dim)
+        * args.hidden_size * te.dtype.size if te.dequantize_matmuls else 0,
+        dtype_bytes=models.transformer_info["dtype"].size,
+        # the kept prompts' embeddings and their text tokens
+        cached_prompt_bytes=PROMPT_CACHE * models.max_sequence_length
+        * (te.config.output_dim * te.dtype.size + cfg.inner_dim * models.transformer_info["dtype"].size),
+        **enc_fit, vae_enc_held_per_pixel=vae_enc_held_per_pixel(models.vae) if enc_fit else 0.0,
+        latent_channels=cfg.in_channels,
+        lora=any(lora.scale != 0 for lora in models.loras),
+        packed_format=models.transformer_info["packed_format"],
+        modulation_bytes=models.transformer_info["modulation_bytes"],
+        modulation_cast_bytes=models.transformer_info["modulation_cast_bytes"],
+    )
 
 
 @dataclass

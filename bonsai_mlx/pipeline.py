@@ -274,6 +274,48 @@ def preview_image(vae, taef, x0_tokens: mx.array, width: int, height: int, max_s
     return to_pil(img)[0]
 
 
+def _from_pretrained(cls, path_or_repo_id: str | os.PathLike, *, dtype=mx.bfloat16, vae=None,
+                     quantize: str | None = None, backend: str = "auto", text_layers=(9, 18, 27),
+                     revision: str | None = None, cache_dir: str | None = None, memory_budget=AUTO,
+                     vae_dtype=None, lora=None, max_sequence_length: int | None = None) -> "BonsaiPipeline":
+    """`BonsaiPipeline.from_pretrained`: load a pipeline from a local directory or a Hugging
+    Face repo id.
+
+    Accepted layouts: PrismML's MLX packs (`transformer-packed-mflux/`,
+    `text_encoder-mlx-4bit/`, `tokenizer/`; no VAE inside, so `vae` or the small
+    decoder from the Hub is used) and diffusers FLUX.2 klein pipelines
+    (`model_index.json`, `transformer/`, `text_encoder/`, `tokenizer/`, `vae/`).
+    `quantize` packs a dense transformer's block linears on load.
+    `dtype` is the transformer's and text encoder's (bfloat16 by default: Qwen3's
+    residual stream can exceed float16's range); the VAE runs in `vae_dtype`
+    (float16 by default, float32 if dtype is float32).
+    `memory_budget`: see BonsaiPipeline; checked before anything is loaded.
+    `lora`: LoRAs to load, [(path, scale), ...] or paths (scale 1); see `load_lora`.
+    `max_sequence_length`: prompt tokens (padded or truncated to it); by default the
+    model's own (its bonsai.json), else 512 as in klein. A model trained on short prompts
+    runs its transformer on far fewer tokens. The default image size is the model's too.
+    """
+    if max_sequence_length is not None and (not is_int(max_sequence_length)
+                                            or not 1 <= max_sequence_length <= MAX_SEQUENCE_LENGTH):
+        raise BonsaiError(f"max_sequence_length must be an integer in 1..{MAX_SEQUENCE_LENGTH}, "
+                          f"got {max_sequence_length!r}")
+    budget = parse_budget(memory_budget)  # validate before loading
+    loras = lora_specs(lora)
+    root = resolve_model(path_or_repo_id, revision=revision, cache_dir=cache_dir)
+
+    loader = TransformerSource(transformer_source(path_or_repo_id, root), dtype, quantize, backend)
+
+    defaults = model_defaults(root)
+    is_distilled, text_encoder, vae_model = open_parts(root, dtype, vae, text_layers, cache_dir, vae_dtype)
+    pipe = cls(loader(), text_encoder, vae_model, is_distilled=is_distilled, model=str(path_or_repo_id),
+               memory_budget=budget, transformer_loader=loader,
+               max_sequence_length=max_sequence_length or defaults["max_sequence_length"],
+               default_size=(defaults["width"], defaults["height"]))
+    for path, scale in loras:
+        pipe.load_lora(path, scale)
+    return pipe
+
+
 class BonsaiPipeline:
     """Stages: text encoding -> denoising -> decoding, each holding what the memory plan
     says. `memory_budget`: "auto" (the default: frugal at no cost in time, capped by the
@@ -376,46 +418,7 @@ class BonsaiPipeline:
                              cfg_batches=2 if cfg else 1, images=tuple(images))
 
     # ---------------------------------------------------------------- loading
-    @classmethod
-    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, *, dtype=mx.bfloat16, vae=None,
-                        quantize: str | None = None, backend: str = "auto", text_layers=(9, 18, 27),
-                        revision: str | None = None, cache_dir: str | None = None, memory_budget=AUTO,
-                        vae_dtype=None, lora=None, max_sequence_length: int | None = None) -> "BonsaiPipeline":
-        """Load a pipeline from a local directory or a Hugging Face repo id.
-
-        Accepted layouts: PrismML's MLX packs (`transformer-packed-mflux/`,
-        `text_encoder-mlx-4bit/`, `tokenizer/`; no VAE inside, so `vae` or the small
-        decoder from the Hub is used) and diffusers FLUX.2 klein pipelines
-        (`model_index.json`, `transformer/`, `text_encoder/`, `tokenizer/`, `vae/`).
-        `quantize` packs a dense transformer's block linears on load.
-        `dtype` is the transformer's and text encoder's (bfloat16 by default: Qwen3's
-        residual stream can exceed float16's range); the VAE runs in `vae_dtype`
-        (float16 by default, float32 if dtype is float32).
-        `memory_budget`: see the class; checked before anything is loaded.
-        `lora`: LoRAs to load, [(path, scale), ...] or paths (scale 1); see `load_lora`.
-        `max_sequence_length`: prompt tokens (padded or truncated to it); by default the
-        model's own (its bonsai.json), else 512 as in klein. A model trained on short prompts
-        runs its transformer on far fewer tokens. The default image size is the model's too.
-        """
-        if max_sequence_length is not None and (not is_int(max_sequence_length)
-                                                or not 1 <= max_sequence_length <= MAX_SEQUENCE_LENGTH):
-            raise BonsaiError(f"max_sequence_length must be an integer in 1..{MAX_SEQUENCE_LENGTH}, "
-                              f"got {max_sequence_length!r}")
-        budget = parse_budget(memory_budget)  # validate before loading
-        loras = lora_specs(lora)
-        root = resolve_model(path_or_repo_id, revision=revision, cache_dir=cache_dir)
-
-        loader = TransformerSource(transformer_source(path_or_repo_id, root), dtype, quantize, backend)
-
-        defaults = model_defaults(root)
-        is_distilled, text_encoder, vae_model = open_parts(root, dtype, vae, text_layers, cache_dir, vae_dtype)
-        pipe = cls(loader(), text_encoder, vae_model, is_distilled=is_distilled, model=str(path_or_repo_id),
-                   memory_budget=budget, transformer_loader=loader,
-                   max_sequence_length=max_sequence_length or defaults["max_sequence_length"],
-                   default_size=(defaults["width"], defaults["height"]))
-        for path, scale in loras:
-            pipe.load_lora(path, scale)
-        return pipe
+    from_pretrained = classmethod(_from_pretrained)
 
     # ---------------------------------------------------------------- running
     def stream(self, prompt: str, width: int | None = None, height: int | None = None, steps: int | None = None,
