@@ -304,7 +304,9 @@ class MemoryPlan:
     estimated_peak_bytes: int = 0
     stage_estimates: dict = field(default_factory=dict)
     part_bytes: int = 0  # the largest part of a paced step, estimated (with_estimate)
-    vae_part_bytes: int = 0  # the largest part of the paced decode, estimated (with_estimate)
+    # The paced decode's flush margin, estimated (with_estimate): its largest part, or for a whole
+    # decode two blocks in flight under the flush the second block's share (`_flushed_decode`).
+    vae_part_bytes: int = 0
 
     @property
     def execution(self) -> Execution:
@@ -466,6 +468,13 @@ OVERLAP_BLOCKS, OVERLAP_PARTS, OVERLAP_DECODER, STRICT_WHOLE, STRICT_CHUNKED = 4
 # (h200-profile-strips-c6.json, -c7.json: 512 and 1024 px, float16 and bfloat16) and 1.14x
 # on this project's CPU.
 OVERLAP_WHOLE_DECODE = 1.4
+# Whole decodes two blocks in flight that fit a byte budget only with the pacer's flush, up to
+# this many output pixels (`_flushed_decode`). The flush's margin is the second block's share,
+# not a whole block: below it, the peak rests on that share and on MLX's memory limit, which
+# waits on the work in flight. Measured at 512 px (h200-plan-variants-c85-*-512.json, -c86-,
+# h200-generate-c87-*.json: the decoding peaks of one block at a time); larger decodes, with
+# larger blocks against the margin, are not.
+FLUSHED_WHOLE_DECODE = 512 * 512
 # `_strip_bytes`'s floors on a strip's scratch per pixel of its window, in held bytes per
 # image pixel: (evaluated strip by strip, per part with two in flight). Fitted to the H200
 # profile of the strips as they run now (h200-profile-strips-c7.json,
@@ -778,7 +787,7 @@ def _terms(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batches
         one = _strip_part(fp.vae_held_per_pixel, fp.vae_strip_fixed, fp.vae_strip_per_pixel, width, plan.vae_strip,
                           False, STRIP_DECODE)
         vae_flushed = max(mid_block + vae_scores_bytes(latent_px), strips(False) + others), one
-    elif not plan.vae_tile and vae_overlap and plan.vae_execution.sync:
+    elif not plan.vae_tile and vae_overlap and plan.vae_execution.sync and width * height <= FLUSHED_WHOLE_DECODE:
         # A whole decode two blocks in flight: one block at a time it is the up path's
         # scratch once; the second block in flight adds what OVERLAP_WHOLE_DECODE counts.
         one = (fp.vae_up_fixed + fp.vae_up_per_pixel * th * tw + _stats_bytes(fp, th * tw * fp.vae_mid_channels))
@@ -1165,7 +1174,7 @@ def calibrate_vae(vae, runs: int | None = None, flush: bool = True) -> dict:
     runs (None: `calibration_runs()`). With `flush`, each part waits for the device and its
     buffer releases before the next part is built (`Execution.flush_above` 0), so a part's
     peak holds no bytes of the part before that the back-end has yet to release: on an H200,
-    48 of 48 calibrations of the full FLUX.2 VAE in three processes gave the same figures so,
+    24 of 24 calibrations of the full FLUX.2 VAE in three processes gave the same figures so,
     one run or three, where without it one run's up path ranged over 2,336-4,278 bytes per
     pixel and three runs' over 2,603-3,168 (h200-calibration-spread-c85-*.json).
     Backends differ by several x (MLX's CPU convolution unfolds 3x3 patches, GPU kernels

@@ -588,6 +588,8 @@ def test_the_512_px_targets_decode_whole_two_blocks_in_flight_under_the_flush(fm
     at most 0.75x the one-block-at-a-time decode's, at the same decoding peak, under the
     budget; c85 ran it with the flush at its own (larger) estimate, at the same peaks; c87's
     generations, planned so, decoded in 0.90-1.35x `none`'s time."""
+    import bonsai_mlx.memory as M
+
     name = f"h200-generate-c87-{fmt}.json"
     now = {r["budget"]: r for r in json.loads((RESULTS / name).read_text())["runs"] if r["size"] == 512}
     run = now["target"]
@@ -600,11 +602,22 @@ def test_the_512_px_targets_decode_whole_two_blocks_in_flight_under_the_flush(fm
     assert estimate(fp, 512, 512, plan)["decoding"] > budget == plan.stage_estimates["decoding"]
     one = replace(plan, vae_overlap=False)
     assert estimate(fp, 512, 512, one)["decoding"] <= budget
-    ex = plan.paced_vae_execution()
-    assert ex.overlap and 0 < plan.vae_part_bytes and ex.flush_above == budget - plan.vae_part_bytes
-    assert plan_cost(plan, fmt) < plan_cost(one, fmt)
+    # the flush's margin: what the second block in flight adds, the up path's scratch at 512 px
+    # and the statistics of its widest tensor times OVERLAP_WHOLE_DECODE - 1
+    block = fp.vae_up_fixed + fp.vae_up_per_pixel * 512 * 512 + M._stats_bytes(fp, 512 * 512 * fp.vae_mid_channels)
+    assert plan.vae_part_bytes == int(M.SAFETY * (M.OVERLAP_WHOLE_DECODE - 1) * block)
+    assert plan.paced_vae_execution().overlap
+    assert plan_cost(plan, fmt) + M.COST_FLUSHING_VAE * M.COST_STRICT_VAE[None] < plan_cost(one, fmt)
     strict = plan_memory(fp, 512, 512, budget, flush=False)
     assert (strict.vae_strip, strict.vae_execution.overlap) == (None, False)
+    # Larger decodes (not measured) never take it: at 1024 px, whole one block at a time where
+    # that fits, two in flight only where that fits its own estimate.
+    for b in (3.9, 4.0, 4.5, 4.9, 6.0):
+        big = plan_memory(fp, 1024, 1024, int(b * GB), flush=True)
+        if big.vae_strip is None and big.vae_tile is None and big.vae_execution.overlap:
+            assert estimate(fp, 1024, 1024, big)["decoding"] <= big.stage_estimates["decoding"] <= b * GB, b
+    assert any(plan_memory(fp, 1024, 1024, int(b * GB), flush=True).vae_execution.overlap is False
+               for b in (3.9, 4.0, 4.5, 4.9))
     for call, expected in (("c86", ("planned", "decode whole, one in flight")), ("c85", ("decode whole, two in flight",))):
         runs = {r["variant"]: r for r in json.loads((RESULTS / f"h200-plan-variants-{call}-{fmt}-512.json").read_text())["runs"]}
         assert set(expected) < set(runs) and runs["none"]["plan"]["vae_sync"] is False
