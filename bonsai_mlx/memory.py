@@ -742,9 +742,9 @@ def _terms(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batches
     in_flight = (OVERLAP_DECODER if plan.vae_tile else OVERLAP_WHOLE_DECODE) if vae_overlap else 1
     mid_block = fp.vae_mid_fixed + fp.vae_mid_per_pixel * latent_px
     mid = in_flight * mid_block + vae_scores_bytes(latent_px)
-    up = (latent_px * fp.vae_mid_channels * s + in_flight * (fp.vae_up_fixed + fp.vae_up_per_pixel * th * tw)
-          + in_flight * _stats_bytes(fp, th * tw * fp.vae_mid_channels, tiled=bool(plan.vae_tile))
-          + height * width * 4 * 4 * 2)
+    up_block = fp.vae_up_fixed + fp.vae_up_per_pixel * th * tw  # a block of the up path's scratch
+    up_stats = _stats_bytes(fp, th * tw * fp.vae_mid_channels, tiled=bool(plan.vae_tile))
+    up = latent_px * fp.vae_mid_channels * s + in_flight * up_block + in_flight * up_stats + height * width * 4 * 4 * 2
     if plan.vae_strip:
         # Strips: the whole tensors of the widest stage and a strip's scratch per part in
         # flight (`_strip_bytes`), the mid output's statistics in float32 row blocks (where the
@@ -781,7 +781,7 @@ def _terms(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batches
     # left, released when the stage began): a block of the up path, or a strip's scratch.
     vae_part = (_strip_part(fp.vae_held_per_pixel, fp.vae_strip_fixed, fp.vae_strip_per_pixel, width,
                             plan.vae_strip, vae_overlap, STRIP_DECODE) if plan.vae_strip
-                else fp.vae_up_fixed + fp.vae_up_per_pixel * th * tw)
+                else up_block)
     vae_flushed = None
     if plan.vae_strip and vae_overlap and plan.vae_execution.sync:
         one = _strip_part(fp.vae_held_per_pixel, fp.vae_strip_fixed, fp.vae_strip_per_pixel, width, plan.vae_strip,
@@ -790,7 +790,7 @@ def _terms(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batches
     elif not plan.vae_tile and vae_overlap and plan.vae_execution.sync and width * height <= FLUSHED_WHOLE_DECODE:
         # A whole decode two blocks in flight: one block at a time it is the up path's
         # scratch once; the second block in flight adds what OVERLAP_WHOLE_DECODE counts.
-        one = (fp.vae_up_fixed + fp.vae_up_per_pixel * th * tw + _stats_bytes(fp, th * tw * fp.vae_mid_channels))
+        one = up_block + up_stats
         vae_flushed = max(mid_block + vae_scores_bytes(latent_px), up - (in_flight - 1) * one), (in_flight - 1) * one
     return _Terms(stages, part, flushed, vae_part, vae_flushed)
 
