@@ -193,7 +193,11 @@ def _cmd_generate(args) -> None:
                                           memory_budget=args.memory_budget, lora=args.lora)
     if args.verbose:
         print(f"loaded {args.model} in {time.perf_counter() - t:.1f} s on {mx.default_device()}", file=sys.stderr)
+    encoded: set = set()
     for n, (job, path) in enumerate(jobs):
+        if len(jobs) > 1 and job["prompt"] not in encoded:
+            # the next prompts in one encode: a streamed text encoder is read once for all of them
+            encoded.update(pipe.encode_prompts([j["prompt"] for j, _ in jobs[n:]], job["width"], job["height"]))
         settings = {k: job[k] for k in ("width", "height", "steps", "seed", "guidance", "negative_prompt")}
         edit = {k: job[k] for k in ("image", "init_image", "mask", "strength")}
         stream = pipe.stream(job["prompt"], **settings, preview=previews is not None, **edit)

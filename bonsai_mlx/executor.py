@@ -132,36 +132,70 @@ def slab_tuning(info: dict, plan: MemoryPlan):
     return kernels.tuned(kernels.whole_slabs(info["largest_packed"]))
 
 
+def _encoded(te, prompts: list[str], max_length: int, plan: MemoryPlan) -> mx.array:
+    """Embeddings [len(prompts), L, D] of `prompts` as `plan` runs the encoder, evaluated and
+    checked finite."""
+    emb = te.encode(prompts, max_length=max_length, stream=plan.stream_text_encoder, sync=plan.text_layer_by_layer)
+    mx.eval(emb)
+    if not all_finite(emb):
+        raise NonFiniteError(
+            f"text encoding produced NaN or Inf in {dtype_name(emb.dtype)}: "
+            + ("Qwen3's activations exceed float16's range; use dtype bfloat16 (the default) or float32"
+               if emb.dtype == mx.float16 else "the text encoder's weights may hold NaN or Inf"),
+            "text encoding")
+    return emb
+
+
 class Prompts:
     """Prompt embeddings kept between generations (PROMPT_CACHE, most recent last) and, once a
     generation has computed them, their text tokens (the context embedder of them): a repeated
     prompt is neither encoded nor embedded again. A prompt's tokens go with its embeddings;
     they are kept by the identity of embeddings the cache holds, which no other array can take
-    while it holds them."""
+    while it holds them. Prompts encoded ahead (`ahead`) wait apart until their generation
+    takes them into the cache."""
 
     def __init__(self):
         self._embeddings: OrderedDict = OrderedDict()  # (prompt, length, dtype) -> embeddings
         self._tokens: dict = {}  # id(kept embeddings) -> their text tokens
+        self._ahead: dict = {}  # (prompt, length, dtype) -> embeddings no generation has used yet
 
     def embeddings(self, te, prompt: str, max_length: int, plan: MemoryPlan) -> mx.array:
         key = (prompt, max_length, te.dtype)
+        if key in self._ahead:
+            self._keep(key, self._ahead.pop(key))
         if key in self._embeddings:
             self._embeddings.move_to_end(key)
             return self._embeddings[key]
-        emb = te.encode([prompt], max_length=max_length, stream=plan.stream_text_encoder,
-                        sync=plan.text_layer_by_layer)
-        mx.eval(emb)
-        if not all_finite(emb):
-            raise NonFiniteError(
-                f"text encoding produced NaN or Inf in {dtype_name(emb.dtype)}: "
-                + ("Qwen3's activations exceed float16's range; use dtype bfloat16 (the default) or float32"
-                   if emb.dtype == mx.float16 else "the text encoder's weights may hold NaN or Inf"),
-                "text encoding")
+        emb = _encoded(te, [prompt], max_length, plan)
+        self._keep(key, emb)
+        return emb
+
+    def ahead(self, te, prompts: list[str], max_length: int, plan: MemoryPlan) -> list[str]:
+        """Encode those of `prompts` not kept yet in one encode (one read of a streamed
+        encoder for all of them); each waits, as a copy of its own, for its generation.
+        Returns the prompts encoded."""
+        new = [p for p in dict.fromkeys(prompts) if not self.kept(p, max_length, te.dtype)]
+        if new:
+            emb = _encoded(te, new, max_length, plan)
+            rows = [mx.array(emb[i:i + 1]) for i in range(len(new))]  # copies: each freed on its own
+            del emb
+            mx.eval(rows)
+            self._ahead.update(((p, max_length, te.dtype), r) for p, r in zip(new, rows))
+        return new
+
+    def kept(self, prompt: str, max_length: int, dtype) -> bool:
+        return (prompt, max_length, dtype) in self._embeddings or (prompt, max_length, dtype) in self._ahead
+
+    @property
+    def waiting(self) -> int:
+        """Prompts encoded ahead that no generation has used yet."""
+        return len(self._ahead)
+
+    def _keep(self, key, emb: mx.array) -> None:
         self._embeddings[key] = emb
         while len(self._embeddings) > PROMPT_CACHE:
             _, gone = self._embeddings.popitem(last=False)
             self._tokens.pop(id(gone), None)
-        return emb
 
     def tokens(self, emb: mx.array, model, source: str = "") -> mx.array:
         """context_embedder(emb) [1, L, D] in `model`'s dtype, evaluated; from the cache when
@@ -337,6 +371,14 @@ class Models:
         """Prompt embeddings [1, L, D], from the cache when this prompt was encoded lately."""
         return self.prompts.embeddings(self.text_encoder, prompt, self.max_sequence_length, plan)
 
+    def encode_ahead(self, prompts: list[str], plan: MemoryPlan) -> list[str]:
+        """Encode `prompts` (those not kept yet) in one encode under `plan`, to wait for their
+        generations (Prompts.ahead); the encoder is evicted after where `plan` does not keep it."""
+        done = self.prompts.ahead(self.text_encoder, prompts, self.max_sequence_length, plan)
+        if not plan.keep_text_encoder:
+            self.text_encoder.evict()
+        return done
+
     def text_tokens(self, emb: mx.array) -> mx.array:
         """A prompt's text tokens (Prompts.tokens). The context embedder is read where it was on
         disk, and stays until `modulations(keep=False)` leaves it there again."""
@@ -366,6 +408,7 @@ def models_footprint(models: Models, vae_fit: dict, enc_fit: dict, moments: bool
     cfg, te = models.transformer_info["config"], models.text_encoder
     layers = [te.weight_bytes(i) for i in range(te.config.num_layers_needed)]
     args = te.config.args
+    prompt_bytes = models.max_sequence_length * te.config.output_dim * te.dtype.size
     return Footprint(
         transformer_bytes=models.transformer_info["bytes"] + models.loras.nbytes, transformer_dim=cfg.inner_dim,
         transformer_mlp=cfg.mlp_hidden_dim, transformer_heads=cfg.num_attention_heads,
@@ -386,9 +429,11 @@ def models_footprint(models: Models, vae_fit: dict, enc_fit: dict, moments: bool
         text_dequant_bytes=2 * max(args.intermediate_size, args.num_attention_heads * args.head_dim)
         * args.hidden_size * te.dtype.size if te.dequantize_matmuls else 0,
         dtype_bytes=models.transformer_info["dtype"].size,
-        # the kept prompts' embeddings and their text tokens
+        # the kept prompts' embeddings and their text tokens, and the embeddings of prompts encoded ahead
         cached_prompt_bytes=PROMPT_CACHE * models.max_sequence_length
-        * (te.config.output_dim * te.dtype.size + cfg.inner_dim * models.transformer_info["dtype"].size),
+        * (te.config.output_dim * te.dtype.size + cfg.inner_dim * models.transformer_info["dtype"].size)
+        + models.prompts.waiting * prompt_bytes,
+        prompt_bytes=prompt_bytes,
         **enc_fit, vae_enc_held_per_pixel=vae_enc_held_per_pixel(models.vae) if enc_fit else 0.0,
         latent_channels=cfg.in_channels,
         lora=any(lora.scale != 0 for lora in models.loras),
@@ -430,6 +475,17 @@ class Request:
         """The images the transformer sees beside the noise: the init image first (diffusers'
         inpainting conditions on it), then the references."""
         return ([self.init_image] if self.init_image is not None else []) + list(self.references)
+
+
+def encode_ahead(models: Models, prompts: list[str], plan: MemoryPlan, budget: int | str | None = None) -> list[str]:
+    """Encode upcoming `prompts` in one encode as the text stage of `plan` runs it, under the
+    same MLX limits as a generation with `plan` (see `run`); they wait for their generations."""
+    models.check_plan(plan)
+    active = mx.get_active_memory()
+    with MlxLimits(*budget_limits(budget, plan.estimated_peak_bytes, held=active)):
+        if not plan.transformer_in_text and models.transformer is not None:
+            models.release_transformer()
+        return models.encode_ahead(prompts, plan)
 
 
 def run(models: Models, req: Request, plan: MemoryPlan,

@@ -421,6 +421,7 @@ class Footprint:
     text_dequant_bytes: int = 0  # dense weights alive at once when the encoder dequantizes per matmul
     dtype_bytes: int = 2
     cached_prompt_bytes: int = 0  # prompt embeddings and their text tokens kept between generations
+    prompt_bytes: int = 0  # one prompt's embeddings (what a prompt encoded ahead holds until its generation)
     # Measured like the decoder (calibrate_vae_encoder), only when images are to be encoded:
     # the encoder's peak scratch, fixed plus per input pixel.
     vae_enc_fixed: float = 0.0
@@ -587,6 +588,13 @@ def vae_scores_bytes(latent_px: int) -> int:
     return rows * latent_px * 10
 
 
+def _text_activations(fp: Footprint) -> int:
+    """One prompt's activations in the text encoder: a layer's, float32-wide, and its
+    attention scores. c89 measured 90 MB a prompt above the weights, streamed or resident,
+    for 1 to 32 prompts in one encode (h200-text-batch-c89.json)."""
+    return fp.text_len * fp.text_hidden * 4 * 10 + _attention_scores(fp.text_heads, fp.text_len, fp.text_len)
+
+
 def estimate(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batches: int = 1,
              images: tuple = ()) -> dict:
     """Bytes at the peak of each stage under `plan` (run block by block: `plan.sync`, with
@@ -730,7 +738,7 @@ def _terms(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batches
         acts = STRICT_WHOLE * (acts + scratch) if c == L else STRICT_CHUNKED * (acts + slab) + scratch
     # Encoded condition tokens (float32) and, per CFG batch, their embedding, beside the text's.
     refs = L_ref * fp.latent_channels * 4 + cfg_batches * L_ref * D * s
-    text_act = fp.text_len * fp.text_hidden * 4 * 10 + _attention_scores(fp.text_heads, fp.text_len, fp.text_len)
+    text_act = _text_activations(fp)
     # The mid block runs once on the whole latent. A tile's up path runs on the tile plus a
     # margin as wide as the decoder's receptive field on each side (so tiles only pay off on
     # images much larger than 2 * VAE_MARGIN), beside the mid block's output and the
@@ -1049,6 +1057,46 @@ def plan_memory(fp: Footprint, width: int, height: int, budget, cfg_batches: int
         f"(peak stage: {max(best.stage_estimates, key=best.stage_estimates.get)}). "
         f"Use a budget of at least {need:.3f} GB or a smaller image."
     )
+
+
+# Prompts one encode takes at most (`text_batch`). Streamed, an encode reads the encoder once
+# for all of them: c89 took 0.70 s for one new prompt and 0.91-1.04 s for 16 (57-65 ms a
+# prompt; resident 45 ms for one, 23 ms a prompt for 16). Each adds its activations (90 MB
+# at klein's shapes) to the text stage.
+MAX_TEXT_BATCH = 16
+
+
+def text_batch(fp: Footprint, width: int, height: int, plan: MemoryPlan, prompts: int, budget,
+               cfg_batches: int = 1) -> int:
+    """How many of `prompts` upcoming prompts one encode under `plan` (a plan for a
+    generation of this size) takes, MAX_TEXT_BATCH at most. The prompts encoded beyond the
+    generation's own wait for theirs, each holding its embeddings (`Footprint.prompt_bytes`)
+    through every stage. Under a byte budget every stage must still fit it; under AUTO the
+    text stage must stay under the run's peak stage (and that under `device_cap()`), so
+    encoding ahead costs the waiting embeddings' bytes and nothing more; with no budget
+    (None), MAX_TEXT_BATCH. One prompt always fits: it is the generation's own encode."""
+    n = max(1, min(prompts, MAX_TEXT_BATCH))
+    if budget is None or n == 1:
+        return n
+    est = plan.stage_estimates or estimate(fp, width, height, plan, cfg_batches)
+    others = max((v for k, v in est.items() if k != "text_encoding"), default=0)
+    cap = device_cap() if budget == AUTO else budget
+    for b in range(n, 1, -1):
+        text = text_stage_bytes(fp, width, height, plan, b, cfg_batches)
+        peak = others + (b - 1) * fp.prompt_bytes
+        if peak <= cap and text <= (peak if budget == AUTO else cap):
+            return b
+    return 1
+
+
+def text_stage_bytes(fp: Footprint, width: int, height: int, plan: MemoryPlan, prompts: int,
+                     cfg_batches: int = 1) -> int:
+    """The text-encoding stage's peak under `plan` with `prompts` prompts in one encode: each
+    beyond the first adds its activations and its embeddings twice (the layers it taps, then
+    their concatenation)."""
+    weights, modelled = _terms(fp, width, height, plan, cfg_batches, ()).stages["text_encoding"]
+    more = (prompts - 1) * (_text_activations(fp) + 2 * fp.prompt_bytes)
+    return int(weights + SAFETY * (modelled + more) + OVERHEAD)
 
 
 def _auto_encode(fp: Footprint, width: int, height: int, plan: MemoryPlan, est: dict, cfg_batches: int,

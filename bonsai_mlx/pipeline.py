@@ -24,7 +24,8 @@ from .layouts import DIFFUSERS, MODEL_DEFAULTS, MODEL_INDEX
 from .executor import Models, Request, image_ids, text_ids  # noqa: F401  (part of the API)
 from .loading import (DEFAULT_VAE_REPO, MODELS, VAE_FILES, TransformerSource, has_part,  # noqa: F401
                       load_transformer, resolve_model, transformer_source)
-from .memory import AUTO, UNCONSTRAINED, MemoryPlan, cheapest, parse_budget, plan_memory, smallest_plan
+from .memory import (AUTO, UNCONSTRAINED, MemoryPlan, cheapest, parse_budget, plan_memory, smallest_plan,
+                     text_batch)
 from .results import GenerationResult, StepEvent, to_pil  # noqa: F401  (part of the API)
 from .safe_files import ModelFolder, read_json
 from .scheduler import first_step
@@ -408,6 +409,26 @@ class BonsaiPipeline:
                 return plan
         return plan_memory(self.models.footprint(encoder=bool(images)), width, height, budget,
                            cfg_batches=batches, images=images)
+
+    def encode_prompts(self, prompts, width: int | None = None, height: int | None = None,
+                       memory_budget="default") -> list[str]:
+        """Encode upcoming prompts ahead of their generations: those of `prompts` not kept yet,
+        in order, as many in one encode as the memory plan of a generation of this size
+        allows (`memory.text_batch`). Each waits for its generation, which then does not encode
+        it; a streamed encoder is read once for all of them. Returns the prompts encoded."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        for p in prompts:
+            check_prompts(p, None)
+        budget = self.memory_budget if memory_budget == "default" else parse_budget(memory_budget)
+        with self._between_generations("encode prompts"):
+            plan, te = self.plan(width, height, budget), self.models.text_encoder
+            new = [p for p in dict.fromkeys(prompts)
+                   if not self.models.prompts.kept(p, self.max_sequence_length, te.dtype)]
+            if not new:
+                return []
+            fp = None if budget is None else self.models.footprint(calibrated=False)
+            n = text_batch(fp, width or self.default_size[0], height or self.default_size[1], plan, len(new), budget)
+            return executor.encode_ahead(self.models, new[:n], plan, budget)
 
     def smallest_plan(self, width: int | None = None, height: int | None = None, cfg: bool = False,
                       images: tuple = ()) -> MemoryPlan:

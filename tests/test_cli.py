@@ -155,3 +155,19 @@ def test_bad_prompt_files_fail_before_loading(tmp_path, line, message, capsys, m
     err = capsys.readouterr().err
     assert stop.value.code == 2 and message in err, err
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_a_prompt_file_encodes_its_prompts_ahead_in_one_encode(model_dir, tmp_path, monkeypatch):
+    """The prompts of a prompt file are encoded before the first image, in one encode (a
+    streamed encoder read once for all of them); the generations then encode nothing."""
+    from bonsai_mlx.cli import main
+    from bonsai_mlx.text_encoder import Qwen3TextEncoder
+
+    calls, encode = [], Qwen3TextEncoder.encode
+    monkeypatch.setattr(Qwen3TextEncoder, "encode",
+                        lambda self, prompts, **kw: calls.append((list(prompts), kw.get("stream"))) or encode(self, prompts, **kw))
+    (tmp_path / "prompts.txt").write_text("a fern\na larch\na fern\n")
+    main(["generate", "--prompt-file", str(tmp_path / "prompts.txt"), "-o", str(tmp_path / "img.png"),
+          "--model", str(model_dir), "--width", "64", "--height", "64", "--steps", "1", "--dtype", "float32"])
+    assert calls == [(["a fern", "a larch"], True)]  # the default streams the encoder
+    assert all((tmp_path / f"img-00{i}.png").exists() for i in (1, 2, 3))

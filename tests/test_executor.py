@@ -347,3 +347,59 @@ def test_the_vae_encoder_stays_on_disk_until_an_edit_plans(packed):
     assert pipe.footprint().vae_bytes == nbytes(full)
     got = pipe.generate("a cat", width=64, height=64, steps=2, image=[picture(64, 64, 1)], memory_budget="4GB")
     assert np.isfinite(got.array).all()
+
+
+def test_prompts_encoded_ahead_wait_for_their_generations(packed, monkeypatch):
+    """`encode_prompts` encodes the upcoming prompts not kept yet in one encode, streamed as
+    the default plan streams (one read of the encoder for all of them), no budget resident.
+    Each waits, counted in the footprint, until its generation takes it without encoding;
+    their embeddings are a lone encode's (float32: relative difference <= 1e-6) and the
+    images those of generations that encoded their own prompts (<= 1e-5)."""
+    from bonsai_mlx.errors import BonsaiError
+    from bonsai_mlx.executor import Prompts
+
+    models, te = packed.models, packed.text_encoder
+    calls, encode = [], te.encode
+    monkeypatch.setattr(te, "encode", lambda prompts, **kw: calls.append((list(prompts), kw["stream"]))
+                        or encode(prompts, **kw))
+    kw = dict(width=64, height=64, steps=1, guidance=1.0)
+    prompts = ["a fern", "a larch in fog", "a fern", "two ferns by a stream"]
+    models.prompts = Prompts()
+    alone = [packed.generate(p, seed=i, **kw).array for i, p in enumerate(prompts)]
+    lone = {p: np.array(models.prompts._embeddings[(p, packed.max_sequence_length, te.dtype)]) for p in prompts}
+    for budget, streamed in (("auto", True), (None, False)):
+        models.prompts, calls[:] = Prompts(), []
+        before = models.footprint(calibrated=False).cached_prompt_bytes
+        assert packed.encode_prompts(prompts, 64, 64, memory_budget=budget) == list(dict.fromkeys(prompts))
+        assert calls == [(list(dict.fromkeys(prompts)), streamed)] and models.prompts.waiting == 3
+        fp = models.footprint(calibrated=False)
+        assert fp.cached_prompt_bytes - before == 3 * fp.prompt_bytes
+        assert fp.prompt_bytes == packed.max_sequence_length * te.config.output_dim * 4
+        assert packed.encode_prompts(prompts[:2], memory_budget=budget) == []  # kept: nothing to do
+        for p in dict.fromkeys(prompts):
+            ahead = np.array(models.prompts._ahead[(p, packed.max_sequence_length, te.dtype)])
+            assert np.linalg.norm(ahead - lone[p]) <= 1e-6 * np.linalg.norm(lone[p])
+        images = [packed.generate(p, seed=i, memory_budget=budget, **kw).array for i, p in enumerate(prompts)]
+        assert len(calls) == 1 and models.prompts.waiting == 0
+        for a, b in zip(images, alone):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+    with pytest.raises(BonsaiError, match="prompt must be a string"):
+        packed.encode_prompts(["a fern", None])
+
+
+def test_prompts_encoded_ahead_are_freed_one_by_one(packed):
+    """Each prompt encoded ahead is a copy of its own: once its generation's cache lets it go,
+    its bytes go, not held by the batch it came from."""
+    from bonsai_mlx.executor import PROMPT_CACHE, Prompts
+
+    models = packed.models
+    models.prompts = Prompts()
+    prompts = [f"a birch, take {i}" for i in range(PROMPT_CACHE + 2)]
+    packed.encode_prompts(prompts, 64, 64, memory_budget=None)
+    mx.synchronize()
+    held = mx.get_active_memory()
+    one = models.footprint(calibrated=False).prompt_bytes
+    for p in prompts[:2]:
+        models.prompts._ahead.pop((p, packed.max_sequence_length, packed.text_encoder.dtype))
+    mx.synchronize()
+    assert held - mx.get_active_memory() >= 2 * one

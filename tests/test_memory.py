@@ -1283,3 +1283,68 @@ def test_planned_steps_join_their_parts_only_where_the_flush_holds_them(monkeypa
         assert not MemoryPlan(sync=True, hidden_parts=2, **est).paced_execution().joins(1536)  # strict
         assert not MemoryPlan(sync=True, overlap=True, **est).paced_execution().joins(1536)  # one pass
         assert not replace(passes, token_chunk=512).paced_execution().joins(1536)  # token chunks
+
+
+def _klein_runs(name: str):
+    """(run, its Footprint with klein's prompt bytes, its budget) of a recorded generate file."""
+    from dataclasses import replace
+
+    for run in json.loads((RESULTS / name).read_text())["runs"]:
+        if run.get("footprint"):
+            fp = _recorded_footprint(run, name)
+            budget = AUTO if run["budget"] == "auto" else int(run["budget_gb"] * GB)
+            yield run, replace(fp, prompt_bytes=fp.text_len * 3 * fp.text_hidden * 2), budget
+
+
+def test_prompts_encoded_ahead_fit_where_the_run_has_room():
+    """`text_batch`: the default at klein's shapes takes the most prompts in one encode
+    (the text stage stays under the run's peak stage: the denoising estimate), the issue-5
+    targets one (their stages hold the budget, so no prompt can wait beside them), and no
+    budget the most. Each answer is the largest that keeps its rule: one more breaks it."""
+    from bonsai_mlx.memory import MAX_TEXT_BATCH, text_batch, text_stage_bytes
+
+    seen = {}
+    for name in ("h200-generate-c79-binary-auto.json", "h200-generate-c87-binary.json",
+                 "h200-generate-c87-ternary.json"):
+        for run, fp, budget in _klein_runs(name):
+            size = run["size"]
+            plan = plan_memory(fp, size, size, budget, flush=True)
+            b = text_batch(fp, size, size, plan, 40, budget)
+            seen[(run["format"], size, run["budget"])] = b
+            assert text_batch(fp, size, size, plan, 40, None) == MAX_TEXT_BATCH
+            assert text_batch(fp, size, size, plan, 3, None) == 3 and text_batch(fp, size, size, plan, 1, budget) == 1
+            others = max(v for k, v in plan.stage_estimates.items() if k != "text_encoding")
+
+            def keeps(n):
+                peak, text = others + (n - 1) * fp.prompt_bytes, text_stage_bytes(fp, size, size, plan, n)
+                return text <= peak if budget == AUTO else max(peak, text) <= budget
+
+            assert b == 1 or keeps(b)
+            assert b == MAX_TEXT_BATCH or not keeps(b + 1)
+            for tighter in (others + GB // 4, others + GB // 2):  # byte budgets above this plan's estimate
+                bb = text_batch(fp, size, size, plan, 40, tighter)
+                assert 1 <= bb <= MAX_TEXT_BATCH
+                assert bb == 1 or max(others + (bb - 1) * fp.prompt_bytes,
+                                      text_stage_bytes(fp, size, size, plan, bb)) <= tighter
+    assert seen[("binary", 512, "auto")] == seen[("binary", 1024, "auto")] == MAX_TEXT_BATCH
+    assert {v for k, v in seen.items() if k[2] == "target"} == {1}
+
+
+def test_the_text_stage_estimate_covers_encodes_of_many_prompts():
+    """c89 (H200): a streamed encode of 1-32 new prompts at once held 0.20-2.95 GB above
+    what was live before it (the layers read, the activations); a resident one 0.09-2.89 GB
+    above the encoder's weights. The text stage's estimate, less what the generation holds
+    beside the encoder (the transformer, the VAE, the kept prompts), covers each."""
+    from dataclasses import replace
+
+    from bonsai_mlx.memory import text_stage_bytes
+
+    run, fp, _ = next(_klein_runs("h200-generate-c87-binary.json"))
+    bare = replace(fp, transformer_bytes=0, vae_bytes=0, cached_prompt_bytes=0)
+    records = json.loads((RESULTS / "h200-text-batch-c89.json").read_text())
+    assert {r["batch"] for r in records} == {1, 4, 8, 16, 32}
+    for r in records:
+        streamed = r["mode"] == "streamed"
+        plan = MemoryPlan(stream_text_encoder=streamed, sync=True)
+        est = text_stage_bytes(bare, 512, 512, plan, r["batch"]) - (0 if streamed else fp.text_resident_bytes)
+        assert r["extra_peak_gb"] * GB <= est, (r, est / GB)
