@@ -184,15 +184,17 @@ def timed_generation(pipe, prompt: str, size: int, steps: int, seed: int, plan, 
         steps_at.append(event.elapsed)
         peaks.append(mx.get_peak_memory() / 1e9)  # the stage's running peak: which step raised it
 
+    wall = time.perf_counter()
     result = pipe.generate(prompt, width=size, height=size, steps=steps, seed=seed, plan=plan, callback=step_done,
                            **edit)
+    wall = time.perf_counter() - wall
     t = result.timings
     # the stages before denoising: the first step starts after every one of them
     start = sum(t.get(k, 0.0) for k in ("text_encoding_s", "image_encoding_s", "transformer_load_s", "modulation_s"))
     log(f"[{label}] peak {result.memory['peak_gb']:.3f} GB, mean-active {result.memory['mean_active_gb']:.3f} GB, "
         f"active+cached (sampled) {result.memory['sampled_footprint_gb']:.3f} GB, "
         f"{t['total_s']:.2f} s ({', '.join(f'{k} {v:.3f}' for k, v in t.items())})")
-    return {"timings": t, "memory": result.memory, "step_s": [b - a for a, b in zip([start] + steps_at[:-1], steps_at)],
+    return {"timings": t, "wall_s": wall, "memory": result.memory, "step_s": [b - a for a, b in zip([start] + steps_at[:-1], steps_at)],
             "running_peak_gb": peaks,
             "finite": bool(np.isfinite(result.array).all())}
 
@@ -218,8 +220,15 @@ def bench_generate(root, fmts=("binary", "ternary"), sizes=(512, 1024), steps=4,
                 run["generations"] = []
                 plan = choose_plan(pipe, size, run)
                 for g in range(generations):
+                    t = time.perf_counter()  # what planning costs a generation that plans for itself
+                    try:
+                        pipe.plan(size, size)
+                    except BonsaiError:
+                        pass
+                    plan_s = time.perf_counter() - t
                     gen = timed_generation(pipe, PROMPTS[g % len(PROMPTS)], size, steps, seed + g, plan, log,
                                            f"{fmt} {size} {label} #{g + 1}")
+                    gen["plan_s"] = plan_s
                     if g == 0:
                         gen["cold_start_to_first_image_s"] = time.perf_counter() - t_cold
                         run["footprint"] = dataclasses.asdict(pipe.footprint()) if pipe.memory_budget is not None \

@@ -23,6 +23,7 @@ import re
 import threading
 import time
 from contextlib import contextmanager
+from functools import lru_cache
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
@@ -913,7 +914,12 @@ def candidate_plans(width: int, height: int, fused_attention: bool = True, extra
 
 def cheapest(plan: MemoryPlan, fp: Footprint, width: int, height: int) -> bool:
     """Whether `plan` costs as little time as any budgeted plan for this size can."""
-    return plan_cost(plan, fp.packed_format) == plan_cost(_candidates(fp, width, height, ())[0], fp.packed_format)
+    return plan_cost(plan, fp.packed_format) == _least_cost(fp, width, height)
+
+
+@lru_cache(maxsize=64)
+def _least_cost(fp: Footprint, width: int, height: int) -> float:
+    return plan_cost(_candidates(fp, width, height, ())[0], fp.packed_format)
 
 
 def with_estimate(plan: MemoryPlan, fp: Footprint, width: int, height: int, cfg_batches: int = 1,
@@ -1025,10 +1031,24 @@ def plan_memory(fp: Footprint, width: int, height: int, budget, cfg_batches: int
     where that fits, and encodes editing images in strips where the whole encode would
     be the run's peak (`_auto_encode`). `flush`: whether a byte budget may take a plan that
     fits only with the pacer's flush (a step: `flushed_estimate`; a strip decode two strips
-    in flight: `_flushed_decode`); by default where that was measured (`flush_measured`)."""
-    auto = budget == AUTO
+    in flight: `_flushed_decode`); by default where that was measured (`flush_measured`).
+    Plans are kept by their arguments (`_planned`): a search costs 50-250 ms of host time
+    on this project's CPU at klein's shapes, which every generation would otherwise pay."""
     flush = flush_measured() if flush is None else flush
-    limit = device_cap() if auto else budget
+    return _planned(fp, width, height, budget, cfg_batches, tuple(images), flush,
+                    device_cap() if budget == AUTO else budget)
+
+
+def forget_plans() -> None:
+    """Drop the plans kept by `plan_memory` (after changing this module's constants)."""
+    _planned.cache_clear()
+    _least_cost.cache_clear()
+
+
+@lru_cache(maxsize=64)
+def _planned(fp: Footprint, width: int, height: int, budget, cfg_batches: int, images: tuple, flush: bool,
+             limit: int) -> MemoryPlan:
+    auto = budget == AUTO
     flushing = None  # (cost, plan): the cheapest plan that fits a byte budget only with the pacer's flush
     tokens = _image_tokens(width, height) + _extra_tokens(images)  # beside the prompt's, in every step
     for p in _candidates(fp, width, height, images):

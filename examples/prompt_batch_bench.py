@@ -57,6 +57,7 @@ def main():
     ap.add_argument("--sizes", nargs="+", type=int, default=[512, 1024])
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--budgets", nargs="+", default=["auto", "none"])
+    ap.add_argument("--repeats", type=int, default=2, help="runs of each way, alternating")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "/tmp"), "prompt-batch.json"))
     a = ap.parse_args()
     pack = os.path.join(a.root, f"random-{a.format}")
@@ -66,7 +67,7 @@ def main():
         pipe = BonsaiPipeline.from_pretrained(pack, dtype=mx.bfloat16, memory_budget=None if label == "none" else label)
         for size in a.sizes:
             pipe.generate("a warm-up prompt, at this size", width=size, height=size, seed=0)
-            for ahead in (False, True, False, True):
+            for ahead in (False, True) * a.repeats:
                 prompts = [f"prompt {n[0] + i}: a bonsai, {i % 5} leaves, {'red' if i % 2 else 'blue'} pot"
                            for i in range(a.prompts)]
                 n[0] += a.prompts

@@ -963,10 +963,12 @@ def test_binary_flushed_passes_beyond_1024_px_are_the_faster_measured(size, budg
     saved = dict(memory.COST_FLUSHING)
     try:
         memory.COST_FLUSHING.clear()  # every step at the 512 px figure
+        memory.forget_plans()
         assert (plan_memory(fp, size, size, b, flush=True).token_chunk,
                 plan_memory(fp, size, size, b, flush=True).hidden_parts) == chunks
     finally:
         memory.COST_FLUSHING.update(saved)
+        memory.forget_plans()
     runs = {r["variant"]: r for r in json.loads((RESULTS / f"h200-plan-variants-c72-binary-{size}.json").read_text())["runs"]}
     planned, chunked = runs["planned"], runs[f"2048-token chunks, MLP in {chunks[1]} passes"]
     assert (planned["plan"]["token_chunk"], planned["plan"]["hidden_parts"]) == (None, 2)

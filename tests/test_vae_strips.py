@@ -285,6 +285,7 @@ def test_planner_picks_strips_where_tiles_were_needed(vae_dirs, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(memory, "VAE_STRIPS", ())
         assert plan_memory(fp, W, H, budget).vae_tile  # what the planner did before strips
+    memory.forget_plans()
     plan = plan_memory(fp, W, H, budget)
     assert plan.vae_strip and not plan.vae_tile, plan
     z = latents(vae, H // 8, W // 8, seed=3)
