@@ -351,7 +351,8 @@ def test_the_vae_encoder_stays_on_disk_until_an_edit_plans(packed):
 
 def test_prompts_encoded_ahead_wait_for_their_generations(packed, monkeypatch):
     """`encode_prompts` encodes the upcoming prompts not kept yet in one encode, streamed as
-    the default plan streams (one read of the encoder for all of them), no budget resident.
+    the default plan streams (one read of the encoder for all of them), no budget resident,
+    either layer by layer.
     Each waits, counted in the footprint, until its generation takes it without encoding;
     their embeddings are a lone encode's (float32: relative difference <= 1e-6) and the
     images those of generations that encoded their own prompts (<= 1e-5)."""
@@ -360,7 +361,7 @@ def test_prompts_encoded_ahead_wait_for_their_generations(packed, monkeypatch):
 
     models, te = packed.models, packed.text_encoder
     calls, encode = [], te.encode
-    monkeypatch.setattr(te, "encode", lambda prompts, **kw: calls.append((list(prompts), kw["stream"]))
+    monkeypatch.setattr(te, "encode", lambda prompts, **kw: calls.append((list(prompts), kw["stream"], kw["sync"]))
                         or encode(prompts, **kw))
     kw = dict(width=64, height=64, steps=1, guidance=1.0)
     prompts = ["a fern", "a larch in fog", "a fern", "two ferns by a stream"]
@@ -371,7 +372,8 @@ def test_prompts_encoded_ahead_wait_for_their_generations(packed, monkeypatch):
         models.prompts, calls[:] = Prompts(), []
         before = models.footprint(calibrated=False).cached_prompt_bytes
         assert packed.encode_prompts(prompts, 64, 64, memory_budget=budget) == list(dict.fromkeys(prompts))
-        assert calls == [(list(dict.fromkeys(prompts)), streamed)] and models.prompts.waiting == 3
+        # layer by layer, as every batch runs (none encodes one prompt in one graph)
+        assert calls == [(list(dict.fromkeys(prompts)), streamed, True)] and models.prompts.waiting == 3
         fp = models.footprint(calibrated=False)
         assert fp.cached_prompt_bytes - before == 3 * fp.prompt_bytes
         assert fp.prompt_bytes == packed.max_sequence_length * te.config.output_dim * 4
