@@ -18,15 +18,8 @@ import statistics
 import time
 
 import mlx.core as mx
+from profile_speed import JSON, record  # this folder: the script's own is first on the path
 
-RES: list[dict] = []
-JSON = [os.path.join(os.environ.get("OUT", "/tmp"), "conv.json")]
-
-
-def record(**kw):
-    print(json.dumps(kw), flush=True)
-    RES.append(kw)
-    json.dump(RES, open(JSON[0], "w"), indent=1)
 
 
 def plain(t, w):  # the strip step's way: rows [a - 1, b + 1) in, valid along rows
@@ -92,9 +85,8 @@ def main():
     ap.add_argument("--width", type=int, default=1024)
     ap.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"])
     a = ap.parse_args()
-    if a.json:
-        JSON[0] = a.json
-    record(name="device", device=str(mx.default_device()), mlx=mx.__version__)
+    JSON[0] = a.json or os.path.join(os.environ.get("OUT", "/tmp"), "conv.json")
+    record("device", device=str(mx.default_device()), mlx=mx.__version__)
     W = a.width
     shapes = [(256, 256), (256, 128), (128, 128)]  # (in, out) channels of the full-resolution convolutions
     for dname in a.dtypes:
@@ -114,9 +106,9 @@ def main():
                         y, r = measure(vname, fn, t, w, ref)
                         if ref is None:
                             ref = y
-                        record(name="conv", dtype=dname, cin=cin, cout=cout, rows=rows, width=W, variant=vname, **r)
+                        record("conv", dtype=dname, cin=cin, cout=cout, rows=rows, width=W, variant=vname, **r)
                     except Exception as e:  # one variant failing leaves the others
-                        record(name="conv", dtype=dname, cin=cin, cout=cout, rows=rows, variant=vname, error=str(e)[:300])
+                        record("conv", dtype=dname, cin=cin, cout=cout, rows=rows, variant=vname, error=str(e)[:300])
                 del t, ref
                 gc.collect()
 

@@ -14,16 +14,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import mlx.core as mx
+from profile_speed import JSON, record  # this folder: the script's own is first on the path
 import numpy as np
 
-RES: list[dict] = []
-JSON = [os.path.join(os.environ.get("OUT", "/tmp"), "read.json")]
-
-
-def record(**kw):
-    print(json.dumps(kw), flush=True)
-    RES.append(kw)
-    json.dump(RES, open(JSON[0], "w"), indent=1)
 
 
 def pread_into(path, buf, threads, chunk=64 << 20):
@@ -60,16 +53,15 @@ def main():
     ap.add_argument("files", nargs="+")
     ap.add_argument("--json")
     a = ap.parse_args()
-    if a.json:
-        JSON[0] = a.json
-    record(name="device", device=str(mx.default_device()), mlx=mx.__version__, cpus=os.cpu_count())
+    JSON[0] = a.json or os.path.join(os.environ.get("OUT", "/tmp"), "read.json")
+    record("device", device=str(mx.default_device()), mlx=mx.__version__, cpus=os.cpu_count())
     for path in a.files:
         size = os.path.getsize(path)
         buf = np.empty(size, dtype=np.uint8)
         pread_into(path, buf, 8)  # the page cache warm, the buffer's pages touched
         for threads in (1, 4, 8, 16):
             s = best(lambda: pread_into(path, buf, threads))
-            record(name="host pread", file=os.path.basename(path), gb=size / 1e9, threads=threads, s=round(s, 4),
+            record("host pread", file=os.path.basename(path), gb=size / 1e9, threads=threads, s=round(s, 4),
                    gb_s=round(size / 1e9 / s, 2))
 
         def mlx_load():
@@ -80,7 +72,7 @@ def main():
             mx.clear_cache()
 
         s = best(mlx_load)
-        record(name="mx.load evaluated", file=os.path.basename(path), gb=size / 1e9, s=round(s, 4), gb_s=round(size / 1e9 / s, 2))
+        record("mx.load evaluated", file=os.path.basename(path), gb=size / 1e9, s=round(s, 4), gb_s=round(size / 1e9 / s, 2))
         try:
             import torch
             if torch.cuda.is_available():
@@ -100,7 +92,7 @@ def main():
 
                 for name, fn in (("pinned read + H2D, 8 threads", pinned_copy), ("H2D from pinned alone", copy_only)):
                     s = best(fn)
-                    record(name=name, file=os.path.basename(path), gb=size / 1e9, s=round(s, 4),
+                    record(name, file=os.path.basename(path), gb=size / 1e9, s=round(s, 4),
                            gb_s=round(size / 1e9 / s, 2))
                 del pinned, dev
         except ImportError:
