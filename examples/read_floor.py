@@ -8,7 +8,6 @@ buffer read then copied to the GPU.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
