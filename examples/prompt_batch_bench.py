@@ -32,7 +32,7 @@ def record(path, **kw):
 
 def run(pipe, prompts, size, ahead: bool) -> dict:
     mx.synchronize()
-    text, peak, batches, t = 0.0, 0.0, [], time.perf_counter()
+    text, peak, where, batches, t = 0.0, 0.0, "", [], time.perf_counter()
     done: set = set()
     for i, p in enumerate(prompts):
         if ahead and p not in done:
@@ -40,14 +40,16 @@ def run(pipe, prompts, size, ahead: bool) -> dict:
             new = pipe.encode_prompts(prompts[i:], size, size)
             done.update(new)
             batches.append(len(new))
-            peak = max(peak, mx.get_peak_memory() / GB)
+            if mx.get_peak_memory() / GB > peak:
+                peak, where = mx.get_peak_memory() / GB, "encode_prompts"
         r = pipe.generate(p, width=size, height=size, seed=i)
         text += r.timings["text_encoding_s"]
-        peak = max(peak, r.memory["peak_gb"])
+        if r.memory["peak_gb"] > peak:
+            peak, where = r.memory["peak_gb"], max(r.memory["stages"], key=lambda k: r.memory["stages"][k]["peak_gb"])
     mx.synchronize()
     wall = time.perf_counter() - t
     return dict(wall_s=round(wall, 4), per_image_s=round(wall / len(prompts), 4), text_stages_s=round(text, 4),
-                peak_gb=round(peak, 3), batches=batches)
+                peak_gb=round(peak, 3), peak_stage=where, batches=batches)
 
 
 def main():
