@@ -45,9 +45,10 @@ def _cmd_bench_forward(args) -> None:
 class ProgressBar:
     """One line on stderr, redrawn in place on a terminal, one line per step otherwise."""
 
-    def __init__(self, total: int, label: str, stream=sys.stderr, width: int = 24):
-        self.total, self.label, self.stream, self.width = total, label, stream, width
-        self.tty = stream.isatty()
+    def __init__(self, total: int, label: str, stream=None, width: int = 24):
+        # the stderr of the moment, not of the import (a caller may have replaced it since)
+        self.total, self.label, self.stream, self.width = total, label, stream or sys.stderr, width
+        self.tty = self.stream.isatty()
 
     def update(self, step: int, extra: str = "") -> None:
         done = int(self.width * step / self.total)
@@ -176,6 +177,9 @@ def _jobs(args) -> list[dict]:
     return jobs
 
 
+EDIT_KEYS = ("image", "init_image", "mask")
+
+
 def _cmd_generate(args) -> None:
     import mlx.core as mx
 
@@ -193,11 +197,13 @@ def _cmd_generate(args) -> None:
                                           memory_budget=args.memory_budget, lora=args.lora)
     if args.verbose:
         print(f"loaded {args.model} in {time.perf_counter() - t:.1f} s on {mx.default_device()}", file=sys.stderr)
-    encoded: set = set()
     for n, (job, path) in enumerate(jobs):
-        if len(jobs) > 1 and job["prompt"] not in encoded:
-            # the next prompts in one encode: a streamed text encoder is read once for all of them
-            encoded.update(pipe.encode_prompts([j["prompt"] for j, _ in jobs[n:]], job["width"], job["height"]))
+        if len(jobs) > 1 and not any(job[k] for k in EDIT_KEYS):
+            # the next prompts of generations like this one in one encode: a streamed text
+            # encoder is read once for all of them (nothing where this prompt is kept already)
+            same = [j["prompt"] for j, _ in jobs[n:] if all(j[k] == job[k] for k in ("width", "height", "guidance"))
+                    and not any(j[k] for k in EDIT_KEYS)]
+            pipe.encode_prompts(same, job["width"], job["height"], job["guidance"])
         settings = {k: job[k] for k in ("width", "height", "steps", "seed", "guidance", "negative_prompt")}
         edit = {k: job[k] for k in ("image", "init_image", "mask", "strength")}
         stream = pipe.stream(job["prompt"], **settings, preview=previews is not None, **edit)

@@ -1035,8 +1035,9 @@ def plan_memory(fp: Footprint, width: int, height: int, budget, cfg_batches: int
     Plans are kept by their arguments (`_planned`): a search costs 50-250 ms of host time
     on this project's CPU at klein's shapes, which every generation would otherwise pay."""
     flush = flush_measured() if flush is None else flush
-    return _planned(fp, width, height, budget, cfg_batches, tuple(images), flush,
-                    device_cap() if budget == AUTO else budget)
+    images = tuple((int(w), int(h)) for w, h in images)
+    plan = _planned(fp, width, height, budget, cfg_batches, images, flush, device_cap() if budget == AUTO else budget)
+    return replace(plan, stage_estimates=dict(plan.stage_estimates))  # the kept plan's dict stays the planner's
 
 
 def forget_plans() -> None:
@@ -1087,26 +1088,27 @@ MAX_TEXT_BATCH = 16
 
 
 def text_batch(fp: Footprint, width: int, height: int, plan: MemoryPlan, prompts: int, budget,
-               cfg_batches: int = 1) -> int:
+               cfg_batches: int = 1, waiting: int = 0) -> int:
     """How many of `prompts` upcoming prompts one encode under `plan` (a plan for a
-    generation of this size) takes, MAX_TEXT_BATCH at most. The prompts encoded beyond the
-    generation's own wait for theirs, each holding its embeddings (`Footprint.prompt_bytes`)
-    through every stage. Under a byte budget every stage must still fit it; under AUTO the
-    text stage must stay under the run's peak stage (and that under `device_cap()`), so
-    encoding ahead costs the waiting embeddings' bytes and nothing more; with no budget
-    (None), MAX_TEXT_BATCH. One prompt always fits: it is the generation's own encode."""
-    n = max(1, min(prompts, MAX_TEXT_BATCH))
-    if budget is None or n == 1:
-        return n
+    generation of this size) takes: MAX_TEXT_BATCH at most with the `waiting` ones already
+    encoded ahead (which `fp` counts), and 0 where fewer than two fit (a lone prompt is its
+    generation's own encode). Each waits for its generation holding its embeddings
+    (`Footprint.prompt_bytes`) through every stage. Under a byte budget every stage must
+    still fit it; under AUTO the text stage must stay under the run's peak stage (and that
+    under `device_cap()`), so encoding ahead costs the waiting embeddings' bytes and nothing
+    more; with no budget (None), as many as MAX_TEXT_BATCH leaves room for."""
+    n = min(prompts, MAX_TEXT_BATCH - waiting)
+    if n < 2 or budget is None:
+        return n if n >= 2 else 0
     est = plan.stage_estimates or estimate(fp, width, height, plan, cfg_batches)
     others = max((v for k, v in est.items() if k != "text_encoding"), default=0)
     cap = device_cap() if budget == AUTO else budget
     for b in range(n, 1, -1):
         text = text_stage_bytes(fp, width, height, plan, b, cfg_batches)
-        peak = others + (b - 1) * fp.prompt_bytes
+        peak = others + b * fp.prompt_bytes  # each waits until its generation has planned
         if peak <= cap and text <= (peak if budget == AUTO else cap):
             return b
-    return 1
+    return 0
 
 
 def text_stage_bytes(fp: Footprint, width: int, height: int, plan: MemoryPlan, prompts: int,

@@ -411,24 +411,25 @@ class BonsaiPipeline:
                            cfg_batches=batches, images=images)
 
     def encode_prompts(self, prompts, width: int | None = None, height: int | None = None,
-                       memory_budget="default") -> list[str]:
-        """Encode upcoming prompts ahead of their generations: those of `prompts` not kept yet,
-        in order, as many in one encode as the memory plan of a generation of this size
-        allows (`memory.text_batch`). Each waits for its generation, which then does not encode
-        it; a streamed encoder is read once for all of them. Returns the prompts encoded."""
+                       guidance: float | None = None, memory_budget="default") -> list[str]:
+        """Encode upcoming prompts ahead of their generations (of this size and guidance, no
+        editing images): those of `prompts` not kept yet, in order, as many in one encode as
+        the memory plan of such a generation allows (`memory.text_batch`: none where fewer
+        than two fit, 16 waiting at most). Each waits for its generation, which then does not
+        encode it; a streamed encoder is read once for all of them. Returns the prompts encoded."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         for p in prompts:
             check_prompts(p, None)
         budget = self.memory_budget if memory_budget == "default" else parse_budget(memory_budget)
+        cfg = sampling_defaults(self.is_distilled, None, guidance)[1] > 1.0 and not self.is_distilled
         with self._between_generations("encode prompts"):
-            plan, te = self.plan(width, height, budget), self.models.text_encoder
+            plan, te = self.plan(width, height, budget, cfg=cfg), self.models.text_encoder
             new = [p for p in dict.fromkeys(prompts)
                    if not self.models.prompts.kept(p, self.max_sequence_length, te.dtype)]
-            if not new:
-                return []
             fp = None if budget is None else self.models.footprint(calibrated=False)
-            n = text_batch(fp, width or self.default_size[0], height or self.default_size[1], plan, len(new), budget)
-            return executor.encode_ahead(self.models, new[:n], plan, budget)
+            n = text_batch(fp, width or self.default_size[0], height or self.default_size[1], plan, len(new), budget,
+                           cfg_batches=2 if cfg else 1, waiting=self.models.prompts.waiting)
+            return executor.encode_ahead(self.models, new[:n], plan, budget) if n else []
 
     def smallest_plan(self, width: int | None = None, height: int | None = None, cfg: bool = False,
                       images: tuple = ()) -> MemoryPlan:

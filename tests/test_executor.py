@@ -385,6 +385,7 @@ def test_prompts_encoded_ahead_wait_for_their_generations(packed, monkeypatch):
         assert len(calls) == 1 and models.prompts.waiting == 0
         for a, b in zip(images, alone):
             np.testing.assert_allclose(a, b, atol=1e-5)
+    assert packed.encode_prompts(["a lone birch"], 64, 64, memory_budget=None) == []  # its generation encodes it
     with pytest.raises(BonsaiError, match="prompt must be a string"):
         packed.encode_prompts(["a fern", None])
 

@@ -1301,8 +1301,9 @@ def _klein_runs(name: str):
 def test_prompts_encoded_ahead_fit_where_the_run_has_room():
     """`text_batch`: the default at klein's shapes takes the most prompts in one encode
     (the text stage stays under the run's peak stage: the denoising estimate), the issue-5
-    targets one (their stages hold the budget, so no prompt can wait beside them), and no
-    budget the most. Each answer is the largest that keeps its rule: one more breaks it."""
+    targets none (their stages hold the budget, so no prompt can wait beside them), and no
+    budget as many as the waiting ones leave room for. Each answer is the largest that keeps
+    its rule, with every prompt of it waiting: one more breaks it; below two, none."""
     from bonsai_mlx.memory import MAX_TEXT_BATCH, text_batch, text_stage_bytes
 
     seen = {}
@@ -1314,22 +1315,40 @@ def test_prompts_encoded_ahead_fit_where_the_run_has_room():
             b = text_batch(fp, size, size, plan, 40, budget)
             seen[(run["format"], size, run["budget"])] = b
             assert text_batch(fp, size, size, plan, 40, None) == MAX_TEXT_BATCH
-            assert text_batch(fp, size, size, plan, 3, None) == 3 and text_batch(fp, size, size, plan, 1, budget) == 1
+            assert text_batch(fp, size, size, plan, 40, None, waiting=MAX_TEXT_BATCH - 3) == 3
+            assert text_batch(fp, size, size, plan, 40, None, waiting=MAX_TEXT_BATCH - 1) == 0
+            assert text_batch(fp, size, size, plan, 3, None) == 3 and text_batch(fp, size, size, plan, 1, budget) == 0
             others = max(v for k, v in plan.stage_estimates.items() if k != "text_encoding")
 
-            def keeps(n):
-                peak, text = others + (n - 1) * fp.prompt_bytes, text_stage_bytes(fp, size, size, plan, n)
-                return text <= peak if budget == AUTO else max(peak, text) <= budget
+            def keeps(n, limit=budget):
+                peak, text = others + n * fp.prompt_bytes, text_stage_bytes(fp, size, size, plan, n)
+                return text <= peak if limit == AUTO else max(peak, text) <= limit
 
-            assert b == 1 or keeps(b)
-            assert b == MAX_TEXT_BATCH or not keeps(b + 1)
+            assert b == 0 or keeps(b)
+            assert b == MAX_TEXT_BATCH or not keeps(max(b, 1) + 1)
             for tighter in (others + GB // 4, others + GB // 2):  # byte budgets above this plan's estimate
                 bb = text_batch(fp, size, size, plan, 40, tighter)
-                assert 1 <= bb <= MAX_TEXT_BATCH
-                assert bb == 1 or max(others + (bb - 1) * fp.prompt_bytes,
-                                      text_stage_bytes(fp, size, size, plan, bb)) <= tighter
+                assert bb == 0 or 2 <= bb <= MAX_TEXT_BATCH and keeps(bb, tighter)
+                assert bb == MAX_TEXT_BATCH or not keeps(max(bb, 1) + 1, tighter)
     assert seen[("binary", 512, "auto")] == seen[("binary", 1024, "auto")] == MAX_TEXT_BATCH
-    assert {v for k, v in seen.items() if k[2] == "target"} == {1}
+    assert {v for k, v in seen.items() if k[2] == "target"} == {0}
+
+
+def test_plans_are_kept_by_their_arguments_and_handed_out_as_copies():
+    """A repeated plan comes from `plan_memory`'s keep: equal to a fresh search, its estimates
+    a dict of the caller's own (changing it changes no later plan); image sizes given as
+    lists plan as tuples do."""
+    from bonsai_mlx import memory
+
+    run, fp, budget = next(_klein_runs("h200-generate-c87-binary.json"))
+    first = plan_memory(fp, 512, 512, AUTO)
+    first.stage_estimates["denoising"] = 1
+    again = plan_memory(fp, 512, 512, AUTO)
+    assert again.stage_estimates["denoising"] > 1 and memory._planned.cache_info().hits >= 1
+    memory.forget_plans()
+    assert plan_memory(fp, 512, 512, AUTO) == again
+    assert plan_memory(fp, 512, 512, budget, images=[[256, 256]]) == plan_memory(fp, 512, 512, budget,
+                                                                                  images=((256, 256),))
 
 
 def test_the_text_stage_estimate_covers_encodes_of_many_prompts():
