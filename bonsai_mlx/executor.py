@@ -434,8 +434,8 @@ def models_footprint(models: Models, vae_fit: dict, enc_fit: dict, moments: bool
         * args.hidden_size * te.dtype.size if te.dequantize_matmuls else 0,
         dtype_bytes=models.transformer_info["dtype"].size,
         # the kept prompts' embeddings and their text tokens, and the embeddings of prompts encoded ahead
-        cached_prompt_bytes=PROMPT_CACHE * models.max_sequence_length
-        * (te.config.output_dim * te.dtype.size + cfg.inner_dim * models.transformer_info["dtype"].size)
+        cached_prompt_bytes=PROMPT_CACHE * (prompt_bytes + models.max_sequence_length * cfg.inner_dim
+                                            * models.transformer_info["dtype"].size)
         + models.prompts.waiting * prompt_bytes,
         prompt_bytes=prompt_bytes,
         **enc_fit, vae_enc_held_per_pixel=vae_enc_held_per_pixel(models.vae) if enc_fit else 0.0,

@@ -1098,8 +1098,10 @@ def text_batch(fp: Footprint, width: int, height: int, plan: MemoryPlan, prompts
     under `device_cap()`), so encoding ahead costs the waiting embeddings' bytes and nothing
     more; with no budget (None), as many as MAX_TEXT_BATCH leaves room for."""
     n = min(prompts, MAX_TEXT_BATCH - waiting)
-    if n < 2 or budget is None:
-        return n if n >= 2 else 0
+    if n < 2:
+        return 0
+    if budget is None:
+        return n
     est = plan.stage_estimates or estimate(fp, width, height, plan, cfg_batches)
     others = max((v for k, v in est.items() if k != "text_encoding"), default=0)
     cap = device_cap() if budget == AUTO else budget

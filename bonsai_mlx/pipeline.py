@@ -421,14 +421,15 @@ class BonsaiPipeline:
         for p in prompts:
             check_prompts(p, None)
         budget = self.memory_budget if memory_budget == "default" else parse_budget(memory_budget)
+        width, height = width or self.default_size[0], height or self.default_size[1]
         cfg = sampling_defaults(self.is_distilled, None, guidance)[1] > 1.0 and not self.is_distilled
         with self._between_generations("encode prompts"):
             plan, te = self.plan(width, height, budget, cfg=cfg), self.models.text_encoder
             new = [p for p in dict.fromkeys(prompts)
                    if not self.models.prompts.kept(p, self.max_sequence_length, te.dtype)]
             fp = None if budget is None else self.models.footprint(calibrated=False)
-            n = text_batch(fp, width or self.default_size[0], height or self.default_size[1], plan, len(new), budget,
-                           cfg_batches=2 if cfg else 1, waiting=self.models.prompts.waiting)
+            n = text_batch(fp, width, height, plan, len(new), budget, cfg_batches=2 if cfg else 1,
+                           waiting=self.models.prompts.waiting)
             return executor.encode_ahead(self.models, new[:n], plan, budget) if n else []
 
     def smallest_plan(self, width: int | None = None, height: int | None = None, cfg: bool = False,
