@@ -1032,8 +1032,9 @@ def plan_memory(fp: Footprint, width: int, height: int, budget, cfg_batches: int
     be the run's peak (`_auto_encode`). `flush`: whether a byte budget may take a plan that
     fits only with the pacer's flush (a step: `flushed_estimate`; a strip decode two strips
     in flight: `_flushed_decode`); by default where that was measured (`flush_measured`).
-    Plans are kept by their arguments (`_planned`): a search costs 50-250 ms of host time
-    on this project's CPU at klein's shapes, which every generation would otherwise pay."""
+    Plans are kept by their arguments (`_planned`): a search costs 54-150 ms of host time
+    on this project's CPU at klein's shapes (examples/plan_time.py), which every generation
+    would otherwise pay."""
     flush = flush_measured() if flush is None else flush
     images = tuple((int(w), int(h)) for w, h in images)
     plan = _planned(fp, width, height, budget, cfg_batches, images, flush, device_cap() if budget == AUTO else budget)
