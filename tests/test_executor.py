@@ -88,7 +88,12 @@ def test_modulation_layers_left_on_disk_are_read_again_only_for_new_sigmas(packe
     stage holds their bytes less than with a plan that keeps them, and the image is the same.
     Sigmas computed lately are not computed again (the stage allocates nothing); new ones
     (another step count) read the layers again. Layers read by a direct call of the
-    transformer are left on disk again by the next such plan."""
+    transformer are left on disk again by the next such plan.
+
+    Bound: a stage's peak may hold one activation of the joint sequence (text and image tokens
+    by the inner width, fp32) more or less, as the CPU stream frees it before or after the
+    next part starts, and a few kilobytes of small buffers besides (a tenth of one such
+    activation bounds them); the modulation layers' bytes are about five activations here."""
     models, calls = packed.models, []
     source = models._loader
     lazy = type(source).lazy_weights
@@ -97,6 +102,10 @@ def test_modulation_layers_left_on_disk_are_read_again_only_for_new_sigmas(packe
     assert mod_bytes > 0 and mod_bytes == models.footprint(calibrated=False).modulation_bytes
     keep, away = MemoryPlan(sync=True), MemoryPlan(sync=True, keep_modulation=False)
     kw = dict(width=64, height=64, steps=2, seed=4)
+    cfg = packed.transformer.config
+    activation = (512 + (64 // 16) ** 2) * cfg.num_attention_heads * cfg.attention_head_dim * 4
+    bound = 1.1 * activation
+    assert mod_bytes > 4 * bound
     generate = packed.generate
 
     def fresh(*a, **k):  # each from an empty buffer cache, as the first (a new prompt's) starts
@@ -113,21 +122,21 @@ def test_modulation_layers_left_on_disk_are_read_again_only_for_new_sigmas(packe
     assert list(left.memory["stages"]) == ["text_encoding", "modulation", "denoising", "decoding"]
     # the same steps without the layers: the denoising stage peaks lower by their bytes
     low = lambda r: r.memory["stages"]["denoising"]["peak_gb"] * 1e9  # noqa: E731
-    assert low(kept) - low(left) == pytest.approx(mod_bytes, rel=0.02)
+    assert low(kept) - low(left) == pytest.approx(mod_bytes, abs=bound)
     again = packed.generate("a cedar", plan=away, **kw)  # the same sigmas: nothing computed or read
     assert again.memory["stages"]["modulation"]["peak_gb"] * 1e9 < mod_bytes / 4
     np.testing.assert_array_equal(again.array, left.array)
     packed.generate("a cedar", plan=away, **{**kw, "steps": 3})  # new sigmas: read, then left again
     # A plan that keeps them reads them only for sigmas not kept, and then they stay.
-    assert low(packed.generate("a cedar", plan=keep, **{**kw, "steps": 3})) == pytest.approx(low(left), rel=0.02)
-    assert low(packed.generate("a cedar", plan=keep, **{**kw, "steps": 4})) == pytest.approx(low(kept), rel=0.02)
-    assert low(packed.generate("a cedar", plan=keep, **kw)) == pytest.approx(low(kept), rel=0.02)
+    assert low(packed.generate("a cedar", plan=keep, **{**kw, "steps": 3})) == pytest.approx(low(left), abs=bound)
+    assert low(packed.generate("a cedar", plan=keep, **{**kw, "steps": 4})) == pytest.approx(low(kept), abs=bound)
+    assert low(packed.generate("a cedar", plan=keep, **kw)) == pytest.approx(low(kept), abs=bound)
     # Left on disk, then read by a direct call: the next plan that leaves them leaves them again.
-    assert low(packed.generate("a cedar", plan=away, **kw)) == pytest.approx(low(left), rel=0.02)
-    model, cfg = packed.transformer, packed.transformer.config
+    assert low(packed.generate("a cedar", plan=away, **kw)) == pytest.approx(low(left), abs=bound)
+    model = packed.transformer
     mx.eval(model(mx.zeros((1, 4, cfg.in_channels)), mx.zeros((1, 3, cfg.joint_attention_dim)), mx.array([0.5]),
                   mx.zeros((4, 4), dtype=mx.int32), mx.zeros((3, 4), dtype=mx.int32)))
-    assert low(packed.generate("a cedar", plan=away, **kw)) == pytest.approx(low(left), rel=0.02)
+    assert low(packed.generate("a cedar", plan=away, **kw)) == pytest.approx(low(left), abs=bound)
 
 
 def test_the_context_embedder_left_on_disk_is_read_for_new_prompts_only(packed, monkeypatch):
