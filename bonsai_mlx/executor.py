@@ -156,17 +156,21 @@ class Prompts:
     prompt is neither encoded nor embedded again. A prompt's tokens go with its embeddings;
     they are kept by the identity of embeddings the cache holds, which no other array can take
     while it holds them. Prompts encoded ahead (`ahead`) wait apart until their generation
-    takes them into the cache."""
+    takes them into the cache; the footprint reserves room for as many as have waited at once
+    (`reserved`) until the last is taken, so the generations of one batch plan alike (one plan
+    search, kept, for all of them)."""
 
     def __init__(self):
         self._embeddings: OrderedDict = OrderedDict()  # (prompt, length, dtype) -> embeddings
         self._tokens: dict = {}  # id(kept embeddings) -> their text tokens
         self._ahead: dict = {}  # (prompt, length, dtype) -> embeddings no generation has used yet
+        self._reserved = 0  # the most that have waited at once since none waited
 
     def embeddings(self, te, prompt: str, max_length: int, plan: MemoryPlan) -> mx.array:
         key = (prompt, max_length, te.dtype)
         if key in self._ahead:
             self._keep(key, self._ahead.pop(key))
+            self._reserved *= bool(self._ahead)
         if key in self._embeddings:
             self._embeddings.move_to_end(key)
             return self._embeddings[key]
@@ -185,6 +189,7 @@ class Prompts:
             del emb
             mx.eval(rows)
             self._ahead.update(((p, max_length, te.dtype), r) for p, r in zip(new, rows))
+            self._reserved = max(self._reserved, len(self._ahead))
         return new
 
     def kept(self, prompt: str, max_length: int, dtype) -> bool:
@@ -194,6 +199,13 @@ class Prompts:
     def waiting(self) -> int:
         """Prompts encoded ahead that no generation has used yet."""
         return len(self._ahead)
+
+    @property
+    def reserved(self) -> int:
+        """Prompts whose embeddings the footprint counts as waiting: the most that have waited
+        at once since none waited. Never fewer than wait now; a generation that takes one
+        leaves the footprint, and so its plan, as it was for the batch's first."""
+        return max(self._reserved, len(self._ahead))
 
     def _keep(self, key, emb: mx.array) -> None:
         self._embeddings[key] = emb
@@ -436,7 +448,7 @@ def models_footprint(models: Models, vae_fit: dict, enc_fit: dict, moments: bool
         # the kept prompts' embeddings and their text tokens, and the embeddings of prompts encoded ahead
         cached_prompt_bytes=PROMPT_CACHE * (prompt_bytes + models.max_sequence_length * cfg.inner_dim
                                             * models.transformer_info["dtype"].size)
-        + models.prompts.waiting * prompt_bytes,
+        + models.prompts.reserved * prompt_bytes,
         prompt_bytes=prompt_bytes,
         **enc_fit, vae_enc_held_per_pixel=vae_enc_held_per_pixel(models.vae) if enc_fit else 0.0,
         latent_channels=cfg.in_channels,

@@ -363,8 +363,10 @@ def test_prompts_encoded_ahead_wait_for_their_generations(packed, monkeypatch):
     the default plan streams (one read of the encoder for all of them), no budget resident,
     either layer by layer.
     Each waits, counted in the footprint, until its generation takes it without encoding;
-    their embeddings are a lone encode's (float32: relative difference <= 1e-6) and the
+    the footprint keeps their room until the last is taken, so the batch's generations plan
+    once (one search, then the kept plan). Their embeddings are a lone encode's (float32: relative difference <= 1e-6) and the
     images those of generations that encoded their own prompts (<= 1e-5)."""
+    from bonsai_mlx import memory
     from bonsai_mlx.errors import BonsaiError
     from bonsai_mlx.executor import Prompts
 
@@ -390,7 +392,12 @@ def test_prompts_encoded_ahead_wait_for_their_generations(packed, monkeypatch):
         for p in dict.fromkeys(prompts):
             ahead = np.array(models.prompts._ahead[(p, packed.max_sequence_length, te.dtype)])
             assert np.linalg.norm(ahead - lone[p]) <= 1e-6 * np.linalg.norm(lone[p])
-        images = [packed.generate(p, seed=i, memory_budget=budget, **kw).array for i, p in enumerate(prompts)]
+        images, searches = [], memory._planned.cache_info().misses
+        for i, p in enumerate(prompts):
+            images.append(packed.generate(p, seed=i, memory_budget=budget, **kw).array)
+            held = models.footprint(calibrated=False).cached_prompt_bytes - before
+            assert held == (3 * fp.prompt_bytes if models.prompts.waiting else 0), (i, held)
+        assert memory._planned.cache_info().misses - searches == (budget is not None)
         assert len(calls) == 1 and models.prompts.waiting == 0
         for a, b in zip(images, alone):
             np.testing.assert_allclose(a, b, atol=1e-5)
