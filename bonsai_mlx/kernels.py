@@ -39,7 +39,8 @@ packed_linear resolves its "metal" and "cuda" backends here (`launcher`); this
 module imports nothing from packed_linear.
 
 `column_moments` (metal/column_moments.metal) gives the VAE's GroupNorm its statistics
-from 16-bit activations without a float32 copy of them, on the same back-ends.
+from 16-bit activations without a float32 copy of them, on the same back-ends;
+`block_moments` (metal/block_moments.metal) gives a strip's share of them in one launch.
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ DECODE_OUTPUT_NAMES = ("slab",)
 MOMENTS = "column_moments"
 MOMENTS_INPUT_NAMES = ("x", "mean")
 MOMENTS_OUTPUT_NAMES = ("out",)
+BLOCK_MOMENTS = "block_moments"
+BLOCK_MOMENTS_OUTPUT_NAMES = ("sums", "m2s")
 # Threads a moments launch aims at (channels x row blocks x samples): enough to fill a GPU,
 # few enough that the float32 partial sums stay small (256 KB).
 MOMENTS_THREADS = 1 << 16
@@ -293,7 +296,7 @@ def compact(src: str) -> str:
 # header + body on every call, the decode runs once per slab (up to 11 calls
 # per matmul at klein's shapes), and the compacted shared header is ~7.5 KB
 # (Metal) / ~12 KB (CUDA) of per-call text.
-HEADERLESS = ("binary_decode", "ternary_decode", MOMENTS)
+HEADERLESS = ("binary_decode", "ternary_decode", MOMENTS, BLOCK_MOMENTS)
 
 
 def io_names(kernel: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -302,6 +305,8 @@ def io_names(kernel: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
         return DECODE_INPUT_NAMES, DECODE_OUTPUT_NAMES
     if kernel == MOMENTS:
         return MOMENTS_INPUT_NAMES, MOMENTS_OUTPUT_NAMES
+    if kernel == BLOCK_MOMENTS:
+        return ("x",), BLOCK_MOMENTS_OUTPUT_NAMES
     return INPUT_NAMES, OUTPUT_NAMES
 
 
@@ -727,3 +732,34 @@ def column_moments(x: mx.array, mean: mx.array | None = None, backend: str | Non
         output_dtypes=[mx.float32],
     )
     return mx.sum(out, axis=1)
+
+
+def block_moments_plan(B: int, R: int, C: int, dtype: mx.Dtype, threads: int = MOMENTS_THREADS) -> Launch:
+    """The block_moments launch for x [B, R, C] of `dtype`: the threads column_moments takes."""
+    plan = moments_plan(B, R, C, dtype, False, threads)
+    return replace(plan, kernel=BLOCK_MOMENTS, template=(("T", dtype),))
+
+
+def block_counts(R: int, blocks: int) -> list[int]:
+    """Rows in each of block_moments' `blocks` row blocks over R rows (trailing blocks may hold none)."""
+    rb = _ceil_div(R, blocks)
+    return [max(0, min(rb, R - j * rb)) for j in range(blocks)]
+
+
+def block_moments(x: mx.array, backend: str | None = None) -> tuple[list[int], mx.array, mx.array]:
+    """(rows of each block, sums [B, blocks, C], squared deviations around each block's own
+    mean [B, blocks, C]) of x [B, R, C] (16-bit), float32, in one launch: a part's moments
+    for the parallel-variance merge (vae_strips._merged)."""
+    backend = backend or moments_backend(x.dtype) or default_backend()
+    B, R, C = x.shape
+    launch = block_moments_plan(B, R, C, x.dtype)
+    nb = launch.grid[1]
+    sums, m2s = _kernel_object(backend, BLOCK_MOMENTS)(
+        inputs=[x],
+        template=list(launch.template),
+        grid=launch.grid,
+        threadgroup=launch.threadgroup,
+        output_shapes=[(B, nb, C), (B, nb, C)],
+        output_dtypes=[mx.float32, mx.float32],
+    )
+    return block_counts(R, nb), sums, m2s

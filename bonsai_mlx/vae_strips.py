@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from . import kernels
 from .execution import Execution, Pace
 
 
@@ -154,37 +155,45 @@ def _norm_args(norm, stats) -> tuple:
 
 def _channel_moments_fn(x, inv_count):
     xf = x.astype(mx.float32)
-    mean = mx.sum(xf, axis=(1, 2), keepdims=True) * inv_count
-    return mean, mx.sum(mx.square(xf - mean), axis=(1, 2), keepdims=True)
+    total = mx.sum(xf, axis=(1, 2), keepdims=True)
+    return total, mx.sum(mx.square(xf - total * inv_count), axis=(1, 2), keepdims=True)
 
 
 _channel_moments = mx.compile(_channel_moments_fn)
 
 
 def _moments(part):
-    """(count, mean, sum of squared deviations) of each channel of `part` over its pixels,
-    [B, 1, 1, C] in float32: two column reductions (the second around the first's mean),
-    compiled, kept 4-D so that no squeeze or expansion joins the graph. Per
-    channel, not per group: the groups' channels merge with the strips once per stage
-    (`_merged`); per-group moments would add two reductions to every strip. The
-    count enters as an array: a Python number would be a constant of the compiled kernels,
-    and every strip height a new kernel for the GPU back-end to build."""
-    count = part.shape[1] * part.shape[2]
-    return (count, *_channel_moments(part, mx.array(1.0 / count, dtype=mx.float32)))
+    """(counts, sums, squared deviations) of `part` [B, H, W, C] for the parallel-variance
+    merge (`_merged`): per channel over row blocks of its pixels, `counts` the pixels of each
+    block, the deviations around each block's own mean, all float32. 16-bit parts on a GPU
+    back-end go through the block-moments kernel: one launch, reading the part in its own
+    dtype (kernels.block_moments). Elsewhere one block of all the pixels, two column
+    reductions (the second around the first's mean) compiled, kept 4-D so that no squeeze
+    or expansion joins the graph; the count enters as an array: a Python number would be a
+    constant of the compiled kernels, and every strip height a new kernel to build. Per
+    channel, not per group: the groups' channels merge with the strips once per stage."""
+    B, H, W, C = part.shape
+    backend = kernels.moments_backend(part.dtype)
+    if backend:
+        return kernels.block_moments(part.reshape(B, H * W, C), backend)
+    return ([H * W], *_channel_moments(part, mx.array(1.0 / (H * W), dtype=mx.float32)))
 
 
 def _merged(parts: list, groups: int):
-    """Whole-tensor (mean, biased variance) [B, groups] from the per-channel (count, mean,
-    m2) of its parts: the parallel-variance formula over every part and every channel of a
-    group, no E[x^2] - E[x]^2 cancellation."""
-    counts = mx.array([float(n) for n, _, _ in parts])[:, None, None, None]
-    means, m2s = mx.stack([m for _, m, _ in parts]), mx.stack([q for _, _, q in parts])  # [S, B, 1, 1, C]
-    S, B, C = means.shape[0], means.shape[1], means.shape[-1]
-    means, m2s = means.reshape(S, B, groups, C // groups), m2s.reshape(S, B, groups, C // groups)
-    total = sum(n for n, _, _ in parts) * (C // groups)
-    mean = mx.sum(counts * means, axis=(0, 3)) / total
-    dev = mx.square(means - mean[None, :, :, None])
-    return mean, mx.sum(m2s + counts * dev, axis=(0, 3)) / total
+    """Whole-tensor (mean, biased variance) [B, groups] from the (counts, sums, squared
+    deviations) of its parts (`_moments`): the parallel-variance formula over every block of
+    every part and every channel of a group, no E[x^2] - E[x]^2 cancellation."""
+    B, C = parts[0][1].shape[0], parts[0][1].shape[-1]
+    counts = mx.array([float(n) for ns, _, _ in parts for n in ns])[:, None, None]  # [K, 1, 1]
+    sums = mx.concatenate([s.reshape(B, -1, C) for _, s, _ in parts], axis=1)  # [B, K, C]
+    m2s = mx.concatenate([q.reshape(B, -1, C) for _, _, q in parts], axis=1)
+    K, g = sums.shape[1], C // groups
+    sums, m2s = sums.reshape(B, K, groups, g), m2s.reshape(B, K, groups, g)
+    total = sum(n for ns, _, _ in parts for n in ns) * g
+    mean = mx.sum(sums, axis=(1, 3)) / total
+    means = sums / mx.maximum(counts, 1.0)  # a block of no rows: zero sum, zero count, no weight
+    dev = mx.square(means - mean[:, None, :, None])
+    return mean, mx.sum(m2s + counts * dev, axis=(1, 3)) / total
 
 
 def _halo(x, a: int, b: int):

@@ -214,7 +214,8 @@ def _strip_setup(tiny, quick):
     """The VAE config (the full FLUX.2 one, or narrow channels with --tiny), the sizes, the
     strip heights, the dtypes, and the strict and two-in-flight executions that the strip
     sections compare. STRIPS_SIZES, STRIPS_ROWS and STRIPS_DTYPES (space-separated) replace
-    the sizes, heights and dtypes; STRIPS_HOST=1 splits each run's host time."""
+    the sizes, heights and dtypes; STRIPS_HOST=1 splits each run's host time; STRIPS_COPIES=1
+    takes the strips' moments from float32 copies (no block-moments kernel)."""
     from bonsai_mlx.execution import Execution
     from bonsai_mlx.random_weights import FLUX2_VAE
     from bonsai_mlx.vae import VAEConfig
@@ -254,6 +255,15 @@ def section_strips(tiny, quick=False):
     from bonsai_mlx.vae import AutoencoderKLFlux2, VAEConfig
 
     keep, sizes, rows, dtypes, strict, two = _strip_setup(tiny, quick)
+    if os.environ.get("STRIPS_COPIES"):  # strips' moments from float32 copies, not the block-moments kernel
+        from bonsai_mlx import vae_strips
+
+        def copies(part):
+            n = part.shape[1] * part.shape[2]
+            return ([n], *vae_strips._channel_moments(part, mx.array(1.0 / n, dtype=mx.float32)))
+
+        vae_strips._moments = copies
+        record("strip moments from float32 copies")
     if os.environ.get("STRIPS_HELD_UPSAMPLER"):  # an experiment: every upsampler's output held, none read lazily
         from bonsai_mlx import vae_strips
 

@@ -144,6 +144,42 @@ def test_cuda_column_moments_accumulate_in_float32(B, R, C, dtype):
     np.testing.assert_allclose(np.array(kernels.column_moments(xm, mx.array(mean), "cuda")), want, rtol=1e-5)
 
 
+@pytest.mark.parametrize("B,R,C,dtype", [(1, 32 * 1024, 128, "float16"), (1, 64 * 1024, 256, "bfloat16"),
+                                         (2, 301, 96, "float16")])
+def test_cuda_block_moments_give_each_blocks_sum_and_deviations(B, R, C, dtype):
+    """block_moments on the GPU at 1024 px strips' shapes (32 rows of 128 channels, 64 of 256)
+    and a small uneven one: each block's float64 sum within 1e-5 and its squared deviations
+    around its own mean within 1e-4, channel means far from zero and apart."""
+    rng = np.random.default_rng(R + C)
+    x = rng.standard_normal((B, R, C)).astype(np.float32) * 3 + rng.uniform(-200, 200, (B, 1, C)).astype(np.float32)
+    xm = mx.array(x).astype(DTYPES[dtype])
+    xs = np.array(xm.astype(mx.float32)).astype(np.float64)
+    counts, sums, m2s = kernels.block_moments(xm, "cuda")
+    sums, m2s = np.array(sums), np.array(m2s)
+    assert sum(counts) == R
+    edges = np.cumsum([0] + counts)
+    for j, (a, b) in enumerate(zip(edges, edges[1:])):
+        blk = xs[:, a:b]
+        np.testing.assert_allclose(sums[:, j], blk.sum(axis=1), rtol=1e-5, atol=1e-3)
+        dev = ((blk - blk.mean(axis=1, keepdims=True)) ** 2).sum(axis=1) if b > a else np.zeros((B, C))
+        np.testing.assert_allclose(m2s[:, j], dev, rtol=1e-4, atol=1e-3)
+
+
+def test_cuda_strip_statistics_from_the_kernel_equal_the_float32_copies(monkeypatch):
+    """vae_strips' merged statistics of float16 strips on the GPU (block_moments) against the
+    float32-copy moments (forced by hiding the kernel), within 1e-5."""
+    from bonsai_mlx.vae_strips import _merged, _moments
+
+    rng = np.random.default_rng(1)
+    x = mx.array(rng.standard_normal((1, 96, 1024, 128)).astype(np.float32) * 4 + 30).astype(mx.float16)
+    spans = ((0, 32), (32, 64), (64, 96))
+    got = [np.array(a) for a in _merged([_moments(x[:, a:b]) for a, b in spans], 32)]
+    monkeypatch.setattr(kernels, "moments_backend", lambda dt: None)
+    want = [np.array(a) for a in _merged([_moments(x[:, a:b]) for a, b in spans], 32)]
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
 def test_cuda_group_stats_of_16_bit_activations_equal_the_float32_reduction(monkeypatch):
     """vae.group_stats on the GPU takes the kernel for float16 and agrees with the float32-copy
     reduction (forced by hiding the kernel) within 1e-5."""

@@ -117,23 +117,75 @@ def test_held_bytes_counts_the_widest_stage(vae_dirs):
     assert vae_held_per_pixel(vae) * 64 * 48 == held_bytes(vae.config, 64, 48, 2)
 
 
-def test_strip_moments_merge_into_the_group_statistics():
+def _block_moments_in_the_harness(monkeypatch, calls=None):
+    """As on a GPU back-end: 16-bit strips' moments from the block_moments kernel and whole
+    tensors' from column_moments, their exact Metal sources run by the CPU harness (in few
+    row blocks: the harness runs a thread per GPU thread)."""
+    import sys
+
+    from bonsai_mlx import kernels
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from kernel_helpers import run_block_moments, run_moments
+
+    def block_moments(x, backend=None):
+        if calls is not None:
+            calls.append((backend, x.dtype))
+        return run_block_moments(x, threads=512)
+
+    monkeypatch.setattr(kernels, "moments_backend", lambda dt: "metal" if dt in (mx.float16, mx.bfloat16) else None)
+    monkeypatch.setattr(kernels, "block_moments", block_moments)
+    monkeypatch.setattr(kernels, "column_moments", lambda x, mean=None, backend=None: mx.array(
+        run_moments(x, mean, threads=1024).astype(np.float32)))
+
+
+@pytest.mark.parametrize("kernel", [False, True])
+def test_strip_moments_merge_into_the_group_statistics(kernel, monkeypatch):
     """Per-channel moments of uneven strips, merged per group, equal the group mean and
     variance of the whole tensor in float64. Channels of one group get far-apart means
     (offset 300, spread 40 between channels, 0.5 within): a merge that dropped the spread
     between channels or strips, or subtracted E[x]^2 from E[x^2] in float32, misses the
-    variance by far more than the bound (relative 1e-5, float32 sums of 10^3 values)."""
+    variance by far more than the bound (relative 1e-5, float32 sums of 10^3 values).
+    With the block-moments kernel (`kernel`: float16 strips, several row blocks a strip and
+    blocks of no rows) the same, against the float16 values' float64 statistics."""
     from bonsai_mlx.vae_strips import _merged, _moments
 
     B, H, W, C, G = 2, 23, 9, 12, 3
     rng = np.random.default_rng(5)
     chan = 300 + 40 * rng.standard_normal((B, 1, 1, C))
     x = (chan + 0.5 * rng.standard_normal((B, H, W, C))).astype(np.float32)
+    if kernel:
+        calls = []
+        _block_moments_in_the_harness(monkeypatch, calls)
+        x = x.astype(np.float16)
     parts = [_moments(mx.array(x[:, a:b])) for a, b in ((0, 7), (7, 8), (8, 23))]
+    if kernel:
+        assert len(calls) == 3 and any(0 in counts for counts, _, _ in parts)
     mean, var = (np.array(v) for v in _merged(parts, G))
     g = x.astype(np.float64).reshape(B, H * W, G, C // G).transpose(0, 2, 1, 3).reshape(B, G, -1)
     np.testing.assert_allclose(mean, g.mean(-1), rtol=1e-6)
     np.testing.assert_allclose(var, g.var(-1), rtol=1e-5)
+
+
+def test_strips_with_the_block_moments_kernel_equal_the_strips_without(vae_dirs, monkeypatch):
+    """A float16 strip decode whose statistics come from the block_moments kernel (Metal source
+    in the CPU harness) is the same strips' decode with float32-copy statistics within the
+    float16 strip bound (the statistics differ in summation order only; measured 1.6e-3 in
+    norm), and diffusers' within the float16 parity bound; every 16-bit strip goes through
+    the kernel."""
+    ref, vae = RefVAE.from_pretrained(vae_dirs["small4"]).eval(), load_vae(vae_dirs["small4"], dtype=mx.float16)
+    torch.manual_seed(5)
+    z = torch.randn(1, vae.config.latent_channels, 14, 6)
+    with torch.no_grad():
+        want = ref.decode(z).sample.permute(0, 2, 3, 1).numpy()
+    zm = mx.array(z.permute(0, 2, 3, 1).numpy())
+    copies = np.array(vae.decode(zm, strip=16, execution=OVERLAPPED))
+    calls = []
+    _block_moments_in_the_harness(monkeypatch, calls)
+    got = np.array(vae.decode(zm, strip=16, execution=OVERLAPPED))
+    assert calls and set(calls) == {("metal", mx.float16)}
+    assert rel_err(got, copies) <= 2e-3
+    assert rel_err(got, want) <= REL_REF[mx.float16]
 
 
 def test_stage_rows_keep_low_resolutions_whole():
@@ -553,8 +605,11 @@ def test_the_calibration_waits_for_the_part_before_to_be_released(vae_dirs, monk
     """By default each part of a calibration waits for the device and its buffer releases
     (mx.synchronize, the pacer's flush) before the next is built: on a GPU back-end the
     buffers of a finished part are released after the wait for it returns, and a peak that
-    holds them is not the steady scratch that plans are estimated with. On this CPU nothing
-    is released late, so the figures are those of the calibration without the flush."""
+    holds them is not the steady scratch that plans are estimated with. On this CPU the
+    figures are those of the calibration without the flush, within two activations of the
+    decoder's widest stage per pixel (float32): the CPU stream frees a buffer before or after
+    the next part allocates as the machine's load has it (one run here measured the mid
+    block 128 bytes a pixel lower)."""
     vae = load_vae(vae_dirs["small4"], dtype=mx.float32)
     sync, calls = mx.synchronize, [0]
 
@@ -570,5 +625,6 @@ def test_the_calibration_waits_for_the_part_before_to_be_released(vae_dirs, monk
     mx.clear_cache()
     flushed = calibrate_vae(vae, runs=1)
     assert calls[0] >= 2 * 8 + 3 * 8  # the decoder's parts (mid, up, strips) each wait
+    activation = 2 * 4 * max(vae.config.decoder_channels)
     for key, value in plain.items():
-        assert flushed[key] == pytest.approx(value, rel=0.05, abs=(1 << 20) if key.endswith("fixed") else 64), key
+        assert flushed[key] == pytest.approx(value, abs=(1 << 20) if key.endswith("fixed") else activation), key
