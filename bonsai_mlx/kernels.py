@@ -74,6 +74,10 @@ BLOCK_MOMENTS_OUTPUT_NAMES = ("sums", "m2s")
 # few enough that the float32 partial sums stay small (256 KB).
 MOMENTS_THREADS = 1 << 16
 MOMENTS_GROUP = 128  # threads per threadgroup, along the channels
+# Threads a block_moments launch aims at: its partial sums wait for the stage's merge, so a
+# strip's stay at two outputs of 64 KB (128 blocks of 128 channels, 64 of 256) and a 1024 px
+# stage's 32 strips hold 4 MB of them.
+BLOCK_MOMENTS_THREADS = 1 << 14
 
 
 # ---------------------------------------------------------------------------- tuning
@@ -734,8 +738,9 @@ def column_moments(x: mx.array, mean: mx.array | None = None, backend: str | Non
     return mx.sum(out, axis=1)
 
 
-def block_moments_plan(B: int, R: int, C: int, dtype: mx.Dtype, threads: int = MOMENTS_THREADS) -> Launch:
-    """The block_moments launch for x [B, R, C] of `dtype`: the threads column_moments takes."""
+def block_moments_plan(B: int, R: int, C: int, dtype: mx.Dtype, threads: int = BLOCK_MOMENTS_THREADS) -> Launch:
+    """The block_moments launch for x [B, R, C] of `dtype`: laid out as column_moments' is,
+    about `threads` threads."""
     plan = moments_plan(B, R, C, dtype, False, threads)
     return replace(plan, kernel=BLOCK_MOMENTS, template=(("T", dtype),))
 

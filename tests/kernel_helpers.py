@@ -102,7 +102,7 @@ def run_block_moments(x: mx.array, threads: int | None = None):
     from metal_harness import harness
 
     B, R, C = x.shape
-    launch = kernels.block_moments_plan(B, R, C, x.dtype, threads or kernels.MOMENTS_THREADS)
+    launch = kernels.block_moments_plan(B, R, C, x.dtype, threads or kernels.BLOCK_MOMENTS_THREADS)
     header, body = kernels.metal_source(launch.kernel)
     inputs, outputs = kernels.io_names(launch.kernel)
     nb = launch.grid[1]

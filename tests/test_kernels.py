@@ -734,6 +734,18 @@ def test_block_moments_kernel_gives_each_blocks_sum_and_deviations(B, R, C, dtyp
         assert counts == [2, 2, 1, 0]
 
 
+def test_block_moments_plan_keeps_a_strips_partial_sums_small():
+    """A 1024 px strip (32 rows of 128 channels, or of 256) launches with its threads along
+    the channels, and its two partial-sum outputs, which wait for the stage's merge, hold
+    64 KB each: 4 MB for the 32 strips of a stage."""
+    for C, blocks in ((128, 128), (256, 64)):
+        L = kernels.block_moments_plan(1, 32 * 1024, C, mx.float16)
+        assert L.kernel == "block_moments" and L.template == (("T", mx.float16),)
+        assert L.grid == (C, blocks, 1) and L.threadgroup == (128, 1, 1)
+        assert L.grid[1] * C * 4 == 64 << 10
+    assert kernels.block_counts(32 * 1024, 128) == [256] * 128
+
+
 def test_column_moments_plan_at_the_vae_shapes():
     """About MOMENTS_THREADS threads: a 1024 px stage of 128 channels in 512 row blocks of
     2,048 pixels, the 128 px mid block's 512 channels in 128 blocks of 128."""
