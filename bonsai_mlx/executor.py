@@ -193,7 +193,11 @@ class Prompts:
         return new
 
     def kept(self, prompt: str, max_length: int, dtype) -> bool:
-        return (prompt, max_length, dtype) in self._embeddings or (prompt, max_length, dtype) in self._ahead
+        return (prompt, max_length, dtype) in self._embeddings or self.waits(prompt, max_length, dtype)
+
+    def waits(self, prompt: str, max_length: int, dtype) -> bool:
+        """Whether `prompt` was encoded ahead and no generation has taken it yet."""
+        return (prompt, max_length, dtype) in self._ahead
 
     @property
     def waiting(self) -> int:

@@ -416,15 +416,21 @@ class BonsaiPipeline:
         editing images): those of `prompts` not kept yet, in order, as many in one encode as
         the memory plan of such a generation allows (`memory.text_batch`: none where fewer
         than two fit, 16 waiting at most). Each waits for its generation, which then does not
-        encode it; a streamed encoder is read once for all of them. Returns the prompts encoded."""
+        encode it; a streamed encoder is read once for all of them. Nothing while the first of
+        `prompts` waits already: its batch is still in use, and topping it up would read the
+        encoder again for a prompt or two (called before every generation of a prompt list,
+        the encoder is read once a batch). Returns the prompts encoded."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         for p in prompts:
             check_prompts(p, None)
         budget = self.memory_budget if memory_budget == "default" else parse_budget(memory_budget)
         width, height = width or self.default_size[0], height or self.default_size[1]
         cfg = sampling_defaults(self.is_distilled, None, guidance)[1] > 1.0 and not self.is_distilled
+        te = self.models.text_encoder
+        if prompts and self.models.prompts.waits(prompts[0], self.max_sequence_length, te.dtype):
+            return []
         with self._between_generations("encode prompts"):
-            plan, te = self.plan(width, height, budget, cfg=cfg), self.models.text_encoder
+            plan = self.plan(width, height, budget, cfg=cfg)
             new = [p for p in dict.fromkeys(prompts)
                    if not self.models.prompts.kept(p, self.max_sequence_length, te.dtype)]
             fp = None if budget is None else self.models.footprint(calibrated=False)

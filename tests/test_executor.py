@@ -406,6 +406,28 @@ def test_prompts_encoded_ahead_wait_for_their_generations(packed, monkeypatch):
         packed.encode_prompts(["a fern", None])
 
 
+def test_a_prompt_list_reads_the_encoder_once_a_batch(packed, monkeypatch):
+    """Called before every generation of a prompt list (as the CLI does), `encode_prompts`
+    encodes the next batch only once the last one is used up: 7 prompts in batches of at most
+    3 take two encodes ahead (3, 3) and the last prompt its generation's own, not a read of
+    the encoder for every prompt or two freed from a batch still waiting."""
+    from bonsai_mlx import memory
+    from bonsai_mlx.executor import Prompts
+
+    models, te = packed.models, packed.text_encoder
+    calls, encode = [], te.encode
+    monkeypatch.setattr(te, "encode", lambda prompts, **kw: calls.append(len(prompts)) or encode(prompts, **kw))
+    monkeypatch.setattr(memory, "MAX_TEXT_BATCH", 3)
+    models.prompts = Prompts()
+    prompts = [f"a spruce, take {i}" for i in range(7)]
+    encoded = []
+    for i, p in enumerate(prompts):
+        encoded.append(packed.encode_prompts(prompts[i:], 64, 64, guidance=1.0, memory_budget=None))
+        packed.generate(p, width=64, height=64, steps=1, guidance=1.0, seed=i, memory_budget=None)
+    assert encoded == [prompts[:3], [], [], prompts[3:6], [], [], []]
+    assert calls == [3, 3, 1] and models.prompts.waiting == 0
+
+
 def test_prompts_encoded_ahead_are_freed_one_by_one(packed):
     """Each prompt encoded ahead is a copy of its own: once its generation's cache lets it go,
     its bytes go, not held by the batch it came from."""
