@@ -170,7 +170,6 @@ class Prompts:
         key = (prompt, max_length, te.dtype)
         if key in self._ahead:
             self._keep(key, self._ahead.pop(key))
-            self._reserved *= bool(self._ahead)
         if key in self._embeddings:
             self._embeddings.move_to_end(key)
             return self._embeddings[key]
@@ -188,8 +187,9 @@ class Prompts:
             rows = [mx.array(emb[i:i + 1]) for i in range(len(new))]  # copies: each freed on its own
             del emb
             mx.eval(rows)
+            since = self._reserved if self._ahead else 0  # none waited: a new batch's count
             self._ahead.update(((p, max_length, te.dtype), r) for p, r in zip(new, rows))
-            self._reserved = max(self._reserved, len(self._ahead))
+            self._reserved = max(since, len(self._ahead))
         return new
 
     def kept(self, prompt: str, max_length: int, dtype) -> bool:
@@ -209,7 +209,7 @@ class Prompts:
         """Prompts whose embeddings the footprint counts as waiting: the most that have waited
         at once since none waited. Never fewer than wait now; a generation that takes one
         leaves the footprint, and so its plan, as it was for the batch's first."""
-        return max(self._reserved, len(self._ahead))
+        return max(self._reserved, len(self._ahead)) if self._ahead else 0
 
     def _keep(self, key, emb: mx.array) -> None:
         self._embeddings[key] = emb

@@ -32,6 +32,7 @@ import mlx.core as mx
 from .errors import BonsaiError
 from .execution import Execution
 from .vae import _MAX_SCORES as VAE_MAX_SCORES  # attention score elements per query chunk of the mid block
+from .kernels import BLOCK_MOMENTS_THREADS
 from .vae_strips import encode_held_bytes, held_bytes, up_strips
 
 GB = 1e9
@@ -761,7 +762,8 @@ def _terms(fp: Footprint, width: int, height: int, plan: MemoryPlan, cfg_batches
         strips = lambda overlap: _strip_bytes(fp.vae_held_per_pixel, fp.vae_strip_fixed,  # noqa: E731
                                               fp.vae_strip_per_pixel, width, height, plan.vae_strip, overlap,
                                               STRIP_DECODE)
-        others = _stats_bytes(fp, latent_px * fp.vae_mid_channels) + height * width * 4 * 4 * 2
+        others = (_stats_bytes(fp, latent_px * fp.vae_mid_channels) + height * width * 4 * 4 * 2
+                  + _strip_moments_bytes(fp, height, plan.vae_strip))
         up = strips(vae_overlap) + others
     # Each stage: the weights it holds, whose bytes are exact, and what is modelled
     # (activations, scratch), to which the safety factor applies. The VAE (small) stays
@@ -836,11 +838,19 @@ def _encode_bytes(fp: Footprint, width: int, height: int, plan: MemoryPlan) -> f
     s, latent_px = fp.dtype_bytes, (height // 8) * (width // 8)
     strips = (_strip_bytes(fp.vae_enc_held_per_pixel, fp.vae_enc_strip_fixed, fp.vae_enc_strip_per_pixel, width,
                            height, plan.vae_encode_strip, plan.vae_execution.overlap, STRIP_ENCODE)
-              + width * height * 3 * 4 * 2)
+              + width * height * 3 * 4 * 2 + _strip_moments_bytes(fp, height, plan.vae_encode_strip))
     mid = (latent_px * fp.vae_mid_channels * s + (OVERLAP_DECODER if plan.vae_execution.overlap else 1)
            * (fp.vae_mid_fixed + fp.vae_mid_per_pixel * latent_px) + vae_scores_bytes(latent_px)
            + _stats_bytes(fp, latent_px * fp.vae_mid_channels))
     return max(strips, mid)
+
+
+def _strip_moments_bytes(fp: Footprint, height: int, rows: int) -> int:
+    """The block-moments kernel's partial sums that a stage's strips hold until its merge
+    (vae_strips._moments): two float32 outputs of about BLOCK_MOMENTS_THREADS values a strip,
+    for the strips of the stage cut into `rows`-row strips (the most of any stage) and the
+    next stage's first. None without the kernel (a strip's moments are a channel's sums)."""
+    return 2 * 4 * BLOCK_MOMENTS_THREADS * (-(-height // rows) + 1) if fp.vae_moments_kernel else 0
 
 
 def _stats_bytes(fp: Footprint, elements: int, tiled: bool = False) -> int:

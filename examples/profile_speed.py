@@ -255,7 +255,7 @@ def section_strips(tiny, quick=False):
     from bonsai_mlx.vae import AutoencoderKLFlux2, VAEConfig
 
     keep, sizes, rows, dtypes, strict, two = _strip_setup(tiny, quick)
-    if os.environ.get("STRIPS_COPIES"):  # strips' moments from float32 copies, not the block-moments kernel
+    if os.environ.get("STRIPS_COPIES"):  # strips' moments from float32 copies, not the block-moments kernel, for the whole process
         from bonsai_mlx import vae_strips
 
         def copies(part):

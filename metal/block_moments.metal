@@ -3,9 +3,9 @@
 //   sums[b, j, c] = sum of x[b, r, c] over the rows r of block j;
 //   m2s[b, j, c]  = sum of (x[b, r, c] - block mean)^2 over those rows.
 // The caller merges the blocks (their counts, sums and m2s) with the parallel-variance
-// formula, so one launch gives what two column_moments passes and their sums give, and
-// the deviations are still taken around a mean (no E[x^2] - E[x]^2 cancellation). The
-// second loop reads the block's rows again while they are in cache. Template: T.
+// formula: merged, one launch gives the statistics that two column_moments passes give,
+// and every deviation is taken around a mean (no E[x^2] - E[x]^2 cancellation). The
+// second loop reads the block's rows again, likely from cache at a strip's sizes. Template: T.
 // Inputs: x. Launched without the shared header (kernels.HEADERLESS).
 //
 // One thread per (channel c, row block j, sample b), laid out as column_moments lays them:

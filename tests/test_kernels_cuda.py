@@ -145,10 +145,11 @@ def test_cuda_column_moments_accumulate_in_float32(B, R, C, dtype):
 
 
 @pytest.mark.parametrize("B,R,C,dtype", [(1, 32 * 1024, 128, "float16"), (1, 64 * 1024, 256, "bfloat16"),
-                                         (2, 301, 96, "float16")])
+                                         (2, 301, 96, "float16"), (1, 1000, 128, "float16")])
 def test_cuda_block_moments_give_each_blocks_sum_and_deviations(B, R, C, dtype):
-    """block_moments on the GPU at 1024 px strips' shapes (32 rows of 128 channels, 64 of 256)
-    and a small uneven one: each block's float64 sum within 1e-5 and its squared deviations
+    """block_moments on the GPU at 1024 px strips' shapes (32 rows of 128 channels, 64 of 256),
+    a small uneven one and one whose last blocks hold no rows (1,000 rows in 128 blocks of 8):
+    each block's float64 sum within 1e-5 and its squared deviations
     around its own mean within 1e-4, channel means far from zero and apart."""
     rng = np.random.default_rng(R + C)
     x = rng.standard_normal((B, R, C)).astype(np.float32) * 3 + rng.uniform(-200, 200, (B, 1, C)).astype(np.float32)
