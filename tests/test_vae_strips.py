@@ -568,7 +568,9 @@ def test_calibration_takes_the_least_of_its_runs_of_each_measurement(vae_dirs, m
     """With several runs (as on a GPU: memory.calibration_runs), an excess in one run's peak
     (here 64 MB added to one run in three) does not reach the fitted figures: they are those
     of the same runs without it, to within the runs' own spread (kilobytes here, set by the
-    order in which the CPU's threads free and allocate; bounded at 1 MB against the 64 MB).
+    order in which the CPU's threads free and allocate; bounded at 1 MB against the 64 MB, and
+    a pixel's figures at 5% or two activations of the decoder's widest stage, float32, as
+    test_the_calibration_waits_for_the_part_before_to_be_released bounds them).
     With one run the excess goes into the fit, which is what the repeats are for."""
     import bonsai_mlx.memory as memory
 
@@ -585,8 +587,9 @@ def test_calibration_takes_the_least_of_its_runs_of_each_measurement(vae_dirs, m
     mx.clear_cache()
     spiky = calibrate_vae(vae, runs=3)
     assert calls[0] == 3 * 8  # 8 measurements (attention, mid, up at two sizes; strips at two), 3 runs each
+    activation = 2 * 4 * max(vae.config.decoder_channels)
     for key, value in clean.items():
-        assert spiky[key] == pytest.approx(value, rel=0.05, abs=(1 << 20) if key.endswith("fixed") else 64), key
+        assert spiky[key] == pytest.approx(value, rel=0.05, abs=(1 << 20) if key.endswith("fixed") else activation), key
     single = calibrate_vae(vae, runs=1)  # measurements 2, 5 and 8 of this call carry the excess
     assert max(abs(single[k] - clean[k]) for k in clean if k.endswith("fixed")) > 32 << 20
 
