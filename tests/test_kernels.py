@@ -582,7 +582,7 @@ def test_harness_poisons_threadgroup_memory():
 
 def test_cuda_twin_is_generated_from_the_metal_source():
     for kernel in ("binary_gemm", "ternary_gemm", "binary_gemv", "ternary_gemv", "binary_gemv_fp32",
-                   "ternary_gemv_fp32", "binary_decode", "ternary_decode", kernels.MOMENTS):
+                   "ternary_gemv_fp32", "binary_decode", "ternary_decode", kernels.MOMENTS, kernels.BLOCK_MOMENTS):
         m_header, m_body = kernels.metal_source(kernel)
         header, body = kernels.cuda_source(kernel)
         assert "threadgroup_barrier" not in body and not re.search(r"\bsimd_sum\(", body)
@@ -632,7 +632,7 @@ def _cuda_translation_unit(kernel, dtype_name, template):
     header, body = kernels.cuda_source(kernel)
     cu = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float"}
     types = {"x": cu[dtype_name], "w": "uint32_t" if kernel.startswith("binary") else "uint8_t", "scales": "__half",
-             "mean": "float", "out": "float"}
+             "mean": "float", "out": "float", "sums": "float", "m2s": "float"}
     inputs, outputs = kernels.io_names(kernel)
     params = []
     for n in inputs:
@@ -668,6 +668,9 @@ def test_cuda_twin_compiles_with_nvcc(tmp_path):
         dname = str(dt).replace("mlx.core.", "")
         units.append(_cuda_translation_unit(L.kernel, dname, L.template).replace(
             f"custom_kernel_{L.kernel}_{dname}", f"custom_kernel_{L.kernel}_{dname}_{int(squared)}"))
+    for dt in (mx.float16, mx.bfloat16):  # a strip's moments in one launch
+        L = kernels.block_moments_plan(1, 32 * 1024, 128, dt)
+        units.append(_cuda_translation_unit(L.kernel, str(dt).replace("mlx.core.", ""), L.template))
     # Headers repeat across units: compile them one file each, in one nvcc call per file.
     for i, src in enumerate(units):
         (tmp_path / f"k{i}.cu").write_text(src)
