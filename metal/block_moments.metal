@@ -1,4 +1,4 @@
-// Per-block moments of x [B, R, C] in one pass over x (a strip's share of a GroupNorm's
+// Per-block moments of x [B, R, C] in one launch (a strip's share of a GroupNorm's
 // statistics: pixels x channels), read in x's own dtype T and accumulated in float:
 //   sums[b, j, c] = sum of x[b, r, c] over the rows r of block j;
 //   m2s[b, j, c]  = sum of (x[b, r, c] - block mean)^2 over those rows.

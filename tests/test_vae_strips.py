@@ -606,11 +606,11 @@ def test_the_calibration_waits_for_the_part_before_to_be_released(vae_dirs, monk
     """By default each part of a calibration waits for the device and its buffer releases
     (mx.synchronize, the pacer's flush) before the next is built: on a GPU back-end the
     buffers of a finished part are released after the wait for it returns, and a peak that
-    holds them is not the steady scratch that plans are estimated with. On this CPU the
+    holds them is not the steady scratch that plans are estimated with. On a CPU the
     figures are those of the calibration without the flush, within 5% or two activations of
-    the decoder's widest stage per pixel (float32), the larger: the CPU stream frees a buffer before or after
-    the next part allocates as the machine's load has it (one run here measured the mid
-    block 128 bytes a pixel lower)."""
+    the decoder's widest stage per pixel (float32), the larger: the CPU stream frees a buffer
+    before or after the next part allocates as the machine's load has it, which moves a
+    fitted figure by about one activation a pixel."""
     vae = load_vae(vae_dirs["small4"], dtype=mx.float32)
     sync, calls = mx.synchronize, [0]
 
