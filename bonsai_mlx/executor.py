@@ -209,7 +209,7 @@ class Prompts:
         """Prompts whose embeddings the footprint counts as waiting: the most that have waited
         at once since none waited. Never fewer than wait now; a generation that takes one
         leaves the footprint, and so its plan, as it was for the batch's first."""
-        return max(self._reserved, len(self._ahead)) if self._ahead else 0
+        return self._reserved if self._ahead else 0
 
     def _keep(self, key, emb: mx.array) -> None:
         self._embeddings[key] = emb

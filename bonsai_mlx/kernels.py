@@ -69,6 +69,7 @@ MOMENTS = "column_moments"
 MOMENTS_INPUT_NAMES = ("x", "mean")
 MOMENTS_OUTPUT_NAMES = ("out",)
 BLOCK_MOMENTS = "block_moments"
+BLOCK_MOMENTS_INPUT_NAMES = ("x",)
 BLOCK_MOMENTS_OUTPUT_NAMES = ("sums", "m2s")
 # Threads a moments launch aims at (channels x row blocks x samples): enough to fill a GPU,
 # few enough that the float32 partial sums stay small (256 KB).
@@ -310,7 +311,7 @@ def io_names(kernel: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     if kernel == MOMENTS:
         return MOMENTS_INPUT_NAMES, MOMENTS_OUTPUT_NAMES
     if kernel == BLOCK_MOMENTS:
-        return ("x",), BLOCK_MOMENTS_OUTPUT_NAMES
+        return BLOCK_MOMENTS_INPUT_NAMES, BLOCK_MOMENTS_OUTPUT_NAMES
     return INPUT_NAMES, OUTPUT_NAMES
 
 

@@ -31,8 +31,8 @@ import mlx.core as mx
 
 from .errors import BonsaiError
 from .execution import Execution
-from .vae import _MAX_SCORES as VAE_MAX_SCORES  # attention score elements per query chunk of the mid block
 from .kernels import BLOCK_MOMENTS_THREADS
+from .vae import _MAX_SCORES as VAE_MAX_SCORES  # attention score elements per query chunk of the mid block
 from .vae_strips import encode_held_bytes, held_bytes, up_strips
 
 GB = 1e9

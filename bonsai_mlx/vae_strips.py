@@ -176,7 +176,13 @@ def _moments(part):
     backend = kernels.moments_backend(part.dtype)
     if backend:
         return kernels.block_moments(part.reshape(B, H * W, C), backend)
-    return ([H * W], *_channel_moments(part, mx.array(1.0 / (H * W), dtype=mx.float32)))
+    return _copied_moments(part)
+
+
+def _copied_moments(part):
+    """`_moments` of `part` as one block, from float32 copies of it (compiled)."""
+    n = part.shape[1] * part.shape[2]
+    return ([n], *_channel_moments(part, mx.array(1.0 / n, dtype=mx.float32)))
 
 
 def _merged(parts: list, groups: int):

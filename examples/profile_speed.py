@@ -258,11 +258,7 @@ def section_strips(tiny, quick=False):
     if os.environ.get("STRIPS_COPIES"):  # strips' moments from float32 copies, not the block-moments kernel, for the whole process
         from bonsai_mlx import vae_strips
 
-        def copies(part):
-            n = part.shape[1] * part.shape[2]
-            return ([n], *vae_strips._channel_moments(part, mx.array(1.0 / n, dtype=mx.float32)))
-
-        vae_strips._moments = copies
+        vae_strips._moments = vae_strips._copied_moments
         record("strip moments from float32 copies")
     if os.environ.get("STRIPS_HELD_UPSAMPLER"):  # an experiment: every upsampler's output held, none read lazily
         from bonsai_mlx import vae_strips

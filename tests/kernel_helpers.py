@@ -112,6 +112,29 @@ def run_block_moments(x: mx.array, threads: int | None = None):
     return kernels.block_counts(R, nb), mx.array(sums), mx.array(m2s)
 
 
+def far_apart_columns(B: int, R: int, C: int, dtype) -> mx.array:
+    """x [B, R, C] of `dtype` whose channel means lie far from zero and far apart (up to 200):
+    a reduction that cancelled E[x]^2 against E[x^2] in float32 misses by far more than 1e-4."""
+    rng = np.random.default_rng(R + C)
+    x = rng.standard_normal((B, R, C)).astype(np.float32) * 3 + rng.uniform(-200, 200, (B, 1, C)).astype(np.float32)
+    return mx.array(x).astype(dtype)
+
+
+def check_block_moments(x: mx.array, counts: list, sums, m2s) -> None:
+    """block_moments' (counts, sums, squared deviations) of x [B, R, C] against float64 block by
+    block: the counts cover R, each block's sum within 1e-5 and its squared deviations around
+    its own mean within 1e-4 (relative); a block of no rows holds zeros."""
+    xs = np.array(x.astype(mx.float32)).astype(np.float64)
+    sums, m2s = np.array(sums), np.array(m2s)
+    assert sum(counts) == x.shape[1] and sums.shape == m2s.shape == (x.shape[0], len(counts), x.shape[2])
+    edges = np.cumsum([0] + counts)
+    for j, (a, b) in enumerate(zip(edges, edges[1:])):
+        blk = xs[:, a:b]
+        np.testing.assert_allclose(sums[:, j], blk.sum(axis=1), rtol=1e-5, atol=1e-3)
+        dev = ((blk - blk.mean(axis=1, keepdims=True)) ** 2).sum(axis=1) if b > a else np.zeros_like(sums[:, j])
+        np.testing.assert_allclose(m2s[:, j], dev, rtol=1e-4, atol=1e-3)
+
+
 def exported_moments(directory, x: mx.array) -> np.ndarray:
     """The column sums of x [B, R, C] by the column-moments kernel as an app runs it: the launch
     kernels.json in `directory` describes, the source file beside it, in the CPU harness.

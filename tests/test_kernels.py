@@ -719,20 +719,11 @@ def test_block_moments_kernel_gives_each_blocks_sum_and_deviations(B, R, C, dtyp
     1e-5 and its squared deviations around its own mean within 1e-4, channel means far from
     zero and apart (a pass that took E[x^2] - E[x]^2 in float32 would miss by far more);
     blocks past the rows (R = 5 over 4 blocks of 2) hold no rows and write zeros."""
-    from kernel_helpers import run_block_moments
+    from kernel_helpers import check_block_moments, far_apart_columns, run_block_moments
 
-    rng = np.random.default_rng(R + C)
-    x = rng.standard_normal((B, R, C)).astype(np.float32) * 3 + rng.uniform(-200, 200, (B, 1, C)).astype(np.float32)
-    xm = mx.array(x).astype(getattr(mx, dtype))
-    xs = np.array(xm.astype(mx.float32)).astype(np.float64)
+    xm = far_apart_columns(B, R, C, getattr(mx, dtype))
     counts, sums, m2s = run_block_moments(xm, threads or None)
-    assert sum(counts) == R and sums.shape == m2s.shape == (B, len(counts), C)
-    edges = np.cumsum([0] + counts)
-    for j, (a, b) in enumerate(zip(edges, edges[1:])):
-        blk = xs[:, a:b]
-        np.testing.assert_allclose(np.array(sums[:, j]), blk.sum(axis=1), rtol=1e-5, atol=1e-3)
-        dev = ((blk - blk.mean(axis=1, keepdims=True)) ** 2).sum(axis=1) if b > a else np.zeros((B, C))
-        np.testing.assert_allclose(np.array(m2s[:, j]), dev, rtol=1e-4, atol=1e-3)
+    check_block_moments(xm, counts, sums, m2s)
     if R == 5 and threads == 128:
         assert counts == [2, 2, 1, 0]
 

@@ -151,19 +151,10 @@ def test_cuda_block_moments_give_each_blocks_sum_and_deviations(B, R, C, dtype):
     a small uneven one and one whose last blocks hold no rows (1,000 rows in 128 blocks of 8):
     each block's float64 sum within 1e-5 and its squared deviations
     around its own mean within 1e-4, channel means far from zero and apart."""
-    rng = np.random.default_rng(R + C)
-    x = rng.standard_normal((B, R, C)).astype(np.float32) * 3 + rng.uniform(-200, 200, (B, 1, C)).astype(np.float32)
-    xm = mx.array(x).astype(DTYPES[dtype])
-    xs = np.array(xm.astype(mx.float32)).astype(np.float64)
-    counts, sums, m2s = kernels.block_moments(xm, "cuda")
-    sums, m2s = np.array(sums), np.array(m2s)
-    assert sum(counts) == R
-    edges = np.cumsum([0] + counts)
-    for j, (a, b) in enumerate(zip(edges, edges[1:])):
-        blk = xs[:, a:b]
-        np.testing.assert_allclose(sums[:, j], blk.sum(axis=1), rtol=1e-5, atol=1e-3)
-        dev = ((blk - blk.mean(axis=1, keepdims=True)) ** 2).sum(axis=1) if b > a else np.zeros((B, C))
-        np.testing.assert_allclose(m2s[:, j], dev, rtol=1e-4, atol=1e-3)
+    from kernel_helpers import check_block_moments, far_apart_columns
+
+    xm = far_apart_columns(B, R, C, DTYPES[dtype])
+    check_block_moments(xm, *kernels.block_moments(xm, "cuda"))
 
 
 def test_cuda_strip_statistics_from_the_kernel_equal_the_float32_copies(monkeypatch):
