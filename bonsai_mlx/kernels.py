@@ -75,10 +75,14 @@ BLOCK_MOMENTS_OUTPUT_NAMES = ("sums", "m2s")
 # few enough that the float32 partial sums stay small (256 KB).
 MOMENTS_THREADS = 1 << 16
 MOMENTS_GROUP = 128  # threads per threadgroup, along the channels
-# Threads a block_moments launch aims at: its partial sums wait for the stage's merge, so a
-# strip's stay at two outputs of 64 KB (128 blocks of 128 channels, 64 of 256) and a 1024 px
-# stage's 32 strips hold 4 MB of them.
-BLOCK_MOMENTS_THREADS = 1 << 14
+# Values of each block_moments output (row blocks x channels x samples) a launch aims at: its
+# partial sums wait for the stage's merge, so a strip's stay at two outputs of 64 KB (128
+# blocks of 128 channels, 64 of 256) and a 1024 px stage's 32 strips hold 4 MB of them.
+BLOCK_MOMENTS_VALUES = 1 << 14
+# Threads per block_moments value, each reading a slice of the block's rows: 1 << 17 threads
+# for a strip, enough to keep a GPU's loads in flight where one thread a value leaves most of
+# it idle and waiting on memory.
+BLOCK_MOMENTS_SLICES = 8
 
 
 # ---------------------------------------------------------------------------- tuning
@@ -739,11 +743,13 @@ def column_moments(x: mx.array, mean: mx.array | None = None, backend: str | Non
     return mx.sum(out, axis=1)
 
 
-def block_moments_plan(B: int, R: int, C: int, dtype: mx.Dtype, threads: int = BLOCK_MOMENTS_THREADS) -> Launch:
-    """The block_moments launch for x [B, R, C] of `dtype`: laid out as column_moments' is,
-    about `threads` threads."""
-    plan = moments_plan(B, R, C, dtype, False, threads)
-    return replace(plan, kernel=BLOCK_MOMENTS, template=(("T", dtype),))
+def block_moments_plan(B: int, R: int, C: int, dtype: mx.Dtype, values: int = BLOCK_MOMENTS_VALUES) -> Launch:
+    """The block_moments launch for x [B, R, C] of `dtype`: about `values` (block, channel,
+    sample) outputs, each from BLOCK_MOMENTS_SLICES threads; threadgroups of 32 channels x
+    the slices, one row block each."""
+    S, width = BLOCK_MOMENTS_SLICES, 32 * _ceil_div(C, 32)
+    blocks = max(1, min(R, values // (width * B)))
+    return Launch(BLOCK_MOMENTS, (("T", dtype), ("S", S)), (width, blocks * S, B), (32, S, 1))
 
 
 def block_counts(R: int, blocks: int) -> list[int]:
@@ -759,7 +765,7 @@ def block_moments(x: mx.array, backend: str | None = None) -> tuple[list[int], m
     backend = backend or moments_backend(x.dtype) or default_backend()
     B, R, C = x.shape
     launch = block_moments_plan(B, R, C, x.dtype)
-    nb = launch.grid[1]
+    nb = launch.grid[1] // launch.threadgroup[1]
     sums, m2s = _kernel_object(backend, BLOCK_MOMENTS)(
         inputs=[x],
         template=list(launch.template),

@@ -31,7 +31,7 @@ import mlx.core as mx
 
 from .errors import BonsaiError
 from .execution import Execution
-from .kernels import BLOCK_MOMENTS_THREADS
+from .kernels import BLOCK_MOMENTS_VALUES
 from .vae import _MAX_SCORES as VAE_MAX_SCORES  # attention score elements per query chunk of the mid block
 from .vae_strips import encode_held_bytes, held_bytes, up_strips
 
@@ -847,10 +847,10 @@ def _encode_bytes(fp: Footprint, width: int, height: int, plan: MemoryPlan) -> f
 
 def _strip_moments_bytes(fp: Footprint, height: int, rows: int) -> int:
     """The block-moments kernel's partial sums that a stage's strips hold until its merge
-    (vae_strips._moments): two float32 outputs of about BLOCK_MOMENTS_THREADS values a strip,
+    (vae_strips._moments): two float32 outputs of about BLOCK_MOMENTS_VALUES values a strip,
     for the strips of the stage cut into `rows`-row strips (the most of any stage) and the
     next stage's first. None without the kernel (a strip's moments are a channel's sums)."""
-    return 2 * 4 * BLOCK_MOMENTS_THREADS * (-(-height // rows) + 1) if fp.vae_moments_kernel else 0
+    return 2 * 4 * BLOCK_MOMENTS_VALUES * (-(-height // rows) + 1) if fp.vae_moments_kernel else 0
 
 
 def _stats_bytes(fp: Footprint, elements: int, tiled: bool = False) -> int:

@@ -94,18 +94,18 @@ def run_moments(x: mx.array, mean: mx.array | None = None, threads: int | None =
     return out.astype(np.float64).sum(axis=1)
 
 
-def run_block_moments(x: mx.array, threads: int | None = None):
+def run_block_moments(x: mx.array, values: int | None = None):
     """kernels.block_moments through the exact Metal source in the CPU harness (the plan its
-    launcher makes, `threads` aside): (rows of each block, sums, squared deviations around
+    launcher makes, the `values` it aims at aside): (rows of each block, sums, squared deviations around
     each block's mean), the last two [B, blocks, C] float32 mx arrays."""
     from bonsai_mlx import kernels
     from metal_harness import harness
 
     B, R, C = x.shape
-    launch = kernels.block_moments_plan(B, R, C, x.dtype, threads or kernels.BLOCK_MOMENTS_THREADS)
+    launch = kernels.block_moments_plan(B, R, C, x.dtype, values or kernels.BLOCK_MOMENTS_VALUES)
     header, body = kernels.metal_source(launch.kernel)
     inputs, outputs = kernels.io_names(launch.kernel)
-    nb = launch.grid[1]
+    nb = launch.grid[1] // launch.threadgroup[1]
     sums, m2s = harness.run(f"bonsai_{launch.kernel}", list(inputs), list(outputs), body, header, [x],
                             [(B, nb, C)] * 2, [mx.float32] * 2, launch.grid, launch.threadgroup, launch.template)
     assert harness.unwritten(sums) == 0 and harness.unwritten(m2s) == 0, "block moments never written"

@@ -712,31 +712,37 @@ def test_column_moments_kernel_accumulates_in_float32(B, R, C, dtype, threads):
     np.testing.assert_allclose(run_moments(xm, mx.array(mean), threads), want, rtol=1e-5)
 
 
-@pytest.mark.parametrize("B,R,C,dtype,threads", [(1, 4096, 128, "float16", 1024), (2, 301, 96, "bfloat16", 512),
-                                                  (1, 5, 32, "float16", 128), (1, 7, 160, "float16", 0)])
-def test_block_moments_kernel_gives_each_blocks_sum_and_deviations(B, R, C, dtype, threads):
+@pytest.mark.parametrize("B,R,C,dtype,values", [(1, 4096, 128, "float16", 1024), (2, 301, 96, "bfloat16", 512),
+                                                 (1, 5, 32, "float16", 128), (1, 7, 160, "float16", 0),
+                                                 (1, 1000, 40, "float16", 256)])
+def test_block_moments_kernel_gives_each_blocks_sum_and_deviations(B, R, C, dtype, values):
     """block_moments (Metal source in the CPU harness): each row block's float64 sum within
     1e-5 and its squared deviations around its own mean within 1e-4, channel means far from
     zero and apart (a pass that took E[x^2] - E[x]^2 in float32 would miss by far more);
-    blocks past the rows (R = 5 over 4 blocks of 2) hold no rows and write zeros."""
+    blocks past the rows (R = 5 over 4 blocks of 2) hold no rows and write zeros, and so do
+    the slices past a block's rows (its 2 rows over 8 slices); C = 40 leaves lanes of its
+    second threadgroup past the channels."""
     from kernel_helpers import check_block_moments, far_apart_columns, run_block_moments
 
     xm = far_apart_columns(B, R, C, getattr(mx, dtype))
-    counts, sums, m2s = run_block_moments(xm, threads or None)
+    counts, sums, m2s = run_block_moments(xm, values or None)
     check_block_moments(xm, counts, sums, m2s)
-    if R == 5 and threads == 128:
+    if R == 5 and values == 128:
         assert counts == [2, 2, 1, 0]
 
 
 def test_block_moments_plan_keeps_a_strips_partial_sums_small():
-    """A 1024 px strip (32 rows of 128 channels, or of 256) launches with its threads along
-    the channels, and its two partial-sum outputs, which wait for the stage's merge, hold
-    64 KB each: 4 MB for the 32 strips of a stage."""
+    """A 1024 px strip (32 rows of 128 channels, or of 256) launches threadgroups of 32
+    channels x BLOCK_MOMENTS_SLICES slices of a row block's rows, 1 << 17 threads, and its two
+    partial-sum outputs, which wait for the stage's merge, hold 64 KB each: 4 MB for the 32
+    strips of a stage."""
+    S = kernels.BLOCK_MOMENTS_SLICES
     for C, blocks in ((128, 128), (256, 64)):
         L = kernels.block_moments_plan(1, 32 * 1024, C, mx.float16)
-        assert L.kernel == "block_moments" and L.template == (("T", mx.float16),)
-        assert L.grid == (C, blocks, 1) and L.threadgroup == (128, 1, 1)
-        assert L.grid[1] * C * 4 == 64 << 10
+        assert L.kernel == "block_moments" and L.template == (("T", mx.float16), ("S", S))
+        assert L.grid == (C, blocks * S, 1) and L.threadgroup == (32, S, 1)
+        assert L.grid[0] * L.grid[1] == 1 << 17
+        assert blocks * C * 4 == 64 << 10
     assert kernels.block_counts(32 * 1024, 128) == [256] * 128
 
 

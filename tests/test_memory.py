@@ -1231,7 +1231,7 @@ def test_the_moments_kernel_leaves_the_float32_row_blocks_out(pipe, monkeypatch)
     blocks: a whole 512 px decode two blocks in flight less the safety factor times
     OVERLAP_WHOLE_DECODE blocks of Execution.reduce_block float32 values; strips less one block
     of the mid output's statistics, and more by the block-moments kernel's partial sums that a
-    stage's strips hold until its merge (two float32 outputs of BLOCK_MOMENTS_THREADS values
+    stage's strips hold until its merge (two float32 outputs of BLOCK_MOMENTS_VALUES values
     for each of a 512 px stage's eight 64-row strips and the next stage's first). The
     uncalibrated (conservative) footprint keeps them."""
     from dataclasses import replace
@@ -1252,7 +1252,7 @@ def test_the_moments_kernel_leaves_the_float32_row_blocks_out(pipe, monkeypatch)
                  vae_moments_kernel=True)  # the full FLUX.2 VAE as calibrated on the H200
     block = 4 * Execution().reduce_block
     whole = MemoryPlan(sync=True, overlap=True)
-    partials = 2 * 4 * kernels.BLOCK_MOMENTS_THREADS * (512 // 64 + 1)
+    partials = 2 * 4 * kernels.BLOCK_MOMENTS_VALUES * (512 // 64 + 1)
     for plan, saved in ((whole, SAFETY * OVERLAP_WHOLE_DECODE * block),
                         (replace(whole, vae_strip=64), SAFETY * (4 * 64 * 64 * 512 - partials))):
         counted = estimate(replace(fp, vae_moments_kernel=False), 512, 512, plan)["decoding"]

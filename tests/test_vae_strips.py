@@ -129,7 +129,7 @@ def _block_moments_in_the_harness(monkeypatch, calls=None):
     def block_moments(x, backend=None):
         if calls is not None:
             calls.append((backend, x.dtype))
-        return run_block_moments(x, threads=512)
+        return run_block_moments(x, values=512)
 
     monkeypatch.setattr(kernels, "moments_backend", lambda dt: "metal" if dt in (mx.float16, mx.bfloat16) else None)
     monkeypatch.setattr(kernels, "block_moments", block_moments)
