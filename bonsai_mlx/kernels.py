@@ -752,19 +752,25 @@ def block_moments_plan(B: int, R: int, C: int, dtype: mx.Dtype, values: int = BL
     return Launch(BLOCK_MOMENTS, (("T", dtype), ("S", S)), (width, blocks * S, B), (32, S, 1))
 
 
-def block_counts(R: int, blocks: int) -> list[int]:
-    """Rows in each of block_moments' `blocks` row blocks over R rows (trailing blocks may hold none)."""
+_block_moments_plan_cached = lru_cache(maxsize=1024)(block_moments_plan)
+
+
+@lru_cache(maxsize=1024)
+def block_counts(R: int, blocks: int) -> tuple[int, ...]:
+    """Rows in each of block_moments' `blocks` row blocks over R rows (trailing blocks may hold
+    none). Cached: a decode asks for the same few hundreds of times, and building the tuple
+    costs more host time than launching the kernel."""
     rb = _ceil_div(R, blocks)
-    return [max(0, min(rb, R - j * rb)) for j in range(blocks)]
+    return tuple(max(0, min(rb, R - j * rb)) for j in range(blocks))
 
 
-def block_moments(x: mx.array, backend: str | None = None) -> tuple[list[int], mx.array, mx.array]:
+def block_moments(x: mx.array, backend: str | None = None) -> tuple[tuple[int, ...], mx.array, mx.array]:
     """(rows of each block, sums [B, blocks, C], squared deviations around each block's own
     mean [B, blocks, C]) of x [B, R, C] (16-bit), float32, in one launch: a part's moments
     for the parallel-variance merge (vae_strips._merged)."""
     backend = backend or moments_backend(x.dtype) or default_backend()
     B, R, C = x.shape
-    launch = block_moments_plan(B, R, C, x.dtype)
+    launch = _block_moments_plan_cached(B, R, C, x.dtype)
     nb = launch.grid[1] // launch.threadgroup[1]
     sums, m2s = _kernel_object(backend, BLOCK_MOMENTS)(
         inputs=[x],

@@ -42,6 +42,8 @@ and conv1's output (128 + 128 channels for FLUX.2: 0.54 GB at 1024x1024 in float
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import mlx.core as mx
 
 from . import kernels
@@ -182,7 +184,15 @@ def _moments(part):
 def _copied_moments(part):
     """`_moments` of `part` as one block, from float32 copies of it (compiled)."""
     n = part.shape[1] * part.shape[2]
-    return ([n], *_channel_moments(part, mx.array(1.0 / n, dtype=mx.float32)))
+    return ((n,), *_channel_moments(part, mx.array(1.0 / n, dtype=mx.float32)))
+
+
+@lru_cache(maxsize=1024)
+def _counted(counts: tuple) -> tuple[mx.array, int]:
+    """A part's block counts as [K, 1, 1] float32 and their total, made once per tuple: a
+    stage merges thousands of blocks, and an array built from them value by value costs more
+    host time than the merge's launches."""
+    return mx.array(counts, dtype=mx.float32)[:, None, None], sum(counts)
 
 
 def _merged(parts: list, groups: int):
@@ -190,12 +200,13 @@ def _merged(parts: list, groups: int):
     deviations) of its parts (`_moments`): the parallel-variance formula over every block of
     every part and every channel of a group, no E[x^2] - E[x]^2 cancellation."""
     B, C = parts[0][1].shape[0], parts[0][1].shape[-1]
-    counts = mx.array([float(n) for ns, _, _ in parts for n in ns])[:, None, None]  # [K, 1, 1]
+    counted = [_counted(ns) for ns, _, _ in parts]
+    counts = mx.concatenate([c for c, _ in counted])  # [K, 1, 1]
     sums = mx.concatenate([s.reshape(B, -1, C) for _, s, _ in parts], axis=1)  # [B, K, C]
     m2s = mx.concatenate([q.reshape(B, -1, C) for _, _, q in parts], axis=1)
     K, g = sums.shape[1], C // groups
     sums, m2s = sums.reshape(B, K, groups, g), m2s.reshape(B, K, groups, g)
-    total = sum(n for ns, _, _ in parts for n in ns) * g
+    total = sum(n for _, n in counted) * g
     mean = mx.sum(sums, axis=(1, 3)) / total
     means = sums / mx.maximum(counts, 1.0)  # a block of no rows: zero sum, zero count, no weight
     dev = mx.square(means - mean[:, None, :, None])

@@ -120,14 +120,14 @@ def far_apart_columns(B: int, R: int, C: int, dtype) -> mx.array:
     return mx.array(x).astype(dtype)
 
 
-def check_block_moments(x: mx.array, counts: list, sums, m2s) -> None:
+def check_block_moments(x: mx.array, counts: tuple, sums, m2s) -> None:
     """block_moments' (counts, sums, squared deviations) of x [B, R, C] against float64 block by
     block: the counts cover R, each block's sum within 1e-5 and its squared deviations around
     its own mean within 1e-4 (relative); a block of no rows holds zeros."""
     xs = np.array(x.astype(mx.float32)).astype(np.float64)
     sums, m2s = np.array(sums), np.array(m2s)
     assert sum(counts) == x.shape[1] and sums.shape == m2s.shape == (x.shape[0], len(counts), x.shape[2])
-    edges = np.cumsum([0] + counts)
+    edges = np.cumsum([0, *counts])
     for j, (a, b) in enumerate(zip(edges, edges[1:])):
         blk = xs[:, a:b]
         np.testing.assert_allclose(sums[:, j], blk.sum(axis=1), rtol=1e-5, atol=1e-3)
