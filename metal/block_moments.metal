@@ -17,6 +17,10 @@
 // moments (Chan's formula) through threadgroup memory. A block or slice past R holds no
 // rows and adds nothing; a block of none writes zeros. Lanes past C read nothing and write
 // nothing, but reach the barrier as every thread must.
+// Declared first, at the kernel's outer scope, as Metal wants threadgroup arrays.
+threadgroup float slice_sums[S][32];
+threadgroup float slice_m2s[S][32];
+threadgroup uint slice_rows[S][32];
 const uint lane = thread_position_in_threadgroup.x;
 const uint s = thread_position_in_threadgroup.y;
 const uint c = threadgroup_position_in_grid.x * 32u + lane;
@@ -54,9 +58,6 @@ for (uint q = r0; q < r1; q += 64u) {
   }
   dev += part;
 }
-threadgroup float slice_sums[S][32];
-threadgroup float slice_m2s[S][32];
-threadgroup uint slice_rows[S][32];
 slice_sums[s][lane] = acc;
 slice_m2s[s][lane] = dev;
 slice_rows[s][lane] = r1 - r0;

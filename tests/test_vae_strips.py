@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
+from bonsai_mlx import kernels
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.execution import Execution
 from bonsai_mlx.memory import (AUTO, Footprint, MemoryPlan, calibrate_vae, calibrate_vae_encoder, candidate_plans,
@@ -121,8 +122,6 @@ def _block_moments_in_the_harness(monkeypatch, calls=None):
     """As on a GPU back-end: 16-bit strips' moments from the block_moments kernel and whole
     tensors' from column_moments, their exact Metal sources run by the CPU harness (in few
     row blocks: the harness runs a thread per GPU thread)."""
-    from bonsai_mlx import kernels
-
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     from kernel_helpers import run_block_moments, run_moments
 
@@ -163,6 +162,25 @@ def test_strip_moments_merge_into_the_group_statistics(kernel, monkeypatch):
     g = x.astype(np.float64).reshape(B, H * W, G, C // G).transpose(0, 2, 1, 3).reshape(B, G, -1)
     np.testing.assert_allclose(mean, g.mean(-1), rtol=1e-6)
     np.testing.assert_allclose(var, g.var(-1), rtol=1e-5)
+
+
+def test_a_strips_block_counts_are_made_once_per_shape():
+    """A decode's strips repeat a few shapes hundreds of times, and building a strip's 128
+    block counts, or a stage's thousands as an array, took longer on the host than the
+    launch's GPU work (docs/benchmarks.md, c94): the counts of a shape are one cached tuple,
+    and a merge reuses each part's count column, so merging the same stage again builds none."""
+    from bonsai_mlx.vae_strips import _counted, _merged
+
+    assert kernels.block_counts(32 * 1024, 128) is kernels.block_counts(32 * 1024, 128)
+    counts = kernels.block_counts(96, 8)
+    parts = [(counts, mx.ones((1, 8, 4)), mx.zeros((1, 8, 4))) for _ in range(3)]
+    _merged(parts, 2)
+    before = _counted.cache_info()
+    mean, var = _merged(parts, 2)
+    after = _counted.cache_info()
+    assert after.misses == before.misses and after.hits == before.hits + 3
+    np.testing.assert_allclose(np.array(mean), np.full((1, 2), 1 / 12), rtol=1e-6)  # sums 1 over 12 rows a block
+    assert float(np.abs(np.array(var)).max()) < 1e-6  # every block's mean equal, no deviation within
 
 
 def test_strips_with_the_block_moments_kernel_equal_the_strips_without(vae_dirs, monkeypatch):
