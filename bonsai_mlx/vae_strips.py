@@ -45,6 +45,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 import mlx.core as mx
+import numpy as np
 
 from . import kernels
 from .execution import Execution, Pace
@@ -191,8 +192,10 @@ def _copied_moments(part):
 def _counted(counts: tuple) -> tuple[mx.array, int]:
     """A part's block counts as [K, 1, 1] float32 and their total, made once per tuple: a
     stage merges thousands of blocks, and an array built from them value by value costs more
-    host time than the merge's launches."""
-    return mx.array(counts, dtype=mx.float32)[:, None, None], sum(counts)
+    host time than the merge's launches. The array is made from host data, not by an op: a
+    cached op waits on the stream of the thread that built it, which another thread's
+    decode cannot evaluate."""
+    return mx.array(np.asarray(counts, dtype=np.float32).reshape(-1, 1, 1)), sum(counts)
 
 
 def _merged(parts: list, groups: int):

@@ -15,6 +15,7 @@ moments, as encode_latents returns) tests/test_vae.py's parity bounds.
 """
 
 import importlib.util
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -181,6 +182,16 @@ def test_a_strips_block_counts_are_made_once_per_shape():
     assert after.misses == before.misses and after.hits == before.hits + 3
     np.testing.assert_allclose(np.array(mean), np.full((1, 2), 1 / 12), rtol=1e-6)  # sums 1 over 12 rows a block
     assert float(np.abs(np.array(var)).max()) < 1e-6  # every block's mean equal, no deviation within
+    # A count column cached by one thread serves a decode on another (each thread has its own
+    # streams): built here and never evaluated here, merged and evaluated there.
+    fresh = kernels.block_counts(97, 8)
+    _counted(fresh)
+    out = []
+    worker = threading.Thread(target=lambda: out.append([np.array(v) for v in _merged(
+        [(fresh, mx.ones((1, 8, 4)), mx.zeros((1, 8, 4)))], 2)]))  # the variance reads the counts
+    worker.start()
+    worker.join()
+    assert len(out) == 1 and all(np.isfinite(v).all() for v in out[0])
 
 
 def test_strips_with_the_block_moments_kernel_equal_the_strips_without(vae_dirs, monkeypatch):
