@@ -187,7 +187,7 @@ class Prompts:
             rows = [mx.array(emb[i:i + 1]) for i in range(len(new))]  # copies: each freed on its own
             del emb
             mx.eval(rows)
-            since = self._reserved if self._ahead else 0  # none waited: a new batch's count
+            since = self.reserved  # none waited: a new batch's count
             self._ahead.update(((p, max_length, te.dtype), r) for p, r in zip(new, rows))
             self._reserved = max(since, len(self._ahead))
         return new

@@ -31,7 +31,7 @@ import mlx.core as mx
 
 from .errors import BonsaiError
 from .execution import Execution
-from .kernels import BLOCK_MOMENTS_VALUES
+from .kernels import BLOCK_MOMENTS_VALUES, DEFAULT_CONFIG
 from .vae import _MAX_SCORES as VAE_MAX_SCORES  # attention score elements per query chunk of the mid block
 from .vae_strips import encode_held_bytes, held_bytes, up_strips
 
@@ -455,7 +455,7 @@ class Footprint:
 
 
 OVERHEAD = 48 * 2**20  # allocator slack, small arrays, ids, schedules, kept step modulations (16 MB at most)
-SLAB_ELEMENTS = 16 << 20  # weights per decoded slab at most: kernels.KernelConfig.slab_max_elements
+SLAB_ELEMENTS = DEFAULT_CONFIG.slab_max_elements  # weights per decoded slab at most
 SLAB_SCRATCH = 2 * SLAB_ELEMENTS  # one decoded slab of 16-bit weights
 VAE_MARGIN = 104  # pixels of context a decoder tile needs on each side (FLUX.2 VAE)
 STRIP_HALO = 2  # rows beyond a full-resolution strip that its 3x3 convolutions read

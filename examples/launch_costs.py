@@ -7,9 +7,8 @@ CUDA back-end: what building a call's graph costs the host (no evaluation), what
 """
 import json, os, sys, time
 import mlx.core as mx
-import numpy as np
 from bonsai_mlx import kernels
-from bonsai_mlx.vae_strips import _copied_moments, _merged
+from bonsai_mlx.vae_strips import _copied_moments
 from bonsai_mlx.packing import pack_binary
 
 if not mx.cuda.is_available():

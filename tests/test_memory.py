@@ -1197,8 +1197,8 @@ def test_strip_estimates_cover_the_h200_peaks_with_the_block_moments_kernel():
 
 
 def test_the_slab_the_estimate_counts_is_the_kernels_slab():
-    """memory counts the slab path's scratch without importing the kernels (reference-only
-    callers never load them); its figure is the kernels' cap."""
+    """The slab path's scratch that memory counts is the kernels' cap: one decoded slab of
+    16-bit weights of at most slab_max_elements."""
     from bonsai_mlx import kernels, memory
 
     assert memory.SLAB_ELEMENTS == kernels.DEFAULT_CONFIG.slab_max_elements
