@@ -10,7 +10,8 @@ Sections (each fail-soft; JSON lines on stdout and $OUT/speed.json, or --json, r
         here) and the difference from the whole encode
   dit   transformer steps (dense bf16, binary, ternary) under the execution settings the
         budget plans use (DIT_WHOLE_SLABS=1: the packed ones also with each matrix one slab,
-        as whole-slab plans run them), linears at the real shapes per path, elementwise parts
+        as whole-slab plans run them; DIT_DECODE_TILES="2,4 8,4" also under those decode launch
+        tiles), linears at the real shapes per path, elementwise parts
   load  transformer load time from a pack on disk (the reload a released transformer pays):
         the file read floors, three loads, the third profiled
   build a 1024 px step built as one lazy graph, whole and in 512-token chunks: host time by
@@ -384,9 +385,12 @@ HOST = {"encode": 0.0, "wait": 0.0}
 def _slab_variants(model, name: str) -> list:
     """(label suffix, context factory) for each slab setting a step is timed under: the kernels'
     slabs, and with DIT_WHOLE_SLABS=1 for a packed model each matrix one slab, through the
-    executor's own `slab_tuning` as a whole-slab plan runs it."""
+    executor's own `slab_tuning` as a whole-slab plan runs it (and under each of
+    DIT_DECODE_TILES's decode launch tiles)."""
     from contextlib import nullcontext
+    from dataclasses import replace
 
+    from bonsai_mlx import kernels
     from bonsai_mlx.executor import packed_info, slab_tuning
     from bonsai_mlx.memory import MemoryPlan
 
@@ -394,6 +398,11 @@ def _slab_variants(model, name: str) -> list:
     info = packed_info(model, model.dtype)
     if name != "dense" and info["largest_packed"] and os.environ.get("DIT_WHOLE_SLABS"):
         variants.append((", whole slabs", lambda: slab_tuning(info, MemoryPlan(whole_slabs=True))))
+        # DIT_DECODE_TILES="2,4 8,4": whole slabs decoded with other launch tiles (CPT, NSG)
+        for tile in os.environ.get("DIT_DECODE_TILES", "").split():
+            cpt, nsg = (int(v) for v in tile.split(","))
+            config = replace(kernels.whole_slabs(info["largest_packed"]), decode=kernels.DecodeTile(CPT=cpt, NSG=nsg))
+            variants.append((f", whole slabs, decode tile {cpt}x{nsg}", lambda c=config: kernels.tuned(c)))
     return variants
 
 
