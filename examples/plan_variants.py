@@ -38,6 +38,8 @@ def main():
                     help="also run the planned plan with the kernels' slabs where it decodes each matrix whole")
     ap.add_argument("--generations", type=int, default=2)
     ap.add_argument("--none", action="store_true", help="also run without limits, last")
+    ap.add_argument("--unlimited", action="store_true",
+                    help="also run the planned plan without the budget's MLX memory and cache limits, second")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--no-flush", action="store_true",
                     help="run without the pacer's flush (MemoryPlan.paced_execution); on MLX's CUDA "
@@ -47,9 +49,15 @@ def main():
     pack = random_pack(args.root, args.format)
     out = {"format": args.format, "size": args.size, "budget": args.budget, "runs": []}
 
-    def run(label, budget, variant=None):
+    chosen = {}  # label -> the plan it ran
+
+    def run(label, budget, variant=None, plan=None):
         pipe, rec, _ = open_random_pipeline(pack, args.format, args.size, budget, args.dtype, (9, 18, 27))
-        plan = choose_plan(pipe, args.size, rec)
+        if plan is None:
+            plan = choose_plan(pipe, args.size, rec)
+        else:  # a plan chosen under another budget, run here without MLX's limits
+            rec["plan"] = {"described": describe(plan), "estimated_peak_bytes": plan.estimated_peak_bytes,
+                           "stage_estimates": plan.stage_estimates}
         if variant is not None:
             plan = dataclasses.replace(plan, **variant)
             # whole slabs go with steps over all tokens only, as the planner offers them
@@ -67,6 +75,7 @@ def main():
                                                label=f"{args.format} {args.size} {label} #{g + 1}")
                               for g in range(args.generations)]
         out["runs"].append(rec)
+        chosen.setdefault(label, plan)
         print(f"{label}: estimate {rec['plan']['estimated_peak_bytes'] / GB:.3f} GB; "
               + "; ".join(f"peak {g['memory']['peak_gb']:.3f} GB, denoising {g['timings']['denoising_s']:.3f} s"
                           for g in rec["generations"]), flush=True)
@@ -74,6 +83,8 @@ def main():
             json.dump(out, f, indent=1)
 
     run("planned", args.budget)
+    if args.unlimited:
+        run("planned, without MLX's limits", "none", plan=chosen["planned"])
     if args.split_slabs:
         run("planned, the kernels' slabs", args.budget, dict(whole_slabs=False))
     for chunk, parts in args.variants:
