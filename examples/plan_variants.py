@@ -8,7 +8,9 @@ Each variant replaces only `token_chunk` and `hidden_parts` (`--variants`), `vae
 of the planned plan; it runs with the budget's memory limits, as a
 planned run does, and records the estimates the planner gives its plan at that budget
 (`memory.budgeted`: the budget for a stage that fits only with the pacer's flush).
-`--none` adds the unconstrained run last (its cache would crowd the others). Needs MLX's Metal
+`--unlimited` runs the planned plan again without the budget's MLX limits, second: what the
+limits themselves cost. `--none` adds the unconstrained run last (its cache would crowd the
+others). Needs MLX's Metal
 or CUDA back-end and a pack written by `bonsai_mlx.benchmark.random_pack(root, fmt)`:
 
     python examples/plan_variants.py --format binary --root /tmp/g --size 1024 --budget target \\
