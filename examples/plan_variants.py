@@ -51,9 +51,8 @@ def main():
     pack = random_pack(args.root, args.format)
     out = {"format": args.format, "size": args.size, "budget": args.budget, "runs": []}
 
-    chosen = {}  # label -> the plan it ran
-
     def run(label, budget, variant=None, plan=None):
+        """Run `label`'s generations; returns the plan they ran."""
         pipe, rec, _ = open_random_pipeline(pack, args.format, args.size, budget, args.dtype, (9, 18, 27))
         if plan is None:
             plan = choose_plan(pipe, args.size, rec)
@@ -77,16 +76,16 @@ def main():
                                                label=f"{args.format} {args.size} {label} #{g + 1}")
                               for g in range(args.generations)]
         out["runs"].append(rec)
-        chosen.setdefault(label, plan)
         print(f"{label}: estimate {rec['plan']['estimated_peak_bytes'] / GB:.3f} GB; "
               + "; ".join(f"peak {g['memory']['peak_gb']:.3f} GB, denoising {g['timings']['denoising_s']:.3f} s"
                           for g in rec["generations"]), flush=True)
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
+        return plan
 
-    run("planned", args.budget)
+    planned = run("planned", args.budget)
     if args.unlimited:
-        run("planned, without MLX's limits", "none", plan=chosen["planned"])
+        run("planned, without MLX's limits", "none", plan=planned)
     if args.split_slabs:
         run("planned, the kernels' slabs", args.budget, dict(whole_slabs=False))
     for chunk, parts in args.variants:
