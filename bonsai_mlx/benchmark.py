@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
 import statistics
 import time
@@ -13,6 +14,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import TransformerConfig
+from .execution import CUDA_GRAPHS
 from .errors import BonsaiError, NonFiniteError
 from .transformer import Flux2Transformer
 
@@ -150,7 +152,8 @@ def open_random_pipeline(pack, fmt: str, size: int, label, dtype: str, text_laye
     run = {"format": fmt, "size": size, "budget": label,
            "budget_gb": budget / GB if isinstance(budget, int) else budget,
            "load_s": time.perf_counter() - t_cold, "load_peak_gb": mx.get_peak_memory() / GB,
-           "text_encoder_dequantized_matmuls": pipe.text_encoder.dequantize_matmuls}
+           "text_encoder_dequantized_matmuls": pipe.text_encoder.dequantize_matmuls,
+           "cuda_graphs": os.environ.get(CUDA_GRAPHS)}  # MLX's CUDA launches, as the pipeline left them
     return pipe, run, t_cold
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from . import executor
+from .execution import prefer_direct_launches
 from .errors import BonsaiError, ConfigError, PipelineBusyError, WeightsError
 from .images import prepare_edit
 from .layouts import DIFFUSERS, MODEL_DEFAULTS, MODEL_INDEX
@@ -302,6 +303,7 @@ def _from_pretrained(cls, path_or_repo_id: str | os.PathLike, *, dtype=mx.bfloat
                           f"got {max_sequence_length!r}")
     budget = parse_budget(memory_budget)  # validate before loading
     loras = lora_specs(lora)
+    prefer_direct_launches()  # before the first GPU evaluation, which loading may run
     root = resolve_model(path_or_repo_id, revision=revision, cache_dir=cache_dir)
 
     loader = TransformerSource(transformer_source(path_or_repo_id, root), dtype, quantize, backend)
@@ -328,6 +330,7 @@ class BonsaiPipeline:
                  max_sequence_length: int = DEFAULT_SEQUENCE_LENGTH, memory_budget=AUTO, transformer_loader=None,
                  default_size: tuple[int, int] = (DEFAULT_SIZE, DEFAULT_SIZE)):
         check_models(transformer, text_encoder, vae)
+        prefer_direct_launches()  # takes effect where nothing ran on the GPU yet
         self.default_size = default_size  # (width, height) when a generation gives none
         self.models = Models(transformer, text_encoder, vae, transformer_loader, max_sequence_length)
         # One generation at a time: the stages share the models and what is resident.
