@@ -1,10 +1,13 @@
 """Execution in parts: chunk ranges, pacing, the in-place token buffer, chunked token-wise maps."""
 
+import os
+
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from bonsai_mlx.execution import ONE_GRAPH, Execution, Pace, TokenBuffer, by_chunks
+from bonsai_mlx import execution
+from bonsai_mlx.execution import CUDA_GRAPHS, ONE_GRAPH, Execution, Pace, TokenBuffer, by_chunks, prefer_direct_launches
 
 
 def test_chunks_cover_every_token_once():
@@ -294,3 +297,24 @@ def test_a_block_in_hidden_passes_evaluates_its_attention_as_a_part_of_its_own_u
                 for g, w in zip(got if isinstance(got, tuple) else (got,),
                                 want if isinstance(want, tuple) else (want,)):
                     np.testing.assert_allclose(np.array(g), np.array(w), rtol=1e-5, atol=1e-5)
+
+
+class FakeCuda:
+    def __init__(self, available: bool):
+        self.available = available
+
+    def is_available(self) -> bool:
+        return self.available
+
+
+def test_direct_launches_are_asked_for_on_cuda_only_and_a_process_choice_is_kept(monkeypatch):
+    monkeypatch.delenv(CUDA_GRAPHS, raising=False)
+    monkeypatch.setattr(execution.mx, "cuda", FakeCuda(False))  # Metal or the CPU: nothing to set
+    assert prefer_direct_launches() is False
+    assert CUDA_GRAPHS not in os.environ
+    monkeypatch.setattr(execution.mx, "cuda", FakeCuda(True))
+    assert prefer_direct_launches() is True
+    assert os.environ[CUDA_GRAPHS] == "0"
+    monkeypatch.setenv(CUDA_GRAPHS, "1")  # the process chose CUDA graphs: kept
+    assert prefer_direct_launches() is False
+    assert os.environ[CUDA_GRAPHS] == "1"

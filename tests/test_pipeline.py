@@ -181,6 +181,23 @@ def test_unknown_model_and_missing_parts(tmp_path):
         BonsaiPipeline.from_pretrained(tmp_path / "empty")
 
 
+def test_direct_launches_are_asked_for_before_anything_loads(monkeypatch):
+    """MLX reads its CUDA launch setting at its first GPU evaluation, which loading may run."""
+    from bonsai_mlx import pipeline as P
+
+    order = []
+
+    def resolve(*a, **k):
+        order.append("resolve")
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(P, "prefer_direct_launches", lambda: order.append("launches"))
+    monkeypatch.setattr(P, "resolve_model", resolve)
+    with pytest.raises(RuntimeError, match="stop here"):
+        BonsaiPipeline.from_pretrained("some/model")
+    assert order == ["launches", "resolve"]
+
+
 def test_offline_with_nothing_cached_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     import huggingface_hub.constants as c
