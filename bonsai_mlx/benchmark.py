@@ -153,7 +153,7 @@ def open_random_pipeline(pack, fmt: str, size: int, label, dtype: str, text_laye
            "budget_gb": budget / GB if isinstance(budget, int) else budget,
            "load_s": time.perf_counter() - t_cold, "load_peak_gb": mx.get_peak_memory() / GB,
            "text_encoder_dequantized_matmuls": pipe.text_encoder.dequantize_matmuls,
-           "cuda_graphs": os.environ.get(CUDA_GRAPHS)}  # MLX's CUDA launches, as the pipeline left them
+           "cuda_graphs": os.environ.get(CUDA_GRAPHS)}  # the variable as the pipeline left it (MLX reads it once)
     return pipe, run, t_cold
 
 

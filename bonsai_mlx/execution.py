@@ -10,31 +10,38 @@ and every model takes it as an argument (no flags are set on modules), so the me
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import mlx.core as mx
 
 # MLX's CUDA back-end records the kernels of each evaluation into a CUDA graph and launches
-# the graph once the evaluation is encoded; MLX reads this variable once, at its first GPU
-# evaluation in the process. A run in parts starts hundreds of evaluations of a few kernels
-# each: building, updating and launching their graphs costs the host more than the device
-# spends on them, and the device idles until a part is wholly encoded. Launched one by one,
-# each kernel starts as soon as it is encoded. On an H200 a 1024 px binary decode in strips
-# took 1.27-1.28x the unconstrained decode with kernels launched directly against 1.60-1.74x
-# with graphs, and the unconstrained run's stages changed by -8% to +3% (c103).
+# the graph once the evaluation is wholly encoded; it reads this variable (as an integer, 0
+# meaning direct launches) once, at the first work it encodes on the GPU. A run in parts
+# starts hundreds of evaluations of a few kernels each, and each one's graph costs the host
+# an update and a launch while the device waits for the whole part to be encoded. Launched
+# one by one, each kernel starts as soon as it is encoded, so the device runs while the host
+# encodes the rest of the part (docs/benchmarks.md has the measured effect).
 CUDA_GRAPHS = "MLX_USE_CUDA_GRAPHS"
+
+
+def _as_mlx_reads(value: str) -> int:
+    """The integer MLX takes from the variable's text (C's atoi: leading digits, else 0)."""
+    m = re.match(r"\s*([+-]?\d+)", value)
+    return int(m.group(1)) if m else 0
 
 
 def prefer_direct_launches() -> bool:
     """On MLX's CUDA back-end, ask it to launch kernels one by one instead of through CUDA
-    graphs (`CUDA_GRAPHS`), unless the process chose itself. Takes effect only before the
-    process's first GPU evaluation, which is why the pipeline calls it before it loads
-    anything. Returns whether kernels launch directly."""
+    graphs (`CUDA_GRAPHS`), unless the process set the variable itself. MLX reads it once,
+    so this decides only when called before the process's first GPU work: the pipeline calls
+    it before it resolves or loads a model. Returns whether the variable now asks for direct
+    launches (not whether MLX, already started, follows it)."""
     cuda = getattr(mx, "cuda", None)
     if not (cuda and cuda.is_available()):
         return False
     os.environ.setdefault(CUDA_GRAPHS, "0")
-    return os.environ[CUDA_GRAPHS] == "0"
+    return _as_mlx_reads(os.environ[CUDA_GRAPHS]) == 0
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ import numpy as np
 from PIL import Image
 
 from . import executor
-from .execution import prefer_direct_launches
 from .errors import BonsaiError, ConfigError, PipelineBusyError, WeightsError
+from .execution import prefer_direct_launches
 from .images import prepare_edit
 from .layouts import DIFFUSERS, MODEL_DEFAULTS, MODEL_INDEX
 from .executor import Models, Request, image_ids, text_ids  # noqa: F401  (part of the API)
@@ -330,7 +330,6 @@ class BonsaiPipeline:
                  max_sequence_length: int = DEFAULT_SEQUENCE_LENGTH, memory_budget=AUTO, transformer_loader=None,
                  default_size: tuple[int, int] = (DEFAULT_SIZE, DEFAULT_SIZE)):
         check_models(transformer, text_encoder, vae)
-        prefer_direct_launches()  # takes effect where nothing ran on the GPU yet
         self.default_size = default_size  # (width, height) when a generation gives none
         self.models = Models(transformer, text_encoder, vae, transformer_loader, max_sequence_length)
         # One generation at a time: the stages share the models and what is resident.

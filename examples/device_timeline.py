@@ -83,19 +83,23 @@ def inside(spans, starts, t):
 
 
 def summarize(events, w0, w1, top=15):
-    """One stage [w0, w1) (microseconds) of a trace's complete events."""
+    """One stage [w0, w1) (microseconds) of a trace's complete events. Kernels and host calls
+    that cross the stage's edges count for their part inside it; runtime calls count only on
+    the thread that runs MLX's evaluations (the one that made the `mx.` annotations)."""
     span = lambda e: (e["ts"], e["ts"] + e.get("dur", 0))  # noqa: E731
-    within = [e for e in events if w0 <= e["ts"] < w1]
-    device = [e for e in within if e.get("cat", "").lower() in DEVICE_CATS]
-    busy = merged([[max(w0, a), min(w1, b)] for a, b in map(span, device)])
-    host = {c: merged([list(span(e)) for e in within if e.get("cat") == "user_annotation"
-                       and e["name"] == f"mx.{c}"]) for c in HOST_CALLS}
+    clip = lambda spans: [[max(w0, a), min(w1, b)] for a, b in spans if a < w1 and b > w0]  # noqa: E731
+    device = [e for e in events if e.get("cat", "").lower() in DEVICE_CATS and clip([span(e)])]
+    busy = merged(clip(map(span, device)))
+    marks = [e for e in events if e.get("cat") == "user_annotation" and e["name"].startswith("mx.")]
+    host = {c: merged(clip(span(e) for e in marks if e["name"] == f"mx.{c}")) for c in HOST_CALLS}
+    main_tids = {e.get("tid") for e in marks}
     # idle gaps of the device, and what the host was in during them
     edges = [w0] + [x for s in busy for x in s] + [w1]
     gaps = [(a, b) for a, b in zip(edges[::2], edges[1::2]) if b > a]
     idle = sum(b - a for a, b in gaps)
-    by_host = {c: sum(overlap(host[c], a, b) for a, b in gaps) for c in HOST_CALLS}
-    by_host["none (Python building parts)"] = idle - sum(by_host.values())
+    starts = {c: [s for s, _ in host[c]] for c in HOST_CALLS}
+    by_host = {c: sum(overlap(host[c], a, b, starts[c]) for a, b in gaps) for c in HOST_CALLS}
+    by_host["outside mx calls"] = idle - sum(by_host.values())  # Python building parts, and the rest
     sizes = {"<10 us": 0.0, "10-100 us": 0.0, "0.1-1 ms": 0.0, ">1 ms": 0.0}
     for a, b in gaps:
         d = b - a
@@ -105,11 +109,10 @@ def summarize(events, w0, w1, top=15):
         k = kernels[e["name"][:90]]
         k[0] += 1
         k[1] += e.get("dur", 0)
-    # runtime / driver calls by name, by the MLX call they ran inside
-    starts = {c: [s for s, _ in host[c]] for c in HOST_CALLS}
+    # runtime / driver calls on MLX's thread by name, by the MLX call they ran inside
     calls = defaultdict(lambda: defaultdict(lambda: [0, 0.0]))
-    for e in within:
-        if e.get("cat", "").lower() not in API_CATS:
+    for e in events:
+        if e.get("cat", "").lower() not in API_CATS or e.get("tid") not in main_tids or not w0 <= e["ts"] < w1:
             continue
         where = next((c for c in HOST_CALLS if inside(host[c], starts[c], e["ts"])), "outside")
         c = calls[where][e["name"]]
@@ -118,7 +121,7 @@ def summarize(events, w0, w1, top=15):
     ms = lambda us: round(us / 1e3, 3)  # noqa: E731
     return {
         "wall_ms": ms(w1 - w0), "busy_ms": ms(sum(b - a for a, b in busy)), "idle_ms": ms(idle),
-        "kernels": len(device), "kernel_ms": ms(sum(e.get("dur", 0) for e in device)),
+        "device_events": len(device), "device_event_ms": ms(sum(e.get("dur", 0) for e in device)),
         "host_ms": {c: ms(sum(b - a for a, b in host[c])) for c in HOST_CALLS},
         "host_calls": {c: len(host[c]) for c in HOST_CALLS},
         "idle_while_ms": {k: ms(v) for k, v in by_host.items()},
@@ -126,6 +129,7 @@ def summarize(events, w0, w1, top=15):
         "largest_gaps_ms": sorted((ms(b - a) for a, b in gaps), reverse=True)[:10],
         "kernel_time_by_name": [{"name": n, "count": c, "ms": ms(t)}
                                 for n, (c, t) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[:top]],
+        "api_total_ms": {where: ms(sum(t for _, t in d.values())) for where, d in calls.items()},
         "api_by_caller": {where: [{"name": n, "count": c, "ms": ms(t)}
                                   for n, (c, t) in sorted(d.items(), key=lambda kv: -kv[1][1])[:top]]
                           for where, d in calls.items()},

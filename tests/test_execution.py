@@ -308,7 +308,8 @@ class FakeCuda:
 
 
 def test_direct_launches_are_asked_for_on_cuda_only_and_a_process_choice_is_kept(monkeypatch):
-    monkeypatch.delenv(CUDA_GRAPHS, raising=False)
+    monkeypatch.setenv(CUDA_GRAPHS, "unset")  # recorded first, so that the test leaves the variable as it found it
+    monkeypatch.delenv(CUDA_GRAPHS)
     monkeypatch.setattr(execution.mx, "cuda", FakeCuda(False))  # Metal or the CPU: nothing to set
     assert prefer_direct_launches() is False
     assert CUDA_GRAPHS not in os.environ
@@ -318,3 +319,6 @@ def test_direct_launches_are_asked_for_on_cuda_only_and_a_process_choice_is_kept
     monkeypatch.setenv(CUDA_GRAPHS, "1")  # the process chose CUDA graphs: kept
     assert prefer_direct_launches() is False
     assert os.environ[CUDA_GRAPHS] == "1"
+    monkeypatch.setenv(CUDA_GRAPHS, "false")  # MLX reads text as atoi does: 0, direct launches
+    assert prefer_direct_launches() is True
+    assert os.environ[CUDA_GRAPHS] == "false"
